@@ -30,7 +30,8 @@ class Echo:
         context.set_trailing_metadata(trailers)
         code_name = metadata.get("x-want-code")
         if code_name:
-            context.abort(grpc.StatusCode[code_name], metadata.get("x-want-details", ""))
+            # Non-ASCII and '%' make grpc-message percent-encoding visible to the proxy under test.
+            context.abort(grpc.StatusCode[code_name], metadata.get("x-want-details", "") + " ✓ 100%")
 
     def unary(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self._finish(context)
