@@ -1,0 +1,1 @@
+"""The sidecar agent: bootstrap loading and supervision of the application it guards."""
