@@ -1,0 +1,368 @@
+//! The engine's assembly: owns the runtime, wires listeners, clusters, routes and admin together,
+//! and applies xDS updates atomically (all resources of one call, or none).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::admin::{self, AdminSource};
+use crate::model::{ClusterConfig, EndpointConfig, EndpointSource, ListenerConfig};
+use crate::registry::Registry;
+use crate::telemetry::metrics::Metrics;
+use crate::transport::listener::{self, ListenerDeps, ListenerHandle};
+use crate::upstream::ClusterRuntime;
+use crate::xds::{self, ConfigError};
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Tokio worker threads; a sidecar wants 1.
+    pub worker_threads: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { worker_threads: 1 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+}
+
+pub struct Engine {
+    runtime: Option<tokio::runtime::Runtime>,
+    state: Arc<EngineState>,
+    admin_address: Option<SocketAddr>,
+    stop_admin: watch::Sender<bool>,
+}
+
+struct EngineState {
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    deps: Arc<ListenerDeps>,
+    listeners: Mutex<BTreeMap<String, ListenerHandle>>,
+    /// Endpoints received through EDS, kept even before (or after) their cluster exists.
+    assignments: Mutex<HashMap<String, Vec<EndpointConfig>>>,
+    /// Serializes apply/remove so each is one consistent step.
+    apply_lock: Mutex<()>,
+    draining: AtomicBool,
+}
+
+impl Engine {
+    /// Decode the Bootstrap, bind every address, and start serving. Nothing is left running on error.
+    pub fn start(bootstrap: &[u8], options: EngineOptions) -> Result<Engine, StartError> {
+        let metrics = Arc::new(Metrics::default());
+        let config = xds::decode_bootstrap(bootstrap, &metrics)?;
+        let io_error = |context: String| move |source| StartError::Io { context, source };
+        let admin_socket = match config.admin_address {
+            Some(address) => Some(listener::bind(address).map_err(io_error(format!("admin address {address}")))?),
+            None => None,
+        };
+        let mut sockets = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            sockets.push(listener::bind(l.address).map_err(io_error(format!("listener {:?} on {}", l.name, l.address)))?);
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(options.worker_threads.max(1))
+            .thread_name("meshctl-engine")
+            .enable_all()
+            .build()
+            .map_err(io_error("starting the runtime".into()))?;
+        let registry = Arc::new(Registry::default());
+        let state = Arc::new(EngineState {
+            deps: Arc::new(ListenerDeps { registry: registry.clone(), metrics: metrics.clone() }),
+            registry,
+            metrics,
+            listeners: Mutex::new(BTreeMap::new()),
+            assignments: Mutex::new(HashMap::new()),
+            apply_lock: Mutex::new(()),
+            draining: AtomicBool::new(false),
+        });
+        let clusters = config
+            .clusters
+            .into_iter()
+            .map(|c| (c.name.clone(), state.new_cluster_runtime(c)))
+            .collect();
+        state.registry.clusters.store(Arc::new(clusters));
+        let _entered = runtime.enter();
+        {
+            let mut listeners = state.listeners.lock().unwrap();
+            for (l, socket) in config.listeners.into_iter().zip(sockets) {
+                let name = l.name.clone();
+                let handle = listener::spawn(socket, Arc::new(l), state.deps.clone())
+                    .map_err(io_error(format!("listener {name:?}")))?;
+                listeners.insert(name, handle);
+            }
+        }
+        let (stop_admin, stop_admin_rx) = watch::channel(false);
+        let admin_address = match admin_socket {
+            Some(socket) => Some(
+                admin::spawn(socket, state.clone() as Arc<dyn AdminSource>, stop_admin_rx)
+                    .map_err(io_error("admin".into()))?,
+            ),
+            None => None,
+        };
+        let reaper_state = Arc::downgrade(&state);
+        runtime.spawn(async move {
+            // Close idle upstream connections past their cluster's idle timeout.
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(state) = reaper_state.upgrade() else { return };
+                for cluster in state.registry.clusters.load().values() {
+                    cluster.close_idle();
+                }
+            }
+        });
+        drop(_entered);
+        Ok(Engine { runtime: Some(runtime), state, admin_address, stop_admin })
+    }
+
+    pub fn apply(&self, type_url: &str, resources: &[Vec<u8>]) -> Result<(), ConfigError> {
+        let Some(runtime) = &self.runtime else {
+            return Err(ConfigError::new("Engine", "", "the engine has stopped"));
+        };
+        let _entered = runtime.enter();
+        let result = self.state.apply(type_url, resources);
+        let kind = type_url.rsplit('.').next().unwrap_or(type_url);
+        match &result {
+            Ok(()) => self.state.metrics.config_applied(kind),
+            Err(_) => self.state.metrics.config_rejected(kind),
+        }
+        result
+    }
+
+    pub fn remove(&self, type_url: &str, names: &[String]) -> Result<(), ConfigError> {
+        self.state.remove(type_url, names)
+    }
+
+    pub fn stats_prometheus(&self) -> String {
+        self.state.stats_prometheus()
+    }
+
+    pub fn config_dump(&self) -> String {
+        self.state.config_dump()
+    }
+
+    pub fn admin_address(&self) -> Option<SocketAddr> {
+        self.admin_address
+    }
+
+    pub fn listener_addresses(&self) -> Vec<(String, SocketAddr)> {
+        self.state.listeners.lock().unwrap().iter().map(|(n, h)| (n.clone(), h.local_address)).collect()
+    }
+
+    /// Stop accepting, ask every connection to finish, wait for them up to `timeout`. Blocks.
+    pub fn drain(&self, timeout: Duration) {
+        let Some(runtime) = &self.runtime else { return };
+        self.state.draining.store(true, Relaxed);
+        let trackers: Vec<_> = {
+            let listeners = self.state.listeners.lock().unwrap();
+            listeners.values().map(|h| {
+                h.drain();
+                h.connections.clone()
+            }).collect()
+        };
+        runtime.block_on(async {
+            let all_idle = futures_util::future::join_all(trackers.iter().map(|t| t.wait_idle()));
+            let _ = tokio::time::timeout(timeout, all_idle).await;
+        });
+    }
+
+    /// Close everything now. The engine cannot be used afterwards.
+    pub fn stop(&mut self) {
+        let _ = self.stop_admin.send(true);
+        for handle in self.state.listeners.lock().unwrap().values() {
+            handle.drain();
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl EngineState {
+    fn new_cluster_runtime(&self, config: ClusterConfig) -> Arc<ClusterRuntime> {
+        let endpoints = match &config.endpoints {
+            EndpointSource::Static { endpoints } => endpoints.clone(),
+            EndpointSource::Eds { service_name } => {
+                self.assignments.lock().unwrap().get(service_name).cloned().unwrap_or_default()
+            }
+        };
+        ClusterRuntime::new(config, &endpoints, &self.metrics)
+    }
+
+    fn apply(&self, type_url: &str, resources: &[Vec<u8>]) -> Result<(), ConfigError> {
+        let _serialized = self.apply_lock.lock().unwrap();
+        match type_url {
+            xds::LISTENER_TYPE => self.apply_listeners(resources),
+            xds::ROUTE_CONFIGURATION_TYPE => {
+                let decoded = resources
+                    .iter()
+                    .map(|r| xds::decode_route_configuration(r, &self.metrics))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut table = (**self.registry.routes.load()).clone();
+                for config in decoded {
+                    table.insert(config.name.clone(), Arc::new(config));
+                }
+                self.registry.routes.store(Arc::new(table));
+                Ok(())
+            }
+            xds::CLUSTER_TYPE => {
+                let decoded = resources.iter().map(|r| xds::decode_cluster(r)).collect::<Result<Vec<_>, _>>()?;
+                let mut table = (**self.registry.clusters.load()).clone();
+                for config in decoded {
+                    // An unchanged cluster keeps its runtime, and with it its pooled connections.
+                    if table.get(&config.name).is_some_and(|existing| existing.config == config) {
+                        continue;
+                    }
+                    table.insert(config.name.clone(), self.new_cluster_runtime(config));
+                }
+                self.registry.clusters.store(Arc::new(table));
+                Ok(())
+            }
+            xds::CLUSTER_LOAD_ASSIGNMENT_TYPE => {
+                let decoded = resources
+                    .iter()
+                    .map(|r| xds::decode_cluster_load_assignment(r))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut assignments = self.assignments.lock().unwrap();
+                for assignment in decoded {
+                    self.set_eds_endpoints(&assignment.cluster_name, &assignment.endpoints);
+                    assignments.insert(assignment.cluster_name, assignment.endpoints);
+                }
+                Ok(())
+            }
+            other => Err(ConfigError::new(other, "", "this resource type is not supported by meshctl's engine")),
+        }
+    }
+
+    fn set_eds_endpoints(&self, service_name: &str, endpoints: &[EndpointConfig]) {
+        for cluster in self.registry.clusters.load().values() {
+            if matches!(&cluster.config.endpoints, EndpointSource::Eds { service_name: s } if s == service_name) {
+                cluster.set_endpoints(endpoints);
+            }
+        }
+    }
+
+    fn apply_listeners(&self, resources: &[Vec<u8>]) -> Result<(), ConfigError> {
+        let decoded = resources
+            .iter()
+            .map(|r| xds::decode_listener(r, &self.metrics))
+            .collect::<Result<Vec<ListenerConfig>, _>>()?;
+        let clusters = self.registry.clusters.load();
+        for l in &decoded {
+            xds::check_cluster_references(l, &|name| clusters.contains_key(name))?;
+        }
+        let mut listeners = self.listeners.lock().unwrap();
+        // Bind every new address first, so a busy port refuses the whole update.
+        let mut fresh_sockets = Vec::new();
+        for l in &decoded {
+            let unchanged_address = listeners.get(&l.name).is_some_and(|h| h.config.load().address == l.address);
+            if !unchanged_address {
+                let socket = listener::bind(l.address).map_err(|e| {
+                    ConfigError::new(format!("Listener {:?}", l.name), "address", format!("cannot bind {}: {e}", l.address))
+                })?;
+                fresh_sockets.push((l.name.clone(), socket));
+            }
+        }
+        let mut sockets: HashMap<String, std::net::TcpListener> = fresh_sockets.into_iter().collect();
+        for l in decoded {
+            let name = l.name.clone();
+            match sockets.remove(&name) {
+                None => listeners[&name].update(Arc::new(l)),
+                Some(socket) => {
+                    let handle = listener::spawn(socket, Arc::new(l), self.deps.clone()).map_err(|e| {
+                        ConfigError::new(format!("Listener {name:?}"), "address", format!("cannot listen: {e}"))
+                    })?;
+                    if let Some(old) = listeners.insert(name, handle) {
+                        old.drain();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&self, type_url: &str, names: &[String]) -> Result<(), ConfigError> {
+        let _serialized = self.apply_lock.lock().unwrap();
+        match type_url {
+            xds::LISTENER_TYPE => {
+                let mut listeners = self.listeners.lock().unwrap();
+                for name in names {
+                    if let Some(handle) = listeners.remove(name) {
+                        handle.drain();
+                    }
+                }
+            }
+            xds::ROUTE_CONFIGURATION_TYPE => {
+                let mut table = (**self.registry.routes.load()).clone();
+                names.iter().for_each(|n| drop(table.remove(n)));
+                self.registry.routes.store(Arc::new(table));
+            }
+            xds::CLUSTER_TYPE => {
+                let mut table = (**self.registry.clusters.load()).clone();
+                names.iter().for_each(|n| drop(table.remove(n)));
+                self.registry.clusters.store(Arc::new(table));
+            }
+            xds::CLUSTER_LOAD_ASSIGNMENT_TYPE => {
+                let mut assignments = self.assignments.lock().unwrap();
+                for name in names {
+                    assignments.remove(name);
+                    self.set_eds_endpoints(name, &[]);
+                }
+            }
+            other => return Err(ConfigError::new(other, "", "this resource type is not supported by meshctl's engine")),
+        }
+        Ok(())
+    }
+}
+
+impl AdminSource for EngineState {
+    fn is_draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+
+    fn stats_prometheus(&self) -> String {
+        self.metrics.render_prometheus()
+    }
+
+    fn config_dump(&self) -> String {
+        let listeners: Vec<_> = self
+            .listeners
+            .lock()
+            .unwrap()
+            .values()
+            .map(|h| json!({"bound_address": h.local_address.to_string(), "config": &**h.config.load()}))
+            .collect();
+        let routes = self.registry.routes.load();
+        let route_configs: BTreeMap<_, _> = routes.iter().map(|(n, c)| (n.clone(), c.clone())).collect();
+        let clusters: Vec<_> = {
+            let table = self.registry.clusters.load();
+            let mut sorted: Vec<_> = table.values().cloned().collect();
+            sorted.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+            sorted.iter().map(|c| json!({"config": &c.config, "endpoints": c.endpoints()})).collect()
+        };
+        serde_json::to_string_pretty(&json!({
+            "listeners": listeners,
+            "route_configurations": route_configs,
+            "clusters": clusters,
+        }))
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    }
+}

@@ -1,0 +1,41 @@
+//! Responses the proxy makes itself (no route, no upstream, timeouts), in HTTP or gRPC form.
+
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Response, StatusCode};
+
+use super::body::ResponseBody;
+
+/// A plain-text local reply; for gRPC requests, a trailers-only response carrying the status
+/// (gRPC clients read grpc-status, not the HTTP status).
+pub fn local_reply(status: StatusCode, message: &str, grpc: bool) -> Response<ResponseBody> {
+    if grpc {
+        let mut response = Response::new(ResponseBody::empty());
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from(grpc_status(status)));
+        if let Ok(value) = HeaderValue::from_str(message) {
+            headers.insert("grpc-message", value);
+        }
+        return response;
+    }
+    let mut response = Response::new(ResponseBody::text(message.to_string()));
+    *response.status_mut() = status;
+    if !message.is_empty() {
+        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    response
+}
+
+/// The gRPC status for an HTTP status, as gRPC's HTTP-to-gRPC mapping defines it, except that a
+/// proxy timeout is DEADLINE_EXCEEDED.
+fn grpc_status(status: StatusCode) -> u16 {
+    match status.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 => 14,
+        504 => 4,
+        _ => 2,
+    }
+}

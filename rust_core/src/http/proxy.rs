@@ -1,0 +1,443 @@
+//! The per-request handler: route the request, then forward it, redirect, or answer directly.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::body::ResponseBody;
+use super::local_reply::local_reply;
+use super::routing::{select_route, select_virtual_host, RequestView};
+use crate::model::headers::HeaderMutation;
+use crate::model::route::{Action, ClusterChoice, DirectResponseAction, ForwardAction, PathMatch, RedirectAction, Route, RouteConfig, VirtualHost};
+use crate::model::{HttpSettings, RouteSource, UpstreamProtocol};
+use crate::registry::Registry;
+use crate::telemetry::metrics::ListenerStats;
+
+/// What every request on one downstream connection shares.
+pub struct HttpContext {
+    pub settings: Arc<HttpSettings>,
+    pub registry: Arc<Registry>,
+    pub stats: Arc<ListenerStats>,
+    /// "https" when the connection arrived over TLS.
+    pub scheme: &'static str,
+    pub peer: SocketAddr,
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded.
+const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+pub async fn handle(context: Arc<HttpContext>, request: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
+    context.stats.requests_total.fetch_add(1, Relaxed);
+    let response = route_request(&context, request).await;
+    context.stats.responses.record(response.status().as_u16());
+    Ok(response)
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+async fn route_request(context: &HttpContext, request: Request<Incoming>) -> Response<ResponseBody> {
+    let grpc = is_grpc(request.headers());
+    let route_config = match &context.settings.routes {
+        RouteSource::Inline { config } => config.clone(),
+        RouteSource::Rds { name } => match context.registry.route_config(name) {
+            Some(config) => config,
+            None => return local_reply(StatusCode::NOT_FOUND, "", grpc),
+        },
+    };
+    let authority = match request_authority(&request) {
+        Some(authority) => authority,
+        None => return local_reply(StatusCode::BAD_REQUEST, "missing host header", grpc),
+    };
+    let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let view = RequestView {
+        method: request.method(),
+        path_and_query: &path_and_query,
+        authority: &authority,
+        scheme: context.scheme,
+        headers: request.headers(),
+    };
+    let Some(vhost) = select_virtual_host(&route_config, &authority) else {
+        return local_reply(StatusCode::NOT_FOUND, "", grpc);
+    };
+    let Some(route) = select_route(vhost, &view) else {
+        return local_reply(StatusCode::NOT_FOUND, "", grpc);
+    };
+    route.stats.requests_total.fetch_add(1, Relaxed);
+    let started = Instant::now();
+    let mut response = match &route.action {
+        Action::DirectResponse(direct) => direct_response(direct),
+        Action::Redirect(redirect) => redirect_response(redirect, route, context.scheme, &authority, &path_and_query, request.headers()),
+        Action::Forward(forward) => {
+            let targets = Targets { route_config: &route_config, vhost, route, grpc };
+            forward_request(context, forward, targets, request, authority, path_and_query).await
+        }
+    };
+    route.stats.latency.record(started.elapsed());
+    if !matches!(route.action, Action::Forward(_)) {
+        apply_response_mutations(&[&route.response_headers, &vhost.response_headers, &route_config.response_headers], response.headers_mut());
+    }
+    response
+}
+
+fn request_authority(request: &Request<Incoming>) -> Option<String> {
+    if let Some(authority) = request.uri().authority() {
+        return Some(authority.as_str().to_string());
+    }
+    request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)
+}
+
+fn direct_response(direct: &DirectResponseAction) -> Response<ResponseBody> {
+    let mut response = Response::new(match &direct.body {
+        Some(body) => ResponseBody::text(body.clone()),
+        None => ResponseBody::empty(),
+    });
+    *response.status_mut() = direct.status;
+    if direct.body.is_some() {
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    response
+}
+
+fn redirect_response(
+    redirect: &RedirectAction,
+    route: &Route,
+    scheme: &str,
+    authority: &str,
+    path_and_query: &str,
+    headers: &HeaderMap,
+) -> Response<ResponseBody> {
+    let original_scheme = headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).unwrap_or(scheme);
+    let final_scheme = redirect.scheme.as_deref().unwrap_or(original_scheme);
+    let (mut host, mut port) = split_host_port(authority);
+    if let Some(new_host) = &redirect.host {
+        let (h, p) = split_host_port(new_host);
+        host = h;
+        if p.is_some() {
+            port = p;
+        }
+    }
+    let port = match redirect.port {
+        Some(p) => Some(p.to_string()),
+        // A scheme change drops the port: the old scheme's port means nothing for the new one.
+        None if redirect.scheme.is_some() && final_scheme != original_scheme => None,
+        None => port.map(str::to_string),
+    };
+    let (path, query) = path_and_query.split_once('?').map_or((path_and_query, None), |(p, q)| (p, Some(q)));
+    let (new_path, new_query) = match (&redirect.path, &redirect.prefix_rewrite) {
+        (Some(p), _) => match p.split_once('?') {
+            Some((p, q)) => (p.to_string(), Some(q.to_string())),
+            None => (p.clone(), query.map(str::to_string)),
+        },
+        (None, Some(prefix)) => (rewrite_prefix(&route.matcher.path, path, prefix), query.map(str::to_string)),
+        (None, None) => (path.to_string(), query.map(str::to_string)),
+    };
+    let new_query = if redirect.strip_query { None } else { new_query.filter(|q| !q.is_empty()) };
+    let mut location = format!("{final_scheme}://{host}");
+    if let Some(port) = port {
+        location.push(':');
+        location.push_str(&port);
+    }
+    location.push_str(&new_path);
+    if let Some(q) = new_query {
+        location.push('?');
+        location.push_str(&q);
+    }
+    let mut response = Response::new(ResponseBody::empty());
+    *response.status_mut() = redirect.status;
+    match HeaderValue::from_str(&location) {
+        Ok(value) => {
+            response.headers_mut().insert(header::LOCATION, value);
+            response
+        }
+        Err(_) => local_reply(StatusCode::INTERNAL_SERVER_ERROR, "redirect location is not a valid header", false),
+    }
+}
+
+fn split_host_port(authority: &str) -> (&str, Option<&str>) {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && (!host.contains(':') || host.ends_with(']')) => {
+            (host, Some(port))
+        }
+        _ => (authority, None),
+    }
+}
+
+/// Replace the part of `path` the route matched with `replacement` (Envoy's prefix_rewrite).
+fn rewrite_prefix(matcher: &PathMatch, path: &str, replacement: &str) -> String {
+    let matched_len = match matcher {
+        PathMatch::Prefix(p) | PathMatch::PathSeparatedPrefix(p) => p.len().min(path.len()),
+        PathMatch::Exact(_) | PathMatch::Regex(_) => path.len(),
+    };
+    format!("{replacement}{}", &path[matched_len..])
+}
+
+struct Targets<'a> {
+    route_config: &'a RouteConfig,
+    vhost: &'a VirtualHost,
+    route: &'a Route,
+    grpc: bool,
+}
+
+async fn forward_request(
+    context: &HttpContext,
+    forward: &ForwardAction,
+    targets: Targets<'_>,
+    mut request: Request<Incoming>,
+    authority: String,
+    path_and_query: String,
+) -> Response<ResponseBody> {
+    let Targets { route_config, vhost, route, grpc } = targets;
+    let (cluster_name, cluster_headers) = match &forward.clusters {
+        ClusterChoice::Single { name } => (name.as_str(), None),
+        ClusterChoice::Weighted(weighted) => {
+            let chosen = weighted.pick(fastrand::u64(..weighted.total()));
+            (chosen.name.as_str(), Some((&chosen.request_headers, &chosen.response_headers)))
+        }
+    };
+    let Some(cluster) = context.registry.cluster(cluster_name) else {
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("cluster {cluster_name:?} is not configured"), grpc);
+    };
+    let Some(endpoint) = cluster.pick_endpoint() else {
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("no healthy upstream in cluster {cluster_name:?}"), grpc);
+    };
+
+    let upgrade = requested_upgrade(request.headers())
+        .filter(|u| context.settings.upgrades.contains(u) || forward.upgrades.contains(u));
+    if upgrade.is_none() && request.headers().contains_key(header::UPGRADE) && request.version() == Version::HTTP_11 {
+        if let Some(kind) = requested_upgrade(request.headers()) {
+            return local_reply(StatusCode::FORBIDDEN, &format!("upgrade to {kind:?} is not allowed on this route"), grpc);
+        }
+    }
+    let downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
+
+    // Build the upstream request in place: new URI, host, hop-by-hop headers, mutations.
+    let path = match &forward.prefix_rewrite {
+        Some(replacement) => {
+            let (path, query) = path_and_query.split_once('?').map_or((path_and_query.as_str(), None), |(p, q)| (p, Some(q)));
+            let mut rewritten = rewrite_prefix(&route.matcher.path, path, replacement);
+            if let Some(q) = query {
+                rewritten.push('?');
+                rewritten.push_str(q);
+            }
+            rewritten
+        }
+        None => path_and_query,
+    };
+    let host = forward.host_rewrite.clone().unwrap_or(authority);
+    let headers = request.headers_mut();
+    let te_trailers = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    strip_hop_by_hop(headers);
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if let Some(kind) = &upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Ok(value) = HeaderValue::from_str(kind) {
+            headers.insert(header::UPGRADE, value);
+        }
+    }
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(context.scheme));
+    if !headers.contains_key("x-request-id") {
+        headers.insert(HeaderName::from_static("x-request-id"), request_id());
+    }
+    let mut mutations: Vec<&HeaderMutation> = vec![&route.request_headers];
+    if let Some((request_mutation, _)) = cluster_headers {
+        mutations.push(request_mutation);
+    }
+    mutations.extend([&vhost.request_headers, &route_config.request_headers]);
+    for mutation in mutations {
+        mutation.apply(headers);
+    }
+    let http2 = cluster.config.protocol == UpstreamProtocol::Http2;
+    let uri = match upstream_uri(&host, &path, http2) {
+        Some(uri) => uri,
+        None => return local_reply(StatusCode::BAD_REQUEST, "invalid request target", grpc),
+    };
+    if http2 {
+        headers.remove(header::HOST);
+        *request.version_mut() = Version::HTTP_2;
+    } else {
+        match HeaderValue::from_str(&host) {
+            Ok(value) => headers.insert(header::HOST, value),
+            Err(_) => return local_reply(StatusCode::BAD_REQUEST, "invalid host", grpc),
+        };
+        *request.version_mut() = Version::HTTP_11;
+    }
+    *request.uri_mut() = uri;
+
+    let timeout = effective_timeout(forward.timeout, request.headers());
+    cluster.stats.requests_total.fetch_add(1, Relaxed);
+    let _active = endpoint.start_request();
+    let started = Instant::now();
+    let sent = endpoint.pool.send(request);
+    let result = match timeout {
+        Some(limit) => match tokio::time::timeout(limit, sent).await {
+            Ok(result) => result,
+            Err(_) => {
+                cluster.stats.responses.record(504);
+                return local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", grpc);
+            }
+        },
+        None => sent.await,
+    };
+    let mut response = match result {
+        Ok(response) => response,
+        Err(error) => {
+            cluster.stats.responses.record(503);
+            let message = format!("upstream connect error or disconnect/reset before headers. reset reason: {error}");
+            return local_reply(StatusCode::SERVICE_UNAVAILABLE, &message, grpc);
+        }
+    };
+    cluster.stats.latency.record(started.elapsed());
+    cluster.stats.responses.record(response.status().as_u16());
+
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(downstream_upgrade) = downstream_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(tunnel(downstream_upgrade, upstream_upgrade));
+            let (parts, _) = response.into_parts();
+            return Response::from_parts(parts, ResponseBody::empty());
+        }
+    }
+    strip_hop_by_hop(response.headers_mut());
+    let mut response_mutations: Vec<&HeaderMutation> = vec![&route.response_headers];
+    if let Some((_, response_mutation)) = cluster_headers {
+        response_mutations.push(response_mutation);
+    }
+    response_mutations.extend([&vhost.response_headers, &route_config.response_headers]);
+    apply_response_mutations(&response_mutations, response.headers_mut());
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, ResponseBody::Upstream(body))
+}
+
+fn apply_response_mutations(mutations: &[&HeaderMutation], headers: &mut HeaderMap) {
+    for mutation in mutations {
+        mutation.apply(headers);
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// The upgrade protocol an HTTP/1.1 request asks for (`Connection: upgrade` + `Upgrade: x`).
+fn requested_upgrade(headers: &HeaderMap) -> Option<String> {
+    let connection_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")));
+    if !connection_upgrade {
+        return None;
+    }
+    headers.get(header::UPGRADE)?.to_str().ok().map(|u| u.trim().to_ascii_lowercase())
+}
+
+fn upstream_uri(host: &str, path: &str, absolute: bool) -> Option<Uri> {
+    let path_and_query = PathAndQuery::try_from(path).ok()?;
+    if absolute {
+        Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(Authority::try_from(host).ok()?)
+            .path_and_query(path_and_query)
+            .build()
+            .ok()
+    } else {
+        Some(Uri::from(path_and_query))
+    }
+}
+
+/// The route's timeout, shortened by the client's gRPC deadline (grpc-timeout) when that is sooner.
+fn effective_timeout(route_timeout: Option<Duration>, headers: &HeaderMap) -> Option<Duration> {
+    let grpc_deadline = headers.get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
+    match (route_timeout, grpc_deadline) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// gRPC's `TimeoutValue TimeoutUnit`: up to 8 digits and one of H M S m u n.
+fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let amount: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit[0] {
+        b'H' => Duration::from_secs(amount * 3600),
+        b'M' => Duration::from_secs(amount * 60),
+        b'S' => Duration::from_secs(amount),
+        b'm' => Duration::from_millis(amount),
+        b'u' => Duration::from_micros(amount),
+        b'n' => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+fn request_id() -> HeaderValue {
+    let id = fastrand::u128(..);
+    let text = format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        (id >> 96) as u32,
+        (id >> 80) as u16,
+        (id >> 68) as u16 & 0x0fff,
+        ((id >> 52) as u16 & 0x3fff) | 0x8000,
+        id as u64 & 0xffff_ffff_ffff
+    );
+    HeaderValue::from_str(&text).expect("hex digits and dashes are a valid header value")
+}
+
+async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (Ok(downstream), Ok(upstream)) = tokio::join!(downstream, upstream) else { return };
+    let mut downstream = TokioIo::new(downstream);
+    let mut upstream = TokioIo::new(upstream);
+    let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(parse_grpc_timeout(b"100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout(b"123456789S"), None);
+        assert_eq!(parse_grpc_timeout(b"m"), None);
+        assert_eq!(parse_grpc_timeout(b"10x"), None);
+    }
+
+    #[test]
+    fn prefix_rewrite_replaces_only_the_matched_prefix() {
+        assert_eq!(rewrite_prefix(&PathMatch::Prefix("/api/".into()), "/api/v1/x", "/"), "/v1/x");
+        assert_eq!(rewrite_prefix(&PathMatch::Exact("/old".into()), "/old", "/new"), "/new");
+    }
+}

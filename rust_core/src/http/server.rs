@@ -1,0 +1,64 @@
+//! Serving one downstream connection as HTTP/1.1 or HTTP/2 with hyper, with graceful shutdown.
+
+use std::sync::Arc;
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use super::proxy::{handle, HttpContext};
+
+/// Serve until the connection ends. When `drain` flips to true, HTTP/1.1 finishes the request in
+/// flight and answers it with `Connection: close`; HTTP/2 sends GOAWAY and finishes open streams.
+pub async fn serve_http<I>(io: I, http2: bool, context: Arc<HttpContext>, mut drain: watch::Receiver<bool>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = context.settings.limits.clone();
+    let service = service_fn(move |request| handle(context.clone(), request));
+    let io = TokioIo::new(io);
+    if http2 {
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_header_list_size(limits.max_request_headers_bytes)
+            .initial_stream_window_size(limits.initial_stream_window_size)
+            .initial_connection_window_size(limits.initial_connection_window_size)
+            .max_send_buf_size(1024 * 1024);
+        let connection = builder.serve_connection(io, service);
+        tokio::pin!(connection);
+        run_until_drained(connection.as_mut(), &mut drain, |c| c.graceful_shutdown()).await;
+    } else {
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.request_headers_timeout)
+            // hyper refuses heads larger than its read buffer with 431.
+            .max_buf_size((limits.max_request_headers_bytes as usize).max(8192))
+            .max_headers(limits.max_headers_count as usize);
+        let connection = builder.serve_connection(io, service).with_upgrades();
+        tokio::pin!(connection);
+        run_until_drained(connection.as_mut(), &mut drain, |c| c.graceful_shutdown()).await;
+    }
+}
+
+async fn run_until_drained<C, F>(mut connection: std::pin::Pin<&mut C>, drain: &mut watch::Receiver<bool>, shutdown: F)
+where
+    C: std::future::Future,
+    F: FnOnce(std::pin::Pin<&mut C>),
+{
+    if *drain.borrow() {
+        shutdown(connection.as_mut());
+        connection.await;
+        return;
+    }
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        _ = drain.wait_for(|draining| *draining) => {}
+    }
+    shutdown(connection.as_mut());
+    connection.await;
+}

@@ -1,0 +1,144 @@
+//! Listeners: an address, how connections on it are classified, and the filter chain each gets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::route::{optional_millis, RouteConfig};
+
+#[derive(Debug, Serialize)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    pub filter_chains: Vec<FilterChainConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_filter_chain: Option<FilterChainConfig>,
+    /// How long to wait for the first bytes before classifying a connection as opaque TCP.
+    #[serde(with = "millis")]
+    pub detection_timeout: Duration,
+    /// When detection times out: go on with what is known (true) or close the connection.
+    pub continue_on_detection_timeout: bool,
+    /// Whether any chain's choice depends on the detected protocol; if not, no wait is needed.
+    #[serde(skip)]
+    pub needs_detection: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FilterChainConfig {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub chain_match: ChainMatch,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTls>,
+    pub handler: NetworkHandler,
+}
+
+/// The subset of Envoy's FilterChainMatch the engine selects on.
+#[derive(Debug, Default, Serialize)]
+pub struct ChainMatch {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport_protocol: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub application_protocols: Vec<String>,
+    /// Lower-case; `*.example.com` wildcards allowed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub server_names: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_port: Option<u16>,
+}
+
+/// A TLS server context: the certificate is loaded once into a rustls config.
+#[derive(Serialize)]
+pub struct ServerTls {
+    pub alpn_protocols: Vec<String>,
+    /// Where the certificate came from (file name or "inline"); never the key.
+    pub certificate_source: String,
+    #[serde(skip)]
+    pub config: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").field("alpn_protocols", &self.alpn_protocols).finish()
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum NetworkHandler {
+    Http(Arc<HttpSettings>),
+    TcpProxy(TcpProxyConfig),
+}
+
+#[derive(Debug, Serialize)]
+pub struct HttpSettings {
+    pub stat_prefix: String,
+    pub routes: RouteSource,
+    pub codec: HttpCodec,
+    pub limits: HttpLimits,
+    /// Upgrade types (lower-case) allowed on this connection manager, e.g. "websocket".
+    pub upgrades: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpCodec {
+    Auto,
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RouteSource {
+    Inline { config: Arc<RouteConfig> },
+    /// Looked up by name in the RouteConfigurations applied through xDS, per request.
+    Rds { name: String },
+}
+
+/// Limits that protect the sidecar; defaults follow Envoy's where Envoy has one.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpLimits {
+    /// Slowloris guard: the whole request head must arrive within this.
+    #[serde(with = "optional_millis")]
+    pub request_headers_timeout: Option<Duration>,
+    /// A connection with no request in flight is closed after this.
+    #[serde(with = "optional_millis")]
+    pub idle_timeout: Option<Duration>,
+    pub max_request_headers_bytes: u32,
+    pub max_headers_count: u32,
+    pub max_concurrent_streams: u32,
+    pub initial_stream_window_size: u32,
+    pub initial_connection_window_size: u32,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            request_headers_timeout: Some(Duration::from_secs(10)),
+            idle_timeout: Some(Duration::from_secs(3600)),
+            max_request_headers_bytes: 60 * 1024,
+            max_headers_count: 100,
+            max_concurrent_streams: 1024,
+            initial_stream_window_size: 1024 * 1024,
+            initial_connection_window_size: 4 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct TcpProxyConfig {
+    pub stat_prefix: String,
+    pub cluster: String,
+    #[serde(with = "optional_millis")]
+    pub idle_timeout: Option<Duration>,
+}
+
+mod millis {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+}

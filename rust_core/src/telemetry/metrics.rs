@@ -1,0 +1,200 @@
+//! Lock-free counters and histograms; the request path only touches atomics it already holds.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets in milliseconds (Envoy's default histogram buckets).
+const BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0,
+    300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS_MS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn record(&self, elapsed: Duration) {
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        if let Some(i) = BUCKETS_MS.iter().position(|&bound| ms <= bound) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(elapsed.as_micros() as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (bound, bucket) in BUCKETS_MS.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_micros.load(Relaxed) as f64 / 1000.0);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+/// Responses counted by status class: 1xx .. 5xx.
+#[derive(Debug, Default)]
+pub struct CodeClasses([AtomicU64; 5]);
+
+impl CodeClasses {
+    pub fn record(&self, status: u16) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.0[class].fetch_add(1, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        for (i, counter) in self.0.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{{labels},code_class=\"{}xx\"}} {}", i + 1, counter.load(Relaxed));
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    pub connections_total: AtomicU64,
+    pub connections_active: AtomicU64,
+    pub requests_total: AtomicU64,
+    pub responses: CodeClasses,
+    pub detection_fallbacks: AtomicU64,
+    pub header_limit_rejections: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    pub connections_total: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub requests_total: AtomicU64,
+    pub responses: CodeClasses,
+    pub latency: Histogram,
+}
+
+#[derive(Debug, Default)]
+pub struct RouteStats {
+    pub requests_total: AtomicU64,
+    pub latency: Histogram,
+}
+
+#[derive(Debug, Default)]
+struct ConfigCounters {
+    applied: AtomicU64,
+    rejected: AtomicU64,
+}
+
+/// The registry: stats objects are created on config apply and live on across config swaps.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    listeners: Mutex<BTreeMap<String, Arc<ListenerStats>>>,
+    clusters: Mutex<BTreeMap<String, Arc<ClusterStats>>>,
+    routes: Mutex<BTreeMap<String, Arc<RouteStats>>>,
+    config: Mutex<BTreeMap<String, Arc<ConfigCounters>>>,
+}
+
+fn get_or_create<T: Default>(map: &Mutex<BTreeMap<String, Arc<T>>>, name: &str) -> Arc<T> {
+    let mut map = map.lock().unwrap();
+    if let Some(existing) = map.get(name) {
+        return existing.clone();
+    }
+    let created = Arc::new(T::default());
+    map.insert(name.to_string(), created.clone());
+    created
+}
+
+/// Label values are config names; escape what Prometheus' text format requires.
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+impl Metrics {
+    pub fn listener(&self, name: &str) -> Arc<ListenerStats> {
+        get_or_create(&self.listeners, name)
+    }
+
+    pub fn cluster(&self, name: &str) -> Arc<ClusterStats> {
+        get_or_create(&self.clusters, name)
+    }
+
+    pub fn route(&self, name: &str) -> Arc<RouteStats> {
+        get_or_create(&self.routes, name)
+    }
+
+    pub fn config_applied(&self, kind: &str) {
+        get_or_create(&self.config, kind).applied.fetch_add(1, Relaxed);
+    }
+
+    pub fn config_rejected(&self, kind: &str) {
+        get_or_create(&self.config, kind).rejected.fetch_add(1, Relaxed);
+    }
+
+    pub fn render_prometheus(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        let listeners = self.listeners.lock().unwrap().clone();
+        out.push_str("# TYPE meshctl_downstream_cx_total counter\n");
+        for (name, s) in &listeners {
+            let _ = writeln!(out, "meshctl_downstream_cx_total{{listener=\"{}\"}} {}", escape(name), s.connections_total.load(Relaxed));
+        }
+        out.push_str("# TYPE meshctl_downstream_cx_active gauge\n");
+        for (name, s) in &listeners {
+            let _ = writeln!(out, "meshctl_downstream_cx_active{{listener=\"{}\"}} {}", escape(name), s.connections_active.load(Relaxed));
+        }
+        out.push_str("# TYPE meshctl_downstream_rq_total counter\n");
+        for (name, s) in &listeners {
+            let _ = writeln!(out, "meshctl_downstream_rq_total{{listener=\"{}\"}} {}", escape(name), s.requests_total.load(Relaxed));
+        }
+        out.push_str("# TYPE meshctl_downstream_rs_total counter\n");
+        for (name, s) in &listeners {
+            s.responses.render(&mut out, "meshctl_downstream_rs_total", &format!("listener=\"{}\"", escape(name)));
+        }
+        out.push_str("# TYPE meshctl_protocol_detection_fallback_total counter\n");
+        for (name, s) in &listeners {
+            let _ = writeln!(out, "meshctl_protocol_detection_fallback_total{{listener=\"{}\"}} {}", escape(name), s.detection_fallbacks.load(Relaxed));
+        }
+        let clusters = self.clusters.lock().unwrap().clone();
+        for (metric, kind, get) in [
+            ("meshctl_upstream_cx_total", "counter", (|s: &ClusterStats| s.connections_total.load(Relaxed)) as fn(&ClusterStats) -> u64),
+            ("meshctl_upstream_cx_connect_fail_total", "counter", |s| s.connect_failures.load(Relaxed)),
+            ("meshctl_upstream_rq_total", "counter", |s| s.requests_total.load(Relaxed)),
+        ] {
+            let _ = writeln!(out, "# TYPE {metric} {kind}");
+            for (name, s) in &clusters {
+                let _ = writeln!(out, "{metric}{{cluster=\"{}\"}} {}", escape(name), get(s));
+            }
+        }
+        out.push_str("# TYPE meshctl_upstream_rs_total counter\n");
+        for (name, s) in &clusters {
+            s.responses.render(&mut out, "meshctl_upstream_rs_total", &format!("cluster=\"{}\"", escape(name)));
+        }
+        out.push_str("# TYPE meshctl_upstream_rq_time_ms histogram\n");
+        for (name, s) in &clusters {
+            s.latency.render(&mut out, "meshctl_upstream_rq_time_ms", &format!("cluster=\"{}\"", escape(name)));
+        }
+        let routes = self.routes.lock().unwrap().clone();
+        out.push_str("# TYPE meshctl_route_rq_total counter\n");
+        for (name, s) in &routes {
+            let _ = writeln!(out, "meshctl_route_rq_total{{route=\"{}\"}} {}", escape(name), s.requests_total.load(Relaxed));
+        }
+        out.push_str("# TYPE meshctl_route_rq_time_ms histogram\n");
+        for (name, s) in &routes {
+            s.latency.render(&mut out, "meshctl_route_rq_time_ms", &format!("route=\"{}\"", escape(name)));
+        }
+        let config = self.config.lock().unwrap().clone();
+        out.push_str("# TYPE meshctl_config_apply_total counter\n");
+        for (kind, c) in &config {
+            let _ = writeln!(out, "meshctl_config_apply_total{{type=\"{}\"}} {}", escape(kind), c.applied.load(Relaxed));
+        }
+        out.push_str("# TYPE meshctl_config_reject_total counter\n");
+        for (kind, c) in &config {
+            let _ = writeln!(out, "meshctl_config_reject_total{{type=\"{}\"}} {}", escape(kind), c.rejected.load(Relaxed));
+        }
+        out
+    }
+}

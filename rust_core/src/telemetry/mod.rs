@@ -1,0 +1,3 @@
+//! Telemetry: counters and latency histograms, rendered in Prometheus text format.
+
+pub mod metrics;

@@ -1,0 +1,276 @@
+//! A bound listener: accepts connections, detects their protocol, picks a filter chain, and hands
+//! the connection to TLS, HTTP or TCP proxying. Its config can be swapped while it runs.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+
+use super::chain::{select_chain, ConnectionFacts};
+use super::detect::{classify, Detection};
+use super::prefixed::PrefixedStream;
+use super::tcp_proxy::proxy_tcp;
+use crate::http::proxy::HttpContext;
+use crate::http::server::serve_http;
+use crate::model::listener::HttpCodec;
+use crate::model::{FilterChainConfig, ListenerConfig, NetworkHandler};
+use crate::registry::Registry;
+use crate::telemetry::metrics::{ListenerStats, Metrics};
+
+/// Bytes read at most while detecting (a ClientHello or request line fits comfortably).
+const DETECTION_BUFFER: usize = 4096;
+
+/// Counts live connections so drain can wait for the last one.
+#[derive(Default)]
+pub struct ConnectionTracker {
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+impl ConnectionTracker {
+    fn enter(self: &Arc<Self>) -> ConnectionGuard {
+        self.active.fetch_add(1, Relaxed);
+        ConnectionGuard(self.clone())
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Relaxed)
+    }
+
+    /// Wait until no connection is left.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.active() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct ConnectionGuard(Arc<ConnectionTracker>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Relaxed) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// A running listener, owned by the engine.
+pub struct ListenerHandle {
+    pub config: Arc<ArcSwap<ListenerConfig>>,
+    pub local_address: SocketAddr,
+    pub connections: Arc<ConnectionTracker>,
+    stop_accepting: watch::Sender<bool>,
+    drain: watch::Sender<bool>,
+}
+
+impl ListenerHandle {
+    /// Swap in a new config for the same address: new connections use it; open ones keep theirs.
+    pub fn update(&self, config: Arc<ListenerConfig>) {
+        self.config.store(config);
+    }
+
+    /// Stop accepting and ask open connections to finish (GOAWAY / Connection: close).
+    pub fn drain(&self) {
+        let _ = self.stop_accepting.send(true);
+        let _ = self.drain.send(true);
+    }
+}
+
+/// Bind the listener's socket now, so an address in use is reported before anything changes.
+pub fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(address), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+pub struct ListenerDeps {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Start accepting on an already bound socket. Must be called inside the engine's runtime.
+pub fn spawn(socket: std::net::TcpListener, config: Arc<ListenerConfig>, deps: Arc<ListenerDeps>) -> std::io::Result<ListenerHandle> {
+    let local_address = socket.local_addr()?;
+    let listener = TcpListener::from_std(socket)?;
+    let (stop_accepting, mut stop_rx) = watch::channel(false);
+    let (drain, drain_rx) = watch::channel(false);
+    let handle = ListenerHandle {
+        config: Arc::new(ArcSwap::new(config)),
+        local_address,
+        connections: Arc::new(ConnectionTracker::default()),
+        stop_accepting,
+        drain,
+    };
+    let shared_config = handle.config.clone();
+    let tracker = handle.connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop_rx.wait_for(|stop| *stop) => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(connection) => connection,
+                // Out of descriptors and similar: back off briefly rather than spin.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let config = shared_config.load_full();
+            let stats = deps.metrics.listener(&config.name);
+            let guard = tracker.enter();
+            let deps = deps.clone();
+            let drain = drain_rx.clone();
+            tokio::spawn(async move {
+                let _guard = guard;
+                stats.connections_total.fetch_add(1, Relaxed);
+                stats.connections_active.fetch_add(1, Relaxed);
+                handle_connection(stream, peer, local_address, &config, &deps, stats.clone(), drain).await;
+                stats.connections_active.fetch_sub(1, Relaxed);
+            });
+        }
+        // Dropping the listener closes the socket: new connections are refused from here on.
+    });
+    Ok(handle)
+}
+
+async fn handle_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    config: &ListenerConfig,
+    deps: &Arc<ListenerDeps>,
+    stats: Arc<ListenerStats>,
+    drain: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut prefix = BytesMut::with_capacity(if config.needs_detection { 1024 } else { 0 });
+    let detection = if config.needs_detection {
+        match detect(&mut stream, &mut prefix, config.detection_timeout).await {
+            Some(Detection::NeedMore) if !config.continue_on_detection_timeout => return,
+            Some(detection) => detection,
+            None => return,
+        }
+    } else {
+        Detection::Other
+    };
+    if matches!(detection, Detection::NeedMore | Detection::Other) && config.needs_detection {
+        stats.detection_fallbacks.fetch_add(1, Relaxed);
+    }
+    let stream = PrefixedStream::new(prefix, stream);
+    if detection == Detection::Tls && has_tls_chain(config) {
+        serve_tls(stream, peer, local, config, deps, stats, drain).await;
+        return;
+    }
+    let application_protocols: Vec<String> = match detection {
+        Detection::Http1 => vec!["http/1.1".into()],
+        Detection::Http2 => vec!["h2c".into()],
+        _ => vec![],
+    };
+    let facts = ConnectionFacts {
+        transport_protocol: if detection == Detection::Tls { "tls" } else { "raw_buffer" },
+        application_protocols: &application_protocols,
+        server_name: None,
+        destination_port: local.port(),
+    };
+    let Some(chain) = select_chain(config, &facts) else { return };
+    let http2 = detection == Detection::Http2;
+    dispatch(chain, stream, http2, "http", peer, deps, stats, drain).await;
+}
+
+/// Read until the bytes classify, the buffer is full, or the wait runs out. None: the peer left.
+async fn detect(stream: &mut TcpStream, buffer: &mut BytesMut, wait: Duration) -> Option<Detection> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let detection = classify(buffer);
+        if detection != Detection::NeedMore || buffer.len() >= DETECTION_BUFFER {
+            return Some(if detection == Detection::NeedMore { Detection::Other } else { detection });
+        }
+        buffer.reserve(1024);
+        match tokio::time::timeout_at(deadline, stream.read_buf(buffer)).await {
+            Ok(Ok(0)) => return if buffer.is_empty() { None } else { Some(Detection::Other) },
+            Ok(Ok(_)) => continue,
+            Ok(Err(_)) => return None,
+            Err(_) => return Some(if buffer.is_empty() { Detection::NeedMore } else { Detection::Other }),
+        }
+    }
+}
+
+fn has_tls_chain(config: &ListenerConfig) -> bool {
+    config.filter_chains.iter().chain(config.default_filter_chain.iter()).any(|c| c.tls.is_some())
+}
+
+async fn serve_tls(
+    stream: PrefixedStream<TcpStream>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    config: &ListenerConfig,
+    deps: &Arc<ListenerDeps>,
+    stats: Arc<ListenerStats>,
+    drain: watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+    let Ok(Ok(start)) = tokio::time::timeout(Duration::from_secs(10), acceptor).await else { return };
+    let hello = start.client_hello();
+    let server_name = hello.server_name().map(str::to_string);
+    let offered: Vec<String> = hello
+        .alpn()
+        .map(|protocols| protocols.map(|p| String::from_utf8_lossy(p).into_owned()).collect())
+        .unwrap_or_default();
+    let facts = ConnectionFacts {
+        transport_protocol: "tls",
+        application_protocols: &offered,
+        server_name: server_name.as_deref(),
+        destination_port: local.port(),
+    };
+    let Some(chain) = select_chain(config, &facts) else { return };
+    // The ClientHello is consumed; a chain without TLS termination cannot be served from here.
+    let Some(tls) = &chain.tls else { return };
+    let Ok(Ok(tls_stream)) = tokio::time::timeout(Duration::from_secs(10), start.into_stream(tls.config.clone())).await else {
+        return;
+    };
+    let http2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    dispatch(chain, tls_stream, http2, "https", peer, deps, stats, drain).await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn dispatch<S>(
+    chain: &FilterChainConfig,
+    stream: S,
+    detected_http2: bool,
+    scheme: &'static str,
+    peer: SocketAddr,
+    deps: &Arc<ListenerDeps>,
+    stats: Arc<ListenerStats>,
+    drain: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match &chain.handler {
+        NetworkHandler::Http(settings) => {
+            let http2 = match settings.codec {
+                HttpCodec::Auto => detected_http2,
+                HttpCodec::Http1 => false,
+                HttpCodec::Http2 => true,
+            };
+            let context = Arc::new(HttpContext { settings: settings.clone(), registry: deps.registry.clone(), stats, scheme, peer });
+            serve_http(stream, http2, context, drain).await;
+        }
+        NetworkHandler::TcpProxy(proxy) => proxy_tcp(proxy, &deps.registry, stream).await,
+    }
+}

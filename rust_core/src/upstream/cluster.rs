@@ -1,0 +1,110 @@
+//! A cluster at run time: its config, current endpoints (each with a pool) and statistics.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use super::lb::EndpointSet;
+use super::pool::Pool;
+use crate::model::{ClusterConfig, EndpointConfig};
+use crate::telemetry::metrics::{ClusterStats, Metrics};
+
+#[derive(Debug)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub labels: std::collections::BTreeMap<String, String>,
+    active_requests: AtomicUsize,
+    pub pool: Pool,
+}
+
+impl Endpoint {
+    pub fn active_requests(&self) -> usize {
+        self.active_requests.load(Relaxed)
+    }
+
+    /// Count a request as active until the guard is dropped (least-request balancing reads it).
+    pub fn start_request(self: &Arc<Self>) -> ActiveRequest {
+        self.active_requests.fetch_add(1, Relaxed);
+        ActiveRequest(self.clone())
+    }
+}
+
+pub struct ActiveRequest(Arc<Endpoint>);
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.active_requests.fetch_sub(1, Relaxed);
+    }
+}
+
+#[derive(Debug)]
+pub struct ClusterRuntime {
+    pub config: ClusterConfig,
+    pub stats: Arc<ClusterStats>,
+    endpoints: ArcSwap<EndpointSet>,
+    rotation: AtomicUsize,
+}
+
+impl ClusterRuntime {
+    pub fn new(config: ClusterConfig, endpoints: &[EndpointConfig], metrics: &Metrics) -> Arc<Self> {
+        let runtime = Arc::new(ClusterRuntime {
+            stats: metrics.cluster(&config.name),
+            config,
+            endpoints: ArcSwap::from_pointee(EndpointSet::default()),
+            rotation: AtomicUsize::new(fastrand::usize(..1024)),
+        });
+        runtime.set_endpoints(endpoints);
+        runtime
+    }
+
+    /// Replace the endpoint set; endpoints that stay keep their pooled connections.
+    pub fn set_endpoints(&self, configs: &[EndpointConfig]) {
+        let current = self.endpoints.load();
+        let by_address: HashMap<SocketAddr, &Arc<Endpoint>> =
+            current.endpoints.iter().map(|e| (e.address, e)).collect();
+        let endpoints = configs
+            .iter()
+            .map(|c| match by_address.get(&c.address) {
+                Some(existing) if existing.weight == c.weight && existing.labels == c.labels => (*existing).clone(),
+                Some(existing) => Arc::new(Endpoint {
+                    address: c.address,
+                    weight: c.weight,
+                    labels: c.labels.clone(),
+                    active_requests: AtomicUsize::new(0),
+                    pool: existing.pool.clone(),
+                }),
+                None => Arc::new(Endpoint {
+                    address: c.address,
+                    weight: c.weight,
+                    labels: c.labels.clone(),
+                    active_requests: AtomicUsize::new(0),
+                    pool: Pool::new(c.address, &self.config, self.stats.clone()),
+                }),
+            })
+            .collect();
+        self.endpoints.store(Arc::new(EndpointSet::new(endpoints)));
+    }
+
+    pub fn endpoints(&self) -> Vec<EndpointConfig> {
+        self.endpoints
+            .load()
+            .endpoints
+            .iter()
+            .map(|e| EndpointConfig { address: e.address, weight: e.weight, labels: e.labels.clone() })
+            .collect()
+    }
+
+    pub fn pick_endpoint(&self) -> Option<Arc<Endpoint>> {
+        self.endpoints.load().pick(self.config.lb_policy, &self.rotation).cloned()
+    }
+
+    pub fn close_idle(&self) {
+        for endpoint in &self.endpoints.load().endpoints {
+            endpoint.pool.close_expired();
+        }
+    }
+}

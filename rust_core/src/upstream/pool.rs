@@ -1,0 +1,231 @@
+//! Per-endpoint connection pools: HTTP/1.1 keep-alive connections reused one request at a time,
+//! or one multiplexed HTTP/2 connection.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::model::{ClusterConfig, UpstreamProtocol};
+use crate::telemetry::metrics::ClusterStats;
+
+#[derive(Debug)]
+pub enum UpstreamError {
+    ConnectTimeout,
+    ConnectFailed(std::io::Error),
+    Handshake(hyper::Error),
+    /// The request was (possibly) sent and the exchange failed: not safe to retry blindly.
+    Reset(hyper::Error),
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamError::ConnectTimeout => write!(f, "connection timeout"),
+            UpstreamError::ConnectFailed(e) => write!(f, "connection failure ({e})"),
+            UpstreamError::Handshake(e) => write!(f, "protocol error ({e})"),
+            UpstreamError::Reset(e) => write!(f, "remote reset ({e})"),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Pool(Arc<PoolInner>);
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool").field("address", &self.0.address).finish()
+    }
+}
+
+struct PoolInner {
+    address: SocketAddr,
+    protocol: UpstreamProtocol,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_requests_per_connection: u32,
+    max_response_headers_bytes: usize,
+    stats: Arc<ClusterStats>,
+    idle_http1: Mutex<Vec<IdleHttp1>>,
+    http2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    /// Serializes HTTP/2 connection setup so a burst of requests opens one connection, not many.
+    http2_connecting: tokio::sync::Mutex<()>,
+}
+
+struct IdleHttp1 {
+    sender: http1::SendRequest<Incoming>,
+    idle_since: Instant,
+    uses: u32,
+}
+
+/// Upper bound on idle HTTP/1.1 connections kept per endpoint; the rest are closed.
+const MAX_IDLE_HTTP1: usize = 256;
+
+impl Pool {
+    pub fn new(address: SocketAddr, cluster: &ClusterConfig, stats: Arc<ClusterStats>) -> Self {
+        Pool(Arc::new(PoolInner {
+            address,
+            protocol: cluster.protocol,
+            connect_timeout: cluster.connect_timeout,
+            idle_timeout: cluster.idle_timeout,
+            max_requests_per_connection: cluster.max_requests_per_connection,
+            max_response_headers_bytes: cluster.max_response_headers_bytes as usize,
+            stats,
+            idle_http1: Mutex::new(Vec::new()),
+            http2: Mutex::new(None),
+            http2_connecting: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    pub async fn send(&self, request: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+        match self.0.protocol {
+            UpstreamProtocol::Http1 => self.send_http1(request).await,
+            UpstreamProtocol::Http2 => self.send_http2(request).await,
+        }
+    }
+
+    async fn send_http1(&self, mut request: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+        // A pooled connection may have been closed by the server while idle; if the request was
+        // not written, hyper hands it back and it is sent again on a fresh connection.
+        loop {
+            let (mut sender, uses, pooled) = match self.checkout_http1() {
+                Some(idle) => (idle.sender, idle.uses, true),
+                None => (self.connect_http1().await?, 0, false),
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    self.return_when_ready(sender, uses + 1);
+                    return Ok(response);
+                }
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if pooled => request = unsent,
+                    _ => return Err(UpstreamError::Reset(error.into_error())),
+                },
+            }
+        }
+    }
+
+    fn checkout_http1(&self) -> Option<IdleHttp1> {
+        let mut idle = self.0.idle_http1.lock().unwrap();
+        while let Some(candidate) = idle.pop() {
+            if candidate.sender.is_ready() && candidate.idle_since.elapsed() < self.0.idle_timeout {
+                return Some(candidate);
+            }
+        }
+        None
+    }
+
+    /// Put the connection back once its response body has been read to the end.
+    fn return_when_ready(&self, mut sender: http1::SendRequest<Incoming>, uses: u32) {
+        let limit = self.0.max_requests_per_connection;
+        if limit != 0 && uses >= limit {
+            return;
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                let mut idle = pool.0.idle_http1.lock().unwrap();
+                if idle.len() < MAX_IDLE_HTTP1 {
+                    idle.push(IdleHttp1 { sender, idle_since: Instant::now(), uses });
+                }
+            }
+        });
+    }
+
+    async fn connect(&self) -> Result<TokioIo<TcpStream>, UpstreamError> {
+        self.0.stats.connections_total.fetch_add(1, Relaxed);
+        let stream = match tokio::time::timeout(self.0.connect_timeout, TcpStream::connect(self.0.address)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                self.0.stats.connect_failures.fetch_add(1, Relaxed);
+                return Err(UpstreamError::ConnectFailed(e));
+            }
+            Err(_) => {
+                self.0.stats.connect_failures.fetch_add(1, Relaxed);
+                return Err(UpstreamError::ConnectTimeout);
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(TokioIo::new(stream))
+    }
+
+    async fn connect_http1(&self) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+        let io = self.connect().await?;
+        let (sender, connection) = http1::Builder::new()
+            .max_buf_size(self.0.max_response_headers_bytes.max(8192) + 8192)
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        tokio::spawn(connection.with_upgrades());
+        Ok(sender)
+    }
+
+    async fn send_http2(&self, mut request: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+        for _ in 0..2 {
+            let mut sender = self.http2_sender().await?;
+            if sender.ready().await.is_err() {
+                self.forget_http2();
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(response),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) => {
+                        // Refused before it was sent (e.g. GOAWAY): open a fresh connection.
+                        self.forget_http2();
+                        request = unsent;
+                    }
+                    None => return Err(UpstreamError::Reset(error.into_error())),
+                },
+            }
+        }
+        // Two fresh connections in a row refused the request before sending it.
+        let mut sender = self.http2_sender().await?;
+        sender.send_request(request).await.map_err(UpstreamError::Reset)
+    }
+
+    async fn http2_sender(&self) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+        if let Some(sender) = self.live_http2() {
+            return Ok(sender);
+        }
+        let _connecting = self.0.http2_connecting.lock().await;
+        if let Some(sender) = self.live_http2() {
+            return Ok(sender);
+        }
+        let io = self.connect().await?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(1024 * 1024)
+            .initial_connection_window_size(4 * 1024 * 1024)
+            .max_header_list_size(self.0.max_response_headers_bytes as u32)
+            .keep_alive_interval(Duration::from_secs(30))
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        tokio::spawn(connection);
+        *self.0.http2.lock().unwrap() = Some(sender.clone());
+        Ok(sender)
+    }
+
+    fn live_http2(&self) -> Option<http2::SendRequest<Incoming>> {
+        let shared = self.0.http2.lock().unwrap();
+        shared.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    fn forget_http2(&self) {
+        *self.0.http2.lock().unwrap() = None;
+    }
+
+    /// Close idle HTTP/1.1 connections past the cluster's idle timeout.
+    pub fn close_expired(&self) {
+        let timeout = self.0.idle_timeout;
+        self.0.idle_http1.lock().unwrap().retain(|c| c.idle_since.elapsed() < timeout && c.sender.is_ready());
+    }
+}

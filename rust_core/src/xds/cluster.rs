@@ -1,0 +1,232 @@
+//! Cluster and ClusterLoadAssignment → model::ClusterConfig and endpoint lists.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3 as cluster;
+use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http;
+use envoy_types::pb::google::protobuf;
+use prost::Message;
+
+use super::common::{duration, socket_address, unpack};
+use super::{refuse_if, At, ConfigError, FieldError, FieldResult};
+use crate::model::cluster::*;
+
+const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+const HTTP_PROTOCOL_OPTIONS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// Endpoints delivered for one cluster (EDS).
+#[derive(Debug, Clone)]
+pub struct LoadAssignment {
+    pub cluster_name: String,
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+pub fn decode_cluster(bytes: &[u8]) -> Result<ClusterConfig, ConfigError> {
+    let message =
+        cluster::Cluster::decode(bytes).map_err(|e| ConfigError::new("Cluster", "", format!("not a valid protobuf: {e}")))?;
+    cluster_config(&message).map_err(|e| e.into_config_error(format!("Cluster {:?}", message.name)))
+}
+
+pub fn decode_cluster_load_assignment(bytes: &[u8]) -> Result<LoadAssignment, ConfigError> {
+    let message = endpoint::ClusterLoadAssignment::decode(bytes)
+        .map_err(|e| ConfigError::new("ClusterLoadAssignment", "", format!("not a valid protobuf: {e}")))?;
+    load_assignment(&message, false)
+        .map(|endpoints| LoadAssignment { cluster_name: message.cluster_name.clone(), endpoints })
+        .map_err(|e| e.into_config_error(format!("ClusterLoadAssignment {:?}", message.cluster_name)))
+}
+
+pub(crate) fn cluster_config(c: &cluster::Cluster) -> FieldResult<ClusterConfig> {
+    use cluster::cluster::{ClusterDiscoveryType, DiscoveryType};
+    if c.name.is_empty() {
+        return Err(FieldError::new("name", "is required"));
+    }
+    refuse_if(!c.transport_socket_matches.is_empty(), "transport_socket_matches")?;
+    refuse_if(c.transport_socket.is_some(), "transport_socket")?;
+    refuse_if(!c.health_checks.is_empty(), "health_checks")?;
+    refuse_if(c.outlier_detection.is_some(), "outlier_detection")?;
+    refuse_if(c.circuit_breakers.is_some(), "circuit_breakers")?;
+    refuse_if(c.lb_subset_config.is_some(), "lb_subset_config")?;
+    refuse_if(c.load_balancing_policy.is_some(), "load_balancing_policy")?;
+    refuse_if(c.upstream_bind_config.is_some(), "upstream_bind_config")?;
+    refuse_if(!c.filters.is_empty(), "filters")?;
+    refuse_if(c.upstream_config.is_some(), "upstream_config")?;
+    refuse_if(c.lb_config.is_some(), "lb_config")?;
+    refuse_if(c.protocol_selection != 0, "protocol_selection")?;
+    let discovery = match &c.cluster_discovery_type {
+        Some(ClusterDiscoveryType::Type(t)) => *t,
+        Some(ClusterDiscoveryType::ClusterType(_)) => return Err(FieldError::unsupported("cluster_type")),
+        None => DiscoveryType::Static as i32,
+    };
+    let endpoints = match DiscoveryType::try_from(discovery) {
+        Ok(DiscoveryType::Static) | Ok(DiscoveryType::StrictDns) | Ok(DiscoveryType::LogicalDns) => {
+            let resolve = discovery != DiscoveryType::Static as i32;
+            let assignment = c.load_assignment.as_ref().ok_or_else(|| {
+                FieldError::new("load_assignment", "is required for STATIC, STRICT_DNS and LOGICAL_DNS clusters")
+            })?;
+            EndpointSource::Static { endpoints: load_assignment(assignment, resolve).at("load_assignment")? }
+        }
+        Ok(DiscoveryType::Eds) => {
+            refuse_if(c.load_assignment.is_some(), "load_assignment")?;
+            let service_name = c
+                .eds_cluster_config
+                .as_ref()
+                .map(|e| e.service_name.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| c.name.clone());
+            EndpointSource::Eds { service_name }
+        }
+        Ok(DiscoveryType::OriginalDst) => return Err(FieldError::new("type", "ORIGINAL_DST is not supported by meshctl yet")),
+        Err(_) => return Err(FieldError::new("type", format!("unknown value {discovery}"))),
+    };
+    let lb_policy = match cluster::cluster::LbPolicy::try_from(c.lb_policy) {
+        Ok(cluster::cluster::LbPolicy::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(cluster::cluster::LbPolicy::LeastRequest) => LbPolicy::LeastRequest,
+        Ok(cluster::cluster::LbPolicy::Random) => LbPolicy::Random,
+        Ok(other) => {
+            return Err(FieldError::new("lb_policy", format!("{} is not supported by meshctl yet", other.as_str_name())))
+        }
+        Err(_) => return Err(FieldError::new("lb_policy", format!("unknown value {}", c.lb_policy))),
+    };
+    let connect_timeout = match &c.connect_timeout {
+        Some(d) => duration(d).at("connect_timeout")?,
+        None => Duration::from_secs(5),
+    };
+    if connect_timeout.is_zero() {
+        return Err(FieldError::new("connect_timeout", "must be positive"));
+    }
+    let mut protocol = if c.http2_protocol_options.is_some() { UpstreamProtocol::Http2 } else { UpstreamProtocol::Http1 };
+    let mut idle_timeout = Duration::from_secs(3600);
+    let mut max_requests_per_connection = c.max_requests_per_connection.as_ref().map(|v| v.value).unwrap_or(0);
+    let mut max_response_headers_bytes = 60 * 1024;
+    if let Some(options) = &c.common_http_protocol_options {
+        common_http_options(options, &mut idle_timeout, &mut max_requests_per_connection, &mut max_response_headers_bytes)
+            .at("common_http_protocol_options")?;
+    }
+    for (key, any) in &c.typed_extension_protocol_options {
+        let at = format!("typed_extension_protocol_options[{key:?}]");
+        if key != HTTP_PROTOCOL_OPTIONS {
+            return Err(FieldError::new(at, "only envoy.extensions.upstreams.http.v3.HttpProtocolOptions is supported"));
+        }
+        let options: upstream_http::HttpProtocolOptions = unpack(any, HTTP_PROTOCOL_OPTIONS_TYPE).at(&at)?;
+        protocol = upstream_protocol(&options).at(&at)?;
+        if let Some(common) = &options.common_http_protocol_options {
+            common_http_options(common, &mut idle_timeout, &mut max_requests_per_connection, &mut max_response_headers_bytes)
+                .at(format!("{at}.common_http_protocol_options"))?;
+        }
+    }
+    Ok(ClusterConfig {
+        name: c.name.clone(),
+        connect_timeout,
+        lb_policy,
+        protocol,
+        endpoints,
+        idle_timeout,
+        max_requests_per_connection,
+        max_response_headers_bytes,
+    })
+}
+
+fn common_http_options(
+    options: &envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions,
+    idle_timeout: &mut Duration,
+    max_requests_per_connection: &mut u32,
+    max_response_headers_bytes: &mut u32,
+) -> FieldResult<()> {
+    refuse_if(options.max_connection_duration.is_some(), "max_connection_duration")?;
+    refuse_if(options.max_stream_duration.is_some(), "max_stream_duration")?;
+    refuse_if(options.headers_with_underscores_action != 0, "headers_with_underscores_action")?;
+    if let Some(d) = &options.idle_timeout {
+        *idle_timeout = duration(d).at("idle_timeout")?;
+    }
+    if let Some(v) = &options.max_requests_per_connection {
+        *max_requests_per_connection = v.value;
+    }
+    if let Some(v) = &options.max_response_headers_kb {
+        *max_response_headers_bytes = v.value.saturating_mul(1024);
+    }
+    Ok(())
+}
+
+fn upstream_protocol(options: &upstream_http::HttpProtocolOptions) -> FieldResult<UpstreamProtocol> {
+    use upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig;
+    use upstream_http::http_protocol_options::UpstreamProtocolOptions;
+    refuse_if(!options.http_filters.is_empty(), "http_filters")?;
+    refuse_if(options.outlier_detection.is_some(), "outlier_detection")?;
+    refuse_if(options.retry_policy.is_some(), "retry_policy")?;
+    refuse_if(!options.request_mirror_policies.is_empty(), "request_mirror_policies")?;
+    match &options.upstream_protocol_options {
+        Some(UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) => match &explicit.protocol_config {
+            Some(ProtocolConfig::HttpProtocolOptions(_)) => Ok(UpstreamProtocol::Http1),
+            Some(ProtocolConfig::Http2ProtocolOptions(_)) => Ok(UpstreamProtocol::Http2),
+            Some(ProtocolConfig::Http3ProtocolOptions(_)) => {
+                Err(FieldError::unsupported("explicit_http_config.http3_protocol_options"))
+            }
+            None => Err(FieldError::new("explicit_http_config", "needs a protocol")),
+        },
+        Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(_)) => {
+            Err(FieldError::unsupported("use_downstream_protocol_config"))
+        }
+        Some(UpstreamProtocolOptions::AutoConfig(_)) => Err(FieldError::unsupported("auto_config")),
+        None => Ok(UpstreamProtocol::Http1),
+    }
+}
+
+fn load_assignment(cla: &endpoint::ClusterLoadAssignment, resolve: bool) -> FieldResult<Vec<EndpointConfig>> {
+    refuse_if(!cla.named_endpoints.is_empty(), "named_endpoints")?;
+    if let Some(policy) = &cla.policy {
+        refuse_if(!policy.drop_overloads.is_empty(), "policy.drop_overloads")?;
+    }
+    let mut endpoints = Vec::new();
+    for (i, locality) in cla.endpoints.iter().enumerate() {
+        let at = format!("endpoints[{i}]");
+        refuse_if(locality.priority != 0, "priority").at(&at)?;
+        refuse_if(locality.lb_config.is_some(), "lb_config").at(&at)?;
+        for (j, lb_endpoint) in locality.lb_endpoints.iter().enumerate() {
+            let at = format!("{at}.lb_endpoints[{j}]");
+            if let Some(e) = lb_endpoint_config(lb_endpoint, resolve).at(&at)? {
+                endpoints.push(e);
+            }
+        }
+    }
+    Ok(endpoints)
+}
+
+/// None for endpoints that must not receive traffic (unhealthy, draining, timed out).
+fn lb_endpoint_config(e: &endpoint::LbEndpoint, resolve: bool) -> FieldResult<Option<EndpointConfig>> {
+    use endpoint::lb_endpoint::HostIdentifier;
+    let host = match &e.host_identifier {
+        Some(HostIdentifier::Endpoint(host)) => host,
+        Some(HostIdentifier::EndpointName(_)) => return Err(FieldError::unsupported("endpoint_name")),
+        None => return Err(FieldError::new("endpoint", "is required")),
+    };
+    refuse_if(!host.additional_addresses.is_empty(), "endpoint.additional_addresses")?;
+    let address = socket_address(&host.address, resolve).at("endpoint.address")?;
+    let weight = e.load_balancing_weight.as_ref().map(|w| w.value).unwrap_or(1);
+    if weight == 0 {
+        return Err(FieldError::new("load_balancing_weight", "must be at least 1"));
+    }
+    // HealthStatus: UNKNOWN 0, HEALTHY 1, UNHEALTHY 2, DRAINING 3, TIMEOUT 4, DEGRADED 5.
+    if matches!(e.health_status, 2..=4) {
+        return Ok(None);
+    }
+    Ok(Some(EndpointConfig { address, weight, labels: labels(e.metadata.as_ref()) }))
+}
+
+/// String values under the `envoy.lb` and `istio` metadata namespaces, as endpoint labels.
+fn labels(metadata: Option<&envoy_types::pb::envoy::config::core::v3::Metadata>) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    let Some(metadata) = metadata else { return labels };
+    for namespace in ["envoy.lb", "istio"] {
+        if let Some(fields) = metadata.filter_metadata.get(namespace) {
+            for (key, value) in &fields.fields {
+                if let Some(protobuf::value::Kind::StringValue(s)) = &value.kind {
+                    labels.insert(key.clone(), s.clone());
+                }
+            }
+        }
+    }
+    labels
+}

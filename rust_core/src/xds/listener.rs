@@ -1,0 +1,405 @@
+//! Listener → model::ListenerConfig: filter chains, TLS contexts, HTTP connection managers, TCP proxies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::listener::v3 as listener;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
+use envoy_types::pb::google::protobuf;
+use prost::Message;
+
+use super::common::{data_source, duration, socket_address, unpack};
+use super::route::route_configuration;
+use super::{refuse_if, At, ConfigError, FieldError, FieldResult};
+use crate::model::listener::*;
+use crate::telemetry::metrics::Metrics;
+
+const HCM_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const TCP_PROXY_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+const DOWNSTREAM_TLS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+const RAW_BUFFER_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer";
+const HTTP_INSPECTOR_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector";
+const TLS_INSPECTOR_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
+
+/// The engine's default wait for a client's first bytes before treating it as opaque TCP.
+pub const DEFAULT_DETECTION_TIMEOUT: Duration = Duration::from_millis(300);
+
+pub fn decode_listener(bytes: &[u8], metrics: &Metrics) -> Result<ListenerConfig, ConfigError> {
+    let message = listener::Listener::decode(bytes)
+        .map_err(|e| ConfigError::new("Listener", "", format!("not a valid protobuf: {e}")))?;
+    listener_config(&message, metrics).map_err(|e| e.into_config_error(format!("Listener {:?}", message.name)))
+}
+
+pub(crate) fn listener_config(l: &listener::Listener, metrics: &Metrics) -> FieldResult<ListenerConfig> {
+    if l.name.is_empty() {
+        return Err(FieldError::new("name", "is required"));
+    }
+    let address = socket_address(&l.address, false).at("address")?;
+    refuse_if(!l.additional_addresses.is_empty(), "additional_addresses")?;
+    refuse_if(l.fcds_config.is_some(), "fcds_config")?;
+    refuse_if(l.filter_chain_matcher.is_some(), "filter_chain_matcher")?;
+    refuse_if(l.use_original_dst.as_ref().is_some_and(|b| b.value), "use_original_dst")?;
+    refuse_if(l.transparent.as_ref().is_some_and(|b| b.value), "transparent")?;
+    refuse_if(l.freebind.as_ref().is_some_and(|b| b.value), "freebind")?;
+    refuse_if(!l.socket_options.is_empty(), "socket_options")?;
+    refuse_if(l.udp_listener_config.is_some(), "udp_listener_config")?;
+    refuse_if(l.api_listener.is_some(), "api_listener")?;
+    refuse_if(l.connection_balance_config.is_some(), "connection_balance_config")?;
+    refuse_if(!l.access_log.is_empty(), "access_log")?;
+    for (i, filter) in l.listener_filters.iter().enumerate() {
+        listener_filter(filter).at(format!("listener_filters[{i}]"))?;
+    }
+    let detection_timeout = match &l.listener_filters_timeout {
+        Some(d) => duration(d).at("listener_filters_timeout")?,
+        None => DEFAULT_DETECTION_TIMEOUT,
+    };
+    // Without explicit listener filters the engine still classifies connections itself, and
+    // falls back to opaque TCP on timeout, as the engine's protocol detection promises.
+    let continue_on_detection_timeout = l.listener_filters.is_empty() || l.continue_on_listener_filters_timeout;
+    let mut filter_chains = Vec::with_capacity(l.filter_chains.len());
+    for (i, chain) in l.filter_chains.iter().enumerate() {
+        filter_chains.push(filter_chain(chain, metrics).at(format!("filter_chains[{i}]"))?);
+    }
+    let default_filter_chain = match &l.default_filter_chain {
+        Some(chain) => Some(filter_chain(chain, metrics).at("default_filter_chain")?),
+        None => None,
+    };
+    if filter_chains.is_empty() && default_filter_chain.is_none() {
+        return Err(FieldError::new("filter_chains", "a listener needs at least one filter chain"));
+    }
+    let needs_detection = filter_chains.len() + usize::from(default_filter_chain.is_some()) > 1
+        || filter_chains.iter().chain(default_filter_chain.iter()).any(|c| {
+            c.tls.is_some()
+                || matches!(c.handler, NetworkHandler::Http(_))
+                || c.chain_match.transport_protocol.is_some()
+                || !c.chain_match.application_protocols.is_empty()
+                || !c.chain_match.server_names.is_empty()
+        });
+    Ok(ListenerConfig {
+        name: l.name.clone(),
+        address,
+        filter_chains,
+        default_filter_chain,
+        detection_timeout,
+        continue_on_detection_timeout,
+        needs_detection,
+    })
+}
+
+fn listener_filter(f: &listener::ListenerFilter) -> FieldResult<()> {
+    refuse_if(f.filter_disabled.is_some(), "filter_disabled")?;
+    let type_url = match &f.config_type {
+        Some(listener::listener_filter::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
+        Some(listener::listener_filter::ConfigType::ConfigDiscovery(_)) => {
+            return Err(FieldError::unsupported("config_discovery"))
+        }
+        None => "",
+    };
+    // The engine's own protocol detection does what these two Envoy listener filters do.
+    match (f.name.as_str(), type_url) {
+        (_, HTTP_INSPECTOR_TYPE) | (_, TLS_INSPECTOR_TYPE) => Ok(()),
+        ("envoy.filters.listener.http_inspector" | "envoy.filters.listener.tls_inspector", "") => Ok(()),
+        _ => Err(FieldError::new(
+            "typed_config",
+            format!("listener filter {:?} ({type_url}) is not supported by meshctl yet", f.name),
+        )),
+    }
+}
+
+fn filter_chain(c: &listener::FilterChain, metrics: &Metrics) -> FieldResult<FilterChainConfig> {
+    refuse_if(c.use_proxy_proto.as_ref().is_some_and(|b| b.value), "use_proxy_proto")?;
+    let chain_match = match &c.filter_chain_match {
+        Some(m) => chain_match(m).at("filter_chain_match")?,
+        None => ChainMatch::default(),
+    };
+    let tls = match &c.transport_socket {
+        Some(socket) => transport_socket(socket).at("transport_socket")?,
+        None => None,
+    };
+    if c.filters.len() != 1 {
+        return Err(FieldError::new(
+            "filters",
+            format!(
+                "meshctl supports exactly one network filter per chain (http_connection_manager or tcp_proxy), found {}",
+                c.filters.len()
+            ),
+        ));
+    }
+    let handler = network_filter(&c.filters[0], metrics).at("filters[0]")?;
+    Ok(FilterChainConfig { name: c.name.clone(), chain_match, tls, handler })
+}
+
+fn chain_match(m: &listener::FilterChainMatch) -> FieldResult<ChainMatch> {
+    refuse_if(!m.prefix_ranges.is_empty(), "prefix_ranges")?;
+    refuse_if(!m.address_suffix.is_empty() || m.suffix_len.is_some(), "address_suffix")?;
+    refuse_if(!m.direct_source_prefix_ranges.is_empty(), "direct_source_prefix_ranges")?;
+    refuse_if(m.source_type != 0, "source_type")?;
+    refuse_if(!m.source_prefix_ranges.is_empty(), "source_prefix_ranges")?;
+    refuse_if(!m.source_ports.is_empty(), "source_ports")?;
+    let transport_protocol = Some(m.transport_protocol.clone()).filter(|t| !t.is_empty());
+    if let Some(t) = &transport_protocol {
+        if t != "tls" && t != "raw_buffer" {
+            return Err(FieldError::new("transport_protocol", format!("{t:?} must be \"tls\" or \"raw_buffer\"")));
+        }
+    }
+    let destination_port = match &m.destination_port {
+        Some(p) => Some(u16::try_from(p.value).map_err(|_| FieldError::new("destination_port", "is not a port"))?),
+        None => None,
+    };
+    Ok(ChainMatch {
+        transport_protocol,
+        application_protocols: m.application_protocols.clone(),
+        server_names: m.server_names.iter().map(|s| s.to_ascii_lowercase()).collect(),
+        destination_port,
+    })
+}
+
+fn transport_socket(s: &envoy_types::pb::envoy::config::core::v3::TransportSocket) -> FieldResult<Option<ServerTls>> {
+    use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+    let any: &protobuf::Any = match &s.config_type {
+        Some(ConfigType::TypedConfig(any)) => any,
+        None => return Err(FieldError::new("typed_config", "is required")),
+    };
+    match any.type_url.as_str() {
+        RAW_BUFFER_TYPE => Ok(None),
+        DOWNSTREAM_TLS_TYPE => {
+            let context: tls::DownstreamTlsContext = unpack(any, DOWNSTREAM_TLS_TYPE).at("typed_config")?;
+            Ok(Some(server_tls(&context).at("typed_config")?))
+        }
+        other => Err(FieldError::new("typed_config", format!("transport socket {other} is not supported by meshctl yet"))),
+    }
+}
+
+fn server_tls(context: &tls::DownstreamTlsContext) -> FieldResult<ServerTls> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    refuse_if(context.require_client_certificate.as_ref().is_some_and(|b| b.value), "require_client_certificate")?;
+    refuse_if(context.require_sni.as_ref().is_some_and(|b| b.value), "require_sni")?;
+    refuse_if(context.ocsp_staple_policy != 0, "ocsp_staple_policy")?;
+    let common = context.common_tls_context.as_ref().ok_or_else(|| FieldError::new("common_tls_context", "is required"))?;
+    let at = |f: &str| format!("common_tls_context.{f}");
+    refuse_if(common.tls_params.is_some(), &at("tls_params"))?;
+    refuse_if(!common.tls_certificate_sds_secret_configs.is_empty(), &at("tls_certificate_sds_secret_configs"))?;
+    refuse_if(common.validation_context_type.is_some(), &at("validation_context"))?;
+    refuse_if(common.custom_handshaker.is_some(), &at("custom_handshaker"))?;
+    refuse_if(common.key_log.is_some(), &at("key_log"))?;
+    if common.tls_certificates.len() != 1 {
+        return Err(FieldError::new(at("tls_certificates"), "exactly one certificate is supported"));
+    }
+    let certificate = &common.tls_certificates[0];
+    let cert_at = at("tls_certificates[0]");
+    refuse_if(certificate.pkcs12.is_some(), "pkcs12").at(&cert_at)?;
+    refuse_if(certificate.private_key_provider.is_some(), "private_key_provider").at(&cert_at)?;
+    refuse_if(certificate.password.is_some(), "password").at(&cert_at)?;
+    let (chain_pem, source) = data_source(
+        certificate.certificate_chain.as_ref().ok_or_else(|| FieldError::new("certificate_chain", "is required"))?,
+    )
+    .at("certificate_chain")
+    .at(&cert_at)?;
+    let (key_pem, _) =
+        data_source(certificate.private_key.as_ref().ok_or_else(|| FieldError::new("private_key", "is required"))?)
+            .at("private_key")
+            .at(&cert_at)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&chain_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| FieldError::new(format!("{cert_at}.certificate_chain"), format!("not PEM certificates: {e}")))?;
+    if chain.is_empty() {
+        return Err(FieldError::new(format!("{cert_at}.certificate_chain"), "contains no PEM certificate"));
+    }
+    // Never put key bytes or their parse details in an error: messages reach logs and NACKs.
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|_| FieldError::new(format!("{cert_at}.private_key"), "is not a PEM private key"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| FieldError::new(&cert_at, format!("TLS setup failed: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| FieldError::new(&cert_at, format!("the certificate and key do not form a usable pair: {e}")))?;
+    config.alpn_protocols = common.alpn_protocols.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Ok(ServerTls { alpn_protocols: common.alpn_protocols.clone(), certificate_source: source, config: Arc::new(config) })
+}
+
+fn network_filter(f: &listener::Filter, metrics: &Metrics) -> FieldResult<NetworkHandler> {
+    let any = match &f.config_type {
+        Some(listener::filter::ConfigType::TypedConfig(any)) => any,
+        Some(listener::filter::ConfigType::ConfigDiscovery(_)) => return Err(FieldError::unsupported("config_discovery")),
+        None => return Err(FieldError::new("typed_config", "is required")),
+    };
+    match any.type_url.as_str() {
+        HCM_TYPE => {
+            let manager: hcm::HttpConnectionManager = unpack(any, HCM_TYPE).at("typed_config")?;
+            Ok(NetworkHandler::Http(Arc::new(http_settings(&manager, metrics).at("typed_config")?)))
+        }
+        TCP_PROXY_TYPE => {
+            let proxy: tcp_proxy::TcpProxy = unpack(any, TCP_PROXY_TYPE).at("typed_config")?;
+            Ok(NetworkHandler::TcpProxy(tcp_proxy_config(&proxy).at("typed_config")?))
+        }
+        other => Err(FieldError::new("typed_config", format!("network filter {other} is not supported by meshctl yet"))),
+    }
+}
+
+fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResult<HttpSettings> {
+    use hcm::http_connection_manager::RouteSpecifier;
+    refuse_if(m.tracing.is_some(), "tracing")?;
+    refuse_if(m.http3_protocol_options.is_some(), "http3_protocol_options")?;
+    refuse_if(!m.access_log.is_empty(), "access_log")?;
+    refuse_if(m.normalize_path.as_ref().is_some_and(|b| b.value), "normalize_path")?;
+    refuse_if(m.merge_slashes, "merge_slashes")?;
+    refuse_if(m.local_reply_config.is_some(), "local_reply_config")?;
+    refuse_if(m.forward_client_cert_details != 0, "forward_client_cert_details")?;
+    refuse_if(m.request_id_extension.is_some(), "request_id_extension")?;
+    refuse_if(!m.original_ip_detection_extensions.is_empty(), "original_ip_detection_extensions")?;
+    refuse_if(!m.early_header_mutation_extensions.is_empty(), "early_header_mutation_extensions")?;
+    refuse_if(m.internal_address_config.is_some(), "internal_address_config")?;
+    let codec = match m.codec_type {
+        0 => HttpCodec::Auto,
+        1 => HttpCodec::Http1,
+        2 => HttpCodec::Http2,
+        3 => return Err(FieldError::new("codec_type", "HTTP3 is not supported by meshctl yet")),
+        other => return Err(FieldError::new("codec_type", format!("unknown value {other}"))),
+    };
+    let routes = match &m.route_specifier {
+        Some(RouteSpecifier::RouteConfig(rc)) => {
+            RouteSource::Inline { config: Arc::new(route_configuration(rc, metrics).at("route_config")?) }
+        }
+        Some(RouteSpecifier::Rds(rds)) => {
+            if rds.route_config_name.is_empty() {
+                return Err(FieldError::new("rds.route_config_name", "is required"));
+            }
+            RouteSource::Rds { name: rds.route_config_name.clone() }
+        }
+        Some(RouteSpecifier::ScopedRoutes(_)) => return Err(FieldError::unsupported("scoped_routes")),
+        None => return Err(FieldError::new("", "an HTTP connection manager needs route_config or rds")),
+    };
+    let mut router_seen = false;
+    for (i, filter) in m.http_filters.iter().enumerate() {
+        let type_url = match &filter.config_type {
+            Some(hcm::http_filter::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
+            Some(_) => return Err(FieldError::unsupported(&format!("http_filters[{i}].config_discovery"))),
+            None if filter.name == "envoy.filters.http.router" => ROUTER_TYPE,
+            None => "",
+        };
+        if type_url != ROUTER_TYPE {
+            if filter.is_optional || filter.disabled {
+                continue;
+            }
+            return Err(FieldError::new(
+                format!("http_filters[{i}]"),
+                format!("HTTP filter {:?} ({type_url}) is not supported by meshctl yet", filter.name),
+            ));
+        }
+        if i + 1 != m.http_filters.len() {
+            return Err(FieldError::new(format!("http_filters[{i}]"), "the router must be the last HTTP filter"));
+        }
+        router_seen = true;
+    }
+    if !router_seen {
+        return Err(FieldError::new("http_filters", "the router filter (envoy.filters.http.router) is required, last"));
+    }
+    let mut limits = HttpLimits::default();
+    if let Some(d) = &m.request_headers_timeout {
+        limits.request_headers_timeout = Some(duration(d).at("request_headers_timeout")?).filter(|d| !d.is_zero());
+    }
+    if let Some(options) = &m.common_http_protocol_options {
+        if let Some(d) = &options.idle_timeout {
+            limits.idle_timeout =
+                Some(duration(d).at("common_http_protocol_options.idle_timeout")?).filter(|d| !d.is_zero());
+        }
+        if let Some(v) = &options.max_headers_count {
+            limits.max_headers_count = v.value.max(1);
+        }
+        refuse_if(options.max_connection_duration.is_some(), "common_http_protocol_options.max_connection_duration")?;
+        refuse_if(options.max_stream_duration.is_some(), "common_http_protocol_options.max_stream_duration")?;
+        refuse_if(options.headers_with_underscores_action != 0, "common_http_protocol_options.headers_with_underscores_action")?;
+    }
+    if let Some(v) = &m.max_request_headers_kb {
+        if v.value == 0 || v.value > 8192 {
+            return Err(FieldError::new("max_request_headers_kb", "must be between 1 and 8192"));
+        }
+        limits.max_request_headers_bytes = v.value * 1024;
+    }
+    if let Some(options) = &m.http2_protocol_options {
+        if let Some(v) = &options.max_concurrent_streams {
+            limits.max_concurrent_streams = v.value.max(1);
+        }
+        if let Some(v) = &options.initial_stream_window_size {
+            limits.initial_stream_window_size = v.value.clamp(65535, 1 << 30);
+        }
+        if let Some(v) = &options.initial_connection_window_size {
+            limits.initial_connection_window_size = v.value.clamp(65535, 1 << 30);
+        }
+    }
+    let mut upgrades = Vec::new();
+    for (i, u) in m.upgrade_configs.iter().enumerate() {
+        refuse_if(!u.filters.is_empty(), "filters").at(format!("upgrade_configs[{i}]"))?;
+        if u.enabled.as_ref().map(|b| b.value).unwrap_or(true) {
+            upgrades.push(u.upgrade_type.to_ascii_lowercase());
+        }
+    }
+    Ok(HttpSettings { stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades })
+}
+
+fn tcp_proxy_config(p: &tcp_proxy::TcpProxy) -> FieldResult<TcpProxyConfig> {
+    use tcp_proxy::tcp_proxy::ClusterSpecifier;
+    refuse_if(p.on_demand.is_some(), "on_demand")?;
+    refuse_if(p.metadata_match.is_some(), "metadata_match")?;
+    refuse_if(!p.access_log.is_empty(), "access_log")?;
+    refuse_if(p.tunneling_config.is_some(), "tunneling_config")?;
+    refuse_if(p.max_downstream_connection_duration.is_some(), "max_downstream_connection_duration")?;
+    refuse_if(!p.hash_policy.is_empty(), "hash_policy")?;
+    let cluster = match &p.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => c.clone(),
+        Some(ClusterSpecifier::WeightedClusters(_)) => return Err(FieldError::unsupported("weighted_clusters")),
+        _ => return Err(FieldError::new("cluster", "is required")),
+    };
+    let idle_timeout = match &p.idle_timeout {
+        Some(d) => Some(duration(d).at("idle_timeout")?).filter(|d| !d.is_zero()),
+        // Envoy's default for tcp_proxy.
+        None => Some(Duration::from_secs(3600)),
+    };
+    Ok(TcpProxyConfig { stat_prefix: p.stat_prefix.clone(), cluster, idle_timeout })
+}
+
+/// Every cluster an inline route table or TCP proxy names must exist (Envoy's validate_clusters
+/// default for static route tables); RDS tables are checked per request instead.
+pub(crate) fn check_cluster_references(l: &ListenerConfig, exists: &dyn Fn(&str) -> bool) -> Result<(), ConfigError> {
+    use crate::model::route::{Action, ClusterChoice};
+    let chains = l.filter_chains.iter().enumerate().map(|(i, c)| (format!("filter_chains[{i}]"), c));
+    for (at, chain) in chains.chain(l.default_filter_chain.iter().map(|c| ("default_filter_chain".to_string(), c))) {
+        let missing = |field: String, name: &str| {
+            ConfigError::new(format!("Listener {:?}", l.name), format!("{at}.filters[0].typed_config.{field}"), format!("cluster {name:?} is not defined"))
+        };
+        match &chain.handler {
+            NetworkHandler::TcpProxy(p) if !exists(&p.cluster) => return Err(missing("cluster".into(), &p.cluster)),
+            NetworkHandler::Http(settings) => {
+                let RouteSource::Inline { config } = &settings.routes else { continue };
+                for (v, vhost) in config.virtual_hosts.iter().enumerate() {
+                    for (r, route) in vhost.routes.iter().enumerate() {
+                        let Action::Forward(forward) = &route.action else { continue };
+                        let field = format!("route_config.virtual_hosts[{v}].routes[{r}].route");
+                        match &forward.clusters {
+                            ClusterChoice::Single { name } if !exists(name) => return Err(missing(format!("{field}.cluster"), name)),
+                            ClusterChoice::Weighted(w) => {
+                                for (c, wc) in w.clusters.iter().enumerate() {
+                                    if !exists(&wc.name) {
+                                        return Err(missing(format!("{field}.weighted_clusters.clusters[{c}].name"), &wc.name));
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
