@@ -25,6 +25,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "meshctl_only: the test exercises meshctl itself, not a shared behaviour")
+    config.addinivalue_line("markers", "envoy_only: the test checks Envoy itself, as the reference for meshctl")
 
 
 def selected_kinds(config: pytest.Config) -> list[str]:
@@ -43,10 +44,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # `--dataplane envoy` is how the suite is checked before the engine exists: meshctl-only
     # tests are then deselected (not skipped), so the report says exactly what ran.
-    if "meshctl" in selected_kinds(config):
-        return
-    kept = [item for item in items if item.get_closest_marker("meshctl_only") is None]
-    deselected = [item for item in items if item.get_closest_marker("meshctl_only") is not None]
+    kinds = selected_kinds(config)
+    unwanted = {f"{kind}_only" for kind in KINDS if kind not in kinds}
+    kept, deselected = [], []
+    for item in items:
+        (deselected if any(item.get_closest_marker(marker) for marker in unwanted) else kept).append(item)
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = kept

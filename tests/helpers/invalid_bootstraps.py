@@ -1,0 +1,139 @@
+"""Invalid bootstraps, each with the words a clear error must contain, and whether Envoy refuses it."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+from .bootstrap import Json, cluster, simple_proxy
+
+LUA_TYPE = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+
+
+@dataclass
+class Invalid:
+    id: str
+    # Either a mutation of a valid bootstrap dict, or the raw file text.
+    mutate: Callable[[Json], None] | None = None
+    text: str | None = None
+    # Each entry must appear in stderr (case-insensitive); "a|b" accepts either.
+    names: tuple[str, ...] = ()
+    envoy_refuses: bool = True
+    why: str = ""
+
+
+def _listener(config: Json) -> Json:
+    return config["static_resources"]["listeners"][0]
+
+
+def _hcm(config: Json) -> Json:
+    return _listener(config)["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def _route(config: Json) -> Json:
+    return _hcm(config)["route_config"]["virtual_hosts"][0]["routes"][0]
+
+
+def _set_port(value) -> Callable[[Json], None]:
+    def mutate(config: Json) -> None:
+        _listener(config)["address"]["socket_address"]["port_value"] = value
+
+    return mutate
+
+
+def _weights_zero(config: Json) -> None:
+    config["static_resources"]["clusters"].append(cluster("other", 1))
+    _route(config)["route"] = {
+        "weighted_clusters": {"clusters": [{"name": "upstream", "weight": 0}, {"name": "other", "weight": 0}]}
+    }
+
+
+def _duplicate_listener(config: Json) -> None:
+    second = copy.deepcopy(_listener(config))
+    second["address"]["socket_address"]["port_value"] += 1
+    config["static_resources"]["listeners"].append(second)
+
+
+def _lua_filter(config: Json) -> None:
+    _hcm(config)["http_filters"].insert(
+        0, {"name": "envoy.filters.http.lua", "typed_config": {"@type": LUA_TYPE, "default_source_code": {"inline_string": "function envoy_on_request(h) end"}}}
+    )
+
+
+def _mirror(config: Json) -> None:
+    _route(config)["route"]["request_mirror_policies"] = [{"cluster": "upstream"}]
+
+
+CASES = [
+    Invalid("unknown-field", lambda c: _listener(c).update(bogus_field=1), names=("bogus_field",)),
+    Invalid("wrong-type", _set_port("eighty"), names=("port_value",)),
+    Invalid("listener-without-address", lambda c: _listener(c).pop("address"), names=("address",)),
+    Invalid("port-out-of-range", _set_port(70000), names=("port_value",)),
+    Invalid(
+        "route-to-undefined-cluster",
+        lambda c: _route(c)["route"].update(cluster="nowhere"),
+        names=("nowhere", "cluster"),
+    ),
+    Invalid("weights-sum-to-zero", _weights_zero, names=("weight",)),
+    Invalid(
+        "bad-regex",
+        lambda c: _route(c).update(match={"safe_regex": {"regex": "^/(unclosed"}}),
+        names=("regex",),
+    ),
+    Invalid(
+        "duplicate-listener-names",
+        _duplicate_listener,
+        names=("http", "name|duplicate"),
+        envoy_refuses=False,
+        why="Envoy 1.40 keeps the first listener and silently ignores the second; meshctl refuses",
+    ),
+    Invalid("cluster-without-name", lambda c: c["static_resources"]["clusters"][0].pop("name"), names=("name",)),
+    Invalid(
+        "unknown-enum-value",
+        lambda c: c["static_resources"]["clusters"][0].update(lb_policy="NOT_A_POLICY"),
+        names=("lb_policy",),
+    ),
+    Invalid(
+        "virtual-host-without-domains",
+        lambda c: _hcm(c)["route_config"]["virtual_hosts"][0].update(domains=[]),
+        names=("domains",),
+    ),
+    Invalid(
+        "negative-duration",
+        lambda c: c["static_resources"]["clusters"][0].update(connect_timeout="-1s"),
+        names=("connect_timeout",),
+    ),
+    Invalid(
+        "duplicate-cluster-names",
+        lambda c: c["static_resources"]["clusters"].append(copy.deepcopy(c["static_resources"]["clusters"][0])),
+        names=("upstream", "name|duplicate"),
+    ),
+    Invalid(
+        "unknown-typed-config",
+        lambda c: _hcm(c)["http_filters"].insert(
+            0, {"name": "x.nothing", "typed_config": {"@type": "type.googleapis.com/x.does.not.Exist"}}
+        ),
+        names=("x.does.not.Exist|typed_config|@type",),
+    ),
+    Invalid(
+        "unsupported-http-filter",
+        _lua_filter,
+        names=("lua|http_filters",),
+        envoy_refuses=False,
+        why="Envoy runs Lua; meshctl has no Lua filter and must refuse rather than skip it",
+    ),
+    Invalid(
+        "unsupported-behaviour-field",
+        _mirror,
+        names=("request_mirror_policies",),
+        envoy_refuses=False,
+        why="traffic mirroring changes behaviour; meshctl must refuse rather than silently drop it",
+    ),
+    Invalid("empty-file", text="", names=("empty|static_resources|bootstrap",)),
+    Invalid("malformed-yaml", text="static_resources: {listeners: [\n  - name: x\n    address: {\n", names=("yaml",)),
+]
+
+
+def base_bootstrap(listener_port: int, upstream_port: int) -> Json:
+    return simple_proxy(listener_port, upstream_port)
