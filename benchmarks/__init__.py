@@ -1,0 +1,1 @@
+"""Load benchmarks of meshctl against direct, Envoy, HAProxy and nginx; run with `bash benchmarks/run.sh`."""
