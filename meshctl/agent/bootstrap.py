@@ -32,13 +32,7 @@ def load_bootstrap_file(path: str | Path) -> bytes:
         raise BootstrapError(
             f"{path}: not UTF-8 text: {error.reason} at byte {error.start}"
         ) from None
-    document = _parse_document(text, path)
-    if not isinstance(document, dict):
-        raise BootstrapError(
-            f"{path}: the top level must be a mapping of Bootstrap fields"
-            f" (admin, static_resources, ...), not {field_errors.describe_value(document)}"
-        )
-    return _serialize(Bootstrap, document, str(path))
+    return _serialize(Bootstrap, _parse_document(text, path), str(path))
 
 
 def bootstrap_from_dict(document: Mapping[str, Any]) -> bytes:
@@ -132,6 +126,13 @@ def _parse_yaml(text: str, path: Path) -> Any:
 
 
 def _serialize(message_type: type[Message], document: Any, source: str) -> bytes:
+    if not isinstance(document, Mapping):
+        # json_format would take a list as an empty message, so the top level is checked here.
+        raise BootstrapError(
+            f"{source}: the top level must be a mapping of {message_type.DESCRIPTOR.name}"
+            f" fields, not {field_errors.describe_value(document)}"
+        )
+    xds_types.import_types_named_in(document)
     message = message_type()
     try:
         json_format.ParseDict(document, message)

@@ -1,61 +1,72 @@
-"""Imports the Envoy API message types meshctl reads, so `typed_config` Any fields can resolve."""
+"""Finds Envoy API message types by type URL, importing their xds-protos modules on demand."""
 
 import importlib
+import pkgutil
+from typing import Any
 
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
-# json_format resolves an Any's "@type" only among message types already imported, so every
-# extension a bootstrap or xDS resource may name has to be imported before parsing.
-_MODULES = (
-    "envoy.config.bootstrap.v3.bootstrap_pb2",
-    "envoy.config.listener.v3.listener_pb2",
-    "envoy.config.route.v3.route_pb2",
-    "envoy.config.cluster.v3.cluster_pb2",
-    "envoy.config.endpoint.v3.endpoint_pb2",
-    "envoy.service.discovery.v3.discovery_pb2",
-    "envoy.extensions.filters.listener.http_inspector.v3.http_inspector_pb2",
-    "envoy.extensions.filters.listener.tls_inspector.v3.tls_inspector_pb2",
-    "envoy.extensions.filters.listener.original_dst.v3.original_dst_pb2",
-    "envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2",
-    "envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2",
-    "envoy.extensions.filters.network.rbac.v3.rbac_pb2",
-    "envoy.extensions.filters.http.router.v3.router_pb2",
-    "envoy.extensions.filters.http.fault.v3.fault_pb2",
-    "envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2",
-    "envoy.extensions.filters.http.rbac.v3.rbac_pb2",
-    "envoy.extensions.filters.http.cors.v3.cors_pb2",
-    "envoy.extensions.filters.http.health_check.v3.health_check_pb2",
-    "envoy.extensions.upstreams.http.v3.http_protocol_options_pb2",
-    "envoy.extensions.transport_sockets.tls.v3.tls_pb2",
-    "envoy.extensions.transport_sockets.tls.v3.secret_pb2",
-    "envoy.extensions.transport_sockets.raw_buffer.v3.raw_buffer_pb2",
-    "envoy.extensions.access_loggers.file.v3.file_pb2",
-    "envoy.extensions.access_loggers.stream.v3.stream_pb2",
-    "envoy.extensions.retry.host.previous_hosts.v3.previous_hosts_pb2",
-    "envoy.extensions.load_balancing_policies.round_robin.v3.round_robin_pb2",
-    "envoy.extensions.load_balancing_policies.least_request.v3.least_request_pb2",
-    "envoy.extensions.load_balancing_policies.random.v3.random_pb2",
-    "envoy.extensions.load_balancing_policies.ring_hash.v3.ring_hash_pb2",
-    "envoy.extensions.load_balancing_policies.maglev.v3.maglev_pb2",
-    "xds.type.v3.typed_struct_pb2",
-    "udpa.type.v1.typed_struct_pb2",
-)
-
-for _module in _MODULES:
-    importlib.import_module(_module)
+# Only these top-level packages (xds-protos' own) are ever imported because a config named them:
+# a type URL is user input, and importing arbitrary modules by name could run their code.
+_API_PACKAGES = frozenset({"envoy", "xds", "udpa", "validate"})
 
 
 def find_message_type(type_url: str) -> Descriptor | None:
-    """The descriptor for `type.googleapis.com/<full name>` (or a bare full name), if imported."""
+    """The descriptor for `type.googleapis.com/<full name>` (or a bare full name), or None."""
     full_name = type_url.rpartition("/")[2]
+    descriptor = _registered(full_name)
+    if descriptor is None and _import_package_of(full_name):
+        descriptor = _registered(full_name)
+    return descriptor
+
+
+def message_class(descriptor: Descriptor) -> type[Message]:
+    """The generated Python class for `descriptor`."""
+    return message_factory.GetMessageClass(descriptor)
+
+
+def import_types_named_in(document: Any) -> None:
+    """Import the message type of every "@type" in a parsed YAML/JSON document.
+
+    json_format resolves an Any's "@type" only among types already imported, so a document's
+    typed_config extensions must be imported before it is parsed. Unknown ones are left for the
+    parse to report, with their path.
+    """
+    if isinstance(document, dict):
+        type_url = document.get("@type")
+        if isinstance(type_url, str):
+            find_message_type(type_url)
+        for value in document.values():
+            import_types_named_in(value)
+    elif isinstance(document, list):
+        for item in document:
+            import_types_named_in(item)
+
+
+def _registered(full_name: str) -> Descriptor | None:
     try:
         return descriptor_pool.Default().FindMessageTypeByName(full_name)
     except KeyError:
         return None
 
 
-def message_class(descriptor: Descriptor) -> type[Message]:
-    """The generated Python class for `descriptor`."""
-    return message_factory.GetMessageClass(descriptor)
+def _import_package_of(full_name: str) -> bool:
+    # A message's proto package is a Python package of *_pb2 modules, but which module holds it
+    # is not in its name (DownstreamTlsContext lives in tls_pb2), so the whole package is
+    # imported. The longest importable prefix is the package; nested messages add components.
+    parts = full_name.split(".")
+    if parts[0] not in _API_PACKAGES or not all(part.isidentifier() for part in parts):
+        return False
+    for end in range(len(parts) - 1, 1, -1):
+        package_name = ".".join(parts[:end])
+        try:
+            package = importlib.import_module(package_name)
+        except ImportError:
+            continue
+        for module in pkgutil.iter_modules(getattr(package, "__path__", [])):
+            if module.name.endswith("_pb2"):
+                importlib.import_module(f"{package_name}.{module.name}")
+        return True
+    return False
