@@ -80,17 +80,27 @@ async fn route_request(context: &HttpContext, request: Request<Incoming>) -> Res
     };
     route.stats.requests_total.fetch_add(1, Relaxed);
     let started = Instant::now();
+    let mut cluster_response_mutation = None;
     let mut response = match &route.action {
         Action::DirectResponse(direct) => direct_response(direct),
         Action::Redirect(redirect) => redirect_response(redirect, route, context.scheme, &authority, &path_and_query, request.headers()),
         Action::Forward(forward) => {
             let targets = Targets { route_config: &route_config, vhost, route, grpc };
-            forward_request(context, forward, targets, request, authority, path_and_query).await
+            let (response, cluster_mutation) =
+                forward_request(context, forward, targets, request, authority, path_and_query).await;
+            cluster_response_mutation = cluster_mutation;
+            response
         }
     };
     route.stats.latency.record(started.elapsed());
-    if !matches!(route.action, Action::Forward(_)) {
-        apply_response_mutations(&[&route.response_headers, &vhost.response_headers, &route_config.response_headers], response.headers_mut());
+    // Like Envoy, response mutations apply to local replies (timeouts, 503s) as well.
+    let mut mutations: Vec<&HeaderMutation> = vec![&route.response_headers];
+    mutations.extend(cluster_response_mutation);
+    mutations.extend([&vhost.response_headers, &route_config.response_headers]);
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        for mutation in mutations {
+            mutation.apply(response.headers_mut());
+        }
     }
     response
 }
@@ -132,10 +142,15 @@ fn redirect_response(
             port = p;
         }
     }
+    let default_port = |scheme: &str| match scheme {
+        "http" => Some("80"),
+        "https" => Some("443"),
+        _ => None,
+    };
     let port = match redirect.port {
         Some(p) => Some(p.to_string()),
-        // A scheme change drops the port: the old scheme's port means nothing for the new one.
-        None if redirect.scheme.is_some() && final_scheme != original_scheme => None,
+        // On a scheme change the old scheme's default port is dropped; any other port is kept.
+        None if final_scheme != original_scheme && port.is_some() && port == default_port(original_scheme) => None,
         None => port.map(str::to_string),
     };
     let (path, query) = path_and_query.split_once('?').map_or((path_and_query, None), |(p, q)| (p, Some(q)));
@@ -194,34 +209,35 @@ struct Targets<'a> {
     grpc: bool,
 }
 
-async fn forward_request(
+/// Forward to the route's cluster. Also returns the chosen weighted cluster's response mutation.
+async fn forward_request<'a>(
     context: &HttpContext,
-    forward: &ForwardAction,
-    targets: Targets<'_>,
+    forward: &'a ForwardAction,
+    targets: Targets<'a>,
     mut request: Request<Incoming>,
     authority: String,
     path_and_query: String,
-) -> Response<ResponseBody> {
+) -> (Response<ResponseBody>, Option<&'a HeaderMutation>) {
     let Targets { route_config, vhost, route, grpc } = targets;
-    let (cluster_name, cluster_headers) = match &forward.clusters {
-        ClusterChoice::Single { name } => (name.as_str(), None),
+    let (cluster_name, request_mutation, response_mutation) = match &forward.clusters {
+        ClusterChoice::Single { name } => (name.as_str(), None, None),
         ClusterChoice::Weighted(weighted) => {
             let chosen = weighted.pick(fastrand::u64(..weighted.total()));
-            (chosen.name.as_str(), Some((&chosen.request_headers, &chosen.response_headers)))
+            (chosen.name.as_str(), Some(&chosen.request_headers), Some(&chosen.response_headers))
         }
     };
     let Some(cluster) = context.registry.cluster(cluster_name) else {
-        return local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("cluster {cluster_name:?} is not configured"), grpc);
+        return (local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("cluster {cluster_name:?} is not configured"), grpc), response_mutation);
     };
     let Some(endpoint) = cluster.pick_endpoint() else {
-        return local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("no healthy upstream in cluster {cluster_name:?}"), grpc);
+        return (local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("no healthy upstream in cluster {cluster_name:?}"), grpc), response_mutation);
     };
 
     let upgrade = requested_upgrade(request.headers())
         .filter(|u| context.settings.upgrades.contains(u) || forward.upgrades.contains(u));
     if upgrade.is_none() && request.headers().contains_key(header::UPGRADE) && request.version() == Version::HTTP_11 {
         if let Some(kind) = requested_upgrade(request.headers()) {
-            return local_reply(StatusCode::FORBIDDEN, &format!("upgrade to {kind:?} is not allowed on this route"), grpc);
+            return (local_reply(StatusCode::FORBIDDEN, &format!("upgrade to {kind:?} is not allowed on this route"), grpc), response_mutation);
         }
     }
     let downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
@@ -257,10 +273,9 @@ async fn forward_request(
     if !headers.contains_key("x-request-id") {
         headers.insert(HeaderName::from_static("x-request-id"), request_id());
     }
+    // Most specific first, as Envoy applies them: route, weighted cluster, virtual host, table.
     let mut mutations: Vec<&HeaderMutation> = vec![&route.request_headers];
-    if let Some((request_mutation, _)) = cluster_headers {
-        mutations.push(request_mutation);
-    }
+    mutations.extend(request_mutation);
     mutations.extend([&vhost.request_headers, &route_config.request_headers]);
     for mutation in mutations {
         mutation.apply(headers);
@@ -268,7 +283,7 @@ async fn forward_request(
     let http2 = cluster.config.protocol == UpstreamProtocol::Http2;
     let uri = match upstream_uri(&host, &path, http2) {
         Some(uri) => uri,
-        None => return local_reply(StatusCode::BAD_REQUEST, "invalid request target", grpc),
+        None => return (local_reply(StatusCode::BAD_REQUEST, "invalid request target", grpc), response_mutation),
     };
     if http2 {
         headers.remove(header::HOST);
@@ -276,7 +291,7 @@ async fn forward_request(
     } else {
         match HeaderValue::from_str(&host) {
             Ok(value) => headers.insert(header::HOST, value),
-            Err(_) => return local_reply(StatusCode::BAD_REQUEST, "invalid host", grpc),
+            Err(_) => return (local_reply(StatusCode::BAD_REQUEST, "invalid host", grpc), response_mutation),
         };
         *request.version_mut() = Version::HTTP_11;
     }
@@ -292,7 +307,7 @@ async fn forward_request(
             Ok(result) => result,
             Err(_) => {
                 cluster.stats.responses.record(504);
-                return local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", grpc);
+                return (local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", grpc), response_mutation);
             }
         },
         None => sent.await,
@@ -302,7 +317,7 @@ async fn forward_request(
         Err(error) => {
             cluster.stats.responses.record(503);
             let message = format!("upstream connect error or disconnect/reset before headers. reset reason: {error}");
-            return local_reply(StatusCode::SERVICE_UNAVAILABLE, &message, grpc);
+            return (local_reply(StatusCode::SERVICE_UNAVAILABLE, &message, grpc), response_mutation);
         }
     };
     cluster.stats.latency.record(started.elapsed());
@@ -313,24 +328,12 @@ async fn forward_request(
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             tokio::spawn(tunnel(downstream_upgrade, upstream_upgrade));
             let (parts, _) = response.into_parts();
-            return Response::from_parts(parts, ResponseBody::empty());
+            return (Response::from_parts(parts, ResponseBody::empty()), response_mutation);
         }
     }
     strip_hop_by_hop(response.headers_mut());
-    let mut response_mutations: Vec<&HeaderMutation> = vec![&route.response_headers];
-    if let Some((_, response_mutation)) = cluster_headers {
-        response_mutations.push(response_mutation);
-    }
-    response_mutations.extend([&vhost.response_headers, &route_config.response_headers]);
-    apply_response_mutations(&response_mutations, response.headers_mut());
     let (parts, body) = response.into_parts();
-    Response::from_parts(parts, ResponseBody::Upstream(body))
-}
-
-fn apply_response_mutations(mutations: &[&HeaderMutation], headers: &mut HeaderMap) {
-    for mutation in mutations {
-        mutation.apply(headers);
-    }
+    (Response::from_parts(parts, ResponseBody::Upstream(body)), response_mutation)
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
