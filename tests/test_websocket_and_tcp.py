@@ -63,32 +63,24 @@ def sniffing_bootstrap(port: int, http_port: int, line_port: int) -> dict:
     return bootstrap([mixed], [cluster("http", http_port), cluster("lines", line_port)])
 
 
-def read_line(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def test_server_speaks_first_and_http_share_a_port(dataplane, port, echo_a, line_upstream):
     dataplane(sniffing_bootstrap(port, echo_a.port, line_upstream.port))
 
     # Silent client: the sniffers time out, the default chain (tcp_proxy) takes over and the
     # upstream's greeting reaches us.
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as lines:
         started = time.monotonic()
-        assert read_line(sock) == b"HELLO lines\n"
+        assert lines.readline() == b"HELLO lines\n"
         waited = time.monotonic() - started
         assert waited < SNIFF_TIMEOUT + 2.0, f"greeting took {waited:.2f}s"
         for text in (b"first", b"second line", b"x" * 3000):
             sock.sendall(text + b"\n")
-            assert read_line(sock) == b"ECHO " + text + b"\n"
+            assert lines.readline() == b"ECHO " + text + b"\n"
 
     # HTTP/1.1 on the same port goes to the HTTP chain.
-    response = Http1Client(port).get("/via-http?k=v")
+    client = Http1Client(port)
+    response = client.get("/via-http?k=v")
+    client.close()
     assert response.status == 200
     assert (response.json()["name"], response.json()["path"]) == ("a", "/via-http")
 
@@ -101,7 +93,7 @@ def test_server_speaks_first_and_http_share_a_port(dataplane, port, echo_a, line
     assert json.loads(completed.stdout)["path"] == "/via-h2c"
 
     # A client that speaks first with a non-HTTP line is proxied as TCP right away.
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as lines:
         sock.sendall(b"not http at all\n")
-        assert read_line(sock) == b"HELLO lines\n"
-        assert read_line(sock) == b"ECHO not http at all\n"
+        assert lines.readline() == b"HELLO lines\n"
+        assert lines.readline() == b"ECHO not http at all\n"
