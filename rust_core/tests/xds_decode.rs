@@ -1,0 +1,282 @@
+//! The xDS decoder: valid resources become the model; refused ones name the resource and field.
+
+use envoy_types::pb::envoy::config::cluster::v3 as cluster;
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
+use envoy_types::pb::envoy::config::route::v3 as route;
+use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
+use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
+use http::{HeaderMap, Method};
+use meshctl_engine::http::routing::{select_route, select_virtual_host, RequestView};
+use meshctl_engine::model::route::{Action, ClusterChoice};
+use meshctl_engine::telemetry::metrics::Metrics;
+use meshctl_engine::xds;
+use prost::Message;
+
+fn forward_to(cluster_name: &str) -> Option<route::route::Action> {
+    Some(route::route::Action::Route(route::RouteAction {
+        cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(cluster_name.into())),
+        ..Default::default()
+    }))
+}
+
+fn prefix_route(prefix: &str, cluster_name: &str) -> route::Route {
+    route::Route {
+        r#match: Some(route::RouteMatch {
+            path_specifier: Some(route::route_match::PathSpecifier::Prefix(prefix.into())),
+            ..Default::default()
+        }),
+        action: forward_to(cluster_name),
+        ..Default::default()
+    }
+}
+
+fn vhost(name: &str, domains: &[&str], routes: Vec<route::Route>) -> route::VirtualHost {
+    route::VirtualHost { name: name.into(), domains: domains.iter().map(|d| d.to_string()).collect(), routes, ..Default::default() }
+}
+
+fn route_config(virtual_hosts: Vec<route::VirtualHost>) -> route::RouteConfiguration {
+    route::RouteConfiguration { name: "table".into(), virtual_hosts, ..Default::default() }
+}
+
+fn decode_routes(config: &route::RouteConfiguration) -> Result<meshctl_engine::model::RouteConfig, xds::ConfigError> {
+    xds::decode_route_configuration(&config.encode_to_vec(), &Metrics::default())
+}
+
+fn chosen_cluster(config: &meshctl_engine::model::RouteConfig, host: &str, path: &str, headers: &HeaderMap) -> Option<String> {
+    let vhost = select_virtual_host(config, host)?;
+    let view = RequestView { method: &Method::GET, path_and_query: path, authority: host, scheme: "http", headers };
+    match &select_route(vhost, &view)?.action {
+        Action::Forward(forward) => match &forward.clusters {
+            ClusterChoice::Single { name } => Some(name.clone()),
+            ClusterChoice::Weighted(_) => Some("weighted".into()),
+        },
+        _ => None,
+    }
+}
+
+#[test]
+fn virtual_hosts_are_chosen_exact_then_suffix_then_prefix_then_wildcard() {
+    let config = decode_routes(&route_config(vec![
+        vhost("exact", &["api.example.com", "api.example.com:8080"], vec![prefix_route("/", "exact")]),
+        vhost("suffix", &["*.example.com"], vec![prefix_route("/", "suffix")]),
+        vhost("longer-suffix", &["*.api.example.com"], vec![prefix_route("/", "longer-suffix")]),
+        vhost("prefix", &["api.*"], vec![prefix_route("/", "prefix")]),
+        vhost("any", &["*"], vec![prefix_route("/", "any")]),
+    ]))
+    .unwrap();
+    let none = HeaderMap::new();
+    assert_eq!(chosen_cluster(&config, "api.example.com", "/", &none).unwrap(), "exact");
+    assert_eq!(chosen_cluster(&config, "API.Example.com:8080", "/", &none).unwrap(), "exact");
+    assert_eq!(chosen_cluster(&config, "v1.api.example.com", "/", &none).unwrap(), "longer-suffix");
+    assert_eq!(chosen_cluster(&config, "www.example.com", "/", &none).unwrap(), "suffix");
+    assert_eq!(chosen_cluster(&config, "api.other.org", "/", &none).unwrap(), "prefix");
+    assert_eq!(chosen_cluster(&config, "example.com", "/", &none).unwrap(), "any");
+    // The host with a port matches only domains written with that port.
+    assert_eq!(chosen_cluster(&config, "www.example.com:9090", "/", &none).unwrap(), "any");
+}
+
+#[test]
+fn routes_match_in_order_on_path_headers_and_query() {
+    let mut by_header = prefix_route("/", "by-header");
+    by_header.r#match.as_mut().unwrap().headers = vec![route::HeaderMatcher {
+        name: "end-user".into(),
+        header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(matcher::StringMatcher {
+            match_pattern: Some(matcher::string_matcher::MatchPattern::Exact("jason".into())),
+            ignore_case: false,
+        })),
+        ..Default::default()
+    }];
+    let mut by_query = prefix_route("/", "by-query");
+    by_query.r#match.as_mut().unwrap().query_parameters =
+        vec![route::QueryParameterMatcher { name: "debug".into(), query_parameter_match_specifier: None }];
+    let exact = route::Route {
+        r#match: Some(route::RouteMatch {
+            path_specifier: Some(route::route_match::PathSpecifier::Path("/exact".into())),
+            ..Default::default()
+        }),
+        action: forward_to("exact"),
+        ..Default::default()
+    };
+    let regex = route::Route {
+        r#match: Some(route::RouteMatch {
+            path_specifier: Some(route::route_match::PathSpecifier::SafeRegex(matcher::RegexMatcher {
+                regex: "/items/[0-9]+".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }),
+        action: forward_to("regex"),
+        ..Default::default()
+    };
+    let config = decode_routes(&route_config(vec![vhost(
+        "all",
+        &["*"],
+        vec![exact, regex, by_header, by_query, prefix_route("/", "default")],
+    )]))
+    .unwrap();
+    let mut jason = HeaderMap::new();
+    jason.insert("end-user", "jason".parse().unwrap());
+    let none = HeaderMap::new();
+    assert_eq!(chosen_cluster(&config, "h", "/exact", &none).unwrap(), "exact");
+    assert_eq!(chosen_cluster(&config, "h", "/exact/more", &none).unwrap(), "default");
+    assert_eq!(chosen_cluster(&config, "h", "/items/42", &none).unwrap(), "regex");
+    // Regexes must match the whole path.
+    assert_eq!(chosen_cluster(&config, "h", "/items/42/x", &none).unwrap(), "default");
+    assert_eq!(chosen_cluster(&config, "h", "/anything", &jason).unwrap(), "by-header");
+    assert_eq!(chosen_cluster(&config, "h", "/anything?debug=1", &none).unwrap(), "by-query");
+    assert_eq!(chosen_cluster(&config, "h", "/anything?nodebug=1", &none).unwrap(), "default");
+}
+
+fn assert_refused(result: Result<impl std::fmt::Debug, xds::ConfigError>, resource: &str, field: &str, reason_part: &str) {
+    let error = result.expect_err("the resource should have been refused");
+    assert_eq!(error.resource, resource, "{error}");
+    assert_eq!(error.field, field, "{error}");
+    assert!(error.reason.contains(reason_part), "{error}");
+}
+
+#[test]
+fn weights_summing_to_zero_are_refused() {
+    let mut r = prefix_route("/", "unused");
+    r.action = Some(route::route::Action::Route(route::RouteAction {
+        cluster_specifier: Some(route::route_action::ClusterSpecifier::WeightedClusters(route::WeightedCluster {
+            clusters: vec![route::weighted_cluster::ClusterWeight {
+                name: "a".into(),
+                weight: Some(UInt32Value { value: 0 }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })),
+        ..Default::default()
+    }));
+    assert_refused(
+        decode_routes(&route_config(vec![vhost("v", &["*"], vec![r])])),
+        "RouteConfiguration \"table\"",
+        "virtual_hosts[0].routes[0].route.weighted_clusters.clusters",
+        "sum to 0",
+    );
+}
+
+#[test]
+fn an_invalid_regex_is_refused_with_its_field() {
+    let r = route::Route {
+        r#match: Some(route::RouteMatch {
+            path_specifier: Some(route::route_match::PathSpecifier::SafeRegex(matcher::RegexMatcher {
+                regex: "/(unclosed".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }),
+        action: forward_to("c"),
+        ..Default::default()
+    };
+    assert_refused(
+        decode_routes(&route_config(vec![vhost("v", &["*"], vec![r])])),
+        "RouteConfiguration \"table\"",
+        "virtual_hosts[0].routes[0].match.safe_regex.regex",
+        "invalid regex",
+    );
+}
+
+#[test]
+fn unsupported_behaviour_is_refused_not_dropped() {
+    let mut r = prefix_route("/", "c");
+    if let Some(route::route::Action::Route(action)) = &mut r.action {
+        action.retry_policy = Some(route::RetryPolicy { retry_on: "5xx".into(), ..Default::default() });
+    }
+    assert_refused(
+        decode_routes(&route_config(vec![vhost("v", &["*"], vec![r])])),
+        "RouteConfiguration \"table\"",
+        "virtual_hosts[0].routes[0].route.retry_policy",
+        "not supported",
+    );
+}
+
+#[test]
+fn a_domain_listed_twice_is_refused() {
+    assert_refused(
+        decode_routes(&route_config(vec![
+            vhost("one", &["a.example.com"], vec![prefix_route("/", "c")]),
+            vhost("two", &["a.example.com"], vec![prefix_route("/", "c")]),
+        ])),
+        "RouteConfiguration \"table\"",
+        "virtual_hosts[1].domains[0]",
+        "two virtual hosts",
+    );
+}
+
+fn static_cluster(name: &str, port: u32) -> cluster::Cluster {
+    cluster::Cluster {
+        name: name.into(),
+        load_assignment: Some(endpoint::ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![endpoint::LocalityLbEndpoints {
+                lb_endpoints: vec![endpoint::LbEndpoint {
+                    host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(endpoint::Endpoint {
+                        address: Some(core::Address {
+                            address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                                address: "127.0.0.1".into(),
+                                port_specifier: Some(core::socket_address::PortSpecifier::PortValue(port)),
+                                ..Default::default()
+                            })),
+                        }),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn clusters_decode_and_bad_ports_are_refused() {
+    let decoded = xds::decode_cluster(&static_cluster("web", 8080).encode_to_vec()).unwrap();
+    assert_eq!(decoded.name, "web");
+    assert_eq!(decoded.connect_timeout, std::time::Duration::from_secs(5));
+    assert_refused(
+        xds::decode_cluster(&static_cluster("web", 70000).encode_to_vec()),
+        "Cluster \"web\"",
+        "load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value",
+        "70000 is not a port",
+    );
+}
+
+#[test]
+fn unsupported_load_balancers_and_health_checks_are_refused() {
+    let mut ring_hash = static_cluster("web", 8080);
+    ring_hash.lb_policy = cluster::cluster::LbPolicy::RingHash as i32;
+    assert_refused(xds::decode_cluster(&ring_hash.encode_to_vec()), "Cluster \"web\"", "lb_policy", "RING_HASH");
+    let mut checked = static_cluster("web", 8080);
+    checked.health_checks = vec![Default::default()];
+    assert_refused(xds::decode_cluster(&checked.encode_to_vec()), "Cluster \"web\"", "health_checks", "not supported");
+}
+
+#[test]
+fn endpoint_assignments_skip_unhealthy_hosts_and_refuse_priorities() {
+    let mut assignment = static_cluster("web", 8080).load_assignment.unwrap();
+    let mut unhealthy = assignment.endpoints[0].lb_endpoints[0].clone();
+    unhealthy.health_status = core::HealthStatus::Unhealthy as i32;
+    assignment.endpoints[0].lb_endpoints.push(unhealthy);
+    let decoded = xds::decode_cluster_load_assignment(&assignment.encode_to_vec()).unwrap();
+    assert_eq!(decoded.endpoints.len(), 1);
+    assignment.endpoints[0].priority = 1;
+    assert_refused(
+        xds::decode_cluster_load_assignment(&assignment.encode_to_vec()),
+        "ClusterLoadAssignment \"web\"",
+        "endpoints[0].priority",
+        "not supported",
+    );
+}
+
+#[test]
+fn case_insensitive_prefixes_match_any_case() {
+    let mut r = prefix_route("/API", "api");
+    r.r#match.as_mut().unwrap().case_sensitive = Some(BoolValue { value: false });
+    let config = decode_routes(&route_config(vec![vhost("v", &["*"], vec![r])])).unwrap();
+    assert_eq!(chosen_cluster(&config, "h", "/api/x", &HeaderMap::new()).unwrap(), "api");
+    assert_eq!(chosen_cluster(&config, "h", "/Api", &HeaderMap::new()).unwrap(), "api");
+}
