@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks import loadgen, peers
 from benchmarks.rounds import Scenario, Settings, record_unavailable, run_round
-from benchmarks.store import Store
+from benchmarks.store import RESULTS, Store
 
 # These tests saturate the machine for minutes, so a plain `pytest` (CI) must not collect them;
 # benchmarks/run.sh sets MESHCTL_BENCH=1.
@@ -35,7 +35,12 @@ def _version(command: list[str]) -> str:
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"unknown ({error})"
     lines = (result.stdout + result.stderr).strip().splitlines()
-    return lines[0][:120] if lines else "unknown"
+    if not lines:
+        return "unknown"
+    # Envoy prints its binary's path first, whose python3.11 directory would pass for a version.
+    after_label = lines[0].split("version:", 1)[-1]
+    found = re.search(r"\d+\.\d+(\.\d+)?", after_label)
+    return found.group(0) if found else lines[0][:80]
 
 
 def _machine() -> dict:
@@ -49,7 +54,10 @@ def _machine() -> dict:
 
 @pytest.fixture(scope="session")
 def settings() -> Settings:
-    rundir = Path(tempfile.mkdtemp(prefix="meshctl-bench-"))
+    # Peers' logs and pid files from the last run only, beside the results (both gitignored).
+    rundir = RESULTS / "run"
+    shutil.rmtree(rundir, ignore_errors=True)
+    rundir.mkdir(parents=True)
     return Settings(
         rounds=int(_env_number("BENCH_ROUNDS", 3)),
         seconds=_env_number("BENCH_SECONDS", 10),

@@ -82,8 +82,11 @@ class RunningPeer:
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM the root PID, then SIGKILL whatever of its tree is left after `grace` seconds."""
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the root PID, then SIGKILL whatever of its tree is left after `grace` seconds.
+
+        The grace outlasts meshctl's default 5 s drain, so a clean shutdown is never cut short.
+        """
         if self._process is None or self._process.poll() is not None:
             return
         tree = procfs.process_tree(self._process.pid)
