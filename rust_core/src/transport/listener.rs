@@ -15,7 +15,7 @@ use tokio::sync::{watch, Notify};
 use super::chain::{select_chain, ConnectionFacts};
 use super::detect::{classify, Detection};
 use super::prefixed::PrefixedStream;
-use super::tcp_proxy::proxy_tcp;
+use super::tcp_proxy::{proxy_tcp, proxy_tcp_plain};
 use crate::http::proxy::HttpContext;
 use crate::http::server::serve_http;
 use crate::model::listener::HttpCodec;
@@ -189,6 +189,10 @@ async fn handle_connection(
         destination_port: local.port(),
     };
     let Some(chain) = select_chain(config, &facts) else { return };
+    if let NetworkHandler::TcpProxy(proxy) = &chain.handler {
+        proxy_tcp_plain(proxy, &deps.registry, stream).await;
+        return;
+    }
     let http2 = detection == Detection::Http2;
     dispatch(chain, stream, http2, "http", peer, deps, stats, drain).await;
 }

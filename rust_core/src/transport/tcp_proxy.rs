@@ -1,39 +1,60 @@
-//! Opaque TCP forwarding to a cluster endpoint (the downstream stream replays detection bytes).
+//! Opaque TCP forwarding to a cluster endpoint: splice(2) between plain sockets, so the bytes
+//! never enter user space; a buffered copy where one side is TLS.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::prefixed::PrefixedStream;
 use crate::model::TcpProxyConfig;
 use crate::registry::Registry;
 
+async fn connect_upstream(config: &TcpProxyConfig, registry: &Registry) -> Option<(TcpStream, impl Drop)> {
+    let cluster = registry.cluster(&config.cluster)?;
+    let endpoint = cluster.pick_endpoint()?;
+    let active = endpoint.start_request();
+    cluster.stats.connections_total.fetch_add(1, Relaxed);
+    match tokio::time::timeout(cluster.config.connect_timeout, TcpStream::connect(endpoint.address)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Some((stream, active))
+        }
+        _ => {
+            cluster.stats.connect_failures.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
+/// Bound a proxied connection's lifetime by the proxy's idle timeout (a coarse stand-in until
+/// per-read idle timers land).
+async fn bounded<F: std::future::Future>(config: &TcpProxyConfig, copy: F) {
+    match config.idle_timeout {
+        Some(limit) => {
+            let _ = tokio::time::timeout(limit, copy).await;
+        }
+        None => {
+            copy.await;
+        }
+    }
+}
+
+/// A plaintext connection: replay the detection bytes, then splice both directions.
+pub async fn proxy_tcp_plain(config: &TcpProxyConfig, registry: &Registry, downstream: PrefixedStream<TcpStream>) {
+    let Some((mut upstream, _active)) = connect_upstream(config, registry).await else { return };
+    let (prefix, mut downstream) = downstream.into_parts();
+    if !prefix.is_empty() && upstream.write_all(&prefix).await.is_err() {
+        return;
+    }
+    bounded(config, tokio_splice2::copy_bidirectional(&mut downstream, &mut upstream)).await;
+}
+
+/// Any other stream (e.g. TLS terminated here): a buffered bidirectional copy.
 pub async fn proxy_tcp<S>(config: &TcpProxyConfig, registry: &Registry, mut downstream: S)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(cluster) = registry.cluster(&config.cluster) else { return };
-    let Some(endpoint) = cluster.pick_endpoint() else { return };
-    let _active = endpoint.start_request();
-    cluster.stats.connections_total.fetch_add(1, Relaxed);
-    let connect = tokio::time::timeout(cluster.config.connect_timeout, TcpStream::connect(endpoint.address)).await;
-    let mut upstream = match connect {
-        Ok(Ok(stream)) => stream,
-        _ => {
-            cluster.stats.connect_failures.fetch_add(1, Relaxed);
-            return;
-        }
-    };
-    let _ = upstream.set_nodelay(true);
-    let copy = tokio::io::copy_bidirectional(&mut downstream, &mut upstream);
-    match config.idle_timeout {
-        // The whole-connection bound stands in for an idle timer until per-read timers land.
-        Some(limit) => {
-            let _ = tokio::time::timeout(limit.max(Duration::from_secs(1)), copy).await;
-        }
-        None => {
-            let _ = copy.await;
-        }
-    }
+    let Some((mut upstream, _active)) = connect_upstream(config, registry).await else { return };
+    bounded(config, tokio::io::copy_bidirectional(&mut downstream, &mut upstream)).await;
 }
