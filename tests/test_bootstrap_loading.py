@@ -108,7 +108,8 @@ def test_equal_configs_give_equal_bytes_whatever_the_map_order():
     [
         ("empty.yaml", "", ["the file is empty"]),
         ("blank.yaml", "  \n\n", ["the file is empty"]),
-        ("comments.yaml", "# nothing here\n", ["no YAML document"]),
+        ("comments.yaml", "# nothing here\n", ["no YAML content"]),
+        ("null.json", "null", ["top level must be a mapping of Bootstrap fields, not null"]),
         (
             "broken.yaml",
             "static_resources:\n  listeners: [\n    - name: x\n",

@@ -56,10 +56,7 @@ def _parse_document(text: str, path: Path) -> Any:
     as_json = path.suffix == ".json" or (
         path.suffix not in (".yaml", ".yml") and text.lstrip().startswith("{")
     )
-    document = _parse_json(text, path) if as_json else _parse_yaml(text, path)
-    if document is None:
-        raise BootstrapError(f"{path}: the file has no YAML document, only comments")
-    return document
+    return _parse_json(text, path) if as_json else _parse_yaml(text, path)
 
 
 def _parse_json(text: str, path: Path) -> Any:
@@ -114,7 +111,7 @@ class _StrictYamlLoader(yaml.SafeLoader):
 
 def _parse_yaml(text: str, path: Path) -> Any:
     try:
-        return yaml.load(text, Loader=_StrictYamlLoader)  # a SafeLoader: plain data only
+        document = yaml.load(text, Loader=_StrictYamlLoader)  # a SafeLoader: plain data only
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -123,6 +120,9 @@ def _parse_yaml(text: str, path: Path) -> Any:
         raise BootstrapError(f"{path}: {where}invalid YAML: {problem}{context}") from None
     except yaml.YAMLError as error:
         raise BootstrapError(f"{path}: invalid YAML: {error}") from None
+    if document is None:
+        raise BootstrapError(f"{path}: the file has no YAML content, only comments or null")
+    return document
 
 
 def _serialize(message_type: type[Message], document: Any, source: str) -> bytes:

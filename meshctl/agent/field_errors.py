@@ -48,11 +48,11 @@ def _locate(descriptor: Descriptor, document: Any, path: str, error: Exception) 
     # json_format's own messages lose list indices and oneof member names along the way, so the
     # failing field is found again by parsing ever smaller pieces of the document.
     if descriptor.full_name == "google.protobuf.Any" and isinstance(document, dict):
-        return _locate_any(document, path)
+        return _locate_any(document, path, error)
     if descriptor.full_name in _WRAPPER_TYPES:
         return path, _scalar_reason(descriptor.fields_by_name["value"], document, error)
     if descriptor.full_name.startswith("google.protobuf."):
-        # Well-known types (Duration, wrappers, Struct) have their own JSON forms: a leaf here.
+        # Other well-known types (Duration, Timestamp, Struct) have their own JSON forms: leaves.
         return path, _innermost(error)
     if not isinstance(document, dict):
         return (
@@ -108,7 +108,7 @@ def _locate_scalar_or_message(
     return path, _scalar_reason(field, value, error)
 
 
-def _locate_any(document: dict[str, Any], path: str) -> tuple[str, str]:
+def _locate_any(document: dict[str, Any], path: str, error: Exception) -> tuple[str, str]:
     type_url = document.get("@type")
     if not type_url:
         return path, 'missing "@type" (the type URL of the message it holds)'
@@ -118,7 +118,7 @@ def _locate_any(document: dict[str, Any], path: str) -> tuple[str, str]:
     body = {key: value for key, value in document.items() if key != "@type"}
     body_error = _parse_error(descriptor, body)
     if body_error is None:
-        return path, "cannot be parsed"
+        return path, _innermost(error)
     return _locate(descriptor, body, path, body_error)
 
 

@@ -53,7 +53,11 @@ def run(
         _refuse(str(error))
     # Imported here, not at the top: commands that don't run the data plane (and --help) then
     # work without loading the engine.
-    from meshctl import _core
+    try:
+        from meshctl import _core
+    except ImportError as error:
+        typer.echo(f"meshctl run: the engine is not built ({error}); run `pip install .`", err=True)
+        raise typer.Exit(1) from None
 
     try:
         engine = _core.Engine(config, worker_threads=workers)
