@@ -57,9 +57,9 @@ async def _run_application(command: Sequence[str], signals: AsyncIterator[int]) 
         return COMMAND_NOT_EXECUTABLE
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_forward_sigterm, signals, process)
-        await process.wait()
+        returncode = await process.wait()
         nursery.cancel_scope.cancel()
-    return exit_status(process.returncode)
+    return exit_status(returncode)
 
 
 async def _forward_sigterm(signals: AsyncIterator[int], process: trio.Process) -> None:
