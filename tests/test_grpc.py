@@ -114,3 +114,19 @@ def test_deadline_exceeded(channel):
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # The channel stays usable after a deadline.
     assert rpc(channel, "unary", "Unary")(b"after", timeout=10) == b"g|after"
+
+
+def test_many_concurrent_calls_share_one_connection(channel):
+    # 64 unary calls in flight at once on one HTTP/2 connection: each gets its own answer.
+    from concurrent.futures import ThreadPoolExecutor
+
+    unary = rpc(channel, "unary", "Unary")
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda index: unary(b"call-%d" % index, timeout=10), range(64)))
+    assert answers == [b"g|call-%d" % index for index in range(64)]
+
+
+def test_large_messages_both_ways(channel):
+    # 1 MiB each way crosses many HTTP/2 frames and flow-control windows.
+    blob = bytes(range(256)) * 4096
+    assert rpc(channel, "unary", "Unary")(blob, timeout=10) == b"g|" + blob
