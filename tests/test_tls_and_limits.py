@@ -195,3 +195,23 @@ def test_admin_endpoints(meshctl_dataplane, echo_a, port):
     parsed = json.loads(dump)
     assert parsed["listeners"][0]["config"]["name"] == "http"
     assert parsed["clusters"][0]["endpoints"][0]["address"] == f"127.0.0.1:{echo_a.port}"
+
+
+def test_idle_keep_alive_connections_are_closed(dataplane, echo_a, port):
+    config = b.simple_proxy(port, echo_a.port)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["common_http_protocol_options"] = {"idle_timeout": "1s"}
+    dataplane(config)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /once HTTP/1.1\r\nhost: x\r\n\r\n")
+        received = b""
+        while b'"name": "a"' not in received:
+            chunk = sock.recv(65536)
+            assert chunk, "closed before the response"
+            received += chunk
+        started = time.monotonic()
+        while sock.recv(65536):
+            pass
+        elapsed = time.monotonic() - started
+    # Envoy closes ~1 s idle + its 5 s drain_timeout later; meshctl closes right at the idle timeout.
+    assert 0.5 < elapsed < 10, f"idle connection closed after {elapsed:.1f}s"

@@ -1,6 +1,7 @@
 //! Serving one downstream connection as HTTP/1.1 or HTTP/2 with hyper, with graceful shutdown.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -9,16 +10,20 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use super::proxy::{handle, HttpContext};
+use crate::transport::activity::{ActivityStream, LastActivity};
 
-/// Serve until the connection ends. When `drain` flips to true, HTTP/1.1 finishes the request in
-/// flight and answers it with `Connection: close`; HTTP/2 sends GOAWAY and finishes open streams.
+/// Serve until the connection ends. When `drain` flips to true, or no byte has moved for the idle
+/// timeout, HTTP/1.1 finishes the request in flight and answers it with `Connection: close`;
+/// HTTP/2 sends GOAWAY and finishes open streams.
 pub async fn serve_http<I>(io: I, http2: bool, context: Arc<HttpContext>, mut drain: watch::Receiver<bool>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = context.settings.limits.clone();
     let service = service_fn(move |request| handle(context.clone(), request));
-    let io = TokioIo::new(io);
+    let activity = LastActivity::new();
+    let io = TokioIo::new(ActivityStream::new(io, activity.clone()));
+    let idle = Idle { activity, limit: limits.idle_timeout };
     if http2 {
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
@@ -30,7 +35,7 @@ where
             .max_send_buf_size(1024 * 1024);
         let connection = builder.serve_connection(io, service);
         tokio::pin!(connection);
-        run_until_drained(connection.as_mut(), &mut drain, |c| c.graceful_shutdown()).await;
+        run_until_drained(connection.as_mut(), &mut drain, &idle, |c| c.graceful_shutdown()).await;
     } else {
         let mut builder = http1::Builder::new();
         builder
@@ -41,23 +46,40 @@ where
             .max_headers(limits.max_headers_count as usize);
         let connection = builder.serve_connection(io, service).with_upgrades();
         tokio::pin!(connection);
-        run_until_drained(connection.as_mut(), &mut drain, |c| c.graceful_shutdown()).await;
+        run_until_drained(connection.as_mut(), &mut drain, &idle, |c| c.graceful_shutdown()).await;
     }
 }
 
-async fn run_until_drained<C, F>(mut connection: std::pin::Pin<&mut C>, drain: &mut watch::Receiver<bool>, shutdown: F)
+struct Idle {
+    activity: Arc<LastActivity>,
+    limit: Option<Duration>,
+}
+
+impl Idle {
+    /// Resolves once no byte has moved for the limit (never, without a limit).
+    async fn expired(&self) {
+        let Some(limit) = self.limit else { return std::future::pending().await };
+        loop {
+            let deadline = self.activity.idle_deadline(limit);
+            if deadline <= tokio::time::Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+async fn run_until_drained<C, F>(mut connection: std::pin::Pin<&mut C>, drain: &mut watch::Receiver<bool>, idle: &Idle, shutdown: F)
 where
     C: std::future::Future,
     F: FnOnce(std::pin::Pin<&mut C>),
 {
-    if *drain.borrow() {
-        shutdown(connection.as_mut());
-        connection.await;
-        return;
-    }
-    tokio::select! {
-        _ = connection.as_mut() => return,
-        _ = drain.wait_for(|draining| *draining) => {}
+    if !*drain.borrow() {
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            _ = drain.wait_for(|draining| *draining) => {}
+            _ = idle.expired() => {}
+        }
     }
     shutdown(connection.as_mut());
     connection.await;
