@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::admin::{self, AdminSource};
 use crate::model::{ClusterConfig, EndpointConfig, EndpointSource, ListenerConfig};
 use crate::registry::Registry;
+use crate::runtime::EngineRuntime;
 use crate::telemetry::metrics::Metrics;
 use crate::transport::listener::{self, ListenerDeps, ListenerHandle};
 use crate::upstream::ClusterRuntime;
@@ -39,7 +40,7 @@ pub enum StartError {
 }
 
 pub struct Engine {
-    runtime: Option<tokio::runtime::Runtime>,
+    runtime: Option<EngineRuntime>,
     state: Arc<EngineState>,
     admin_address: Option<SocketAddr>,
     stop_admin: watch::Sender<bool>,
@@ -71,12 +72,7 @@ impl Engine {
         for l in &config.listeners {
             sockets.push(listener::bind(l.address).map_err(io_error(format!("listener {:?} on {}", l.name, l.address)))?);
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(options.worker_threads.max(1))
-            .thread_name("meshctl-engine")
-            .enable_all()
-            .build()
-            .map_err(io_error("starting the runtime".into()))?;
+        let runtime = EngineRuntime::start(options.worker_threads).map_err(io_error("starting the runtime".into()))?;
         let registry = Arc::new(Registry::default());
         let state = Arc::new(EngineState {
             deps: Arc::new(ListenerDeps { registry: registry.clone(), metrics: metrics.clone() }),
@@ -93,7 +89,7 @@ impl Engine {
             .map(|c| (c.name.clone(), state.new_cluster_runtime(c)))
             .collect();
         state.registry.clusters.store(Arc::new(clusters));
-        let _entered = runtime.enter();
+        let _entered = runtime.handle().enter();
         {
             let mut listeners = state.listeners.lock().unwrap();
             for (l, socket) in config.listeners.into_iter().zip(sockets) {
@@ -112,7 +108,7 @@ impl Engine {
             None => None,
         };
         let reaper_state = Arc::downgrade(&state);
-        runtime.spawn(async move {
+        runtime.handle().spawn(async move {
             // Close idle upstream connections past their cluster's idle timeout.
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
@@ -131,7 +127,7 @@ impl Engine {
         let Some(runtime) = &self.runtime else {
             return Err(ConfigError::new("Engine", "", "the engine has stopped"));
         };
-        let _entered = runtime.enter();
+        let _entered = runtime.handle().enter();
         let result = self.state.apply(type_url, resources);
         let kind = type_url.rsplit('.').next().unwrap_or(type_url);
         match &result {
@@ -172,7 +168,7 @@ impl Engine {
                 h.connections.clone()
             }).collect()
         };
-        runtime.block_on(async {
+        runtime.handle().block_on(async {
             let all_idle = futures_util::future::join_all(trackers.iter().map(|t| t.wait_idle()));
             let _ = tokio::time::timeout(timeout, all_idle).await;
         });
@@ -185,7 +181,7 @@ impl Engine {
             handle.drain();
         }
         if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_timeout(Duration::from_millis(100));
+            runtime.shutdown();
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod engine;
 pub mod http;
 pub mod model;
 pub mod registry;
+pub mod runtime;
 pub mod telemetry;
 pub mod transport;
 pub mod upstream;

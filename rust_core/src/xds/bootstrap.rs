@@ -25,10 +25,10 @@ pub fn decode_bootstrap(bytes: &[u8], metrics: &Metrics) -> Result<BootstrapConf
         .map_err(|e| ConfigError::new("Bootstrap", "", format!("not a valid protobuf: {e}")))?;
     let config = bootstrap_config(&message, metrics).map_err(|e| e.into_config_error("Bootstrap"))?;
     let names: HashSet<&str> = config.clusters.iter().map(|c| c.name.as_str()).collect();
-    for listener in &config.listeners {
+    for (i, listener) in config.listeners.iter().enumerate() {
         check_cluster_references(listener, &|name| names.contains(name)).map_err(|e| ConfigError {
             resource: "Bootstrap".into(),
-            field: format!("static_resources.listeners[{:?}].{}", listener.name, e.field),
+            field: format!("static_resources.listeners[{i}].{}", e.field),
             reason: e.reason,
         })?;
     }
