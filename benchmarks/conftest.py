@@ -31,7 +31,7 @@ def _version(command: list[str]) -> str:
     if not shutil.which(command[0]) and not Path(command[0]).is_file():
         return "not installed"
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"unknown ({error})"
     lines = (result.stdout + result.stderr).strip().splitlines()
@@ -43,10 +43,36 @@ def _version(command: list[str]) -> str:
     return found.group(0) if found else lines[0][:80]
 
 
+def _commit() -> str:
+    """The repository's HEAD, marked dirty when the work tree differs: meshctl changes fast."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}{' (dirty)' if dirty else ''}"
+
+
 def _machine() -> dict:
     model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
         "unknown",
     )
     return {"cores": os.cpu_count(), "cpu": model, "kernel": platform.release()}
@@ -79,6 +105,7 @@ def store(settings: Settings, availability: dict) -> Store:
         "command": os.environ.get("BENCH_COMMAND", "pytest benchmarks/"),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": _machine(),
+        "commit": _commit(),
         "load_average_at_start": os.getloadavg(),
         "settings": {
             "rounds": settings.rounds,
@@ -99,7 +126,9 @@ def store(settings: Settings, availability: dict) -> Store:
     }
     result_store = Store(meta=meta)
     yield result_store
-    result_store.update_meta(finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"), load_average_at_end=os.getloadavg())
+    result_store.update_meta(
+        finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"), load_average_at_end=os.getloadavg()
+    )
 
 
 @pytest.fixture(scope="session")
@@ -123,20 +152,33 @@ class Bench:
         """Alternate the scenario's peers for `rounds` rounds; pytest-benchmark times each round."""
         self.store.describe(scenario.name, title=scenario.title, notes=scenario.notes)
         if loadgen.find_tool(scenario.tool) is None:
-            record_unavailable(scenario, self.store, self.availability, f"`{scenario.tool}` not installed")
+            record_unavailable(
+                scenario, self.store, self.availability, f"`{scenario.tool}` not installed"
+            )
             pytest.skip(f"{scenario.tool} not installed")
         record_unavailable(scenario, self.store, self.availability)
         print(f"\n{scenario.title}: {self.settings.rounds} rounds", flush=True)
         round_numbers = iter(range(1, self.settings.rounds + 1))
 
         def one_round() -> None:
-            run_round(scenario, self.settings, self.store, next(round_numbers), self.availability, self.upstream)
+            run_round(
+                scenario,
+                self.settings,
+                self.store,
+                next(round_numbers),
+                self.availability,
+                self.upstream,
+            )
 
         benchmark.pedantic(one_round, rounds=self.settings.rounds, iterations=1, warmup_rounds=0)
         samples = self.store.samples(scenario.name)
         benchmark.extra_info["scenario"] = scenario.title
         benchmark.extra_info["samples"] = samples
-        failed = [f"{s['peer']} round {s['round']}: {s['reason']}" for s in samples if s["status"] == "failed"]
+        failed = [
+            f"{s['peer']} round {s['round']}: {s['reason']}"
+            for s in samples
+            if s["status"] == "failed"
+        ]
         assert not failed, "peers failed under load:\n" + "\n".join(failed)
 
 

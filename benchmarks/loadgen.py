@@ -49,11 +49,19 @@ def find_tool(name: str) -> str | None:
 
 def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
     try:
-        result = subprocess.run(pinned(LOADGEN_CPU, command), capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            pinned(LOADGEN_CPU, command),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired as error:
         raise LoadFailed(f"{command[0]} did not finish within {timeout:.0f}s") from error
     if result.returncode != 0:
-        raise LoadFailed(f"{' '.join(command)} exited {result.returncode}: {result.stderr.strip()[-400:]}")
+        raise LoadFailed(
+            f"{' '.join(command)} exited {result.returncode}: {result.stderr.strip()[-400:]}"
+        )
     return result
 
 
@@ -68,10 +76,20 @@ def _number(pattern: str, text: str, default: float | None = None) -> float:
 
 def wrk(url: str, *, connections: int = 64, threads: int = 1, seconds: float = 10) -> LoadResult:
     """Closed-loop HTTP/1.1 keep-alive throughput."""
-    command = [find_tool("wrk") or "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", url]
+    command = [
+        find_tool("wrk") or "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{seconds:g}s",
+        url,
+    ]
     out = _run(command, timeout=seconds + 30).stdout
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    kinds = dict(zip(("connect", "read", "write", "timeout"), map(int, errors.groups()))) if errors else {}
+    kinds = (
+        dict(zip(("connect", "read", "write", "timeout"), map(int, errors.groups())))
+        if errors
+        else {}
+    )
     return LoadResult(
         tool="wrk",
         command=" ".join(command),
@@ -87,7 +105,15 @@ def wrk(url: str, *, connections: int = 64, threads: int = 1, seconds: float = 1
 
 def h2load(url: str, *, clients: int = 16, streams: int = 10, seconds: float = 10) -> LoadResult:
     """Closed-loop HTTP/2 throughput; an http:// URL means h2c with prior knowledge."""
-    command = [find_tool("h2load") or "h2load", "-t1", f"-c{clients}", f"-m{streams}", "-D", f"{seconds:g}", url]
+    command = [
+        find_tool("h2load") or "h2load",
+        "-t1",
+        f"-c{clients}",
+        f"-m{streams}",
+        "-D",
+        f"{seconds:g}",
+        url,
+    ]
     result = _run(command, timeout=seconds + 30)
     out = result.stdout
     status = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
@@ -114,13 +140,25 @@ def fortio(url: str, *, qps: int = 2000, connections: int = 16, seconds: float =
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "fortio.json"
         command = [
-            find_tool("fortio") or "fortio", "load", "-quiet",
-            "-qps", str(qps), "-c", str(connections), "-t", f"{seconds:g}s",
+            find_tool("fortio") or "fortio",
+            "load",
+            "-quiet",
+            "-qps",
+            str(qps),
+            "-c",
+            str(connections),
+            "-t",
+            f"{seconds:g}s",
             # Spread the connections' send times instead of firing 16 requests at each tick.
             "-uniform",
             # 10 µs lowest buckets: the default 1 ms would round every loopback latency to one bucket.
-            "-r", "0.00001",
-            "-p", "50,90,99", "-json", str(report), url,
+            "-r",
+            "0.00001",
+            "-p",
+            "50,90,99",
+            "-json",
+            str(report),
+            url,
         ]
         _run(command, timeout=seconds + 30)
         data = json.loads(report.read_text())

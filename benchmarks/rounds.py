@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from benchmarks import loadgen, peers, procfs
 from benchmarks.store import Store
@@ -46,7 +47,7 @@ class _Clocks(NamedTuple):
     cores: procfs.CoreTimes
 
     @staticmethod
-    def read(peer: peers.RunningPeer, upstream: peers.RunningPeer) -> "_Clocks":
+    def read(peer: peers.RunningPeer, upstream: peers.RunningPeer) -> _Clocks:
         # The load generator is a reaped child by the time this is read after a run.
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         return _Clocks(
@@ -58,7 +59,11 @@ class _Clocks(NamedTuple):
 
 
 def measure(
-    spec: peers.PeerSpec, scenario: Scenario, settings: Settings, round_number: int, upstream: peers.RunningPeer
+    spec: peers.PeerSpec,
+    scenario: Scenario,
+    settings: Settings,
+    round_number: int,
+    upstream: peers.RunningPeer,
 ) -> dict:
     """Start the peer, warm it up, run the measured load, read RSS and CPU, stop it."""
     sample: dict = {"peer": spec.name, "round": round_number, "status": "ok"}
@@ -81,7 +86,9 @@ def measure(
     core1 = after.cores.since(before.cores, peers.PROXY_CPU)
     sample["cpu0_busy_pct"] = core0.percent(core0.tasks + core0.interrupts + core0.steal)
     # What other people's processes (and the hypervisor) took from each core during the run.
-    sample["cpu0_other_pct"] = max(0.0, core0.percent(core0.tasks - loadgen_cpu - upstream_cpu + core0.steal))
+    sample["cpu0_other_pct"] = max(
+        0.0, core0.percent(core0.tasks - loadgen_cpu - upstream_cpu + core0.steal)
+    )
     sample["cpu1_other_pct"] = max(0.0, core1.percent(core1.tasks - proxy_cpu + core1.steal))
     sample["loadgen_cpu_pct"] = core0.percent(loadgen_cpu)
     if spec.command is not None:
@@ -92,7 +99,12 @@ def measure(
 
 
 def run_round(
-    scenario: Scenario, settings: Settings, store: Store, round_number: int, available: dict, upstream: peers.RunningPeer
+    scenario: Scenario,
+    settings: Settings,
+    store: Store,
+    round_number: int,
+    available: dict,
+    upstream: peers.RunningPeer,
 ) -> None:
     """One A B C pass; a failing proxy is recorded and the pass goes on."""
     for spec in scenario.peers:
@@ -103,7 +115,12 @@ def run_round(
         except (peers.PeerFailed, loadgen.LoadFailed) as error:
             if spec.command is None:
                 raise  # direct failing means the harness itself is broken
-            sample = {"peer": spec.name, "round": round_number, "status": "failed", "reason": str(error)[:2000]}
+            sample = {
+                "peer": spec.name,
+                "round": round_number,
+                "status": "failed",
+                "reason": str(error)[:2000],
+            }
         store.add(scenario.name, sample)
         _progress(scenario, sample)
 
@@ -121,8 +138,13 @@ def _progress(scenario: Scenario, sample: dict) -> None:
     print(f"  [{scenario.name} round {sample['round']}] {sample['peer']}: {figure}", flush=True)
 
 
-def record_unavailable(scenario: Scenario, store: Store, available: dict, tool_missing: str | None = None) -> None:
+def record_unavailable(
+    scenario: Scenario, store: Store, available: dict, tool_missing: str | None = None
+) -> None:
     for spec in scenario.peers:
         reason = tool_missing or available.get(spec.name)
         if reason is not None:
-            store.add(scenario.name, {"peer": spec.name, "round": 0, "status": "not available", "reason": reason})
+            store.add(
+                scenario.name,
+                {"peer": spec.name, "round": 0, "status": "not available", "reason": reason},
+            )

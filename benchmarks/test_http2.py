@@ -11,7 +11,9 @@ SCENARIO = Scenario(
     peers=(peers.DIRECT, peers.MESHCTL, peers.ENVOY),
     # http:// makes h2load speak h2c with prior knowledge; direct goes to the upstream's h2c port.
     url=lambda spec: f"http://127.0.0.1:{spec.h2c_port}/",
-    load=lambda url, seconds: loadgen.h2load(url, clients=CLIENTS, streams=STREAMS, seconds=seconds),
+    load=lambda url, seconds: loadgen.h2load(
+        url, clients=CLIENTS, streams=STREAMS, seconds=seconds
+    ),
     tool="h2load",
     notes="Proxies terminate h2c and forward over pooled HTTP/1.1, like a sidecar's inbound hop; "
     "direct is nginx serving h2c itself.",

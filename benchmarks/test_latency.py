@@ -10,7 +10,9 @@ SCENARIO = Scenario(
     title=f"Open-loop latency at {QPS:,} req/s (fortio -qps {QPS} -c{CONNECTIONS} -uniform, HTTP/1.1)",
     peers=(peers.DIRECT, peers.MESHCTL, peers.ENVOY),
     url=lambda spec: f"http://127.0.0.1:{spec.http1_port}/",
-    load=lambda url, seconds: loadgen.fortio(url, qps=QPS, connections=CONNECTIONS, seconds=seconds),
+    load=lambda url, seconds: loadgen.fortio(
+        url, qps=QPS, connections=CONNECTIONS, seconds=seconds
+    ),
     tool="fortio",
     notes="Far below saturation, so queueing in the client does not hide the proxy's own latency.",
 )
