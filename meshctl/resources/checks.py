@@ -1,0 +1,98 @@
+"""Rules one schema cannot say alone: weights that sum to 100, route or redirect, unique names."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+
+from meshctl.resources.destination_rule import DestinationRuleSpec
+from meshctl.resources.errors import field_path
+from meshctl.resources.service_entry import ServiceEntrySpec
+from meshctl.resources.virtual_service import HttpRoute, VirtualServiceSpec
+
+# (field path, reason); the caller adds which resource.
+Problem = tuple[str, str]
+
+
+def virtual_service(spec: VirtualServiceSpec) -> Iterator[Problem]:
+    for index, gateway in enumerate(spec.gateways or []):
+        if gateway != "mesh":
+            yield (
+                f"spec.gateways[{index}]",
+                f"gateway {gateway!r} is not supported yet; only 'mesh' (the sidecars) exists here",
+            )
+    for index, route in enumerate(spec.http):
+        yield from _http_route(route, ("spec", "http", index))
+
+
+def _http_route(route: HttpRoute, at: tuple[str | int, ...]) -> Iterator[Problem]:
+    here = field_path(at)
+    if route.route is None and route.redirect is None:
+        yield here, "needs a route (destinations) or a redirect"
+    if route.route is not None and route.redirect is not None:
+        yield here, "route and redirect cannot both be set"
+    if route.redirect is not None and route.rewrite is not None:
+        yield here, "rewrite and redirect cannot both be set"
+    if route.route is not None and len(route.route) == 0:
+        yield f"{here}.route", "needs at least one destination"
+    for match_index, match in enumerate(route.match or []):
+        for name in match.headers or {}:
+            if name != name.lower():
+                yield (
+                    f"{here}.match[{match_index}].headers.{name}",
+                    f"header names are matched lowercase; write {name.lower()!r}",
+                )
+    destinations = route.route or []
+    # One destination without a weight gets all traffic; anything else states every share.
+    if len(destinations) > 1 or any(d.weight is not None for d in destinations):
+        total = sum(d.weight or 0 for d in destinations)
+        if total != 100:
+            shares = ", ".join(
+                f"{d.destination.host}{'/' + d.destination.subset if d.destination.subset else ''}"
+                f"={d.weight or 0}"
+                for d in destinations
+            )
+            yield f"{here}.route", f"weights sum to {total}, they must sum to 100 ({shares})"
+
+
+def destination_rule(spec: DestinationRuleSpec) -> Iterator[Problem]:
+    seen: set[str] = set()
+    for index, subset in enumerate(spec.subsets or []):
+        if subset.name in seen:
+            yield f"spec.subsets[{index}].name", f"subset {subset.name!r} is defined twice"
+        seen.add(subset.name)
+
+
+def service_entry(spec: ServiceEntrySpec) -> Iterator[Problem]:
+    numbers: set[int] = set()
+    names: set[str] = set()
+    for index, port in enumerate(spec.ports or []):
+        if port.number in numbers:
+            yield f"spec.ports[{index}].number", f"port {port.number} is listed twice"
+        numbers.add(port.number)
+        if port.name is not None:
+            if port.name in names:
+                yield f"spec.ports[{index}].name", f"port name {port.name!r} is used twice"
+            names.add(port.name)
+    for index, endpoint in enumerate(spec.endpoints or []):
+        if spec.resolution == "STATIC" and not _is_ip(endpoint.address):
+            yield (
+                f"spec.endpoints[{index}].address",
+                f"{endpoint.address!r} is not an IP address, which resolution STATIC needs",
+            )
+        for port_name in endpoint.ports or {}:
+            if port_name not in names:
+                yield (
+                    f"spec.endpoints[{index}].ports.{port_name}",
+                    f"no port named {port_name!r} in spec.ports",
+                )
+    if spec.resolution == "STATIC" and not spec.endpoints and spec.workload_selector is None:
+        yield "spec.resolution", "STATIC needs endpoints or a workloadSelector"
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
