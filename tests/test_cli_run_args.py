@@ -21,14 +21,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Runs meshctl.agent.supervisor.serve with a stand-in engine, so supervision is tested alone.
 SUPERVISE = """
-import sys, trio
+import sys
 from meshctl.agent import supervisor
 
 class Engine:
     def drain(self, timeout):
         print(f"drained {timeout}", flush=True)
 
-sys.exit(trio.run(supervisor.serve, Engine(), sys.argv[1:] or None, 0.5))
+sys.exit(supervisor.serve(Engine(), sys.argv[1:] or None, 0.5))
 """
 
 # An application that says when it is ready and exits 7 on SIGTERM.

@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from meshctl import __version__
+import meshctl
 from meshctl.cli import run
 
 app = typer.Typer(
@@ -19,7 +19,7 @@ run.register(app)
 
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"meshctl {__version__}")
+        typer.echo(f"meshctl {meshctl.__version__}")
         raise typer.Exit()
 
 

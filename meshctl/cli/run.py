@@ -3,7 +3,6 @@
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
-import trio
 import typer
 
 from meshctl.agent import supervisor
@@ -66,7 +65,7 @@ def run(
     except OSError as error:
         _refuse(f"{bootstrap}: cannot bind: {error}")
     typer.echo(_ready_line(engine), err=True)
-    raise typer.Exit(trio.run(supervisor.serve, engine, command, drain_timeout))
+    raise typer.Exit(supervisor.serve(engine, command, drain_timeout))
 
 
 def _refuse(message: str) -> NoReturn:
