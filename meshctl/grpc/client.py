@@ -1,0 +1,168 @@
+"""A small gRPC client on trio: one h2c connection (a channel) carrying bidirectional streaming calls."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import h2.errors
+import trio
+
+from meshctl.grpc.limits import Limits
+from meshctl.grpc.status import HTTP_TO_GRPC, GrpcError, StatusCode, decode_message, status_from_value
+from meshctl.grpc.stream import GrpcStream, headers_dict
+from meshctl.grpc.transport import Headers, Transport
+
+USER_AGENT = b"meshctl-grpc"
+
+
+class ClientStream(GrpcStream):
+    """The client's side of one call: `receive_message()` returns None when the call ended OK and
+    raises GrpcError with the trailers' status otherwise."""
+
+    def __init__(self, transport: Transport, stream_id: int) -> None:
+        super().__init__(transport, stream_id)
+        self.response_headers: dict[bytes, bytes] | None = None
+        self.trailers: dict[bytes, bytes] | None = None
+        self._sending_closed = False
+
+    async def close_sending(self) -> None:
+        """Half-close: tell the server no more messages will come."""
+        async with self._send_lock:
+            if not self._sending_closed:
+                self._sending_closed = True
+                await self._transport.end_stream(self.stream_id)
+
+    async def send_message(self, payload: bytes) -> None:
+        try:
+            await super().send_message(payload)
+        except GrpcError:
+            # A server that ends the call early (say, RESOURCE_EXHAUSTED) then resets the stream;
+            # its status, not the reset, is what the caller needs to see.
+            outcome = self._trailer_error()
+            if outcome is not None:
+                raise outcome from None
+            raise
+
+    def fail(self, error: GrpcError) -> None:
+        if self._input_ended:
+            return  # the call is complete; a later reset (gRPC servers send NO_ERROR) changes nothing
+        super().fail(error)
+
+    def on_headers(self, headers: Headers) -> None:
+        values = headers_dict(headers)
+        self.response_headers = values
+        status = values.get(b":status", b"")
+        if status != b"200":
+            code = HTTP_TO_GRPC.get(int(status) if status.isdigit() else 0, StatusCode.UNKNOWN)
+            self.fail(GrpcError(code, f"the server answered HTTP {status.decode('ascii', 'replace')}"))
+        elif b"grpc-status" in values:
+            self.trailers = values  # a trailers-only response
+        elif not values.get(b"content-type", b"").startswith(b"application/grpc"):
+            self.fail(GrpcError(StatusCode.UNKNOWN, "the response is not application/grpc"))
+
+    def on_trailers(self, headers: Headers) -> None:
+        self.trailers = headers_dict(headers)
+
+    async def _end_of_input(self) -> bytes | None:
+        if self.trailers is None:
+            raise GrpcError(StatusCode.INTERNAL, "the call ended without a grpc-status")
+        outcome = self._trailer_error()
+        if outcome is not None:
+            raise outcome
+        return None
+
+    def _trailer_error(self) -> GrpcError | None:
+        if self.trailers is None:
+            return None
+        code = status_from_value(self.trailers.get(b"grpc-status"))
+        if code == StatusCode.OK:
+            return None
+        return GrpcError(code, decode_message(self.trailers.get(b"grpc-message")))
+
+
+class GrpcChannel:
+    """One connection to a gRPC server; open calls on it with `open_stream`."""
+
+    def __init__(self, transport: Transport, authority: str) -> None:
+        self._transport = transport
+        self._authority = authority.encode("ascii")
+
+    @property
+    def closed(self) -> GrpcError | None:
+        return self._transport.closed
+
+    @asynccontextmanager
+    async def open_stream(
+        self, method_path: str, metadata: Sequence[tuple[str, str]] = ()
+    ) -> AsyncIterator[ClientStream]:
+        """Start a bidirectional streaming call; leaving the block cancels it if still open."""
+        headers = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", method_path.encode("ascii")),
+            (b":authority", self._authority),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            (b"user-agent", USER_AGENT),
+            *((name.lower().encode("ascii"), value.encode("ascii")) for name, value in metadata),
+        ]
+        stream = await self._transport.open_stream(headers, lambda sid: ClientStream(self._transport, sid))
+        assert isinstance(stream, ClientStream)
+        try:
+            yield stream
+        finally:
+            self._transport.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
+            self._transport.release(stream.stream_id)
+            stream.fail(GrpcError(StatusCode.CANCELLED, "the call was closed by this client"))
+            # Best effort: the RST_STREAM goes out with the next write if this one cannot.
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await self._transport.flush()
+                except GrpcError:
+                    pass
+
+    async def _keepalive(self, interval: float, timeout: float) -> None:
+        # A control plane behind a dead network path never sends FIN or RST; only an unanswered
+        # PING tells us to reconnect.
+        while self._transport.closed is None:
+            await trio.sleep(interval)
+            try:
+                answered = await self._transport.ping(timeout)
+            except GrpcError:
+                return
+            if not answered:
+                self._transport.abort(GrpcError(StatusCode.UNAVAILABLE, f"no PING answer within {timeout:g}s"))
+                return
+
+
+@asynccontextmanager
+async def open_grpc_channel(
+    host: str,
+    port: int,
+    *,
+    limits: Limits = Limits(),
+    connect_timeout: float = 5.0,
+    keepalive_interval: float | None = 20.0,
+    keepalive_timeout: float = 10.0,
+) -> AsyncIterator[GrpcChannel]:
+    """Connect (h2c, prior knowledge) and yield a channel; the connection closes when the block exits.
+
+    Raises GrpcError(UNAVAILABLE) if the server cannot be reached within `connect_timeout`.
+    """
+    try:
+        with trio.fail_after(connect_timeout):
+            socket_stream = await trio.open_tcp_stream(host, port)
+    except (OSError, trio.TooSlowError) as error:
+        raise GrpcError(StatusCode.UNAVAILABLE, f"cannot connect to {host}:{port}: {error or 'timed out'}") from None
+    async with socket_stream, trio.open_nursery() as nursery:
+        transport = Transport(socket_stream, client_side=True, limits=limits)
+        await transport.start()
+        channel = GrpcChannel(transport, f"{host}:{port}")
+        nursery.start_soon(transport.run)
+        if keepalive_interval:
+            nursery.start_soon(channel._keepalive, keepalive_interval, keepalive_timeout)
+        try:
+            yield channel
+        finally:
+            nursery.cancel_scope.cancel()

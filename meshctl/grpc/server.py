@@ -1,0 +1,144 @@
+"""A small gRPC server on trio: accepts h2c connections and routes each call by :path to a handler."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+import h2.errors
+import trio
+
+from meshctl.grpc.limits import Limits
+from meshctl.grpc.status import GrpcError, StatusCode, encode_message
+from meshctl.grpc.stream import GrpcStream, headers_dict
+from meshctl.grpc.transport import Headers, Transport
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["ServerStream"], Awaitable[None]]
+
+
+class ServerStream(GrpcStream):
+    """The server's side of one call. A handler returning normally ends the call with OK; raising
+    GrpcError ends it with that status; any other exception ends it with INTERNAL."""
+
+    def __init__(self, transport: Transport, stream_id: int, headers: Headers) -> None:
+        super().__init__(transport, stream_id)
+        self.request_headers = headers_dict(headers)
+        self.peer = ""
+        self._headers_sent = False
+
+    @property
+    def path(self) -> str:
+        return self.request_headers.get(b":path", b"").decode("ascii", errors="replace")
+
+    async def _before_first_message(self) -> None:
+        if not self._headers_sent:
+            self._headers_sent = True
+            await self._transport.send_headers(self.stream_id, _response_headers())
+
+    async def finish(self, code: StatusCode, message: str = "") -> None:
+        """Send the trailers (or a trailers-only response) and let go of the stream."""
+        try:
+            if self._transport.closed is None:
+                trailers = [(b"grpc-status", str(int(code)).encode())]
+                if message:
+                    trailers.append((b"grpc-message", encode_message(message)))
+                async with self._send_lock:
+                    head = [] if self._headers_sent else _response_headers()
+                    self._headers_sent = True
+                    await self._transport.send_headers(self.stream_id, head + trailers, end_stream=True)
+                if not self._input_ended:
+                    # The call is over; tell the client to stop sending rather than buffer it.
+                    self._transport.reset_stream(self.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+                    await self._transport.flush()
+        except GrpcError:
+            pass  # the peer or the connection is gone; there is nobody to tell
+        finally:
+            self.fail(GrpcError(StatusCode.CANCELLED, "the call has finished"))
+            self._transport.release(self.stream_id)
+
+
+def _response_headers() -> Headers:
+    return [(b":status", b"200"), (b"content-type", b"application/grpc")]
+
+
+async def serve_grpc(
+    handlers: Mapping[str, Handler],
+    host: str,
+    port: int,
+    *,
+    limits: Limits = Limits(),
+    max_connections: int = 1024,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve gRPC calls over h2c on host:port until cancelled.
+
+    `handlers` maps a method path ("/package.Service/Method") to its handler. task_status.started
+    gets the bound (host, port), which tells the caller the port when `port` is 0.
+    """
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[:2]
+    active = 0
+
+    async def serve_connection(socket_stream: trio.SocketStream) -> None:
+        nonlocal active
+        if active >= max_connections:
+            # Over the bound: close at once rather than queue; the client retries with backoff.
+            await socket_stream.aclose()
+            return
+        active += 1
+        try:
+            await _serve_connection(socket_stream, handlers, limits)
+        finally:
+            active -= 1
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, serve_connection, listeners)
+        task_status.started(bound)
+
+
+async def _serve_connection(
+    socket_stream: trio.SocketStream, handlers: Mapping[str, Handler], limits: Limits
+) -> None:
+    try:
+        peer = "{}:{}".format(*socket_stream.socket.getpeername()[:2])
+    except OSError:
+        peer = "unknown"
+    async with socket_stream, trio.open_nursery() as calls:
+
+        def on_request(stream_id: int, headers: Headers) -> GrpcStream:
+            stream = ServerStream(transport, stream_id, headers)
+            stream.peer = peer
+            calls.start_soon(_run_call, stream, handlers)
+            return stream
+
+        transport = Transport(socket_stream, client_side=False, limits=limits, on_request=on_request)
+        try:
+            await transport.start()
+            await transport.run()
+        except GrpcError:
+            pass  # the connection failed while starting; its streams were told
+        calls.cancel_scope.cancel()
+
+
+async def _run_call(stream: ServerStream, handlers: Mapping[str, Handler]) -> None:
+    method = stream.request_headers.get(b":method")
+    content_type = stream.request_headers.get(b"content-type", b"")
+    handler = handlers.get(stream.path)
+    if method != b"POST" or not content_type.startswith(b"application/grpc"):
+        await stream.finish(StatusCode.INTERNAL, "a gRPC call is a POST with content-type application/grpc")
+        return
+    if handler is None:
+        await stream.finish(StatusCode.UNIMPLEMENTED, f"unknown method {stream.path}")
+        return
+    try:
+        await handler(stream)
+    except GrpcError as error:
+        code, message = error.code, error.message
+    except Exception as error:  # a handler bug must end only its own call
+        log.exception("gRPC handler for %s failed", stream.path)
+        code, message = StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+    else:
+        code, message = StatusCode.OK, ""
+    await stream.finish(code, message)
