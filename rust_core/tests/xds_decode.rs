@@ -2,7 +2,6 @@
 
 use envoy_types::pb::envoy::config::cluster::v3 as cluster;
 use envoy_types::pb::envoy::config::core::v3 as core;
-use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
 use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
@@ -12,6 +11,9 @@ use meshctl_engine::model::route::{Action, ClusterChoice};
 use meshctl_engine::telemetry::metrics::Metrics;
 use meshctl_engine::xds;
 use prost::Message;
+
+mod common;
+use common::static_cluster;
 
 fn forward_to(cluster_name: &str) -> Option<route::route::Action> {
     Some(route::route::Action::Route(route::RouteAction {
@@ -205,32 +207,6 @@ fn a_domain_listed_twice_is_refused() {
     );
 }
 
-fn static_cluster(name: &str, port: u32) -> cluster::Cluster {
-    cluster::Cluster {
-        name: name.into(),
-        load_assignment: Some(endpoint::ClusterLoadAssignment {
-            cluster_name: name.into(),
-            endpoints: vec![endpoint::LocalityLbEndpoints {
-                lb_endpoints: vec![endpoint::LbEndpoint {
-                    host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(endpoint::Endpoint {
-                        address: Some(core::Address {
-                            address: Some(core::address::Address::SocketAddress(core::SocketAddress {
-                                address: "127.0.0.1".into(),
-                                port_specifier: Some(core::socket_address::PortSpecifier::PortValue(port)),
-                                ..Default::default()
-                            })),
-                        }),
-                        ..Default::default()
-                    })),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 #[test]
 fn clusters_decode_and_bad_ports_are_refused() {
