@@ -5,7 +5,7 @@ from typing import Annotated
 import typer
 
 import meshctl
-from meshctl.cli import run
+from meshctl.cli import apply, delete, get, run, serve
 
 app = typer.Typer(
     help="meshctl: a service mesh. A fast sidecar proxy and the control plane that steers it.",
@@ -15,6 +15,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 run.register(app)
+# Control-plane commands: their modules import only typer; the work is imported when they run.
+for _group in (serve, apply, get, delete):
+    _group.register(app)
 
 
 def _print_version(value: bool) -> None:

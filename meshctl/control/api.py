@@ -1,0 +1,197 @@
+"""The control plane's REST API over HTTP/1.1 (h11 on trio), with bearer-token auth and bounded requests."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import h11
+import trio
+
+from meshctl.control.api_handlers import Api, ApiError, Request
+from meshctl.control.auth import authorized
+from meshctl.control.store import Store
+
+log = logging.getLogger("meshctl.control.api")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds that keep one client from holding the control plane's memory or connections."""
+
+    max_body: int = 4 * 1024 * 1024  # a 1,000-route config is well under 1 MiB
+    max_header: int = 16 * 1024
+    max_connections: int = 64
+    request_timeout: float = 30.0  # to read a whole request once it has started
+    idle_timeout: float = 60.0  # between requests on a kept-alive connection
+
+
+class _Close(Exception):
+    """Stop serving this connection (after any response already sent)."""
+
+
+async def serve_api(
+    store: Store,
+    token: str,
+    host: str,
+    port: int,
+    limits: Limits = Limits(),
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the API until cancelled. Reports the bound (host, port) through task_status."""
+    server = _Server(Api(store), token, limits)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()
+    task_status.started((bound[0], bound[1]))
+    await trio.serve_listeners(server.connection, listeners)
+
+
+class _Server:
+    def __init__(self, api: Api, token: str, limits: Limits) -> None:
+        self.api, self.token, self.limits = api, token, limits
+        self.slots = trio.CapacityLimiter(limits.max_connections)
+
+    async def connection(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                self.slots.acquire_nowait()
+            except trio.WouldBlock:
+                await self._refuse_busy(stream)
+                return
+            try:
+                await self._serve(stream)
+            except (_Close, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                self.slots.release()
+
+    async def _refuse_busy(self, stream: trio.SocketStream) -> None:
+        connection = h11.Connection(h11.SERVER)
+        connection.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")  # lets h11 send a response
+        connection.next_event()
+        error = ApiError("unavailable", "too many connections to the control plane; retry shortly")
+        try:
+            await _send(stream, connection, error.status, error.as_json(), close=True)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header)
+        while True:
+            with trio.move_on_after(self.limits.idle_timeout):
+                event = await _next_event(stream, connection)
+            if event is None:  # idle too long
+                return
+            if isinstance(event, h11.ConnectionClosed):
+                return
+            with trio.move_on_after(self.limits.request_timeout) as scope:
+                status, body, close = await self._exchange(stream, connection, event)
+            if scope.cancelled_caught:
+                error = ApiError("bad_request", "request not received in time")
+                status, body, close = error.status, error.as_json(), True
+            await _send(stream, connection, status, body, close)
+            if close or connection.our_state is not h11.DONE:
+                await _linger(stream, self.limits.max_body)
+                return
+            connection.start_next_cycle()
+
+    async def _exchange(
+        self, stream: trio.SocketStream, connection: h11.Connection, event: Any
+    ) -> tuple[int, dict[str, Any], bool]:
+        """Read the rest of the request, answer it: (status, JSON body, close the connection)."""
+        if isinstance(event, ApiError):  # the request line or headers were malformed
+            return event.status, event.as_json(), True
+        assert isinstance(event, h11.Request)
+        headers = dict(event.headers)
+        target = urlsplit(event.target.decode("ascii", "replace"))
+        request = Request(event.method.decode("ascii", "replace"), unquote(target.path), dict(parse_qsl(target.query)))
+        if request.path != "/healthz" and not authorized(headers.get(b"authorization"), self.token):
+            log.warning("%s %s: 401 (missing or wrong token)", request.method, request.path)
+            # Close instead of reading the body: an unauthenticated client gets no buffer space.
+            error = ApiError("unauthorized", "missing or wrong API token (Authorization: Bearer <token>)")
+            return error.status, error.as_json(), True
+        declared = headers.get(b"content-length")
+        if declared is not None and int(declared) > self.limits.max_body:
+            return self._too_large()
+        body = bytearray()
+        while True:
+            part = await _next_event(stream, connection)
+            if isinstance(part, h11.Data):
+                body += part.data
+                if len(body) > self.limits.max_body:
+                    return self._too_large()
+            elif isinstance(part, h11.EndOfMessage):
+                break
+            elif isinstance(part, ApiError):
+                return part.status, part.as_json(), True
+            else:  # the client went away mid-body
+                raise _Close
+        request.body = bytes(body)
+        try:
+            status, answer = await self.api.handle(request)
+        except ApiError as error:
+            status, answer = error.status, error.as_json()
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            error = ApiError("internal", "internal error in the control plane; see its log")
+            status, answer = error.status, error.as_json()
+        log.info("%s %s: %d", request.method, request.path, status)
+        return status, answer, False
+
+    def _too_large(self) -> tuple[int, dict[str, Any], bool]:
+        error = ApiError("too_large", f"request body over {self.limits.max_body} bytes")
+        return error.status, error.as_json(), True
+
+
+async def _next_event(stream: trio.SocketStream, connection: h11.Connection) -> Any:
+    """The next h11 event, or an ApiError when the client's bytes are not valid HTTP/1.1."""
+    while True:
+        try:
+            event = connection.next_event()
+        except h11.RemoteProtocolError as error:
+            code = "too_large" if error.error_status_hint == 431 else "bad_request"
+            return ApiError(code, f"malformed HTTP request: {error}")
+        if event is not h11.NEED_DATA:
+            return event
+        data = await stream.receive_some(65536)
+        try:
+            connection.receive_data(data)
+        except h11.RemoteProtocolError as error:
+            return ApiError("bad_request", f"malformed HTTP request: {error}")
+
+
+async def _linger(stream: trio.SocketStream, budget: int) -> None:
+    """Half-close, then discard what the client still sends for a moment: closing with unread
+    bytes makes the kernel send RST, which can destroy the error response before it is read."""
+    try:
+        await stream.send_eof()
+        with trio.move_on_after(1.0):
+            while budget > 0:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                budget -= len(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def _send(
+    stream: trio.SocketStream, connection: h11.Connection, status: int, body: dict[str, Any], close: bool
+) -> None:
+    if connection.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        raise _Close
+    payload = json.dumps(body, indent=None).encode() + b"\n"
+    headers = [("content-type", "application/json"), ("content-length", str(len(payload)))]
+    if close:
+        headers.append(("connection", "close"))
+    try:
+        data = connection.send(h11.Response(status_code=status, headers=headers))
+        data += connection.send(h11.Data(data=payload))
+        data += connection.send(h11.EndOfMessage())
+    except h11.LocalProtocolError:
+        raise _Close from None
+    await stream.send_all(data)

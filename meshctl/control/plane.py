@@ -1,0 +1,65 @@
+"""Run the control plane: open the store, make sure there is an API token, serve the API.
+
+This is the seam for the xDS server: `run_control_plane` takes extra services, each started in
+the same nursery with the open store, so the ADS server (meshctl/control/ads.py) subscribes to
+`store.watch()` and writes ACK/NACK results with `store.set_status()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from meshctl.control.api import Limits, serve_api
+from meshctl.control.auth import ensure_token
+from meshctl.control.store import Store
+from meshctl.control.store_sqlite import SqliteStore, parse_store_url
+
+# A service runs until cancelled and calls task_status.started(description) once it serves;
+# the description (e.g. "xDS on 127.0.0.1:15012") goes into the ready line.
+Service = Callable[..., Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class PlaneOptions:
+    store_url: str
+    api_host: str
+    api_port: int
+    token_path: Path
+    limits: Limits = Limits()
+
+
+def open_store(url: str) -> Store:
+    """The store a --store URL names (SQLite now; etcd plugs in here later)."""
+    return SqliteStore.open(parse_store_url(url))
+
+
+async def run_control_plane(
+    options: PlaneOptions,
+    services: Sequence[Callable[[Store], Service]] = (),
+    on_ready: Callable[[list[str]], Any] = lambda lines: None,
+) -> None:
+    """Serve until cancelled. `services` are factories taking the open store."""
+    token = ensure_token(options.token_path)
+    store = open_store(options.store_url)
+    try:
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(
+                serve_api, store, token, options.api_host, options.api_port, options.limits
+            )
+            ready = [f"API on http://{_host(host)}:{port} (token in {options.token_path})"]
+            for factory in services:
+                ready.append(str(await nursery.start(factory(store))))
+            ready.append(f"store {options.store_url} at revision {store.revision}")
+            on_ready(ready)
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
