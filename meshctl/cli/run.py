@@ -1,18 +1,12 @@
 """`meshctl run`: a standalone sidecar from a bootstrap file, optionally guarding an application."""
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 
-from meshctl.agent import supervisor
 from meshctl.agent.bootstrap import BootstrapError, load_bootstrap_file
-
-if TYPE_CHECKING:
-    from meshctl._core import Engine
-
-# The same status click gives a usage error: the command line or its config is wrong.
-INVALID_CONFIG = 2
+from meshctl.agent.sidecar import INVALID_CONFIG, exec_sidecar
 
 
 def register(app: typer.Typer) -> None:
@@ -50,40 +44,11 @@ def run(
         config = load_bootstrap_file(bootstrap)
     except BootstrapError as error:
         _refuse(str(error))
-    # Imported here, not at the top: commands that don't run the data plane (and --help) then
-    # work without loading the engine.
-    try:
-        from meshctl import _core
-    except ImportError as error:
-        typer.echo(f"meshctl run: the engine is not built ({error}); run `pip install .`", err=True)
-        raise typer.Exit(1) from None
-
-    try:
-        engine = _core.Engine(config, worker_threads=workers)
-    except _core.ConfigError as error:
-        _refuse(f"{bootstrap}: {error}")
-    except OSError as error:
-        _refuse(f"{bootstrap}: cannot bind: {error}")
-    typer.echo(_ready_line(engine), err=True)
-    raise typer.Exit(supervisor.serve(engine, command, drain_timeout))
+    # The rest (engine start, its config errors, supervision) happens in a fresh process image
+    # that holds none of the libraries loaded so far; see meshctl.agent.sidecar.
+    exec_sidecar(config, str(bootstrap), workers, drain_timeout, command)
 
 
 def _refuse(message: str) -> NoReturn:
     typer.echo(f"meshctl run: {message}", err=True)
     raise typer.Exit(INVALID_CONFIG)
-
-
-def _ready_line(engine: "Engine") -> str:
-    where = [
-        f"listener {name} on {_host_port(address)}"
-        for name, address in sorted(engine.listener_addresses().items())
-    ]
-    admin = engine.admin_address()
-    if admin is not None:
-        where.append(f"admin on http://{_host_port(admin)}/")
-    return "meshctl: sidecar ready: " + (", ".join(where) or "no listeners")
-
-
-def _host_port(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
