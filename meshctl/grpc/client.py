@@ -155,14 +155,22 @@ async def open_grpc_channel(
             socket_stream = await trio.open_tcp_stream(host, port)
     except (OSError, trio.TooSlowError) as error:
         raise GrpcError(StatusCode.UNAVAILABLE, f"cannot connect to {host}:{port}: {error or 'timed out'}") from None
-    async with socket_stream, trio.open_nursery() as nursery:
-        transport = Transport(socket_stream, client_side=True, limits=limits)
-        await transport.start()
-        channel = GrpcChannel(transport, f"{host}:{port}")
-        nursery.start_soon(transport.run)
-        if keepalive_interval:
-            nursery.start_soon(channel._keepalive, keepalive_interval, keepalive_timeout)
-        try:
-            yield channel
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with socket_stream, trio.open_nursery() as nursery:
+            transport = Transport(socket_stream, client_side=True, limits=limits)
+            await transport.start()
+            channel = GrpcChannel(transport, f"{host}:{port}")
+            nursery.start_soon(transport.run)
+            if keepalive_interval:
+                nursery.start_soon(channel._keepalive, keepalive_interval, keepalive_timeout)
+            try:
+                yield channel
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The background tasks end quietly, so a lone exception here is what the caller's block
+        # (or start()) raised: hand it back unwrapped, so `except GrpcError` works for callers.
+        if len(group.exceptions) != 1:
+            raise
+        error = group.exceptions[0]
+        raise error from error.__cause__
