@@ -106,6 +106,11 @@ class _Server:
         if isinstance(event, ApiError):  # the request line or headers were malformed
             return event.status, event.as_json(), True
         assert isinstance(event, h11.Request)
+        # h11 bounds only a head still arriving; one that came in a single read is checked here.
+        head_size = len(event.target) + sum(len(name) + len(value) + 4 for name, value in event.headers)
+        if head_size > self.limits.max_header:
+            error = ApiError("too_large", f"request headers over {self.limits.max_header} bytes")
+            return error.status, error.as_json(), True
         headers = dict(event.headers)
         target = urlsplit(event.target.decode("ascii", "replace"))
         request = Request(event.method.decode("ascii", "replace"), unquote(target.path), dict(parse_qsl(target.query)))
