@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers.control_plane import ControlPlane, start_control_plane
 
 _namespaces = itertools.count()
@@ -43,10 +42,13 @@ spec:
 """
 
 
-def service(ns: str, weights: dict[str, int] | None = None, extra: str = "", match: str = "") -> str:
+def service(
+    ns: str, weights: dict[str, int] | None = None, extra: str = "", match: str = ""
+) -> str:
     weights = weights if weights is not None else {"v1": 90, "v2": 10}
     routes = "".join(
-        f"\n    - destination: {{host: reviews, subset: {s}}}\n      weight: {w}" for s, w in weights.items()
+        f"\n    - destination: {{host: reviews, subset: {s}}}\n      weight: {w}"
+        for s, w in weights.items()
     )
     return f"""
 apiVersion: networking.istio.io/v1beta1
@@ -79,7 +81,10 @@ def test_apply_get_delete_round_trip(plane: ControlPlane, ns: str) -> None:
     assert "no sidecar has reported" in row
 
     [shown] = resources(plane, "virtualservices", ns)
-    assert shown["spec"]["http"][0]["route"][1] == {"destination": {"host": "reviews", "subset": "v2"}, "weight": 10}
+    assert shown["spec"]["http"][0]["route"][1] == {
+        "destination": {"host": "reviews", "subset": "v2"},
+        "weight": 10,
+    }
     assert shown["status"] == {"sidecars": {}, "notEnforced": []}
     first_version = int(shown["metadata"]["resourceVersion"])
 
@@ -105,22 +110,38 @@ INVALID = [
     (
         "weights",
         lambda ns: rule(ns) + "---" + service(ns, {"v1": 80, "v2": 10}),
-        ["VirtualService {ns}/reviews", "spec.http[0].route", "weights sum to 90, they must sum to 100"],
+        [
+            "VirtualService {ns}/reviews",
+            "spec.http[0].route",
+            "weights sum to 90, they must sum to 100",
+        ],
     ),
     (
         "subset-not-defined",
         lambda ns: rule(ns, ("v1",)) + "---" + service(ns),
-        ["VirtualService {ns}/reviews", "spec.http[0].route[1].destination.subset", "subset 'v2' is not defined"],
+        [
+            "VirtualService {ns}/reviews",
+            "spec.http[0].route[1].destination.subset",
+            "subset 'v2' is not defined",
+        ],
     ),
     (
         "no-destination-rule",
         lambda ns: service(ns),
-        ["VirtualService {ns}/reviews", "route[0].destination.subset", "no DestinationRule has host 'reviews'"],
+        [
+            "VirtualService {ns}/reviews",
+            "route[0].destination.subset",
+            "no DestinationRule has host 'reviews'",
+        ],
     ),
     (
         "unknown-field",
         lambda ns: rule(ns) + "---" + service(ns).replace("destination:", "destinaton:", 1),
-        ["VirtualService {ns}/reviews", "spec.http[0].route[0].destinaton", "unknown field; did you mean 'destination'?"],
+        [
+            "VirtualService {ns}/reviews",
+            "spec.http[0].route[0].destinaton",
+            "unknown field; did you mean 'destination'?",
+        ],
     ),
     (
         "unsupported-field",
@@ -129,8 +150,14 @@ INVALID = [
     ),
     (
         "bad-regex",
-        lambda ns: rule(ns) + "---" + service(ns, match="match: [{uri: {regex: '/api/(v1'}}]\n    "),
-        ["VirtualService {ns}/reviews", "spec.http[0].match[0].uri.regex", "invalid regular expression"],
+        lambda ns: (
+            rule(ns) + "---" + service(ns, match="match: [{uri: {regex: '/api/(v1'}}]\n    ")
+        ),
+        [
+            "VirtualService {ns}/reviews",
+            "spec.http[0].match[0].uri.regex",
+            "invalid regular expression",
+        ],
     ),
     (
         "malformed-yaml",
@@ -145,7 +172,9 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize("make, expected", [case[1:] for case in INVALID], ids=[case[0] for case in INVALID])
+@pytest.mark.parametrize(
+    "make, expected", [case[1:] for case in INVALID], ids=[case[0] for case in INVALID]
+)
 def test_invalid_apply_exits_2_names_resource_field_reason_and_stores_nothing(
     plane: ControlPlane, ns: str, make, expected: list[str]
 ) -> None:
@@ -179,32 +208,54 @@ def test_stale_update_is_refused(plane: ControlPlane, ns: str) -> None:
     exported = plane.meshctl("get", "vs", "reviews", "-n", ns, "-o", "yaml").stdout
     assert "resourceVersion:" in exported
     # Someone else changes the route after our export...
-    assert plane.meshctl("apply", "-f", "-", stdin=service(ns, {"v1": 50, "v2": 50})).returncode == 0
+    assert (
+        plane.meshctl("apply", "-f", "-", stdin=service(ns, {"v1": 50, "v2": 50})).returncode == 0
+    )
     # ...so applying our edit of the old version is refused, and their change stays.
-    stale = plane.meshctl("apply", "-f", "-", stdin=exported.replace("weight: 90", "weight: 70").replace("weight: 10", "weight: 30"))
+    stale = plane.meshctl(
+        "apply",
+        "-f",
+        "-",
+        stdin=exported.replace("weight: 90", "weight: 70").replace("weight: 10", "weight: 30"),
+    )
     assert stale.returncode == 3, stale.stderr
     assert f"VirtualService {ns}/reviews: the update was made against version" in stale.stderr
     [current] = resources(plane, "vs", ns)
     assert [d["weight"] for d in current["spec"]["http"][0]["route"]] == [50, 50]
     # Re-exported, the edit applies: `get -o yaml` output is valid apply input (status ignored).
     fresh = plane.meshctl("get", "vs", "reviews", "-n", ns, "-o", "yaml").stdout
-    assert plane.meshctl("apply", "-f", "-", stdin=fresh.replace("weight: 50", "weight: 25", 1).replace("weight: 50", "weight: 75")).returncode == 0
+    assert (
+        plane.meshctl(
+            "apply",
+            "-f",
+            "-",
+            stdin=fresh.replace("weight: 50", "weight: 25", 1).replace("weight: 50", "weight: 75"),
+        ).returncode
+        == 0
+    )
     stale_delete = plane.meshctl("delete", "vs", "reviews", "-n", ns, "--resource-version", "1")
     assert stale_delete.returncode == 3
 
 
-def test_fields_kept_for_later_are_stored_and_shown_as_not_enforced(plane: ControlPlane, ns: str) -> None:
+def test_fields_kept_for_later_are_stored_and_shown_as_not_enforced(
+    plane: ControlPlane, ns: str
+) -> None:
     text = rule(ns) + "---" + service(ns, extra="\n    retries: {attempts: 3, perTryTimeout: 2s}")
     applied = plane.meshctl("apply", "-f", "-", stdin=text)
     assert applied.returncode == 0
-    assert f"VirtualService {ns}/reviews: spec.http[0].retries: stored, not yet enforced" in applied.stderr
+    assert (
+        f"VirtualService {ns}/reviews: spec.http[0].retries: stored, not yet enforced"
+        in applied.stderr
+    )
     [shown] = resources(plane, "vs", ns)
     assert shown["spec"]["http"][0]["retries"] == {"attempts": 3, "perTryTimeout": "2s"}
     assert shown["status"]["notEnforced"] == ["spec.http[0].retries"]
     assert "not yet enforced: spec.http[0].retries" in plane.meshctl("get", "vs", "-n", ns).stdout
 
 
-def test_wrong_or_missing_token_is_refused_and_changes_nothing(plane: ControlPlane, ns: str) -> None:
+def test_wrong_or_missing_token_is_refused_and_changes_nothing(
+    plane: ControlPlane, ns: str
+) -> None:
     wrong = plane.meshctl("apply", "-f", "-", "--token", "not-the-token", stdin=rule(ns))
     assert wrong.returncode == 1 and "missing or wrong API token" in wrong.stderr
     env = {**plane.env, "MESHCTL_TOKEN": "also-wrong"}
@@ -230,14 +281,16 @@ def test_token_and_store_are_private_to_the_user(plane: ControlPlane) -> None:
 def test_second_server_on_the_same_store_is_refused(plane: ControlPlane) -> None:
     second = subprocess.run(
         [sys.executable, "-m", "meshctl", "serve", "--api-port", "0"],
-        env={**plane.env}, capture_output=True, text=True, timeout=30,
+        env={**plane.env}, capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert second.returncode == 1 and "in use by another `meshctl serve`" in second.stderr
 
 
 def test_unreachable_control_plane_is_a_clear_error(plane: ControlPlane, tmp_path: Path) -> None:
     result = plane.meshctl("get", "vs", "--control-plane", "127.0.0.1:1")
-    assert result.returncode == 1 and "cannot reach the control plane at 127.0.0.1:1" in result.stderr
+    assert (
+        result.returncode == 1 and "cannot reach the control plane at 127.0.0.1:1" in result.stderr
+    )
 
 
 def test_apply_of_a_missing_file_exits_2(plane: ControlPlane, tmp_path: Path) -> None:

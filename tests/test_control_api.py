@@ -30,7 +30,9 @@ async def store(tmp_path: Path):
 
 
 async def test_versions_are_monotonic_and_unchanged_puts_keep_them(store: SqliteStore) -> None:
-    revision, results = await store.write([Put(DR, body(DR, {"host": "reviews"})), Put(VS, body(VS, {"a": 1}))])
+    revision, results = await store.write(
+        [Put(DR, body(DR, {"host": "reviews"})), Put(VS, body(VS, {"a": 1}))]
+    )
     assert revision == 1 and [r.action for r in results] == ["created", "created"]
     revision, results = await store.write([Put(VS, body(VS, {"a": 1}))])
     assert revision == 1 and results[0].action == "unchanged" and results[0].version == 1
@@ -73,7 +75,9 @@ async def test_watch_coalesces_changes_into_batches(store: SqliteStore) -> None:
         await store.write([Put(VS, body(VS, {"a": 1}))])  # unchanged: no event, no wake-up
         await store.write([Put(VS, body(VS, {"a": 2}))])
         await store.write([Delete(VS)])
-    events = [(event.revision, event.type, event.ref.kind) for batch in batches for event in batch.events]
+    events = [
+        (event.revision, event.type, event.ref.kind) for batch in batches for event in batch.events
+    ]
     assert events == [(1, "put", "VirtualService"), (1, "put", "DestinationRule"), (2, "put", "VirtualService"),
                       (3, "delete", "VirtualService")]  # fmt: skip
     assert batches[-1].revision == 3 and not any(batch.resync for batch in batches)
@@ -84,7 +88,9 @@ async def test_watch_coalesces_changes_into_batches(store: SqliteStore) -> None:
 async def test_sidecar_status_is_kept_per_resource_and_dropped_with_it(store: SqliteStore) -> None:
     await store.write([Put(VS, body(VS, {}))])
     await store.set_status(VS, "sidecar-a", 1, accepted=True)
-    await store.set_status(VS, "sidecar-b", 1, accepted=False, reason="route reviews: unknown cluster")
+    await store.set_status(
+        VS, "sidecar-b", 1, accepted=False, reason="route reviews: unknown cluster"
+    )
     statuses = (await store.statuses([VS]))[VS]
     assert [(s.sidecar_id, s.state, s.reason) for s in statuses] == [
         ("sidecar-a", "accepted", None), ("sidecar-b", "rejected", "route reviews: unknown cluster")]  # fmt: skip
@@ -137,18 +143,31 @@ async def test_http_edges_auth_limits_and_malformed_requests(store: SqliteStore)
         assert status == 200 and answer == {"status": "ok"}
         status, answer = await _exchange(port, b"GET /v1/resources/vs HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 401 and answer["error"]["exit_code"] == 1
-        status, answer = await _exchange(port, b"GET /v1/resources/vs HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n")
+        status, answer = await _exchange(
+            port, b"GET /v1/resources/vs HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n"
+        )
         assert status == 200 and answer == {"revision": 0, "items": []}
-        big = b"POST /v1/apply HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 4096\r\n\r\n" + b"a" * 4096
+        big = (
+            b"POST /v1/apply HTTP/1.1\r\nHost: x\r\n"
+            + auth
+            + b"Content-Length: 4096\r\n\r\n"
+            + b"a" * 4096
+        )
         status, answer = await _exchange(port, big)
         assert status == 413 and answer["error"]["code"] == "too_large"
-        status, answer = await _exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n")
+        status, answer = await _exchange(
+            port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n"
+        )
         assert status == 413
         status, answer = await _exchange(port, b"NONSENSE\r\n\r\n")
         assert status == 400
-        status, answer = await _exchange(port, b"GET /v1/resources/gateways HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n")
+        status, answer = await _exchange(
+            port, b"GET /v1/resources/gateways HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n"
+        )
         assert status == 400 and "unknown kind 'gateways'" in answer["error"]["message"]
-        status, answer = await _exchange(port, b"PUT /v1/apply HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 0\r\n\r\n")
+        status, answer = await _exchange(
+            port, b"PUT /v1/apply HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 0\r\n\r\n"
+        )
         assert status == 405
         nursery.cancel_scope.cancel()
     assert store.revision == 0

@@ -74,7 +74,11 @@ def test_a_full_istio_file_is_accepted_as_written() -> None:
         "ServiceEntry default/payments", "WorkloadEntry default/vm-1"]  # fmt: skip
     service = resources[0].body
     # What comes back is what was written: no defaults added, camelCase kept.
-    assert service["spec"]["http"][1]["redirect"] == {"uri": "/new", "authority": "example.com", "redirectCode": 308}
+    assert service["spec"]["http"][1]["redirect"] == {
+        "uri": "/new",
+        "authority": "example.com",
+        "redirectCode": 308,
+    }
     assert "weight" not in service["spec"]["http"][0]["route"][0]
     assert resources[1].not_enforced == ("spec.trafficPolicy.outlierDetection",)
     assert resources[3].not_enforced == ("spec.serviceAccount",)
@@ -92,39 +96,67 @@ spec:
 """
 
 CASES = {
-    "weights": ("route: [{destination: {host: r}, weight: 60}, {destination: {host: r}, weight: 30}]",
-                "spec.http[0].route: weights sum to 90, they must sum to 100 (r=60, r=30)"),
+    "weights": (
+        "route: [{destination: {host: r}, weight: 60}, {destination: {host: r}, weight: 30}]",
+        "spec.http[0].route: weights sum to 90, they must sum to 100 (r=60, r=30)",
+    ),
     "single-weight": ("route: [{destination: {host: r}, weight: 50}]", "weights sum to 50"),
-    "unknown": ("route: [{destination: {host: r, subsett: a}}]",
-                "spec.http[0].route[0].destination.subsett: unknown field; did you mean 'subset'?"),
-    "unsupported": ("route: [{destination: {host: r}}]\n    mirror: {host: shadow}",
-                    "spec.http[0].mirror: this mesh does not support it yet"),
-    "unsupported-match": ("match: [{queryParams: {a: {exact: b}}}]\n    route: [{destination: {host: r}}]",
-                          "spec.http[0].match[0].queryParams: this mesh does not support it yet"),
-    "regex": ("match: [{uri: {regex: '(a'}}]\n    route: [{destination: {host: r}}]",
-              "spec.http[0].match[0].uri.regex: invalid regular expression '(a'"),
-    "re2": ("match: [{headers: {x: {regex: '(?!a)b'}}}]\n    route: [{destination: {host: r}}]",
-            "spec.http[0].match[0].headers.x.regex: regular expression '(?!a)b' uses lookaround"),
-    "one-of": ("match: [{uri: {}}]\n    route: [{destination: {host: r}}]",
-               "spec.http[0].match[0].uri: set exactly one of exact, prefix or regex (got none)"),
+    "unknown": (
+        "route: [{destination: {host: r, subsett: a}}]",
+        "spec.http[0].route[0].destination.subsett: unknown field; did you mean 'subset'?",
+    ),
+    "unsupported": (
+        "route: [{destination: {host: r}}]\n    mirror: {host: shadow}",
+        "spec.http[0].mirror: this mesh does not support it yet",
+    ),
+    "unsupported-match": (
+        "match: [{queryParams: {a: {exact: b}}}]\n    route: [{destination: {host: r}}]",
+        "spec.http[0].match[0].queryParams: this mesh does not support it yet",
+    ),
+    "regex": (
+        "match: [{uri: {regex: '(a'}}]\n    route: [{destination: {host: r}}]",
+        "spec.http[0].match[0].uri.regex: invalid regular expression '(a'",
+    ),
+    "re2": (
+        "match: [{headers: {x: {regex: '(?!a)b'}}}]\n    route: [{destination: {host: r}}]",
+        "spec.http[0].match[0].headers.x.regex: regular expression '(?!a)b' uses lookaround",
+    ),
+    "one-of": (
+        "match: [{uri: {}}]\n    route: [{destination: {host: r}}]",
+        "spec.http[0].match[0].uri: set exactly one of exact, prefix or regex (got none)",
+    ),
     "no-action": ("timeout: 1s", "spec.http[0]: needs a route (destinations) or a redirect"),
-    "duration": ("route: [{destination: {host: r}}]\n    timeout: 5 seconds",
-                 "spec.http[0].timeout: '5 seconds' is not a duration"),
-    "redirect-code": ("redirect: {uri: /x, redirectCode: 200}", "spec.http[0].redirect.redirectCode: input should be 301"),
-    "header-case": ("match: [{headers: {End-User: {exact: a}}}]\n    route: [{destination: {host: r}}]",
-                    "header names are matched lowercase; write 'end-user'"),
-    "missing": ("route: [{weight: 100}]", "spec.http[0].route[0].destination: required field is missing"),
+    "duration": (
+        "route: [{destination: {host: r}}]\n    timeout: 5 seconds",
+        "spec.http[0].timeout: '5 seconds' is not a duration",
+    ),
+    "redirect-code": (
+        "redirect: {uri: /x, redirectCode: 200}",
+        "spec.http[0].redirect.redirectCode: input should be 301",
+    ),
+    "header-case": (
+        "match: [{headers: {End-User: {exact: a}}}]\n    route: [{destination: {host: r}}]",
+        "header names are matched lowercase; write 'end-user'",
+    ),
+    "missing": (
+        "route: [{weight: 100}]",
+        "spec.http[0].route[0].destination: required field is missing",
+    ),
 }
 
 
 @pytest.mark.parametrize("http, expected", CASES.values(), ids=CASES.keys())
 def test_virtual_service_refusals(http: str, expected: str) -> None:
     issues = refusal(VS.format(http=http))
-    assert any(issue.startswith("VirtualService default/r: ") and expected in issue for issue in issues), issues
+    assert any(
+        issue.startswith("VirtualService default/r: ") and expected in issue for issue in issues
+    ), issues
 
 
 def test_retries_are_kept_but_not_enforced() -> None:
-    [resource] = validate_documents(VS.format(http="route: [{destination: {host: r}}]\n    retries: {attempts: 2}"))
+    [resource] = validate_documents(
+        VS.format(http="route: [{destination: {host: r}}]\n    retries: {attempts: 2}")
+    )
     assert resource.not_enforced == ("spec.http[0].retries",)
     assert resource.body["spec"]["http"][0]["retries"] == {"attempts": 2}
 
@@ -137,23 +169,44 @@ def test_retries_are_kept_but_not_enforced() -> None:
         ("- 1", "expected a mapping with apiVersion, kind, metadata and spec"),
         ("kind: Gateway", "kind: Gateway is not supported yet"),
         ("kind: Frobnicator", "unknown kind 'Frobnicator'"),
-        ("apiVersion: networking.istio.io/v2\nkind: WorkloadEntry\nmetadata: {name: w}\nspec: {address: a}",
-         "WorkloadEntry default/w: apiVersion: 'networking.istio.io/v2' is not served"),
-        ("apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: W_1}\nspec: {address: a}",
-         "metadata.name: 'W_1' is not a valid name"),
-        ("apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: w}\nspec: {address: a}\nextra: 1",
-         "WorkloadEntry default/w: extra: unknown field"),
-        ("apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: w}\nspec: {address: a, labels: {version: 1}}",
-         "spec.labels.version: input should be a valid string (got 1)"),
-        ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\n"
-         "spec: {host: r, subsets: [{name: v1}, {name: v1}], trafficPolicy: {loadBalancer: {simple: LEAST_CONN}}}",
-         "DestinationRule default/d: spec.trafficPolicy.loadBalancer.simple: input should be 'ROUND_ROBIN'"),
-        ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\n"
-         "spec: {host: r, subsets: [{name: v1}, {name: v1}]}",
-         "spec.subsets[1].name: subset 'v1' is defined twice"),
-        ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s}\n"
-         "spec: {hosts: [a.com], resolution: STATIC, ports: [{number: 80, name: http}], endpoints: [{address: a.com, ports: {web: 80}}]}",
-         "spec.endpoints[0].address: 'a.com' is not an IP address"),
+        (
+            "apiVersion: networking.istio.io/v2\nkind: WorkloadEntry\nmetadata: {name: w}\nspec: {address: a}",
+            "WorkloadEntry default/w: apiVersion: 'networking.istio.io/v2' is not served",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: W_1}\nspec: {address: a}",
+            "metadata.name: 'W_1' is not a valid name",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: w}\nspec: {address: a}\nextra: 1",
+            "WorkloadEntry default/w: extra: unknown field",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: w}\nspec: {address: a, labels: {version: 1}}",
+            "spec.labels.version: input should be a valid string (got 1)",
+        ),
+        (
+            (
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\n"
+                "spec: {host: r, subsets: [{name: v1}, {name: v1}], trafficPolicy: {loadBalancer: {simple: LEAST_CONN}}}"
+            ),
+            "DestinationRule default/d: spec.trafficPolicy.loadBalancer.simple: input should be 'ROUND_ROBIN'",
+        ),
+        (
+            (
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\n"
+                "spec: {host: r, subsets: [{name: v1}, {name: v1}]}"
+            ),
+            "spec.subsets[1].name: subset 'v1' is defined twice",
+        ),
+        (
+            (
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s}\n"
+                "spec: {hosts: [a.com], resolution: STATIC, ports: [{number: 80, name: http}],"
+                " endpoints: [{address: a.com, ports: {web: 80}}]}"
+            ),
+            "spec.endpoints[0].address: 'a.com' is not an IP address",
+        ),
     ],
 )
 def test_document_refusals(text: str, expected: str) -> None:
@@ -170,7 +223,9 @@ def test_every_issue_is_reported_at_once_and_duplicates_are_refused() -> None:
 
 
 def test_subset_references_across_resources() -> None:
-    service = validate_documents(VS.format(http="route: [{destination: {host: r, subset: v2}}]"))[0].body
+    service = validate_documents(VS.format(http="route: [{destination: {host: r, subset: v2}}]"))[
+        0
+    ].body
     rule = {"kind": "DestinationRule", "metadata": {"name": "r", "namespace": "default"},
             "spec": {"host": "r", "subsets": [{"name": "v1"}]}}  # fmt: skip
     [issue] = check_references([service, rule])
@@ -179,9 +234,16 @@ def test_subset_references_across_resources() -> None:
         "by any DestinationRule (DestinationRule default/r defines v1)"
     )
     # A rule in another namespace with the same short host is a different service.
-    elsewhere = {**rule, "metadata": {"name": "r", "namespace": "other"}, "spec": {"host": "r", "subsets": [{"name": "v2"}]}}
+    elsewhere = {
+        **rule,
+        "metadata": {"name": "r", "namespace": "other"},
+        "spec": {"host": "r", "subsets": [{"name": "v2"}]},
+    }
     assert len(check_references([service, elsewhere])) == 1
-    wildcard = {**rule, "spec": {"host": "*.default.svc.cluster.local", "subsets": [{"name": "v2"}]}}
+    wildcard = {
+        **rule,
+        "spec": {"host": "*.default.svc.cluster.local", "subsets": [{"name": "v2"}]},
+    }
     assert check_references([service, wildcard]) == []
 
 

@@ -27,7 +27,9 @@ TokenOption = Annotated[
         help="API token. Default: the one `meshctl serve` wrote to the data dir.",
     ),
 ]
-NamespaceOption = Annotated[str, typer.Option("--namespace", "-n", help="The resources' namespace.")]
+NamespaceOption = Annotated[
+    str, typer.Option("--namespace", "-n", help="The resources' namespace.")
+]
 
 
 def connect(control_plane: str | None, token: str | None, command: str) -> Client:

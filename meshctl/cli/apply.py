@@ -21,7 +21,9 @@ def register(app: typer.Typer) -> None:
 def apply(
     filename: Annotated[
         str,
-        typer.Option("--filename", "-f", help="YAML file, one or more documents ('---'); '-' reads stdin."),
+        typer.Option(
+            "--filename", "-f", help="YAML file, one or more documents ('---'); '-' reads stdin."
+        ),
     ],
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Validate against the control plane, store nothing.")
@@ -63,6 +65,9 @@ def _read(filename: str) -> bytes:
         typer.echo(f"meshctl apply: cannot read {filename}: {error.strerror or error}", err=True)
         raise typer.Exit(INVALID_INPUT) from None
     if len(data) > MAX_INPUT:
-        typer.echo(f"meshctl apply: {filename} is over {MAX_INPUT // (1024 * 1024)} MiB; split it", err=True)
+        typer.echo(
+            f"meshctl apply: {filename} is over {MAX_INPUT // (1024 * 1024)} MiB; split it",
+            err=True,
+        )
         raise typer.Exit(INVALID_INPUT)
     return data

@@ -6,7 +6,13 @@ from typing import Annotated
 
 import typer
 
-from meshctl.cli._control_plane import ControlPlaneOption, NamespaceOption, TokenOption, connect, fail
+from meshctl.cli._control_plane import (
+    ControlPlaneOption,
+    NamespaceOption,
+    TokenOption,
+    connect,
+    fail,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -14,12 +20,20 @@ def register(app: typer.Typer) -> None:
 
 
 def delete(
-    kind: Annotated[str, typer.Argument(help="VirtualService (vs), DestinationRule (dr), ServiceEntry (se), WorkloadEntry (we).")],
+    kind: Annotated[
+        str,
+        typer.Argument(
+            help="VirtualService (vs), DestinationRule (dr), ServiceEntry (se), WorkloadEntry (we)."
+        ),
+    ],
     name: Annotated[str, typer.Argument(help="The resource's name.")],
     namespace: NamespaceOption = "default",
     resource_version: Annotated[
         int | None,
-        typer.Option("--resource-version", help="Refuse (exit 3) unless the resource is still at this version."),
+        typer.Option(
+            "--resource-version",
+            help="Refuse (exit 3) unless the resource is still at this version.",
+        ),
     ] = None,
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,

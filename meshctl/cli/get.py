@@ -8,7 +8,13 @@ from typing import Annotated, Any
 
 import typer
 
-from meshctl.cli._control_plane import ControlPlaneOption, NamespaceOption, TokenOption, connect, fail
+from meshctl.cli._control_plane import (
+    ControlPlaneOption,
+    NamespaceOption,
+    TokenOption,
+    connect,
+    fail,
+)
 
 
 class Output(str, Enum):
@@ -22,13 +28,22 @@ def register(app: typer.Typer) -> None:
 
 
 def get(
-    kind: Annotated[str, typer.Argument(help="VirtualService (vs), DestinationRule (dr), ServiceEntry (se), WorkloadEntry (we).")],
-    name: Annotated[str | None, typer.Argument(help="One resource; all of the kind when omitted.")] = None,
+    kind: Annotated[
+        str,
+        typer.Argument(
+            help="VirtualService (vs), DestinationRule (dr), ServiceEntry (se), WorkloadEntry (we)."
+        ),
+    ],
+    name: Annotated[
+        str | None, typer.Argument(help="One resource; all of the kind when omitted.")
+    ] = None,
     namespace: NamespaceOption = "default",
     all_namespaces: Annotated[
         bool, typer.Option("--all-namespaces", "-A", help="List every namespace.")
     ] = False,
-    output: Annotated[Output, typer.Option("--output", "-o", help="table, yaml or json.")] = Output.table,
+    output: Annotated[
+        Output, typer.Option("--output", "-o", help="table, yaml or json.")
+    ] = Output.table,
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -64,13 +79,24 @@ def _table(items: list[dict[str, Any]]) -> str:
     rows = [("KIND", "NAMESPACE", "NAME", "HOSTS", "VERSION", "STATUS")]
     for item in items:
         spec, meta = item["spec"], item["metadata"]
-        hosts = spec.get("hosts") or ([spec["host"]] if "host" in spec else [spec.get("address", "")])
+        hosts = spec.get("hosts") or (
+            [spec["host"]] if "host" in spec else [spec.get("address", "")]
+        )
         rows.append(
-            (item["kind"], meta["namespace"], meta["name"], ",".join(hosts), meta["resourceVersion"], status_summary(item))
+            (
+                item["kind"],
+                meta["namespace"],
+                meta["name"],
+                ",".join(hosts),
+                meta["resourceVersion"],
+                status_summary(item),
+            )
         )
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1]
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+        + "  "
+        + row[-1]
         for row in rows
     )
 
@@ -80,7 +106,9 @@ def status_summary(item: dict[str, Any]) -> str:
     status = item.get("status", {})
     version = int(item["metadata"]["resourceVersion"])
     sidecars = status.get("sidecars", {})
-    accepted = [sid for sid, s in sidecars.items() if s["state"] == "accepted" and s["version"] == version]
+    accepted = [
+        sid for sid, s in sidecars.items() if s["state"] == "accepted" and s["version"] == version
+    ]
     rejected = {sid: s.get("reason", "") for sid, s in sidecars.items() if s["state"] == "rejected"}
     pending = len(sidecars) - len(accepted) - len(rejected)
     parts = []

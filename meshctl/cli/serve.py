@@ -27,14 +27,18 @@ def serve(
     ] = None,
     api_host: Annotated[
         str,
-        typer.Option(help="Address the REST API listens on. Loopback by default: the token travels in clear until TLS arrives."),
+        typer.Option(
+            help="Address the REST API listens on. Loopback by default: the token travels in clear until TLS arrives."
+        ),
     ] = "127.0.0.1",
     api_port: Annotated[
         int, typer.Option(min=0, max=65535, help="REST API port (0 picks a free one).")
     ] = DEFAULT_API_PORT,
     token_file: Annotated[
         Path | None,
-        typer.Option(help="API token file, created (0600) at first start. Default: api-token in the data dir."),
+        typer.Option(
+            help="API token file, created (0600) at first start. Default: api-token in the data dir."
+        ),
     ] = None,
 ) -> None:
     """Run the control plane until SIGTERM or Ctrl-C.
@@ -61,7 +65,9 @@ def serve(
     except (StoreError, TokenError, ValueError, OSError, BaseExceptionGroup) as error:
         # trio's nurseries wrap startup failures in exception groups; show the failure itself.
         leaves = _leaves(error)
-        if not all(isinstance(leaf, (StoreError, TokenError, ValueError, OSError)) for leaf in leaves):
+        if not all(
+            isinstance(leaf, (StoreError, TokenError, ValueError, OSError)) for leaf in leaves
+        ):
             raise
         for leaf in leaves:
             if isinstance(leaf, OSError) and leaf.filename is None:

@@ -107,17 +107,25 @@ class _Server:
             return event.status, event.as_json(), True
         assert isinstance(event, h11.Request)
         # h11 bounds only a head still arriving; one that came in a single read is checked here.
-        head_size = len(event.target) + sum(len(name) + len(value) + 4 for name, value in event.headers)
+        head_size = len(event.target) + sum(
+            len(name) + len(value) + 4 for name, value in event.headers
+        )
         if head_size > self.limits.max_header:
             error = ApiError("too_large", f"request headers over {self.limits.max_header} bytes")
             return error.status, error.as_json(), True
         headers = dict(event.headers)
         target = urlsplit(event.target.decode("ascii", "replace"))
-        request = Request(event.method.decode("ascii", "replace"), unquote(target.path), dict(parse_qsl(target.query)))
+        request = Request(
+            event.method.decode("ascii", "replace"),
+            unquote(target.path),
+            dict(parse_qsl(target.query)),
+        )
         if request.path != "/healthz" and not authorized(headers.get(b"authorization"), self.token):
             log.warning("%s %s: 401 (missing or wrong token)", request.method, request.path)
             # Close instead of reading the body: an unauthenticated client gets no buffer space.
-            error = ApiError("unauthorized", "missing or wrong API token (Authorization: Bearer <token>)")
+            error = ApiError(
+                "unauthorized", "missing or wrong API token (Authorization: Bearer <token>)"
+            )
             return error.status, error.as_json(), True
         declared = headers.get(b"content-length")
         if declared is not None and int(declared) > self.limits.max_body:
@@ -185,7 +193,11 @@ async def _linger(stream: trio.SocketStream, budget: int) -> None:
 
 
 async def _send(
-    stream: trio.SocketStream, connection: h11.Connection, status: int, body: dict[str, Any], close: bool
+    stream: trio.SocketStream,
+    connection: h11.Connection,
+    status: int,
+    body: dict[str, Any],
+    close: bool,
 ) -> None:
     if connection.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         raise _Close

@@ -120,7 +120,10 @@ class Api:
             puts = [Put(r.ref, r.body, r.expected_version, r.not_enforced) for r in resources]
             try:
                 if dry_run:
-                    revision, results = self.store.revision, [_preview(put, current) for put in puts]
+                    revision, results = (
+                        self.store.revision,
+                        [_preview(put, current) for put in puts],
+                    )
                 else:
                     revision, writes = await self.store.write(puts)
                     results = [(w.ref, w.action, w.version) for w in writes]
@@ -131,7 +134,12 @@ class Api:
             "revision": revision,
             "dryRun": dry_run,
             "results": [
-                {**_ref_json(ref), "action": action, "version": version, "notEnforced": list(not_enforced[ref])}
+                {
+                    **_ref_json(ref),
+                    "action": action,
+                    "version": version,
+                    "notEnforced": list(not_enforced[ref]),
+                }
                 for ref, action, version in results
             ],
         }
@@ -144,14 +152,19 @@ class Api:
                 raise ApiError("not_found", f"{ref} not found")
             issues = check_references(state.values())
             if issues:
-                raise ApiError("invalid", f"deleting {ref} would leave routes to undefined subsets", issues)
+                raise ApiError(
+                    "invalid", f"deleting {ref} would leave routes to undefined subsets", issues
+                )
             try:
                 revision, results = await self.store.write([Delete(ref, expected_version)])
             except StaleVersion as stale:
                 raise ApiError("conflict", str(stale)) from None
             except NotFound as missing:
                 raise ApiError("not_found", str(missing)) from None
-        return {"revision": revision, "results": [{**_ref_json(ref), "action": "deleted", "version": results[0].version}]}
+        return {
+            "revision": revision,
+            "results": [{**_ref_json(ref), "action": "deleted", "version": results[0].version}],
+        }
 
     async def get(self, ref: ResourceRef) -> dict[str, Any]:
         item = await self.store.get(ref)
@@ -217,7 +230,9 @@ def _kind(name: str) -> str:
 
 def _allow(request: Request, method: str) -> None:
     if request.method != method:
-        raise ApiError("method_not_allowed", f"{request.method} is not allowed on {request.path}; use {method}")
+        raise ApiError(
+            "method_not_allowed", f"{request.method} is not allowed on {request.path}; use {method}"
+        )
 
 
 def _flag(query: dict[str, str], name: str) -> bool:

@@ -35,7 +35,9 @@ def read_token(path: Path, check_mode: bool = False) -> str:
             mode = stat.S_IMODE(path.stat().st_mode)
             if mode & 0o077:
                 # Like ssh with a private key: a readable token is a leaked token.
-                raise TokenError(f"token file {path} is accessible by others (mode {mode:04o}); run chmod 600 {path}")
+                raise TokenError(
+                    f"token file {path} is accessible by others (mode {mode:04o}); run chmod 600 {path}"
+                )
         token = path.read_text().strip()
     except FileNotFoundError:
         raise TokenError(

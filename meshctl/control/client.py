@@ -19,7 +19,9 @@ TIMEOUT = 60.0  # an apply of thousands of resources is validated in seconds, no
 class ClientError(Exception):
     """A refusal or failure, with the exit code the CLI should end with."""
 
-    def __init__(self, message: str, exit_code: int = 1, details: list[dict[str, str]] | None = None) -> None:
+    def __init__(
+        self, message: str, exit_code: int = 1, details: list[dict[str, str]] | None = None
+    ) -> None:
         super().__init__(message)
         self.message, self.exit_code, self.details = message, exit_code, details or []
 
@@ -69,11 +71,15 @@ class Client:
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
         return self._call("GET", _resource_path(kind, namespace, name))
 
-    def delete(self, kind: str, namespace: str, name: str, version: int | None = None) -> dict[str, Any]:
+    def delete(
+        self, kind: str, namespace: str, name: str, version: int | None = None
+    ) -> dict[str, Any]:
         query = f"?version={version}" if version is not None else ""
         return self._call("DELETE", _resource_path(kind, namespace, name) + query)
 
-    def _call(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None) -> dict[str, Any]:
+    def _call(
+        self, method: str, path: str, body: bytes | None = None, content_type: str | None = None
+    ) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
@@ -95,15 +101,18 @@ class Client:
         try:
             answer = json.loads(raw)
         except ValueError:
-            raise ClientError(f"the control plane at {where} answered {response.status} with no JSON body") from None
+            raise ClientError(
+                f"the control plane at {where} answered {response.status} with no JSON body"
+            ) from None
         if response.status >= 400:
             error = answer.get("error", {}) if isinstance(answer, dict) else {}
             raise ClientError(
-                error.get("message", f"HTTP {response.status}"), error.get("exit_code", 1), error.get("details")
+                error.get("message", f"HTTP {response.status}"),
+                error.get("exit_code", 1),
+                error.get("details"),
             )
         return answer
 
 
 def _resource_path(kind: str, namespace: str, name: str) -> str:
     return f"/v1/resources/{quote(kind)}/{quote(namespace, safe='')}/{quote(name, safe='')}"
-

@@ -8,7 +8,7 @@ the same nursery with the open store, so the ADS server (meshctl/control/ads.py)
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ class PlaneOptions:
     api_host: str
     api_port: int
     token_path: Path
-    limits: Limits = Limits()
+    limits: Limits = field(default_factory=Limits)
 
 
 def open_store(url: str) -> Store:

@@ -121,7 +121,9 @@ class Store(abc.ABC):
     async def get(self, ref: ResourceRef) -> StoredResource | None: ...
 
     @abc.abstractmethod
-    async def list(self, kind: str | None = None, namespace: str | None = None) -> list[StoredResource]:
+    async def list(
+        self, kind: str | None = None, namespace: str | None = None
+    ) -> list[StoredResource]:
         """Resources sorted by kind, namespace, name; None means every kind or namespace."""
 
     @abc.abstractmethod
@@ -142,7 +144,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def set_status(
-        self, ref: ResourceRef, sidecar_id: str, version: int, accepted: bool, reason: str | None = None
+        self,
+        ref: ResourceRef,
+        sidecar_id: str,
+        version: int,
+        accepted: bool,
+        reason: str | None = None,
     ) -> None:
         """Record a sidecar's ACK (accepted) or NACK (rejected, with its error detail)."""
 
@@ -151,7 +158,9 @@ class Store(abc.ABC):
         """Drop a sidecar's statuses (it disconnected for good)."""
 
     @abc.abstractmethod
-    async def statuses(self, refs: Sequence[ResourceRef]) -> dict[ResourceRef, list[SidecarStatus]]: ...
+    async def statuses(
+        self, refs: Sequence[ResourceRef]
+    ) -> dict[ResourceRef, list[SidecarStatus]]: ...
 
     @abc.abstractmethod
     async def aclose(self) -> None: ...

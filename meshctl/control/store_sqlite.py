@@ -95,7 +95,9 @@ class SqliteStore(Store):
         try:
             connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=FULL")  # an acknowledged apply survives power loss
+            connection.execute(
+                "PRAGMA synchronous=FULL"
+            )  # an acknowledged apply survives power loss
             connection.executescript(_SCHEMA)
         except sqlite3.DatabaseError as error:
             os.close(lock_file)
@@ -122,7 +124,9 @@ class SqliteStore(Store):
 
         return await self._run(read)
 
-    async def list(self, kind: str | None = None, namespace: str | None = None) -> list[StoredResource]:
+    async def list(
+        self, kind: str | None = None, namespace: str | None = None
+    ) -> list[StoredResource]:
         def read() -> list[StoredResource]:
             rows = self._db.execute(
                 f"SELECT {_COLUMNS} FROM resources WHERE (?1 IS NULL OR kind = ?1) "
@@ -176,8 +180,12 @@ class SqliteStore(Store):
                 if isinstance(write, Delete):
                     if row is None:
                         raise NotFound(ref)
-                    db.execute("DELETE FROM resources WHERE kind = ? AND namespace = ? AND name = ?", key)
-                    db.execute("DELETE FROM status WHERE kind = ? AND namespace = ? AND name = ?", key)
+                    db.execute(
+                        "DELETE FROM resources WHERE kind = ? AND namespace = ? AND name = ?", key
+                    )
+                    db.execute(
+                        "DELETE FROM status WHERE kind = ? AND namespace = ? AND name = ?", key
+                    )
                     results.append(WriteResult(ref, "deleted", new))
                     events.append((new, "delete", *key))
                     continue
@@ -211,7 +219,9 @@ class SqliteStore(Store):
             try:
                 current = self._meta("revision")
                 oldest = self._db.execute("SELECT MIN(revision) FROM events").fetchone()[0]
-                if revision > current or (revision < current and (oldest is None or oldest > revision + 1)):
+                if revision > current or (
+                    revision < current and (oldest is None or oldest > revision + 1)
+                ):
                     return ChangeBatch(current, (), resync=True)
                 rows = self._db.execute(
                     "SELECT revision, type, kind, namespace, name FROM events "
@@ -226,14 +236,25 @@ class SqliteStore(Store):
         return await self._run(read)
 
     async def set_status(
-        self, ref: ResourceRef, sidecar_id: str, version: int, accepted: bool, reason: str | None = None
+        self,
+        ref: ResourceRef,
+        sidecar_id: str,
+        version: int,
+        accepted: bool,
+        reason: str | None = None,
     ) -> None:
         row = (ref.kind, ref.namespace, ref.name, sidecar_id, version,
                "accepted" if accepted else "rejected", reason, time.time())  # fmt: skip
-        await self._run(lambda: self._db.execute("INSERT OR REPLACE INTO status VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row))
+        await self._run(
+            lambda: self._db.execute(
+                "INSERT OR REPLACE INTO status VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row
+            )
+        )
 
     async def forget_sidecar(self, sidecar_id: str) -> None:
-        await self._run(lambda: self._db.execute("DELETE FROM status WHERE sidecar_id = ?", (sidecar_id,)))
+        await self._run(
+            lambda: self._db.execute("DELETE FROM status WHERE sidecar_id = ?", (sidecar_id,))
+        )
 
     async def statuses(self, refs: Sequence[ResourceRef]) -> dict[ResourceRef, list[SidecarStatus]]:
         wanted = set(refs)
@@ -261,5 +282,9 @@ _COLUMNS = "kind, namespace, name, version, created_version, body, not_enforced"
 
 def _resource(row: Any) -> StoredResource:
     return StoredResource(
-        ResourceRef(row[0], row[1], row[2]), json.loads(row[5]), row[3], row[4], tuple(json.loads(row[6]))
+        ResourceRef(row[0], row[1], row[2]),
+        json.loads(row[5]),
+        row[3],
+        row[4],
+        tuple(json.loads(row[6])),
     )

@@ -52,7 +52,9 @@ LabelName = Annotated[str, AfterValidator(_label_name)]
 def _resource_version(value: Any) -> Any:
     # Kubernetes writes versions as strings; a hand-written integer means the same thing.
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError("must be a version number, as `meshctl get -o yaml` shows it")
+        # ValueError, not TypeError: pydantic turns only ValueError into a field-path error.
+        message = "must be a version number, as `meshctl get -o yaml` shows it"
+        raise ValueError(message)  # noqa: TRY004
     text = str(value)
     if not text.isdigit():
         raise ValueError(f"{value!r} is not a version number")

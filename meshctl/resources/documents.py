@@ -49,7 +49,13 @@ def parse_documents(text: str, max_documents: int = 5000) -> list[Document]:
                 continue
             if len(documents) >= max_documents:
                 raise ValidationFailed(
-                    [Issue(f"document {index}", "", f"more than {max_documents} documents in one apply")]
+                    [
+                        Issue(
+                            f"document {index}",
+                            "",
+                            f"more than {max_documents} documents in one apply",
+                        )
+                    ]
                 )
             documents.append(Document(index, line, data))
     except yaml.MarkedYAMLError as error:
@@ -59,7 +65,9 @@ def parse_documents(text: str, max_documents: int = 5000) -> list[Document]:
         problem = error.problem or error.context or "malformed"
         raise ValidationFailed([Issue(where, "", f"malformed YAML{position}: {problem}")]) from None
     except yaml.YAMLError as error:
-        raise ValidationFailed([Issue(f"document {index or 1}", "", f"malformed YAML: {error}")]) from None
+        raise ValidationFailed(
+            [Issue(f"document {index or 1}", "", f"malformed YAML: {error}")]
+        ) from None
     except RecursionError:
         raise ValidationFailed(
             [Issue(f"document {index or 1}", "", "malformed YAML: nested too deeply")]

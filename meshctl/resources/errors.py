@@ -26,7 +26,11 @@ class Issue:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.where}: {self.field}: {self.reason}" if self.field else f"{self.where}: {self.reason}"
+        return (
+            f"{self.where}: {self.field}: {self.reason}"
+            if self.field
+            else f"{self.where}: {self.reason}"
+        )
 
     def as_json(self) -> dict[str, str]:
         return {"resource": self.where, "field": self.field, "reason": self.reason}

@@ -50,7 +50,11 @@ def validate_documents(text: str) -> list[Resource]:
             continue
         if resource.ref in seen:
             issues.append(
-                Issue(str(resource.ref), "", f"appears twice in one apply ({seen[resource.ref].where})")
+                Issue(
+                    str(resource.ref),
+                    "",
+                    f"appears twice in one apply ({seen[resource.ref].where})",
+                )
             )
         seen[resource.ref] = document
         resources.append(resource)
@@ -70,16 +74,22 @@ def validate_document(document: Document) -> Resource:
     if not isinstance(kind, str):
         raise ValidationFailed([Issue(where, "kind", "required, e.g. VirtualService")])
     if kind in LATER_KINDS:
-        raise ValidationFailed([Issue(where, "kind", f"{kind} is not supported yet: {LATER_KINDS[kind]}")])
+        raise ValidationFailed(
+            [Issue(where, "kind", f"{kind} is not supported yet: {LATER_KINDS[kind]}")]
+        )
     info = KINDS.get(kind)
     if info is None:
         known = ", ".join(KINDS)
-        raise ValidationFailed([Issue(where, "kind", f"unknown kind {kind!r}; known kinds: {known}")])
+        raise ValidationFailed(
+            [Issue(where, "kind", f"unknown kind {kind!r}; known kinds: {known}")]
+        )
 
     # Name the resource as early as possible: every later message then says which one it is.
     metadata_raw = data.get("metadata")
     raw_name = metadata_raw.get("name") if isinstance(metadata_raw, dict) else None
-    raw_namespace = metadata_raw.get("namespace", "default") if isinstance(metadata_raw, dict) else None
+    raw_namespace = (
+        metadata_raw.get("namespace", "default") if isinstance(metadata_raw, dict) else None
+    )
     if isinstance(raw_name, str) and isinstance(raw_namespace, str):
         where = f"{kind} {raw_namespace}/{raw_name}"
     issues: list[Issue] = []
@@ -87,11 +97,21 @@ def validate_document(document: Document) -> Resource:
     api_version = data.get("apiVersion")
     if api_version not in API_VERSIONS:
         issues.append(
-            Issue(where, "apiVersion", f"{api_version!r} is not served; use {GROUP}/v1 (or v1beta1, v1alpha3)")
+            Issue(
+                where,
+                "apiVersion",
+                f"{api_version!r} is not served; use {GROUP}/v1 (or v1beta1, v1alpha3)",
+            )
         )
     for key in data:
         if key not in _TOP_LEVEL:
-            issues.append(Issue(where, str(key), "unknown field; a resource has apiVersion, kind, metadata, spec"))
+            issues.append(
+                Issue(
+                    where,
+                    str(key),
+                    "unknown field; a resource has apiVersion, kind, metadata, spec",
+                )
+            )
 
     metadata = _model(Metadata, metadata_raw, where, ("metadata",), issues)
     spec = _model(info.spec, data.get("spec"), where, ("spec",), issues)
@@ -151,7 +171,9 @@ def marked_fields(
         yield from _marked_in(value, here)
 
 
-def _marked_in(value: Any, at: tuple[str | int, ...]) -> Iterator[tuple[str, Unsupported | NotEnforced]]:
+def _marked_in(
+    value: Any, at: tuple[str | int, ...]
+) -> Iterator[tuple[str, Unsupported | NotEnforced]]:
     if isinstance(value, BaseModel):
         yield from marked_fields(value, at)
     elif isinstance(value, list):
@@ -175,7 +197,9 @@ def check_references(bodies: Iterable[Mapping[str, Any]]) -> list[Issue]:
         if body["kind"] == "DestinationRule":
             host = canonical_host(body["spec"]["host"], meta["namespace"])
             names = {subset["name"] for subset in body["spec"].get("subsets") or []}
-            subsets_by_host.setdefault(host, []).append((f"{meta['namespace']}/{meta['name']}", names))
+            subsets_by_host.setdefault(host, []).append(
+                (f"{meta['namespace']}/{meta['name']}", names)
+            )
         elif body["kind"] == "VirtualService":
             services.append(body)
     issues = []

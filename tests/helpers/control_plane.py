@@ -21,7 +21,11 @@ class ControlPlane:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "XDG_DATA_HOME": str(self.data_dir), "MESHCTL_CONTROL_PLANE": self.address}
+        return {
+            **os.environ,
+            "XDG_DATA_HOME": str(self.data_dir),
+            "MESHCTL_CONTROL_PLANE": self.address,
+        }
 
     @property
     def token_path(self) -> Path:
@@ -31,11 +35,14 @@ class ControlPlane:
     def store_path(self) -> Path:
         return self.data_dir / "meshctl" / "store.db"
 
-    def meshctl(self, *args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def meshctl(
+        self, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "meshctl", *args],
             input=stdin,
             capture_output=True,
+            check=False,
             text=True,
             env=env or self.env,
             timeout=30,
