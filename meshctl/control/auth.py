@@ -18,13 +18,19 @@ def ensure_token(path: Path) -> str:
     path = path.expanduser()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     token = secrets.token_urlsafe(32)
+    # Written whole under a temporary name, then linked into place: link() fails if the token
+    # already exists (two servers starting at once keep one token), and a crash mid-write never
+    # leaves an empty token file behind.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        # O_EXCL: two servers starting at once must not both write (and disagree on) the token.
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(token + "\n")
+        os.link(temporary, path)
     except FileExistsError:
         return read_token(path, check_mode=True)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(token + "\n")
+    finally:
+        temporary.unlink(missing_ok=True)
     return token
 
 
