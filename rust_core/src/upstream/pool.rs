@@ -30,10 +30,22 @@ impl fmt::Display for UpstreamError {
         match self {
             UpstreamError::ConnectTimeout => write!(f, "connection timeout"),
             UpstreamError::ConnectFailed(e) => write!(f, "connection failure ({e})"),
-            UpstreamError::Handshake(e) => write!(f, "protocol error ({e})"),
-            UpstreamError::Reset(e) => write!(f, "remote reset ({e})"),
+            UpstreamError::Handshake(e) => write!(f, "protocol error ({})", with_causes(e)),
+            UpstreamError::Reset(e) => write!(f, "remote reset ({})", with_causes(e)),
         }
     }
+}
+
+/// hyper's errors say "http2 error"; the cause underneath says which one.
+fn with_causes(error: &hyper::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 #[derive(Clone)]
@@ -206,6 +218,11 @@ impl Pool {
             .initial_connection_window_size(4 * 1024 * 1024)
             .max_header_list_size(self.0.max_response_headers_bytes as u32)
             .keep_alive_interval(Duration::from_secs(30))
+            // h2 counts a stream it cancels itself (a response body dropped before its end, as
+            // when a downstream client goes away) as a "local error reset" and closes the whole
+            // connection after 1024 of them. A proxy cancels streams routinely; that guard is for
+            // servers facing abusive peers, not for a client of its own upstream.
+            .max_local_error_reset_streams(None)
             .handshake(io)
             .await
             .map_err(UpstreamError::Handshake)?;
