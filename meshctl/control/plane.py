@@ -34,7 +34,11 @@ class PlaneOptions:
 
 
 def open_store(url: str) -> Store:
-    """The store a --store URL names (SQLite now; etcd plugs in here later)."""
+    """The store a --store URL names: a SQLite file, or an etcd cluster shared for HA."""
+    if url.startswith("etcd://"):
+        from meshctl.control.store_etcd import EtcdStore  # only HA setups pay for its imports
+
+        return EtcdStore.from_url(url)
     return SqliteStore.open(parse_store_url(url))
 
 
@@ -48,6 +52,7 @@ async def run_control_plane(
     store = open_store(options.store_url)
     try:
         async with trio.open_nursery() as nursery:
+            await nursery.start(store.serve)  # etcd: connected and watching before the API opens
             host, port = await nursery.start(
                 serve_api, store, token, options.api_host, options.api_port, options.limits
             )

@@ -165,6 +165,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None: ...
 
+    async def serve(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the backend's own background work until cancelled; the control plane starts it
+        before anything uses the store. etcd follows its watch and keeps a lease here; SQLite
+        has nothing to run, so it reports ready and returns."""
+        task_status.started(None)
+
     def _notify(self) -> None:
         """Backends call this after every commit that bumped the revision."""
         self._changed.set()
