@@ -193,29 +193,46 @@ async def test_unreachable_etcd_names_every_endpoint() -> None:
         parse_etcd_url("etcd://a:b")
 
 
-async def test_a_killed_member_does_not_stop_writes_or_watches(tmp_path: Path) -> None:
+async def test_a_killed_leader_does_not_stop_writes_or_watches(tmp_path: Path) -> None:
     cluster = start_cluster(tmp_path / "etcd")
     try:
-        # Both planes prefer member 0, so its death forces each to fail over (writes and watch).
-        url = cluster.url("failover", order=[0, 1, 2])
+        # Both planes prefer the leader, so its death forces each to fail over (writes and
+        # watch) while the other two elect a new one.
+        leader = cluster.leader()
+        url = cluster.url("failover", order=[leader, *(i for i in range(3) if i != leader)])
         async with open_etcd_store(url) as plane_a, open_etcd_store(url) as plane_b:
-            watch_a, watch_b = plane_a.watch(plane_a.revision), plane_b.watch(plane_b.revision)
-            with trio.fail_after(5):
-                revision, _ = await plane_a.write([Put(VS, body(VS, {"n": 0}))])
-                assert (await anext(watch_b)).revision == revision
-                assert (await anext(watch_a)).revision == revision
-            cluster.members[0].kill()
-            with trio.fail_after(20):
-                after_kill, _ = await plane_a.write([Put(VS, body(VS, {"n": 1}))])
-                batch = await anext(watch_b)
-                assert [(e.revision, e.ref) for e in batch.events] == [(after_kill, VS)]
+            written: list[int] = []
+            seen_by_b: list[int] = []
+
+            async def write_steadily() -> None:
+                for n in range(40):  # every one must succeed: a failed write fails the test
+                    revision, _ = await plane_a.write([Put(VS, body(VS, {"n": n}))])
+                    written.append(revision)
+                    await trio.sleep(0.02)
+
+            async def follow_b(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                watched = plane_b.watch(plane_b.revision)
+                task_status.started()
+                async for batch in watched:
+                    assert not batch.resync  # resumed from its last revision: nothing lost
+                    seen_by_b.extend(event.revision for event in batch.events)
+                    if len(seen_by_b) == 40:
+                        return
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(follow_b)
+                    nursery.start_soon(write_steadily)
+                    while len(written) < 10:
+                        await trio.sleep(0.01)
+                    cluster.members[leader].kill()
+            assert seen_by_b == written and len(written) == 40
+            # And the other way: plane A's own watch moved off the dead member too.
+            watch_a = plane_a.watch(plane_a.revision)
+            with trio.fail_after(10):
                 from_b, _ = await plane_b.write([Put(DR, body(DR, {}))])
-                events = []
-                while from_b not in [e.revision for e in events]:
-                    batch = await anext(watch_a)
-                    assert not batch.resync  # resumed from its last revision, nothing lost
-                    events += batch.events
-                assert [(e.revision, e.ref) for e in events] == [(after_kill, VS), (from_b, DR)]
+                batch = await anext(watch_a)
+                assert [(e.revision, e.ref) for e in batch.events] == [(from_b, DR)]
     finally:
         cluster.stop()
 

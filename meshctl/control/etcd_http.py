@@ -32,7 +32,10 @@ class HttpConnection:
         try:
             stream = await trio.open_tcp_stream(host, port)
         except OSError as error:
-            raise TransportError(f"cannot connect: {error.strerror or error}") from None
+            # trio says "all attempts failed" and keeps the reasons (refused, unreachable) in a group.
+            causes = getattr(error.__cause__, "exceptions", ())
+            reason = causes[-1] if causes and isinstance(causes[-1], OSError) else error
+            raise TransportError(f"cannot connect: {reason.strerror or reason}") from None
         return cls(stream, f"{host}:{port}")
 
     @property
@@ -99,7 +102,7 @@ class HttpConnection:
             try:
                 event = self._h11.next_event()
             except h11.RemoteProtocolError as error:
-                raise TransportError(f"malformed HTTP from etcd: {error}") from None
+                raise TransportError(f"connection broke mid-response: {error}") from None
             if event is h11.NEED_DATA:
                 try:
                     data = await self._stream.receive_some(_READ_SIZE)

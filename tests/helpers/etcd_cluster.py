@@ -89,6 +89,15 @@ class EtcdCluster:
     def compact(self, revision: int) -> None:
         self.call("kv/compaction", {"revision": str(revision), "physical": True})
 
+    def leader(self) -> int:
+        """The index of the member that leads now."""
+        for index, member in enumerate(self.members):
+            if member.running():
+                status = self.call("maintenance/status", {}, member=index)
+                if status["header"]["member_id"] == status.get("leader"):
+                    return index
+        raise RuntimeError("no etcd member is the leader")
+
     def healthy(self, member: Member) -> bool:
         try:
             with urllib.request.urlopen(f"http://{member.endpoint}/health", timeout=1) as response:
