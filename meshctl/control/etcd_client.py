@@ -237,7 +237,7 @@ class EtcdClient:
         raise error
 
     async def range(
-        self, key: bytes, range_end: bytes = b"", *, keys_only: bool = False
+        self, key: bytes, range_end: bytes = b"", *, keys_only: bool = False, limit: int = 0
     ) -> tuple[int, list[KeyValue]]:
         """(revision the answer is consistent at, the keys in [key, range_end))."""
         request: dict[str, Any] = {"key": b64(key)}
@@ -245,6 +245,8 @@ class EtcdClient:
             request["range_end"] = b64(range_end)
         if keys_only:
             request["keys_only"] = True
+        if limit:
+            request["limit"] = str(limit)
         response = await self.call("kv/range", request)
         return header_revision(response), key_values(response)
 

@@ -164,8 +164,9 @@ class EtcdStore(Store):
 
     async def _reload(self) -> None:
         """Start (or restart, after compaction) from the cluster's current revision."""
+        # Only the revision matters here; one key keeps the answer small however big the mesh.
         revision, _ = await self._client.range(
-            self._resources, prefix_end(self._resources), keys_only=True
+            self._resources, prefix_end(self._resources), keys_only=True, limit=1
         )
         self._log.clear()
         self._log_floor = revision
