@@ -23,6 +23,7 @@ need curl curl
 need h2load nghttp2-client
 need nghttp nghttp2-client
 need ip iproute2
+need iptables iptables
 need etcd etcd-server
 if [ "${#missing[@]}" -gt 0 ]; then
     # Another session on this machine may hold the dpkg lock for a while: wait, don't fail.

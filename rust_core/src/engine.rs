@@ -51,6 +51,8 @@ struct EngineState {
     metrics: Arc<Metrics>,
     deps: Arc<ListenerDeps>,
     listeners: Mutex<BTreeMap<String, ListenerHandle>>,
+    /// Listeners with `bind_to_port: false`: no socket, only connections handed over to them.
+    handoff_listeners: Mutex<BTreeMap<String, Arc<ListenerConfig>>>,
     /// Endpoints received through EDS, kept even before (or after) their cluster exists.
     assignments: Mutex<HashMap<String, Vec<EndpointConfig>>>,
     /// Serializes apply/remove so each is one consistent step.
@@ -68,8 +70,9 @@ impl Engine {
             Some(address) => Some(listener::bind(address).map_err(io_error(format!("admin address {address}")))?),
             None => None,
         };
-        let mut sockets = Vec::with_capacity(config.listeners.len());
-        for l in &config.listeners {
+        let (bound, handoff): (Vec<_>, Vec<_>) = config.listeners.into_iter().partition(|l| l.bind_to_port);
+        let mut sockets = Vec::with_capacity(bound.len());
+        for l in &bound {
             sockets.push(listener::bind(l.address).map_err(io_error(format!("listener {:?} on {}", l.name, l.address)))?);
         }
         let runtime = EngineRuntime::start(options.worker_threads).map_err(io_error("starting the runtime".into()))?;
@@ -79,6 +82,7 @@ impl Engine {
             registry,
             metrics,
             listeners: Mutex::new(BTreeMap::new()),
+            handoff_listeners: Mutex::new(handoff.into_iter().map(|l| (l.name.clone(), Arc::new(l))).collect()),
             assignments: Mutex::new(HashMap::new()),
             apply_lock: Mutex::new(()),
             draining: AtomicBool::new(false),
@@ -92,7 +96,8 @@ impl Engine {
         let _entered = runtime.handle().enter();
         {
             let mut listeners = state.listeners.lock().unwrap();
-            for (l, socket) in config.listeners.into_iter().zip(sockets) {
+            state.publish_handoff_listeners(&state.handoff_listeners.lock().unwrap());
+            for (l, socket) in bound.into_iter().zip(sockets) {
                 let name = l.name.clone();
                 let handle = listener::spawn(socket, Arc::new(l), state.deps.clone())
                     .map_err(io_error(format!("listener {name:?}")))?;
@@ -199,6 +204,7 @@ impl EngineState {
             EndpointSource::Eds { service_name } => {
                 self.assignments.lock().unwrap().get(service_name).cloned().unwrap_or_default()
             }
+            EndpointSource::OriginalDestination => Vec::new(),
         };
         ClusterRuntime::new(config, &endpoints, &self.metrics)
     }
@@ -266,6 +272,8 @@ impl EngineState {
             xds::check_cluster_references(l, &|name| clusters.contains_key(name))?;
         }
         let mut listeners = self.listeners.lock().unwrap();
+        let mut handoff = self.handoff_listeners.lock().unwrap();
+        let (decoded, handoff_updates): (Vec<_>, Vec<_>) = decoded.into_iter().partition(|l| l.bind_to_port);
         // Bind every new address first, so a busy port refuses the whole update.
         let mut fresh_sockets = Vec::new();
         for l in &decoded {
@@ -278,6 +286,13 @@ impl EngineState {
             }
         }
         let mut sockets: HashMap<String, std::net::TcpListener> = fresh_sockets.into_iter().collect();
+        for l in handoff_updates {
+            // A listener that stops binding its port gives its socket up.
+            if let Some(old) = listeners.remove(&l.name) {
+                old.drain();
+            }
+            handoff.insert(l.name.clone(), Arc::new(l));
+        }
         for l in decoded {
             let name = l.name.clone();
             match sockets.remove(&name) {
@@ -286,13 +301,20 @@ impl EngineState {
                     let handle = listener::spawn(socket, Arc::new(l), self.deps.clone()).map_err(|e| {
                         ConfigError::new(format!("Listener {name:?}"), "address", format!("cannot listen: {e}"))
                     })?;
+                    handoff.remove(&name);
                     if let Some(old) = listeners.insert(name, handle) {
                         old.drain();
                     }
                 }
             }
         }
+        self.publish_handoff_listeners(&handoff);
         Ok(())
+    }
+
+    fn publish_handoff_listeners(&self, handoff: &BTreeMap<String, Arc<ListenerConfig>>) {
+        let table = handoff.values().map(|l| (l.address, l.clone())).collect();
+        self.registry.handoff_listeners.store(Arc::new(table));
     }
 
     fn remove(&self, type_url: &str, names: &[String]) -> Result<(), ConfigError> {
@@ -300,11 +322,14 @@ impl EngineState {
         match type_url {
             xds::LISTENER_TYPE => {
                 let mut listeners = self.listeners.lock().unwrap();
+                let mut handoff = self.handoff_listeners.lock().unwrap();
                 for name in names {
                     if let Some(handle) = listeners.remove(name) {
                         handle.drain();
                     }
+                    handoff.remove(name);
                 }
+                self.publish_handoff_listeners(&handoff);
             }
             xds::ROUTE_CONFIGURATION_TYPE => {
                 let mut table = (**self.registry.routes.load()).clone();
@@ -339,13 +364,14 @@ impl AdminSource for EngineState {
     }
 
     fn config_dump(&self) -> String {
-        let listeners: Vec<_> = self
+        let mut listeners: Vec<_> = self
             .listeners
             .lock()
             .unwrap()
             .values()
             .map(|h| json!({"bound_address": h.local_address.to_string(), "config": &**h.config.load()}))
             .collect();
+        listeners.extend(self.handoff_listeners.lock().unwrap().values().map(|l| json!({"config": &**l})));
         let routes = self.registry.routes.load();
         let route_configs: BTreeMap<_, _> = routes.iter().map(|(n, c)| (n.clone(), c.clone())).collect();
         let clusters: Vec<_> = {

@@ -19,10 +19,10 @@ fn least_request_prefers_the_endpoint_with_fewer_requests_in_flight() {
         .map(|port| EndpointConfig { address: format!("127.0.0.1:{port}").parse().unwrap(), weight: 1, labels: Default::default() })
         .collect();
     let runtime = ClusterRuntime::new(config, &endpoints, &Metrics::default());
-    let busy = runtime.pick_endpoint().unwrap();
+    let busy = runtime.pick_endpoint(None).unwrap();
     let _in_flight: Vec<_> = (0..10).map(|_| busy.start_request()).collect();
     let picks = 10_000;
-    let busy_picks = (0..picks).filter(|_| runtime.pick_endpoint().unwrap().address == busy.address).count();
+    let busy_picks = (0..picks).filter(|_| runtime.pick_endpoint(None).unwrap().address == busy.address).count();
     // Two random choices: the busy endpoint wins only when both draws land on it (1 in 4).
     let share = busy_picks as f64 / picks as f64;
     assert!((0.20..0.30).contains(&share), "busy endpoint got {share:.3} of picks");

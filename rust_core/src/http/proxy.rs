@@ -29,6 +29,8 @@ pub struct HttpContext {
     /// "https" when the connection arrived over TLS.
     pub scheme: &'static str,
     pub peer: SocketAddr,
+    /// Where a redirected connection was originally going (for ORIGINAL_DST clusters).
+    pub original_destination: Option<SocketAddr>,
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded.
@@ -229,7 +231,7 @@ async fn forward_request<'a>(
     let Some(cluster) = context.registry.cluster(cluster_name) else {
         return (local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("cluster {cluster_name:?} is not configured"), grpc), response_mutation);
     };
-    let Some(endpoint) = cluster.pick_endpoint() else {
+    let Some(endpoint) = cluster.pick_endpoint(context.original_destination) else {
         return (local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("no healthy upstream in cluster {cluster_name:?}"), grpc), response_mutation);
     };
 

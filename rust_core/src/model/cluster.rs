@@ -45,6 +45,8 @@ pub enum EndpointSource {
     Static { endpoints: Vec<EndpointConfig> },
     /// Endpoints arrive as a ClusterLoadAssignment named `service_name`.
     Eds { service_name: String },
+    /// The endpoint is where the downstream connection was originally going (transparent capture).
+    OriginalDestination,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

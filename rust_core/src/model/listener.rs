@@ -20,6 +20,11 @@ pub struct ListenerConfig {
     pub detection_timeout: Duration,
     /// When detection times out: go on with what is known (true) or close the connection.
     pub continue_on_detection_timeout: bool,
+    /// Look up where a redirected (iptables REDIRECT) connection was going, and hand it to the
+    /// listener for that address if there is one (Envoy's use_original_dst).
+    pub use_original_dst: bool,
+    /// False for listeners that only receive connections handed over by a use_original_dst one.
+    pub bind_to_port: bool,
     /// Whether any chain's choice depends on the detected protocol; if not, no wait is needed.
     #[serde(skip)]
     pub needs_detection: bool,

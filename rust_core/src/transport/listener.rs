@@ -131,7 +131,16 @@ pub fn spawn(socket: std::net::TcpListener, config: Arc<ListenerConfig>, deps: A
                     continue;
                 }
             };
-            let config = shared_config.load_full();
+            let mut config = shared_config.load_full();
+            let mut connection = Connection { peer, local: local_address, original_destination: None };
+            if config.use_original_dst {
+                // A connection redirected here by iptables goes to the listener for the address
+                // it was really going to, when there is one (Envoy's use_original_dst).
+                connection.original_destination = original_destination(&stream).filter(|d| *d != local_address);
+                if let Some(handed_over) = connection.original_destination.and_then(|d| deps.registry.listener_for(d)) {
+                    config = handed_over;
+                }
+            }
             let stats = deps.metrics.listener(&config.name);
             let guard = tracker.enter();
             let deps = deps.clone();
@@ -140,7 +149,7 @@ pub fn spawn(socket: std::net::TcpListener, config: Arc<ListenerConfig>, deps: A
                 let _guard = guard;
                 stats.connections_total.fetch_add(1, Relaxed);
                 stats.connections_active.fetch_add(1, Relaxed);
-                handle_connection(stream, peer, local_address, &config, &deps, stats.clone(), drain).await;
+                handle_connection(stream, connection, &config, &deps, stats.clone(), drain).await;
                 stats.connections_active.fetch_sub(1, Relaxed);
             });
         }
@@ -149,10 +158,35 @@ pub fn spawn(socket: std::net::TcpListener, config: Arc<ListenerConfig>, deps: A
     Ok(handle)
 }
 
-async fn handle_connection(
-    mut stream: TcpStream,
+/// Addresses of one downstream connection.
+#[derive(Clone, Copy)]
+struct Connection {
     peer: SocketAddr,
     local: SocketAddr,
+    /// Where the client was going before a REDIRECT rule sent it here.
+    original_destination: Option<SocketAddr>,
+}
+
+impl Connection {
+    fn destination(&self) -> SocketAddr {
+        self.original_destination.unwrap_or(self.local)
+    }
+}
+
+/// SO_ORIGINAL_DST (IPv4) or IP6T_SO_ORIGINAL_DST (IPv6); None when the connection was not
+/// redirected or the platform cannot tell.
+fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
+    let socket = socket2::SockRef::from(stream);
+    let address = match stream.local_addr().ok()? {
+        SocketAddr::V4(_) => socket.original_dst().ok()?,
+        SocketAddr::V6(_) => socket.original_dst_ipv6().ok()?,
+    };
+    address.as_socket()
+}
+
+async fn handle_connection(
+    mut stream: TcpStream,
+    connection: Connection,
     config: &ListenerConfig,
     deps: &Arc<ListenerDeps>,
     stats: Arc<ListenerStats>,
@@ -174,7 +208,7 @@ async fn handle_connection(
     }
     let stream = PrefixedStream::new(prefix, stream);
     if detection == Detection::Tls && has_tls_chain(config) {
-        serve_tls(stream, peer, local, config, deps, stats, drain).await;
+        serve_tls(stream, connection, config, deps, stats, drain).await;
         return;
     }
     let application_protocols: Vec<String> = match detection {
@@ -186,15 +220,15 @@ async fn handle_connection(
         transport_protocol: if detection == Detection::Tls { "tls" } else { "raw_buffer" },
         application_protocols: &application_protocols,
         server_name: None,
-        destination_port: local.port(),
+        destination_port: connection.destination().port(),
     };
     let Some(chain) = select_chain(config, &facts) else { return };
     if let NetworkHandler::TcpProxy(proxy) = &chain.handler {
-        proxy_tcp_plain(proxy, &deps.registry, stream).await;
+        proxy_tcp_plain(proxy, &deps.registry, connection.original_destination, stream).await;
         return;
     }
     let http2 = detection == Detection::Http2;
-    dispatch(chain, stream, http2, "http", peer, deps, stats, drain).await;
+    dispatch(chain, stream, http2, "http", connection, deps, stats, drain).await;
 }
 
 /// Read until the bytes classify, the buffer is full, or the wait runs out. None: the peer left.
@@ -221,8 +255,7 @@ fn has_tls_chain(config: &ListenerConfig) -> bool {
 
 async fn serve_tls(
     stream: PrefixedStream<TcpStream>,
-    peer: SocketAddr,
-    local: SocketAddr,
+    connection: Connection,
     config: &ListenerConfig,
     deps: &Arc<ListenerDeps>,
     stats: Arc<ListenerStats>,
@@ -240,7 +273,7 @@ async fn serve_tls(
         transport_protocol: "tls",
         application_protocols: &offered,
         server_name: server_name.as_deref(),
-        destination_port: local.port(),
+        destination_port: connection.destination().port(),
     };
     let Some(chain) = select_chain(config, &facts) else { return };
     // The ClientHello is consumed; a chain without TLS termination cannot be served from here.
@@ -249,7 +282,7 @@ async fn serve_tls(
         return;
     };
     let http2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-    dispatch(chain, tls_stream, http2, "https", peer, deps, stats, drain).await;
+    dispatch(chain, tls_stream, http2, "https", connection, deps, stats, drain).await;
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -258,7 +291,7 @@ async fn dispatch<S>(
     stream: S,
     detected_http2: bool,
     scheme: &'static str,
-    peer: SocketAddr,
+    connection: Connection,
     deps: &Arc<ListenerDeps>,
     stats: Arc<ListenerStats>,
     drain: watch::Receiver<bool>,
@@ -272,9 +305,18 @@ async fn dispatch<S>(
                 HttpCodec::Http1 => false,
                 HttpCodec::Http2 => true,
             };
-            let context = Arc::new(HttpContext { settings: settings.clone(), registry: deps.registry.clone(), stats, scheme, peer });
+            let context = Arc::new(HttpContext {
+                settings: settings.clone(),
+                registry: deps.registry.clone(),
+                stats,
+                scheme,
+                peer: connection.peer,
+                original_destination: connection.original_destination,
+            });
             serve_http(stream, http2, context, drain).await;
         }
-        NetworkHandler::TcpProxy(proxy) => proxy_tcp(proxy, &deps.registry, stream).await,
+        NetworkHandler::TcpProxy(proxy) => {
+            proxy_tcp(proxy, &deps.registry, connection.original_destination, stream).await
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Opaque TCP forwarding to a cluster endpoint: splice(2) between plain sockets, so the bytes
 //! never enter user space; a buffered copy where one side is TLS.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -10,9 +11,13 @@ use super::prefixed::PrefixedStream;
 use crate::model::TcpProxyConfig;
 use crate::registry::Registry;
 
-async fn connect_upstream(config: &TcpProxyConfig, registry: &Registry) -> Option<(TcpStream, impl Drop)> {
+async fn connect_upstream(
+    config: &TcpProxyConfig,
+    registry: &Registry,
+    original_destination: Option<SocketAddr>,
+) -> Option<(TcpStream, impl Drop)> {
     let cluster = registry.cluster(&config.cluster)?;
-    let endpoint = cluster.pick_endpoint()?;
+    let endpoint = cluster.pick_endpoint(original_destination)?;
     let active = endpoint.start_request();
     cluster.stats.connections_total.fetch_add(1, Relaxed);
     match tokio::time::timeout(cluster.config.connect_timeout, TcpStream::connect(endpoint.address)).await {
@@ -41,8 +46,13 @@ async fn bounded<F: std::future::Future>(config: &TcpProxyConfig, copy: F) {
 }
 
 /// A plaintext connection: replay the detection bytes, then splice both directions.
-pub async fn proxy_tcp_plain(config: &TcpProxyConfig, registry: &Registry, downstream: PrefixedStream<TcpStream>) {
-    let Some((mut upstream, _active)) = connect_upstream(config, registry).await else { return };
+pub async fn proxy_tcp_plain(
+    config: &TcpProxyConfig,
+    registry: &Registry,
+    original_destination: Option<SocketAddr>,
+    downstream: PrefixedStream<TcpStream>,
+) {
+    let Some((mut upstream, _active)) = connect_upstream(config, registry, original_destination).await else { return };
     let (prefix, mut downstream) = downstream.into_parts();
     if !prefix.is_empty() && upstream.write_all(&prefix).await.is_err() {
         return;
@@ -51,10 +61,10 @@ pub async fn proxy_tcp_plain(config: &TcpProxyConfig, registry: &Registry, downs
 }
 
 /// Any other stream (e.g. TLS terminated here): a buffered bidirectional copy.
-pub async fn proxy_tcp<S>(config: &TcpProxyConfig, registry: &Registry, mut downstream: S)
+pub async fn proxy_tcp<S>(config: &TcpProxyConfig, registry: &Registry, original_destination: Option<SocketAddr>, mut downstream: S)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some((mut upstream, _active)) = connect_upstream(config, registry).await else { return };
+    let Some((mut upstream, _active)) = connect_upstream(config, registry, original_destination).await else { return };
     bounded(config, tokio::io::copy_bidirectional(&mut downstream, &mut upstream)).await;
 }

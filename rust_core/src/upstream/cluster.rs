@@ -3,13 +3,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
 use super::lb::EndpointSet;
 use super::pool::Pool;
-use crate::model::{ClusterConfig, EndpointConfig};
+use crate::model::{ClusterConfig, EndpointConfig, EndpointSource};
 use crate::telemetry::metrics::{ClusterStats, Metrics};
 
 #[derive(Debug)]
@@ -41,12 +41,17 @@ impl Drop for ActiveRequest {
     }
 }
 
+/// Upper bound on distinct original destinations an ORIGINAL_DST cluster keeps pools for.
+const MAX_ORIGINAL_DESTINATIONS: usize = 4096;
+
 #[derive(Debug)]
 pub struct ClusterRuntime {
     pub config: ClusterConfig,
     pub stats: Arc<ClusterStats>,
     endpoints: ArcSwap<EndpointSet>,
     rotation: AtomicUsize,
+    /// ORIGINAL_DST clusters: one endpoint (and pool) per destination seen.
+    original_destinations: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
 }
 
 impl ClusterRuntime {
@@ -56,6 +61,7 @@ impl ClusterRuntime {
             config,
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
             rotation: AtomicUsize::new(fastrand::usize(..1024)),
+            original_destinations: Mutex::new(HashMap::new()),
         });
         runtime.set_endpoints(endpoints);
         runtime
@@ -98,12 +104,42 @@ impl ClusterRuntime {
             .collect()
     }
 
-    pub fn pick_endpoint(&self) -> Option<Arc<Endpoint>> {
+    /// The endpoint for the next request or connection. `original_destination` is where the
+    /// downstream connection was going before it was redirected; only ORIGINAL_DST clusters use it.
+    pub fn pick_endpoint(&self, original_destination: Option<SocketAddr>) -> Option<Arc<Endpoint>> {
+        if self.config.endpoints == EndpointSource::OriginalDestination {
+            return original_destination.and_then(|address| self.original_destination_endpoint(address));
+        }
         self.endpoints.load().pick(self.config.lb_policy, &self.rotation).cloned()
+    }
+
+    fn original_destination_endpoint(&self, address: SocketAddr) -> Option<Arc<Endpoint>> {
+        let mut known = self.original_destinations.lock().unwrap();
+        if let Some(endpoint) = known.get(&address) {
+            return Some(endpoint.clone());
+        }
+        if known.len() >= MAX_ORIGINAL_DESTINATIONS {
+            known.retain(|_, e| e.active_requests() > 0);
+            if known.len() >= MAX_ORIGINAL_DESTINATIONS {
+                return None;
+            }
+        }
+        let endpoint = Arc::new(Endpoint {
+            address,
+            weight: 1,
+            labels: Default::default(),
+            active_requests: AtomicUsize::new(0),
+            pool: Pool::new(address, &self.config, self.stats.clone()),
+        });
+        known.insert(address, endpoint.clone());
+        Some(endpoint)
     }
 
     pub fn close_idle(&self) {
         for endpoint in &self.endpoints.load().endpoints {
+            endpoint.pool.close_expired();
+        }
+        for endpoint in self.original_destinations.lock().unwrap().values() {
             endpoint.pool.close_expired();
         }
     }

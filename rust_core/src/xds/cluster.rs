@@ -78,10 +78,16 @@ pub(crate) fn cluster_config(c: &cluster::Cluster) -> FieldResult<ClusterConfig>
                 .unwrap_or_else(|| c.name.clone());
             EndpointSource::Eds { service_name }
         }
-        Ok(DiscoveryType::OriginalDst) => return Err(FieldError::new("type", "ORIGINAL_DST is not supported by meshctl yet")),
+        Ok(DiscoveryType::OriginalDst) => {
+            refuse_if(c.load_assignment.is_some(), "load_assignment")?;
+            EndpointSource::OriginalDestination
+        }
         Err(_) => return Err(FieldError::new("type", format!("unknown value {discovery}"))),
     };
+    let original_destination = matches!(endpoints, EndpointSource::OriginalDestination);
     let lb_policy = match cluster::cluster::LbPolicy::try_from(c.lb_policy) {
+        // The original destination decides; Envoy spells that CLUSTER_PROVIDED.
+        Ok(cluster::cluster::LbPolicy::ClusterProvided) if original_destination => LbPolicy::RoundRobin,
         Ok(cluster::cluster::LbPolicy::RoundRobin) => LbPolicy::RoundRobin,
         Ok(cluster::cluster::LbPolicy::LeastRequest) => LbPolicy::LeastRequest,
         Ok(cluster::cluster::LbPolicy::Random) => LbPolicy::Random,

@@ -44,7 +44,6 @@ pub(crate) fn listener_config(l: &listener::Listener, metrics: &Metrics) -> Fiel
     refuse_if(!l.additional_addresses.is_empty(), "additional_addresses")?;
     refuse_if(l.fcds_config.is_some(), "fcds_config")?;
     refuse_if(l.filter_chain_matcher.is_some(), "filter_chain_matcher")?;
-    refuse_if(l.use_original_dst.as_ref().is_some_and(|b| b.value), "use_original_dst")?;
     refuse_if(l.transparent.as_ref().is_some_and(|b| b.value), "transparent")?;
     refuse_if(l.freebind.as_ref().is_some_and(|b| b.value), "freebind")?;
     refuse_if(!l.socket_options.is_empty(), "socket_options")?;
@@ -83,6 +82,8 @@ pub(crate) fn listener_config(l: &listener::Listener, metrics: &Metrics) -> Fiel
         });
     Ok(ListenerConfig {
         name: l.name.clone(),
+        use_original_dst: l.use_original_dst.as_ref().is_some_and(|b| b.value),
+        bind_to_port: l.bind_to_port.as_ref().is_none_or(|b| b.value),
         address,
         filter_chains,
         default_filter_chain,
