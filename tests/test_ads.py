@@ -5,15 +5,22 @@ through updates, a refused config and a control-plane restart."""
 from __future__ import annotations
 
 import functools
+from concurrent import futures
 
 import grpc
 import pytest
 import trio
-
 from ads_helpers.mesh_config import mesh_snapshot
 from ads_helpers.probe import ADS_METHOD, AdsProbe
-from ads_helpers.running import RunningServer, start_envoy, upstream_names, wait_for_upstream
+from ads_helpers.running import (
+    RunningServer,
+    bounded,
+    start_envoy,
+    upstream_names,
+    wait_for_upstream,
+)
 from helpers.ports import free_port
+
 from meshctl.agent.ads_client import AdsClient
 from meshctl.agent.backoff import Backoff
 from meshctl.control import resource_types as types
@@ -28,6 +35,7 @@ async def reverse_echo(stream) -> None:
         await stream.send_message(message[::-1])
 
 
+@bounded(15)
 async def test_grpc_streams_through_small_windows_and_enforces_limits(nursery):
     # 64 KiB windows make a 3 MB message cross many WINDOW_UPDATEs in both directions.
     limits = Limits(max_message_bytes=4_000_000, stream_window=65535, max_concurrent_streams=4)
@@ -56,6 +64,7 @@ async def test_grpc_streams_through_small_windows_and_enforces_limits(nursery):
             assert await stream.receive_message() == b"ereh llits"
 
 
+@bounded(15)
 async def test_grpcio_calls_our_server(nursery):
     host, port = await nursery.start(serve_grpc, {ECHO: reverse_echo}, "127.0.0.1", 0)
 
@@ -73,6 +82,35 @@ async def test_grpcio_calls_our_server(nursery):
     assert missing == grpc.StatusCode.UNIMPLEMENTED
 
 
+async def test_our_client_calls_grpcio():
+    def reply_with_bang(requests, context):
+        for message in requests:
+            yield message + b"!"
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    handler = grpc.method_handlers_generic_handler("test.Echo", {"Echo": grpc.stream_stream_rpc_method_handler(reply_with_bang)})
+    server.add_generic_rpc_handlers([handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with trio.fail_after(10):
+            async with open_grpc_channel("127.0.0.1", port) as channel:
+                async with channel.open_stream(ECHO) as stream:
+                    await stream.send_message(b"hi")
+                    assert await stream.receive_message() == b"hi!"
+                    await stream.send_message(b"y" * 300_000)
+                    assert await stream.receive_message() == b"y" * 300_000 + b"!"
+                    await stream.close_sending()
+                    assert await stream.receive_message() is None
+                async with channel.open_stream("/test.Echo/Missing") as stream:
+                    await stream.close_sending()
+                    with pytest.raises(GrpcError) as missing:
+                        await stream.receive_message()
+                    assert missing.value.code == StatusCode.UNIMPLEMENTED
+    finally:
+        server.stop(0)
+
+
 def test_backoff_doubles_with_jitter_up_to_the_cap_and_resets():
     lowest, highest = Backoff(0.5, 4.0, random_fraction=lambda: 0.0), Backoff(0.5, 4.0, random_fraction=lambda: 1.0)
     assert [lowest.next_delay() for _ in range(6)] == [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]
@@ -84,6 +122,7 @@ def test_backoff_doubles_with_jitter_up_to_the_cap_and_resets():
 UPSTREAMS = {"a": 1001, "b": 1002}  # never dialled: the protocol test has no data plane
 
 
+@bounded(20)
 async def test_ads_versions_nonces_order_and_ack_nack(nursery):
     cache = SnapshotCache()
     cache.set_snapshot(mesh_snapshot("1", listener_port=1, upstreams=UPSTREAMS, weights={"a": 100, "b": 0}))
@@ -166,6 +205,7 @@ def engine():
     running.stop()
 
 
+@bounded(45)
 async def test_sidecar_and_envoy_follow_the_control_plane(nursery, engine, echo_a, echo_b, tmp_path, request):
     with_envoy = "envoy" in request.config.getoption("--dataplane")
     upstreams = {"a": echo_a.port, "b": echo_b.port}

@@ -32,6 +32,9 @@ ADS_METHOD = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['StreamAggregated
 _WILDCARD = (refs.CLUSTER, refs.LISTENER)
 _BY_NAME = {refs.CLUSTER: refs.ENDPOINT, refs.LISTENER: refs.ROUTE}  # who names whom
 
+# A full mesh config (thousands of routes) can be several MiB in one response.
+ADS_CLIENT_LIMITS = Limits(max_message_bytes=64 * 1024 * 1024)
+
 
 @dataclass
 class _TypeState:
@@ -66,7 +69,7 @@ class AdsClient:
         *,
         node_cluster: str = "",
         backoff: Backoff | None = None,
-        limits: Limits = Limits(max_message_bytes=64 * 1024 * 1024),
+        limits: Limits = ADS_CLIENT_LIMITS,
         keepalive_interval: float = 15.0,
         keepalive_timeout: float = 10.0,
     ) -> None:

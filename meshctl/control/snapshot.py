@@ -32,8 +32,8 @@ class Snapshot:
     """An immutable set of resources for CDS, EDS, LDS and RDS; a type left out has none.
 
     `resources` maps a type URL (see resource_types) to protobuf messages of that type.
-    Raises ValueError naming the type and resource when a message is of the wrong type,
-    unnamed, or named twice.
+    Raises TypeError for a message of the wrong type and ValueError for one unnamed or named
+    twice, naming the type and the resource.
     """
 
     def __init__(self, version: str, resources: Mapping[str, Iterable[Message]] | None = None) -> None:
@@ -76,7 +76,7 @@ def _pack(type_url: str, messages: Iterable[Message], version: str) -> Mapping[s
     packed: dict[str, AnyMessage] = {}
     for position, message in enumerate(messages):
         if not isinstance(message, expected):
-            raise ValueError(
+            raise TypeError(
                 f"snapshot {version}: {label} resource [{position}] is a {type(message).__name__},"
                 f" not a {expected.DESCRIPTOR.name}"
             )

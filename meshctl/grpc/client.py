@@ -8,8 +8,14 @@ from contextlib import asynccontextmanager
 import h2.errors
 import trio
 
-from meshctl.grpc.limits import Limits
-from meshctl.grpc.status import HTTP_TO_GRPC, GrpcError, StatusCode, decode_message, status_from_value
+from meshctl.grpc.limits import DEFAULT_LIMITS, Limits
+from meshctl.grpc.status import (
+    HTTP_TO_GRPC,
+    GrpcError,
+    StatusCode,
+    decode_message,
+    status_from_value,
+)
 from meshctl.grpc.stream import GrpcStream, headers_dict
 from meshctl.grpc.transport import Headers, Transport
 
@@ -27,11 +33,17 @@ class ClientStream(GrpcStream):
         self._sending_closed = False
 
     async def close_sending(self) -> None:
-        """Half-close: tell the server no more messages will come."""
+        """Half-close: tell the server no more messages will come. A call the server already
+        ended needs no half-close; receive_message() reports how it ended."""
         async with self._send_lock:
-            if not self._sending_closed:
-                self._sending_closed = True
+            if self._sending_closed or self._input_ended or self._send_error is not None:
+                return
+            self._sending_closed = True
+            try:
                 await self._transport.end_stream(self.stream_id)
+            except GrpcError:
+                if self._transport.closed is not None:
+                    raise  # the connection is gone, not just this call
 
     async def send_message(self, payload: bytes) -> None:
         try:
@@ -46,7 +58,10 @@ class ClientStream(GrpcStream):
 
     def fail(self, error: GrpcError) -> None:
         if self._input_ended:
-            return  # the call is complete; a later reset (gRPC servers send NO_ERROR) changes nothing
+            # The call is complete and its outcome stays what the trailers said; a later reset
+            # (gRPC servers send NO_ERROR) only means nothing more may be sent.
+            self.stop_sending(error)
+            return
         super().fail(error)
 
     def on_headers(self, headers: Headers) -> None:
@@ -141,7 +156,7 @@ async def open_grpc_channel(
     host: str,
     port: int,
     *,
-    limits: Limits = Limits(),
+    limits: Limits = DEFAULT_LIMITS,
     connect_timeout: float = 5.0,
     keepalive_interval: float | None = 20.0,
     keepalive_timeout: float = 10.0,

@@ -25,3 +25,6 @@ class Limits:
     def connection_window(self) -> int:
         # Every stream can fill its own window without starving the others on the connection.
         return min(self.stream_window * self.max_concurrent_streams, 2**31 - 1)
+
+
+DEFAULT_LIMITS = Limits()

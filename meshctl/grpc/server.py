@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import h2.errors
 import trio
 
-from meshctl.grpc.limits import Limits
+from meshctl.grpc.limits import DEFAULT_LIMITS, Limits
 from meshctl.grpc.status import GrpcError, StatusCode, encode_message
 from meshctl.grpc.stream import GrpcStream, headers_dict
 from meshctl.grpc.transport import Headers, Transport
@@ -68,7 +68,7 @@ async def serve_grpc(
     host: str,
     port: int,
     *,
-    limits: Limits = Limits(),
+    limits: Limits = DEFAULT_LIMITS,
     max_connections: int = 1024,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:

@@ -26,7 +26,8 @@ class GrpcStream:
         self._messages: deque[bytes] = deque()
         self._unacknowledged = 0
         self._input_ended = False
-        self._error: GrpcError | None = None
+        self._error: GrpcError | None = None  # ends receiving
+        self._send_error: GrpcError | None = None  # ends sending (set with _error, or alone)
         self._arrival = trio.Event()
         self._send_lock = trio.StrictFIFOLock()
 
@@ -56,8 +57,8 @@ class GrpcStream:
             await self._transport.send_data(self, encode_message(payload))
 
     def check_sendable(self) -> None:
-        if self._error is not None:
-            raise self._error
+        if self._send_error is not None:
+            raise self._send_error
 
     # --- hooks for the subclasses -----------------------------------------------------------
 
@@ -101,9 +102,15 @@ class GrpcStream:
         """Mark the stream failed (first error wins) and wake whoever waits on it."""
         if self._error is None:
             self._error = error
+        self.stop_sending(error)
         self._messages.clear()
         self._return_window()
         self._arrival.set()
+
+    def stop_sending(self, error: GrpcError) -> None:
+        """Make every send on this stream fail with `error` from now on (first error wins)."""
+        if self._send_error is None:
+            self._send_error = error
 
     def _return_window(self) -> None:
         size, self._unacknowledged = self._unacknowledged, 0

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _READ_SIZE = 65536
+# Bytes waiting to go out beyond which the read loop stops reading: a peer that sends frames we
+# must answer (PING, SETTINGS) but never reads our answers cannot grow our buffers past this.
+_OUTGOING_HIGH_WATER = 1024 * 1024
 _DEFAULT_WINDOW = 65535  # RFC 9113's initial connection window, which SETTINGS cannot change
 
 Headers = list[tuple[bytes, bytes]]
@@ -63,6 +66,8 @@ class Transport:
         self._on_request = on_request
         self._streams: dict[int, GrpcStream] = {}
         self._write_lock = trio.Lock()
+        self._outgoing = bytearray()  # taken from h2, not yet written, in h2's order
+        self._flush_wanted = trio.Event()
         self._window_opened = trio.Event()
         self._ping_acked = trio.Event()
         self._closed: GrpcError | None = None
@@ -83,28 +88,46 @@ class Transport:
 
     async def run(self) -> None:
         """Read and dispatch until the peer goes away, the connection fails, or `abort()`."""
-        error = GrpcError(StatusCode.UNAVAILABLE, "connection closed by the peer")
+        error = GrpcError(StatusCode.UNAVAILABLE, "connection aborted")
         with self._run_scope:
-            try:
-                while self._closed is None:
-                    data = await self._socket.receive_some(_READ_SIZE)
-                    if not data:
-                        break
-                    try:
-                        events = self._h2.receive_data(data)
-                    except h2.exceptions.ProtocolError as failure:
-                        error = GrpcError(StatusCode.INTERNAL, f"HTTP/2 protocol error from the peer: {failure}")
-                        self._try_goaway(h2.errors.ErrorCodes.PROTOCOL_ERROR)
-                        await self._flush_quietly()
-                        break
-                    for event in events:
-                        self._dispatch(event)
-                    await self.flush()
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as failure:
-                error = GrpcError(StatusCode.UNAVAILABLE, f"connection lost: {failure or type(failure).__name__}")
-            except GrpcError as failure:  # from flush() when writing failed
-                error = failure
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_when_wanted)
+                error = await self._read_loop()
+                nursery.cancel_scope.cancel()
         self._close(self._closed or error)
+
+    async def _read_loop(self) -> GrpcError:
+        # Reading never waits for our own writes (a writer task sends what reading produced):
+        # if both peers' readers blocked on full send buffers, neither would ever drain the other.
+        try:
+            while self._closed is None:
+                data = await self._socket.receive_some(_READ_SIZE)
+                if not data:
+                    break
+                try:
+                    events = self._h2.receive_data(data)
+                except h2.exceptions.ProtocolError as failure:
+                    self._try_goaway(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                    await self._flush_quietly()
+                    return GrpcError(StatusCode.INTERNAL, f"HTTP/2 protocol error from the peer: {failure}")
+                for event in events:
+                    self._dispatch(event)
+                self._outgoing += self._h2.data_to_send()
+                if len(self._outgoing) > _OUTGOING_HIGH_WATER:
+                    await self.flush()
+                elif self._outgoing:
+                    self._flush_wanted.set()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as failure:
+            return GrpcError(StatusCode.UNAVAILABLE, f"connection lost: {failure or type(failure).__name__}")
+        except GrpcError as failure:  # from flush() when writing failed
+            return failure
+        return GrpcError(StatusCode.UNAVAILABLE, "connection closed by the peer")
+
+    async def _write_when_wanted(self) -> None:
+        while self._closed is None:
+            await self._flush_wanted.wait()
+            self._flush_wanted = trio.Event()
+            await self._flush_quietly()
 
     def abort(self, error: GrpcError) -> None:
         """Fail every stream with `error` and stop the read loop (the owner closes the socket)."""
@@ -112,15 +135,17 @@ class Transport:
         self._run_scope.cancel()
 
     async def flush(self) -> None:
+        """Write everything h2 has produced so far, in order."""
+        self._outgoing += self._h2.data_to_send()
         async with self._write_lock:
-            data = self._h2.data_to_send()
-            if not data:
-                return
-            try:
-                await self._socket.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as failure:
-                self._close(GrpcError(StatusCode.UNAVAILABLE, f"connection lost: {failure or type(failure).__name__}"))
-                raise self._closed from None
+            while self._outgoing:
+                data = bytes(self._outgoing)
+                self._outgoing.clear()
+                try:
+                    await self._socket.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as failure:
+                    self._close(GrpcError(StatusCode.UNAVAILABLE, f"connection lost: {failure or type(failure).__name__}"))
+                    raise self._closed from None
 
     async def _flush_quietly(self) -> None:
         try:

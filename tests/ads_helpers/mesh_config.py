@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from helpers import bootstrap as b
+
 from meshctl.agent.bootstrap import resource_to_bytes
 from meshctl.control import resource_types as types
 from meshctl.control.snapshot import Snapshot

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from pathlib import Path
 
 import trio
-
 from helpers import bootstrap as b
 from helpers.dataplane import start_dataplane
 from helpers.http_client import Http1Client
 from helpers.ports import free_port
 from helpers.procs import Process
+
 from meshctl.control.ads import AdsServer, serve_ads
 from meshctl.control.snapshot import SnapshotCache
 
@@ -95,3 +96,17 @@ async def wait_for_upstream(port: int, name: str, timeout: float) -> float:
                 return time.monotonic() - started
             await trio.sleep(0.05)
     raise AssertionError(f"port {port} did not route everything to {name!r} within {timeout}s; last saw {dict(seen)}")
+
+
+def bounded(seconds: float):
+    """Fail an async test that runs longer than `seconds` (a hung stream must not hang the suite)."""
+
+    def decorate(test):
+        @functools.wraps(test)
+        async def run(*args, **kwargs):
+            with trio.fail_after(seconds):
+                await test(*args, **kwargs)
+
+        return run
+
+    return decorate
