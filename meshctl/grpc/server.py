@@ -90,6 +90,10 @@ async def serve_grpc(
         active += 1
         try:
             await _serve_connection(socket_stream, handlers, limits)
+        except Exception:
+            # One connection's failure (a bug, or a peer driving h2 somewhere unexpected) must not
+            # take down the listener and every other connection with it.
+            log.exception("gRPC connection failed")
         finally:
             active -= 1
 
