@@ -1,0 +1,428 @@
+"""Mesh resources + service registry → xDS (Cluster, ClusterLoadAssignment, Listener, RouteConfiguration).
+
+Pure functions, no I/O. `compile_mesh` does the work every sidecar shares (clusters, endpoints,
+and one route table per namespace); `sidecar_resources` adds what is the sidecar's own (its
+listener ports and its inbound cluster). Names follow Istio's, so configs read the same:
+`outbound|PORT|SUBSET|HOST` clusters, `inbound|PORT||` for the local app, listeners
+`virtualOutbound` and `virtualInbound`.
+
+What a sidecar gets:
+- for every service host and port: an EDS cluster for all its instances, and one per
+  DestinationRule subset, each with a ClusterLoadAssignment of the ready instances whose labels
+  the subset selects;
+- an outbound listener on 127.0.0.1:OUTBOUND whose routes (RDS "outbound") have one virtual
+  host per service and port, named by every form a client may use (`reviews`, `reviews.ns`,
+  `reviews.ns.svc`, the FQDN; with and without the port), routing by the host's
+  VirtualService, else everything to the all-instances cluster;
+- with an app port: an inbound listener on ADDRESS:INBOUND forwarding to 127.0.0.1:APP_PORT.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.message import Message
+
+from meshctl.agent.bootstrap import resource_to_bytes
+from meshctl.control import resource_types as types
+from meshctl.control.registry import Sidecar
+from meshctl.resources.common import StringMatch, duration_seconds
+from meshctl.resources.destination_rule import DestinationRuleSpec, TrafficPolicy
+from meshctl.resources.hosts import CLUSTER_DOMAIN, canonical_host
+from meshctl.resources.virtual_service import HttpRoute, MatchRequest, VirtualServiceSpec
+
+OUTBOUND_LISTENER = "virtualOutbound"
+INBOUND_LISTENER = "virtualInbound"
+OUTBOUND_ROUTES = "outbound"
+DEFAULT_SERVICE_PORT = 80
+CONNECT_TIMEOUT = "5s"
+
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+Json = dict[str, Any]
+
+_LB_POLICIES = {"ROUND_ROBIN": "ROUND_ROBIN", "LEAST_REQUEST": "LEAST_REQUEST", "RANDOM": "RANDOM"}
+_REDIRECT_CODES = {
+    301: "MOVED_PERMANENTLY",
+    302: "FOUND",
+    303: "SEE_OTHER",
+    307: "TEMPORARY_REDIRECT",
+    308: "PERMANENT_REDIRECT",
+}
+
+
+def cluster_name(direction: str, port: int, subset: str | None, host: str) -> str:
+    """Istio's cluster names: outbound|9080|v1|reviews.default.svc.cluster.local."""
+    return f"{direction}|{port}|{subset or ''}|{host}"
+
+
+@dataclass
+class MeshConfig:
+    """What every sidecar shares, as resource dicts. `routes` is keyed by the sidecar's namespace
+    (short names like `reviews` mean the service in the caller's own namespace, as in Istio)."""
+
+    clusters: list[Json] = field(default_factory=list)
+    endpoints: list[Json] = field(default_factory=list)
+    routes: dict[str, Json] = field(default_factory=dict)
+    # Which stored resources shaped the config: their refs, to report sidecars' ACKs against.
+    sources: list[Any] = field(default_factory=list)
+
+    def route_for(self, namespace: str) -> Json:
+        """The outbound route table for sidecars in `namespace` (built on demand for others)."""
+        return self.routes.get(namespace) or self.routes[""]
+
+
+@dataclass(frozen=True)
+class _Stored:
+    kind: str
+    namespace: str
+    name: str
+    order: tuple[int, str, str]  # creation order (oldest wins a conflict), then name
+    spec: Any
+    ref: Any = None
+
+
+def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshConfig:
+    """Compile stored resources (StoredResource, or plain bodies with kind/metadata/spec) and
+    every registered sidecar into the shared part of the mesh config."""
+    stored = [_parse(resource, position) for position, resource in enumerate(resources)]
+    virtual_services = sorted((s for s in stored if s.kind == "VirtualService"), key=lambda s: s.order)
+    rules = sorted((s for s in stored if s.kind == "DestinationRule"), key=lambda s: s.order)
+
+    # Service host → its ports (from the registry).
+    ports: dict[str, set[int]] = defaultdict(set)
+    for sidecar in sidecars:
+        if sidecar.app_port is not None:
+            ports[sidecar.host].add(sidecar.service_port)
+
+    # Host → the oldest DestinationRule for it (Istio picks the oldest too).
+    rule_for: dict[str, _Stored] = {}
+    for rule in rules:
+        rule_for.setdefault(canonical_host(rule.spec.host, rule.namespace), rule)
+
+    # Host → the oldest VirtualService that names it.
+    service_for: dict[str, _Stored] = {}
+    for virtual_service in virtual_services:
+        for host in virtual_service.spec.hosts:
+            host = canonical_host(host, virtual_service.namespace)
+            if "*" not in host:  # wildcard hosts: not compiled yet
+                service_for.setdefault(host, virtual_service)
+
+    # A VirtualService's own host gets a virtual host even before any instance registers.
+    for host in service_for:
+        if not ports.get(host):
+            ports[host].add(DEFAULT_SERVICE_PORT)
+
+    config = MeshConfig()
+    config.sources = [s.ref for s in stored if s.ref is not None]
+    namespaces = {"", *(s.namespace for s in sidecars)}
+    for namespace in sorted(namespaces):
+        config.routes[namespace] = _route_table(namespace, ports, service_for)
+
+    # Clusters: every host and port's all-instances cluster and its subsets, plus anything a
+    # route names (a route to a missing cluster is refused; an empty one answers 503 naming it).
+    wanted: dict[tuple[str, int], set[str | None]] = {}
+    for host in ports:
+        rule = rule_for.get(host)
+        for port in ports[host]:
+            wanted[(host, port)] = {None, *(s.name for s in ((rule.spec.subsets or []) if rule else []))}
+    for table in config.routes.values():
+        for name in _referenced_clusters(table):
+            _, port, subset, host = name.split("|", 3)
+            wanted.setdefault((host, int(port)), {None}).add(subset or None)
+    for host, port in sorted(wanted):
+        rule = rule_for.get(host)
+        subsets = {s.name: s for s in (rule.spec.subsets or [])} if rule else {}
+        policy = rule.spec.traffic_policy if rule else None
+        members = [s for s in sidecars if s.host == host and s.service_port == port and s.is_endpoint]
+        for subset_name in sorted(wanted[(host, port)], key=lambda n: n or ""):
+            name = cluster_name("outbound", port, subset_name, host)
+            subset = subsets.get(subset_name) if subset_name else None
+            selector = (subset.labels or {}) if subset else {}
+            if subset_name and subset is None:
+                selector = {"version": subset_name}  # unreachable after validation; Istio's habit
+            config.clusters.append(_eds_cluster(name, (subset.traffic_policy if subset else None) or policy))
+            config.endpoints.append(_assignment(name, [s for s in members if _selects(selector, s.all_labels)]))
+    return config
+
+
+def _referenced_clusters(table: Json) -> Iterable[str]:
+    for virtual_host in table["virtual_hosts"]:
+        for route in virtual_host["routes"]:
+            action = route.get("route")
+            if action is None:
+                continue
+            if "cluster" in action:
+                yield action["cluster"]
+            for weighted in action.get("weighted_clusters", {}).get("clusters", []):
+                yield weighted["name"]
+
+
+def sidecar_resources(mesh: MeshConfig, sidecar: Sidecar) -> dict[str, list[Json]]:
+    """The xDS resources (as dicts, by type URL) for one sidecar."""
+    clusters = list(mesh.clusters)
+    listeners = [_outbound_listener(sidecar.outbound_port)]
+    if sidecar.app_port is not None and sidecar.inbound_port is not None:
+        local = cluster_name("inbound", sidecar.app_port, None, "")
+        clusters.append(_static_cluster(local, "127.0.0.1", sidecar.app_port))
+        listeners.append(_inbound_listener(sidecar.address, sidecar.inbound_port, local))
+    return {
+        types.CLUSTER: clusters,
+        types.ENDPOINT: list(mesh.endpoints),
+        types.LISTENER: listeners,
+        types.ROUTE: [mesh.route_for(sidecar.namespace)],
+    }
+
+
+def to_messages(resources: Mapping[str, list[Json]]) -> dict[str, list[Message]]:
+    """Resource dicts → protobuf messages (what snapshot.Snapshot takes)."""
+    return {
+        type_url: [
+            types.MESSAGE_TYPES[type_url].FromString(resource_to_bytes(type_url, document))
+            for document in documents
+        ]
+        for type_url, documents in resources.items()
+    }
+
+
+# --- resources -------------------------------------------------------------------------------
+
+
+def _parse(resource: Any, position: int) -> _Stored:
+    body = getattr(resource, "body", resource)
+    ref = getattr(resource, "ref", None)
+    created = getattr(resource, "created_version", position)
+    kind = body["kind"]
+    metadata = body.get("metadata", {})
+    namespace = metadata.get("namespace", "default")
+    name = metadata.get("name", "")
+    spec_type = {"VirtualService": VirtualServiceSpec, "DestinationRule": DestinationRuleSpec}.get(kind)
+    spec = spec_type.model_validate(body.get("spec", {})) if spec_type else body.get("spec")
+    return _Stored(kind, namespace, name, (created, namespace, name), spec, ref)
+
+
+def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+# --- clusters and endpoints ----------------------------------------------------------------
+
+
+def _eds_cluster(name: str, policy: TrafficPolicy | None) -> Json:
+    cluster: Json = {
+        "name": name,
+        "type": "EDS",
+        "connect_timeout": CONNECT_TIMEOUT,
+        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
+    }
+    simple = policy.load_balancer.simple if policy and policy.load_balancer else None
+    if simple:
+        cluster["lb_policy"] = _LB_POLICIES[simple]
+    return cluster
+
+
+def _static_cluster(name: str, address: str, port: int) -> Json:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": CONNECT_TIMEOUT,
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(address, port)}}]}],
+        },
+    }
+
+
+def _assignment(name: str, members: Sequence[Sidecar]) -> Json:
+    endpoints = [
+        {"endpoint": {"address": _address(s.address, s.endpoint_port)}}
+        for s in sorted(members, key=lambda s: (s.address, s.endpoint_port or 0, s.node_id))
+    ]
+    assignment: Json = {"cluster_name": name}
+    if endpoints:
+        assignment["endpoints"] = [{"lb_endpoints": endpoints}]
+    return assignment
+
+
+def _address(host: str, port: int | None) -> Json:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+# --- listeners -----------------------------------------------------------------------------
+
+
+def _http_manager(stat_prefix: str, *, rds: str | None = None, routes: Json | None = None) -> Json:
+    config: Json = {
+        "@type": HCM_TYPE,
+        "stat_prefix": stat_prefix,
+        "codec_type": "AUTO",
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}],
+    }
+    if rds is not None:
+        config["rds"] = {"route_config_name": rds, "config_source": {"ads": {}, "resource_api_version": "V3"}}
+    else:
+        config["route_config"] = routes
+    return {"name": "envoy.filters.network.http_connection_manager", "typed_config": config}
+
+
+def _outbound_listener(port: int) -> Json:
+    return {
+        "name": OUTBOUND_LISTENER,
+        "address": _address("127.0.0.1", port),
+        "filter_chains": [{"filters": [_http_manager("outbound", rds=OUTBOUND_ROUTES)]}],
+    }
+
+
+def _inbound_listener(address: str, port: int, local_cluster: str) -> Json:
+    routes = {
+        "name": "inbound",
+        "virtual_hosts": [
+            {"name": "inbound", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": local_cluster}}]}
+        ],
+    }
+    return {
+        "name": INBOUND_LISTENER,
+        "address": _address(address, port),
+        "filter_chains": [{"filters": [_http_manager("inbound", routes=routes)]}],
+    }
+
+
+# --- routes --------------------------------------------------------------------------------
+
+
+def host_aliases(host: str, namespace: str) -> list[str]:
+    """The names a client in `namespace` may call `host` by: the FQDN, and for a service of this
+    mesh (NAME.NS.svc.cluster.local) NAME.NS.svc, NAME.NS, and NAME if NS is the client's."""
+    suffix = f".{CLUSTER_DOMAIN}"
+    if not host.endswith(suffix):
+        return [host]
+    name, _, service_namespace = host[: -len(suffix)].rpartition(".")
+    if not name:
+        return [host]
+    aliases = [host, f"{name}.{service_namespace}.svc", f"{name}.{service_namespace}"]
+    if service_namespace == namespace:
+        aliases.append(name)
+    return aliases
+
+
+def _route_table(namespace: str, ports: Mapping[str, set[int]], service_for: Mapping[str, _Stored]) -> Json:
+    virtual_hosts: list[Json] = []
+    for host in sorted(ports):
+        host_ports = sorted(ports[host])
+        # A Host without a port means port 80; a service without port 80 takes it at its lowest.
+        bare_port = DEFAULT_SERVICE_PORT if DEFAULT_SERVICE_PORT in host_ports else host_ports[0]
+        virtual_service = service_for.get(host)
+        for port in host_ports:
+            aliases = host_aliases(host, namespace)
+            domains = [f"{alias}:{port}" for alias in aliases]
+            if port == bare_port:
+                domains = aliases + domains
+            if virtual_service is not None:
+                routes = _virtual_service_routes(virtual_service, port)
+            else:
+                routes = [{"match": {"prefix": "/"}, "route": {"cluster": cluster_name("outbound", port, None, host)}}]
+            virtual_hosts.append({"name": f"{host}:{port}", "domains": domains, "routes": routes})
+    return {"name": OUTBOUND_ROUTES, "virtual_hosts": virtual_hosts}
+
+
+def _virtual_service_routes(virtual_service: _Stored, port: int) -> list[Json]:
+    spec: VirtualServiceSpec = virtual_service.spec
+    routes: list[Json] = []
+    for http in spec.http:
+        action = _action(http, virtual_service.namespace, port)
+        for match in http.match or [None]:
+            route: Json = {"match": _match(match), **action}
+            if http.name:
+                route["name"] = http.name
+            _add_header_operations(route, http)
+            routes.append(route)
+    return routes
+
+
+def _match(match: MatchRequest | None) -> Json:
+    result: Json = {"prefix": "/"}
+    if match is None:
+        return result
+    if match.uri is not None:
+        if match.uri.exact is not None:
+            result = {"path": match.uri.exact}
+        elif match.uri.prefix is not None:
+            result = {"prefix": match.uri.prefix}
+        else:
+            result = {"safe_regex": {"regex": match.uri.regex}}
+    headers = [
+        {"name": name, "string_match": _string_match(value)} for name, value in sorted((match.headers or {}).items())
+    ]
+    if match.method is not None:
+        headers.append({"name": ":method", "string_match": _string_match(match.method)})
+    if headers:
+        result["headers"] = headers
+    return result
+
+
+def _string_match(match: StringMatch) -> Json:
+    if match.exact is not None:
+        return {"exact": match.exact}
+    if match.prefix is not None:
+        return {"prefix": match.prefix}
+    return {"safe_regex": {"regex": match.regex}}
+
+
+def _action(http: HttpRoute, namespace: str, port: int) -> Json:
+    if http.redirect is not None:
+        redirect: Json = {}
+        if http.redirect.uri is not None:
+            redirect["path_redirect"] = http.redirect.uri
+        if http.redirect.authority is not None:
+            redirect["host_redirect"] = http.redirect.authority
+        if http.redirect.redirect_code is not None:
+            redirect["response_code"] = _REDIRECT_CODES[http.redirect.redirect_code]
+        return {"redirect": redirect}
+    destinations = http.route or []
+    targets = []
+    for destination in destinations:
+        host = canonical_host(destination.destination.host, namespace)
+        target_port = destination.destination.port.number if destination.destination.port else port
+        targets.append((cluster_name("outbound", target_port, destination.destination.subset, host), destination.weight))
+    action: Json
+    if len(targets) == 1:
+        action = {"cluster": targets[0][0]}
+    else:
+        # Two destinations may name one cluster (a subset twice): their weights add up.
+        weights: dict[str, int] = {}
+        for name, weight in targets:
+            weights[name] = weights.get(name, 0) + (weight or 0)
+        action = {"weighted_clusters": {"clusters": [{"name": n, "weight": w} for n, w in weights.items()]}}
+        if len(weights) == 1:
+            action = {"cluster": next(iter(weights))}
+    if http.timeout is not None:
+        action["timeout"] = f"{duration_seconds(http.timeout):.3f}s"
+    if http.rewrite is not None:
+        if http.rewrite.uri is not None:
+            action["prefix_rewrite"] = http.rewrite.uri
+        if http.rewrite.authority is not None:
+            action["host_rewrite_literal"] = http.rewrite.authority
+    return {"route": action}
+
+
+def _add_header_operations(route: Json, http: HttpRoute) -> None:
+    if http.headers is None:
+        return
+    for direction, operations in (("request", http.headers.request), ("response", http.headers.response)):
+        if operations is None:
+            continue
+        additions = [
+            {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for k, v in (operations.set or {}).items()
+        ] + [
+            {"header": {"key": k, "value": v}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}
+            for k, v in (operations.add or {}).items()
+        ]
+        if additions:
+            route[f"{direction}_headers_to_add"] = additions
+        if operations.remove:
+            route[f"{direction}_headers_to_remove"] = list(operations.remove)

@@ -1,0 +1,251 @@
+"""The service registry: each sidecar's registration (service, version, ports, labels) under a lease.
+
+A sidecar's agent registers as soon as it starts (so the control plane can compile its listeners)
+and says `ready` once its application's port answers; only ready instances become endpoints.
+The agent renews the registration well within the lease; one that is not renewed is dropped by
+`serve()` at most one sweep interval after its lease ran out (≤ 2× the lease in all).
+
+Kept in memory: a restarted control plane learns every instance again at its next renewal,
+because a renewal is the same idempotent PUT as the first registration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import trio
+
+from meshctl.resources.hosts import canonical_host
+
+DEFAULT_LEASE_SECONDS = 10.0
+MIN_LEASE_SECONDS = 0.5
+MAX_LEASE_SECONDS = 3600.0
+
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}$")
+
+
+class RegistrationError(ValueError):
+    """A registration body that cannot be accepted; str() names the field and the reason."""
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """One sidecar and the instance it fronts. `app_port` None: a sidecar with no inbound side
+    (a pure client); it still gets the mesh's outbound config but is never an endpoint."""
+
+    node_id: str
+    service: str
+    namespace: str = "default"
+    version: str = ""
+    address: str = "127.0.0.1"
+    service_port: int = 80
+    app_port: int | None = None
+    inbound_port: int | None = None
+    outbound_port: int = 15001
+    labels: Mapping[str, str] = field(default_factory=dict)
+    ready: bool = False
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+
+    @property
+    def host(self) -> str:
+        return canonical_host(self.service, self.namespace)
+
+    @property
+    def all_labels(self) -> dict[str, str]:
+        """Its labels with Istio's app= and version= (the ones DestinationRule subsets select by)."""
+        labels = {"app": self.service}
+        if self.version:
+            labels["version"] = self.version
+        labels.update(self.labels)
+        return labels
+
+    @property
+    def endpoint_port(self) -> int | None:
+        """Where other sidecars send its traffic: its inbound listener, else the app itself."""
+        return self.inbound_port or self.app_port
+
+    @property
+    def is_endpoint(self) -> bool:
+        return self.ready and self.endpoint_port is not None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "nodeId": self.node_id,
+            "service": self.service,
+            "namespace": self.namespace,
+            "version": self.version,
+            "address": self.address,
+            "servicePort": self.service_port,
+            "appPort": self.app_port,
+            "inboundPort": self.inbound_port,
+            "outboundPort": self.outbound_port,
+            "labels": dict(self.labels),
+            "ready": self.ready,
+            "leaseSeconds": self.lease_seconds,
+        }
+
+
+def parse_registration(node_id: str, body: bytes) -> Sidecar:
+    """A Sidecar from a PUT /v1/sidecars/{node_id} JSON body; RegistrationError says what is wrong."""
+    if not _NODE_ID.match(node_id):
+        raise RegistrationError(f"node id {node_id!r}: letters, digits and ._:@- only, at most 253")
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError as error:
+        raise RegistrationError(f"the body is not JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise RegistrationError("the body must be a JSON object")
+    known = {
+        "service", "namespace", "version", "address", "servicePort", "appPort", "inboundPort",
+        "outboundPort", "labels", "ready", "leaseSeconds",
+    }  # fmt: skip
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise RegistrationError(f"{unknown[0]}: unknown field")
+    service = _label(data, "service", required=True)
+    namespace = _label(data, "namespace", default="default")
+    version = data.get("version", "")
+    if not isinstance(version, str) or (version and not _LABEL.match(version)):
+        raise RegistrationError(f"version: {version!r} is not a DNS label")
+    address = data.get("address", "127.0.0.1")
+    if not isinstance(address, str) or not address:
+        raise RegistrationError("address: must be a non-empty string")
+    labels = data.get("labels") or {}
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise RegistrationError("labels: must map strings to strings")
+    ready = data.get("ready", False)
+    if not isinstance(ready, bool):
+        raise RegistrationError("ready: must be true or false")
+    lease = data.get("leaseSeconds", DEFAULT_LEASE_SECONDS)
+    if (
+        isinstance(lease, bool)
+        or not isinstance(lease, (int, float))
+        or not math.isfinite(lease)
+        or not MIN_LEASE_SECONDS <= lease <= MAX_LEASE_SECONDS
+    ):
+        raise RegistrationError(
+            f"leaseSeconds: must be a number in [{MIN_LEASE_SECONDS}, {MAX_LEASE_SECONDS}]"
+        )
+    return Sidecar(
+        node_id=node_id,
+        service=service,
+        namespace=namespace,
+        version=version,
+        address=address,
+        service_port=_port(data, "servicePort", 80),
+        app_port=_port(data, "appPort", None),
+        inbound_port=_port(data, "inboundPort", None),
+        outbound_port=_port(data, "outboundPort", 15001),
+        labels=dict(labels),
+        ready=ready,
+        lease_seconds=float(lease),
+    )
+
+
+def _label(data: dict[str, Any], name: str, *, required: bool = False, default: str = "") -> str:
+    value = data.get(name, None if required else default)
+    if value is None:
+        raise RegistrationError(f"{name}: required")
+    if not isinstance(value, str) or len(value) > 63 or not _LABEL.match(value):
+        raise RegistrationError(f"{name}: {value!r} is not a DNS label (lowercase, digits, '-')")
+    return value
+
+
+def _port(data: dict[str, Any], name: str, default: int | None) -> int | None:
+    value = data.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise RegistrationError(f"{name}: {value!r} is not a port in [1, 65535]")
+    return value
+
+
+class Registry:
+    """Sidecars by node id, each with the monotonic time its lease runs out.
+
+    `generation` goes up with every change that can alter compiled config (a new, changed,
+    removed or expired sidecar; a plain renewal is not one), and `wait_for_change` wakes then.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._sidecars: dict[str, tuple[Sidecar, float]] = {}
+        self.generation = 0
+        self._changed = trio.Event()
+
+    def register(self, sidecar: Sidecar) -> bool:
+        """Create or renew; True when the registration is new or changed (not a plain renewal)."""
+        previous = self._sidecars.get(sidecar.node_id)
+        self._sidecars[sidecar.node_id] = (sidecar, self._clock() + sidecar.lease_seconds)
+        changed = previous is None or previous[0] != sidecar
+        if changed:
+            self._bump()
+        return changed
+
+    def set_ready(self, node_id: str, ready: bool) -> bool:
+        entry = self._sidecars.get(node_id)
+        if entry is None:
+            return False
+        if entry[0].ready != ready:
+            self._sidecars[node_id] = (replace(entry[0], ready=ready), entry[1])
+            self._bump()
+        return True
+
+    def deregister(self, node_id: str) -> bool:
+        if self._sidecars.pop(node_id, None) is None:
+            return False
+        self._bump()
+        return True
+
+    def get(self, node_id: str) -> Sidecar | None:
+        entry = self._sidecars.get(node_id)
+        return entry[0] if entry else None
+
+    def sidecars(self) -> list[Sidecar]:
+        """Every live registration, sorted by node id (deterministic compiles)."""
+        return [self._sidecars[node][0] for node in sorted(self._sidecars)]
+
+    def expire(self) -> list[str]:
+        """Drop every sidecar whose lease ran out; their node ids."""
+        now = self._clock()
+        gone = [node for node, (_, deadline) in self._sidecars.items() if deadline <= now]
+        for node in gone:
+            del self._sidecars[node]
+        if gone:
+            self._bump()
+        return gone
+
+    def next_expiry(self) -> float | None:
+        return min((deadline for _, deadline in self._sidecars.values()), default=None)
+
+    async def wait_for_change(self, after: int) -> int:
+        while self.generation <= after:
+            await self._changed.wait()
+        return self.generation
+
+    async def serve(
+        self,
+        sweep_interval: float = 0.5,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Expire leases until cancelled: an instance is gone within lease + sweep_interval."""
+        task_status.started()
+        while True:
+            await trio.sleep(sweep_interval)
+            self.expire()
+
+    def _bump(self) -> None:
+        self.generation += 1
+        self._changed.set()
+        self._changed = trio.Event()
+
