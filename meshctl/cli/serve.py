@@ -35,6 +35,15 @@ def serve(
     api_port: Annotated[
         int, typer.Option(min=0, max=65535, help="REST API port (0 picks a free one).")
     ] = DEFAULT_API_PORT,
+    xds_host: Annotated[
+        str, typer.Option(help="Address the xDS (ADS) server listens on; sidecars connect here.")
+    ] = "127.0.0.1",
+    xds_port: Annotated[
+        int,
+        typer.Option(
+            min=0, max=65535, help="xDS (ADS) port (0 picks a free one). Plain h2c until TLS arrives."
+        ),
+    ] = 15012,
     token_file: Annotated[
         Path | None,
         typer.Option(
@@ -62,7 +71,7 @@ def serve(
         token_path=token_file or default_token_path(),
     )
     try:
-        trio.run(_main, options)
+        trio.run(_main, options, (xds_host, xds_port))
     except (StoreError, TokenError, ValueError, OSError, BaseExceptionGroup) as error:
         # trio's nurseries wrap startup failures in exception groups; show the failure itself.
         leaves = _leaves(error)
@@ -72,7 +81,7 @@ def serve(
             raise
         for leaf in leaves:
             if isinstance(leaf, OSError) and leaf.filename is None:
-                message = f"cannot listen on {api_host}:{api_port}: {leaf.strerror or leaf}"
+                message = f"cannot listen on {api_host}:{api_port} (API) or {xds_host}:{xds_port} (xDS): {leaf.strerror or leaf}"
             else:
                 message = str(leaf)
             typer.echo(f"meshctl serve: {message}", err=True)
@@ -85,19 +94,22 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [error]
 
 
-async def _main(options: object) -> None:
+async def _main(options: object, xds_address: tuple[str, int]) -> None:
     import signal
 
     import trio
 
     from meshctl.control.plane import run_control_plane
+    from meshctl.control.registry import Registry
+    from meshctl.control.xds_service import xds_service
 
     def ready(lines: list[str]) -> None:
         typer.echo(f"meshctl serve: ready: {'; '.join(lines)}", err=True)
 
     async with trio.open_nursery() as nursery:
-        # The xDS server joins here: pass its factory in `services` (see control/plane.py).
-        nursery.start_soon(run_control_plane, options, (), ready)
+        registry = Registry()
+        services = (xds_service(registry, xds_address),)
+        nursery.start_soon(run_control_plane, options, services, ready, registry)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for received in signals:
                 typer.echo(f"meshctl serve: {signal.Signals(received).name}, stopping", err=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -40,10 +41,11 @@ async def serve_api(
     port: int,
     limits: Limits = Limits(),
     *,
+    extensions: Sequence[Any] = (),
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the API until cancelled. Reports the bound (host, port) through task_status."""
-    server = _Server(Api(store), token, limits)
+    server = _Server(Api(store, extensions), token, limits)
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()
     task_status.started((bound[0], bound[1]))

@@ -70,8 +70,11 @@ class Request:
 class Api:
     """The REST API's logic over one store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, extensions: Sequence[Any] = ()) -> None:
         self.store = store
+        # Further endpoint groups (the service registry): objects with handles(parts) and
+        # async handle(request, parts), asked in order after the resource endpoints.
+        self.extensions = list(extensions)
         # Reference checks read the whole state and then write: two writers interleaving could
         # each pass a check the other invalidates (apply a VS while its DR is deleted).
         self._write_lock = trio.Lock()
@@ -83,6 +86,9 @@ class Api:
             return 200, {"status": "ok"}
         if parts[:1] != ["v1"]:
             raise ApiError("not_found", f"no such endpoint {request.path}")
+        for extension in self.extensions:
+            if extension.handles(parts):
+                return await extension.handle(request, parts)
         if parts == ["v1", "apply"]:
             _allow(request, "POST")
             return 200, await self.apply(request.body, _flag(request.query, "dryRun"))

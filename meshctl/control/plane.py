@@ -7,6 +7,7 @@ the same nursery with the open store, so the ADS server (meshctl/control/ads.py)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ import trio
 
 from meshctl.control.api import Limits, serve_api
 from meshctl.control.auth import ensure_token
+from meshctl.control.registry import Registry
+from meshctl.control.registry_api import RegistryApi
 from meshctl.control.store import Store
 from meshctl.control.store_sqlite import SqliteStore, parse_store_url
 
@@ -46,16 +49,21 @@ async def run_control_plane(
     options: PlaneOptions,
     services: Sequence[Callable[[Store], Service]] = (),
     on_ready: Callable[[list[str]], Any] = lambda lines: None,
+    registry: Registry | None = None,
 ) -> None:
-    """Serve until cancelled. `services` are factories taking the open store."""
+    """Serve until cancelled. `services` are factories taking the open store. The service
+    registry's endpoints join the API; pass `registry` to share it with a service (xDS)."""
     token = ensure_token(options.token_path)
+    registry = registry or Registry()
     store = open_store(options.store_url)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.serve)  # etcd: connected and watching before the API opens
+            await nursery.start(registry.serve)  # expires leases
             host, port = await nursery.start(
-                serve_api, store, token, options.api_host, options.api_port, options.limits
-            )
+                functools.partial(serve_api, extensions=[RegistryApi(registry)]),
+                store, token, options.api_host, options.api_port, options.limits,
+            )  # fmt: skip
             ready = [f"API on http://{_host(host)}:{port} (token in {options.token_path})"]
             for factory in services:
                 ready.append(str(await nursery.start(factory(store))))

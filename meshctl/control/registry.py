@@ -181,6 +181,8 @@ class Registry:
         self._sidecars: dict[str, tuple[Sidecar, float]] = {}
         self.generation = 0
         self._changed = trio.Event()
+        # Where the xDS server listens (HOST:PORT), told to registering agents; set once it serves.
+        self.xds_address: str | None = None
 
     def register(self, sidecar: Sidecar) -> bool:
         """Create or renew; True when the registration is new or changed (not a plain renewal)."""

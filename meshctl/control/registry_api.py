@@ -1,0 +1,59 @@
+"""The registry's REST endpoints, beside the resource API: sidecars register, renew and leave.
+
+    PUT    /v1/sidecars/{node_id}   register or renew (JSON body, see registry.parse_registration)
+    DELETE /v1/sidecars/{node_id}   leave now (the agent's clean exit)
+    GET    /v1/sidecars             every live registration, and where the xDS server listens
+
+The answer to a PUT carries `xds` (HOST:PORT of the ADS server), so an agent needs only the
+API's address.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshctl.control.api_handlers import ApiError, Request
+from meshctl.control.registry import RegistrationError, Registry, parse_registration
+
+
+class RegistryApi:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def handles(self, parts: list[str]) -> bool:
+        return parts[:2] == ["v1", "sidecars"]
+
+    async def handle(self, request: Request, parts: list[str]) -> tuple[int, dict[str, Any]]:
+        if len(parts) == 2:
+            _allow(request, "GET")
+            return 200, {
+                "xds": self.registry.xds_address,
+                "items": [sidecar.as_json() for sidecar in self.registry.sidecars()],
+            }
+        if len(parts) != 3:
+            raise ApiError("not_found", f"no such endpoint {request.path}")
+        node_id = parts[2]
+        if request.method == "PUT":
+            try:
+                sidecar = parse_registration(node_id, request.body)
+            except RegistrationError as error:
+                raise ApiError("invalid", f"sidecar {node_id}: {error}") from None
+            changed = self.registry.register(sidecar)
+            return 200, {
+                "sidecar": sidecar.as_json(),
+                "changed": changed,
+                "xds": self.registry.xds_address,
+            }
+        if request.method == "DELETE":
+            if not self.registry.deregister(node_id):
+                raise ApiError("not_found", f"sidecar {node_id} is not registered")
+            return 200, {"deregistered": node_id}
+        _allow(request, "PUT")
+        raise AssertionError("unreachable")
+
+
+def _allow(request: Request, method: str) -> None:
+    if request.method != method:
+        raise ApiError(
+            "method_not_allowed", f"{request.method} is not allowed on {request.path}; use {method}"
+        )

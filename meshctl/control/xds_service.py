@@ -1,0 +1,136 @@
+"""The control plane's xDS side: the ADS server, and the task that recompiles the mesh whenever the
+store or the registry changes and pushes each sidecar its own snapshot."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import trio
+
+from meshctl.control import resource_types as types
+from meshctl.control.ads import AdsServer, serve_ads
+from meshctl.control.compiler import MeshConfig, compile_mesh, sidecar_resources, to_messages
+from meshctl.control.registry import Registry, Sidecar
+from meshctl.control.snapshot import Snapshot, SnapshotCache
+from meshctl.control.store import Store
+
+log = logging.getLogger("meshctl.control.xds")
+
+DEFAULT_XDS_PORT = 15012
+
+
+class Publisher:
+    """Compiles (store snapshot, registry) and sets every registered sidecar's snapshot."""
+
+    def __init__(self, cache: SnapshotCache) -> None:
+        self.cache = cache
+        self._published: set[str] = set()
+        self.last_version = ""
+        self.compile_seconds = 0.0
+
+    def publish(self, revision: int, resources: Sequence[Any], generation: int, sidecars: Sequence[Sidecar]) -> str:
+        started = time.perf_counter()
+        version = f"{revision}.{generation}"
+        mesh = compile_mesh(resources, sidecars)
+        shared = _SharedMessages(mesh)
+        for sidecar in sidecars:
+            self.cache.set_snapshot(Snapshot(version, shared.for_sidecar(sidecar)), sidecar.node_id)
+        current = {sidecar.node_id for sidecar in sidecars}
+        for node_id in self._published - current:
+            # It keeps serving its last config; nothing new reaches it until it registers again.
+            self.cache.clear_snapshot(node_id)
+        self._published = current
+        self.last_version = version
+        self.compile_seconds = time.perf_counter() - started
+        log.info(
+            "published version %s to %d sidecars (%d clusters) in %.1f ms",
+            version, len(sidecars), len(mesh.clusters), self.compile_seconds * 1000,
+        )  # fmt: skip
+        return version
+
+
+class _SharedMessages:
+    """The mesh's shared resources turned into protobuf once, not once per sidecar."""
+
+    def __init__(self, mesh: MeshConfig) -> None:
+        self.mesh = mesh
+        self.clusters = to_messages({types.CLUSTER: mesh.clusters})[types.CLUSTER]
+        self.endpoints = to_messages({types.ENDPOINT: mesh.endpoints})[types.ENDPOINT]
+        self.routes: dict[str, Any] = {}
+
+    def for_sidecar(self, sidecar: Sidecar) -> dict[str, list[Any]]:
+        documents = sidecar_resources(self.mesh, sidecar)
+        own_clusters = documents[types.CLUSTER][len(self.mesh.clusters):]
+        route = self.routes.get(sidecar.namespace)
+        if route is None:
+            route = self.routes[sidecar.namespace] = to_messages({types.ROUTE: documents[types.ROUTE]})[types.ROUTE]
+        own = to_messages({types.CLUSTER: own_clusters, types.LISTENER: documents[types.LISTENER]})
+        return {
+            types.CLUSTER: self.clusters + own[types.CLUSTER],
+            types.ENDPOINT: self.endpoints,
+            types.LISTENER: own[types.LISTENER],
+            types.ROUTE: route,
+        }
+
+
+async def follow_and_publish(
+    store: Store,
+    registry: Registry,
+    publisher: Publisher,
+    *,
+    settle: float = 0.01,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Publish now, then again after every store or registry change (bursts coalesce)."""
+    started = False
+    while True:
+        generation = registry.generation
+        revision, resources = await store.snapshot()
+        try:
+            publisher.publish(revision, resources, generation, registry.sidecars())
+        except Exception:
+            # A compiler bug must not take the control plane down; sidecars keep their config.
+            log.exception("compiling the mesh at revision %s failed", revision)
+        if not started:
+            task_status.started()
+            started = True
+        await _until_either_changes(store, revision, registry, generation)
+        await trio.sleep(settle)
+
+
+async def _until_either_changes(store: Store, revision: int, registry: Registry, generation: int) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def wait(waiting: Callable[[], Any]) -> None:
+            await waiting()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(wait, lambda: store.wait_for_change(revision))
+        nursery.start_soon(wait, lambda: registry.wait_for_change(generation))
+
+
+def xds_service(registry: Registry, address: str | tuple[str, int]) -> Callable[[Store], Any]:
+    """A run_control_plane service factory: ADS on `address`, fed from the store and `registry`."""
+
+    def factory(store: Store):
+        async def serve(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+            cache = SnapshotCache()
+            publisher = Publisher(cache)
+            server = AdsServer(cache)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(follow_and_publish, store, registry, publisher)
+                host, port = await nursery.start(_serve_ads, address, cache, server)
+                shown = f"[{host}]" if ":" in host else host
+                registry.xds_address = f"{shown}:{port}"
+                task_status.started(f"xDS (ADS, plain h2c) on {registry.xds_address}")
+
+        return serve
+
+    return factory
+
+
+async def _serve_ads(address, cache, server, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    await serve_ads(address, cache, server=server, task_status=task_status)
