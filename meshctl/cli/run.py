@@ -16,13 +16,76 @@ def register(app: typer.Typer) -> None:
     app.command(context_settings={"allow_interspersed_args": False})(run)
 
 
+_MESH = "Mesh sidecar (with --service)"
+
+
 def run(
     bootstrap: Annotated[
-        Path,
+        Path | None,
         typer.Option(
-            "--bootstrap", "-c", dir_okay=False, help="Envoy-style bootstrap file, YAML or JSON."
+            "--bootstrap",
+            "-c",
+            dir_okay=False,
+            help="Envoy-style bootstrap file, YAML or JSON: a standalone sidecar. "
+            "Without it, --service joins the mesh of a control plane.",
         ),
-    ],
+    ] = None,
+    service: Annotated[
+        str | None,
+        typer.Option(help="Join the mesh as an instance of this service.", rich_help_panel=_MESH),
+    ] = None,
+    version: Annotated[
+        str, typer.Option(help="The instance's version label (version=V).", rich_help_panel=_MESH)
+    ] = "",
+    namespace: Annotated[str, typer.Option(rich_help_panel=_MESH)] = "default",
+    app_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=65535, help="Port the application serves on (127.0.0.1). Without it the "
+            "sidecar only sends (a client).", rich_help_panel=_MESH,
+        ),
+    ] = None,
+    service_port: Annotated[
+        int,
+        typer.Option(
+            min=1, max=65535, help="The port clients call the service by (reviews:9080).",
+            rich_help_panel=_MESH,
+        ),
+    ] = 80,
+    control_plane: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MESHCTL_CONTROL_PLANE", help="The control plane's API, HOST:PORT. "
+            "Default: 127.0.0.1:15080.", rich_help_panel=_MESH,
+        ),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MESHCTL_TOKEN", help="API token. Default: the one `meshctl serve` wrote.",
+            rich_help_panel=_MESH,
+        ),
+    ] = None,
+    xds_address: Annotated[
+        str | None,
+        typer.Option(
+            help="The xDS server, HOST:PORT. Default: the one the control plane names.",
+            rich_help_panel=_MESH,
+        ),
+    ] = None,
+    address: Annotated[
+        str, typer.Option(help="Address other sidecars reach this instance at.", rich_help_panel=_MESH)
+    ] = "127.0.0.1",
+    outbound_port: Annotated[int, typer.Option(min=1, max=65535, rich_help_panel=_MESH)] = 15001,
+    inbound_port: Annotated[int, typer.Option(min=1, max=65535, rich_help_panel=_MESH)] = 15006,
+    admin_port: Annotated[int, typer.Option(min=0, max=65535, rich_help_panel=_MESH)] = 15000,
+    lease: Annotated[
+        float,
+        typer.Option(
+            min=0.5, max=3600, help="Registration lease, seconds; renewed at a third of it.",
+            rich_help_panel=_MESH,
+        ),
+    ] = 10.0,
     workers: Annotated[int, typer.Option(min=1, help="Engine worker threads.")] = 1,
     drain_timeout: Annotated[
         float,
@@ -35,11 +98,31 @@ def run(
         ),
     ] = None,
 ) -> None:
-    """Run a sidecar from a bootstrap file until SIGTERM/SIGINT, or beside COMMAND until it exits.
+    """Run a sidecar from a bootstrap file (or in the mesh of a control plane, with --service)
+    until SIGTERM/SIGINT, or beside COMMAND until it exits.
+
+    With --service, COMMAND runs with HTTP_PROXY=http://127.0.0.1:OUTBOUND, so it reaches mesh
+    services by name (curl http://reviews:9080/).
 
     COMMAND starts once the sidecar's listeners are bound. SIGTERM is passed on to it.
     When it exits, meshctl drains the sidecar and exits with the command's status.
     """
+    if bootstrap is not None and service is not None:
+        _refuse("--bootstrap and --service exclude each other: a sidecar is standalone or in a mesh")
+    if bootstrap is None and service is None:
+        _refuse("give --bootstrap FILE (a standalone sidecar) or --service NAME (join a mesh)")
+    if service is not None:
+        from meshctl.cli._mesh_run import run_in_mesh  # trio and the ADS client: this path only
+
+        run_in_mesh(
+            service=service, version=version, namespace=namespace, app_port=app_port,
+            service_port=service_port, control_plane=control_plane, token=token,
+            xds_address=xds_address, address=address, outbound_port=outbound_port,
+            inbound_port=inbound_port, admin_port=admin_port, lease=lease, workers=workers,
+            drain_timeout=drain_timeout, command=command,
+        )  # fmt: skip
+        return
+    assert bootstrap is not None
     try:
         config = load_bootstrap_file(bootstrap)
     except BootstrapError as error:

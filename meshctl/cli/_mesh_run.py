@@ -1,0 +1,65 @@
+"""`meshctl run --service ...`: check the mesh options, then hand over to the sidecar agent."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import NoReturn
+
+import typer
+
+from meshctl.agent.sidecar import INVALID_CONFIG
+
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def run_in_mesh(
+    *,
+    service: str,
+    version: str,
+    namespace: str,
+    app_port: int | None,
+    service_port: int,
+    control_plane: str | None,
+    token: str | None,
+    xds_address: str | None,
+    address: str,
+    outbound_port: int,
+    inbound_port: int,
+    admin_port: int,
+    lease: float,
+    workers: int,
+    drain_timeout: float,
+    command: Sequence[str] | None,
+) -> NoReturn:
+    for flag, value in (("--service", service), ("--namespace", namespace), ("--version", version)):
+        if (value or flag != "--version") and (len(value) > 63 or not _LABEL.match(value)):
+            _refuse(f"{flag} {value!r} is not a DNS label (lowercase letters, digits, '-')")
+    ports = {"--outbound-port": outbound_port, "--admin-port": admin_port}
+    if app_port is not None:
+        ports.update({"--inbound-port": inbound_port, "--app-port": app_port})
+    clashes = [flag for flag, port in ports.items() if port and list(ports.values()).count(port) > 1]
+    if clashes:
+        _refuse(f"{' and '.join(clashes)} must differ")
+
+    from meshctl.agent.mesh_agent import AgentOptions, main
+    from meshctl.control.client import ClientError, resolve_address, resolve_token
+
+    try:
+        api = resolve_address(control_plane)
+        api_token = resolve_token(token)
+        xds = resolve_address(xds_address) if xds_address else None
+    except ClientError as error:
+        _refuse(error.message)
+    options = AgentOptions(
+        service=service, control_plane=api, token=api_token, version=version, namespace=namespace,
+        app_port=app_port, service_port=service_port, address=address, outbound_port=outbound_port,
+        inbound_port=inbound_port, admin_port=admin_port, lease_seconds=lease, xds_address=xds,
+        workers=workers, drain_timeout=drain_timeout,
+    )  # fmt: skip
+    raise typer.Exit(main(options, command or None))
+
+
+def _refuse(message: str) -> NoReturn:
+    typer.echo(f"meshctl run: {message}", err=True)
+    raise typer.Exit(INVALID_CONFIG)
