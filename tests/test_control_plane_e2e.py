@@ -1,0 +1,208 @@
+"""End to end: `meshctl serve`, two versions of reviews and a productpage client, each under
+`meshctl run --service`; `meshctl apply` moves reviews traffic by weight and by header, and an
+instance whose sidecar is killed leaves the endpoints within twice its lease."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from helpers.control_plane import ControlPlane, start_control_plane
+from helpers.ports import free_port
+
+pytestmark = pytest.mark.meshctl_only
+
+SERVERS = Path(__file__).resolve().parent / "servers"
+LEASE = 1.5
+
+RULES = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - match:
+    - headers: {end-user: {exact: jason}}
+    route:
+    - destination: {host: reviews, subset: v2}
+  - route:
+    - destination: {host: reviews, subset: v1}
+      weight: %d
+    - destination: {host: reviews, subset: v2}
+      weight: %d
+"""
+
+
+class Sidecar:
+    def __init__(self, plane: ControlPlane, directory: Path, service: str, *args: str, command: list[str] = ()) -> None:
+        self.outbound_port = free_port()
+        self.log_path = directory / f"{service}-{os.getpid()}-{self.outbound_port}.log"
+        with open(self.log_path, "wb") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "meshctl", "run", "--service", service, "--outbound-port", str(self.outbound_port),
+                 "--admin-port", str(free_port()), "--lease", str(LEASE), *args, *(["--", *command] if command else [])],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=plane.env,
+            )  # fmt: skip
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> list[int]:
+        try:
+            text = Path(f"/proc/{self.popen.pid}/task/{self.popen.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(pid) for pid in text.split()]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)  # this PID only
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def kill_echo(pid: int) -> None:
+    """SIGKILL `pid` if it is still one of this test's echo apps (not a reused PID)."""
+    try:
+        if b"http_echo.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, ProcessLookupError):
+        pass
+
+
+def upstream(plane: ControlPlane, directory: Path, version: str) -> Sidecar:
+    app_port = free_port()
+    return Sidecar(
+        plane, directory, "reviews", "--version", version, "--app-port", str(app_port), "--service-port", "9080",
+        "--inbound-port", str(free_port()),
+        command=[sys.executable, str(SERVERS / "http_echo.py"), "--name", version, "--port", str(app_port)],
+    )  # fmt: skip
+
+
+def ask(port: int, url: str = "http://reviews:9080/", headers: dict[str, str] | None = None) -> str:
+    """One request in HTTP proxy mode (absolute-form, as an app under HTTP_PROXY sends it)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://127.0.0.1:{port}"}))
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with opener.open(request, timeout=3) as response:
+            return json.loads(response.read())["name"]
+    except urllib.error.HTTPError as error:
+        return f"HTTP {error.code}"
+    except OSError as error:
+        return f"error: {type(error).__name__}"
+
+
+def names(port: int, count: int, **kwargs) -> Counter:
+    return Counter(ask(port, **kwargs) for _ in range(count))
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str) -> float:
+    started = time.monotonic()
+    last = None
+    while time.monotonic() - started < timeout:
+        last = check()
+        if last is True:
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout}s (last: {last})")
+
+
+def registered(plane: ControlPlane) -> list[dict]:
+    request = urllib.request.Request(
+        f"http://{plane.address}/v1/sidecars",
+        headers={"Authorization": f"Bearer {plane.token_path.read_text().strip()}"},
+    )
+    with urllib.request.urlopen(request, timeout=3) as response:
+        return json.loads(response.read())["items"]
+
+
+def apply(plane: ControlPlane, text: str) -> None:
+    done = plane.meshctl("apply", "-f", "-", stdin=text)
+    assert done.returncode == 0, done.stderr
+
+
+def test_weights_headers_and_leases_through_sidecars(tmp_path: Path):
+    deadline = time.monotonic() + 90
+    plane = start_control_plane(tmp_path / "plane", "--xds-port", str(free_port()))
+    sidecars: list[Sidecar] = []
+    try:
+        sidecars += [upstream(plane, tmp_path, "v1"), upstream(plane, tmp_path, "v2")]
+        client = Sidecar(plane, tmp_path, "productpage")
+        sidecars.append(client)
+
+        def both_ready() -> object:
+            ready = sorted(s["version"] for s in registered(plane) if s["service"] == "reviews" and s["ready"])
+            return ready == ["v1", "v2"] or ready
+
+        wait_until(both_ready, 30, "both reviews instances registered and ready")
+        # No VirtualService yet: the service's all-instances cluster gets everything, round robin.
+        wait_until(lambda: set(names(client.outbound_port, 6)) == {"v1", "v2"} or names(client.outbound_port, 6),
+                   10, "reviews reached through the client sidecar by name")  # fmt: skip
+        assert set(names(client.outbound_port, 4, url="http://reviews.default.svc.cluster.local:9080/x")) <= {"v1", "v2"}
+
+        apply(plane, RULES % (100, 0))
+        wait_until(lambda: names(client.outbound_port, 5) == Counter(v1=5) or names(client.outbound_port, 5), 5, "100/0 → v1")
+        assert names(client.outbound_port, 20) == Counter(v1=20)
+        assert names(client.outbound_port, 10, headers={"end-user": "jason"}) == Counter(v2=10)
+
+        apply(plane, RULES % (0, 100))
+        moved = wait_until(lambda: names(client.outbound_port, 5) == Counter(v2=5) or names(client.outbound_port, 5), 5, "0/100 → v2")
+        print(f"weight change reached the client sidecar within {moved:.2f}s")
+        assert names(client.outbound_port, 20) == Counter(v2=20)
+
+        apply(plane, RULES % (80, 20))
+        wait_until(lambda: "v1" in names(client.outbound_port, 5), 5, "80/20 takes effect")
+        split = names(client.outbound_port, 200)
+        assert set(split) == {"v1", "v2"} and 120 <= split["v1"] <= 190, split
+
+        # The v2 sidecar dies without a word (its app goes too): within 2 x lease it is no endpoint.
+        apply(plane, RULES % (0, 100))
+        wait_until(lambda: names(client.outbound_port, 5) == Counter(v2=5) or names(client.outbound_port, 5), 5, "0/100 → v2 again")
+        v2 = sidecars[1]
+        apps = v2.children()
+        v2.stop(signal.SIGKILL)
+        for pid in apps:
+            kill_echo(pid)  # the app this test started through that sidecar
+        killed = time.monotonic()
+        wait_until(lambda: not any(s["version"] == "v2" for s in registered(plane)) or "v2 still registered",
+                   2 * LEASE + 1, "the dead instance's lease runs out")  # fmt: skip
+        wait_until(lambda: names(client.outbound_port, 3) == Counter({"HTTP 503": 3}) or names(client.outbound_port, 3),
+                   3, "the v2 subset is left without endpoints")  # fmt: skip
+        gone = time.monotonic() - killed
+        assert gone <= 2 * LEASE + 1, gone
+        assert names(client.outbound_port, 5, headers={"end-user": "x"}) == Counter({"HTTP 503": 5})
+        assert time.monotonic() < deadline, "the scenario took longer than 90s"
+    except BaseException:
+        for sidecar in sidecars:
+            print(f"--- {sidecar.log_path.name} ---\n{sidecar.log()[-3000:]}")
+        print(f"--- meshctl serve ---\n{plane.log()[-4000:]}")
+        raise
+    finally:
+        for sidecar in sidecars:
+            apps = sidecar.children()
+            sidecar.stop()
+            for pid in apps:  # only if its sidecar did not take it down
+                kill_echo(pid)
+        plane.stop()
