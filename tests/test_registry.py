@@ -1,0 +1,134 @@
+"""The service registry: registration parsing, leases and their expiry, change generations, and its
+REST endpoints on a real API server (token required)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+from meshctl.control.api_handlers import Api, ApiError, Request
+from meshctl.control.registry import RegistrationError, Registry, Sidecar, parse_registration
+from meshctl.control.registry_api import RegistryApi
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def body(**fields) -> bytes:
+    return json.dumps({"service": "reviews", **fields}).encode()
+
+
+def test_a_registration_parses_with_defaults_and_istio_labels():
+    sidecar = parse_registration("reviews-1", body(version="v2", appPort=8080, inboundPort=15006, labels={"track": "canary"}))
+    assert sidecar == Sidecar(
+        node_id="reviews-1", service="reviews", version="v2", app_port=8080, inbound_port=15006,
+        labels={"track": "canary"},
+    )  # fmt: skip
+    assert sidecar.host == "reviews.default.svc.cluster.local"
+    assert sidecar.all_labels == {"app": "reviews", "version": "v2", "track": "canary"}
+    assert sidecar.endpoint_port == 15006 and not sidecar.is_endpoint  # not ready yet
+    assert parse_registration("c", b'{"service": "web"}').app_port is None
+
+
+@pytest.mark.parametrize(
+    ("node", "payload", "reason"),
+    [
+        ("bad node!", body(), "node id"),
+        ("n", b"[1]", "JSON object"),
+        ("n", b"{", "not JSON"),
+        ("n", b"{}", "service: required"),
+        ("n", body(service="Reviews"), "service: 'Reviews' is not a DNS label"),
+        ("n", body(appPort=0), "appPort: 0 is not a port"),
+        ("n", body(appPort="80"), "appPort: '80' is not a port"),
+        ("n", body(leaseSeconds=0.1), "leaseSeconds"),
+        ("n", body(ready="yes"), "ready"),
+        ("n", body(labels={"a": 1}), "labels"),
+        ("n", body(colour="red"), "colour: unknown field"),
+    ],
+)
+def test_bad_registrations_name_the_field(node, payload, reason):
+    with pytest.raises(RegistrationError, match=reason.replace("(", r"\(")):
+        parse_registration(node, payload)
+
+
+def test_leases_expire_renewals_extend_them_and_only_real_changes_bump_the_generation():
+    clock = Clock()
+    registry = Registry(clock)
+    one = Sidecar(node_id="a", service="reviews", lease_seconds=2)
+    assert registry.register(one) and registry.generation == 1
+    clock.now += 1.5
+    assert not registry.register(one)  # a renewal: same content, new deadline
+    assert registry.generation == 1
+    clock.now += 1.5
+    assert registry.expire() == [] and registry.get("a") == one
+    assert registry.set_ready("a", True) and registry.generation == 2
+    assert registry.get("a").ready
+    clock.now += 0.6
+    assert registry.expire() == ["a"] and registry.generation == 3
+    assert registry.sidecars() == [] and not registry.set_ready("a", True)
+    registry.register(one)
+    assert registry.deregister("a") and not registry.deregister("a")
+
+
+async def test_serve_expires_within_lease_plus_one_sweep_and_wakes_waiters():
+    registry = Registry()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.serve, 0.1)
+        registry.register(Sidecar(node_id="a", service="reviews", lease_seconds=0.5))
+        generation = registry.generation
+        with trio.fail_after(0.5 + 0.1 + 0.3):
+            assert await registry.wait_for_change(generation) == generation + 1
+        assert registry.sidecars() == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_rest_endpoints_register_list_and_deregister():
+    registry = Registry()
+    registry.xds_address = "127.0.0.1:15012"
+    api = Api(store=None, extensions=[RegistryApi(registry)])  # the registry never touches the store
+    status, answer = await api.handle(Request("PUT", "/v1/sidecars/reviews-1", body=body(version="v1", appPort=9001)))
+    assert status == 200 and answer["changed"] and answer["xds"] == "127.0.0.1:15012"
+    assert answer["sidecar"]["appPort"] == 9001
+    status, answer = await api.handle(Request("PUT", "/v1/sidecars/reviews-1", body=body(version="v1", appPort=9001)))
+    assert not answer["changed"]
+    status, listing = await api.handle(Request("GET", "/v1/sidecars"))
+    assert [item["nodeId"] for item in listing["items"]] == ["reviews-1"]
+    with pytest.raises(ApiError) as refused:
+        await api.handle(Request("PUT", "/v1/sidecars/reviews-2", body=body(appPort=70000)))
+    assert refused.value.status == 422 and "appPort" in refused.value.message
+    with pytest.raises(ApiError) as wrong_method:
+        await api.handle(Request("POST", "/v1/sidecars/reviews-1"))
+    assert wrong_method.value.status == 405
+    assert (await api.handle(Request("DELETE", "/v1/sidecars/reviews-1")))[0] == 200
+    with pytest.raises(ApiError) as missing:
+        await api.handle(Request("DELETE", "/v1/sidecars/reviews-1"))
+    assert missing.value.status == 404
+
+
+def test_the_registry_endpoints_need_the_token(tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from helpers.control_plane import start_control_plane
+
+    plane = start_control_plane(tmp_path, "--xds-port", "0")
+    try:
+        url = f"http://{plane.address}/v1/sidecars/x"
+        request = urllib.request.Request(url, data=body(), method="PUT")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=5)
+        assert refused.value.code == 401
+        request.add_header("Authorization", f"Bearer {plane.token_path.read_text().strip()}")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            answer = json.loads(response.read())
+        assert answer["sidecar"]["service"] == "reviews"
+        assert answer["xds"].startswith("127.0.0.1:")
+    finally:
+        plane.stop()
