@@ -172,6 +172,28 @@ def test_weights_headers_and_leases_through_sidecars(tmp_path: Path):
         print(f"weight change reached the client sidecar within {moved:.2f}s")
         assert names(client.outbound_port, 20) == Counter(v2=20)
 
+        # Every sidecar's ACK shows in the resource's status.
+        def statuses() -> object:
+            shown = plane.meshctl("get", "vs", "reviews", "-o", "json")
+            sidecars = json.loads(shown.stdout)["status"]["sidecars"] if shown.returncode == 0 else {}
+            states = sorted(entry["state"] for entry in sidecars.values())
+            return states == ["accepted"] * 3 or (shown.stderr or sidecars)
+
+        wait_until(statuses, 5, "the VirtualService shows three sidecars that accepted it")
+
+        # A config the sidecars refuse: NACKed with the engine's reason, shown by `meshctl get`,
+        # and traffic keeps flowing by the last accepted config.
+        bad = RULES % (0, 100) + "    rewrite: {authority: 'not a host'}\n"
+        apply(plane, bad)
+
+        def rejected() -> object:
+            shown = json.loads(plane.meshctl("get", "vs", "reviews", "-o", "json").stdout)["status"]["sidecars"]
+            reasons = [entry.get("reason", "") for entry in shown.values() if entry["state"] == "rejected"]
+            return (len(reasons) == 3 and all("not a valid host" in reason for reason in reasons)) or shown
+
+        wait_until(rejected, 5, "three sidecars reject the bad route")
+        assert names(client.outbound_port, 10) == Counter(v2=10)
+
         apply(plane, RULES % (80, 20))
         wait_until(lambda: "v1" in names(client.outbound_port, 5), 5, "80/20 takes effect")
         split = names(client.outbound_port, 200)

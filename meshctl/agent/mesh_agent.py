@@ -75,12 +75,19 @@ class _Api:
         connection = http.client.HTTPConnection(host, port, timeout=5)
         try:
             payload = json.dumps(body).encode() if body is not None else None
-            headers = {"Authorization": f"Bearer {self.options.token}", "Content-Type": "application/json"}
-            connection.request(method, f"/v1/sidecars/{self.options.node_id}", body=payload, headers=headers)
+            headers = {
+                "Authorization": f"Bearer {self.options.token}",
+                "Content-Type": "application/json",
+            }
+            connection.request(
+                method, f"/v1/sidecars/{self.options.node_id}", body=payload, headers=headers
+            )
             response = connection.getresponse()
             raw = response.read()
         except (OSError, http.client.HTTPException) as error:
-            raise RegistrationFailed(f"cannot reach the control plane at {host}:{port}: {error}") from None
+            raise RegistrationFailed(
+                f"cannot reach the control plane at {host}:{port}: {error}"
+            ) from None
         finally:
             connection.close()
         try:
@@ -89,7 +96,9 @@ class _Api:
             answer = {}
         if response.status >= 400:
             message = answer.get("error", {}).get("message") if isinstance(answer, dict) else None
-            raise RegistrationFailed(f"the control plane refused: {message or f'HTTP {response.status}'}")
+            raise RegistrationFailed(
+                f"the control plane refused: {message or f'HTTP {response.status}'}"
+            )
         return answer
 
     async def register(self, ready: bool) -> dict[str, Any]:
@@ -164,7 +173,9 @@ class Agent:
             if self.options.xds_address is not None:
                 return self.options.xds_address
             if not answer.get("xds"):
-                raise RegistrationFailed("the control plane has no xDS server to follow (is it `meshctl serve`?)")
+                raise RegistrationFailed(
+                    "the control plane has no xDS server to follow (is it `meshctl serve`?)"
+                )
             return _parse_address(answer["xds"])
 
     async def keep_lease(self) -> None:
@@ -205,13 +216,22 @@ async def run_agent(options: AgentOptions, engine: Any, command: Sequence[str] |
         return 1
     status = 0
     async with trio.open_nursery() as nursery:
-        ads = AdsClient(engine, xds, options.node_id, node_cluster=options.service, backoff=Backoff(0.2, 5.0))
+        ads = AdsClient(
+            engine, xds, options.node_id, node_cluster=options.service, backoff=Backoff(0.2, 5.0)
+        )
         await nursery.start(ads.run)
         nursery.start_soon(agent.keep_lease)
         if not await agent.wait_for_outbound_listener():
-            _report(f"no config from {xds[0]}:{xds[1]} after {options.config_wait:.0f}s; starting anyway")
-        where = ", ".join(f"{name} on {host}:{port}" for name, (host, port) in sorted(engine.listener_addresses().items()))
-        _report(f"sidecar {options.node_id} ready: {where or 'no listeners'}; xDS from {xds[0]}:{xds[1]}")
+            _report(
+                f"no config from {xds[0]}:{xds[1]} after {options.config_wait:.0f}s; starting anyway"
+            )
+        where = ", ".join(
+            f"{name} on {host}:{port}"
+            for name, (host, port) in sorted(engine.listener_addresses().items())
+        )
+        _report(
+            f"sidecar {options.node_id} ready: {where or 'no listeners'}; xDS from {xds[0]}:{xds[1]}"
+        )
         if options.app_port is not None:
             nursery.start_soon(agent.wait_until_app_answers)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -262,7 +282,13 @@ def main(options: AgentOptions, command: Sequence[str] | None) -> int:
         _report(f"the engine is not built ({error}); run `pip install .`")
         return 1
     bootstrap = bootstrap_from_dict(
-        {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": options.admin_port}}}}
+        {
+            "admin": {
+                "address": {
+                    "socket_address": {"address": "127.0.0.1", "port_value": options.admin_port}
+                }
+            }
+        }
     )
     try:
         engine = _core.Engine(bootstrap, worker_threads=options.workers)
@@ -273,4 +299,3 @@ def main(options: AgentOptions, command: Sequence[str] | None) -> int:
         return trio.run(run_agent, options, engine, command)
     finally:
         engine.stop()
-

@@ -38,7 +38,9 @@ def run_in_mesh(
     ports = {"--outbound-port": outbound_port, "--admin-port": admin_port}
     if app_port is not None:
         ports.update({"--inbound-port": inbound_port, "--app-port": app_port})
-    clashes = [flag for flag, port in ports.items() if port and list(ports.values()).count(port) > 1]
+    clashes = [
+        flag for flag, port in ports.items() if port and list(ports.values()).count(port) > 1
+    ]
     if clashes:
         _refuse(f"{' and '.join(clashes)} must differ")
 

@@ -41,28 +41,35 @@ def run(
     app_port: Annotated[
         int | None,
         typer.Option(
-            min=1, max=65535, help="Port the application serves on (127.0.0.1). Without it the "
-            "sidecar only sends (a client).", rich_help_panel=_MESH,
+            min=1,
+            max=65535,
+            help="Port the application serves on (127.0.0.1). Without it the "
+            "sidecar only sends (a client).",
+            rich_help_panel=_MESH,
         ),
     ] = None,
     service_port: Annotated[
         int,
         typer.Option(
-            min=1, max=65535, help="The port clients call the service by (reviews:9080).",
+            min=1,
+            max=65535,
+            help="The port clients call the service by (reviews:9080).",
             rich_help_panel=_MESH,
         ),
     ] = 80,
     control_plane: Annotated[
         str | None,
         typer.Option(
-            envvar="MESHCTL_CONTROL_PLANE", help="The control plane's API, HOST:PORT. "
-            "Default: 127.0.0.1:15080.", rich_help_panel=_MESH,
+            envvar="MESHCTL_CONTROL_PLANE",
+            help="The control plane's API, HOST:PORT. Default: 127.0.0.1:15080.",
+            rich_help_panel=_MESH,
         ),
     ] = None,
     token: Annotated[
         str | None,
         typer.Option(
-            envvar="MESHCTL_TOKEN", help="API token. Default: the one `meshctl serve` wrote.",
+            envvar="MESHCTL_TOKEN",
+            help="API token. Default: the one `meshctl serve` wrote.",
             rich_help_panel=_MESH,
         ),
     ] = None,
@@ -74,7 +81,8 @@ def run(
         ),
     ] = None,
     address: Annotated[
-        str, typer.Option(help="Address other sidecars reach this instance at.", rich_help_panel=_MESH)
+        str,
+        typer.Option(help="Address other sidecars reach this instance at.", rich_help_panel=_MESH),
     ] = "127.0.0.1",
     outbound_port: Annotated[int, typer.Option(min=1, max=65535, rich_help_panel=_MESH)] = 15001,
     inbound_port: Annotated[int, typer.Option(min=1, max=65535, rich_help_panel=_MESH)] = 15006,
@@ -82,7 +90,9 @@ def run(
     lease: Annotated[
         float,
         typer.Option(
-            min=0.5, max=3600, help="Registration lease, seconds; renewed at a third of it.",
+            min=0.5,
+            max=3600,
+            help="Registration lease, seconds; renewed at a third of it.",
             rich_help_panel=_MESH,
         ),
     ] = 10.0,
@@ -108,7 +118,9 @@ def run(
     When it exits, meshctl drains the sidecar and exits with the command's status.
     """
     if bootstrap is not None and service is not None:
-        _refuse("--bootstrap and --service exclude each other: a sidecar is standalone or in a mesh")
+        _refuse(
+            "--bootstrap and --service exclude each other: a sidecar is standalone or in a mesh"
+        )
     if bootstrap is None and service is None:
         _refuse("give --bootstrap FILE (a standalone sidecar) or --service NAME (join a mesh)")
     if service is not None:

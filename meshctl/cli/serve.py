@@ -41,7 +41,9 @@ def serve(
     xds_port: Annotated[
         int,
         typer.Option(
-            min=0, max=65535, help="xDS (ADS) port (0 picks a free one). Plain h2c until TLS arrives."
+            min=0,
+            max=65535,
+            help="xDS (ADS) port (0 picks a free one). Plain h2c until TLS arrives.",
         ),
     ] = 15012,
     token_file: Annotated[

@@ -90,7 +90,9 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
     """Compile stored resources (StoredResource, or plain bodies with kind/metadata/spec) and
     every registered sidecar into the shared part of the mesh config."""
     stored = [_parse(resource, position) for position, resource in enumerate(resources)]
-    virtual_services = sorted((s for s in stored if s.kind == "VirtualService"), key=lambda s: s.order)
+    virtual_services = sorted(
+        (s for s in stored if s.kind == "VirtualService"), key=lambda s: s.order
+    )
     rules = sorted((s for s in stored if s.kind == "DestinationRule"), key=lambda s: s.order)
 
     # Service host → its ports (from the registry).
@@ -126,10 +128,13 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
     # Clusters: every host and port's all-instances cluster and its subsets, plus anything a
     # route names (a route to a missing cluster is refused; an empty one answers 503 naming it).
     wanted: dict[tuple[str, int], set[str | None]] = {}
-    for host in ports:
+    for host, host_ports in ports.items():
         rule = rule_for.get(host)
-        for port in ports[host]:
-            wanted[(host, port)] = {None, *(s.name for s in ((rule.spec.subsets or []) if rule else []))}
+        for port in host_ports:
+            wanted[(host, port)] = {
+                None,
+                *(s.name for s in ((rule.spec.subsets or []) if rule else [])),
+            }
     for table in config.routes.values():
         for name in _referenced_clusters(table):
             _, port, subset, host = name.split("|", 3)
@@ -138,15 +143,21 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
         rule = rule_for.get(host)
         subsets = {s.name: s for s in (rule.spec.subsets or [])} if rule else {}
         policy = rule.spec.traffic_policy if rule else None
-        members = [s for s in sidecars if s.host == host and s.service_port == port and s.is_endpoint]
+        members = [
+            s for s in sidecars if s.host == host and s.service_port == port and s.is_endpoint
+        ]
         for subset_name in sorted(wanted[(host, port)], key=lambda n: n or ""):
             name = cluster_name("outbound", port, subset_name, host)
             subset = subsets.get(subset_name) if subset_name else None
             selector = (subset.labels or {}) if subset else {}
             if subset_name and subset is None:
                 selector = {"version": subset_name}  # unreachable after validation; Istio's habit
-            config.clusters.append(_eds_cluster(name, (subset.traffic_policy if subset else None) or policy))
-            config.endpoints.append(_assignment(name, [s for s in members if _selects(selector, s.all_labels)]))
+            config.clusters.append(
+                _eds_cluster(name, (subset.traffic_policy if subset else None) or policy)
+            )
+            config.endpoints.append(
+                _assignment(name, [s for s in members if _selects(selector, s.all_labels)])
+            )
     return config
 
 
@@ -200,7 +211,9 @@ def _parse(resource: Any, position: int) -> _Stored:
     metadata = body.get("metadata", {})
     namespace = metadata.get("namespace", "default")
     name = metadata.get("name", "")
-    spec_type = {"VirtualService": VirtualServiceSpec, "DestinationRule": DestinationRuleSpec}.get(kind)
+    spec_type = {"VirtualService": VirtualServiceSpec, "DestinationRule": DestinationRuleSpec}.get(
+        kind
+    )
     spec = spec_type.model_validate(body.get("spec", {})) if spec_type else body.get("spec")
     return _Stored(kind, namespace, name, (created, namespace, name), spec, ref)
 
@@ -260,10 +273,15 @@ def _http_manager(stat_prefix: str, *, rds: str | None = None, routes: Json | No
         "@type": HCM_TYPE,
         "stat_prefix": stat_prefix,
         "codec_type": "AUTO",
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}],
+        "http_filters": [
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}
+        ],
     }
     if rds is not None:
-        config["rds"] = {"route_config_name": rds, "config_source": {"ads": {}, "resource_api_version": "V3"}}
+        config["rds"] = {
+            "route_config_name": rds,
+            "config_source": {"ads": {}, "resource_api_version": "V3"},
+        }
     else:
         config["route_config"] = routes
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": config}
@@ -281,7 +299,11 @@ def _inbound_listener(address: str, port: int, local_cluster: str) -> Json:
     routes = {
         "name": "inbound",
         "virtual_hosts": [
-            {"name": "inbound", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": local_cluster}}]}
+            {
+                "name": "inbound",
+                "domains": ["*"],
+                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": local_cluster}}],
+            }
         ],
     }
     return {
@@ -309,7 +331,9 @@ def host_aliases(host: str, namespace: str) -> list[str]:
     return aliases
 
 
-def _route_table(namespace: str, ports: Mapping[str, set[int]], service_for: Mapping[str, _Stored]) -> Json:
+def _route_table(
+    namespace: str, ports: Mapping[str, set[int]], service_for: Mapping[str, _Stored]
+) -> Json:
     virtual_hosts: list[Json] = []
     for host in sorted(ports):
         host_ports = sorted(ports[host])
@@ -324,7 +348,12 @@ def _route_table(namespace: str, ports: Mapping[str, set[int]], service_for: Map
             if virtual_service is not None:
                 routes = _virtual_service_routes(virtual_service, port)
             else:
-                routes = [{"match": {"prefix": "/"}, "route": {"cluster": cluster_name("outbound", port, None, host)}}]
+                routes = [
+                    {
+                        "match": {"prefix": "/"},
+                        "route": {"cluster": cluster_name("outbound", port, None, host)},
+                    }
+                ]
             virtual_hosts.append({"name": f"{host}:{port}", "domains": domains, "routes": routes})
     return {"name": OUTBOUND_ROUTES, "virtual_hosts": virtual_hosts}
 
@@ -355,7 +384,8 @@ def _match(match: MatchRequest | None) -> Json:
         else:
             result = {"safe_regex": {"regex": match.uri.regex}}
     headers = [
-        {"name": name, "string_match": _string_match(value)} for name, value in sorted((match.headers or {}).items())
+        {"name": name, "string_match": _string_match(value)}
+        for name, value in sorted((match.headers or {}).items())
     ]
     if match.method is not None:
         headers.append({"name": ":method", "string_match": _string_match(match.method)})
@@ -387,7 +417,12 @@ def _action(http: HttpRoute, namespace: str, port: int) -> Json:
     for destination in destinations:
         host = canonical_host(destination.destination.host, namespace)
         target_port = destination.destination.port.number if destination.destination.port else port
-        targets.append((cluster_name("outbound", target_port, destination.destination.subset, host), destination.weight))
+        targets.append(
+            (
+                cluster_name("outbound", target_port, destination.destination.subset, host),
+                destination.weight,
+            )
+        )
     action: Json
     if len(targets) == 1:
         action = {"cluster": targets[0][0]}
@@ -396,7 +431,11 @@ def _action(http: HttpRoute, namespace: str, port: int) -> Json:
         weights: dict[str, int] = {}
         for name, weight in targets:
             weights[name] = weights.get(name, 0) + (weight or 0)
-        action = {"weighted_clusters": {"clusters": [{"name": n, "weight": w} for n, w in weights.items()]}}
+        action = {
+            "weighted_clusters": {
+                "clusters": [{"name": n, "weight": w} for n, w in weights.items()]
+            }
+        }
         if len(weights) == 1:
             action = {"cluster": next(iter(weights))}
     if http.timeout is not None:
@@ -412,7 +451,10 @@ def _action(http: HttpRoute, namespace: str, port: int) -> Json:
 def _add_header_operations(route: Json, http: HttpRoute) -> None:
     if http.headers is None:
         return
-    for direction, operations in (("request", http.headers.request), ("response", http.headers.response)):
+    for direction, operations in (
+        ("request", http.headers.request),
+        ("response", http.headers.response),
+    ):
         if operations is None:
             continue
         additions = [

@@ -250,4 +250,3 @@ class Registry:
         self.generation += 1
         self._changed.set()
         self._changed = trio.Event()
-

@@ -20,6 +20,8 @@ from meshctl.control.store import Store
 log = logging.getLogger("meshctl.control.xds")
 
 DEFAULT_XDS_PORT = 15012
+# The kinds the compiler turns into config; the others are stored but not yet sent to sidecars.
+COMPILED_KINDS = frozenset({"VirtualService", "DestinationRule"})
 
 
 class Publisher:
@@ -30,8 +32,13 @@ class Publisher:
         self._published: set[str] = set()
         self.last_version = ""
         self.compile_seconds = 0.0
+        # Version → the stored resources (ref, resource version) it was compiled from, so that a
+        # sidecar's ACK or NACK of a version is recorded against them. The last few are kept.
+        self.sources: dict[str, list[tuple[Any, int]]] = {}
 
-    def publish(self, revision: int, resources: Sequence[Any], generation: int, sidecars: Sequence[Sidecar]) -> str:
+    def publish(
+        self, revision: int, resources: Sequence[Any], generation: int, sidecars: Sequence[Sidecar]
+    ) -> str:
         started = time.perf_counter()
         version = f"{revision}.{generation}"
         mesh = compile_mesh(resources, sidecars)
@@ -44,6 +51,13 @@ class Publisher:
             self.cache.clear_snapshot(node_id)
         self._published = current
         self.last_version = version
+        self.sources[version] = [
+            (resource.ref, resource.version)
+            for resource in resources
+            if getattr(resource, "ref", None) is not None and resource.ref.kind in COMPILED_KINDS
+        ]
+        while len(self.sources) > 64:
+            del self.sources[next(iter(self.sources))]
         self.compile_seconds = time.perf_counter() - started
         log.info(
             "published version %s to %d sidecars (%d clusters) in %.1f ms",
@@ -63,10 +77,12 @@ class _SharedMessages:
 
     def for_sidecar(self, sidecar: Sidecar) -> dict[str, list[Any]]:
         documents = sidecar_resources(self.mesh, sidecar)
-        own_clusters = documents[types.CLUSTER][len(self.mesh.clusters):]
+        own_clusters = documents[types.CLUSTER][len(self.mesh.clusters) :]
         route = self.routes.get(sidecar.namespace)
         if route is None:
-            route = self.routes[sidecar.namespace] = to_messages({types.ROUTE: documents[types.ROUTE]})[types.ROUTE]
+            route = self.routes[sidecar.namespace] = to_messages(
+                {types.ROUTE: documents[types.ROUTE]}
+            )[types.ROUTE]
         own = to_messages({types.CLUSTER: own_clusters, types.LISTENER: documents[types.LISTENER]})
         return {
             types.CLUSTER: self.clusters + own[types.CLUSTER],
@@ -101,7 +117,73 @@ async def follow_and_publish(
         await trio.sleep(settle)
 
 
-async def _until_either_changes(store: Store, revision: int, registry: Registry, generation: int) -> None:
+def _version_key(version: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in version.split("."))
+    except ValueError:
+        return (-1,)
+
+
+def node_verdict(
+    types_state: dict[str, dict[str, str | None]],
+) -> tuple[str, bool, str | None] | None:
+    """(version, accepted, reason) for one node from its ACK/NACK record: a NACK on any type
+    rejects that version, naming each type's reason; else the newest version it accepted."""
+    nacked = [
+        (state["nacked_version"], f"{types.SHORT_NAMES.get(type_url, type_url)}: {state['error']}")
+        for type_url, state in sorted(types_state.items())
+        if state.get("nacked_version")
+    ]
+    if nacked:
+        version = max((v for v, _ in nacked), key=_version_key)
+        return version, False, "; ".join(reason for v, reason in nacked if v == version)
+    acked = [state["acked_version"] for state in types_state.values() if state.get("acked_version")]
+    if not acked:
+        return None
+    return max(acked, key=_version_key), True, None
+
+
+async def report_statuses(
+    store: Store,
+    registry: Registry,
+    cache: SnapshotCache,
+    publisher: Publisher,
+    interval: float = 0.5,
+) -> None:
+    """Record each sidecar's ACK or NACK against the resources its config came from (what
+    `meshctl get` shows), and forget sidecars that left the registry."""
+    reported: dict[str, tuple[str, bool, str | None]] = {}
+    while True:
+        live = {sidecar.node_id for sidecar in registry.sidecars()}
+        for node_id, types_state in cache.status().items():
+            if node_id not in live:
+                continue
+            verdict = node_verdict(types_state)
+            if verdict is None or reported.get(node_id) == verdict:
+                continue
+            version, accepted, reason = verdict
+            sources = publisher.sources.get(version)
+            if sources is None:
+                continue  # a version too old to map back; the next answer will do
+            try:
+                for ref, resource_version in sources:
+                    await store.set_status(ref, node_id, resource_version, accepted, reason)
+            except Exception:
+                log.exception("recording %s's answer to version %s", node_id, version)
+                continue
+            reported[node_id] = verdict
+        for node_id in set(reported) - live:
+            del reported[node_id]
+            try:
+                await store.forget_sidecar(node_id)
+            except Exception:
+                log.exception("forgetting sidecar %s", node_id)
+        await trio.sleep(interval)
+
+
+async def _until_either_changes(
+    store: Store, revision: int, registry: Registry, generation: int
+) -> None:
     async with trio.open_nursery() as nursery:
 
         async def wait(waiting: Callable[[], Any]) -> None:
@@ -123,6 +205,7 @@ def xds_service(registry: Registry, address: str | tuple[str, int]) -> Callable[
             async with trio.open_nursery() as nursery:
                 await nursery.start(follow_and_publish, store, registry, publisher)
                 host, port = await nursery.start(_serve_ads, address, cache, server)
+                nursery.start_soon(report_statuses, store, registry, cache, publisher)
                 shown = f"[{host}]" if ":" in host else host
                 registry.xds_address = f"{shown}:{port}"
                 task_status.started(f"xDS (ADS, plain h2c) on {registry.xds_address}")
