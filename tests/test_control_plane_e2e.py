@@ -228,3 +228,68 @@ def test_weights_headers_and_leases_through_sidecars(tmp_path: Path):
             for pid in apps:  # only if its sidecar did not take it down
                 kill_echo(pid)
         plane.stop()
+
+
+# An application under `meshctl run --service`: it knows nothing of the mesh, only HTTP_PROXY
+# (which urllib honours). It asks reviews by name in a loop and logs who answered.
+ASKING_APP = """\
+import json, sys, time, urllib.request
+with open(sys.argv[1], "a", buffering=1) as log:
+    while True:
+        try:
+            with urllib.request.urlopen("http://reviews:9080/", timeout=3) as response:
+                log.write(json.loads(response.read())["name"] + "\\n")
+        except Exception as error:
+            log.write(f"error {error}\\n")
+        time.sleep(0.02)
+"""
+
+
+def answers(path: Path, since: int = 0) -> list[str]:
+    lines = path.read_text().splitlines() if path.exists() else []
+    return lines[since:]
+
+
+def test_an_app_reaches_services_by_name_and_survives_a_control_plane_kill(tmp_path: Path):
+    api_port, xds_port = free_port(), free_port()
+    ports = ("--api-port", str(api_port), "--xds-port", str(xds_port))
+    plane = start_control_plane(tmp_path / "plane", *ports)
+    sidecars: list[Sidecar] = []
+    log = tmp_path / "answers.log"
+    try:
+        sidecars += [upstream(plane, tmp_path, "v1"), upstream(plane, tmp_path, "v2")]
+        apply(plane, RULES % (100, 0))
+        app = [sys.executable, "-c", ASKING_APP, str(log)]
+        sidecars.append(Sidecar(plane, tmp_path, "productpage", command=app))
+        wait_until(lambda: answers(log)[-5:] == ["v1"] * 5 or answers(log)[-5:], 20, "the app reaches reviews v1 by name")
+
+        # The control plane dies: no request fails, the sidecars keep their config.
+        plane.popen.kill()  # SIGKILL, this PID
+        plane.popen.wait()
+        killed_at = len(answers(log))
+        time.sleep(1.5)
+        during = answers(log, killed_at)
+        assert len(during) > 10 and set(during) == {"v1"}, Counter(during)
+
+        # It comes back on the same ports and store: the sidecars reconnect, and the next change
+        # reaches them with no failed request on the way.
+        plane = start_control_plane(tmp_path / "plane", *ports)
+        apply(plane, RULES % (0, 100))
+        mark = len(answers(log))
+        moved = wait_until(lambda: answers(log)[-5:] == ["v2"] * 5 or answers(log)[-5:], 15, "after the restart, 0/100 reaches the app's sidecar")
+        print(f"after the restart, the change reached the sidecar in {moved:.2f}s")
+        after = answers(log, killed_at)
+        assert not [line for line in after if line.startswith("error")], Counter(after)
+        assert set(answers(log, mark)) <= {"v1", "v2"}
+    except BaseException:
+        for sidecar in sidecars:
+            print(f"--- {sidecar.log_path.name} ---\n{sidecar.log()[-3000:]}")
+        print(f"--- meshctl serve ---\n{plane.log()[-4000:]}")
+        raise
+    finally:
+        for sidecar in sidecars:
+            apps = sidecar.children()
+            sidecar.stop()
+            for pid in apps:
+                kill_echo(pid)
+        plane.stop()

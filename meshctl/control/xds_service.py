@@ -98,10 +98,18 @@ async def follow_and_publish(
     publisher: Publisher,
     *,
     settle: float = 0.01,
+    warmup_timeout: float = 10.0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Publish now, then again after every store or registry change (bursts coalesce)."""
-    started = False
+    """Publish, then again after every store or registry change (bursts coalesce).
+
+    After a restart the registry starts empty and refills as agents renew their leases; pushing
+    config before then would hand sidecars endpoint lists missing instances that are alive. So
+    the first push waits until every sidecar the store still has a status for has registered
+    again (at most `warmup_timeout`). Sidecars keep serving their last config meanwhile.
+    """
+    task_status.started()
+    await _warm_up(store, registry, warmup_timeout)
     while True:
         generation = registry.generation
         revision, resources = await store.snapshot()
@@ -110,11 +118,33 @@ async def follow_and_publish(
         except Exception:
             # A compiler bug must not take the control plane down; sidecars keep their config.
             log.exception("compiling the mesh at revision %s failed", revision)
-        if not started:
-            task_status.started()
-            started = True
         await _until_either_changes(store, revision, registry, generation)
         await trio.sleep(settle)
+
+
+async def previous_sidecars(store: Store) -> set[str]:
+    """The sidecars that had answered config from this store and not left cleanly."""
+    _, resources = await store.snapshot()
+    refs = [resource.ref for resource in resources if resource.ref.kind in COMPILED_KINDS]
+    if not refs:
+        return set()
+    statuses = await store.statuses(refs)
+    return {status.sidecar_id for entries in statuses.values() for status in entries}
+
+
+async def _warm_up(store: Store, registry: Registry, timeout: float) -> None:
+    expected = await previous_sidecars(store)
+    if not expected:
+        return
+    log.info("waiting up to %.0fs for %d sidecars to register again", timeout, len(expected))
+    with trio.move_on_after(timeout):
+        while not expected <= {sidecar.node_id for sidecar in registry.sidecars()}:
+            await registry.wait_for_change(registry.generation)
+        return
+    missing = expected - {sidecar.node_id for sidecar in registry.sidecars()}
+    log.info("%d sidecars did not come back (%s...); publishing", len(missing), min(missing))
+    for node_id in missing:
+        await store.forget_sidecar(node_id)
 
 
 def _version_key(version: str) -> tuple[int, ...]:
