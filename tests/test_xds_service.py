@@ -1,0 +1,123 @@
+"""The control plane's xDS publishing: snapshots per sidecar from store + registry, recompiling on
+change, ACK/NACK verdicts recorded against resources, and the warm-up after a restart."""
+
+from __future__ import annotations
+
+import trio
+
+from meshctl.control import resource_types as types
+from meshctl.control.registry import Registry, Sidecar
+from meshctl.control.snapshot import SnapshotCache
+from meshctl.control.store import Put
+from meshctl.control.store_sqlite import SqliteStore
+from meshctl.control.xds_service import Publisher, follow_and_publish, node_verdict, previous_sidecars
+from meshctl.resources import ResourceRef
+
+RULE = {
+    "apiVersion": "networking.istio.io/v1",
+    "kind": "DestinationRule",
+    "metadata": {"name": "reviews", "namespace": "default"},
+    "spec": {"host": "reviews", "subsets": [{"name": "v1", "labels": {"version": "v1"}}]},
+}
+RULE_REF = ResourceRef("DestinationRule", "default", "reviews")
+
+
+def reviews(node: str, port: int) -> Sidecar:
+    return Sidecar(node_id=node, service="reviews", version="v1", service_port=9080, app_port=port, inbound_port=port + 1, ready=True)
+
+
+def names(cache: SnapshotCache, node: str, type_url: str) -> list[str]:
+    return sorted(cache.snapshot_for(node).of_type(type_url).items)
+
+
+def test_each_sidecar_gets_its_own_listeners_and_gone_ones_are_cleared():
+    cache = SnapshotCache()
+    publisher = Publisher(cache)
+    client = Sidecar(node_id="client", service="productpage", outbound_port=16001)
+    publisher.publish(1, [RULE], 0, [client, reviews("r1", 8001)])
+    assert names(cache, "client", types.LISTENER) == ["virtualOutbound"]
+    assert names(cache, "r1", types.LISTENER) == ["virtualInbound", "virtualOutbound"]
+    assert "inbound|8001||" in names(cache, "r1", types.CLUSTER)
+    assert "inbound|8001||" not in names(cache, "client", types.CLUSTER)
+    assert cache.snapshot_for("client").of_type(types.ROUTE).version == "1.0"
+    routes_before = cache.snapshot_for("client").of_type(types.ROUTE)
+
+    # A second instance changes endpoints only: the client's routes keep their version.
+    publisher.publish(1, [RULE], 1, [client, reviews("r1", 8001), reviews("r2", 8002)])
+    assert cache.snapshot_for("client").of_type(types.ROUTE) is routes_before
+    assert cache.snapshot_for("client").of_type(types.ENDPOINT).version == "1.1"
+
+    publisher.publish(1, [RULE], 2, [client])
+    assert cache.snapshot_for("r1") is None  # no snapshot: it keeps serving its last config
+
+
+def test_a_nack_on_any_type_rejects_that_version_else_the_newest_ack_counts():
+    assert node_verdict({}) is None
+    acked = {types.CLUSTER: {"acked_version": "3.1", "nacked_version": None, "error": None},
+             types.ROUTE: {"acked_version": "10.0", "nacked_version": None, "error": None}}  # fmt: skip
+    assert node_verdict(acked) == ("10.0", True, None)
+    acked[types.ROUTE] = {"acked_version": "3.1", "nacked_version": "11.0", "error": "weights sum to 0"}
+    assert node_verdict(acked) == ("11.0", False, "RDS: weights sum to 0")
+
+
+async def test_changes_to_the_store_and_registry_are_published(tmp_path):
+    store = SqliteStore.open(tmp_path / "store.db")
+    cache = SnapshotCache()
+    registry = Registry()
+    registry.register(Sidecar(node_id="client", service="productpage"))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(follow_and_publish, store, registry, Publisher(cache))
+            with trio.fail_after(2):
+                while cache.snapshot_for("client") is None:
+                    await trio.sleep(0.01)
+            assert names(cache, "client", types.CLUSTER) == []
+            registry.register(reviews("r1", 8001))
+            with trio.fail_after(2):
+                while names(cache, "client", types.CLUSTER) != ["outbound|9080||reviews.default.svc.cluster.local"]:
+                    await trio.sleep(0.01)
+            await store.write([Put(RULE_REF, RULE)])
+            with trio.fail_after(2):
+                while "outbound|9080|v1|reviews.default.svc.cluster.local" not in names(cache, "client", types.CLUSTER):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+
+
+async def test_after_a_restart_the_first_push_waits_for_known_sidecars(tmp_path):
+    store = SqliteStore.open(tmp_path / "store.db")
+    try:
+        _, (written,) = await store.write([Put(RULE_REF, RULE)])
+        await store.set_status(RULE_REF, "r1", written.version, True)
+        assert await previous_sidecars(store) == {"r1"}
+        cache = SnapshotCache()
+        registry = Registry()
+        registry.register(Sidecar(node_id="client", service="productpage"))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(follow_and_publish, store, registry, Publisher(cache))
+            await trio.sleep(0.2)
+            assert cache.snapshot_for("client") is None  # r1 has not come back yet
+            registry.register(reviews("r1", 8001))
+            with trio.fail_after(2):
+                while cache.snapshot_for("client") is None:
+                    await trio.sleep(0.01)
+            assert names(cache, "client", types.ENDPOINT)  # r1 is in the very first push
+            nursery.cancel_scope.cancel()
+
+        # One that never returns holds the first push only until the timeout, and is forgotten.
+        cache = SnapshotCache()
+        await store.set_status(RULE_REF, "gone", written.version, True)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: follow_and_publish(
+                    store, registry, Publisher(cache), warmup_timeout=0.3, task_status=task_status
+                )
+            )
+            with trio.fail_after(2):
+                while cache.snapshot_for("client") is None:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert await previous_sidecars(store) == {"r1"}
+    finally:
+        await store.aclose()
