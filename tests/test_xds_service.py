@@ -10,7 +10,12 @@ from meshctl.control.registry import Registry, Sidecar
 from meshctl.control.snapshot import SnapshotCache
 from meshctl.control.store import Put
 from meshctl.control.store_sqlite import SqliteStore
-from meshctl.control.xds_service import Publisher, follow_and_publish, node_verdict, previous_sidecars
+from meshctl.control.xds_service import (
+    Publisher,
+    follow_and_publish,
+    node_verdict,
+    previous_sidecars,
+)
 from meshctl.resources import ResourceRef
 
 RULE = {
