@@ -247,6 +247,82 @@ def test_compiling_is_deterministic():
     assert first == second
 
 
+def service_entry(name: str, **spec) -> dict:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "ServiceEntry",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec,
+    }
+
+
+def workload_entry(name: str, **spec) -> dict:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "WorkloadEntry",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec,
+    }
+
+
+STATIC_ENTRY = service_entry(
+    "payments",
+    hosts=["payments.example.com"],
+    ports=[{"number": 8443, "name": "http", "protocol": "HTTP", "targetPort": 9443}],
+    resolution="STATIC",
+    endpoints=[
+        {"address": "10.0.0.1", "labels": {"version": "v1"}},
+        {"address": "10.0.0.2", "ports": {"http": 7000}, "labels": {"version": "v2"}, "weight": 3},
+    ],
+    workloadSelector={"labels": {"app": "payments"}},
+)
+PAYMENTS = "outbound|8443||payments.example.com"
+
+
+def test_a_static_service_entry_reaches_its_endpoints_and_selected_workload_entries():
+    resources = [
+        STATIC_ENTRY,
+        workload_entry("vm-1", address="10.0.0.9", labels={"app": "payments", "version": "v2"}),
+        workload_entry("vm-2", address="10.0.0.8", labels={"app": "other"}),
+        destination_rule("payments.example.com"),
+    ]
+    compiled = sidecar_resources(compile_mesh(resources, REGISTRY), CLIENT)
+    assert by_name(compiled[types.CLUSTER])[PAYMENTS]["type"] == "EDS"
+    (assignment,) = [a for a in compiled[types.ENDPOINT] if a["cluster_name"] == PAYMENTS]
+    endpoints = [
+        (e["endpoint"]["address"]["socket_address"]["address"], e["endpoint"]["address"]["socket_address"]["port_value"], e.get("load_balancing_weight"))
+        for e in assignment["endpoints"][0]["lb_endpoints"]
+    ]
+    # targetPort by default, the endpoint's own named port when it has one; weights kept.
+    assert endpoints == [("10.0.0.1", 9443, None), ("10.0.0.2", 7000, 3), ("10.0.0.9", 9443, None)]
+    assert endpoint_ports(compiled, "outbound|8443|v2|payments.example.com") == [7000, 9443]
+    vhost = outbound_routes(compiled)["payments.example.com:8443"]
+    assert vhost["domains"] == ["payments.example.com", "payments.example.com:8443"]
+    assert vhost["routes"][0]["route"] == {"cluster": PAYMENTS}
+
+
+def test_dns_service_entries_resolve_their_endpoints_or_the_host():
+    entries = [
+        service_entry("api", hosts=["api.example.com"], ports=[{"number": 80, "name": "http"}], resolution="DNS"),
+        service_entry(
+            "mirrors", hosts=["mirrors.example.com"], ports=[{"number": 8080, "name": "http"}],
+            resolution="DNS_ROUND_ROBIN", endpoints=[{"address": "a.example.net"}, {"address": "b.example.net"}],
+        ),
+        service_entry("passthrough", hosts=["legacy.example.com"], ports=[{"number": 80, "name": "http"}]),
+    ]  # fmt: skip
+    compiled = sidecar_resources(compile_mesh(entries, REGISTRY), CLIENT)
+    clusters = by_name(compiled[types.CLUSTER])
+    api = clusters["outbound|80||api.example.com"]
+    assert api["type"] == "STRICT_DNS"
+    address = api["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert address == {"address": "api.example.com", "port_value": 80}
+    mirrors = clusters["outbound|8080||mirrors.example.com"]
+    assert mirrors["type"] == "LOGICAL_DNS"
+    assert len(mirrors["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 1
+    assert not any("legacy" in name for name in clusters)  # resolution NONE: not compiled yet
+    assert "outbound|80||api.example.com" not in {a["cluster_name"] for a in compiled[types.ENDPOINT]}
+
+
 @pytest.fixture(scope="module")
 def engine():
     from meshctl import _core
@@ -279,8 +355,21 @@ def engine():
                 ]
             ),
         ],
+        [
+            STATIC_ENTRY,
+            destination_rule("payments.example.com"),
+            workload_entry("vm-1", address="10.0.0.9", labels={"app": "payments"}),
+            service_entry(  # the engine resolves DNS names as it takes them; this sandbox has no DNS
+                "api", hosts=["api.example.com"], ports=[{"number": 80}], resolution="DNS",
+                endpoints=[{"address": "localhost"}],
+            ),
+            service_entry(
+                "m", hosts=["m.example.com"], ports=[{"number": 81}], resolution="DNS_ROUND_ROBIN",
+                endpoints=[{"address": "localhost"}],
+            ),
+        ],
     ],
-    ids=["empty", "subsets", "split", "everything"],
+    ids=["empty", "subsets", "split", "everything", "service-entries"],
 )
 def test_the_engine_accepts_what_the_compiler_produces(engine, resources):
     from meshctl._core import ConfigError

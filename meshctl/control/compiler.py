@@ -14,6 +14,9 @@ What a sidecar gets:
   host per service and port, named by every form a client may use (`reviews`, `reviews.ns`,
   `reviews.ns.svc`, the FQDN; with and without the port), routing by the host's
   VirtualService, else everything to the all-instances cluster;
+- for every ServiceEntry host and port: the same clusters, reached at its endpoints and the
+  WorkloadEntries its workloadSelector picks (STATIC: over EDS), or by DNS (STRICT_DNS, or
+  LOGICAL_DNS for DNS_ROUND_ROBIN); resolution NONE needs transparent capture, not compiled yet;
 - with an app port: an inbound listener on ADDRESS:INBOUND forwarding to 127.0.0.1:APP_PORT.
 """
 
@@ -32,6 +35,7 @@ from meshctl.control.registry import Sidecar
 from meshctl.resources.common import StringMatch, duration_seconds
 from meshctl.resources.destination_rule import DestinationRuleSpec, TrafficPolicy
 from meshctl.resources.hosts import CLUSTER_DOMAIN, canonical_host
+from meshctl.resources.service_entry import ServiceEntrySpec, WorkloadEntrySpec
 from meshctl.resources.virtual_service import HttpRoute, MatchRequest, VirtualServiceSpec
 
 OUTBOUND_LISTENER = "virtualOutbound"
@@ -77,6 +81,24 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class _Endpoint:
+    """One place traffic for a host and port can go, from the registry or a ServiceEntry."""
+
+    address: str
+    port: int
+    labels: Mapping[str, str]
+    weight: int | None = None
+
+
+@dataclass
+class _Backend:
+    """How one host and port is reached: EDS (registry, STATIC entries) or by DNS."""
+
+    endpoints: list[_Endpoint] = field(default_factory=list)
+    dns: str | None = None  # "STRICT_DNS" or "LOGICAL_DNS"
+
+
+@dataclass(frozen=True)
 class _Stored:
     kind: str
     namespace: str
@@ -95,11 +117,20 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
     )
     rules = sorted((s for s in stored if s.kind == "DestinationRule"), key=lambda s: s.order)
 
-    # Service host → its ports (from the registry).
+    # Service host → its ports, and (host, port) → where its traffic goes: the registry's
+    # ready instances, then ServiceEntries.
     ports: dict[str, set[int]] = defaultdict(set)
+    backends: dict[tuple[str, int], _Backend] = defaultdict(_Backend)
     for sidecar in sidecars:
         if sidecar.app_port is not None:
             ports[sidecar.host].add(sidecar.service_port)
+            if sidecar.is_endpoint:
+                backends[(sidecar.host, sidecar.service_port)].endpoints.append(
+                    _Endpoint(sidecar.address, sidecar.endpoint_port, sidecar.all_labels)
+                )
+    workload_entries = [s for s in stored if s.kind == "WorkloadEntry"]
+    for entry in sorted((s for s in stored if s.kind == "ServiceEntry"), key=lambda s: s.order):
+        _add_service_entry(entry, workload_entries, ports, backends)
 
     # Host → the oldest DestinationRule for it (Istio picks the oldest too).
     rule_for: dict[str, _Stored] = {}
@@ -143,22 +174,72 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
         rule = rule_for.get(host)
         subsets = {s.name: s for s in (rule.spec.subsets or [])} if rule else {}
         policy = rule.spec.traffic_policy if rule else None
-        members = [
-            s for s in sidecars if s.host == host and s.service_port == port and s.is_endpoint
-        ]
+        backend = backends.get((host, port)) or _Backend()
         for subset_name in sorted(wanted[(host, port)], key=lambda n: n or ""):
             name = cluster_name("outbound", port, subset_name, host)
             subset = subsets.get(subset_name) if subset_name else None
             selector = (subset.labels or {}) if subset else {}
             if subset_name and subset is None:
                 selector = {"version": subset_name}  # unreachable after validation; Istio's habit
-            config.clusters.append(
-                _eds_cluster(name, (subset.traffic_policy if subset else None) or policy)
-            )
-            config.endpoints.append(
-                _assignment(name, [s for s in members if _selects(selector, s.all_labels)])
-            )
+            chosen = [e for e in backend.endpoints if _selects(selector, e.labels)]
+            subset_policy = (subset.traffic_policy if subset else None) or policy
+            if backend.dns:
+                config.clusters.append(_dns_cluster(name, backend.dns, chosen, subset_policy))
+            else:
+                config.clusters.append(_eds_cluster(name, subset_policy))
+                config.endpoints.append(_assignment(name, chosen))
     return config
+
+
+def _add_service_entry(
+    entry: _Stored,
+    workload_entries: Sequence[_Stored],
+    ports: dict[str, set[int]],
+    backends: dict[tuple[str, int], _Backend],
+) -> None:
+    """A ServiceEntry's hosts and ports, reached at its endpoints (inline and the WorkloadEntries
+    its workloadSelector picks in its namespace), or by DNS. Resolution NONE (pass through to
+    the original destination) needs transparent capture and is not compiled yet."""
+    spec: ServiceEntrySpec = entry.spec
+    resolution = spec.resolution or (
+        "STATIC" if spec.endpoints or spec.workload_selector else "NONE"
+    )
+    if resolution == "NONE" or not spec.ports:
+        return
+    workloads: list[WorkloadEntrySpec] = list(spec.endpoints or [])
+    if spec.workload_selector is not None:
+        workloads += [
+            we.spec
+            for we in sorted(workload_entries, key=lambda we: we.order)
+            if we.namespace == entry.namespace
+            and _selects(spec.workload_selector.labels, we.spec.labels or {})
+        ]
+    for raw_host in spec.hosts:
+        host = canonical_host(raw_host, entry.namespace)
+        if "*" in host:
+            continue  # wildcard hosts: not compiled yet
+        for port in spec.ports:
+            ports[host].add(port.number)
+            backend = backends[(host, port.number)]
+            target = port.target_port or port.number
+            found = [
+                _Endpoint(
+                    workload.address,
+                    (workload.ports or {}).get(port.name or "", target),
+                    workload.labels or {},
+                    workload.weight,
+                )
+                for workload in workloads
+            ]
+            if resolution in ("DNS", "DNS_ROUND_ROBIN"):
+                if backend.endpoints and not backend.dns:
+                    continue  # the registry's instances of this host win
+                backend.dns = "LOGICAL_DNS" if resolution == "DNS_ROUND_ROBIN" else "STRICT_DNS"
+                # Without endpoints, the host name itself is resolved.
+                found = found or [_Endpoint(host, target, {})]
+                if backend.dns == "LOGICAL_DNS":
+                    found = found[:1]  # LOGICAL_DNS takes one name
+            backend.endpoints.extend(found)
 
 
 def _referenced_clusters(table: Json) -> Iterable[str]:
@@ -211,9 +292,12 @@ def _parse(resource: Any, position: int) -> _Stored:
     metadata = body.get("metadata", {})
     namespace = metadata.get("namespace", "default")
     name = metadata.get("name", "")
-    spec_type = {"VirtualService": VirtualServiceSpec, "DestinationRule": DestinationRuleSpec}.get(
-        kind
-    )
+    spec_type = {
+        "VirtualService": VirtualServiceSpec,
+        "DestinationRule": DestinationRuleSpec,
+        "ServiceEntry": ServiceEntrySpec,
+        "WorkloadEntry": WorkloadEntrySpec,
+    }.get(kind)
     spec = spec_type.model_validate(body.get("spec", {})) if spec_type else body.get("spec")
     return _Stored(kind, namespace, name, (created, namespace, name), spec, ref)
 
@@ -238,6 +322,16 @@ def _eds_cluster(name: str, policy: TrafficPolicy | None) -> Json:
     return cluster
 
 
+def _dns_cluster(
+    name: str, kind: str, endpoints: Sequence[_Endpoint], policy: TrafficPolicy | None
+) -> Json:
+    cluster = _eds_cluster(name, policy)
+    del cluster["eds_cluster_config"]
+    cluster["type"] = kind
+    cluster["load_assignment"] = _assignment(name, endpoints)
+    return cluster
+
+
 def _static_cluster(name: str, address: str, port: int) -> Json:
     return {
         "name": name,
@@ -250,11 +344,13 @@ def _static_cluster(name: str, address: str, port: int) -> Json:
     }
 
 
-def _assignment(name: str, members: Sequence[Sidecar]) -> Json:
-    endpoints = [
-        {"endpoint": {"address": _address(s.address, s.endpoint_port)}}
-        for s in sorted(members, key=lambda s: (s.address, s.endpoint_port or 0, s.node_id))
-    ]
+def _assignment(name: str, members: Sequence[_Endpoint]) -> Json:
+    endpoints = []
+    for member in sorted(members, key=lambda e: (e.address, e.port)):
+        endpoint: Json = {"endpoint": {"address": _address(member.address, member.port)}}
+        if member.weight:
+            endpoint["load_balancing_weight"] = member.weight
+        endpoints.append(endpoint)
     assignment: Json = {"cluster_name": name}
     if endpoints:
         assignment["endpoints"] = [{"lb_endpoints": endpoints}]

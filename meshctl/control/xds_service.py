@@ -21,7 +21,7 @@ log = logging.getLogger("meshctl.control.xds")
 
 DEFAULT_XDS_PORT = 15012
 # The kinds the compiler turns into config; the others are stored but not yet sent to sidecars.
-COMPILED_KINDS = frozenset({"VirtualService", "DestinationRule"})
+COMPILED_KINDS = frozenset({"VirtualService", "DestinationRule", "ServiceEntry", "WorkloadEntry"})
 
 
 class Publisher:
