@@ -22,6 +22,8 @@ What a sidecar gets:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -274,11 +276,29 @@ def to_messages(resources: Mapping[str, list[Json]]) -> dict[str, list[Message]]
     """Resource dicts → protobuf messages (what snapshot.Snapshot takes)."""
     return {
         type_url: [
-            types.MESSAGE_TYPES[type_url].FromString(resource_to_bytes(type_url, document))
+            types.MESSAGE_TYPES[type_url].FromString(_serialized(type_url, document))
             for document in documents
         ]
         for type_url, documents in resources.items()
     }
+
+
+# Most resources are the same from one compile to the next (a weight change touches one route
+# table), and json_format is the slow part of a compile: resource dicts already serialized are
+# looked up by their JSON text instead.
+_SERIALIZED: dict[tuple[str, bytes], bytes] = {}
+_SERIALIZED_LIMIT = 50_000
+
+
+def _serialized(type_url: str, document: Json) -> bytes:
+    text = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    key = (type_url, hashlib.blake2b(text, digest_size=16).digest())
+    found = _SERIALIZED.get(key)
+    if found is None:
+        if len(_SERIALIZED) >= _SERIALIZED_LIMIT:
+            _SERIALIZED.clear()
+        found = _SERIALIZED[key] = resource_to_bytes(type_url, document)
+    return found
 
 
 # --- resources -------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -39,31 +40,60 @@ class Publisher:
     def publish(
         self, revision: int, resources: Sequence[Any], generation: int, sidecars: Sequence[Sidecar]
     ) -> str:
+        return self.install(self.build(revision, resources, generation, sidecars))
+
+    def build(
+        self, revision: int, resources: Sequence[Any], generation: int, sidecars: Sequence[Sidecar]
+    ) -> _Built:
+        """Compile and make every sidecar's snapshot. Touches no shared state, so it may run in
+        a worker thread while the ADS streams keep being served."""
         started = time.perf_counter()
         version = f"{revision}.{generation}"
         mesh = compile_mesh(resources, sidecars)
         shared = _SharedMessages(mesh)
+        # Sidecars whose own parts are alike (one per host, default ports) share one snapshot.
+        by_key: dict[tuple[Any, ...], Snapshot] = {}
+        snapshots: dict[str, Snapshot] = {}
         for sidecar in sidecars:
-            self.cache.set_snapshot(Snapshot(version, shared.for_sidecar(sidecar)), sidecar.node_id)
-        current = {sidecar.node_id for sidecar in sidecars}
-        for node_id in self._published - current:
-            # It keeps serving its last config; nothing new reaches it until it registers again.
-            self.cache.clear_snapshot(node_id)
-        self._published = current
-        self.last_version = version
-        self.sources[version] = [
+            key = shared.key_of(sidecar)
+            snapshot = by_key.get(key)
+            if snapshot is None:
+                snapshot = by_key[key] = Snapshot(version, shared.for_sidecar(sidecar))
+            snapshots[sidecar.node_id] = snapshot
+        sources = [
             (resource.ref, resource.version)
             for resource in resources
             if getattr(resource, "ref", None) is not None and resource.ref.kind in COMPILED_KINDS
         ]
+        return _Built(version, snapshots, sources, len(mesh.clusters), started)
+
+    def install(self, built: _Built) -> str:
+        """Hand the snapshots to the cache (on the trio thread that serves ADS)."""
+        for node_id, snapshot in built.snapshots.items():
+            self.cache.set_snapshot(snapshot, node_id)
+        for node_id in self._published - built.snapshots.keys():
+            # It keeps serving its last config; nothing new reaches it until it registers again.
+            self.cache.clear_snapshot(node_id)
+        self._published = set(built.snapshots)
+        self.last_version = built.version
+        self.sources[built.version] = built.sources
         while len(self.sources) > 64:
             del self.sources[next(iter(self.sources))]
-        self.compile_seconds = time.perf_counter() - started
+        self.compile_seconds = time.perf_counter() - built.started
         log.info(
             "published version %s to %d sidecars (%d clusters) in %.1f ms",
-            version, len(sidecars), len(mesh.clusters), self.compile_seconds * 1000,
+            built.version, len(built.snapshots), built.cluster_count, self.compile_seconds * 1000,
         )  # fmt: skip
-        return version
+        return built.version
+
+
+@dataclass(frozen=True)
+class _Built:
+    version: str
+    snapshots: dict[str, Snapshot]
+    sources: list[tuple[Any, int]]
+    cluster_count: int
+    started: float
 
 
 class _SharedMessages:
@@ -74,6 +104,12 @@ class _SharedMessages:
         self.clusters = to_messages({types.CLUSTER: mesh.clusters})[types.CLUSTER]
         self.endpoints = to_messages({types.ENDPOINT: mesh.endpoints})[types.ENDPOINT]
         self.routes: dict[str, Any] = {}
+
+    @staticmethod
+    def key_of(sidecar: Sidecar) -> tuple[Any, ...]:
+        """What a sidecar's own resources depend on (see compiler.sidecar_resources)."""
+        inbound = (sidecar.address, sidecar.inbound_port, sidecar.app_port)
+        return (sidecar.namespace, sidecar.outbound_port, inbound)
 
     def for_sidecar(self, sidecar: Sidecar) -> dict[str, list[Any]]:
         documents = sidecar_resources(self.mesh, sidecar)
@@ -114,7 +150,10 @@ async def follow_and_publish(
         generation = registry.generation
         revision, resources = await store.snapshot()
         try:
-            publisher.publish(revision, resources, generation, registry.sidecars())
+            built = await trio.to_thread.run_sync(
+                publisher.build, revision, resources, generation, registry.sidecars()
+            )
+            publisher.install(built)
         except Exception:
             # A compiler bug must not take the control plane down; sidecars keep their config.
             log.exception("compiling the mesh at revision %s failed", revision)
