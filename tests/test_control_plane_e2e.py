@@ -371,3 +371,35 @@ def test_a_real_envoy_follows_meshctl_serve_like_our_sidecar(tmp_path: Path):
             for pid in apps:
                 kill_echo(pid)
         plane.stop()
+
+
+def test_the_apps_exit_status_is_meshctls_and_the_instance_leaves_at_once(tmp_path: Path):
+    plane = start_control_plane(tmp_path / "plane", "--xds-port", "0")
+    try:
+        app_port = free_port()
+        app = (
+            "import socket, sys, time\n"
+            f"s = socket.create_server(('127.0.0.1', {app_port}))\n"
+            "time.sleep(1.5)\n"
+            "sys.exit(3)\n"
+        )
+        sidecar = Sidecar(plane, tmp_path, "ratings", "--app-port", str(app_port), "--inbound-port", str(free_port()),
+                          command=[sys.executable, "-c", app])  # fmt: skip
+        wait_until(lambda: [s["ready"] for s in registered(plane)] == [True] or registered(plane), 10, "registered, ready")
+        assert sidecar.popen.wait(15) == 3, sidecar.log()
+        assert registered(plane) == []  # deregistered on the way out, not left to its lease
+        assert "ready: app port" in sidecar.log()
+    finally:
+        plane.stop()
+
+
+def test_mesh_options_are_checked_before_anything_starts(tmp_path: Path):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "meshctl", "run", *args], capture_output=True, text=True, timeout=30)
+
+    both = run("--service", "a", "--bootstrap", str(tmp_path / "x.yaml"))
+    assert both.returncode == 2 and "exclude each other" in both.stderr
+    bad = run("--service", "Reviews_1", "--token", "t")
+    assert bad.returncode == 2 and "--service 'Reviews_1' is not a DNS label" in bad.stderr
+    clash = run("--service", "a", "--app-port", "15001", "--token", "t")
+    assert clash.returncode == 2 and "--outbound-port and --app-port must differ" in clash.stderr
