@@ -323,6 +323,26 @@ def test_dns_service_entries_resolve_their_endpoints_or_the_host():
     assert "outbound|80||api.example.com" not in {a["cluster_name"] for a in compiled[types.ENDPOINT]}
 
 
+def test_grpc_services_and_apps_are_reached_over_http2():
+    grpc_instance = Sidecar(
+        node_id="g1", service="greeter", service_port=50051, app_port=7001, inbound_port=7002,
+        ready=True, protocol="GRPC",
+    )  # fmt: skip
+    entry = service_entry("h2", hosts=["h2.example.com"], ports=[{"number": 443, "protocol": "HTTP2"}],
+                          resolution="STATIC", endpoints=[{"address": "10.0.0.5"}])  # fmt: skip
+    compiled = sidecar_resources(compile_mesh([entry], [*REGISTRY, grpc_instance]), grpc_instance)
+    clusters = by_name(compiled[types.CLUSTER])
+
+    def http2(name: str) -> bool:
+        options = clusters[name].get("typed_extension_protocol_options", {})
+        return any("http2_protocol_options" in o["explicit_http_config"] for o in options.values())
+
+    assert http2("outbound|50051||greeter.default.svc.cluster.local")
+    assert http2("outbound|443||h2.example.com")
+    assert http2("inbound|7001||")
+    assert not http2(ALL)
+
+
 @pytest.fixture(scope="module")
 def engine():
     from meshctl import _core
@@ -362,6 +382,10 @@ def engine():
             service_entry(  # the engine resolves DNS names as it takes them; this sandbox has no DNS
                 "api", hosts=["api.example.com"], ports=[{"number": 80}], resolution="DNS",
                 endpoints=[{"address": "localhost"}],
+            ),
+            service_entry(
+                "g", hosts=["g.example.com"], ports=[{"number": 82, "protocol": "GRPC"}],
+                resolution="STATIC", endpoints=[{"address": "127.0.0.1"}],
             ),
             service_entry(
                 "m", hosts=["m.example.com"], ports=[{"number": 81}], resolution="DNS_ROUND_ROBIN",

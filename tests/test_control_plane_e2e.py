@@ -403,3 +403,44 @@ def test_mesh_options_are_checked_before_anything_starts(tmp_path: Path):
     assert bad.returncode == 2 and "--service 'Reviews_1' is not a DNS label" in bad.stderr
     clash = run("--service", "a", "--app-port", "15001", "--token", "t")
     assert clash.returncode == 2 and "--outbound-port and --app-port must differ" in clash.stderr
+
+
+def test_grpc_through_the_mesh_by_service_name(tmp_path: Path):
+    import grpc
+
+    plane = start_control_plane(tmp_path / "plane", "--xds-port", "0")
+    sidecars: list[Sidecar] = []
+    try:
+        app_port = free_port()
+        sidecars.append(Sidecar(
+            plane, tmp_path, "greeter", "--version", "v1", "--app-port", str(app_port), "--service-port", "50051",
+            "--app-protocol", "grpc", "--inbound-port", str(free_port()),
+            command=[sys.executable, str(SERVERS / "grpc_echo.py"), "--name", "g1", "--port", str(app_port)],
+        ))  # fmt: skip
+        client = Sidecar(plane, tmp_path, "frontend")
+        sidecars.append(client)
+        wait_until(lambda: any(s["ready"] for s in registered(plane) if s["service"] == "greeter") or registered(plane),
+                   20, "greeter ready")  # fmt: skip
+        options = [("grpc.default_authority", "greeter:50051")]
+        with grpc.insecure_channel(f"127.0.0.1:{client.outbound_port}", options=options) as channel:
+            unary = channel.unary_unary("/meshtest.Echo/Unary")
+
+            def answered() -> object:
+                try:
+                    return unary(b"hi", timeout=3) == b"g1|hi"
+                except grpc.RpcError as error:
+                    return f"{error.code()}: {error.details()}"
+
+            wait_until(answered, 10, "a unary call through client sidecar → greeter's sidecar → app")
+            bidi = channel.stream_stream("/meshtest.Echo/Bidi")
+            replies = list(bidi(iter([b"a", b"b", b"c"]), timeout=5))
+            assert len(replies) == 3
+    except BaseException:
+        for sidecar in sidecars:
+            print(f"--- {sidecar.log_path.name} ---\n{sidecar.log()[-3000:]}")
+        print(f"--- meshctl serve ---\n{plane.log()[-3000:]}")
+        raise
+    finally:
+        for sidecar in sidecars:
+            sidecar.stop()
+        plane.stop()

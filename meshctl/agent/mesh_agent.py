@@ -42,6 +42,7 @@ class AgentOptions:
     namespace: str = "default"
     app_port: int | None = None
     service_port: int = 80
+    protocol: str = "HTTP"
     address: str = "127.0.0.1"
     outbound_port: int = 15001
     inbound_port: int = 15006
@@ -112,6 +113,7 @@ class _Api:
             "outboundPort": o.outbound_port,
             "ready": ready,
             "leaseSeconds": o.lease_seconds,
+            "protocol": o.protocol,
             "labels": dict(o.labels),
         }
         if o.app_port is not None:

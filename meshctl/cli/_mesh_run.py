@@ -20,6 +20,7 @@ def run_in_mesh(
     namespace: str,
     app_port: int | None,
     service_port: int,
+    app_protocol: str,
     control_plane: str | None,
     token: str | None,
     xds_address: str | None,
@@ -35,6 +36,9 @@ def run_in_mesh(
     for flag, value in (("--service", service), ("--namespace", namespace), ("--version", version)):
         if (value or flag != "--version") and (len(value) > 63 or not _LABEL.match(value)):
             _refuse(f"{flag} {value!r} is not a DNS label (lowercase letters, digits, '-')")
+    protocol = app_protocol.upper()
+    if protocol not in ("HTTP", "HTTP2", "GRPC"):
+        _refuse(f"--app-protocol {app_protocol!r}: choose HTTP, HTTP2 or GRPC")
     ports = {"--outbound-port": outbound_port, "--admin-port": admin_port}
     if app_port is not None:
         ports.update({"--inbound-port": inbound_port, "--app-port": app_port})
@@ -55,7 +59,7 @@ def run_in_mesh(
         _refuse(error.message)
     options = AgentOptions(
         service=service, control_plane=api, token=api_token, version=version, namespace=namespace,
-        app_port=app_port, service_port=service_port, address=address, outbound_port=outbound_port,
+        app_port=app_port, service_port=service_port, protocol=protocol, address=address, outbound_port=outbound_port,
         inbound_port=inbound_port, admin_port=admin_port, lease_seconds=lease, xds_address=xds,
         workers=workers, drain_timeout=drain_timeout,
     )  # fmt: skip

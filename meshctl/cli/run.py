@@ -57,6 +57,13 @@ def run(
             rich_help_panel=_MESH,
         ),
     ] = 80,
+    app_protocol: Annotated[
+        str,
+        typer.Option(
+            help="What the app speaks: HTTP (HTTP/1.1 to it), HTTP2 or GRPC (h2c to it).",
+            rich_help_panel=_MESH,
+        ),
+    ] = "HTTP",
     control_plane: Annotated[
         str | None,
         typer.Option(
@@ -128,7 +135,7 @@ def run(
 
         run_in_mesh(
             service=service, version=version, namespace=namespace, app_port=app_port,
-            service_port=service_port, control_plane=control_plane, token=token,
+            service_port=service_port, app_protocol=app_protocol, control_plane=control_plane, token=token,
             xds_address=xds_address, address=address, outbound_port=outbound_port,
             inbound_port=inbound_port, admin_port=admin_port, lease=lease, workers=workers,
             drain_timeout=drain_timeout, command=command,

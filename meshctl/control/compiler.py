@@ -98,6 +98,7 @@ class _Backend:
 
     endpoints: list[_Endpoint] = field(default_factory=list)
     dns: str | None = None  # "STRICT_DNS" or "LOGICAL_DNS"
+    http2: bool = False  # h2c to the endpoints (gRPC, HTTP2)
 
 
 @dataclass(frozen=True)
@@ -126,8 +127,10 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
     for sidecar in sidecars:
         if sidecar.app_port is not None:
             ports[sidecar.host].add(sidecar.service_port)
+            backend = backends[(sidecar.host, sidecar.service_port)]
+            backend.http2 = backend.http2 or sidecar.http2
             if sidecar.is_endpoint:
-                backends[(sidecar.host, sidecar.service_port)].endpoints.append(
+                backend.endpoints.append(
                     _Endpoint(sidecar.address, sidecar.endpoint_port, sidecar.all_labels)
                 )
     workload_entries = [s for s in stored if s.kind == "WorkloadEntry"]
@@ -186,10 +189,11 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
             chosen = [e for e in backend.endpoints if _selects(selector, e.labels)]
             subset_policy = (subset.traffic_policy if subset else None) or policy
             if backend.dns:
-                config.clusters.append(_dns_cluster(name, backend.dns, chosen, subset_policy))
+                cluster = _dns_cluster(name, backend.dns, chosen, subset_policy)
             else:
-                config.clusters.append(_eds_cluster(name, subset_policy))
+                cluster = _eds_cluster(name, subset_policy)
                 config.endpoints.append(_assignment(name, chosen))
+            config.clusters.append(_with_http2(cluster) if backend.http2 else cluster)
     return config
 
 
@@ -223,6 +227,7 @@ def _add_service_entry(
         for port in spec.ports:
             ports[host].add(port.number)
             backend = backends[(host, port.number)]
+            backend.http2 = backend.http2 or port.protocol in ("HTTP2", "GRPC")
             target = port.target_port or port.number
             found = [
                 _Endpoint(
@@ -262,7 +267,8 @@ def sidecar_resources(mesh: MeshConfig, sidecar: Sidecar) -> dict[str, list[Json
     listeners = [_outbound_listener(sidecar.outbound_port)]
     if sidecar.app_port is not None and sidecar.inbound_port is not None:
         local = cluster_name("inbound", sidecar.app_port, None, "")
-        clusters.append(_static_cluster(local, "127.0.0.1", sidecar.app_port))
+        local_cluster = _static_cluster(local, "127.0.0.1", sidecar.app_port)
+        clusters.append(_with_http2(local_cluster) if sidecar.http2 else local_cluster)
         listeners.append(_inbound_listener(sidecar.address, sidecar.inbound_port, local))
     return {
         types.CLUSTER: clusters,
@@ -349,6 +355,20 @@ def _dns_cluster(
     del cluster["eds_cluster_config"]
     cluster["type"] = kind
     cluster["load_assignment"] = _assignment(name, endpoints)
+    return cluster
+
+
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _with_http2(cluster: Json) -> Json:
+    """Upstream HTTP/2 (h2c): what gRPC and HTTP2 services speak."""
+    cluster["typed_extension_protocol_options"] = {
+        HTTP_PROTOCOL_OPTIONS: {
+            "@type": f"type.googleapis.com/{HTTP_PROTOCOL_OPTIONS}",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
     return cluster
 
 

@@ -24,6 +24,8 @@ import trio
 from meshctl.resources.hosts import canonical_host
 
 DEFAULT_LEASE_SECONDS = 10.0
+PROTOCOLS = ("HTTP", "HTTP2", "GRPC")
+HTTP2_PROTOCOLS = frozenset({"HTTP2", "GRPC"})
 MIN_LEASE_SECONDS = 0.5
 MAX_LEASE_SECONDS = 3600.0
 
@@ -52,6 +54,12 @@ class Sidecar:
     labels: Mapping[str, str] = field(default_factory=dict)
     ready: bool = False
     lease_seconds: float = DEFAULT_LEASE_SECONDS
+    # How the app speaks: HTTP (HTTP/1.1 upstream), HTTP2 or GRPC (h2c upstream).
+    protocol: str = "HTTP"
+
+    @property
+    def http2(self) -> bool:
+        return self.protocol in HTTP2_PROTOCOLS
 
     @property
     def host(self) -> str:
@@ -89,6 +97,7 @@ class Sidecar:
             "labels": dict(self.labels),
             "ready": self.ready,
             "leaseSeconds": self.lease_seconds,
+            "protocol": self.protocol,
         }
 
 
@@ -104,7 +113,7 @@ def parse_registration(node_id: str, body: bytes) -> Sidecar:
         raise RegistrationError("the body must be a JSON object")
     known = {
         "service", "namespace", "version", "address", "servicePort", "appPort", "inboundPort",
-        "outboundPort", "labels", "ready", "leaseSeconds",
+        "outboundPort", "labels", "ready", "leaseSeconds", "protocol",
     }  # fmt: skip
     unknown = sorted(set(data) - known)
     if unknown:
@@ -122,6 +131,9 @@ def parse_registration(node_id: str, body: bytes) -> Sidecar:
         isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
     ):
         raise RegistrationError("labels: must map strings to strings")
+    protocol = data.get("protocol", "HTTP")
+    if protocol not in PROTOCOLS:
+        raise RegistrationError(f"protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
     ready = data.get("ready", False)
     if not isinstance(ready, bool):
         raise RegistrationError("ready: must be true or false")
@@ -148,6 +160,7 @@ def parse_registration(node_id: str, body: bytes) -> Sidecar:
         labels=dict(labels),
         ready=ready,
         lease_seconds=float(lease),
+        protocol=protocol,
     )
 
 
