@@ -154,7 +154,15 @@ class _Server:
             log.exception("%s %s failed", request.method, request.path)
             error = ApiError("internal", "internal error in the control plane; see its log")
             status, answer = error.status, error.as_json()
-        log.info("%s %s: %d", request.method, request.path, status)
+        # Lease renewals arrive every few seconds from every sidecar: logged only when they fail.
+        routine = request.path.startswith("/v1/sidecars/") and status == 200
+        log.log(
+            logging.DEBUG if routine else logging.INFO,
+            "%s %s: %d",
+            request.method,
+            request.path,
+            status,
+        )
         return status, answer, False
 
     def _too_large(self) -> tuple[int, dict[str, Any], bool]:
