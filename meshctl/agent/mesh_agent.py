@@ -116,6 +116,8 @@ class _Api:
             "protocol": o.protocol,
             "labels": dict(o.labels),
         }
+        if o.admin_port:
+            body["adminPort"] = o.admin_port
         if o.app_port is not None:
             body.update(appPort=o.app_port, inboundPort=o.inbound_port)
         return await trio.to_thread.run_sync(self._call, "PUT", body)
@@ -155,7 +157,11 @@ async def _port_answers(host: str, port: int) -> bool:
 
 class Agent:
     def __init__(self, options: AgentOptions, engine: Any) -> None:
-        self.options = options.with_node_id()
+        options = options.with_node_id()
+        admin = engine.admin_address()
+        if admin is not None:  # the port it bound (--admin-port 0 picks one), for `route show`
+            options = replace(options, admin_port=admin[1])
+        self.options = options
         self.engine = engine
         self.api = _Api(self.options)
         self.ready = False

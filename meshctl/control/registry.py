@@ -56,6 +56,8 @@ class Sidecar:
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     # How the app speaks: HTTP (HTTP/1.1 upstream), HTTP2 or GRPC (h2c upstream).
     protocol: str = "HTTP"
+    # Its engine's admin port (loopback on its host): where `meshctl route show` reads counters.
+    admin_port: int | None = None
 
     @property
     def http2(self) -> bool:
@@ -98,6 +100,7 @@ class Sidecar:
             "ready": self.ready,
             "leaseSeconds": self.lease_seconds,
             "protocol": self.protocol,
+            "adminPort": self.admin_port,
         }
 
 
@@ -113,7 +116,7 @@ def parse_registration(node_id: str, body: bytes) -> Sidecar:
         raise RegistrationError("the body must be a JSON object")
     known = {
         "service", "namespace", "version", "address", "servicePort", "appPort", "inboundPort",
-        "outboundPort", "labels", "ready", "leaseSeconds", "protocol",
+        "outboundPort", "labels", "ready", "leaseSeconds", "protocol", "adminPort",
     }  # fmt: skip
     unknown = sorted(set(data) - known)
     if unknown:
@@ -161,6 +164,7 @@ def parse_registration(node_id: str, body: bytes) -> Sidecar:
         ready=ready,
         lease_seconds=float(lease),
         protocol=protocol,
+        admin_port=_port(data, "adminPort", None),
     )
 
 
