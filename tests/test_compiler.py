@@ -222,6 +222,10 @@ def test_oldest_virtual_service_wins_a_host_and_load_balancer_policy_applies():
     clusters = by_name(resources[types.CLUSTER])
     assert clusters[V1]["lb_policy"] == "LEAST_REQUEST"
     assert clusters[V2]["lb_policy"] == "RANDOM"
+    # A subset policy without a load balancer keeps the host's.
+    rule["spec"]["subsets"][1]["trafficPolicy"] = {"connectionPool": {"tcp": {"maxConnections": 10}}}
+    clusters = by_name(sidecar_resources(compile_mesh([rule], REGISTRY), CLIENT)[types.CLUSTER])
+    assert clusters[V2]["lb_policy"] == "LEAST_REQUEST"
     assert "lb_policy" not in compile_mesh([], REGISTRY).clusters[0]
 
 

@@ -187,7 +187,10 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
             if subset_name and subset is None:
                 selector = {"version": subset_name}  # unreachable after validation; Istio's habit
             chosen = [e for e in backend.endpoints if _selects(selector, e.labels)]
-            subset_policy = (subset.traffic_policy if subset else None) or policy
+            # A subset's load balancer overrides the host's, field by field as in Istio.
+            subset_policy = policy
+            if subset and subset.traffic_policy and subset.traffic_policy.load_balancer:
+                subset_policy = subset.traffic_policy
             if backend.dns:
                 cluster = _dns_cluster(name, backend.dns, chosen, subset_policy)
             else:
