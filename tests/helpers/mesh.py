@@ -1,0 +1,138 @@
+"""Mesh sidecars (`meshctl run --service`) for scale and failover tests: start, count, read stats."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from .control_plane import ControlPlane
+from .ports import free_port
+
+SERVERS = Path(__file__).resolve().parent.parent / "servers"
+
+
+class MeshSidecar:
+    """One `meshctl run --service` process (and the app it guards), signalled by its own PID only."""
+
+    def __init__(self, env: dict[str, str], directory: Path, service: str, *args: str,
+                 command: list[str] = (), lease: float = 3.0) -> None:  # fmt: skip
+        self.service = service
+        self.outbound_port = free_port()
+        self.admin_port = free_port()
+        self.log_path = directory / f"{service}-{self.outbound_port}.log"
+        with open(self.log_path, "wb") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "meshctl", "run", "--service", service,
+                 "--outbound-port", str(self.outbound_port), "--admin-port", str(self.admin_port),
+                 "--lease", str(lease), *args, *(["--", *command] if command else [])],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            )  # fmt: skip
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> list[int]:
+        try:
+            text = Path(f"/proc/{self.popen.pid}/task/{self.popen.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(pid) for pid in text.split()]
+
+    def upstream_requests(self) -> Counter:
+        """meshctl_upstream_rq_total per cluster, from this sidecar's own admin endpoint."""
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.admin_port}/stats/prometheus", timeout=3
+        ) as response:
+            text = response.read().decode()
+        counts: Counter = Counter()
+        for found in re.finditer(r'^meshctl_upstream_rq_total\{cluster="([^"]+)"\} (\d+)', text, re.M):
+            counts[found.group(1)] = int(found.group(2))
+        return counts
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        apps = self.children()
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)  # this PID only
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        for pid in apps:  # only if its sidecar did not take it down
+            kill_echo(pid)
+
+
+def kill_echo(pid: int) -> None:
+    """SIGKILL `pid` if it is still one of the echo apps tests start (not a reused PID)."""
+    try:
+        if b"http_echo.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, ProcessLookupError):
+        pass
+
+
+def echo_instance(env: dict[str, str], directory: Path, service: str, version: str,
+                  service_port: int = 9080, lease: float = 3.0) -> MeshSidecar:  # fmt: skip
+    """An instance of `service` whose app is tests/servers/http_echo.py answering with its version."""
+    app_port = free_port()
+    return MeshSidecar(
+        env, directory, service, "--version", version, "--app-port", str(app_port),
+        "--service-port", str(service_port), "--inbound-port", str(free_port()),
+        command=[sys.executable, str(SERVERS / "http_echo.py"), "--name", version, "--port", str(app_port)],
+        lease=lease,
+    )  # fmt: skip
+
+
+def ask_host(port: int, host: str = "reviews:9080", headers: dict[str, str] | None = None) -> str:
+    """One request to a sidecar's outbound listener, routed by Host; the answering app's name."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/", headers={"Host": host, **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=3) as response:
+            return json.loads(response.read())["name"]
+    except urllib.error.HTTPError as error:
+        return f"HTTP {error.code}"
+    except OSError as error:
+        return f"error: {type(error).__name__}"
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str, step: float = 0.05) -> float:
+    started = time.monotonic()
+    last = None
+    while time.monotonic() - started < timeout:
+        last = check()
+        if last is True:
+            return time.monotonic() - started
+        time.sleep(step)
+    raise AssertionError(f"{what}: not within {timeout}s (last: {last})")
+
+
+def registered(plane: ControlPlane | str, token: str | None = None) -> list[dict]:
+    address = plane if isinstance(plane, str) else plane.address
+    token = token or plane.token_path.read_text().strip()
+    request = urllib.request.Request(
+        f"http://{address}/v1/sidecars", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=3) as response:
+        return json.loads(response.read())["items"]
+
+
+def subsets_of(counts: Counter, host_prefix: str = "reviews") -> Counter:
+    """{"v1": n, ...} from per-cluster counts named outbound|PORT|SUBSET|HOST."""
+    out: Counter = Counter()
+    for cluster, count in counts.items():
+        parts = cluster.split("|")
+        if len(parts) == 4 and parts[0] == "outbound" and parts[3].startswith(host_prefix):
+            out[parts[2] or "(all)"] += count
+    return out
