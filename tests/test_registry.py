@@ -132,3 +132,15 @@ def test_the_registry_endpoints_need_the_token(tmp_path):
         assert answer["xds"].startswith("127.0.0.1:")
     finally:
         plane.stop()
+
+
+def test_the_app_gets_the_outbound_listener_as_its_http_proxy():
+    from meshctl.agent.mesh_agent import AgentOptions, app_environment
+
+    options = AgentOptions(service="web", control_plane=("127.0.0.1", 1), token="t", outbound_port=16001)
+    env = app_environment(options, {"PATH": "/bin"})
+    assert env["HTTP_PROXY"] == env["http_proxy"] == "http://127.0.0.1:16001"
+    assert "127.0.0.1" in env["NO_PROXY"] and env["PATH"] == "/bin"
+    assert app_environment(options, {"no_proxy": "internal"}).get("NO_PROXY") is None  # theirs stays
+    assert options.with_node_id().node_id.startswith("web.default-")
+    assert options.with_node_id().node_id != options.with_node_id().node_id

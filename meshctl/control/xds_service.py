@@ -16,7 +16,7 @@ from meshctl.control.ads import AdsServer, serve_ads
 from meshctl.control.compiler import MeshConfig, compile_mesh, sidecar_resources, to_messages
 from meshctl.control.registry import Registry, Sidecar
 from meshctl.control.snapshot import Snapshot, SnapshotCache
-from meshctl.control.store import Store
+from meshctl.control.store import Store, StoreError
 
 log = logging.getLogger("meshctl.control.xds")
 
@@ -145,10 +145,19 @@ async def follow_and_publish(
     again (at most `warmup_timeout`). Sidecars keep serving their last config meanwhile.
     """
     task_status.started()
-    await _warm_up(store, registry, warmup_timeout)
+    try:
+        await _warm_up(store, registry, warmup_timeout)
+    except StoreError as error:
+        log.warning("cannot read which sidecars to wait for (%s); publishing now", error)
     while True:
         generation = registry.generation
-        revision, resources = await store.snapshot()
+        try:
+            revision, resources = await store.snapshot()
+        except StoreError as error:
+            # The store is away (an etcd election): sidecars keep their config; try again soon.
+            log.warning("cannot read the store to compile the mesh: %s; retrying", error)
+            await trio.sleep(1.0)
+            continue
         try:
             built = await trio.to_thread.run_sync(
                 publisher.build, revision, resources, generation, registry.sidecars()
