@@ -184,7 +184,10 @@ class Agent:
                 raise RegistrationFailed(
                     "the control plane has no xDS server to follow (is it `meshctl serve`?)"
                 )
-            return _parse_address(answer["xds"])
+            host, port = _parse_address(answer["xds"])
+            if host in ("", "0.0.0.0", "::"):
+                host = self.options.control_plane[0]  # it listens everywhere: where we found it
+            return host, port
 
     async def keep_lease(self) -> None:
         """Renew at a third of the lease, so two lost renewals still leave the lease alive."""
