@@ -77,6 +77,10 @@ class Client:
         query = f"?version={version}" if version is not None else ""
         return self._call("DELETE", _resource_path(kind, namespace, name) + query)
 
+    def sidecars(self) -> dict[str, Any]:
+        """The service registry: every live sidecar registration, and where xDS is served."""
+        return self._call("GET", "/v1/sidecars")
+
     def _call(
         self, method: str, path: str, body: bytes | None = None, content_type: str | None = None
     ) -> dict[str, Any]:
