@@ -242,7 +242,8 @@ def _document(kind: str, namespace: str, existing: dict[str, Any] | None, name: 
     if existing is not None:
         metadata["name"] = existing["metadata"]["name"]
         # Optimistic concurrency: the apply is refused if it changed since we read it.
-        metadata["resourceVersion"] = existing["metadata"]["resourceVersion"]
+        if "resourceVersion" in existing["metadata"]:
+            metadata["resourceVersion"] = existing["metadata"]["resourceVersion"]
     return {"apiVersion": API_VERSION, "kind": kind, "metadata": metadata, "spec": spec}
 
 
