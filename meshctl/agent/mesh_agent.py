@@ -54,6 +54,7 @@ class AgentOptions:
     drain_timeout: float = 5.0
     config_wait: float = 15.0  # how long the app waits for the sidecar's first config
     node_id: str = ""
+    capture: bool = False  # iptables sends the app's traffic here (meshctl.agent.capture)
 
     def with_node_id(self) -> AgentOptions:
         if self.node_id:
@@ -120,6 +121,8 @@ class _Api:
             body["adminPort"] = o.admin_port
         if o.app_port is not None:
             body.update(appPort=o.app_port, inboundPort=o.inbound_port)
+        if o.capture:
+            body["capture"] = True
         return await trio.to_thread.run_sync(self._call, "PUT", body)
 
     async def deregister(self) -> None:

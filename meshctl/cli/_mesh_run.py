@@ -32,6 +32,7 @@ def run_in_mesh(
     workers: int,
     drain_timeout: float,
     command: Sequence[str] | None,
+    capture: bool = False,
 ) -> NoReturn:
     for flag, value in (("--service", service), ("--namespace", namespace), ("--version", version)):
         if (value or flag != "--version") and (len(value) > 63 or not _LABEL.match(value)):
@@ -61,8 +62,15 @@ def run_in_mesh(
         service=service, control_plane=api, token=api_token, version=version, namespace=namespace,
         app_port=app_port, service_port=service_port, protocol=protocol, address=address, outbound_port=outbound_port,
         inbound_port=inbound_port, admin_port=admin_port, lease_seconds=lease, xds_address=xds,
-        workers=workers, drain_timeout=drain_timeout,
+        workers=workers, drain_timeout=drain_timeout, capture=capture,
     )  # fmt: skip
+    if capture:
+        from meshctl.agent.capture import CaptureError, run_captured
+
+        try:
+            raise typer.Exit(run_captured(options, command or None))
+        except CaptureError as error:
+            _refuse(str(error))
     raise typer.Exit(main(options, command or None))
 
 

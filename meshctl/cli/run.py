@@ -103,6 +103,16 @@ def run(
             rich_help_panel=_MESH,
         ),
     ] = 10.0,
+    capture: Annotated[
+        bool,
+        typer.Option(
+            "--capture",
+            help="Transparent capture (root, Linux): iptables REDIRECT in this network namespace "
+            "sends outbound TCP to --outbound-port and TCP to --app-port to --inbound-port; "
+            "the app runs without HTTP_PROXY. Rules are removed when meshctl exits.",
+            rich_help_panel=_MESH,
+        ),
+    ] = False,
     workers: Annotated[int, typer.Option(min=1, help="Engine worker threads.")] = 1,
     drain_timeout: Annotated[
         float,
@@ -138,7 +148,7 @@ def run(
             service_port=service_port, app_protocol=app_protocol, control_plane=control_plane, token=token,
             xds_address=xds_address, address=address, outbound_port=outbound_port,
             inbound_port=inbound_port, admin_port=admin_port, lease=lease, workers=workers,
-            drain_timeout=drain_timeout, command=command,
+            drain_timeout=drain_timeout, command=command, capture=capture,
         )  # fmt: skip
         return
     assert bootstrap is not None

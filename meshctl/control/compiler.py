@@ -17,7 +17,8 @@ What a sidecar gets:
 - for every ServiceEntry host and port: the same clusters, reached at its endpoints and the
   WorkloadEntries its workloadSelector picks (STATIC: over EDS), or by DNS (STRICT_DNS, or
   LOGICAL_DNS for DNS_ROUND_ROBIN); resolution NONE needs transparent capture, not compiled yet;
-- with an app port: an inbound listener on ADDRESS:INBOUND forwarding to 127.0.0.1:APP_PORT.
+- with an app port: an inbound listener on ADDRESS:INBOUND forwarding to 127.0.0.1:APP_PORT;
+- under `meshctl run --capture`: see `capture_listeners`.
 """
 
 from __future__ import annotations
@@ -273,6 +274,8 @@ def sidecar_resources(mesh: MeshConfig, sidecar: Sidecar) -> dict[str, list[Json
         local_cluster = _static_cluster(local, "127.0.0.1", sidecar.app_port)
         clusters.append(_with_http2(local_cluster) if sidecar.http2 else local_cluster)
         listeners.append(_inbound_listener(sidecar.address, sidecar.inbound_port, local))
+    if sidecar.capture:
+        listeners = capture_listeners(mesh, listeners)
     return {
         types.CLUSTER: clusters,
         types.ENDPOINT: list(mesh.endpoints),
@@ -450,6 +453,31 @@ def _inbound_listener(address: str, port: int, local_cluster: str) -> Json:
         "address": _address(address, port),
         "filter_chains": [{"filters": [_http_manager("inbound", routes=routes)]}],
     }
+
+
+def capture_listeners(mesh: MeshConfig, listeners: list[Json]) -> list[Json]:
+    """A sidecar under `meshctl run --capture` (iptables REDIRECT, as Istio's pods): the outbound
+    listener recovers each connection's original destination (use_original_dst) and hands it to
+    a listener 0.0.0.0_PORT (bind_to_port false) for every mesh service port, which routes by
+    Host like the outbound listener; the inbound listener takes redirected connections on every
+    address. A captured connection to any other port stays on the outbound listener."""
+    captured = []
+    for listener in listeners:
+        if listener["name"] == OUTBOUND_LISTENER:
+            listener = {**listener, "use_original_dst": True}
+        elif listener["name"] == INBOUND_LISTENER:
+            port = listener["address"]["socket_address"]["port_value"]
+            listener = {**listener, "address": _address("0.0.0.0", port)}
+        captured.append(listener)
+    ports = {int(c["name"].split("|")[1]) for c in mesh.clusters if c["name"].startswith("outbound|")}
+    for port in sorted(ports):
+        captured.append({
+            "name": f"0.0.0.0_{port}",
+            "address": _address("0.0.0.0", port),
+            "bind_to_port": False,
+            "filter_chains": [{"filters": [_http_manager(f"outbound_0.0.0.0_{port}", rds=OUTBOUND_ROUTES)]}],
+        })  # fmt: skip
+    return captured
 
 
 # --- routes --------------------------------------------------------------------------------

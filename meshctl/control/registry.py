@@ -58,6 +58,9 @@ class Sidecar:
     protocol: str = "HTTP"
     # Its engine's admin port (loopback on its host): where `meshctl route show` reads counters.
     admin_port: int | None = None
+    # `meshctl run --capture`: iptables sends the app's traffic here, so it also gets the
+    # original-destination listeners (compiler.capture_listeners).
+    capture: bool = False
 
     @property
     def http2(self) -> bool:
@@ -101,6 +104,7 @@ class Sidecar:
             "leaseSeconds": self.lease_seconds,
             "protocol": self.protocol,
             "adminPort": self.admin_port,
+            "capture": self.capture,
         }
 
 
@@ -116,7 +120,7 @@ def parse_registration(node_id: str, body: bytes) -> Sidecar:
         raise RegistrationError("the body must be a JSON object")
     known = {
         "service", "namespace", "version", "address", "servicePort", "appPort", "inboundPort",
-        "outboundPort", "labels", "ready", "leaseSeconds", "protocol", "adminPort",
+        "outboundPort", "labels", "ready", "leaseSeconds", "protocol", "adminPort", "capture",
     }  # fmt: skip
     unknown = sorted(set(data) - known)
     if unknown:
@@ -140,6 +144,9 @@ def parse_registration(node_id: str, body: bytes) -> Sidecar:
     ready = data.get("ready", False)
     if not isinstance(ready, bool):
         raise RegistrationError("ready: must be true or false")
+    capture = data.get("capture", False)
+    if not isinstance(capture, bool):
+        raise RegistrationError("capture: must be true or false")
     lease = data.get("leaseSeconds", DEFAULT_LEASE_SECONDS)
     if (
         isinstance(lease, bool)
@@ -165,6 +172,7 @@ def parse_registration(node_id: str, body: bytes) -> Sidecar:
         lease_seconds=float(lease),
         protocol=protocol,
         admin_port=_port(data, "adminPort", None),
+        capture=capture,
     )
 
 

@@ -109,7 +109,7 @@ class _SharedMessages:
     def key_of(sidecar: Sidecar) -> tuple[Any, ...]:
         """What a sidecar's own resources depend on (see compiler.sidecar_resources)."""
         inbound = (sidecar.address, sidecar.inbound_port, sidecar.app_port)
-        return (sidecar.namespace, sidecar.outbound_port, inbound)
+        return (sidecar.namespace, sidecar.outbound_port, inbound, sidecar.capture)
 
     def for_sidecar(self, sidecar: Sidecar) -> dict[str, list[Any]]:
         documents = sidecar_resources(self.mesh, sidecar)

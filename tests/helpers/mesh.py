@@ -55,7 +55,7 @@ class MeshSidecar:
         ) as response:
             text = response.read().decode()
         counts: Counter = Counter()
-        for found in re.finditer(r'^meshctl_upstream_rq_total\{cluster="([^"]+)"\} (\d+)', text, re.M):
+        for found in re.finditer(r'^meshctl_upstream_rq_total\{cluster="([^"]+)"\} (\d+)', text, re.MULTILINE):
             counts[found.group(1)] = int(found.group(2))
         return counts
 
