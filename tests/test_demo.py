@@ -97,7 +97,9 @@ def test_the_demo_shifts_reviews_and_shows_the_live_split(tmp_path: Path):
     assert still_running(seen) == [], output
     assert "step 1/3: reviews → v1=100" in output, output
     assert "step 3/3: reviews → v3=100" in output, output
-    live = re.findall(r"weights (\S+(?: \S+)?) \| live: v1 +(\d+)% .*v2 +(\d+)% .*v3 +(\d+)%", output)
+    live = re.findall(
+        r"weights (\S+(?: \S+)?) \| live: v1 +(\d+)% .*v2 +(\d+)% .*v3 +(\d+)%", output
+    )
     assert any(w == "v1=100" and v1 == "100" for w, v1, _, _ in live), output
     assert any(w == "v3=100" and v3 == "100" for w, _, _, v3 in live), output
     assert any(w == "v1=50 v3=50" and 0 < int(v1) < 100 for w, v1, _, _ in live), output

@@ -81,7 +81,11 @@ def test_a_header_rule_goes_ahead_of_the_default_and_keeps_its_weights():
     assert routes[0]["route"] == [{"destination": {"host": "reviews", "subset": "v3"}}]
     assert Routing("reviews", "default", virtual, rule).default_weights() == {"v1": 90, "v2": 10}
     # The same match again updates the rule instead of adding a second one.
-    again = plan(Routing("reviews", "default", virtual, rule), match=parse_match("header:end-user=jason"), to="v1")
+    again = plan(
+        Routing("reviews", "default", virtual, rule),
+        match=parse_match("header:end-user=jason"),
+        to="v1",
+    )
     assert len(again[1]["spec"]["http"]) == 2
 
 
@@ -113,12 +117,17 @@ def test_route_set_writes_both_resources_and_refuses_bad_input(tmp_path: Path):
             {"name": "v1", "labels": {"version": "v1"}},
             {"name": "v2", "labels": {"version": "v2"}},
         ]
-        done = plane.meshctl("route", "set", "reviews", "--match", "header:end-user=jason", "--to", "v3")
+        done = plane.meshctl(
+            "route", "set", "reviews", "--match", "header:end-user=jason", "--to", "v3"
+        )
         assert done.returncode == 0, done.stderr
         virtual = json.loads(plane.meshctl("get", "vs", "reviews", "-o", "json").stdout)
         http = virtual["spec"]["http"]
         assert http[0]["match"] == [{"headers": {"end-user": {"exact": "jason"}}}]
-        assert [(d["destination"]["subset"], d["weight"]) for d in http[1]["route"]] == [("v1", 90), ("v2", 10)]
+        assert [(d["destination"]["subset"], d["weight"]) for d in http[1]["route"]] == [
+            ("v1", 90),
+            ("v2", 10),
+        ]
         version = virtual["metadata"]["resourceVersion"]
 
         for args, message in [
@@ -131,7 +140,12 @@ def test_route_set_writes_both_resources_and_refuses_bad_input(tmp_path: Path):
             refused = plane.meshctl("route", "set", "reviews", *args)
             assert refused.returncode == 2, (args, refused.stdout, refused.stderr)
             assert message in refused.stderr, refused.stderr
-        for args in (["--step", "0"], ["--interval", "fast"], ["--max-error-rate", "x"], ["--to", "v1"]):
+        for args in (
+            ["--step", "0"],
+            ["--interval", "fast"],
+            ["--max-error-rate", "x"],
+            ["--to", "v1"],
+        ):
             base = {"--from": "v1", "--to": "v2"}
             if args[0] == "--to":
                 base["--to"] = "v1"
@@ -211,7 +225,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         sidecars.append(client)
 
         def ready() -> object:
-            found = sorted(s["version"] for s in registered(plane) if s["service"] == "reviews" and s["ready"])
+            found = sorted(
+                s["version"] for s in registered(plane) if s["service"] == "reviews" and s["ready"]
+            )
             return found == ["v1", "v2", "v3"] or found
 
         wait_until(ready, 30, "three reviews instances ready")
@@ -232,7 +248,9 @@ def test_traffic_follows_route_set_and_the_header_rule(mesh: Mesh):
     wait_until(lambda: mesh.versions(5) == Counter(v2=5) or mesh.versions(5), 5, "v2=100")
     assert mesh.versions(20) == Counter(v2=20)
     mesh.set("--match", "header:end-user=jason", "--to", "v1")
-    wait_until(lambda: mesh.versions(5, headers={"end-user": "jason"}) == Counter(v1=5), 5, "jason → v1")
+    wait_until(
+        lambda: mesh.versions(5, headers={"end-user": "jason"}) == Counter(v1=5), 5, "jason → v1"
+    )
     assert mesh.versions(10, headers={"end-user": "jason"}) == Counter(v1=10)
     assert mesh.versions(20) == Counter(v2=20)  # the weights were kept
     mesh.set("--weights", "v1=50,v2=50")
@@ -273,7 +291,9 @@ def test_shift_reaches_a_healthy_version_and_rolls_back_a_failing_one(mesh: Mesh
             "--interval", "1s", "--max-error-rate", "1%",
         )  # fmt: skip
         assert healthy.returncode == 0, healthy.stdout + healthy.stderr
-        assert "step 2/2: v1=0 v2=100" in healthy.stdout and "done" in healthy.stdout, healthy.stdout
+        assert "step 2/2: v1=0 v2=100" in healthy.stdout and "done" in healthy.stdout, (
+            healthy.stdout
+        )
         assert mesh.versions(10) == Counter(v2=10)
 
         mesh.set("--weights", "v1=100")

@@ -44,7 +44,7 @@ SCRAPE_TIMEOUT = 2.0
 
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
-_METRIC_LINE = re.compile(r'^(\w+)\{(.*)\}\s+(\d+)\s*$')
+_METRIC_LINE = re.compile(r"^(\w+)\{(.*)\}\s+(\d+)\s*$")
 _METRIC_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 route_app = typer.Typer(
@@ -225,7 +225,9 @@ def read_routing(client: Client, service: str, namespace: str) -> Routing:
             ]
         else:
             matching = [
-                item for item in items if _canonical(item["spec"].get("host", ""), namespace) == host
+                item
+                for item in items
+                if _canonical(item["spec"].get("host", ""), namespace) == host
             ]
         # The oldest wins in the compiler too; a resource named after the service is preferred.
         matching.sort(key=lambda item: (item["metadata"]["name"] != service,))
@@ -338,7 +340,9 @@ def describe_rules(routing: Routing) -> list[str]:
             subset = destination.get("destination", {}).get("subset") or ""
             weight = destination.get("weight")
             targets[subset] = 100 if weight is None and len(route["route"]) == 1 else weight or 0
-        action = describe_weights(targets) if targets else ("redirect" if route.get("redirect") else "?")
+        action = (
+            describe_weights(targets) if targets else ("redirect" if route.get("redirect") else "?")
+        )
         if route.get("match"):
             when = " or ".join(describe_match(m) for m in route["match"])
         else:
@@ -371,9 +375,15 @@ def parse_prometheus(text: str) -> dict[str, VersionCount]:
     counts: dict[str, VersionCount] = {}
     for line in text.splitlines():
         found = _METRIC_LINE.match(line)
-        if not found or found.group(1) not in ("meshctl_upstream_rq_total", "meshctl_upstream_rs_total"):
+        if not found or found.group(1) not in (
+            "meshctl_upstream_rq_total",
+            "meshctl_upstream_rs_total",
+        ):
             continue
-        labels = {k: v.replace('\\"', '"').replace("\\\\", "\\") for k, v in _METRIC_LABEL.findall(found.group(2))}
+        labels = {
+            k: v.replace('\\"', '"').replace("\\\\", "\\")
+            for k, v in _METRIC_LABEL.findall(found.group(2))
+        }
         cluster = labels.get("cluster", "")
         if not cluster.startswith("outbound|"):
             continue
@@ -437,7 +447,9 @@ def scrape(sidecars: Iterable[Mapping[str, Any]]) -> Scrape:
         if not port:
             result.unreachable[node] = "registered no admin port"
         elif not _is_local(sidecar.get("address", ""), local):
-            result.unreachable[node] = f"on another host ({sidecar['address']}); admin is loopback-only"
+            result.unreachable[node] = (
+                f"on another host ({sidecar['address']}); admin is loopback-only"
+            )
         else:
             targets.append((node, port))
 
@@ -482,7 +494,9 @@ def split_between(before: Scrape, after: Scrape, host: str) -> dict[str, Version
     return split
 
 
-def format_split(split: Mapping[str, VersionCount], seconds: float, bars: bool = False) -> list[str]:
+def format_split(
+    split: Mapping[str, VersionCount], seconds: float, bars: bool = False
+) -> list[str]:
     total = sum(count.requests for count in split.values())
     if total == 0:
         return [f"  no requests in the last {seconds:.1f}s"]
@@ -503,7 +517,9 @@ def format_split(split: Mapping[str, VersionCount], seconds: float, bars: bool =
     return lines
 
 
-def live_split(client: Client, host: str, window: float) -> tuple[dict[str, VersionCount], Scrape, float]:
+def live_split(
+    client: Client, host: str, window: float
+) -> tuple[dict[str, VersionCount], Scrape, float]:
     sidecars = client.sidecars()["items"]
     first = scrape(sidecars)
     time.sleep(window)
@@ -528,7 +544,9 @@ def route_set(
     service: ServiceArgument,
     weights: Annotated[
         str | None,
-        typer.Option(help="The default split by version, whole percents summing to 100: v1=90,v2=10."),
+        typer.Option(
+            help="The default split by version, whole percents summing to 100: v1=90,v2=10."
+        ),
     ] = None,
     match: Annotated[
         str | None,
@@ -537,7 +555,9 @@ def route_set(
             "header:NAME~=REGEX or uri:/PREFIX. Needs --to."
         ),
     ] = None,
-    to: Annotated[str | None, typer.Option(help="The version requests matching --match go to.")] = None,
+    to: Annotated[
+        str | None, typer.Option(help="The version requests matching --match go to.")
+    ] = None,
     namespace: NamespaceOption = "default",
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,
@@ -554,7 +574,9 @@ def route_set(
     try:
         check_service(service, namespace)
         if weights is None and match is None:
-            raise RouteInputError("give --weights v1=90,v2=10, or --match header:NAME=VALUE --to VERSION")
+            raise RouteInputError(
+                "give --weights v1=90,v2=10, or --match header:NAME=VALUE --to VERSION"
+            )
         if (match is None) != (to is None):
             raise RouteInputError("--match and --to go together")
         parsed_weights = parse_weights(weights) if weights is not None else None
@@ -596,7 +618,9 @@ def _warn_missing_versions(
         for d in r.get("route") or []
         if d.get("weight", 100)
     } - {None, ""}
-    missing = sorted(v for v in wanted if routing.subsets().get(v, {}).get("version", v) not in ready)
+    missing = sorted(
+        v for v in wanted if routing.subsets().get(v, {}).get("version", v) not in ready
+    )
     if missing:
         typer.echo(
             f"meshctl route {command}: note: no ready instance of {service} has version "
@@ -631,14 +655,22 @@ def route_show(
     client = connect(control_plane, token, "route show")
     try:
         routing = read_routing(client, service, namespace)
-        split, last, measured = live_split(client, routing.host, seconds) if live else ({}, None, 0.0)
+        split, last, measured = (
+            live_split(client, routing.host, seconds) if live else ({}, None, 0.0)
+        )
         registered = client.sidecars()["items"]
     except ClientError as error:
         fail("route show", error)
     instances: dict[str, list[bool]] = {}
     for sidecar in registered:
-        if sidecar["service"] == service and sidecar["namespace"] == namespace and sidecar.get("appPort"):
-            instances.setdefault(sidecar.get("version") or "", []).append(bool(sidecar.get("ready")))
+        if (
+            sidecar["service"] == service
+            and sidecar["namespace"] == namespace
+            and sidecar.get("appPort")
+        ):
+            instances.setdefault(sidecar.get("version") or "", []).append(
+                bool(sidecar.get("ready"))
+            )
     if output == "json":
         typer.echo(
             json.dumps(
@@ -648,7 +680,9 @@ def route_show(
                     "virtualService": routing.virtual_service,
                     "destinationRule": routing.destination_rule,
                     "defaultWeights": routing.default_weights(),
-                    "instances": {v: {"ready": sum(r), "total": len(r)} for v, r in instances.items()},
+                    "instances": {
+                        v: {"ready": sum(r), "total": len(r)} for v, r in instances.items()
+                    },
                     "live": None
                     if last is None
                     else {
@@ -656,7 +690,8 @@ def route_show(
                         "sidecarsRead": len(last.counters),
                         "unreachable": last.unreachable,
                         "versions": {
-                            s: {"requests": c.requests, "errors5xx": c.errors} for s, c in split.items()
+                            s: {"requests": c.requests, "errors5xx": c.errors}
+                            for s, c in split.items()
                         },
                     },
                 },
@@ -808,7 +843,9 @@ def route_shift(
     ] = "30s",
     max_error_rate: Annotated[
         str,
-        typer.Option(help="Roll back when --to's 5xx share of its requests in an interval is above this."),
+        typer.Option(
+            help="Roll back when --to's 5xx share of its requests in an interval is above this."
+        ),
     ] = "1%",
     namespace: NamespaceOption = "default",
     control_plane: ControlPlaneOption = None,

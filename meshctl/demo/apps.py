@@ -48,11 +48,19 @@ def answer(service: str, version: str, headers: dict[str, str]) -> tuple[int, di
         status = 200 if reviews_status == 200 and details_status == 200 else 503
         return status, {
             "service": "productpage",
-            "reviews": reviews if reviews_status == 200 else {"status": reviews_status, "error": reviews},
-            "details": details if details_status == 200 else {"status": details_status, "error": details},
+            "reviews": reviews
+            if reviews_status == 200
+            else {"status": reviews_status, "error": reviews},
+            "details": details
+            if details_status == 200
+            else {"status": details_status, "error": details},
         }
     if service == "reviews":
-        body: dict[str, Any] = {"service": "reviews", "version": version, "reviews": ["An extremely entertaining play", "Absolutely fun and entertaining"]}
+        body: dict[str, Any] = {
+            "service": "reviews",
+            "version": version,
+            "reviews": ["An extremely entertaining play", "Absolutely fun and entertaining"],
+        }
         if version in STARS:
             ratings_status, ratings = call("ratings", "/ratings/0", passed)
             if ratings_status != 200:
@@ -62,7 +70,11 @@ def answer(service: str, version: str, headers: dict[str, str]) -> tuple[int, di
     if service == "details":
         return 200, {"service": "details", "version": version, "type": "paperback", "pages": 200}
     if service == "ratings":
-        return 200, {"service": "ratings", "version": version, "ratings": {"Reviewer1": 5, "Reviewer2": 4}}
+        return 200, {
+            "service": "ratings",
+            "version": version,
+            "ratings": {"Reviewer1": 5, "Reviewer2": 4},
+        }
     return 404, {"error": f"no such demo service {service}"}
 
 
@@ -70,11 +82,16 @@ def make_handler(service: str, version: str, fail_rate: float) -> type[BaseHTTPR
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: the sidecar reuses its upstream connections
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             if fail_rate and random.random() < fail_rate:
-                status, body = 500, {"service": service, "version": version, "error": "injected failure"}
+                status, body = (
+                    500,
+                    {"service": service, "version": version, "error": "injected failure"},
+                )
             else:
-                status, body = answer(service, version, {k.lower(): v for k, v in self.headers.items()})
+                status, body = answer(
+                    service, version, {k.lower(): v for k, v in self.headers.items()}
+                )
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("content-type", "application/json")
@@ -83,7 +100,7 @@ def make_handler(service: str, version: str, fail_rate: float) -> type[BaseHTTPR
             self.end_headers()
             self.wfile.write(data)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass  # the sidecars count and log; the demo's terminal stays readable
 
     return Handler
@@ -94,9 +111,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("service", choices=["productpage", "reviews", "details", "ratings"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--version", default="v1")
-    parser.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered 500")
+    parser.add_argument(
+        "--fail-rate", type=float, default=0.0, help="share of requests answered 500"
+    )
     options = parser.parse_args(argv)
-    server = ThreadingHTTPServer(("127.0.0.1", options.port), make_handler(options.service, options.version, options.fail_rate))
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", options.port),
+        make_handler(options.service, options.version, options.fail_rate),
+    )
     server.daemon_threads = True
     try:
         server.serve_forever(poll_interval=0.2)

@@ -112,7 +112,9 @@ class TrafficStats:
 
 
 class Demo:
-    def __init__(self, out: TextIO, duration: float | None, shift: bool, keep: bool = False) -> None:
+    def __init__(
+        self, out: TextIO, duration: float | None, shift: bool, keep: bool = False
+    ) -> None:
         self.out = out
         self.tty = out.isatty()
         self.duration = duration
@@ -191,7 +193,9 @@ class Demo:
             time.sleep(0.05)
         raise DemoFailed(f"meshctl serve not ready after 30s:\n{self.plane.tail()}")
 
-    def _sidecar(self, service: str, version: str | None, app: list[str] | None, app_port: int | None) -> Child:
+    def _sidecar(
+        self, service: str, version: str | None, app: list[str] | None, app_port: int | None
+    ) -> Child:
         assert self.client is not None
         outbound = _free_port()
         argv = [sys.executable, "-m", "meshctl", "run", "--service", service,
@@ -215,7 +219,16 @@ class Demo:
         are ready and productpage answers through the mesh. Returns the client's sidecar."""
         for service, version in INSTANCES:
             port = _free_port()
-            app = [sys.executable, "-m", "meshctl.demo.apps", service, "--port", str(port), "--version", version]
+            app = [
+                sys.executable,
+                "-m",
+                "meshctl.demo.apps",
+                service,
+                "--port",
+                str(port),
+                "--version",
+                version,
+            ]
             self._sidecar(service, version, app, port)
         client = self._sidecar("traffic", None, None, None)
         wanted = {f"{s}-{v}" for s, v in INSTANCES}
@@ -224,7 +237,9 @@ class Demo:
         while True:
             for child in self.children:
                 if not child.alive():
-                    raise DemoFailed(f"{child.name} exited with {child.popen.returncode}:\n{child.tail()}")
+                    raise DemoFailed(
+                        f"{child.name} exited with {child.popen.returncode}:\n{child.tail()}"
+                    )
             ready = self._ready_instances()
             traffic_in = "traffic" in {s["service"] for s in self._registered()}
             self.status(
@@ -236,7 +251,9 @@ class Demo:
                 break
             if time.monotonic() > deadline:
                 missing = ", ".join(sorted(wanted - ready)) or "productpage through the mesh"
-                raise DemoFailed(f"not ready after {STARTUP_TIMEOUT:.0f}s: {missing}; logs in {self.workdir}")
+                raise DemoFailed(
+                    f"not ready after {STARTUP_TIMEOUT:.0f}s: {missing}; logs in {self.workdir}"
+                )
             time.sleep(0.3)
         for child in self.children:
             child.note_grandchildren()
@@ -269,7 +286,11 @@ class Demo:
             if holder[0] is None:
                 holder[0] = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=5)
             conn = holder[0]
-            conn.request("GET", f"http://productpage:{SERVICE_PORT}/", headers={"Host": f"productpage:{SERVICE_PORT}"})
+            conn.request(
+                "GET",
+                f"http://productpage:{SERVICE_PORT}/",
+                headers={"Host": f"productpage:{SERVICE_PORT}"},
+            )
             response = conn.getresponse()
             body = response.read()
             if response.getheader("connection", "").lower() == "close":
@@ -324,7 +345,9 @@ class Demo:
                 total = self.totals.setdefault(subset, VersionCount())
                 total.requests += count.requests
                 total.errors += count.errors
-            self.status(f"{label} | live: {self._bar(split)} | {sum(c.requests for c in split.values()) / window:.0f} rq/s")
+            self.status(
+                f"{label} | live: {self._bar(split)} | {sum(c.requests for c in split.values()) / window:.0f} rq/s"
+            )
         if self.tty:
             self.out.write("\n")
 
@@ -362,7 +385,9 @@ class Demo:
             self.set_weights(weights)
             label = f"weights {describe_weights(weights)}"
             what = f"step {number}/{len(phases)}" if self.shift else "no shift"
-            self.say(f"[{time.monotonic() - started:5.1f}s] {what}: reviews → {describe_weights(weights)}")
+            self.say(
+                f"[{time.monotonic() - started:5.1f}s] {what}: reviews → {describe_weights(weights)}"
+            )
             self.watch(phase_seconds, label, lambda: False)
         if end is None:
             # Past the last phase: keep the final weights and the live view until Ctrl-C.
@@ -413,7 +438,10 @@ class Demo:
             except subprocess.TimeoutExpired:
                 self.plane.popen.kill()
                 self.plane.popen.wait()
-        self.say(f"stopped every process the demo started ({len(self.children)} children and their apps)" + (f"; logs kept in {self.workdir}" if self.keep else ""))
+        self.say(
+            f"stopped every process the demo started ({len(self.children)} children and their apps)"
+            + (f"; logs kept in {self.workdir}" if self.keep else "")
+        )
         if not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
