@@ -65,10 +65,12 @@ def start_control_plane(data_dir: Path, *extra: str, timeout: float = 20.0) -> C
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "serve.log"
     env = {**os.environ, "XDG_DATA_HOME": str(data_dir)}
+    # Never the default 15012: tests (and anyone on this machine) may run several planes at once.
+    xds_port = () if "--xds-port" in extra else ("--xds-port", "0")
     with open(log_path, "wb") as log:
         # A file, not a pipe: the access log would fill a pipe nobody reads and stall the server.
         popen = subprocess.Popen(
-            [sys.executable, "-m", "meshctl", "serve", "--api-port", "0", *extra],
+            [sys.executable, "-m", "meshctl", "serve", "--api-port", "0", *xds_port, *extra],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )  # fmt: skip
     deadline = time.monotonic() + timeout
