@@ -5,6 +5,7 @@ canary that completes on a healthy version and rolls itself back on a failing on
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import threading
 import urllib.error
@@ -155,6 +156,37 @@ def test_route_set_writes_both_resources_and_refuses_bad_input(tmp_path: Path):
             assert refused.returncode == 2, (args, refused.stderr)
         unchanged = json.loads(plane.meshctl("get", "vs", "reviews", "-o", "json").stdout)
         assert unchanged["metadata"]["resourceVersion"] == version
+
+        # A VirtualService that routes other hosts too is left to `meshctl apply`.
+        shared = (
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
+            "metadata: {name: both, namespace: other}\n"
+            "spec: {hosts: [reviews, ratings], http: [{route: [{destination: {host: reviews}}]}]}\n"
+        )
+        assert plane.meshctl("apply", "-f", "-", stdin=shared).returncode == 0
+        refused = plane.meshctl("route", "set", "reviews", "-n", "other", "--weights", "v1=100")
+        assert refused.returncode == 2 and "routes several hosts" in refused.stderr, refused.stderr
+
+        # A shift stops (exit 3) when someone else changes the route under it.
+        assert plane.meshctl("route", "set", "reviews", "--weights", "v1=100").returncode == 0
+        shift = subprocess.Popen(
+            [sys.executable, "-m", "meshctl", "route", "shift", "reviews", "--from", "v1",
+             "--to", "v2", "--step", "50", "--interval", "3s"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=plane.env,
+        )  # fmt: skip
+        try:
+            first = shift.stdout.readline() + shift.stdout.readline()
+            assert "step 1/2: v1=50 v2=50" in first, first
+            assert (
+                plane.meshctl("route", "set", "reviews", "--weights", "v1=90,v2=10").returncode == 0
+            )
+            out, err = shift.communicate(timeout=20)
+        finally:
+            if shift.poll() is None:
+                shift.kill()
+                shift.wait()
+        assert shift.returncode == 3, (first, out, err)
+        assert "changed during the shift" in err, err
 
         shown = plane.meshctl("route", "show", "reviews", "--no-live")
         assert shown.returncode == 0, shown.stderr

@@ -281,6 +281,12 @@ def plan(
     rule_spec["subsets"] = subsets
     # VirtualService: the match rule just ahead of the default; the default's route replaced.
     virtual = routing.virtual_service
+    if virtual is not None and len(virtual["spec"].get("hosts", [])) > 1:
+        raise RouteInputError(
+            f"VirtualService {namespace}/{virtual['metadata']['name']} routes several hosts "
+            f"({', '.join(virtual['spec']['hosts'])}); route set changes only a VirtualService "
+            f"for {service} alone: edit that one with meshctl apply"
+        )
     vs_spec = json.loads(json.dumps(virtual["spec"])) if virtual else {"hosts": [service]}
     routes: list[dict[str, Any]] = list(vs_spec.get("http") or [])
     default = Routing(service, namespace, {"spec": {"http": routes}}).default_index()
@@ -591,6 +597,8 @@ def route_set(
         documents = plan(routing, parsed_weights, parsed_match, to)
         versions = apply_plan(client, documents)
         registered = client.sidecars()["items"]
+    except RouteInputError as error:
+        _refuse("set", str(error))
     except ClientError as error:
         fail("route set", error)
     applied = Routing(service, namespace, documents[1], documents[0])
@@ -781,42 +789,58 @@ def run_shift(
     )
     total_steps = -(-(100 - weight) // step)
     number = 0
+    # The VirtualService as we last wrote it: a change by anyone else stops the shift.
+    ours = _version_of(routing.virtual_service)
     while True:
-        if weight < 100:
-            weight = min(100, weight + step)
-            number += 1
-            weights = {source: 100 - weight, target: weight}
-            documents = plan(read_routing(client, service, namespace), weights)
-            apply_plan(client, documents)
-            say(f"step {number}/{total_steps}: {describe_weights(weights)}")
-        sidecars = client.sidecars()["items"]
-        before = scrape(sidecars)
-        sleep(interval)
-        after = scrape(sidecars)
-        count = split_between(before, after, host).get(target, VersionCount())
-        if count.requests == 0:
-            verdict = f"  {target}: no requests in {interval:g}s; error rate unknown, going on"
-        else:
-            rate = count.errors / count.requests
-            verdict = (
-                f"  {target}: {count.requests} requests, {count.errors} 5xx ({rate:.2%}) "
-                f"in {after.at - before.at:.1f}s"
-            )
-            if rate > max_error_rate:
-                say(verdict + f" > {limit}")
-                rollback = {source: 100, target: 0}
-                _apply_fresh(client, service, namespace, rollback)
-                message = (
-                    f"rolled back: {target}'s 5xx rate {rate:.2%} crossed {limit}; "
-                    f"{service} is {describe_weights(rollback)}"
+        if weight > 0:
+            # Watch the target at its present share before giving it more (and once at 100%).
+            sidecars = client.sidecars()["items"]
+            before = scrape(sidecars)
+            sleep(interval)
+            after = scrape(sidecars)
+            count = split_between(before, after, host).get(target, VersionCount())
+            if count.requests == 0:
+                say(f"  {target}: no requests in {interval:g}s; error rate unknown, going on")
+            else:
+                rate = count.errors / count.requests
+                verdict = (
+                    f"  {target}: {count.requests} requests, {count.errors} 5xx ({rate:.2%}) "
+                    f"in {after.at - before.at:.1f}s"
                 )
-                say(message)
-                return ShiftOutcome(False, rollback, message)
-        say(verdict + " ok")
+                if rate > max_error_rate:
+                    say(verdict + f" > {limit}")
+                    rollback = {source: 100, target: 0}
+                    _apply_fresh(client, service, namespace, rollback)
+                    message = (
+                        f"rolled back: {target}'s 5xx rate {rate:.2%} crossed {limit}; "
+                        f"{service} is {describe_weights(rollback)}"
+                    )
+                    say(message)
+                    return ShiftOutcome(False, rollback, message)
+                say(verdict + " ok")
         if weight >= 100:
             message = f"done: {service} is {target}=100"
             say(message)
             return ShiftOutcome(True, {source: 0, target: 100}, message)
+        routing = read_routing(client, service, namespace)
+        if _version_of(routing.virtual_service) != ours:
+            from meshctl.control.client import ClientError
+
+            raise ClientError(
+                f"the route of {service} changed during the shift (not by this command); "
+                f"stopped; the last weights it set were {source}={100 - weight} {target}={weight}",
+                3,
+            )
+        weight = min(100, weight + step)
+        number += 1
+        weights = {source: 100 - weight, target: weight}
+        versions = apply_plan(client, plan(routing, weights))
+        ours = str(versions.get("VirtualService"))
+        say(f"step {number}/{total_steps}: {describe_weights(weights)}")
+
+
+def _version_of(resource: dict[str, Any] | None) -> str | None:
+    return None if resource is None else str(resource["metadata"]["resourceVersion"])
 
 
 def _apply_fresh(client: Client, service: str, namespace: str, weights: dict[str, int]) -> None:
