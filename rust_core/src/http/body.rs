@@ -7,8 +7,11 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::upstream::pool::ConnectionLease;
+
 pub enum ResponseBody {
-    Upstream(Incoming),
+    /// An upstream response; its HTTP/1.1 connection goes back to the pool at the body's end.
+    Upstream(Incoming, Option<ConnectionLease>),
     Local(Option<Bytes>),
 }
 
@@ -29,22 +32,49 @@ impl Body for ResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx),
+            ResponseBody::Upstream(body, lease) => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                match &polled {
+                    // The server stops polling once is_end_stream() says so: release here too.
+                    Poll::Ready(None) => release(lease),
+                    Poll::Ready(Some(Ok(_))) if body.is_end_stream() => release(lease),
+                    Poll::Ready(Some(Err(_))) => drop(lease.take()),
+                    _ => {}
+                }
+                polled
+            }
             ResponseBody::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ResponseBody::Upstream(body) => body.is_end_stream(),
+            ResponseBody::Upstream(body, _) => body.is_end_stream(),
             ResponseBody::Local(bytes) => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ResponseBody::Upstream(body) => body.size_hint(),
+            ResponseBody::Upstream(body, _) => body.size_hint(),
             ResponseBody::Local(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+fn release(lease: &mut Option<ConnectionLease>) {
+    if let Some(lease) = lease.take() {
+        lease.release();
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // An empty body is complete before anyone polls it (e.g. a 204, or a HEAD response).
+        if let ResponseBody::Upstream(body, lease) = self {
+            if body.is_end_stream() {
+                release(lease);
+            }
         }
     }
 }

@@ -314,8 +314,8 @@ async fn forward_request<'a>(
         },
         None => sent.await,
     };
-    let mut response = match result {
-        Ok(response) => response,
+    let (mut response, lease) = match result {
+        Ok(exchange) => exchange,
         Err(error) => {
             cluster.stats.responses.record(503);
             let message = format!("upstream connect error or disconnect/reset before headers. reset reason: {error}");
@@ -327,6 +327,8 @@ async fn forward_request<'a>(
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(downstream_upgrade) = downstream_upgrade {
+            // The upstream connection becomes the tunnel: it never returns to the pool.
+            drop(lease);
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             tokio::spawn(tunnel(downstream_upgrade, upstream_upgrade));
             let (parts, _) = response.into_parts();
@@ -335,7 +337,7 @@ async fn forward_request<'a>(
     }
     strip_hop_by_hop(response.headers_mut());
     let (parts, body) = response.into_parts();
-    (Response::from_parts(parts, ResponseBody::Upstream(body)), response_mutation)
+    (Response::from_parts(parts, ResponseBody::Upstream(body, lease)), response_mutation)
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {

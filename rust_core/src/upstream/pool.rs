@@ -80,6 +80,36 @@ struct IdleHttp1 {
 /// Upper bound on idle HTTP/1.1 connections kept per endpoint; the rest are closed.
 const MAX_IDLE_HTTP1: usize = 256;
 
+/// An HTTP/1.1 connection lent to one exchange. Dropped without `release`, the connection is
+/// discarded (an error or an upgrade took it).
+pub struct ConnectionLease {
+    pool: Pool,
+    sender: http1::SendRequest<Incoming>,
+    uses: u32,
+}
+
+impl ConnectionLease {
+    /// The response body has been read to its end: give the connection back to the pool.
+    pub fn release(self) {
+        let ConnectionLease { pool, mut sender, uses } = self;
+        let limit = pool.0.max_requests_per_connection;
+        if limit != 0 && uses >= limit {
+            return;
+        }
+        // Usually the connection is ready again by the time its body's end reached us; if not,
+        // a small task waits for it rather than losing the connection.
+        if sender.is_ready() {
+            pool.put_idle(sender, uses);
+        } else {
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    pool.put_idle(sender, uses);
+                }
+            });
+        }
+    }
+}
+
 impl Pool {
     pub fn new(address: SocketAddr, cluster: &ClusterConfig, stats: Arc<ClusterStats>) -> Self {
         Pool(Arc::new(PoolInner {
@@ -96,14 +126,19 @@ impl Pool {
         }))
     }
 
-    pub async fn send(&self, request: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    /// Send one request. For HTTP/1.1 the connection comes back as a lease, to be released once
+    /// the response body has been read to its end (an HTTP/2 connection is shared, no lease).
+    pub async fn send(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Option<ConnectionLease>), UpstreamError> {
         match self.0.protocol {
-            UpstreamProtocol::Http1 => self.send_http1(request).await,
-            UpstreamProtocol::Http2 => self.send_http2(request).await,
+            UpstreamProtocol::Http1 => self.send_http1(request).await.map(|(r, lease)| (r, Some(lease))),
+            UpstreamProtocol::Http2 => self.send_http2(request).await.map(|r| (r, None)),
         }
     }
 
-    async fn send_http1(&self, mut request: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    async fn send_http1(&self, mut request: Request<Incoming>) -> Result<(Response<Incoming>, ConnectionLease), UpstreamError> {
         // A pooled connection may have been closed by the server while idle; if the request was
         // not written, hyper hands it back and it is sent again on a fresh connection.
         loop {
@@ -113,8 +148,7 @@ impl Pool {
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    self.return_when_ready(sender, uses + 1);
-                    return Ok(response);
+                    return Ok((response, ConnectionLease { pool: self.clone(), sender, uses: uses + 1 }));
                 }
                 Err(mut error) => match error.take_message() {
                     Some(unsent) if pooled => request = unsent,
@@ -134,21 +168,11 @@ impl Pool {
         None
     }
 
-    /// Put the connection back once its response body has been read to the end.
-    fn return_when_ready(&self, mut sender: http1::SendRequest<Incoming>, uses: u32) {
-        let limit = self.0.max_requests_per_connection;
-        if limit != 0 && uses >= limit {
-            return;
+    fn put_idle(&self, sender: http1::SendRequest<Incoming>, uses: u32) {
+        let mut idle = self.0.idle_http1.lock().unwrap();
+        if idle.len() < MAX_IDLE_HTTP1 {
+            idle.push(IdleHttp1 { sender, idle_since: Instant::now(), uses });
         }
-        let pool = self.clone();
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                let mut idle = pool.0.idle_http1.lock().unwrap();
-                if idle.len() < MAX_IDLE_HTTP1 {
-                    idle.push(IdleHttp1 { sender, idle_since: Instant::now(), uses });
-                }
-            }
-        });
     }
 
     async fn connect(&self) -> Result<TokioIo<TcpStream>, UpstreamError> {
