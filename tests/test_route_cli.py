@@ -5,6 +5,7 @@ canary that completes on a healthy version and rolls itself back on a failing on
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -223,17 +224,18 @@ class Mesh:
         done = self.plane.meshctl("route", "set", "reviews", *args)
         assert done.returncode == 0, done.stderr
 
-    def traffic(self) -> tuple[threading.Event, threading.Thread]:
+    def traffic(self) -> tuple[threading.Event, list[threading.Thread]]:
         stop = threading.Event()
 
         def loop() -> None:
             while not stop.is_set():
                 self.ask()
-                stop.wait(0.01)
+                stop.wait(0.005)
 
-        thread = threading.Thread(target=loop, daemon=True)
-        thread.start()
-        return stop, thread
+        threads = [threading.Thread(target=loop, daemon=True) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        return stop, threads
 
 
 @pytest.fixture(scope="module")
@@ -294,12 +296,14 @@ def test_traffic_follows_route_set_and_the_header_rule(mesh: Mesh):
 def test_route_show_reports_the_live_split_from_the_sidecars(mesh: Mesh):
     mesh.set("--weights", "v1=80,v2=20")
     wait_until(lambda: mesh.versions(20)["v2"] < 20, 5, "80/20 in effect")
-    stop, thread = mesh.traffic()
+    stop, threads = mesh.traffic()
     try:
-        shown = mesh.plane.meshctl("route", "show", "reviews", "--window", "2s", "-o", "json")
+        shown = mesh.plane.meshctl("route", "show", "reviews", "--window", "3s", "-o", "json")
+        text = mesh.plane.meshctl("route", "show", "reviews", "--window", "1s")
     finally:
         stop.set()
-        thread.join(5)
+        for thread in threads:
+            thread.join(5)
     assert shown.returncode == 0, shown.stderr
     report = json.loads(shown.stdout)
     assert report["defaultWeights"] == {"v1": 80, "v2": 20}
@@ -308,19 +312,20 @@ def test_route_show_reports_the_live_split_from_the_sidecars(mesh: Mesh):
     assert live["sidecarsRead"] == 4 and live["unreachable"] == {}, live
     counts = {version: entry["requests"] for version, entry in live["versions"].items()}
     total = sum(counts.values())
-    assert total >= 40, live
-    assert 0.6 <= counts.get("v1", 0) / total <= 0.95, live
-    text = mesh.plane.meshctl("route", "show", "reviews", "--window", "0.5s")
-    assert text.returncode == 0 and "live split over" in text.stdout, text.stderr
+    assert total >= 20 and counts.get("v2", 0) >= 1, live
+    assert counts.get("v1", 0) / total >= 0.55, live
+    assert text.returncode == 0, text.stderr
+    assert "live split over" in text.stdout and re.search(r"\n  v1 +\d+ ", text.stdout), text.stdout
+    print(text.stdout)
 
 
 def test_shift_reaches_a_healthy_version_and_rolls_back_a_failing_one(mesh: Mesh):
     mesh.set("--weights", "v1=100")
-    stop, thread = mesh.traffic()
+    stop, threads = mesh.traffic()
     try:
         healthy = mesh.plane.meshctl(
             "route", "shift", "reviews", "--from", "v1", "--to", "v2", "--step", "50",
-            "--interval", "1s", "--max-error-rate", "1%",
+            "--interval", "1s", "--max-error-rate", "1%", "--min-requests", "10",
         )  # fmt: skip
         assert healthy.returncode == 0, healthy.stdout + healthy.stderr
         assert "step 2/2: v1=0 v2=100" in healthy.stdout and "done" in healthy.stdout, (
@@ -331,11 +336,13 @@ def test_shift_reaches_a_healthy_version_and_rolls_back_a_failing_one(mesh: Mesh
         mesh.set("--weights", "v1=100")
         failing = mesh.plane.meshctl(
             "route", "shift", "reviews", "--from", "v1", "--to", "v3", "--step", "25",
-            "--interval", "1s", "--max-error-rate", "5%",
+            "--interval", "1s", "--max-error-rate", "5%", "--min-requests", "10",
         )  # fmt: skip
     finally:
         stop.set()
-        thread.join(5)
+        for thread in threads:
+            thread.join(5)
+    print(healthy.stdout, failing.stdout, sep="\n")
     assert failing.returncode == 5, failing.stdout + failing.stderr
     assert "step 1/4: v1=75 v3=25" in failing.stdout, failing.stdout
     assert "rolled back" in failing.stdout and "step 2/4" not in failing.stdout, failing.stdout

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 INVALID_INPUT = 2
 ROLLED_BACK = 5
+MAX_WATCH_INTERVALS = 5  # a shift check waits at most this many intervals for enough requests
 INTERRUPTED = 130
 API_VERSION = "networking.istio.io/v1"
 CLUSTER_DOMAIN = "svc.cluster.local"
@@ -700,6 +701,7 @@ def route_show(
                         "versions": {
                             s: {"requests": c.requests, "errors5xx": c.errors}
                             for s, c in split.items()
+                            if c.requests
                         },
                     },
                 },
@@ -765,10 +767,12 @@ def run_shift(
     max_error_rate: float,
     say: Callable[[str], None],
     sleep: Callable[[float], None] = time.sleep,
+    min_requests: int = 20,
 ) -> ShiftOutcome:
     """Move `step` points of the default route from `source` to `target` every `interval`, after
     checking that `target`'s 5xx share of its requests in the last interval is within the limit;
-    past it, put every request back on `source`. Raises ClientError and RouteInputError."""
+    past it, put every request back on `source`. A check waits for `min_requests` to reach
+    `target` (up to MAX_WATCH_INTERVALS intervals). Raises ClientError and RouteInputError."""
     routing = read_routing(client, service, namespace)
     current = routing.default_weights()
     if current is None or routing.virtual_service is None:
@@ -796,11 +800,19 @@ def run_shift(
             # Watch the target at its present share before giving it more (and once at 100%).
             sidecars = client.sidecars()["items"]
             before = scrape(sidecars)
-            sleep(interval)
-            after = scrape(sidecars)
-            count = split_between(before, after, host).get(target, VersionCount())
+            for waited in range(1, MAX_WATCH_INTERVALS + 1):
+                sleep(interval)
+                after = scrape(sidecars)
+                count = split_between(before, after, host).get(target, VersionCount())
+                if count.requests >= min_requests or waited == MAX_WATCH_INTERVALS:
+                    break
+                # Too few requests to judge: watch on (a few errors in 3 requests prove little).
+                say(f"  {target}: {count.requests} requests so far, watching for {min_requests}")
             if count.requests == 0:
-                say(f"  {target}: no requests in {interval:g}s; error rate unknown, going on")
+                say(
+                    f"  {target}: no requests in {after.at - before.at:.1f}s; error rate unknown, "
+                    "going on"
+                )
             else:
                 rate = count.errors / count.requests
                 verdict = (
@@ -871,6 +883,14 @@ def route_shift(
             help="Roll back when --to's 5xx share of its requests in an interval is above this."
         ),
     ] = "1%",
+    min_requests: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Requests --to must get before its error rate is judged; a check watches up to "
+            f"{MAX_WATCH_INTERVALS} intervals for them.",
+        ),
+    ] = 20,
     namespace: NamespaceOption = "default",
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,
@@ -904,7 +924,10 @@ def route_shift(
         sys.stdout.flush()
 
     try:
-        outcome = run_shift(client, service, namespace, source, target, step, seconds, limit, say)
+        outcome = run_shift(
+            client, service, namespace, source, target, step, seconds, limit, say,
+            min_requests=min_requests,
+        )  # fmt: skip
     except RouteInputError as error:
         _refuse("shift", str(error))
     except ClientError as error:
