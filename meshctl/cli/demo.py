@@ -30,7 +30,9 @@ def demo(
         bool, typer.Option(help="Keep the temp dir with every process's log.")
     ] = False,
 ) -> None:
-    """Start a control plane (SQLite store in a temp dir) and a bookinfo-like set of services,
+    """Run a whole mesh on this machine, with traffic and a live weight shift.
+
+    Starts a control plane (SQLite store in a temp dir) and a bookinfo-like set of services,
     each behind its own sidecar: productpage calls reviews v1/v2/v3 and details; reviews v2 and
     v3 call ratings. Sends traffic and shows the live split of reviews requests across versions
     while the weights shift. Ctrl-C stops everything it started.

@@ -650,7 +650,9 @@ def route_show(
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,
 ) -> None:
-    """SERVICE's rules (first match wins), its instances, and the live split by version: each
+    """SERVICE's rules, its instances, and the live split by version.
+
+    The rules are listed first match first. The live split is each
     version's share of the requests the sidecars sent it during --window, and its 5xx rate."""
     from meshctl.control.client import ClientError
 
@@ -895,7 +897,9 @@ def route_shift(
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,
 ) -> None:
-    """A progressive canary: move SERVICE's default route from --from to --to, --step points
+    """A progressive canary that rolls itself back on errors.
+
+    Moves SERVICE's default route from --from to --to, --step points
     every --interval. Before each step, and for one interval at 100%, --to's 5xx rate (from the
     sidecars' counters) is checked; above --max-error-rate, every request goes back to --from.
 
