@@ -284,3 +284,9 @@ def test_a_second_capture_in_the_same_namespace_is_refused(network, tmp_path):
     assert done.returncode == 2, done.stderr
     assert f"iptables chain {OUTPUT_CHAIN} (nat) exists already" in done.stderr
     assert app.run(["iptables", "-w", "-t", "nat", "-S", OUTPUT_CHAIN]).returncode == 0  # not ours: left alone
+
+
+def test_capture_needs_a_mesh_sidecar(tmp_path):
+    done = subprocess.run(meshctl("run", "--capture", "--bootstrap", str(tmp_path / "x.yaml")),
+                          capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    assert done.returncode == 2 and "--capture needs --service" in done.stderr

@@ -140,6 +140,8 @@ def run(
         )
     if bootstrap is None and service is None:
         _refuse("give --bootstrap FILE (a standalone sidecar) or --service NAME (join a mesh)")
+    if capture and service is None:
+        _refuse("--capture needs --service: the control plane gives a capturing sidecar its listeners")
     if service is not None:
         from meshctl.cli._mesh_run import run_in_mesh  # trio and the ADS client: this path only
 
