@@ -105,6 +105,16 @@ def test_counters_are_read_per_outbound_cluster():
     assert (only.requests, only.errors) == (7, 2)
 
 
+def test_a_registration_carries_the_admin_port():
+    from meshctl.control.registry import RegistrationError, parse_registration
+
+    sidecar = parse_registration("n1", b'{"service": "reviews", "adminPort": 15100}')
+    assert sidecar.admin_port == 15100 and sidecar.as_json()["adminPort"] == 15100
+    assert parse_registration("n1", b'{"service": "reviews"}').admin_port is None
+    with pytest.raises(RegistrationError, match="adminPort"):
+        parse_registration("n1", b'{"service": "reviews", "adminPort": 0}')
+
+
 # --- against a control plane with no sidecars ----------------------------------------------
 
 
@@ -168,26 +178,9 @@ def test_route_set_writes_both_resources_and_refuses_bad_input(tmp_path: Path):
         refused = plane.meshctl("route", "set", "reviews", "-n", "other", "--weights", "v1=100")
         assert refused.returncode == 2 and "routes several hosts" in refused.stderr, refused.stderr
 
-        # A shift stops (exit 3) when someone else changes the route under it.
-        assert plane.meshctl("route", "set", "reviews", "--weights", "v1=100").returncode == 0
-        shift = subprocess.Popen(
-            [sys.executable, "-m", "meshctl", "route", "shift", "reviews", "--from", "v1",
-             "--to", "v2", "--step", "50", "--interval", "3s"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=plane.env,
-        )  # fmt: skip
-        try:
-            first = shift.stdout.readline() + shift.stdout.readline()
-            assert "step 1/2: v1=50 v2=50" in first, first
-            assert (
-                plane.meshctl("route", "set", "reviews", "--weights", "v1=90,v2=10").returncode == 0
-            )
-            out, err = shift.communicate(timeout=20)
-        finally:
-            if shift.poll() is None:
-                shift.kill()
-                shift.wait()
-        assert shift.returncode == 3, (first, out, err)
-        assert "changed during the shift" in err, err
+        # No instance to shift to: refused before anything changes.
+        refused = plane.meshctl("route", "shift", "reviews", "--from", "v1", "--to", "v2")
+        assert refused.returncode == 2 and "nothing to shift to" in refused.stderr, refused.stderr
 
         shown = plane.meshctl("route", "show", "reviews", "--no-live")
         assert shown.returncode == 0, shown.stderr
@@ -350,3 +343,30 @@ def test_shift_reaches_a_healthy_version_and_rolls_back_a_failing_one(mesh: Mesh
     default = virtual["spec"]["http"][-1]["route"]
     assert {d["destination"]["subset"]: d["weight"] for d in default} == {"v1": 100, "v3": 0}
     assert mesh.versions(10) == Counter(v1=10)
+
+
+def test_shift_stops_when_someone_else_changes_the_route(mesh: Mesh):
+    mesh.set("--weights", "v1=100")
+    stop, threads = mesh.traffic()
+    shift = subprocess.Popen(
+        [sys.executable, "-m", "meshctl", "route", "shift", "reviews", "--from", "v1",
+         "--to", "v2", "--step", "50", "--interval", "2s", "--min-requests", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mesh.plane.env,
+    )  # fmt: skip
+    try:
+        first = shift.stdout.readline() + shift.stdout.readline()
+        assert "step 1/2: v1=50 v2=50" in first, first
+        mesh.set("--weights", "v1=90,v2=10")
+        out, err = shift.communicate(timeout=30)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(5)
+        if shift.poll() is None:
+            shift.kill()
+            shift.wait()
+    assert shift.returncode == 3, (first, out, err)
+    assert "changed during the shift" in err, err
+    virtual = json.loads(mesh.plane.meshctl("get", "vs", "reviews", "-o", "json").stdout)
+    default = virtual["spec"]["http"][-1]["route"]
+    assert {d["destination"]["subset"]: d["weight"] for d in default} == {"v1": 90, "v2": 10}

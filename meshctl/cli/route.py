@@ -786,6 +786,11 @@ def run_shift(
             f"set it to {source} and {target} only first (meshctl route set {service} "
             f"--weights {source}=100)"
         )
+    if not ready_instances(client, routing, target):
+        raise RouteInputError(
+            f"no ready instance of {service} matches subset {target} "
+            f"({_selector_text(routing, target)}): nothing to shift to"
+        )
     weight = current.get(target, 0)
     host = routing.host
     limit = f"{max_error_rate:.2%}"
@@ -810,7 +815,19 @@ def run_shift(
                     break
                 # Too few requests to judge: watch on (a few errors in 3 requests prove little).
                 say(f"  {target}: {count.requests} requests so far, watching for {min_requests}")
-            if count.requests == 0:
+            # A subset with no instance answers 503 in the caller's sidecar without counting a
+            # request to its cluster, so the registry is asked too.
+            gone = not ready_instances(client, routing, target)
+            if gone or count.requests == 0:
+                if gone:
+                    rollback = {source: 100, target: 0}
+                    _apply_fresh(client, service, namespace, rollback)
+                    message = (
+                        f"rolled back: {target} has no ready instance left; "
+                        f"{service} is {describe_weights(rollback)}"
+                    )
+                    say(message)
+                    return ShiftOutcome(False, rollback, message)
                 say(
                     f"  {target}: no requests in {after.at - before.at:.1f}s; error rate unknown, "
                     "going on"
@@ -851,6 +868,28 @@ def run_shift(
         versions = apply_plan(client, plan(routing, weights))
         ours = str(versions.get("VirtualService"))
         say(f"step {number}/{total_steps}: {describe_weights(weights)}")
+
+
+def _subset_selector(routing: Routing, version: str) -> dict[str, str]:
+    return routing.subsets().get(version) or {"version": version}
+
+
+def _selector_text(routing: Routing, version: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in _subset_selector(routing, version).items())
+
+
+def ready_instances(client: Client, routing: Routing, version: str) -> int:
+    """How many ready registered instances of the service the subset `version` selects."""
+    selector = _subset_selector(routing, version)
+    count = 0
+    for sidecar in client.sidecars()["items"]:
+        if sidecar["service"] != routing.service or sidecar["namespace"] != routing.namespace:
+            continue
+        labels = {"app": sidecar["service"], "version": sidecar.get("version") or ""}
+        labels.update(sidecar.get("labels") or {})
+        if sidecar.get("ready") and all(labels.get(k) == v for k, v in selector.items()):
+            count += 1
+    return count
 
 
 def _version_of(resource: dict[str, Any] | None) -> str | None:
