@@ -128,12 +128,12 @@ class Bench:
         self.stamps: dict[str, list[float]] = defaultdict(list)
         self.ready: dict[str, int] = {}
         self.lock = threading.Lock()
-        log = open(directory / "serve.log", "wb")
-        self.plane = subprocess.Popen(
-            [sys.executable, "-m", "meshctl", "serve", "--api-port", "0", "--xds-port", "0",
-             "--store", f"sqlite:///{directory / 'store.db'}"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
-        )  # fmt: skip
+        with open(directory / "serve.log", "wb") as log:
+            self.plane = subprocess.Popen(
+                [sys.executable, "-m", "meshctl", "serve", "--api-port", "0", "--xds-port", "0",
+                 "--store", f"sqlite:///{directory / 'store.db'}"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+            )  # fmt: skip
         deadline = time.monotonic() + 30
         while True:
             text = (directory / "serve.log").read_text(errors="replace")
@@ -183,11 +183,11 @@ class Bench:
                 continue
             prefix = f"w{self.workers}"
             self.workers += 1
-            process = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.propagation", "--worker", self.api, self.token, self.xds, prefix, str(count)],
-                stdout=subprocess.PIPE, stdin=subprocess.PIPE, stderr=open(self.directory / f"{prefix}.log", "wb"),
-                text=True, env=self.env, cwd=ROOT,
-            )  # fmt: skip
+            with open(self.directory / f"{prefix}.log", "wb") as log:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "benchmarks.propagation", "--worker", self.api, self.token, self.xds, prefix, str(count)],
+                    stdout=subprocess.PIPE, stdin=subprocess.PIPE, stderr=log, text=True, env=self.env, cwd=ROOT,
+                )  # fmt: skip
             process.expected = count  # type: ignore[attr-defined]
             self.processes.append(process)
             threading.Thread(target=self._read, args=(process,), daemon=True).start()
@@ -247,8 +247,10 @@ class Bench:
         seconds from the change returning."""
         with self.lock:
             seen = {node: len(stamps) for node, stamps in self.stamps.items()}
+        started = time.time()
         (change or self.route_set)(weights)
         returned = time.time()
+        self.change_seconds.append(returned - started)
         deadline = time.monotonic() + timeout
         while True:
             with self.lock:
@@ -261,6 +263,19 @@ class Bench:
             time.sleep(0.002)
 
     current = "v1"
+    change_seconds: list[float] = []  # noqa: RUF012 (reset per phase)
+
+    def settle(self, quiet: float = 2.0, timeout: float = 120.0) -> None:
+        """Wait until no sidecar has applied a route for `quiet` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                before = sum(len(s) for s in self.stamps.values())
+            time.sleep(quiet)
+            with self.lock:
+                if sum(len(s) for s in self.stamps.values()) == before:
+                    return
+        raise RuntimeError(f"sidecars still applying routes after {timeout}s")
 
     def flip(self, change=None) -> list[float]:
         """Send everything to the other version; each sidecar's propagation time."""
@@ -316,6 +331,7 @@ def phase(bench: Bench, label: str, rounds: int) -> list[dict]:
     for how, change in (("meshctl route set", bench.route_set), ("POST /v1/apply", bench.apply_api)):
         per_sidecar: list[float] = []
         every: list[float] = []
+        bench.change_seconds = []
         for _ in range(rounds):
             times = bench.flip(change)
             per_sidecar += times
@@ -327,6 +343,7 @@ def phase(bench: Bench, label: str, rounds: int) -> list[dict]:
             "p50": statistics.median(per_sidecar) * ms, "p99": percentile(per_sidecar, 0.99) * ms,
             "all_p50": statistics.median(every) * ms, "all_p99": percentile(every, 0.99) * ms,
             "all_max": max(every) * ms, "rss": bench.rss_mib(),
+            "change": statistics.median(bench.change_seconds) * ms,
         })  # fmt: skip
         print(rows[-1], file=sys.stderr)
     return rows
@@ -361,15 +378,15 @@ def main() -> None:
                 started = time.monotonic()
                 bench.add_routes(args.routes)
                 print(f"{args.routes} routes applied in {time.monotonic() - started:.1f}s", file=sys.stderr)
-                time.sleep(2)  # let every sidecar take the big config before timing
+                bench.settle()  # every sidecar has taken the big config before timing starts
                 rows += phase(bench, f"reviews v1/v2 + {args.routes} routes", args.rounds)
         finally:
             bench.close()
     print()
-    print("| config | change by | sidecars | rounds | per sidecar p50 ms | p99 ms | all sidecars p50 ms | p99 ms | max ms | plane RSS MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| config | change by | change took p50 ms | sidecars | rounds | per sidecar p50 ms | p99 ms | all sidecars p50 ms | p99 ms | max ms | plane RSS MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['config']} | {r['how']} | {r['sidecars']} | {r['rounds']} | {r['p50']:.0f} | {r['p99']:.0f} | "
+        print(f"| {r['config']} | {r['how']} | {r['change']:.0f} | {r['sidecars']} | {r['rounds']} | {r['p50']:.0f} | {r['p99']:.0f} | "
               f"{r['all_p50']:.0f} | {r['all_p99']:.0f} | {r['all_max']:.0f} | {r['rss']:.0f} |")  # fmt: skip
 
 
