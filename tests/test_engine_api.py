@@ -112,10 +112,13 @@ def test_an_empty_cluster_answers_503_naming_it(core, start_engine):
     port = free_port()
     empty = {"name": "nobody-home", "type": "EDS", "connect_timeout": "1s", "eds_cluster_config": {"eds_config": {"ads": {}}}}
     routes = b.route_configuration("r", [b.virtual_host("all", [b.route("nobody-home")])])
-    start_engine(b.bootstrap([b.http_listener("h", port, routes)], [empty]))
+    engine = start_engine(b.bootstrap([b.http_listener("h", port, routes)], [empty]))
     response = Http1Client(port).get("/")
     assert response.status == 503
     assert b'"nobody-home"' in response.body
+    # Counted against the cluster, so error rates (meshctl route shift) see it.
+    stats = engine.stats_prometheus()
+    assert 'meshctl_upstream_rs_total{cluster="nobody-home",code_class="5xx"} 1' in stats
 
 
 def test_endpoints_arrive_through_eds(core, start_engine, echo_a, echo_b):

@@ -232,6 +232,9 @@ async fn forward_request<'a>(
         return (local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("cluster {cluster_name:?} is not configured"), grpc), response_mutation);
     };
     let Some(endpoint) = cluster.pick_endpoint(context.original_destination) else {
+        // Counted as the cluster's 503 like a connect failure, so error rates see an empty cluster.
+        cluster.stats.requests_total.fetch_add(1, Relaxed);
+        cluster.stats.responses.record(503);
         return (local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("no healthy upstream in cluster {cluster_name:?}"), grpc), response_mutation);
     };
 
