@@ -21,7 +21,7 @@ def serve(
         typer.Option(
             envvar="MESHCTL_STORE",
             show_envvar=True,
-            help="Where resources live: sqlite:///PATH, or etcd://HOST:PORT,HOST:PORT[/PREFIX] "
+            help="Where resources live: sqlite:///PATH, or etcd://HOST:PORT,HOST:PORT\\[/PREFIX] "
             "shared by several control planes for HA. Default: store.db in the data dir "
             "($XDG_DATA_HOME/meshctl, else ~/.local/share/meshctl).",
         ),
