@@ -36,7 +36,7 @@ OUTBOUND_LISTENER = "virtualOutbound"  # meshctl.control.compiler names it so
 @dataclass(frozen=True)
 class AgentOptions:
     service: str
-    control_plane: tuple[str, int]  # the API
+    control_plane: tuple[str, int]  # the API (the first of control_planes)
     token: str
     version: str = ""
     namespace: str = "default"
@@ -55,6 +55,12 @@ class AgentOptions:
     config_wait: float = 15.0  # how long the app waits for the sidecar's first config
     node_id: str = ""
     capture: bool = False  # iptables sends the app's traffic here (meshctl.agent.capture)
+    # Every control plane's API, in order of preference; the agent fails over along it.
+    control_planes: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def planes(self) -> tuple[tuple[str, int], ...]:
+        return self.control_planes or (self.control_plane,)
 
     def with_node_id(self) -> AgentOptions:
         if self.node_id:
@@ -71,9 +77,10 @@ class _Api:
 
     def __init__(self, options: AgentOptions) -> None:
         self.options = options
+        self.plane = options.planes[0]  # the one it talks to now
 
     def _call(self, method: str, body: dict[str, Any] | None) -> dict[str, Any]:
-        host, port = self.options.control_plane
+        host, port = self.plane
         connection = http.client.HTTPConnection(host, port, timeout=5)
         try:
             payload = json.dumps(body).encode() if body is not None else None
@@ -168,38 +175,79 @@ class Agent:
         self.engine = engine
         self.api = _Api(self.options)
         self.ready = False
+        self.xds: tuple[str, int] | None = None  # the ADS server of the plane it talks to
+        self.switched = trio.Event()  # set when it moved to another control plane
 
-    async def register_until_accepted(self) -> tuple[str, int]:
-        """First registration (not ready); retried with backoff while the plane is away."""
-        backoff = Backoff(0.2, 5.0)
-        while True:
+    def _xds_from(self, answer: dict[str, Any]) -> tuple[str, int]:
+        if self.options.xds_address is not None:
+            return self.options.xds_address
+        if not answer.get("xds"):
+            raise RegistrationFailed(
+                "the control plane has no xDS server to follow (is it `meshctl serve`?)"
+            )
+        host, port = _parse_address(answer["xds"])
+        if host in ("", "0.0.0.0", "::"):
+            host = self.api.plane[0]  # it listens everywhere: where we found it
+        return host, port
+
+    async def _register_anywhere(self, ready: bool, backoff: Backoff) -> bool:
+        """Register with the current plane, else the next ones in turn (one round); True when
+        one answered. A plane that refuses (bad token, bad body) is not skipped: that raises."""
+        planes = self.options.planes
+        start = planes.index(self.api.plane) if self.api.plane in planes else 0
+        for step in range(len(planes)):
+            plane = planes[(start + step) % len(planes)]
+            previous, self.api.plane = self.api.plane, plane
             try:
-                answer = await self.api.register(ready=False)
+                answer = await self.api.register(ready=ready)
             except RegistrationFailed as error:
                 if "refused:" in str(error):
                     raise
-                log.warning("%s; retrying", error)
-                await trio.sleep(backoff.next_delay())
+                log.warning("%s", error)
                 continue
-            if self.options.xds_address is not None:
-                return self.options.xds_address
-            if not answer.get("xds"):
-                raise RegistrationFailed(
-                    "the control plane has no xDS server to follow (is it `meshctl serve`?)"
-                )
-            host, port = _parse_address(answer["xds"])
-            if host in ("", "0.0.0.0", "::"):
-                host = self.options.control_plane[0]  # it listens everywhere: where we found it
-            return host, port
+            xds = self._xds_from(answer)
+            if plane != previous or xds != self.xds:
+                if self.xds is not None:
+                    _report(f"control plane {previous[0]}:{previous[1]} is unreachable; "
+                            f"now following {plane[0]}:{plane[1]} (xDS {xds[0]}:{xds[1]})")  # fmt: skip
+                    self.switched.set()
+                self.xds = xds
+            backoff.reset()
+            return True
+        await trio.sleep(backoff.next_delay())  # every plane is away: back off, with jitter
+        return False
+
+    async def register_until_accepted(self) -> tuple[str, int]:
+        """First registration (not ready); retried with backoff while every plane is away."""
+        backoff = Backoff(0.2, 5.0)
+        while not await self._register_anywhere(False, backoff):
+            pass
+        assert self.xds is not None
+        return self.xds
 
     async def keep_lease(self) -> None:
-        """Renew at a third of the lease, so two lost renewals still leave the lease alive."""
+        """Renew at a third of the lease, so two lost renewals still leave the lease alive; when
+        the plane is unreachable, fail over to the next one (the engine keeps its config)."""
+        backoff = Backoff(0.2, 5.0)
         while True:
             await trio.sleep(self.options.lease_seconds / 3)
             try:
-                await self.api.register(ready=self.ready)
+                while not await self._register_anywhere(self.ready, backoff):
+                    pass
             except RegistrationFailed as error:
                 log.warning("lease renewal: %s", error)
+
+    async def follow_ads(self, ads: AdsClient) -> None:
+        """ADS from the current plane's xDS server; restarted on the new one after a failover
+        (the same client, so the engine's accepted versions and names carry over)."""
+        while True:
+            self.switched = trio.Event()
+            assert self.xds is not None
+            ads._address = self.xds
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ads.run)
+                await self.switched.wait()
+                nursery.cancel_scope.cancel()
 
     async def wait_until_app_answers(self) -> None:
         assert self.options.app_port is not None
@@ -207,7 +255,7 @@ class Agent:
             await trio.sleep(0.1)
         self.ready = True
         try:
-            await self.api.register(ready=True)
+            await self._register_anywhere(True, Backoff(0.2, 5.0))
         except RegistrationFailed as error:
             log.warning("marking ready: %s (the next renewal retries)", error)
         _report(f"instance {self.options.node_id} ready: app port {self.options.app_port} answers")
@@ -233,7 +281,7 @@ async def run_agent(options: AgentOptions, engine: Any, command: Sequence[str] |
         ads = AdsClient(
             engine, xds, options.node_id, node_cluster=options.service, backoff=Backoff(0.2, 5.0)
         )
-        await nursery.start(ads.run)
+        nursery.start_soon(agent.follow_ads, ads)
         nursery.start_soon(agent.keep_lease)
         if not await agent.wait_for_outbound_listener():
             _report(

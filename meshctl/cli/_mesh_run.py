@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from typing import NoReturn
@@ -53,7 +54,10 @@ def run_in_mesh(
     from meshctl.control.client import ClientError, resolve_address, resolve_token
 
     try:
-        api = resolve_address(control_plane)
+        # Several control planes (HA), comma-separated: the agent fails over along the list.
+        listed = control_plane or os.environ.get("MESHCTL_CONTROL_PLANE") or ""
+        planes = tuple(resolve_address(part.strip()) for part in listed.split(",") if part.strip())
+        api = planes[0] if planes else resolve_address(None)
         api_token = resolve_token(token)
         xds = resolve_address(xds_address) if xds_address else None
     except ClientError as error:
@@ -62,6 +66,7 @@ def run_in_mesh(
         service=service, control_plane=api, token=api_token, version=version, namespace=namespace,
         app_port=app_port, service_port=service_port, protocol=protocol, address=address, outbound_port=outbound_port,
         inbound_port=inbound_port, admin_port=admin_port, lease_seconds=lease, xds_address=xds,
+        control_planes=planes or (api,),
         workers=workers, drain_timeout=drain_timeout, capture=capture,
     )  # fmt: skip
     if capture:

@@ -59,6 +59,9 @@ async def run_control_plane(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.serve)  # etcd: connected and watching before the API opens
+            if hasattr(store, "follow_registrations"):
+                # Several planes on one etcd: every plane knows every plane's instances.
+                await nursery.start(registry.share, store)
             await nursery.start(registry.serve)  # expires leases
             host, port = await nursery.start(
                 functools.partial(serve_api, extensions=[RegistryApi(registry)]),

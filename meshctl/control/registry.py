@@ -6,12 +6,16 @@ The agent renews the registration well within the lease; one that is not renewed
 `serve()` at most one sweep interval after its lease ran out (≤ 2× the lease in all).
 
 Kept in memory: a restarted control plane learns every instance again at its next renewal,
-because a renewal is the same idempotent PUT as the first registration.
+because a renewal is the same idempotent PUT as the first registration. With an etcd store
+(several planes), `share()` also keeps every registration in etcd (store_etcd.put_registration)
+and follows the others' there, so each plane knows the instances registered with any plane;
+expiry is the same (each entry carries its wall-clock expiry; ≤ 2× the lease in all).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -22,6 +26,8 @@ from typing import Any
 import trio
 
 from meshctl.resources.hosts import canonical_host
+
+log = logging.getLogger("meshctl.control.registry")
 
 DEFAULT_LEASE_SECONDS = 10.0
 PROTOCOLS = ("HTTP", "HTTP2", "GRPC")
@@ -208,6 +214,50 @@ class Registry:
         self._changed = trio.Event()
         # Where the xDS server listens (HOST:PORT), told to registering agents; set once it serves.
         self.xds_address: str | None = None
+        # The store registrations are shared through (an EtcdStore), once `share()` runs.
+        self.shared: Any = None
+
+    # --- the API's entry points: local, and shared when a store shares registrations ----------
+
+    async def put(self, sidecar: Sidecar) -> bool:
+        """Register or renew through the shared store (if any) and here; True when changed."""
+        if self.shared is not None:
+            value = {"sidecar": sidecar.as_json(), "expiresAt": time.time() + sidecar.lease_seconds}
+            await self.shared.put_registration(sidecar.node_id, value)
+        return self.register(sidecar)
+
+    async def remove(self, node_id: str) -> bool:
+        known = self.deregister(node_id)
+        if self.shared is not None:
+            known = await self.shared.delete_registration(node_id) or known
+        return known
+
+    async def share(
+        self, store: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Load every registration the store holds, then follow them until cancelled."""
+        self.shared = store
+        await store.follow_registrations(
+            self._remote_put, self._remote_delete, task_status=task_status
+        )
+
+    def _remote_put(self, node_id: str, value: dict[str, Any]) -> None:
+        body = {k: v for k, v in value["sidecar"].items() if k != "nodeId"}
+        try:
+            sidecar = parse_registration(node_id, json.dumps(body).encode())
+            remaining = float(value["expiresAt"]) - time.time()
+        except (RegistrationError, KeyError, TypeError, ValueError) as error:
+            log.warning("ignoring shared registration %s: %s", node_id, error)
+            return
+        if remaining <= 0:
+            return  # expired already; its writer's lease or a sweep removes the key
+        previous = self._sidecars.get(node_id)
+        self._sidecars[node_id] = (sidecar, self._clock() + remaining)
+        if previous is None or previous[0] != sidecar:
+            self._bump()
+
+    def _remote_delete(self, node_id: str) -> None:
+        self.deregister(node_id)
 
     def register(self, sidecar: Sidecar) -> bool:
         """Create or renew; True when the registration is new or changed (not a plain renewal)."""
@@ -269,7 +319,13 @@ class Registry:
         task_status.started()
         while True:
             await trio.sleep(sweep_interval)
-            self.expire()
+            gone = self.expire()
+            if self.shared is not None:
+                for node_id in gone:  # any plane may clear an expired entry out of etcd
+                    try:
+                        await self.shared.delete_registration(node_id, only_if_expired=True)
+                    except Exception as error:
+                        log.warning("clearing expired registration %s: %s", node_id, error)
 
     def _bump(self) -> None:
         self.generation += 1

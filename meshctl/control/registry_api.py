@@ -38,14 +38,14 @@ class RegistryApi:
                 sidecar = parse_registration(node_id, request.body)
             except RegistrationError as error:
                 raise ApiError("invalid", f"sidecar {node_id}: {error}") from None
-            changed = self.registry.register(sidecar)
+            changed = await self.registry.put(sidecar)
             return 200, {
                 "sidecar": sidecar.as_json(),
                 "changed": changed,
                 "xds": self.registry.xds_address,
             }
         if request.method == "DELETE":
-            if not self.registry.deregister(node_id):
+            if not await self.registry.remove(node_id):
                 raise ApiError("not_found", f"sidecar {node_id} is not registered")
             return 200, {"deregistered": node_id}
         _allow(request, "PUT")

@@ -4,6 +4,7 @@ Keys, under the URL's prefix (default /meshctl), each component percent-quoted:
 
     <prefix>/resources/<kind>/<namespace>/<name>        {"body": ..., "not_enforced": [...]}
     <prefix>/status/<kind>/<namespace>/<name>/<sidecar>/<plane>   {"version", "state", ...}
+    <prefix>/sidecars/<node_id>                         {"sidecar": ..., "expiresAt", "plane"}
 
 A resource's version is its key's mod_revision and its created_version the create_revision,
 so the store's versions are etcd's revisions and mean the same to every control plane. Every
@@ -14,6 +15,11 @@ Sidecar statuses are written under a lease of this control plane's, kept alive w
 when a control plane dies, the statuses of its sidecars expire with it (they reconnect to
 another plane, whose ACKs are recorded under its own lease). Keys carry the plane's id so two
 planes never overwrite or forget each other's entries; readers keep the newest per sidecar.
+
+Sidecar registrations (the service registry) are shared the same way, so every plane compiles
+the endpoints of every instance whichever plane it registered with: each carries its wall-clock
+expiry (a renewal is a put that moves it), planes drop an entry once that passes, and its key
+is under the writing plane's lease, so a dead plane's entries also leave etcd.
 """
 
 from __future__ import annotations
@@ -108,6 +114,7 @@ class EtcdStore(Store):
         self.prefix = prefix
         self._resources = f"{prefix}/resources/".encode()
         self._status = f"{prefix}/status/".encode()
+        self._registrations = f"{prefix}/sidecars/".encode()
         self._status_ttl = status_ttl
         self.plane_id = secrets.token_hex(6)  # this process, for its status keys
         self._revision = 0
@@ -389,6 +396,82 @@ class EtcdStore(Store):
         for key in [key for key in self._own_statuses if key.startswith(prefix)]:
             del self._own_statuses[key]
 
+    # --- shared sidecar registrations ----------------------------------------------------------
+
+    async def put_registration(self, node_id: str, value: dict[str, Any]) -> None:
+        """Create or renew a registration (value: {"sidecar", "expiresAt"}) for every plane."""
+        self._check_serving()
+        key = self._registrations + quote(node_id, safe="").encode()
+        raw = json.dumps({**value, "plane": self.plane_id}, separators=(",", ":")).encode()
+        lease = self._lease
+        try:
+            await self._client.txn([], [put_op(key, raw, lease)])
+        except EtcdError as error:
+            if not _lease_missing(error):
+                raise
+            await self._renew_lease(lease)
+            await self._client.txn([], [put_op(key, raw, self._lease)])
+
+    async def delete_registration(self, node_id: str, *, only_if_expired: bool = False) -> bool:
+        """Remove a registration; with only_if_expired, unless a renewal moved its expiry since."""
+        self._check_serving()
+        key = self._registrations + quote(node_id, safe="").encode()
+        _, found = await self._client.range(key)
+        if not found:
+            return False
+        if only_if_expired:
+            value = _registration_value(found[0])
+            if value is not None and value.get("expiresAt", 0) > time.time():
+                return False
+        committed, _, _ = await self._client.txn(
+            [mod_revision_is(key, found[0].mod_revision)], [delete_op(key)]
+        )
+        return committed
+
+    async def follow_registrations(
+        self,
+        on_put: Any,
+        on_delete: Any,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call on_put(node_id, value) for every registration there is, then follow changes
+        (on_put / on_delete(node_id)) until cancelled. Started once the first load is done."""
+        start, end = self._registrations, prefix_end(self._registrations)
+        started = False
+        while True:
+            try:
+                revision, found = await self._client.range(start, end)
+            except EtcdError as error:
+                if not started:
+                    raise
+                log.warning("cannot reload sidecar registrations, retrying: %s", error)
+                await trio.sleep(1)
+                continue
+            for kv in found:
+                value = _registration_value(kv)
+                if value is not None:
+                    on_put(self._registration_node(kv.key), value)
+            if not started:
+                started = True
+                task_status.started()
+
+            async def deliver(_revision: int, events: list[WatchEvent]) -> None:
+                for event in events:
+                    node_id = self._registration_node(event.kv.key)
+                    if event.type == "delete":
+                        on_delete(node_id)
+                    elif (value := _registration_value(event.kv)) is not None:
+                        on_put(node_id, value)
+
+            try:
+                await self._client.watch(start, end, revision + 1, deliver)
+            except Compacted as compacted:
+                log.warning("%s: reloading sidecar registrations", compacted)
+
+    def _registration_node(self, key: bytes) -> str:
+        return unquote(key.removeprefix(self._registrations).decode("utf-8", "replace"))
+
     # --- keys ------------------------------------------------------------------------------------
 
     def _key(self, ref: ResourceRef) -> bytes:
@@ -423,6 +506,17 @@ class EtcdStore(Store):
         except (ValueError, KeyError, TypeError):
             return None
         return ResourceRef(kind, namespace, name), status
+
+
+def _registration_value(kv: KeyValue) -> dict[str, Any] | None:
+    try:
+        value = json.loads(kv.value)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not isinstance(value.get("sidecar"), dict):
+        log.warning("ignoring a malformed sidecar registration in etcd: %r", kv.key)
+        return None
+    return value
 
 
 def _path(*components: str) -> bytes:

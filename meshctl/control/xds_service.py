@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import trio
+from google.protobuf.any_pb2 import Any as AnyMessage
 
 from meshctl.control import resource_types as types
 from meshctl.control.ads import AdsServer, serve_ads
-from meshctl.control.compiler import MeshConfig, compile_mesh, sidecar_resources, to_messages
+from meshctl.control.compiler import MeshConfig, compile_mesh, sidecar_resources, to_packed
 from meshctl.control.registry import Registry, Sidecar
-from meshctl.control.snapshot import Snapshot, SnapshotCache
+from meshctl.control.snapshot import Snapshot, SnapshotCache, TypeResources
 from meshctl.control.store import Store, StoreError
 
 log = logging.getLogger("meshctl.control.xds")
@@ -36,6 +37,8 @@ class Publisher:
         # Version → the stored resources (ref, resource version) it was compiled from, so that a
         # sidecar's ACK or NACK of a version is recorded against them. The last few are kept.
         self.sources: dict[str, list[tuple[Any, int]]] = {}
+        # The last build's per-type resources by what they were made of (see _Packer).
+        self._packed: dict[tuple[Any, ...], TypeResources] = {}
 
     def publish(
         self, revision: int, resources: Sequence[Any], generation: int, sidecars: Sequence[Sidecar]
@@ -50,22 +53,23 @@ class Publisher:
         started = time.perf_counter()
         version = f"{revision}.{generation}"
         mesh = compile_mesh(resources, sidecars)
-        shared = _SharedMessages(mesh)
-        # Sidecars whose own parts are alike (one per host, default ports) share one snapshot.
-        by_key: dict[tuple[Any, ...], Snapshot] = {}
+        packer = _Packer(mesh, version, self._packed)
+        # Sidecars made of the same per-type resources share one snapshot.
+        by_parts: dict[tuple[int, ...], Snapshot] = {}
         snapshots: dict[str, Snapshot] = {}
         for sidecar in sidecars:
-            key = shared.key_of(sidecar)
-            snapshot = by_key.get(key)
+            parts = packer.for_sidecar(sidecar)
+            key = tuple(id(parts[type_url]) for type_url in types.ORDER)
+            snapshot = by_parts.get(key)
             if snapshot is None:
-                snapshot = by_key[key] = Snapshot(version, shared.for_sidecar(sidecar))
+                snapshot = by_parts[key] = Snapshot.of_types(version, parts)
             snapshots[sidecar.node_id] = snapshot
         sources = [
             (resource.ref, resource.version)
             for resource in resources
             if getattr(resource, "ref", None) is not None and resource.ref.kind in COMPILED_KINDS
         ]
-        return _Built(version, snapshots, sources, len(mesh.clusters), started)
+        return _Built(version, snapshots, sources, len(mesh.clusters), started, packer.built)
 
     def install(self, built: _Built) -> str:
         """Hand the snapshots to the cache (on the trio thread that serves ADS)."""
@@ -75,6 +79,7 @@ class Publisher:
             # It keeps serving its last config; nothing new reaches it until it registers again.
             self.cache.clear_snapshot(node_id)
         self._published = set(built.snapshots)
+        self._packed = built.packed
         self.last_version = built.version
         self.sources[built.version] = built.sources
         while len(self.sources) > 64:
@@ -94,38 +99,67 @@ class _Built:
     sources: list[tuple[Any, int]]
     cluster_count: int
     started: float
+    packed: dict[tuple[Any, ...], TypeResources]
 
 
-class _SharedMessages:
-    """The mesh's shared resources turned into protobuf once, not once per sidecar."""
+class _Packer:
+    """One build's per-type resources, packed once and shared by every sidecar that has them.
 
-    def __init__(self, mesh: MeshConfig) -> None:
+    Clusters (but a sidecar's own inbound one), endpoints and the route table of a namespace are
+    the same for many sidecars: each is packed once per build, and each resource dict is
+    serialized only when it changed since it was last seen (compiler.packed). A TypeResources
+    whose content equals the previous build's is that previous object, version and all, so
+    ADS streams resend only the types that changed (a weight change: one RouteConfiguration).
+    """
+
+    def __init__(
+        self, mesh: MeshConfig, version: str, previous: Mapping[tuple[Any, ...], TypeResources]
+    ) -> None:
         self.mesh = mesh
-        self.clusters = to_messages({types.CLUSTER: mesh.clusters})[types.CLUSTER]
-        self.endpoints = to_messages({types.ENDPOINT: mesh.endpoints})[types.ENDPOINT]
-        self.routes: dict[str, Any] = {}
+        self.version = version
+        self.previous = previous
+        self.built: dict[tuple[Any, ...], TypeResources] = {}
+        self.clusters = to_packed(types.CLUSTER, mesh.clusters)
 
-    @staticmethod
-    def key_of(sidecar: Sidecar) -> tuple[Any, ...]:
-        """What a sidecar's own resources depend on (see compiler.sidecar_resources)."""
-        inbound = (sidecar.address, sidecar.inbound_port, sidecar.app_port)
-        return (sidecar.namespace, sidecar.outbound_port, inbound, sidecar.capture)
-
-    def for_sidecar(self, sidecar: Sidecar) -> dict[str, list[Any]]:
+    def for_sidecar(self, sidecar: Sidecar) -> dict[str, TypeResources]:
         documents = sidecar_resources(self.mesh, sidecar)
-        own_clusters = documents[types.CLUSTER][len(self.mesh.clusters) :]
-        route = self.routes.get(sidecar.namespace)
-        if route is None:
-            route = self.routes[sidecar.namespace] = to_messages(
-                {types.ROUTE: documents[types.ROUTE]}
-            )[types.ROUTE]
-        own = to_messages({types.CLUSTER: own_clusters, types.LISTENER: documents[types.LISTENER]})
+        own_clusters = to_packed(types.CLUSTER, documents[types.CLUSTER][len(self.mesh.clusters) :])
+        listeners = to_packed(types.LISTENER, documents[types.LISTENER])
         return {
-            types.CLUSTER: self.clusters + own[types.CLUSTER],
-            types.ENDPOINT: self.endpoints,
-            types.LISTENER: own[types.LISTENER],
-            types.ROUTE: route,
+            types.CLUSTER: self._type(
+                ("cds", *((name, item.value) for name, item in own_clusters)),
+                types.CLUSTER,
+                lambda: self.clusters + own_clusters,
+            ),
+            types.ENDPOINT: self._type(
+                ("eds",), types.ENDPOINT, lambda: to_packed(types.ENDPOINT, self.mesh.endpoints)
+            ),
+            types.LISTENER: self._type(
+                ("lds", *((name, item.value) for name, item in listeners)),
+                types.LISTENER,
+                lambda: listeners,
+            ),
+            types.ROUTE: self._type(
+                ("rds", sidecar.namespace),
+                types.ROUTE,
+                lambda: to_packed(types.ROUTE, [self.mesh.route_for(sidecar.namespace)]),
+            ),
         }
+
+    def _type(
+        self,
+        key: tuple[Any, ...],
+        type_url: str,
+        named: Callable[[], list[tuple[str, AnyMessage]]],
+    ) -> TypeResources:
+        found = self.built.get(key)
+        if found is None:
+            found = TypeResources.of_packed(type_url, self.version, named())
+            before = self.previous.get(key)
+            if before is not None and found.same_content(before):
+                found = before
+            self.built[key] = found
+        return found
 
 
 async def follow_and_publish(
@@ -181,6 +215,10 @@ async def previous_sidecars(store: Store) -> set[str]:
 
 
 async def _warm_up(store: Store, registry: Registry, timeout: float) -> None:
+    if registry.shared is not None:
+        # Registrations live in the shared store and were loaded before this task started;
+        # statuses there also belong to other planes' sidecars, which never register here.
+        return
     expected = await previous_sidecars(store)
     if not expected:
         return
