@@ -100,8 +100,9 @@ def test_etcd_member_and_control_plane_killed_under_load(tmp_path: Path):
             sidecars[name].append(MeshSidecar(plane.env, tmp_path, "productpage"))
         for name, plane in planes.items():
             wait_until(
-                lambda plane=plane: sorted(s["version"] for s in registered(plane) if s["ready"]) == ["v1", "v2"]
-                or registered(plane), 40, f"plane {name}: reviews v1, v2 ready",
+                # The registry is shared through etcd: each plane knows both planes' instances.
+                lambda plane=plane: sorted(s["version"] for s in registered(plane) if s["ready"]) == ["v1", "v1", "v2", "v2"]
+                or registered(plane), 40, f"plane {name}: both planes' reviews v1, v2 ready",
             )  # fmt: skip
         clients = {name: group[-1] for name, group in sidecars.items()}
 
