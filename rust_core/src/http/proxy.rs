@@ -66,10 +66,11 @@ async fn route_request(context: &HttpContext, request: Request<Incoming>) -> Res
         Some(authority) => authority,
         None => return local_reply(StatusCode::BAD_REQUEST, "missing host header", grpc),
     };
-    let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+    // A cheap clone (shared bytes): the request itself is rebuilt for the upstream below.
+    let path_and_query = request.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let view = RequestView {
         method: request.method(),
-        path_and_query: &path_and_query,
+        path_and_query: path_and_query.as_str(),
         authority: &authority,
         scheme: context.scheme,
         headers: request.headers(),
@@ -85,7 +86,7 @@ async fn route_request(context: &HttpContext, request: Request<Incoming>) -> Res
     let mut cluster_response_mutation = None;
     let mut response = match &route.action {
         Action::DirectResponse(direct) => direct_response(direct),
-        Action::Redirect(redirect) => redirect_response(redirect, route, context.scheme, &authority, &path_and_query, request.headers()),
+        Action::Redirect(redirect) => redirect_response(redirect, route, context.scheme, &authority, path_and_query.as_str(), request.headers()),
         Action::Forward(forward) => {
             let targets = Targets { route_config: &route_config, vhost, route, grpc };
             let (response, cluster_mutation) =
@@ -96,10 +97,10 @@ async fn route_request(context: &HttpContext, request: Request<Incoming>) -> Res
     };
     route.stats.latency.record(started.elapsed());
     // Like Envoy, response mutations apply to local replies (timeouts, 503s) as well.
-    let mut mutations: Vec<&HeaderMutation> = vec![&route.response_headers];
-    mutations.extend(cluster_response_mutation);
-    mutations.extend([&vhost.response_headers, &route_config.response_headers]);
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let mutations = std::iter::once(&route.response_headers)
+            .chain(cluster_response_mutation)
+            .chain([&vhost.response_headers, &route_config.response_headers]);
         for mutation in mutations {
             mutation.apply(response.headers_mut());
         }
@@ -218,7 +219,7 @@ async fn forward_request<'a>(
     targets: Targets<'a>,
     mut request: Request<Incoming>,
     authority: String,
-    path_and_query: String,
+    path_and_query: PathAndQuery,
 ) -> (Response<ResponseBody>, Option<&'a HeaderMutation>) {
     let Targets { route_config, vhost, route, grpc } = targets;
     let (cluster_name, request_mutation, response_mutation) = match &forward.clusters {
@@ -250,13 +251,15 @@ async fn forward_request<'a>(
     // Build the upstream request in place: new URI, host, hop-by-hop headers, mutations.
     let path = match &forward.prefix_rewrite {
         Some(replacement) => {
-            let (path, query) = path_and_query.split_once('?').map_or((path_and_query.as_str(), None), |(p, q)| (p, Some(q)));
-            let mut rewritten = rewrite_prefix(&route.matcher.path, path, replacement);
-            if let Some(q) = query {
+            let mut rewritten = rewrite_prefix(&route.matcher.path, path_and_query.path(), replacement);
+            if let Some(q) = path_and_query.query() {
                 rewritten.push('?');
                 rewritten.push_str(q);
             }
-            rewritten
+            match PathAndQuery::try_from(rewritten) {
+                Ok(path) => path,
+                Err(_) => return (local_reply(StatusCode::BAD_REQUEST, "invalid rewritten path", grpc), response_mutation),
+            }
         }
         None => path_and_query,
     };
@@ -279,14 +282,14 @@ async fn forward_request<'a>(
         headers.insert(HeaderName::from_static("x-request-id"), request_id());
     }
     // Most specific first, as Envoy applies them: route, weighted cluster, virtual host, table.
-    let mut mutations: Vec<&HeaderMutation> = vec![&route.request_headers];
-    mutations.extend(request_mutation);
-    mutations.extend([&vhost.request_headers, &route_config.request_headers]);
+    let mutations = std::iter::once(&route.request_headers)
+        .chain(request_mutation)
+        .chain([&vhost.request_headers, &route_config.request_headers]);
     for mutation in mutations {
         mutation.apply(headers);
     }
     let http2 = cluster.config.protocol == UpstreamProtocol::Http2;
-    let uri = match upstream_uri(&host, &path, http2) {
+    let uri = match upstream_uri(&host, path, http2) {
         Some(uri) => uri,
         None => return (local_reply(StatusCode::BAD_REQUEST, "invalid request target", grpc), response_mutation),
     };
@@ -370,8 +373,7 @@ fn requested_upgrade(headers: &HeaderMap) -> Option<String> {
     headers.get(header::UPGRADE)?.to_str().ok().map(|u| u.trim().to_ascii_lowercase())
 }
 
-fn upstream_uri(host: &str, path: &str, absolute: bool) -> Option<Uri> {
-    let path_and_query = PathAndQuery::try_from(path).ok()?;
+fn upstream_uri(host: &str, path_and_query: PathAndQuery, absolute: bool) -> Option<Uri> {
     if absolute {
         Uri::builder()
             .scheme(Scheme::HTTP)
@@ -412,8 +414,12 @@ fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
 }
 
 fn request_id() -> HeaderValue {
+    use std::io::Write;
     let id = fastrand::u128(..);
-    let text = format!(
+    // A version-4 UUID, formatted on the stack: one allocation (the header value) per request.
+    let mut text = [0u8; 36];
+    let _ = write!(
+        &mut text[..],
         "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
         (id >> 96) as u32,
         (id >> 80) as u16,
@@ -421,7 +427,7 @@ fn request_id() -> HeaderValue {
         ((id >> 52) as u16 & 0x3fff) | 0x8000,
         id as u64 & 0xffff_ffff_ffff
     );
-    HeaderValue::from_str(&text).expect("hex digits and dashes are a valid header value")
+    HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")
 }
 
 async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
