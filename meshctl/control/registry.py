@@ -220,11 +220,21 @@ class Registry:
     # --- the API's entry points: local, and shared when a store shares registrations ----------
 
     async def put(self, sidecar: Sidecar) -> bool:
-        """Register or renew through the shared store (if any) and here; True when changed."""
+        """Register or renew here and through the shared store (if any); True when changed.
+
+        Here first and whatever etcd does: while the cluster elects a leader this plane's own
+        instances must not expire, or its sidecars lose endpoints that are alive. The shared
+        write is bounded by a third of the lease (the agent renews that often anyway)."""
+        changed = self.register(sidecar)
         if self.shared is not None:
             value = {"sidecar": sidecar.as_json(), "expiresAt": time.time() + sidecar.lease_seconds}
-            await self.shared.put_registration(sidecar.node_id, value)
-        return self.register(sidecar)
+            try:
+                with trio.fail_after(max(sidecar.lease_seconds / 3, 0.5)):
+                    await self.shared.put_registration(sidecar.node_id, value)
+            except Exception as error:  # trio.TooSlowError included
+                log.warning("sharing %s's registration: %s; the next renewal retries",
+                            sidecar.node_id, str(error) or "etcd too slow")  # fmt: skip
+        return changed
 
     async def remove(self, node_id: str) -> bool:
         known = self.deregister(node_id)
@@ -249,9 +259,14 @@ class Registry:
         except (RegistrationError, KeyError, TypeError, ValueError) as error:
             log.warning("ignoring shared registration %s: %s", node_id, error)
             return
+        # Half a lease of grace: a renewal another plane could not write while etcd elected a
+        # leader must not drop a live instance (still gone within 2x the lease of its last one).
+        remaining += sidecar.lease_seconds / 2
         if remaining <= 0:
             return  # expired already; its writer's lease or a sweep removes the key
         previous = self._sidecars.get(node_id)
+        if previous is not None and previous[1] > self._clock() + remaining:
+            remaining = previous[1] - self._clock()  # our own newer renewal, not yet in etcd
         self._sidecars[node_id] = (sidecar, self._clock() + remaining)
         if previous is None or previous[0] != sidecar:
             self._bump()
