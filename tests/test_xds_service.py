@@ -126,3 +126,65 @@ async def test_after_a_restart_the_first_push_waits_for_known_sidecars(tmp_path)
         assert await previous_sidecars(store) == {"r1"}
     finally:
         await store.aclose()
+
+
+def test_alike_sidecars_share_packed_resources_and_a_change_repacks_only_what_changed(monkeypatch):
+    # Every sidecar has its own ports (so its own listeners and inbound cluster), but clusters,
+    # endpoints and routes are packed once per build and shared; a weight change serializes one
+    # route table's changed virtual host and leaves every other type's object and version alone.
+    from meshctl.control import compiler
+
+    serialized: list[str] = []
+    real = compiler.resource_to_bytes
+
+    def counting(type_url, document):
+        serialized.append(type_url.rpartition(".")[2])
+        return real(type_url, document)
+
+    monkeypatch.setattr(compiler, "resource_to_bytes", counting)
+    monkeypatch.setattr(compiler, "_PACKED", {})
+
+    def service(weight: int) -> dict:
+        return {
+            "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": "reviews", "namespace": "default"},
+            "spec": {"hosts": ["reviews"], "http": [{"route": [
+                {"destination": {"host": "reviews", "subset": "v1"}, "weight": weight},
+                {"destination": {"host": "reviews", "subset": "v2"}, "weight": 100 - weight}]}]},
+        }  # fmt: skip
+
+    rule = {**RULE, "spec": {"host": "reviews", "subsets": [
+        {"name": v, "labels": {"version": v}} for v in ("v1", "v2")]}}  # fmt: skip
+    sidecars = [reviews(f"r{i}", 8000 + 10 * i) for i in range(20)]
+    sidecars += [Sidecar(node_id=f"c{i}", service="productpage", outbound_port=16000 + i) for i in range(20)]
+    cache = SnapshotCache()
+    publisher = Publisher(cache)
+    publisher.publish(1, [rule, service(90)], 0, sidecars)
+
+    snapshots = [cache.snapshot_for(sidecar.node_id) for sidecar in sidecars]
+    clusters = [s.of_type(types.CLUSTER) for s in snapshots]
+    shared_cluster = "outbound|9080|v1|reviews.default.svc.cluster.local"
+    assert len({id(c.items[shared_cluster]) for c in clusters}) == 1  # one packed object for all
+    assert len({id(s.of_type(types.ENDPOINT)) for s in snapshots}) == 1
+    assert len({id(s.of_type(types.ROUTE)) for s in snapshots}) == 1
+    # Clients without an inbound port share the whole CDS; instances add their own cluster.
+    assert len({id(s.of_type(types.CLUSTER)) for s in snapshots[20:]}) == 1
+    assert "inbound|8010||" in clusters[1].items and "inbound|8010||" not in clusters[0].items
+    # Each distinct resource was serialized once, not once per sidecar.
+    assert serialized.count("Cluster") == 3 + 20  # reviews, v1, v2 + 20 inbound clusters
+    assert serialized.count("ClusterLoadAssignment") == 3
+    assert serialized.count("VirtualHost") == 1
+    # Listeners are each sidecar's own: the instances' 20 inbound ones and their one outbound
+    # listener on the default port, and the clients' 20 outbound ones.
+    assert serialized.count("Listener") == 20 + 1 + 20
+    before = {s.node_id: cache.snapshot_for(s.node_id) for s in sidecars}
+
+    serialized.clear()
+    publisher.publish(2, [rule, service(50)], 0, sidecars)
+    assert serialized == ["VirtualHost", "RouteConfiguration"]
+    for sidecar in sidecars:
+        now, then = cache.snapshot_for(sidecar.node_id), before[sidecar.node_id]
+        for type_url in (types.CLUSTER, types.ENDPOINT, types.LISTENER):
+            assert now.of_type(type_url) is then.of_type(type_url)  # not resent by ADS
+        assert now.of_type(types.ROUTE).version == "2.0"
+        assert then.of_type(types.ROUTE).version == "1.0"

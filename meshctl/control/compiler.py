@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.message import Message
 
 from meshctl.agent.bootstrap import resource_to_bytes
@@ -288,29 +289,74 @@ def to_messages(resources: Mapping[str, list[Json]]) -> dict[str, list[Message]]
     """Resource dicts → protobuf messages (what snapshot.Snapshot takes)."""
     return {
         type_url: [
-            types.MESSAGE_TYPES[type_url].FromString(_serialized(type_url, document))
+            types.MESSAGE_TYPES[type_url].FromString(packed(type_url, document).value)
             for document in documents
         ]
         for type_url, documents in resources.items()
     }
 
 
+def to_packed(type_url: str, documents: Iterable[Json]) -> list[tuple[str, AnyMessage]]:
+    """Resource dicts → (name, packed Any) pairs (what snapshot.TypeResources.of_packed takes).
+    An unchanged resource comes back as the very Any it was packed into before."""
+    name_field = "cluster_name" if type_url == types.ENDPOINT else "name"
+    return [(document.get(name_field, ""), packed(type_url, document)) for document in documents]
+
+
 # Most resources are the same from one compile to the next (a weight change touches one route
 # table), and json_format is the slow part of a compile: resource dicts already serialized are
-# looked up by their JSON text instead.
-_SERIALIZED: dict[tuple[str, bytes], bytes] = {}
-_SERIALIZED_LIMIT = 50_000
+# looked up by their JSON text instead. The cache holds the packed Any itself, so snapshots of
+# every sidecar and of successive versions share one object (and one copy of the bytes) per
+# distinct resource, and tell an unchanged resource by identity.
+_PACKED: dict[tuple[Any, ...], AnyMessage] = {}
+_PACKED_LIMIT = 50_000
 
 
-def _serialized(type_url: str, document: Json) -> bytes:
+def packed(type_url: str, document: Json) -> AnyMessage:
+    """One resource dict serialized (deterministically) and packed as an Any of `type_url`."""
+    if type_url == types.ROUTE and document.keys() == {"name", "virtual_hosts"}:
+        # A route table is one resource, but a change touches one of its (maybe thousands of)
+        # virtual hosts: those are serialized one by one, and only when new.
+        hosts = [_cached_bytes(VIRTUAL_HOST_TYPE, host) for host in document["virtual_hosts"]]
+        key = (type_url, hashlib.blake2b(b"".join(hosts), digest_size=16).digest(), document["name"])
+        found = _PACKED.get(key)
+        if found is None:
+            head = resource_to_bytes(type_url, {"name": document["name"]})
+            # RouteConfiguration.virtual_hosts is field 2 (length-delimited); appended after the
+            # name (field 1), these are the bytes a deterministic serialization of the whole gives.
+            value = head + b"".join(_VIRTUAL_HOSTS_TAG + _varint(len(host)) + host for host in hosts)
+            found = _remember(key, AnyMessage(type_url=type_url, value=value))
+        return found
     text = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
     key = (type_url, hashlib.blake2b(text, digest_size=16).digest())
-    found = _SERIALIZED.get(key)
+    found = _PACKED.get(key)
     if found is None:
-        if len(_SERIALIZED) >= _SERIALIZED_LIMIT:
-            _SERIALIZED.clear()
-        found = _SERIALIZED[key] = resource_to_bytes(type_url, document)
+        found = _remember(key, AnyMessage(type_url=type_url, value=resource_to_bytes(type_url, document)))
     return found
+
+
+VIRTUAL_HOST_TYPE = "type.googleapis.com/envoy.config.route.v3.VirtualHost"
+_VIRTUAL_HOSTS_TAG = bytes([(2 << 3) | 2])
+
+
+def _cached_bytes(type_url: str, document: Json) -> bytes:
+    return packed(type_url, document).value
+
+
+def _remember(key: tuple[Any, ...], found: AnyMessage) -> AnyMessage:
+    if len(_PACKED) >= _PACKED_LIMIT:
+        _PACKED.clear()
+    _PACKED[key] = found
+    return found
+
+
+def _varint(number: int) -> bytes:
+    out = bytearray()
+    while number >= 0x80:
+        out.append((number & 0x7F) | 0x80)
+        number >>= 7
+    out.append(number)
+    return bytes(out)
 
 
 # --- resources -------------------------------------------------------------------------------
@@ -324,14 +370,34 @@ def _parse(resource: Any, position: int) -> _Stored:
     metadata = body.get("metadata", {})
     namespace = metadata.get("namespace", "default")
     name = metadata.get("name", "")
-    spec_type = {
-        "VirtualService": VirtualServiceSpec,
-        "DestinationRule": DestinationRuleSpec,
-        "ServiceEntry": ServiceEntrySpec,
-        "WorkloadEntry": WorkloadEntrySpec,
-    }.get(kind)
-    spec = spec_type.model_validate(body.get("spec", {})) if spec_type else body.get("spec")
+    spec_type = _SPEC_TYPES.get(kind)
+    spec = _parsed_spec(kind, spec_type, body.get("spec", {})) if spec_type else body.get("spec")
     return _Stored(kind, namespace, name, (created, namespace, name), spec, ref)
+
+
+_SPEC_TYPES = {
+    "VirtualService": VirtualServiceSpec,
+    "DestinationRule": DestinationRuleSpec,
+    "ServiceEntry": ServiceEntrySpec,
+    "WorkloadEntry": WorkloadEntrySpec,
+}
+# Validated specs by their JSON text: a compile re-reads every stored resource, but a change
+# touches few of them. The compiler only reads specs, so one parsed object serves every compile.
+_SPECS: dict[tuple[str, str], Any] = {}
+_SPECS_LIMIT = 50_000
+
+
+def _parsed_spec(kind: str, spec_type: Any, spec: Any) -> Any:
+    try:
+        key = (kind, json.dumps(spec, sort_keys=True, separators=(",", ":")))
+    except (TypeError, ValueError):
+        return spec_type.model_validate(spec)  # not JSON (a test's odd body): no caching
+    found = _SPECS.get(key)
+    if found is None:
+        if len(_SPECS) >= _SPECS_LIMIT:
+            _SPECS.clear()
+        found = _SPECS[key] = spec_type.model_validate(spec)
+    return found
 
 
 def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:

@@ -23,9 +23,47 @@ class TypeResources:
     items: Mapping[str, AnyMessage]
 
     def same_content(self, other: TypeResources) -> bool:
-        return self.items.keys() == other.items.keys() and all(
-            self.items[name].value == other.items[name].value for name in self.items
-        )
+        # Resources shared between snapshots are the same packed objects: identity first, so
+        # comparing two versions of a big config does not compare its bytes.
+        if self is other:
+            return True
+        if self.items.keys() != other.items.keys():
+            return False
+        theirs = other.items
+        for name, mine in self.items.items():
+            other_item = theirs[name]
+            if mine is not other_item and mine.value != other_item.value:
+                return False
+        return True
+
+    @classmethod
+    def of_packed(
+        cls, type_url: str, version: str, named: Iterable[tuple[str, AnyMessage]]
+    ) -> TypeResources:
+        """Resources already packed (name, Any), e.g. shared with other snapshots; ValueError for
+        one unnamed, of another type, or named twice."""
+        label = resource_types.SHORT_NAMES[type_url]
+        items: dict[str, AnyMessage] = {}
+        for position, (name, packed) in enumerate(named):
+            if not name:
+                raise ValueError(f"snapshot {version}: {label} resource [{position}] has no name")
+            if packed.type_url != type_url:
+                raise ValueError(
+                    f'snapshot {version}: {label} resource "{name}" is a {packed.type_url}'
+                )
+            if name in items:
+                raise ValueError(f'snapshot {version}: {label} resource "{name}" appears twice')
+            items[name] = packed
+        return cls(type_url, version, MappingProxyType(items))
+
+    def extended(self, version: str, named: Iterable[tuple[str, AnyMessage]]) -> TypeResources:
+        """These resources plus more (a sidecar's own beside the shared ones), at `version`."""
+        more = TypeResources.of_packed(self.type_url, version, named)
+        clash = more.items.keys() & self.items.keys()
+        if clash:
+            label = resource_types.SHORT_NAMES[self.type_url]
+            raise ValueError(f'snapshot {version}: {label} resource "{min(clash)}" appears twice')
+        return TypeResources(self.type_url, version, MappingProxyType({**self.items, **more.items}))
 
 
 class Snapshot:
@@ -49,6 +87,26 @@ class Snapshot:
             for type_url in resource_types.ORDER
         })
 
+    @classmethod
+    def of_types(cls, version: str, types: Mapping[str, TypeResources]) -> Snapshot:
+        """A snapshot made of TypeResources built beforehand (each keeps its own version, and
+        may be shared with other snapshots: sidecars differ mostly in their listeners)."""
+        if not version:
+            raise ValueError("a snapshot needs a non-empty version")
+        unknown = set(types) - set(resource_types.ORDER)
+        if unknown:
+            raise ValueError(f"snapshot {version}: unsupported resource types {sorted(unknown)}")
+        for type_url, resources in types.items():
+            if resources.type_url != type_url:
+                raise ValueError(f"snapshot {version}: {resources.type_url} given as {type_url}")
+        result = object.__new__(cls)
+        result.version = version
+        result._types = MappingProxyType({
+            type_url: types.get(type_url) or TypeResources(type_url, version, MappingProxyType({}))
+            for type_url in resource_types.ORDER
+        })
+        return result
+
     def __repr__(self) -> str:
         counts = ", ".join(f"{resource_types.SHORT_NAMES[t]}={len(r.items)}" for t, r in self._types.items())
         return f"Snapshot(version={self.version!r}, {counts})"
@@ -59,7 +117,7 @@ class Snapshot:
     def carrying_over(self, previous: Snapshot | None) -> Snapshot:
         """This snapshot, except that each type whose content equals `previous`'s keeps
         previous's object and version, so that streams do not resend unchanged types."""
-        if previous is None:
+        if previous is None or previous is self:
             return self
         result = object.__new__(Snapshot)
         result.version = self.version

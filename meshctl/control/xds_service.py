@@ -119,42 +119,58 @@ class _Packer:
         self.version = version
         self.previous = previous
         self.built: dict[tuple[Any, ...], TypeResources] = {}
-        self.clusters = to_packed(types.CLUSTER, mesh.clusters)
 
     def for_sidecar(self, sidecar: Sidecar) -> dict[str, TypeResources]:
         documents = sidecar_resources(self.mesh, sidecar)
         own_clusters = to_packed(types.CLUSTER, documents[types.CLUSTER][len(self.mesh.clusters) :])
         listeners = to_packed(types.LISTENER, documents[types.LISTENER])
         return {
-            types.CLUSTER: self._type(
-                ("cds", *((name, item.value) for name, item in own_clusters)),
-                types.CLUSTER,
-                lambda: self.clusters + own_clusters,
-            ),
+            types.CLUSTER: self._clusters_with(own_clusters),
             types.ENDPOINT: self._type(
-                ("eds",), types.ENDPOINT, lambda: to_packed(types.ENDPOINT, self.mesh.endpoints)
-            ),
+                ("eds",), lambda: TypeResources.of_packed(
+                    types.ENDPOINT, self.version, to_packed(types.ENDPOINT, self.mesh.endpoints)
+                ),
+            ),  # fmt: skip
             types.LISTENER: self._type(
                 ("lds", *((name, item.value) for name, item in listeners)),
-                types.LISTENER,
-                lambda: listeners,
+                lambda: TypeResources.of_packed(types.LISTENER, self.version, listeners),
             ),
             types.ROUTE: self._type(
                 ("rds", sidecar.namespace),
-                types.ROUTE,
-                lambda: to_packed(types.ROUTE, [self.mesh.route_for(sidecar.namespace)]),
-            ),
+                lambda: TypeResources.of_packed(
+                    types.ROUTE, self.version, to_packed(types.ROUTE, [self.mesh.route_for(sidecar.namespace)])
+                ),
+            ),  # fmt: skip
         }
 
-    def _type(
-        self,
-        key: tuple[Any, ...],
-        type_url: str,
-        named: Callable[[], list[tuple[str, AnyMessage]]],
-    ) -> TypeResources:
+    def _clusters_with(self, own: list[tuple[str, AnyMessage]]) -> TypeResources:
+        """The shared clusters, plus the sidecar's own (its inbound cluster) if it has any."""
+        shared_key = ("cds",)
+        shared = self._type(
+            shared_key,
+            lambda: TypeResources.of_packed(
+                types.CLUSTER, self.version, to_packed(types.CLUSTER, self.mesh.clusters)
+            ),
+        )
+        if not own:
+            return shared
+        key = ("cds", *((name, item.value) for name, item in own))
         found = self.built.get(key)
         if found is None:
-            found = TypeResources.of_packed(type_url, self.version, named())
+            before = self.previous.get(key)
+            if before is not None and shared is self.previous.get(shared_key):
+                found = before  # neither the shared part nor the own part changed
+            else:
+                found = shared.extended(self.version, own)
+                if before is not None and found.same_content(before):
+                    found = before
+            self.built[key] = found
+        return found
+
+    def _type(self, key: tuple[Any, ...], make: Callable[[], TypeResources]) -> TypeResources:
+        found = self.built.get(key)
+        if found is None:
+            found = make()
             before = self.previous.get(key)
             if before is not None and found.same_content(before):
                 found = before
