@@ -254,3 +254,51 @@ def test_two_meshctl_serve_share_one_cluster(cluster: EtcdCluster, tmp_path: Pat
             second.stop()
     finally:
         first.stop()
+
+
+async def test_two_planes_share_sidecar_registrations(cluster: EtcdCluster) -> None:
+    """Registered through one plane's registry, known to the other's; renewals keep it there, a
+    clean exit removes it everywhere, and an expired one is dropped by each plane and from etcd."""
+    from meshctl.control.registry import Registry, parse_registration
+
+    url = cluster.url("shared-registry")
+    async with open_etcd_store(url) as store_a, open_etcd_store(url) as store_b:
+        planes = {"a": Registry(), "b": Registry()}
+        async with trio.open_nursery() as nursery:
+            for registry, store in zip(planes.values(), (store_a, store_b), strict=True):
+                await nursery.start(registry.share, store)
+                nursery.start_soon(registry.serve, 0.1)
+            v1 = parse_registration("reviews-v1", json.dumps(
+                {"service": "reviews", "version": "v1", "appPort": 9081, "ready": True,
+                 "leaseSeconds": 1}).encode())  # fmt: skip
+            assert await planes["a"].put(v1)
+            with trio.fail_after(5):
+                while planes["b"].get("reviews-v1") != v1:
+                    await planes["b"].wait_for_change(planes["b"].generation)
+            # Renewed through plane b now (its agent failed over): still one registration.
+            for _ in range(4):
+                await planes["b"].put(v1)
+                await trio.sleep(0.4)
+            assert [s.node_id for s in planes["a"].sidecars()] == ["reviews-v1"]
+            assert await planes["a"].remove("reviews-v1")
+            with trio.fail_after(5):
+                while planes["b"].get("reviews-v1") is not None:
+                    await planes["b"].wait_for_change(planes["b"].generation)
+            # No renewal: gone from both planes within 2x the lease, and from etcd.
+            await planes["b"].put(v1)
+            with trio.fail_after(5):
+                while planes["a"].get("reviews-v1") is None:
+                    await trio.sleep(0.05)
+            with trio.fail_after(2.0 + 0.3):
+                while planes["a"].get("reviews-v1") or planes["b"].get("reviews-v1"):
+                    await trio.sleep(0.05)
+            with trio.fail_after(3):  # a plane's sweep clears the expired key out of etcd
+                while (await store_a._client.range(store_a._registrations, prefix_end_of(store_a)))[1]:
+                    await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+
+
+def prefix_end_of(store: EtcdStore) -> bytes:
+    from meshctl.control.etcd_client import prefix_end
+
+    return prefix_end(store._registrations)
