@@ -156,19 +156,20 @@ class _AdsStream:
 
     async def _send(self, type_url: str, subscription: _Subscription, resources: TypeResources) -> None:
         if type_url in resource_types.WILDCARD_TYPES and not subscription.names:
-            chosen = list(resources.items.values())
+            chosen = None  # all of them
         else:
-            chosen = [resources.items[name] for name in sorted(subscription.names) if name in resources.items]
+            chosen = tuple(name for name in sorted(subscription.names) if name in resources.items)
         nonce = str(next(self._nonces))
-        response = DiscoveryResponse(
-            version_info=resources.version, resources=chosen, type_url=type_url, nonce=nonce
-        )
+        # The resources are encoded once per version for every stream (a big config is most of
+        # the response); the fields of this stream's own are encoded beside them.
+        response = DiscoveryResponse(version_info=resources.version, type_url=type_url, nonce=nonce)
+        payload = response.SerializeToString() + resources.encoded_resources(chosen)
         subscription.sent = resources
         subscription.names_changed = False
         subscription.nonce = nonce
         subscription.version = resources.version
         subscription.awaiting_answer = True
-        await self._grpc.send_message(response.SerializeToString())
+        await self._grpc.send_message(payload)
         self._statistics.responses_sent += 1
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryResponse
 from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.message import Message
 
@@ -21,6 +22,21 @@ class TypeResources:
     type_url: str
     version: str
     items: Mapping[str, AnyMessage]
+    # Encoded `resources` fields of a DiscoveryResponse, by the names chosen (None: all).
+    _encoded: dict[tuple[str, ...] | None, bytes] = field(default_factory=dict, repr=False, compare=False)
+
+    def encoded_resources(self, names: tuple[str, ...] | None = None) -> bytes:
+        """The `resources` field of a DiscoveryResponse carrying these resources (None: all, in
+        order), encoded once and shared by every stream that sends them: appended to an encoded
+        DiscoveryResponse with the other fields set, it makes the whole response."""
+        found = self._encoded.get(names)
+        if found is None:
+            chosen = self.items.values() if names is None else (self.items[name] for name in names)
+            found = DiscoveryResponse(resources=list(chosen)).SerializeToString()
+            if len(self._encoded) >= 16:
+                self._encoded.clear()  # subscriptions to ever other names: keep it bounded
+            self._encoded[names] = found
+        return found
 
     def same_content(self, other: TypeResources) -> bool:
         # Resources shared between snapshots are the same packed objects: identity first, so

@@ -283,8 +283,14 @@ async def report_statuses(
     interval: float = 0.5,
 ) -> None:
     """Record each sidecar's ACK or NACK against the resources its config came from (what
-    `meshctl get` shows), and forget sidecars that left the registry."""
+    `meshctl get` shows), and forget sidecars that left the registry.
+
+    Only what changed is written: when a sidecar takes a new version with the same verdict, the
+    stored resources whose version it already answered for keep their status (with 1,000 routes,
+    a weight change is a few writes per sidecar, not a thousand)."""
     reported: dict[str, tuple[str, bool, str | None]] = {}
+    # Version → the (ref, resource version) pairs it came from, for the versions in `reported`.
+    answered: dict[str, frozenset[tuple[Any, int]]] = {}
     while True:
         live = {sidecar.node_id for sidecar in registry.sidecars()}
         for node_id, types_state in cache.status().items():
@@ -297,12 +303,20 @@ async def report_statuses(
             sources = publisher.sources.get(version)
             if sources is None:
                 continue  # a version too old to map back; the next answer will do
+            before = reported.get(node_id)
+            if before is not None and before[1:] == (accepted, reason) and before[0] in answered:
+                done = answered[before[0]]
+                changed = [source for source in sources if source not in done]
+            else:
+                changed = sources
             try:
-                for ref, resource_version in sources:
+                for ref, resource_version in changed:
                     await store.set_status(ref, node_id, resource_version, accepted, reason)
             except Exception:
                 log.exception("recording %s's answer to version %s", node_id, version)
                 continue
+            if version not in answered:
+                answered[version] = frozenset(sources)
             reported[node_id] = verdict
         for node_id in set(reported) - live:
             del reported[node_id]
@@ -310,6 +324,9 @@ async def report_statuses(
                 await store.forget_sidecar(node_id)
             except Exception:
                 log.exception("forgetting sidecar %s", node_id)
+        in_use = {verdict[0] for verdict in reported.values()}
+        for version in set(answered) - in_use:
+            del answered[version]
         await trio.sleep(interval)
 
 
