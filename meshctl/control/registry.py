@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from meshctl.control.store import StoreError
 from meshctl.resources.hosts import canonical_host
 
 log = logging.getLogger("meshctl.control.registry")
@@ -231,7 +232,7 @@ class Registry:
             try:
                 with trio.fail_after(max(sidecar.lease_seconds / 3, 0.5)):
                     await self.shared.put_registration(sidecar.node_id, value)
-            except Exception as error:  # trio.TooSlowError included
+            except (StoreError, trio.TooSlowError) as error:
                 log.warning("sharing %s's registration: %s; the next renewal retries",
                             sidecar.node_id, str(error) or "etcd too slow")  # fmt: skip
         return changed
@@ -339,7 +340,7 @@ class Registry:
                 for node_id in gone:  # any plane may clear an expired entry out of etcd
                     try:
                         await self.shared.delete_registration(node_id, only_if_expired=True)
-                    except Exception as error:
+                    except StoreError as error:
                         log.warning("clearing expired registration %s: %s", node_id, error)
 
     def _bump(self) -> None:
