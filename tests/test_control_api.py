@@ -171,3 +171,10 @@ async def test_http_edges_auth_limits_and_malformed_requests(store: SqliteStore)
         assert status == 405
         nursery.cancel_scope.cancel()
     assert store.revision == 0
+
+
+def test_operator_commands_use_the_first_of_several_control_planes():
+    from meshctl.control.client import resolve_address
+
+    assert resolve_address("10.0.0.1:15080, 10.0.0.2:15080") == ("10.0.0.1", 15080)
+    assert resolve_address("[::1]:9000,[::1]:9001") == ("::1", 9000)

@@ -68,7 +68,7 @@ def run(
         str | None,
         typer.Option(
             envvar="MESHCTL_CONTROL_PLANE",
-            help="The control plane's API, HOST:PORT. Default: 127.0.0.1:15080.",
+            help="The control plane's API, HOST:PORT, or several comma-separated to fail over between planes. Default: 127.0.0.1:15080.",
             rich_help_panel=_MESH,
         ),
     ] = None,

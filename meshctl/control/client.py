@@ -29,6 +29,9 @@ class ClientError(Exception):
 def resolve_address(address: str | None) -> tuple[str, int]:
     """--control-plane, else $MESHCTL_CONTROL_PLANE, else the local default; HOST, HOST:PORT or [V6]:PORT."""
     text = address or os.environ.get(ENV_ADDRESS) or f"127.0.0.1:{DEFAULT_API_PORT}"
+    # Sidecars accept a comma-separated list to fail over between planes; an operator's command
+    # talks to the first (any plane serves the same store).
+    text = text.split(",")[0].strip()
     text = text.removeprefix("http://").rstrip("/")
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
