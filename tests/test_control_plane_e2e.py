@@ -5,18 +5,28 @@ instance whose sidecar is killed leaves the endpoints within twice its lease."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from helpers.control_plane import ControlPlane, start_control_plane
+from helpers.mesh import (
+    MeshSidecar,
+    apply,
+    ask_host,
+    echo_instance,
+    print_logs,
+    registered,
+    rules,
+    stop_all,
+    wait_until,
+)
 from helpers.ports import free_port
 
 pytestmark = pytest.mark.meshctl_only
@@ -24,81 +34,17 @@ pytestmark = pytest.mark.meshctl_only
 SERVERS = Path(__file__).resolve().parent / "servers"
 LEASE = 1.5
 
-RULES = """\
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews}
-spec:
-  host: reviews
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews}
-spec:
-  hosts: [reviews]
-  http:
-  - match:
-    - headers: {end-user: {exact: jason}}
-    route:
-    - destination: {host: reviews, subset: v2}
-  - route:
-    - destination: {host: reviews, subset: v1}
-      weight: %d
-    - destination: {host: reviews, subset: v2}
-      weight: %d
-"""
 
+class Sidecar(MeshSidecar):
+    """A MeshSidecar on `plane` with this module's short lease (tests/test_route_cli.py uses it too)."""
 
-class Sidecar:
     def __init__(self, plane: ControlPlane, directory: Path, service: str, *args: str, command: list[str] = ()) -> None:
-        self.outbound_port = free_port()
-        self.log_path = directory / f"{service}-{os.getpid()}-{self.outbound_port}.log"
-        with open(self.log_path, "wb") as log:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "meshctl", "run", "--service", service, "--outbound-port", str(self.outbound_port),
-                 "--admin-port", str(free_port()), "--lease", str(LEASE), *args, *(["--", *command] if command else [])],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=plane.env,
-            )  # fmt: skip
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def children(self) -> list[int]:
-        try:
-            text = Path(f"/proc/{self.popen.pid}/task/{self.popen.pid}/children").read_text()
-        except OSError:
-            return []
-        return [int(pid) for pid in text.split()]
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)  # this PID only
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        super().__init__(plane.env, directory, service, *args, command=command, lease=LEASE)
 
 
-def kill_echo(pid: int) -> None:
-    """SIGKILL `pid` if it is still one of this test's echo apps (not a reused PID)."""
-    try:
-        if b"http_echo.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            os.kill(pid, signal.SIGKILL)
-    except (OSError, ProcessLookupError):
-        pass
-
-
-def upstream(plane: ControlPlane, directory: Path, version: str) -> Sidecar:
-    app_port = free_port()
-    return Sidecar(
-        plane, directory, "reviews", "--version", version, "--app-port", str(app_port), "--service-port", "9080",
-        "--inbound-port", str(free_port()),
-        command=[sys.executable, str(SERVERS / "http_echo.py"), "--name", version, "--port", str(app_port)],
-    )  # fmt: skip
+def upstream(plane: ControlPlane, directory: Path, version: str) -> MeshSidecar:
+    """reviews `version` on `plane`, its app tests/servers/http_echo.py, with this module's short lease."""
+    return echo_instance(plane.env, directory, "reviews", version, lease=LEASE)
 
 
 def ask(port: int, url: str = "http://reviews:9080/", headers: dict[str, str] | None = None) -> str:
@@ -116,31 +62,6 @@ def ask(port: int, url: str = "http://reviews:9080/", headers: dict[str, str] | 
 
 def names(port: int, count: int, **kwargs) -> Counter:
     return Counter(ask(port, **kwargs) for _ in range(count))
-
-
-def wait_until(check: Callable[[], object], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    last = None
-    while time.monotonic() - started < timeout:
-        last = check()
-        if last is True:
-            return time.monotonic() - started
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout}s (last: {last})")
-
-
-def registered(plane: ControlPlane) -> list[dict]:
-    request = urllib.request.Request(
-        f"http://{plane.address}/v1/sidecars",
-        headers={"Authorization": f"Bearer {plane.token_path.read_text().strip()}"},
-    )
-    with urllib.request.urlopen(request, timeout=3) as response:
-        return json.loads(response.read())["items"]
-
-
-def apply(plane: ControlPlane, text: str) -> None:
-    done = plane.meshctl("apply", "-f", "-", stdin=text)
-    assert done.returncode == 0, done.stderr
 
 
 def test_weights_headers_and_leases_through_sidecars(tmp_path: Path):
@@ -162,12 +83,12 @@ def test_weights_headers_and_leases_through_sidecars(tmp_path: Path):
                    10, "reviews reached through the client sidecar by name")  # fmt: skip
         assert set(names(client.outbound_port, 4, url="http://reviews.default.svc.cluster.local:9080/x")) <= {"v1", "v2"}
 
-        apply(plane, RULES % (100, 0))
+        apply(plane, rules(100, 0, jason="v2"))
         wait_until(lambda: names(client.outbound_port, 5) == Counter(v1=5) or names(client.outbound_port, 5), 5, "100/0 → v1")
         assert names(client.outbound_port, 20) == Counter(v1=20)
         assert names(client.outbound_port, 10, headers={"end-user": "jason"}) == Counter(v2=10)
 
-        apply(plane, RULES % (0, 100))
+        apply(plane, rules(0, 100, jason="v2"))
         moved = wait_until(lambda: names(client.outbound_port, 5) == Counter(v2=5) or names(client.outbound_port, 5), 5, "0/100 → v2")
         print(f"weight change reached the client sidecar within {moved:.2f}s")
         assert names(client.outbound_port, 20) == Counter(v2=20)
@@ -183,7 +104,7 @@ def test_weights_headers_and_leases_through_sidecars(tmp_path: Path):
 
         # A config the sidecars refuse: NACKed with the engine's reason, shown by `meshctl get`,
         # and traffic keeps flowing by the last accepted config.
-        bad = RULES % (0, 100) + "    rewrite: {authority: 'not a host'}\n"
+        bad = rules(0, 100, jason="v2") + "    rewrite: {authority: 'not a host'}\n"
         apply(plane, bad)
 
         def rejected() -> object:
@@ -194,19 +115,15 @@ def test_weights_headers_and_leases_through_sidecars(tmp_path: Path):
         wait_until(rejected, 5, "three sidecars reject the bad route")
         assert names(client.outbound_port, 10) == Counter(v2=10)
 
-        apply(plane, RULES % (80, 20))
+        apply(plane, rules(80, 20, jason="v2"))
         wait_until(lambda: "v1" in names(client.outbound_port, 5), 5, "80/20 takes effect")
         split = names(client.outbound_port, 200)
         assert set(split) == {"v1", "v2"} and 120 <= split["v1"] <= 190, split
 
         # The v2 sidecar dies without a word (its app goes too): within 2 x lease it is no endpoint.
-        apply(plane, RULES % (0, 100))
+        apply(plane, rules(0, 100, jason="v2"))
         wait_until(lambda: names(client.outbound_port, 5) == Counter(v2=5) or names(client.outbound_port, 5), 5, "0/100 → v2 again")
-        v2 = sidecars[1]
-        apps = v2.children()
-        v2.stop(signal.SIGKILL)
-        for pid in apps:
-            kill_echo(pid)  # the app this test started through that sidecar
+        sidecars[1].stop(signal.SIGKILL)  # and the app this test started through that sidecar
         killed = time.monotonic()
         wait_until(lambda: not any(s["version"] == "v2" for s in registered(plane)) or "v2 still registered",
                    2 * LEASE + 1, "the dead instance's lease runs out")  # fmt: skip
@@ -217,17 +134,10 @@ def test_weights_headers_and_leases_through_sidecars(tmp_path: Path):
         assert names(client.outbound_port, 5, headers={"end-user": "x"}) == Counter({"HTTP 503": 5})
         assert time.monotonic() < deadline, "the scenario took longer than 90s"
     except BaseException:
-        for sidecar in sidecars:
-            print(f"--- {sidecar.log_path.name} ---\n{sidecar.log()[-3000:]}")
-        print(f"--- meshctl serve ---\n{plane.log()[-4000:]}")
+        print_logs(sidecars, {"": plane}, sidecar_tail=3000, plane_tail=4000)
         raise
     finally:
-        for sidecar in sidecars:
-            apps = sidecar.children()
-            sidecar.stop()
-            for pid in apps:  # only if its sidecar did not take it down
-                kill_echo(pid)
-        plane.stop()
+        stop_all(sidecars, plane)
 
 
 # An application under `meshctl run --service`: it knows nothing of the mesh, only HTTP_PROXY
@@ -258,7 +168,7 @@ def test_an_app_reaches_services_by_name_and_survives_a_control_plane_kill(tmp_p
     log = tmp_path / "answers.log"
     try:
         sidecars += [upstream(plane, tmp_path, "v1"), upstream(plane, tmp_path, "v2")]
-        apply(plane, RULES % (100, 0))
+        apply(plane, rules(100, 0, jason="v2"))
         app = [sys.executable, "-c", ASKING_APP, str(log)]
         sidecars.append(Sidecar(plane, tmp_path, "productpage", command=app))
         wait_until(lambda: answers(log)[-5:] == ["v1"] * 5 or answers(log)[-5:], 20, "the app reaches reviews v1 by name")
@@ -274,7 +184,7 @@ def test_an_app_reaches_services_by_name_and_survives_a_control_plane_kill(tmp_p
         # It comes back on the same ports and store: the sidecars reconnect, and the next change
         # reaches them with no failed request on the way.
         plane = start_control_plane(tmp_path / "plane", *ports)
-        apply(plane, RULES % (0, 100))
+        apply(plane, rules(0, 100, jason="v2"))
         mark = len(answers(log))
         moved = wait_until(lambda: answers(log)[-5:] == ["v2"] * 5 or answers(log)[-5:], 15, "after the restart, 0/100 reaches the app's sidecar")
         print(f"after the restart, the change reached the sidecar in {moved:.2f}s")
@@ -282,17 +192,10 @@ def test_an_app_reaches_services_by_name_and_survives_a_control_plane_kill(tmp_p
         assert not [line for line in after if line.startswith("error")], Counter(after)
         assert set(answers(log, mark)) <= {"v1", "v2"}
     except BaseException:
-        for sidecar in sidecars:
-            print(f"--- {sidecar.log_path.name} ---\n{sidecar.log()[-3000:]}")
-        print(f"--- meshctl serve ---\n{plane.log()[-4000:]}")
+        print_logs(sidecars, {"": plane}, sidecar_tail=3000, plane_tail=4000)
         raise
     finally:
-        for sidecar in sidecars:
-            apps = sidecar.children()
-            sidecar.stop()
-            for pid in apps:
-                kill_echo(pid)
-        plane.stop()
+        stop_all(sidecars, plane)
 
 
 def register(plane: ControlPlane, node_id: str, **fields) -> None:
@@ -304,18 +207,6 @@ def register(plane: ControlPlane, node_id: str, **fields) -> None:
     )
     with urllib.request.urlopen(request, timeout=5):
         pass
-
-
-def ask_host(port: int, host: str = "reviews:9080") -> str:
-    """One origin-form request with a Host header (no proxy), as to any listener routing by Host."""
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": host})
-    try:
-        with urllib.request.urlopen(request, timeout=3) as response:
-            return json.loads(response.read())["name"]
-    except urllib.error.HTTPError as error:
-        return f"HTTP {error.code}"
-    except OSError as error:
-        return f"error: {type(error).__name__}"
 
 
 def test_a_real_envoy_follows_meshctl_serve_like_our_sidecar(tmp_path: Path):
@@ -330,7 +221,7 @@ def test_a_real_envoy_follows_meshctl_serve_like_our_sidecar(tmp_path: Path):
         sidecars += [upstream(plane, tmp_path, "v1"), upstream(plane, tmp_path, "v2")]
         client = Sidecar(plane, tmp_path, "productpage")
         sidecars.append(client)
-        apply(plane, RULES % (100, 0))
+        apply(plane, rules(100, 0, jason="v2"))
         # Envoy joins as a client sidecar: registered by hand (it has no meshctl agent), then
         # bootstrapped with ADS pointing at the control plane.
         envoy_port = free_port()
@@ -339,11 +230,11 @@ def test_a_real_envoy_follows_meshctl_serve_like_our_sidecar(tmp_path: Path):
         for port in (client.outbound_port, envoy_port):
             wait_until(lambda port=port: Counter(ask_host(port) for _ in range(5)) == Counter(v1=5), 15, f"{port} → v1")
 
-        apply(plane, RULES % (0, 100))
+        apply(plane, rules(0, 100, jason="v2"))
         for port in (client.outbound_port, envoy_port):
             wait_until(lambda port=port: Counter(ask_host(port) for _ in range(5)) == Counter(v2=5), 5, f"{port} → v2")
         # The same header rule on both data planes.
-        apply(plane, RULES % (100, 0))
+        apply(plane, rules(100, 0, jason="v2"))
         for port in (client.outbound_port, envoy_port):
             wait_until(lambda port=port: Counter(ask_host(port) for _ in range(5)) == Counter(v1=5), 5, f"{port} → v1")
             jason = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": "reviews:9080", "end-user": "jason"})
@@ -356,21 +247,14 @@ def test_a_real_envoy_follows_meshctl_serve_like_our_sidecar(tmp_path: Path):
             5, "Envoy's ACK is recorded",
         )  # fmt: skip
     except BaseException:
-        for sidecar in sidecars:
-            print(f"--- {sidecar.log_path.name} ---\n{sidecar.log()[-3000:]}")
         if envoy is not None:
             print(f"--- envoy ---\n{envoy.log()}")
-        print(f"--- meshctl serve ---\n{plane.log()[-4000:]}")
+        print_logs(sidecars, {"": plane}, sidecar_tail=3000, plane_tail=4000)
         raise
     finally:
         if envoy is not None:
             envoy.stop()
-        for sidecar in sidecars:
-            apps = sidecar.children()
-            sidecar.stop()
-            for pid in apps:
-                kill_echo(pid)
-        plane.stop()
+        stop_all(sidecars, plane)
 
 
 def test_the_apps_exit_status_is_meshctls_and_the_instance_leaves_at_once(tmp_path: Path):
@@ -436,11 +320,7 @@ def test_grpc_through_the_mesh_by_service_name(tmp_path: Path):
             replies = list(bidi(iter([b"a", b"b", b"c"]), timeout=5))
             assert len(replies) == 3
     except BaseException:
-        for sidecar in sidecars:
-            print(f"--- {sidecar.log_path.name} ---\n{sidecar.log()[-3000:]}")
-        print(f"--- meshctl serve ---\n{plane.log()[-3000:]}")
+        print_logs(sidecars, {"": plane}, sidecar_tail=3000)
         raise
     finally:
-        for sidecar in sidecars:
-            sidecar.stop()
-        plane.stop()
+        stop_all(sidecars, plane)

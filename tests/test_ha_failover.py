@@ -11,75 +11,34 @@ tests/test_control_plane_e2e.py::test_an_app_reaches_services_by_name_and_surviv
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers.control_plane import ControlPlane, start_control_plane
+from helpers.control_plane import start_control_plane
 from helpers.etcd_cluster import start_cluster
-from helpers.mesh import MeshSidecar, ask_host, echo_instance, registered, wait_until
+from helpers.mesh import (
+    Load,
+    MeshSidecar,
+    apply,
+    echo_instance,
+    finish_loads,
+    kill_leader_and_plane,
+    moved_to,
+    print_logs,
+    registered,
+    rules,
+    start_loads,
+    stop_all,
+    wait_until,
+)
 from helpers.ports import free_port
 
 pytestmark = [
     pytest.mark.meshctl_only,
     pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd not installed (Debian etcd-server)"),
 ]
-
-RULES = """\
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews}
-spec:
-  host: reviews
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews}
-spec:
-  hosts: [reviews]
-  http:
-  - route:
-    - destination: {host: reviews, subset: v1}
-      weight: %d
-    - destination: {host: reviews, subset: v2}
-      weight: %d
-"""
-
-
-class Load(threading.Thread):
-    """Requests for reviews:9080 through one client sidecar, back to back, until stopped."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__(daemon=True)
-        self.port = port
-        self.answers: list[str] = []
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            self.answers.append(ask_host(self.port))
-            time.sleep(0.005)
-
-    def last(self, count: int) -> list[str]:
-        return self.answers[-count:]
-
-    def failures(self) -> Counter:
-        return Counter(a for a in self.answers if a not in ("v1", "v2"))
-
-
-def apply(plane: ControlPlane, text: str) -> None:
-    done = plane.meshctl("apply", "-f", "-", stdin=text)
-    assert done.returncode == 0, done.stderr
-
-
-def moved_to(load: Load, name: str, count: int = 10):
-    return lambda: load.last(count) == [name] * count or Counter(load.last(count))
-
 
 def test_etcd_member_and_control_plane_killed_under_load(tmp_path: Path):
     started = time.monotonic()
@@ -107,19 +66,11 @@ def test_etcd_member_and_control_plane_killed_under_load(tmp_path: Path):
         clients = {name: group[-1] for name, group in sidecars.items()}
 
         # A change made through plane a reaches the sidecars of both.
-        apply(planes["a"], RULES % (100, 0))
-        for name, client in clients.items():
-            wait_until(lambda client=client: ask_host(client.outbound_port) == "v1", 15, f"plane {name}'s client → v1")
-            loads[name] = Load(client.outbound_port)
-            loads[name].start()
-        for name, load in loads.items():
-            wait_until(moved_to(load, "v1"), 5, f"load through plane {name}'s client")
+        apply(planes["a"], rules(100, 0))
+        start_loads(clients, loads, "plane %s's client")
 
         # Under load: the etcd leader and plane a die (SIGKILL, their own PIDs).
-        leader = cluster.leader()
-        cluster.members[leader].kill()
-        planes["a"].popen.kill()
-        planes["a"].popen.wait()
+        leader = kill_leader_and_plane(cluster, planes["a"])
         killed = {name: len(load.answers) for name, load in loads.items()}
         time.sleep(1.0)
         for name, load in loads.items():
@@ -129,7 +80,7 @@ def test_etcd_member_and_control_plane_killed_under_load(tmp_path: Path):
         # The surviving plane takes a change (its store fails over to another member) and its
         # sidecars follow; plane a's sidecars keep their last config meanwhile.
         changed = time.monotonic()
-        wait_until(lambda: planes["b"].meshctl("apply", "-f", "-", stdin=RULES % (0, 100)).returncode == 0,
+        wait_until(lambda: planes["b"].meshctl("apply", "-f", "-", stdin=rules(0, 100)).returncode == 0,
                    15, "apply through plane b with a member down", step=0.5)  # fmt: skip
         wait_until(moved_to(loads["b"], "v2"), 10, "plane b's client → v2")
         print(f"etcd member m{leader} and plane a killed; change via plane b reached its sidecar in "
@@ -143,29 +94,15 @@ def test_etcd_member_and_control_plane_killed_under_load(tmp_path: Path):
         wait_until(moved_to(loads["a"], "v2"), 30, "after its restart, plane a's client → v2")
         print(f"plane a restarted; its sidecar had the change {time.monotonic() - back:.2f}s later")
 
-        for load in loads.values():
-            load.halt.set()
-            load.join(5)
-        for name, load in loads.items():
-            print(f"plane {name}'s client: {len(load.answers)} requests, {Counter(load.answers)}")
-            assert load.failures() == Counter(), (name, load.failures())
+        finish_loads(loads, "plane %s's client")
         took = time.monotonic() - started
         print(f"scenario took {took:.1f}s")
         assert took < 120, took
     except BaseException:
-        for group in sidecars.values():
-            for sidecar in group:
-                print(f"--- {sidecar.log_path.name} ---\n{sidecar.log()[-1500:]}")
-        for name, plane in planes.items():
-            print(f"--- meshctl serve {name} ---\n{plane.log()[-3000:]}")
-        print(cluster.logs()[-3000:])
+        print_logs([sidecar for group in sidecars.values() for sidecar in group], planes, cluster)
         raise
     finally:
         for load in loads.values():
             load.halt.set()
-        for group in sidecars.values():
-            for sidecar in group:
-                sidecar.stop()
-        for plane in planes.values():
-            plane.stop()
+        stop_all([sidecar for group in sidecars.values() for sidecar in group], *planes.values())
         cluster.stop()

@@ -13,15 +13,27 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
 from helpers.control_plane import start_control_plane
 from helpers.etcd_cluster import start_cluster
-from helpers.mesh import MeshSidecar, ask_host, echo_instance, registered, wait_until
+from helpers.mesh import (
+    Load,
+    MeshSidecar,
+    apply,
+    echo_instance,
+    finish_loads,
+    kill_leader_and_plane,
+    moved_to,
+    print_logs,
+    registered,
+    rules,
+    start_loads,
+    stop_all,
+    wait_until,
+)
 from helpers.ports import free_port
-from test_ha_failover import RULES, Load, apply, moved_to
 
 pytestmark = [
     pytest.mark.meshctl_only,
@@ -59,25 +71,17 @@ def test_planes_share_instances_and_sidecars_fail_over(tmp_path: Path):
             )  # fmt: skip
 
         # Plane a's client routes to v1, which only plane b registered; the change went via a.
-        apply(planes["a"], RULES % (100, 0))
-        for name, client in clients.items():
-            wait_until(lambda client=client: ask_host(client.outbound_port) == "v1", 15, f"client {name} → v1")
-            loads[name] = Load(client.outbound_port)
-            loads[name].start()
-        for name, load in loads.items():
-            wait_until(moved_to(load, "v1"), 5, f"load through client {name}")
+        apply(planes["a"], rules(100, 0))
+        start_loads(clients, loads, "client %s")
 
-        leader = cluster.leader()
-        cluster.members[leader].kill()
-        planes["a"].popen.kill()
-        planes["a"].popen.wait()
+        kill_leader_and_plane(cluster, planes["a"])
         killed = time.monotonic()
 
         # Plane a's agents fail over to plane b (each says so), and b's changes reach them.
         for sidecar in (sidecars[1], clients["a"]):
             wait_until(lambda sidecar=sidecar: "now following" in sidecar.log(), 20, f"{sidecar.log_path.name} fails over")
         print(f"plane a's agents followed plane b {time.monotonic() - killed:.2f}s after the kill")
-        wait_until(lambda: planes["b"].meshctl("apply", "-f", "-", stdin=RULES % (0, 100)).returncode == 0,
+        wait_until(lambda: planes["b"].meshctl("apply", "-f", "-", stdin=rules(0, 100)).returncode == 0,
                    15, "apply through plane b with a member down", step=0.5)  # fmt: skip
         for name, load in loads.items():
             wait_until(moved_to(load, "v2"), 10, f"client {name} → v2 via plane b")
@@ -86,7 +90,7 @@ def test_planes_share_instances_and_sidecars_fail_over(tmp_path: Path):
         # one's status; a change made through it reaches the sidecars that now follow plane b.
         planes["a"] = start_control_plane(tmp_path / "a", *store, *args["a"])
         back = time.monotonic()
-        apply(planes["a"], RULES % (100, 0))
+        apply(planes["a"], rules(100, 0))
         for name, load in loads.items():
             wait_until(moved_to(load, "v1"), 10, f"client {name} → v1 via restarted plane a")
         print(f"change through restarted plane a reached every client in {time.monotonic() - back:.2f}s")
@@ -101,27 +105,15 @@ def test_planes_share_instances_and_sidecars_fail_over(tmp_path: Path):
 
         wait_until(recorded, 10, "statuses of both clients", step=0.5)
 
-        for load in loads.values():
-            load.halt.set()
-            load.join(5)
-        for name, load in loads.items():
-            print(f"client {name}: {len(load.answers)} requests, {Counter(load.answers)}")
-            assert load.failures() == Counter(), (name, load.failures())
+        finish_loads(loads, "client %s")
         took = time.monotonic() - started
         print(f"scenario took {took:.1f}s")
         assert took < 90, took
     except BaseException:
-        for sidecar in sidecars:
-            print(f"--- {sidecar.log_path.name} ---\n{sidecar.log()[-1500:]}")
-        for name, plane in planes.items():
-            print(f"--- meshctl serve {name} ---\n{plane.log()[-3000:]}")
-        print(cluster.logs()[-3000:])
+        print_logs(sidecars, planes, cluster)
         raise
     finally:
         for load in loads.values():
             load.halt.set()
-        for sidecar in sidecars:
-            sidecar.stop()
-        for plane in planes.values():
-            plane.stop()
+        stop_all(sidecars, *planes.values())
         cluster.stop()

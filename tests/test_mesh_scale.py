@@ -13,7 +13,19 @@ from pathlib import Path
 
 import pytest
 from helpers.control_plane import start_control_plane
-from helpers.mesh import MeshSidecar, ask_host, echo_instance, registered, subsets_of, wait_until
+from helpers.mesh import (
+    MeshSidecar,
+    apply,
+    ask_host,
+    destination_rule,
+    echo_instance,
+    print_logs,
+    registered,
+    stop_all,
+    subsets_of,
+    virtual_service,
+    wait_until,
+)
 from helpers.ports import free_port
 
 pytestmark = [
@@ -24,37 +36,6 @@ pytestmark = [
 CLIENTS = 10
 REQUESTS = 4000
 JASON_REQUESTS = 300
-
-SUBSETS = """\
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews}
-spec:
-  host: reviews
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-  - {name: v3, labels: {version: v3}}
-"""
-
-RULES = """\
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews}
-spec:
-  hosts: [reviews]
-  http:
-  - match:
-    - headers: {end-user: {exact: jason}}
-    route:
-    - destination: {host: reviews, subset: v3}
-  - route:
-    - destination: {host: reviews, subset: v1}
-      weight: 50
-    - destination: {host: reviews, subset: v2}
-      weight: 50
-"""
-
 
 def has_route_command(plane) -> bool:
     return plane.meshctl("route", "--help").returncode == 0
@@ -90,7 +71,7 @@ def test_ten_sidecars_split_50_50_and_send_jason_to_v3(tmp_path: Path):
             return ready == ["v1", "v2", "v3"] or ready
 
         wait_until(all_ready, 40, "reviews v1, v2, v3 registered and ready")
-        assert plane.meshctl("apply", "-f", "-", stdin=SUBSETS).returncode == 0
+        apply(plane, destination_rule("v1", "v2", "v3"))
         if has_route_command(plane):
             # The operator's commands: a 50/50 split, and user jason to v3.
             for args in (("--weights", "v1=50,v2=50"), ("--match", "header:end-user=jason", "--to", "v3")):
@@ -98,8 +79,7 @@ def test_ten_sidecars_split_50_50_and_send_jason_to_v3(tmp_path: Path):
                 assert done.returncode == 0, done.stderr
             how = "meshctl route set"
         else:
-            done = plane.meshctl("apply", "-f", "-", stdin=RULES)
-            assert done.returncode == 0, done.stderr
+            apply(plane, virtual_service(50, 50, jason="v3"))
             how = "meshctl apply (no `meshctl route` yet)"
         applied = time.monotonic()
 
@@ -132,11 +112,7 @@ def test_ten_sidecars_split_50_50_and_send_jason_to_v3(tmp_path: Path):
         print(f"scenario took {took:.1f}s")
         assert took < 120, took
     except BaseException:
-        for sidecar in sidecars[:4]:
-            print(f"--- {sidecar.log_path.name} ---\n{sidecar.log()[-2000:]}")
-        print(f"--- meshctl serve ---\n{plane.log()[-3000:]}")
+        print_logs(sidecars[:4], {"": plane}, sidecar_tail=2000)
         raise
     finally:
-        for sidecar in sidecars:
-            sidecar.stop()
-        plane.stop()
+        stop_all(sidecars, plane)

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .control_plane import ControlPlane
+from .etcd_cluster import EtcdCluster
 from .ports import free_port
 
 SERVERS = Path(__file__).resolve().parent.parent / "servers"
@@ -70,6 +72,14 @@ class MeshSidecar:
                 self.popen.wait()
         for pid in apps:  # only if its sidecar did not take it down
             kill_echo(pid)
+
+
+def stop_all(sidecars: list[MeshSidecar], *planes: ControlPlane) -> None:
+    """Stop every sidecar (and the app it guards), then every control plane."""
+    for sidecar in sidecars:
+        sidecar.stop()
+    for plane in planes:
+        plane.stop()
 
 
 def kill_echo(pid: int) -> None:
@@ -136,3 +146,102 @@ def subsets_of(counts: Counter, host_prefix: str = "reviews") -> Counter:
         if len(parts) == 4 and parts[0] == "outbound" and parts[3].startswith(host_prefix):
             out[parts[2] or "(all)"] += count
     return out
+
+
+def destination_rule(*subsets: str) -> str:
+    """A DestinationRule for reviews with one subset per version label, named after it."""
+    return (
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\n"
+        "spec:\n  host: reviews\n  subsets:\n"
+        + "".join(f"  - {{name: {name}, labels: {{version: {name}}}}}\n" for name in subsets)
+    )
+
+
+def virtual_service(v1: int, v2: int, jason: str | None = None) -> str:
+    """A VirtualService splitting reviews v1/v2 by weight; first, if `jason`, end-user jason to that subset."""
+    match = (
+        "  - match:\n    - headers: {end-user: {exact: jason}}\n"
+        f"    route:\n    - destination: {{host: reviews, subset: {jason}}}\n"
+    ) if jason else ""  # fmt: skip
+    return (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\n"
+        f"spec:\n  hosts: [reviews]\n  http:\n{match}"
+        f"  - route:\n    - destination: {{host: reviews, subset: v1}}\n      weight: {v1}\n"
+        f"    - destination: {{host: reviews, subset: v2}}\n      weight: {v2}\n"
+    )
+
+
+def rules(v1: int, v2: int, jason: str | None = None) -> str:
+    """Subsets v1 and v2 of reviews and a VirtualService splitting it between them (see virtual_service)."""
+    return destination_rule("v1", "v2") + "---\n" + virtual_service(v1, v2, jason)
+
+
+def apply(plane: ControlPlane, text: str) -> None:
+    """`meshctl apply -f -` of `text` through `plane`; it must succeed."""
+    done = plane.meshctl("apply", "-f", "-", stdin=text)
+    assert done.returncode == 0, done.stderr
+
+
+class Load(threading.Thread):
+    """Requests for reviews:9080 through one client sidecar, back to back, until stopped."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.answers: list[str] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            self.answers.append(ask_host(self.port))
+            time.sleep(0.005)
+
+    def last(self, count: int) -> list[str]:
+        return self.answers[-count:]
+
+    def failures(self) -> Counter:
+        return Counter(a for a in self.answers if a not in ("v1", "v2"))
+
+
+def moved_to(load: Load, name: str, count: int = 10):
+    return lambda: load.last(count) == [name] * count or Counter(load.last(count))
+
+
+def start_loads(clients: dict[str, MeshSidecar], loads: dict[str, Load], label: str) -> None:
+    """Once each client reaches reviews v1, a Load through it (into `loads`), flowing; `label % name` names it."""
+    for name, client in clients.items():
+        wait_until(lambda client=client: ask_host(client.outbound_port) == "v1", 15, f"{label % name} → v1")
+        loads[name] = Load(client.outbound_port)
+        loads[name].start()
+    for name, load in loads.items():
+        wait_until(moved_to(load, "v1"), 5, f"load through {label % name}")
+
+
+def kill_leader_and_plane(cluster: EtcdCluster, plane: ControlPlane) -> int:
+    """SIGKILL the etcd leader and `plane` (their own PIDs); the leader's member index."""
+    leader = cluster.leader()
+    cluster.members[leader].kill()
+    plane.popen.kill()
+    plane.popen.wait()
+    return leader
+
+
+def finish_loads(loads: dict[str, Load], label: str) -> None:
+    """Stop every Load, print its tally, and assert that none of its requests failed."""
+    for load in loads.values():
+        load.halt.set()
+        load.join(5)
+    for name, load in loads.items():
+        print(f"{label % name}: {len(load.answers)} requests, {Counter(load.answers)}")
+        assert load.failures() == Counter(), (name, load.failures())
+
+
+def print_logs(sidecars: list[MeshSidecar], planes: dict[str, ControlPlane], cluster: EtcdCluster | None = None,
+               sidecar_tail: int = 1500, plane_tail: int = 3000) -> None:  # fmt: skip
+    """The tails of the sidecars', planes' (and etcd's) logs, for a failed test."""
+    for sidecar in sidecars:
+        print(f"--- {sidecar.log_path.name} ---\n{sidecar.log()[-sidecar_tail:]}")
+    for name, plane in planes.items():
+        print(f"--- meshctl serve{name and ' ' + name} ---\n{plane.log()[-plane_tail:]}")
+    if cluster is not None:
+        print(cluster.logs()[-3000:])
