@@ -44,11 +44,14 @@ class MeshSidecar:
         return self.log_path.read_text(errors="replace")
 
     def children(self) -> list[int]:
-        try:
-            text = Path(f"/proc/{self.popen.pid}/task/{self.popen.pid}/children").read_text()
-        except OSError:
-            return []
-        return [int(pid) for pid in text.split()]
+        """PIDs of this sidecar's child processes, whichever of its threads started them."""
+        pids: list[int] = []
+        for task in Path(f"/proc/{self.popen.pid}/task").glob("*"):
+            try:
+                pids.extend(int(pid) for pid in (task / "children").read_text().split())
+            except OSError:
+                continue
+        return pids
 
     def upstream_requests(self) -> Counter:
         """meshctl_upstream_rq_total per cluster, from this sidecar's own admin endpoint."""
