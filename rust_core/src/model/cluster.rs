@@ -9,13 +9,13 @@ use serde::Serialize;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ClusterConfig {
     pub name: String,
-    #[serde(with = "millis")]
+    #[serde(with = "super::millis")]
     pub connect_timeout: Duration,
     pub lb_policy: LbPolicy,
     pub protocol: UpstreamProtocol,
     pub endpoints: EndpointSource,
     /// Idle pooled connections are closed after this long.
-    #[serde(with = "millis")]
+    #[serde(with = "super::millis")]
     pub idle_timeout: Duration,
     /// 0: unlimited.
     pub max_requests_per_connection: u32,
@@ -55,11 +55,4 @@ pub struct EndpointConfig {
     pub weight: u32,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-}
-
-mod millis {
-    use std::time::Duration;
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
-    }
 }

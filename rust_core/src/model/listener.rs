@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::route::{optional_millis, RouteConfig};
+use super::route::RouteConfig;
 
 #[derive(Debug, Serialize)]
 pub struct ListenerConfig {
@@ -16,7 +16,7 @@ pub struct ListenerConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default_filter_chain: Option<FilterChainConfig>,
     /// How long to wait for the first bytes before classifying a connection as opaque TCP.
-    #[serde(with = "millis")]
+    #[serde(with = "super::millis")]
     pub detection_timeout: Duration,
     /// When detection times out: go on with what is known (true) or close the connection.
     pub continue_on_detection_timeout: bool,
@@ -107,10 +107,10 @@ pub enum RouteSource {
 #[derive(Debug, Clone, Serialize)]
 pub struct HttpLimits {
     /// Slowloris guard: the whole request head must arrive within this.
-    #[serde(with = "optional_millis")]
+    #[serde(with = "super::optional_millis")]
     pub request_headers_timeout: Option<Duration>,
     /// A connection with no request in flight is closed after this.
-    #[serde(with = "optional_millis")]
+    #[serde(with = "super::optional_millis")]
     pub idle_timeout: Option<Duration>,
     pub max_request_headers_bytes: u32,
     pub max_headers_count: u32,
@@ -137,13 +137,6 @@ impl Default for HttpLimits {
 pub struct TcpProxyConfig {
     pub stat_prefix: String,
     pub cluster: String,
-    #[serde(with = "optional_millis")]
+    #[serde(with = "super::optional_millis")]
     pub idle_timeout: Option<Duration>,
-}
-
-mod millis {
-    use std::time::Duration;
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
-    }
 }

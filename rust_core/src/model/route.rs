@@ -121,7 +121,7 @@ pub struct ForwardAction {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_rewrite: Option<String>,
     /// None disables the timeout (Envoy's `timeout: 0s`).
-    #[serde(with = "optional_millis")]
+    #[serde(with = "super::optional_millis")]
     pub timeout: Option<Duration>,
     /// Upgrade protocols (lower-case, e.g. "websocket") this route lets through.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -187,16 +187,6 @@ fn serialize_body<S: serde::Serializer>(body: &Option<bytes::Bytes>, s: S) -> Re
 
 fn serialize_status<S: serde::Serializer>(status: &StatusCode, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u16(status.as_u16())
-}
-
-pub mod optional_millis {
-    use std::time::Duration;
-    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_u64(d.as_millis() as u64),
-            None => s.serialize_none(),
-        }
-    }
 }
 
 impl WeightedClusters {
