@@ -798,6 +798,14 @@ def run_shift(
         f"shift {service}.{namespace}: {source} → {target} by {step}% every {interval:g}s; "
         f"rollback above {limit} 5xx on {target} (now {source}={100 - weight} {target}={weight})"
     )
+    def roll_back(why: str) -> ShiftOutcome:
+        """Put every request back on `source`, and say why."""
+        rollback = {source: 100, target: 0}
+        _apply_fresh(client, service, namespace, rollback)
+        message = f"rolled back: {why}; {service} is {describe_weights(rollback)}"
+        say(message)
+        return ShiftOutcome(False, rollback, message)
+
     total_steps = -(-(100 - weight) // step)
     number = 0
     # The VirtualService as we last wrote it: a change by anyone else stops the shift.
@@ -820,14 +828,7 @@ def run_shift(
             gone = not ready_instances(client, routing, target)
             if gone or count.requests == 0:
                 if gone:
-                    rollback = {source: 100, target: 0}
-                    _apply_fresh(client, service, namespace, rollback)
-                    message = (
-                        f"rolled back: {target} has no ready instance left; "
-                        f"{service} is {describe_weights(rollback)}"
-                    )
-                    say(message)
-                    return ShiftOutcome(False, rollback, message)
+                    return roll_back(f"{target} has no ready instance left")
                 say(
                     f"  {target}: no requests in {after.at - before.at:.1f}s; error rate unknown, "
                     "going on"
@@ -840,14 +841,7 @@ def run_shift(
                 )
                 if rate > max_error_rate:
                     say(verdict + f" > {limit}")
-                    rollback = {source: 100, target: 0}
-                    _apply_fresh(client, service, namespace, rollback)
-                    message = (
-                        f"rolled back: {target}'s 5xx rate {rate:.2%} crossed {limit}; "
-                        f"{service} is {describe_weights(rollback)}"
-                    )
-                    say(message)
-                    return ShiftOutcome(False, rollback, message)
+                    return roll_back(f"{target}'s 5xx rate {rate:.2%} crossed {limit}")
                 say(verdict + " ok")
         if weight >= 100:
             message = f"done: {service} is {target}=100"
