@@ -25,6 +25,7 @@ need nghttp nghttp2-client
 need ip iproute2
 need iptables iptables
 need etcd etcd-server
+need tcpdump tcpdump
 if [ "${#missing[@]}" -gt 0 ]; then
     # Another session on this machine may hold the dpkg lock for a while: wait, don't fail.
     apt=(apt-get -o DPkg::Lock::Timeout=600 -q -y)
