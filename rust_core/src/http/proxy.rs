@@ -17,6 +17,7 @@ use super::local_reply::local_reply;
 use super::routing::{select_route, select_virtual_host, RequestView};
 use crate::model::headers::HeaderMutation;
 use crate::model::route::{Action, ClusterChoice, DirectResponseAction, ForwardAction, PathMatch, RedirectAction, Route, RouteConfig, VirtualHost};
+use crate::model::tls::PeerIdentity;
 use crate::model::{HttpSettings, RouteSource, UpstreamProtocol};
 use crate::registry::Registry;
 use crate::telemetry::metrics::ListenerStats;
@@ -31,6 +32,9 @@ pub struct HttpContext {
     pub peer: SocketAddr,
     /// Where a redirected connection was originally going (for ORIGINAL_DST clusters).
     pub original_destination: Option<SocketAddr>,
+    /// The client's verified identity when it connected with mTLS; None for plaintext or TLS
+    /// without a client certificate.
+    pub peer_identity: Option<Arc<PeerIdentity>>,
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded.

@@ -5,6 +5,7 @@ pub mod headers;
 pub mod listener;
 pub mod matcher;
 pub mod route;
+pub mod tls;
 
 /// Durations appear in /config_dump as whole milliseconds.
 pub(crate) mod millis {

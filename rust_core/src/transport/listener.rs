@@ -312,6 +312,7 @@ async fn dispatch<S>(
                 scheme,
                 peer: connection.peer,
                 original_destination: connection.original_destination,
+                peer_identity: None,
             });
             serve_http(stream, http2, context, drain).await;
         }
