@@ -165,6 +165,24 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None: ...
 
+    # --- identity records: join tokens and issued certificates (meshctl/identity) ---------------
+    # A key space of their own beside the resources: they are not mesh config (a write bumps no
+    # revision and recompiles nothing), they are never listed with resources, and `meshctl apply`
+    # has no path to them. On etcd they are shared by every plane like the resources.
+
+    @abc.abstractmethod
+    async def put_record(self, space: str, key: str, value: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    async def get_record(self, space: str, key: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def list_records(self, space: str) -> list[dict[str, Any]]:
+        """Every record of `space`, sorted by key."""
+
+    @abc.abstractmethod
+    async def delete_records(self, space: str, keys: Sequence[str]) -> None: ...
+
     async def serve(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the backend's own background work until cancelled; the control plane starts it
         before anything uses the store. etcd follows its watch and keeps a lease here; SQLite

@@ -5,6 +5,7 @@ Keys, under the URL's prefix (default /meshctl), each component percent-quoted:
     <prefix>/resources/<kind>/<namespace>/<name>        {"body": ..., "not_enforced": [...]}
     <prefix>/status/<kind>/<namespace>/<name>/<sidecar>/<plane>   {"version", "state", ...}
     <prefix>/sidecars/<node_id>                         {"sidecar": ..., "expiresAt", "plane"}
+    <prefix>/identity/<space>/<key>                     join tokens, issued certificates (JSON)
 
 A resource's version is its key's mod_revision and its created_version the create_revision,
 so the store's versions are etcd's revisions and mean the same to every control plane. Every
@@ -115,6 +116,7 @@ class EtcdStore(Store):
         self._resources = f"{prefix}/resources/".encode()
         self._status = f"{prefix}/status/".encode()
         self._registrations = f"{prefix}/sidecars/".encode()
+        self._identity = f"{prefix}/identity/".encode()
         self._status_ttl = status_ttl
         self.plane_id = secrets.token_hex(6)  # this process, for its status keys
         self._revision = 0
@@ -469,6 +471,69 @@ class EtcdStore(Store):
             except Compacted as compacted:
                 log.warning("%s: reloading sidecar registrations", compacted)
 
+    # --- identity records (join tokens, issued certificates) ------------------------------------
+
+    def _record_key(self, space: str, key: str) -> bytes:
+        return self._identity + _path(space, key)
+
+    async def put_record(self, space: str, key: str, value: dict[str, Any]) -> None:
+        self._check_serving()
+        raw = json.dumps(value, separators=(",", ":")).encode()
+        await self._client.txn([], [put_op(self._record_key(space, key), raw)])
+
+    async def get_record(self, space: str, key: str) -> dict[str, Any] | None:
+        self._check_serving()
+        _, found = await self._client.range(self._record_key(space, key))
+        return _record_value(found[0]) if found else None
+
+    async def list_records(self, space: str) -> list[dict[str, Any]]:
+        self._check_serving()
+        start = self._identity + _path(space) + b"/"
+        _, found = await self._client.range(start, prefix_end(start))
+        return [value for value in map(_record_value, found) if value is not None]
+
+    async def delete_records(self, space: str, keys: Sequence[str]) -> None:
+        self._check_serving()
+        keys = list(keys)
+        for start in range(0, len(keys), _READS_PER_TXN):
+            chunk = keys[start : start + _READS_PER_TXN]
+            await self._client.txn([], [delete_op(self._record_key(space, key)) for key in chunk])
+
+    async def follow_records(
+        self,
+        space: str,
+        on_put: Any,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call on_put(value) for every record of `space` another plane (or this one) writes,
+        from now on, until cancelled: how a revocation made on one plane reaches the others."""
+        start = self._identity + _path(space) + b"/"
+        end = prefix_end(start)
+        started = False
+        while True:
+            try:
+                revision, _ = await self._client.range(start, end, keys_only=True, limit=1)
+            except EtcdError as error:
+                if not started:
+                    raise
+                log.warning("cannot follow %s records, retrying: %s", space, error)
+                await trio.sleep(1)
+                continue
+            if not started:
+                started = True
+                task_status.started()
+
+            async def deliver(_revision: int, events: list[WatchEvent]) -> None:
+                for event in events:
+                    if event.type == "put" and (value := _record_value(event.kv)) is not None:
+                        on_put(value)
+
+            try:
+                await self._client.watch(start, end, revision + 1, deliver)
+            except Compacted as compacted:
+                log.warning("%s: following %s records from now", compacted, space)
+
     def _registration_node(self, key: bytes) -> str:
         return unquote(key.removeprefix(self._registrations).decode("utf-8", "replace"))
 
@@ -515,6 +580,17 @@ def _registration_value(kv: KeyValue) -> dict[str, Any] | None:
         value = None
     if not isinstance(value, dict) or not isinstance(value.get("sidecar"), dict):
         log.warning("ignoring a malformed sidecar registration in etcd: %r", kv.key)
+        return None
+    return value
+
+
+def _record_value(kv: KeyValue) -> dict[str, Any] | None:
+    try:
+        value = json.loads(kv.value)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        log.warning("ignoring a malformed identity record in etcd: %r", kv.key)
         return None
     return value
 

@@ -53,6 +53,9 @@ CREATE TABLE IF NOT EXISTS status (
     version INTEGER NOT NULL, state TEXT NOT NULL, reason TEXT, updated_at REAL NOT NULL,
     PRIMARY KEY (kind, namespace, name, sidecar_id)
 );
+CREATE TABLE IF NOT EXISTS identity_records (
+    space TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (space, key)
+);
 """
 
 
@@ -271,6 +274,38 @@ class SqliteStore(Store):
             return found
 
         return await self._run(read)
+
+    async def put_record(self, space: str, key: str, value: dict[str, Any]) -> None:
+        row = (space, key, json.dumps(value))
+        await self._run(
+            lambda: self._db.execute("INSERT OR REPLACE INTO identity_records VALUES (?, ?, ?)", row)
+        )
+
+    async def get_record(self, space: str, key: str) -> dict[str, Any] | None:
+        def read() -> dict[str, Any] | None:
+            row = self._db.execute(
+                "SELECT value FROM identity_records WHERE space = ? AND key = ?", (space, key)
+            ).fetchone()
+            return json.loads(row[0]) if row else None
+
+        return await self._run(read)
+
+    async def list_records(self, space: str) -> list[dict[str, Any]]:
+        def read() -> list[dict[str, Any]]:
+            rows = self._db.execute(
+                "SELECT value FROM identity_records WHERE space = ? ORDER BY key", (space,)
+            ).fetchall()
+            return [json.loads(row[0]) for row in rows]
+
+        return await self._run(read)
+
+    async def delete_records(self, space: str, keys: Sequence[str]) -> None:
+        rows = [(space, key) for key in keys]
+        await self._run(
+            lambda: self._db.executemany(
+                "DELETE FROM identity_records WHERE space = ? AND key = ?", rows
+            )
+        )
 
     async def aclose(self) -> None:
         await self._run(self._db.close)

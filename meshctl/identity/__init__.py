@@ -1,0 +1,1 @@
+"""Workload identity: SPIFFE IDs, the control plane's certificate authority, and join tokens."""
