@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meshctl.resources.authorization_policy import AuthorizationPolicySpec
 from meshctl.resources.common import MeshModel
 from meshctl.resources.destination_rule import DestinationRuleSpec
+from meshctl.resources.peer_authentication import PeerAuthenticationSpec
 from meshctl.resources.service_entry import ServiceEntrySpec, WorkloadEntrySpec
 from meshctl.resources.virtual_service import VirtualServiceSpec
 
 GROUP = "networking.istio.io"
-# Istio serves the same schema under all three; files written for any of them apply unchanged.
-API_VERSIONS = tuple(f"{GROUP}/{version}" for version in ("v1", "v1beta1", "v1alpha3"))
+SECURITY_GROUP = "security.istio.io"
+# Istio serves the same schema under each of a group's versions; files written for any apply unchanged.
+_VERSIONS = {GROUP: ("v1", "v1beta1", "v1alpha3"), SECURITY_GROUP: ("v1", "v1beta1")}
+API_VERSIONS = tuple(f"{GROUP}/{version}" for version in _VERSIONS[GROUP])
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,11 @@ class KindInfo:
     plural: str
     short: str
     spec: type[MeshModel]
+    group: str = GROUP
+
+    @property
+    def api_versions(self) -> tuple[str, ...]:
+        return tuple(f"{self.group}/{version}" for version in _VERSIONS[self.group])
 
 
 KINDS: dict[str, KindInfo] = {
@@ -29,13 +38,15 @@ KINDS: dict[str, KindInfo] = {
         KindInfo("DestinationRule", "destinationrules", "dr", DestinationRuleSpec),
         KindInfo("ServiceEntry", "serviceentries", "se", ServiceEntrySpec),
         KindInfo("WorkloadEntry", "workloadentries", "we", WorkloadEntrySpec),
+        KindInfo("PeerAuthentication", "peerauthentications", "pa", PeerAuthenticationSpec, SECURITY_GROUP),
+        KindInfo(
+            "AuthorizationPolicy", "authorizationpolicies", "ap", AuthorizationPolicySpec, SECURITY_GROUP
+        ),
     )
 }
 
 # Istio kinds that later issues bring; naming them gives a better error than "unknown kind".
 LATER_KINDS = {
-    "PeerAuthentication": "mTLS settings arrive with the identity issue",
-    "AuthorizationPolicy": "authorization policies arrive with the security issue",
     "RequestAuthentication": "request authentication is not supported yet",
     "Gateway": "gateways are not supported yet; routes apply to sidecars only",
     "Sidecar": "the Sidecar resource is not supported yet",

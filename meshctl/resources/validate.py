@@ -8,12 +8,12 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from meshctl.resources import checks
+from meshctl.resources import authorization_policy, checks, peer_authentication
 from meshctl.resources.common import Metadata
 from meshctl.resources.documents import Document, parse_documents
 from meshctl.resources.errors import Issue, ResourceRef, ValidationFailed, field_path
 from meshctl.resources.hosts import canonical_host, host_matches
-from meshctl.resources.kinds import API_VERSIONS, GROUP, KINDS, LATER_KINDS
+from meshctl.resources.kinds import KINDS, LATER_KINDS
 from meshctl.resources.pydantic_errors import issues_from
 from meshctl.resources.support import NotEnforced, Unsupported
 
@@ -22,6 +22,8 @@ _CHECKS = {
     "VirtualService": checks.virtual_service,
     "DestinationRule": checks.destination_rule,
     "ServiceEntry": checks.service_entry,
+    "PeerAuthentication": peer_authentication.problems,
+    "AuthorizationPolicy": authorization_policy.problems,
 }
 
 
@@ -95,12 +97,13 @@ def validate_document(document: Document) -> Resource:
     issues: list[Issue] = []
 
     api_version = data.get("apiVersion")
-    if api_version not in API_VERSIONS:
+    if api_version not in info.api_versions:
+        others = ", ".join(version.rpartition("/")[2] for version in info.api_versions[1:])
         issues.append(
             Issue(
                 where,
                 "apiVersion",
-                f"{api_version!r} is not served; use {GROUP}/v1 (or v1beta1, v1alpha3)",
+                f"{api_version!r} is not served for {kind}; use {info.api_versions[0]} (or {others})",
             )
         )
     for key in data:
