@@ -68,6 +68,9 @@ class Sidecar:
     # `meshctl run --capture`: iptables sends the app's traffic here, so it also gets the
     # original-destination listeners (compiler.capture_listeners).
     capture: bool = False
+    # The SPIFFE ID the control plane verified for this instance (from its client certificate);
+    # None without one. The compiler gives mTLS only to instances that have it (auto mTLS).
+    identity: str | None = None
 
     @property
     def http2(self) -> bool:
