@@ -18,6 +18,10 @@ What a sidecar gets:
   WorkloadEntries its workloadSelector picks (STATIC: over EDS), or by DNS (STRICT_DNS, or
   LOGICAL_DNS for DNS_ROUND_ROBIN); resolution NONE needs transparent capture, not compiled yet;
 - with an app port: an inbound listener on ADDRESS:INBOUND forwarding to 127.0.0.1:APP_PORT;
+- auto mTLS (compiler_mtls): a cluster whose instances all have verified identities is reached
+  over mTLS (h2), and a sidecar with an identity gets a TLS inbound chain (plus plaintext unless
+  its PeerAuthentication is STRICT); AuthorizationPolicies become its inbound RBAC filters
+  (compiler_rbac). With no identity and no policy, everything is plaintext as before;
 - under `meshctl run --capture`: see `capture_listeners`.
 """
 
@@ -34,11 +38,15 @@ from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.message import Message
 
 from meshctl.agent.bootstrap import resource_to_bytes
+from meshctl.control import compiler_mtls as mtls
+from meshctl.control import compiler_rbac as rbac
 from meshctl.control import resource_types as types
 from meshctl.control.registry import Sidecar
+from meshctl.resources.authorization_policy import AuthorizationPolicySpec
 from meshctl.resources.common import StringMatch, duration_seconds
 from meshctl.resources.destination_rule import DestinationRuleSpec, TrafficPolicy
 from meshctl.resources.hosts import CLUSTER_DOMAIN, canonical_host
+from meshctl.resources.peer_authentication import PeerAuthenticationSpec
 from meshctl.resources.service_entry import ServiceEntrySpec, WorkloadEntrySpec
 from meshctl.resources.virtual_service import HttpRoute, MatchRequest, VirtualServiceSpec
 
@@ -78,6 +86,9 @@ class MeshConfig:
     routes: dict[str, Json] = field(default_factory=dict)
     # Which stored resources shaped the config: their refs, to report sidecars' ACKs against.
     sources: list[Any] = field(default_factory=list)
+    # Security policies, oldest first: each sidecar's inbound side depends on which select it.
+    peer_authentications: list[Any] = field(default_factory=list)
+    authorization_policies: list[Any] = field(default_factory=list)
 
     def route_for(self, namespace: str) -> Json:
         """The outbound route table for sidecars in `namespace` (built on demand for others)."""
@@ -92,6 +103,10 @@ class _Endpoint:
     port: int
     labels: Mapping[str, str]
     weight: int | None = None
+    # A registry instance's verified SPIFFE ID; callers use mTLS only if every instance has one
+    # and none has PeerAuthentication DISABLE.
+    identity: str | None = None
+    mtls_disabled: bool = False
 
 
 @dataclass
@@ -121,6 +136,9 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
         (s for s in stored if s.kind == "VirtualService"), key=lambda s: s.order
     )
     rules = sorted((s for s in stored if s.kind == "DestinationRule"), key=lambda s: s.order)
+    peer_authentications = sorted(
+        (s for s in stored if s.kind == "PeerAuthentication"), key=lambda s: s.order
+    )
 
     # Service host → its ports, and (host, port) → where its traffic goes: the registry's
     # ready instances, then ServiceEntries.
@@ -132,9 +150,13 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
             backend = backends[(sidecar.host, sidecar.service_port)]
             backend.http2 = backend.http2 or sidecar.http2
             if sidecar.is_endpoint:
-                backend.endpoints.append(
-                    _Endpoint(sidecar.address, sidecar.endpoint_port, sidecar.all_labels)
+                disabled = sidecar.identity is not None and mtls.DISABLE == mtls.effective_mode(
+                    peer_authentications, sidecar.namespace, sidecar.all_labels, sidecar.app_port
                 )
+                backend.endpoints.append(
+                    _Endpoint(sidecar.address, sidecar.endpoint_port, sidecar.all_labels,
+                              identity=sidecar.identity, mtls_disabled=disabled)
+                )  # fmt: skip
     workload_entries = [s for s in stored if s.kind == "WorkloadEntry"]
     for entry in sorted((s for s in stored if s.kind == "ServiceEntry"), key=lambda s: s.order):
         _add_service_entry(entry, workload_entries, ports, backends)
@@ -159,6 +181,10 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
 
     config = MeshConfig()
     config.sources = [s.ref for s in stored if s.ref is not None]
+    config.peer_authentications = peer_authentications
+    config.authorization_policies = sorted(
+        (s for s in stored if s.kind == "AuthorizationPolicy"), key=lambda s: s.order
+    )
     namespaces = {"", *(s.namespace for s in sidecars)}
     for namespace in sorted(namespaces):
         config.routes[namespace] = _route_table(namespace, ports, service_for)
@@ -193,12 +219,17 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
             subset_policy = policy
             if subset and subset.traffic_policy and subset.traffic_policy.load_balancer:
                 subset_policy = subset.traffic_policy
+            identities = None
             if backend.dns:
                 cluster = _dns_cluster(name, backend.dns, chosen, subset_policy)
             else:
                 cluster = _eds_cluster(name, subset_policy)
                 config.endpoints.append(_assignment(name, chosen))
-            config.clusters.append(_with_http2(cluster) if backend.http2 else cluster)
+                identities = _mtls_identities(chosen)
+            if identities:
+                server_name = mtls.sni(port, subset_name, host)
+                cluster["transport_socket"] = mtls.upstream_tls(server_name, identities)
+            config.clusters.append(_with_http2(cluster) if backend.http2 or identities else cluster)
     return config
 
 
@@ -254,6 +285,14 @@ def _add_service_entry(
             backend.endpoints.extend(found)
 
 
+def _mtls_identities(endpoints: Sequence[_Endpoint]) -> list[str] | None:
+    """The identities to expect from a cluster's instances when it can use mTLS: all of them
+    verified and none with mTLS disabled; else None (plaintext, as before mTLS)."""
+    if not endpoints or any(e.identity is None or e.mtls_disabled for e in endpoints):
+        return None
+    return [e.identity for e in endpoints if e.identity is not None]
+
+
 def _referenced_clusters(table: Json) -> Iterable[str]:
     for virtual_host in table["virtual_hosts"]:
         for route in virtual_host["routes"]:
@@ -274,7 +313,9 @@ def sidecar_resources(mesh: MeshConfig, sidecar: Sidecar) -> dict[str, list[Json
         local = cluster_name("inbound", sidecar.app_port, None, "")
         local_cluster = _static_cluster(local, "127.0.0.1", sidecar.app_port)
         clusters.append(_with_http2(local_cluster) if sidecar.http2 else local_cluster)
-        listeners.append(_inbound_listener(sidecar.address, sidecar.inbound_port, local))
+        inbound = _inbound_listener(mesh, sidecar, sidecar.inbound_port, local)
+        if inbound is not None:  # None: STRICT without an identity refuses every caller
+            listeners.append(inbound)
     if sidecar.capture:
         listeners = capture_listeners(mesh, listeners)
     return {
@@ -380,6 +421,8 @@ _SPEC_TYPES = {
     "DestinationRule": DestinationRuleSpec,
     "ServiceEntry": ServiceEntrySpec,
     "WorkloadEntry": WorkloadEntrySpec,
+    "PeerAuthentication": PeerAuthenticationSpec,
+    "AuthorizationPolicy": AuthorizationPolicySpec,
 }
 # Validated specs by their JSON text: a compile re-reads every stored resource, but a change
 # touches few of them. The compiler only reads specs, so one parsed object serves every compile.
@@ -503,7 +546,7 @@ def _outbound_listener(port: int) -> Json:
     }
 
 
-def _inbound_listener(address: str, port: int, local_cluster: str) -> Json:
+def _inbound_listener(mesh: MeshConfig, sidecar: Sidecar, port: int, local_cluster: str) -> Json | None:
     routes = {
         "name": "inbound",
         "virtual_hosts": [
@@ -514,11 +557,28 @@ def _inbound_listener(address: str, port: int, local_cluster: str) -> Json:
             }
         ],
     }
-    return {
+    manager = _http_manager("inbound", routes=routes)
+    policies = rbac.selecting(mesh.authorization_policies, sidecar.namespace, sidecar.all_labels)
+    if sidecar.identity is not None or policies:
+        # A policy may name the workload by its app or service port; requests arrive on `port`.
+        local_ports = {sidecar.service_port: port}
+        if sidecar.app_port is not None:
+            local_ports[sidecar.app_port] = port
+        manager = rbac.harden(manager, rbac.rbac_filters(policies, local_ports))
+    mode = mtls.effective_mode(
+        mesh.peer_authentications, sidecar.namespace, sidecar.all_labels, sidecar.app_port
+    )
+    chains, listener_filters = mtls.inbound_chains(manager, sidecar.identity, mode)
+    if not chains:
+        return None
+    listener: Json = {
         "name": INBOUND_LISTENER,
-        "address": _address(address, port),
-        "filter_chains": [{"filters": [_http_manager("inbound", routes=routes)]}],
+        "address": _address(sidecar.address, port),
+        "filter_chains": chains,
     }
+    if listener_filters:
+        listener["listener_filters"] = listener_filters
+    return listener
 
 
 def capture_listeners(mesh: MeshConfig, listeners: list[Json]) -> list[Json]:

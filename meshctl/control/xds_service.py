@@ -23,7 +23,10 @@ log = logging.getLogger("meshctl.control.xds")
 
 DEFAULT_XDS_PORT = 15012
 # The kinds the compiler turns into config; the others are stored but not yet sent to sidecars.
-COMPILED_KINDS = frozenset({"VirtualService", "DestinationRule", "ServiceEntry", "WorkloadEntry"})
+COMPILED_KINDS = frozenset({
+    "VirtualService", "DestinationRule", "ServiceEntry", "WorkloadEntry",
+    "PeerAuthentication", "AuthorizationPolicy",
+})  # fmt: skip
 
 
 class Publisher:
