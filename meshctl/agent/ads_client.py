@@ -4,6 +4,8 @@ state-of-the-world ADS, ACKing what the engine accepts and NACKing what it refus
 from __future__ import annotations
 
 import logging
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -17,7 +19,7 @@ from meshctl._core import ConfigError
 from meshctl.agent import xds_references as refs
 from meshctl.agent.backoff import Backoff
 from meshctl.grpc import GrpcError, Limits, StatusCode, open_grpc_channel
-from meshctl.grpc.client import ClientStream
+from meshctl.grpc.client import ClientStream, GrpcChannel
 
 if TYPE_CHECKING:
     from meshctl._core import Engine
@@ -28,7 +30,8 @@ _SERVICE = ads_pb2.DESCRIPTOR.services_by_name["AggregatedDiscoveryService"]
 ADS_METHOD = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['StreamAggregatedResources'].name}"
 
 # Listeners and clusters are subscribed as "everything"; their responses are the whole set, so a
-# missing name means removal. Routes and endpoints are subscribed by the names those refer to.
+# missing name means removal. Routes, endpoints and secrets are subscribed by the names those
+# refer to (secrets: by both).
 _WILDCARD = (refs.CLUSTER, refs.LISTENER)
 _BY_NAME = {refs.CLUSTER: refs.ENDPOINT, refs.LISTENER: refs.ROUTE}  # who names whom
 
@@ -72,6 +75,9 @@ class AdsClient:
         limits: Limits = ADS_CLIENT_LIMITS,
         keepalive_interval: float = 15.0,
         keepalive_timeout: float = 10.0,
+        tls: Callable[[], ssl.SSLContext] | None = None,
+        pinned_secrets: frozenset[str] = frozenset(),
+        on_secret: Callable[[str, object], None] | None = None,
     ) -> None:
         if not node_id:
             raise ValueError("an ADS client needs a node id")
@@ -83,7 +89,16 @@ class AdsClient:
         self._keepalive = (keepalive_interval, keepalive_timeout)
         self._types = {type_url: _TypeState() for type_url in refs.MESSAGE_TYPES}
         self._statistics = AdsClientStatistics()
+        # Called at every connect, so a renewed client certificate is used by the next connection
+        # (the stream in progress keeps the one it authenticated with).
+        self._tls = tls
+        # Secrets asked for from the start (the trust bundle), before anything refers to them, so
+        # a cluster or listener that needs one never waits for a second round trip.
+        self._pinned_secrets = frozenset(pinned_secrets) - {refs.WORKLOAD_SECRET}
+        self._types[refs.SECRET].names = self._pinned_secrets
+        self._on_secret = on_secret
         self.connected = False
+        self.channel: GrpcChannel | None = None  # while connected; registration shares it
 
     def statistics(self) -> AdsClientStatistics:
         return AdsClientStatistics(**vars(self._statistics))
@@ -100,11 +115,14 @@ class AdsClient:
         host, port = self._address
         while True:
             try:
+                tls = {"ssl_context": self._tls()} if self._tls is not None else {}
                 async with open_grpc_channel(
                     host, port, limits=self._limits,
                     keepalive_interval=self._keepalive[0], keepalive_timeout=self._keepalive[1],
+                    **tls,
                 ) as channel:
                     self._statistics.connects += 1
+                    self.channel = channel
                     async with channel.open_stream(ADS_METHOD) as stream:
                         await self._follow(stream)
             except GrpcError as error:
@@ -113,6 +131,7 @@ class AdsClient:
                 log.warning("ADS to %s:%s: %s", host, port, error)
             finally:
                 self.connected = False
+                self.channel = None
             delay = self._backoff.next_delay()
             log.info("ADS: reconnecting in %.2fs; the engine keeps its current config", delay)
             await trio.sleep(delay)
@@ -120,6 +139,8 @@ class AdsClient:
     async def _follow(self, stream: ClientStream) -> None:
         for state in self._types.values():
             state.nonce = ""  # nonces belong to the stream that carried them
+        if self._types[refs.SECRET].names:
+            await self._request(stream, refs.SECRET)  # make-before-break: trust before users
         await self._request(stream, refs.CLUSTER)
         await self._request(stream, refs.LISTENER)
         for type_url in (refs.ENDPOINT, refs.ROUTE):
@@ -146,6 +167,9 @@ class AdsClient:
         state.nonce = response.nonce
         try:
             decoded = refs.decode_resources(type_url, response.resources)
+            if type_url == refs.SECRET and decoded.pop(refs.WORKLOAD_SECRET, None) is not None:
+                # The workload's key is made here and never leaves; a plane cannot replace it.
+                log.warning('ADS: ignoring a Secret "%s" from the control plane', refs.WORKLOAD_SECRET)
             await self._apply(type_url, state, decoded)
         except (ConfigError, refs.ResourceError) as error:
             reason = str(error)
@@ -158,6 +182,9 @@ class AdsClient:
         state.error = None
         self._statistics.acks += 1
         await self._request(stream, type_url)
+        if type_url == refs.SECRET and self._on_secret is not None:
+            for name, (_, message) in decoded.items():
+                self._on_secret(name, message)
         if type_url in _BY_NAME:
             await self._follow_references(stream, type_url, state)
 
@@ -177,10 +204,16 @@ class AdsClient:
             state.messages[name] = message
 
     async def _follow_references(self, stream: ClientStream, type_url: str, state: _TypeState) -> None:
-        """Subscribe to the endpoints and routes the accepted clusters and listeners name."""
-        referred_type = _BY_NAME[type_url]
+        """Subscribe to the endpoints, routes and secrets the accepted clusters and listeners name."""
         messages = state.messages.values()
         names = refs.eds_names(messages) if type_url == refs.CLUSTER else refs.rds_names(messages)
+        await self._subscribe(stream, _BY_NAME[type_url], names)
+        secrets = refs.sds_names(
+            self._types[refs.CLUSTER].messages.values(), self._types[refs.LISTENER].messages.values()
+        )
+        await self._subscribe(stream, refs.SECRET, secrets | self._pinned_secrets)
+
+    async def _subscribe(self, stream: ClientStream, referred_type: str, names: frozenset[str]) -> None:
         referred = self._types[referred_type]
         if names == referred.names:
             return
