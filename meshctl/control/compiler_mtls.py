@@ -61,7 +61,7 @@ def _sds(name: str) -> Json:
 
 def sni(port: int, subset: str | None, host: str) -> str:
     """Istio's SNI for a mesh cluster: outbound_.9080_.v1_.reviews.default.svc.cluster.local."""
-    return f"outbound_.{port}_.{subset or '_'}_.{host}"
+    return f"outbound_.{port}_.{subset or ''}_.{host}"
 
 
 def upstream_tls(server_name: str, identities: Iterable[str]) -> Json:
