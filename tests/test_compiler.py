@@ -408,7 +408,7 @@ def test_the_engine_accepts_what_the_compiler_produces(engine, resources):
     for listener in compiled[types.LISTENER]:
         listener.address.socket_address.port_value = 0
     try:
-        for type_url in types.ORDER:
+        for type_url in (t for t in types.ORDER if t in compiled):  # the compiler makes no secrets
             engine.apply(type_url, [message.SerializeToString() for message in compiled[type_url]])
     finally:
         engine.remove(types.LISTENER, [OUTBOUND_LISTENER, INBOUND_LISTENER])
