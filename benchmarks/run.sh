@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the peers, runs the load benchmarks (pytest-benchmark) and prints the results table.
 # Not part of CI: takes ~10-15 minutes and both cores. Knobs: BENCH_ROUNDS, BENCH_SECONDS,
-# BENCH_WARMUP_SECONDS, BENCH_NICE, MESHCTL (command that runs meshctl); extra arguments go to pytest.
+# BENCH_WARMUP_SECONDS, BENCH_NICE, MESHCTL (command that runs meshctl), BENCH_MTLS=0 (skip the mTLS
+# mesh-path run); extra arguments go to pytest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,8 @@ for knob in BENCH_ROUNDS BENCH_SECONDS BENCH_WARMUP_SECONDS BENCH_NICE MESHCTL; 
     [ -n "${!knob:-}" ] && knobs+="$knob=${!knob} "
 done
 export PATH MESHCTL_BENCH=1 BENCH_COMMAND="${knobs}bash benchmarks/run.sh${*:+ $*}"
+# The mTLS mesh-path run keeps its own shorter defaults unless the caller set these.
+user_rounds="${BENCH_ROUNDS:-}" user_seconds="${BENCH_SECONDS:-}"
 export BENCH_ROUNDS="${BENCH_ROUNDS:-5}" BENCH_SECONDS="${BENCH_SECONDS:-10}" BENCH_WARMUP_SECONDS="${BENCH_WARMUP_SECONDS:-2}"
 
 mkdir -p benchmarks/results
@@ -21,6 +24,12 @@ rm -f benchmarks/results/raw.json
 python3 -m pytest -c benchmarks/pytest.ini benchmarks \
     --benchmark-json=benchmarks/results/pytest-benchmark.json "$@"
 status=$?
+
+# The mTLS mesh path (two sidecars per peer, its own runner and table; ~3 minutes). BENCH_MTLS=0 skips it.
+if [ "${BENCH_MTLS:-1}" != 0 ]; then
+    echo
+    BENCH_ROUNDS="${user_rounds:-3}" BENCH_SECONDS="${user_seconds:-5}" python3 -m benchmarks.mtls_mesh || status=$?
+fi
 
 echo
 if [ -f benchmarks/results/raw.json ]; then

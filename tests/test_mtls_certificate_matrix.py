@@ -274,12 +274,14 @@ def test_certificate_with_someone_elses_key_is_refused_at_load(dataplane_kind, r
         try:
             process = start_dataplane(dataplane_kind, config, tmp_path, timeout=20)
         except RuntimeError as error:
-            print(error)
-            outcome = "refused at load"
+            reason = str(error).splitlines()[-1]
+            # Refused for this reason, not because TLS settings are unsupported altogether.
+            named = "key" in reason.lower() and "not supported" not in reason
+            outcome = "refused at load" if named else f"refused for another reason: {reason[-80:]}"
         else:
             process.stop()
             outcome = "ACCEPTED the configuration"
         record(role, "key-does-not-match", dataplane_kind, outcome)
-        assert outcome.startswith("refused"), outcome
+        assert outcome == "refused at load", outcome
     finally:
         app.stop()
