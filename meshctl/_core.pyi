@@ -6,6 +6,7 @@ LISTENER_TYPE: str  # "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_CONFIGURATION_TYPE: str  # "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER_TYPE: str  # "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 CLUSTER_LOAD_ASSIGNMENT_TYPE: str  # "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+SECRET_TYPE: str  # "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
 class ConfigError(ValueError):
     """A bootstrap or xDS resource was refused. str() names the resource, the field and the reason."""

@@ -20,7 +20,8 @@ fn config_error(error: meshctl_engine::ConfigError) -> PyErr {
 fn validate_bootstrap(py: Python<'_>, bootstrap: Vec<u8>) -> PyResult<()> {
     py.detach(|| {
         let metrics = meshctl_engine::telemetry::metrics::Metrics::default();
-        xds::decode_bootstrap(&bootstrap, &metrics).map(|_| ())
+        let secrets = meshctl_engine::model::secret::SecretRegistry::default();
+        xds::decode_bootstrap(&bootstrap, &metrics, &secrets).map(|_| ())
     })
     .map_err(config_error)
 }
@@ -110,6 +111,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ROUTE_CONFIGURATION_TYPE", xds::ROUTE_CONFIGURATION_TYPE)?;
     m.add("CLUSTER_TYPE", xds::CLUSTER_TYPE)?;
     m.add("CLUSTER_LOAD_ASSIGNMENT_TYPE", xds::CLUSTER_LOAD_ASSIGNMENT_TYPE)?;
+    m.add("SECRET_TYPE", xds::SECRET_TYPE)?;
     m.add_function(wrap_pyfunction!(validate_bootstrap, m)?)?;
     m.add_function(wrap_pyfunction!(weighted_pick, m)?)?;
     m.add_class::<Engine>()?;

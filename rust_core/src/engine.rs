@@ -11,6 +11,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::admin::{self, AdminSource};
+use crate::model::secret::SecretRegistry;
 use crate::model::{ClusterConfig, EndpointConfig, EndpointSource, ListenerConfig};
 use crate::registry::Registry;
 use crate::runtime::EngineRuntime;
@@ -49,6 +50,8 @@ pub struct Engine {
 struct EngineState {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    /// Certificates and roots by name; TLS contexts read them at handshake time.
+    secrets: Arc<SecretRegistry>,
     deps: Arc<ListenerDeps>,
     listeners: Mutex<BTreeMap<String, ListenerHandle>>,
     /// Listeners with `bind_to_port: false`: no socket, only connections handed over to them.
@@ -64,7 +67,8 @@ impl Engine {
     /// Decode the Bootstrap, bind every address, and start serving. Nothing is left running on error.
     pub fn start(bootstrap: &[u8], options: EngineOptions) -> Result<Engine, StartError> {
         let metrics = Arc::new(Metrics::default());
-        let config = xds::decode_bootstrap(bootstrap, &metrics)?;
+        let secrets = Arc::new(SecretRegistry::default());
+        let config = xds::decode_bootstrap(bootstrap, &metrics, &secrets)?;
         let io_error = |context: String| move |source| StartError::Io { context, source };
         let admin_socket = match config.admin_address {
             Some(address) => Some(listener::bind(address).map_err(io_error(format!("admin address {address}")))?),
@@ -81,6 +85,7 @@ impl Engine {
             deps: Arc::new(ListenerDeps { registry: registry.clone(), metrics: metrics.clone() }),
             registry,
             metrics,
+            secrets,
             listeners: Mutex::new(BTreeMap::new()),
             handoff_listeners: Mutex::new(handoff.into_iter().map(|l| (l.name.clone(), Arc::new(l))).collect()),
             assignments: Mutex::new(HashMap::new()),
@@ -226,7 +231,7 @@ impl EngineState {
                 Ok(())
             }
             xds::CLUSTER_TYPE => {
-                let decoded = resources.iter().map(|r| xds::decode_cluster(r)).collect::<Result<Vec<_>, _>>()?;
+                let decoded = resources.iter().map(|r| xds::decode_cluster(r, &self.secrets)).collect::<Result<Vec<_>, _>>()?;
                 let mut table = (**self.registry.clusters.load()).clone();
                 for config in decoded {
                     // An unchanged cluster keeps its runtime, and with it its pooled connections.
@@ -250,6 +255,13 @@ impl EngineState {
                 }
                 Ok(())
             }
+            xds::SECRET_TYPE => {
+                // All or nothing: every secret decodes before any is swapped in. Listeners and
+                // clusters are untouched; their next handshake reads the new secret.
+                let decoded = resources.iter().map(|r| xds::decode_secret(r)).collect::<Result<Vec<_>, _>>()?;
+                self.secrets.store(decoded);
+                Ok(())
+            }
             other => Err(ConfigError::new(other, "", "this resource type is not supported by meshctl's engine")),
         }
     }
@@ -265,7 +277,7 @@ impl EngineState {
     fn apply_listeners(&self, resources: &[Vec<u8>]) -> Result<(), ConfigError> {
         let decoded = resources
             .iter()
-            .map(|r| xds::decode_listener(r, &self.metrics))
+            .map(|r| xds::decode_listener(r, &self.metrics, &self.secrets))
             .collect::<Result<Vec<ListenerConfig>, _>>()?;
         let clusters = self.registry.clusters.load();
         for l in &decoded {
@@ -348,6 +360,7 @@ impl EngineState {
                     self.set_eds_endpoints(name, &[]);
                 }
             }
+            xds::SECRET_TYPE => self.secrets.remove(names),
             other => return Err(ConfigError::new(other, "", "this resource type is not supported by meshctl's engine")),
         }
         Ok(())
@@ -384,6 +397,7 @@ impl AdminSource for EngineState {
             "listeners": listeners,
             "route_configurations": route_configs,
             "clusters": clusters,
+            "secrets": self.secrets.dump(),
         }))
         .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
     }

@@ -12,7 +12,7 @@ use common::static_cluster;
 fn least_request_prefers_the_endpoint_with_fewer_requests_in_flight() {
     use meshctl_engine::model::{EndpointConfig, LbPolicy};
     use meshctl_engine::upstream::ClusterRuntime;
-    let mut config = xds::decode_cluster(&static_cluster("web", 8080).encode_to_vec()).unwrap();
+    let mut config = xds::decode_cluster(&static_cluster("web", 8080).encode_to_vec(), &Default::default()).unwrap();
     config.lb_policy = LbPolicy::LeastRequest;
     let endpoints: Vec<EndpointConfig> = [8081, 8082]
         .iter()

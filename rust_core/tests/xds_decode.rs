@@ -210,11 +210,11 @@ fn a_domain_listed_twice_is_refused() {
 
 #[test]
 fn clusters_decode_and_bad_ports_are_refused() {
-    let decoded = xds::decode_cluster(&static_cluster("web", 8080).encode_to_vec()).unwrap();
+    let decoded = xds::decode_cluster(&static_cluster("web", 8080).encode_to_vec(), &Default::default()).unwrap();
     assert_eq!(decoded.name, "web");
     assert_eq!(decoded.connect_timeout, std::time::Duration::from_secs(5));
     assert_refused(
-        xds::decode_cluster(&static_cluster("web", 70000).encode_to_vec()),
+        xds::decode_cluster(&static_cluster("web", 70000).encode_to_vec(), &Default::default()),
         "Cluster \"web\"",
         "load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value",
         "70000 is not a port",
@@ -225,10 +225,10 @@ fn clusters_decode_and_bad_ports_are_refused() {
 fn unsupported_load_balancers_and_health_checks_are_refused() {
     let mut ring_hash = static_cluster("web", 8080);
     ring_hash.lb_policy = cluster::cluster::LbPolicy::RingHash as i32;
-    assert_refused(xds::decode_cluster(&ring_hash.encode_to_vec()), "Cluster \"web\"", "lb_policy", "RING_HASH");
+    assert_refused(xds::decode_cluster(&ring_hash.encode_to_vec(), &Default::default()), "Cluster \"web\"", "lb_policy", "RING_HASH");
     let mut checked = static_cluster("web", 8080);
     checked.health_checks = vec![Default::default()];
-    assert_refused(xds::decode_cluster(&checked.encode_to_vec()), "Cluster \"web\"", "health_checks", "not supported");
+    assert_refused(xds::decode_cluster(&checked.encode_to_vec(), &Default::default()), "Cluster \"web\"", "health_checks", "not supported");
 }
 
 #[test]

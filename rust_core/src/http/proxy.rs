@@ -35,6 +35,10 @@ pub struct HttpContext {
     /// The client's verified identity when it connected with mTLS; None for plaintext or TLS
     /// without a client certificate.
     pub peer_identity: Option<Arc<PeerIdentity>>,
+    /// This server's own SPIFFE ID on a TLS connection (XFCC's `By=`).
+    pub local_principal: Option<String>,
+    /// The request counter of `peer_identity` (meshctl_downstream_requests_by_peer_total).
+    pub peer_requests: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded.
@@ -48,6 +52,9 @@ const HOP_BY_HOP: [HeaderName; 5] = [
 
 pub async fn handle(context: Arc<HttpContext>, request: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
     context.stats.requests_total.fetch_add(1, Relaxed);
+    if let Some(peer_requests) = &context.peer_requests {
+        peer_requests.fetch_add(1, Relaxed);
+    }
     let response = route_request(&context, request).await;
     context.stats.responses.record(response.status().as_u16());
     Ok(response)

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -21,6 +22,9 @@ pub struct ClusterConfig {
     pub max_requests_per_connection: u32,
     /// Response headers larger than this are refused (bytes).
     pub max_response_headers_bytes: u32,
+    /// TLS (usually mTLS) to the endpoints; None: plaintext.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Arc<super::tls::UpstreamTls>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -54,21 +54,7 @@ pub struct ChainMatch {
     pub destination_port: Option<u16>,
 }
 
-/// A TLS server context: the certificate is loaded once into a rustls config.
-#[derive(Serialize)]
-pub struct ServerTls {
-    pub alpn_protocols: Vec<String>,
-    /// Where the certificate came from (file name or "inline"); never the key.
-    pub certificate_source: String,
-    #[serde(skip)]
-    pub config: Arc<rustls::ServerConfig>,
-}
-
-impl std::fmt::Debug for ServerTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerTls").field("alpn_protocols", &self.alpn_protocols).finish()
-    }
-}
+pub use super::tls::ServerTls;
 
 #[derive(Debug, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

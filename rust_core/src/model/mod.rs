@@ -5,6 +5,7 @@ pub mod headers;
 pub mod listener;
 pub mod matcher;
 pub mod route;
+pub mod secret;
 pub mod tls;
 
 /// Durations appear in /config_dump as whole milliseconds.

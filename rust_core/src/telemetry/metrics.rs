@@ -84,6 +84,70 @@ pub struct RouteStats {
     pub latency: Histogram,
 }
 
+#[derive(Debug, Clone, Copy)]
+pub enum TlsDirection {
+    Downstream,
+    Upstream,
+}
+
+impl TlsDirection {
+    fn label(self) -> &'static str {
+        match self {
+            TlsDirection::Downstream => "downstream",
+            TlsDirection::Upstream => "upstream",
+        }
+    }
+}
+
+/// Distinct peer principals counted one by one; the rest share the label "other" (a bound on
+/// the series a misbehaving CA could create).
+const MAX_PEER_PRINCIPALS: usize = 1024;
+
+/// TLS handshakes, their failures by short reason, and requests by verified peer identity.
+#[derive(Debug, Default)]
+pub struct TlsStats {
+    handshakes: [AtomicU64; 2],
+    errors: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    requests_by_peer: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
+}
+
+impl TlsStats {
+    pub fn handshake(&self, direction: TlsDirection) {
+        self.handshakes[direction as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Failures are rare next to requests: a mutex is fine here.
+    pub fn handshake_error(&self, direction: TlsDirection, reason: &'static str) {
+        *self.errors.lock().unwrap().entry((direction.label(), reason)).or_default() += 1;
+    }
+
+    /// The request counter of one peer principal, looked up once per connection.
+    pub fn peer_requests(&self, principal: &str) -> Arc<AtomicU64> {
+        let mut peers = self.requests_by_peer.lock().unwrap();
+        if let Some(counter) = peers.get(principal) {
+            return counter.clone();
+        }
+        let key = if peers.len() < MAX_PEER_PRINCIPALS { principal } else { "other" };
+        peers.entry(key.to_string()).or_default().clone()
+    }
+
+    fn render(&self, out: &mut String) {
+        out.push_str("# TYPE meshctl_tls_handshakes_total counter\n");
+        for direction in [TlsDirection::Downstream, TlsDirection::Upstream] {
+            let count = self.handshakes[direction as usize].load(Relaxed);
+            let _ = writeln!(out, "meshctl_tls_handshakes_total{{direction=\"{}\"}} {count}", direction.label());
+        }
+        out.push_str("# TYPE meshctl_tls_handshake_errors_total counter\n");
+        for ((direction, reason), count) in self.errors.lock().unwrap().iter() {
+            let _ = writeln!(out, "meshctl_tls_handshake_errors_total{{direction=\"{direction}\",reason=\"{reason}\"}} {count}");
+        }
+        out.push_str("# TYPE meshctl_downstream_requests_by_peer_total counter\n");
+        for (principal, count) in self.requests_by_peer.lock().unwrap().iter() {
+            let _ = writeln!(out, "meshctl_downstream_requests_by_peer_total{{peer_principal=\"{}\"}} {}", escape(principal), count.load(Relaxed));
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct ConfigCounters {
     applied: AtomicU64,
@@ -97,6 +161,7 @@ pub struct Metrics {
     clusters: Mutex<BTreeMap<String, Arc<ClusterStats>>>,
     routes: Mutex<BTreeMap<String, Arc<RouteStats>>>,
     config: Mutex<BTreeMap<String, Arc<ConfigCounters>>>,
+    pub tls: Arc<TlsStats>,
 }
 
 fn get_or_create<T: Default>(map: &Mutex<BTreeMap<String, Arc<T>>>, name: &str) -> Arc<T> {
@@ -195,6 +260,7 @@ impl Metrics {
         for (kind, c) in &config {
             let _ = writeln!(out, "meshctl_config_reject_total{{type=\"{}\"}} {}", escape(kind), c.rejected.load(Relaxed));
         }
+        self.tls.render(&mut out);
         out
     }
 }

@@ -16,12 +16,14 @@ use super::chain::{select_chain, ConnectionFacts};
 use super::detect::{classify, Detection};
 use super::prefixed::PrefixedStream;
 use super::tcp_proxy::{proxy_tcp, proxy_tcp_plain};
+use super::tls::{failure_reason, peer_identity};
 use crate::http::proxy::HttpContext;
 use crate::http::server::serve_http;
 use crate::model::listener::HttpCodec;
 use crate::model::{FilterChainConfig, ListenerConfig, NetworkHandler};
 use crate::registry::Registry;
-use crate::telemetry::metrics::{ListenerStats, Metrics};
+use crate::model::tls::PeerIdentity;
+use crate::telemetry::metrics::{ListenerStats, Metrics, TlsDirection};
 
 /// Bytes read at most while detecting (a ClientHello or request line fits comfortably).
 const DETECTION_BUFFER: usize = 4096;
@@ -228,7 +230,7 @@ async fn handle_connection(
         return;
     }
     let http2 = detection == Detection::Http2;
-    dispatch(chain, stream, http2, "http", connection, deps, stats, drain).await;
+    dispatch(chain, stream, http2, "http", connection, ConnectionIdentity::default(), deps, stats, drain).await;
 }
 
 /// Read until the bytes classify, the buffer is full, or the wait runs out. None: the peer left.
@@ -278,11 +280,39 @@ async fn serve_tls(
     let Some(chain) = select_chain(config, &facts) else { return };
     // The ClientHello is consumed; a chain without TLS termination cannot be served from here.
     let Some(tls) = &chain.tls else { return };
-    let Ok(Ok(tls_stream)) = tokio::time::timeout(Duration::from_secs(10), start.into_stream(tls.config.clone())).await else {
+    let tls_stats = &deps.metrics.tls;
+    // Like Envoy while a secret is warming: no certificate yet, no handshake.
+    if tls.certificate.certificate().is_none() {
+        tls_stats.handshake_error(TlsDirection::Downstream, "secret_not_ready");
         return;
+    }
+    let tls_stream = match tokio::time::timeout(Duration::from_secs(10), start.into_stream(tls.config.clone())).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tls_stats.handshake_error(TlsDirection::Downstream, failure_reason(&error));
+            return;
+        }
+        Err(_) => {
+            tls_stats.handshake_error(TlsDirection::Downstream, "timeout");
+            return;
+        }
     };
-    let http2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-    dispatch(chain, tls_stream, http2, "https", connection, deps, stats, drain).await;
+    tls_stats.handshake(TlsDirection::Downstream);
+    let session = tls_stream.get_ref().1;
+    let http2 = session.alpn_protocol() == Some(b"h2");
+    let identity = ConnectionIdentity {
+        peer: peer_identity(session).map(Arc::new),
+        // The server's own SPIFFE ID (XFCC's By=), from the certificate current at this handshake.
+        local_principal: tls.certificate.certificate().and_then(|c| c.spiffe_id.clone()),
+    };
+    dispatch(chain, tls_stream, http2, "https", connection, identity, deps, stats, drain).await;
+}
+
+/// Who the two ends of a TLS connection are; empty for plaintext.
+#[derive(Default)]
+struct ConnectionIdentity {
+    peer: Option<Arc<PeerIdentity>>,
+    local_principal: Option<String>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -292,6 +322,7 @@ async fn dispatch<S>(
     detected_http2: bool,
     scheme: &'static str,
     connection: Connection,
+    identity: ConnectionIdentity,
     deps: &Arc<ListenerDeps>,
     stats: Arc<ListenerStats>,
     drain: watch::Receiver<bool>,
@@ -312,7 +343,9 @@ async fn dispatch<S>(
                 scheme,
                 peer: connection.peer,
                 original_destination: connection.original_destination,
-                peer_identity: None,
+                peer_requests: identity.peer.as_ref().map(|p| deps.metrics.tls.peer_requests(&p.principal)),
+                peer_identity: identity.peer,
+                local_principal: identity.local_principal,
             });
             serve_http(stream, http2, context, drain).await;
         }

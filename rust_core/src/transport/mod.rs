@@ -6,3 +6,4 @@ pub mod detect;
 pub mod listener;
 pub mod prefixed;
 pub mod tcp_proxy;
+pub mod tls;

@@ -1,5 +1,5 @@
 //! Opaque TCP forwarding to a cluster endpoint: splice(2) between plain sockets, so the bytes
-//! never enter user space; a buffered copy where one side is TLS.
+//! never enter user space; a buffered copy where either side is TLS (the cluster's mTLS too).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -8,6 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::prefixed::PrefixedStream;
+use super::tls::{upstream_handshake, UpstreamStream};
 use crate::model::TcpProxyConfig;
 use crate::registry::Registry;
 
@@ -15,7 +16,7 @@ async fn connect_upstream(
     config: &TcpProxyConfig,
     registry: &Registry,
     original_destination: Option<SocketAddr>,
-) -> Option<(TcpStream, impl Drop)> {
+) -> Option<(UpstreamStream, impl Drop)> {
     let cluster = registry.cluster(&config.cluster)?;
     let endpoint = cluster.pick_endpoint(original_destination)?;
     let active = endpoint.start_request();
@@ -23,7 +24,14 @@ async fn connect_upstream(
     match tokio::time::timeout(cluster.config.connect_timeout, TcpStream::connect(endpoint.address)).await {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
-            Some((stream, active))
+            let handshake = upstream_handshake(stream, cluster.config.tls.as_deref(), endpoint.address, &cluster.tls_stats);
+            match tokio::time::timeout(cluster.config.connect_timeout, handshake).await {
+                Ok(Ok(stream)) => Some((stream, active)),
+                _ => {
+                    cluster.stats.connect_failures.fetch_add(1, Relaxed);
+                    None
+                }
+            }
         }
         _ => {
             cluster.stats.connect_failures.fetch_add(1, Relaxed);
@@ -52,7 +60,17 @@ pub async fn proxy_tcp_plain(
     original_destination: Option<SocketAddr>,
     downstream: PrefixedStream<TcpStream>,
 ) {
-    let Some((mut upstream, _active)) = connect_upstream(config, registry, original_destination).await else { return };
+    let Some((upstream, _active)) = connect_upstream(config, registry, original_destination).await else { return };
+    let mut upstream = match upstream {
+        UpstreamStream::Plain(upstream) => upstream,
+        // No splice across TLS: the bytes must pass through rustls.
+        tls @ UpstreamStream::Tls(_) => {
+            let mut upstream = tls;
+            let mut downstream = downstream;
+            bounded(config, tokio::io::copy_bidirectional(&mut downstream, &mut upstream)).await;
+            return;
+        }
+    };
     let (prefix, mut downstream) = downstream.into_parts();
     if !prefix.is_empty() && upstream.write_all(&prefix).await.is_err() {
         return;

@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use super::lb::EndpointSet;
 use super::pool::Pool;
 use crate::model::{ClusterConfig, EndpointConfig, EndpointSource};
-use crate::telemetry::metrics::{ClusterStats, Metrics};
+use crate::telemetry::metrics::{ClusterStats, Metrics, TlsStats};
 
 #[derive(Debug)]
 pub struct Endpoint {
@@ -48,6 +48,8 @@ const MAX_ORIGINAL_DESTINATIONS: usize = 4096;
 pub struct ClusterRuntime {
     pub config: ClusterConfig,
     pub stats: Arc<ClusterStats>,
+    /// The engine's TLS counters: pools and TCP proxies count upstream handshakes there.
+    pub tls_stats: Arc<TlsStats>,
     endpoints: ArcSwap<EndpointSet>,
     rotation: AtomicUsize,
     /// ORIGINAL_DST clusters: one endpoint (and pool) per destination seen.
@@ -58,6 +60,7 @@ impl ClusterRuntime {
     pub fn new(config: ClusterConfig, endpoints: &[EndpointConfig], metrics: &Metrics) -> Arc<Self> {
         let runtime = Arc::new(ClusterRuntime {
             stats: metrics.cluster(&config.name),
+            tls_stats: metrics.tls.clone(),
             config,
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
             rotation: AtomicUsize::new(fastrand::usize(..1024)),
@@ -88,7 +91,7 @@ impl ClusterRuntime {
                     weight: c.weight,
                     labels: c.labels.clone(),
                     active_requests: AtomicUsize::new(0),
-                    pool: Pool::new(c.address, &self.config, self.stats.clone()),
+                    pool: Pool::new(c.address, &self.config, self.stats.clone(), self.tls_stats.clone()),
                 }),
             })
             .collect();
@@ -129,7 +132,7 @@ impl ClusterRuntime {
             weight: 1,
             labels: Default::default(),
             active_requests: AtomicUsize::new(0),
-            pool: Pool::new(address, &self.config, self.stats.clone()),
+            pool: Pool::new(address, &self.config, self.stats.clone(), self.tls_stats.clone()),
         });
         known.insert(address, endpoint.clone());
         Some(endpoint)

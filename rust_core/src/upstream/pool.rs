@@ -1,5 +1,5 @@
 //! Per-endpoint connection pools: HTTP/1.1 keep-alive connections reused one request at a time,
-//! or one multiplexed HTTP/2 connection.
+//! or one multiplexed HTTP/2 connection; either over plain TCP or the cluster's (m)TLS.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -13,13 +13,17 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::model::tls::UpstreamTls;
 use crate::model::{ClusterConfig, UpstreamProtocol};
-use crate::telemetry::metrics::ClusterStats;
+use crate::telemetry::metrics::{ClusterStats, TlsDirection, TlsStats};
+use crate::transport::tls::{upstream_handshake, UpstreamStream};
 
 #[derive(Debug)]
 pub enum UpstreamError {
     ConnectTimeout,
     ConnectFailed(std::io::Error),
+    /// The TLS handshake with the upstream failed (its certificate was refused, or it refused ours).
+    Tls(std::io::Error),
     Handshake(hyper::Error),
     /// The request was (possibly) sent and the exchange failed: not safe to retry blindly.
     Reset(hyper::Error),
@@ -30,6 +34,7 @@ impl fmt::Display for UpstreamError {
         match self {
             UpstreamError::ConnectTimeout => write!(f, "connection timeout"),
             UpstreamError::ConnectFailed(e) => write!(f, "connection failure ({e})"),
+            UpstreamError::Tls(e) => write!(f, "connection failure (TLS error: {e})"),
             UpstreamError::Handshake(e) => write!(f, "protocol error ({})", with_causes(e)),
             UpstreamError::Reset(e) => write!(f, "remote reset ({})", with_causes(e)),
         }
@@ -64,7 +69,9 @@ struct PoolInner {
     idle_timeout: Duration,
     max_requests_per_connection: u32,
     max_response_headers_bytes: usize,
+    tls: Option<Arc<UpstreamTls>>,
     stats: Arc<ClusterStats>,
+    tls_stats: Arc<TlsStats>,
     idle_http1: Mutex<Vec<IdleHttp1>>,
     http2: Mutex<Option<http2::SendRequest<Incoming>>>,
     /// Serializes HTTP/2 connection setup so a burst of requests opens one connection, not many.
@@ -111,7 +118,7 @@ impl ConnectionLease {
 }
 
 impl Pool {
-    pub fn new(address: SocketAddr, cluster: &ClusterConfig, stats: Arc<ClusterStats>) -> Self {
+    pub fn new(address: SocketAddr, cluster: &ClusterConfig, stats: Arc<ClusterStats>, tls_stats: Arc<TlsStats>) -> Self {
         Pool(Arc::new(PoolInner {
             address,
             protocol: cluster.protocol,
@@ -119,7 +126,9 @@ impl Pool {
             idle_timeout: cluster.idle_timeout,
             max_requests_per_connection: cluster.max_requests_per_connection,
             max_response_headers_bytes: cluster.max_response_headers_bytes as usize,
+            tls: cluster.tls.clone(),
             stats,
+            tls_stats,
             idle_http1: Mutex::new(Vec::new()),
             http2: Mutex::new(None),
             http2_connecting: tokio::sync::Mutex::new(()),
@@ -175,7 +184,7 @@ impl Pool {
         }
     }
 
-    async fn connect(&self) -> Result<TokioIo<TcpStream>, UpstreamError> {
+    async fn connect(&self) -> Result<TokioIo<UpstreamStream>, UpstreamError> {
         self.0.stats.connections_total.fetch_add(1, Relaxed);
         let stream = match tokio::time::timeout(self.0.connect_timeout, TcpStream::connect(self.0.address)).await {
             Ok(Ok(stream)) => stream,
@@ -189,7 +198,19 @@ impl Pool {
             }
         };
         let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+        let handshake = upstream_handshake(stream, self.0.tls.as_deref(), self.0.address, &self.0.tls_stats);
+        match tokio::time::timeout(self.0.connect_timeout, handshake).await {
+            Ok(Ok(stream)) => Ok(TokioIo::new(stream)),
+            Ok(Err(e)) => {
+                self.0.stats.connect_failures.fetch_add(1, Relaxed);
+                Err(UpstreamError::Tls(e))
+            }
+            Err(_) => {
+                self.0.stats.connect_failures.fetch_add(1, Relaxed);
+                self.0.tls_stats.handshake_error(TlsDirection::Upstream, "timeout");
+                Err(UpstreamError::ConnectTimeout)
+            }
+        }
     }
 
     async fn connect_http1(&self) -> Result<http1::SendRequest<Incoming>, UpstreamError> {

@@ -9,7 +9,9 @@ use prost::Message;
 use super::cluster::cluster_config;
 use super::common::socket_address;
 use super::listener::{check_cluster_references, listener_config};
+use super::secret::secret;
 use super::{refuse_if, At, ConfigError, FieldError, FieldResult};
+use crate::model::secret::{NamedSecret, SecretRegistry};
 use crate::model::{ClusterConfig, ListenerConfig};
 use crate::telemetry::metrics::Metrics;
 
@@ -20,10 +22,13 @@ pub struct BootstrapConfig {
     pub clusters: Vec<ClusterConfig>,
 }
 
-pub fn decode_bootstrap(bytes: &[u8], metrics: &Metrics) -> Result<BootstrapConfig, ConfigError> {
+/// Static secrets are stored in `secrets` before listeners and clusters are decoded, so a
+/// reference to one is bound like an SDS one (a refused bootstrap may leave them stored; the
+/// engine is not started then).
+pub fn decode_bootstrap(bytes: &[u8], metrics: &Metrics, secrets: &SecretRegistry) -> Result<BootstrapConfig, ConfigError> {
     let message = bootstrap::Bootstrap::decode(bytes)
         .map_err(|e| ConfigError::new("Bootstrap", "", format!("not a valid protobuf: {e}")))?;
-    let config = bootstrap_config(&message, metrics).map_err(|e| e.into_config_error("Bootstrap"))?;
+    let config = bootstrap_config(&message, metrics, secrets).map_err(|e| e.into_config_error("Bootstrap"))?;
     let names: HashSet<&str> = config.clusters.iter().map(|c| c.name.as_str()).collect();
     for (i, listener) in config.listeners.iter().enumerate() {
         check_cluster_references(listener, &|name| names.contains(name)).map_err(|e| ConfigError {
@@ -35,7 +40,7 @@ pub fn decode_bootstrap(bytes: &[u8], metrics: &Metrics) -> Result<BootstrapConf
     Ok(config)
 }
 
-fn bootstrap_config(b: &bootstrap::Bootstrap, metrics: &Metrics) -> FieldResult<BootstrapConfig> {
+fn bootstrap_config(b: &bootstrap::Bootstrap, metrics: &Metrics, secrets: &SecretRegistry) -> FieldResult<BootstrapConfig> {
     refuse_if(b.dynamic_resources.is_some(), "dynamic_resources")?;
     refuse_if(b.hds_config.is_some(), "hds_config")?;
     refuse_if(b.overload_manager.is_some(), "overload_manager")?;
@@ -48,11 +53,20 @@ fn bootstrap_config(b: &bootstrap::Bootstrap, metrics: &Metrics) -> FieldResult<
     let mut listeners = Vec::new();
     let mut clusters = Vec::new();
     if let Some(resources) = &b.static_resources {
-        refuse_if(!resources.secrets.is_empty(), "static_resources.secrets")?;
+        let mut static_secrets = Vec::with_capacity(resources.secrets.len());
+        for (i, s) in resources.secrets.iter().enumerate() {
+            let at = format!("static_resources.secrets[{i}]");
+            let decoded = secret(s).at(&at)?;
+            if static_secrets.iter().any(|other: &NamedSecret| other.name == decoded.name) {
+                return Err(FieldError::new(format!("{at}.name"), format!("secret name {:?} is used twice", decoded.name)));
+            }
+            static_secrets.push(decoded);
+        }
+        secrets.store(static_secrets);
         let mut addresses = HashSet::new();
         for (i, l) in resources.listeners.iter().enumerate() {
             let at = format!("static_resources.listeners[{i}]");
-            let listener = listener_config(l, metrics).at(&at)?;
+            let listener = listener_config(l, metrics, secrets).at(&at)?;
             if listeners.iter().any(|other: &ListenerConfig| other.name == listener.name) {
                 return Err(FieldError::new(format!("{at}.name"), format!("listener name {:?} is used twice", listener.name)));
             }
@@ -63,7 +77,7 @@ fn bootstrap_config(b: &bootstrap::Bootstrap, metrics: &Metrics) -> FieldResult<
         }
         for (i, c) in resources.clusters.iter().enumerate() {
             let at = format!("static_resources.clusters[{i}]");
-            let cluster = cluster_config(c).at(&at)?;
+            let cluster = cluster_config(c, secrets).at(&at)?;
             if clusters.iter().any(|other: &ClusterConfig| other.name == cluster.name) {
                 return Err(FieldError::new(format!("{at}.name"), format!("cluster name {:?} is used twice", cluster.name)));
             }

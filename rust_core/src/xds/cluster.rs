@@ -1,6 +1,7 @@
 //! Cluster and ClusterLoadAssignment → model::ClusterConfig and endpoint lists.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3 as cluster;
@@ -10,12 +11,18 @@ use envoy_types::pb::google::protobuf;
 use prost::Message;
 
 use super::common::{duration, socket_address, unpack};
+use super::tls::upstream_tls_context;
 use super::{refuse_if, At, ConfigError, FieldError, FieldResult};
 use crate::model::cluster::*;
+use crate::model::secret::SecretRegistry;
+use crate::model::tls::UpstreamTls;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 const HTTP_PROTOCOL_OPTIONS_TYPE: &str =
     "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+const UPSTREAM_TLS_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+const RAW_BUFFER_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer";
 
 /// Endpoints delivered for one cluster (EDS).
 #[derive(Debug, Clone)]
@@ -24,10 +31,10 @@ pub struct LoadAssignment {
     pub endpoints: Vec<EndpointConfig>,
 }
 
-pub fn decode_cluster(bytes: &[u8]) -> Result<ClusterConfig, ConfigError> {
+pub fn decode_cluster(bytes: &[u8], secrets: &SecretRegistry) -> Result<ClusterConfig, ConfigError> {
     let message =
         cluster::Cluster::decode(bytes).map_err(|e| ConfigError::new("Cluster", "", format!("not a valid protobuf: {e}")))?;
-    cluster_config(&message).map_err(|e| e.into_config_error(format!("Cluster {:?}", message.name)))
+    cluster_config(&message, secrets).map_err(|e| e.into_config_error(format!("Cluster {:?}", message.name)))
 }
 
 pub fn decode_cluster_load_assignment(bytes: &[u8]) -> Result<LoadAssignment, ConfigError> {
@@ -38,13 +45,12 @@ pub fn decode_cluster_load_assignment(bytes: &[u8]) -> Result<LoadAssignment, Co
         .map_err(|e| e.into_config_error(format!("ClusterLoadAssignment {:?}", message.cluster_name)))
 }
 
-pub(crate) fn cluster_config(c: &cluster::Cluster) -> FieldResult<ClusterConfig> {
+pub(crate) fn cluster_config(c: &cluster::Cluster, secrets: &SecretRegistry) -> FieldResult<ClusterConfig> {
     use cluster::cluster::{ClusterDiscoveryType, DiscoveryType};
     if c.name.is_empty() {
         return Err(FieldError::new("name", "is required"));
     }
     refuse_if(!c.transport_socket_matches.is_empty(), "transport_socket_matches")?;
-    refuse_if(c.transport_socket.is_some(), "transport_socket")?;
     refuse_if(!c.health_checks.is_empty(), "health_checks")?;
     refuse_if(c.outlier_detection.is_some(), "outlier_detection")?;
     refuse_if(c.circuit_breakers.is_some(), "circuit_breakers")?;
@@ -123,6 +129,10 @@ pub(crate) fn cluster_config(c: &cluster::Cluster) -> FieldResult<ClusterConfig>
                 .at(format!("{at}.common_http_protocol_options"))?;
         }
     }
+    let tls = match &c.transport_socket {
+        Some(socket) => transport_socket(socket, secrets).at("transport_socket")?,
+        None => None,
+    };
     Ok(ClusterConfig {
         name: c.name.clone(),
         connect_timeout,
@@ -132,7 +142,27 @@ pub(crate) fn cluster_config(c: &cluster::Cluster) -> FieldResult<ClusterConfig>
         idle_timeout,
         max_requests_per_connection,
         max_response_headers_bytes,
+        tls,
     })
+}
+
+/// A cluster's transport socket: raw_buffer (plaintext) or an UpstreamTlsContext.
+fn transport_socket(
+    s: &envoy_types::pb::envoy::config::core::v3::TransportSocket,
+    secrets: &SecretRegistry,
+) -> FieldResult<Option<Arc<UpstreamTls>>> {
+    use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+    let Some(ConfigType::TypedConfig(any)) = &s.config_type else {
+        return Err(FieldError::new("typed_config", "is required"));
+    };
+    match any.type_url.as_str() {
+        RAW_BUFFER_TYPE => Ok(None),
+        UPSTREAM_TLS_TYPE => {
+            let context: UpstreamTlsContext = unpack(any, UPSTREAM_TLS_TYPE).at("typed_config")?;
+            Ok(Some(Arc::new(upstream_tls_context(&context, any.value.clone(), secrets).at("typed_config")?)))
+        }
+        other => Err(FieldError::new("typed_config", format!("transport socket {other} is not supported by meshctl yet"))),
+    }
 }
 
 fn common_http_options(

@@ -10,10 +10,12 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::google::protobuf;
 use prost::Message;
 
-use super::common::{data_source, duration, socket_address, unpack};
+use super::common::{duration, socket_address, unpack};
 use super::route::route_configuration;
+use super::tls::downstream_tls_context;
 use super::{refuse_if, At, ConfigError, FieldError, FieldResult};
 use crate::model::listener::*;
+use crate::model::secret::SecretRegistry;
 use crate::telemetry::metrics::Metrics;
 
 const HCM_TYPE: &str =
@@ -30,13 +32,13 @@ const TLS_INSPECTOR_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.l
 /// The engine's default wait for a client's first bytes before treating it as opaque TCP.
 pub const DEFAULT_DETECTION_TIMEOUT: Duration = Duration::from_millis(300);
 
-pub fn decode_listener(bytes: &[u8], metrics: &Metrics) -> Result<ListenerConfig, ConfigError> {
+pub fn decode_listener(bytes: &[u8], metrics: &Metrics, secrets: &SecretRegistry) -> Result<ListenerConfig, ConfigError> {
     let message = listener::Listener::decode(bytes)
         .map_err(|e| ConfigError::new("Listener", "", format!("not a valid protobuf: {e}")))?;
-    listener_config(&message, metrics).map_err(|e| e.into_config_error(format!("Listener {:?}", message.name)))
+    listener_config(&message, metrics, secrets).map_err(|e| e.into_config_error(format!("Listener {:?}", message.name)))
 }
 
-pub(crate) fn listener_config(l: &listener::Listener, metrics: &Metrics) -> FieldResult<ListenerConfig> {
+pub(crate) fn listener_config(l: &listener::Listener, metrics: &Metrics, secrets: &SecretRegistry) -> FieldResult<ListenerConfig> {
     if l.name.is_empty() {
         return Err(FieldError::new("name", "is required"));
     }
@@ -63,10 +65,10 @@ pub(crate) fn listener_config(l: &listener::Listener, metrics: &Metrics) -> Fiel
     let continue_on_detection_timeout = l.listener_filters.is_empty() || l.continue_on_listener_filters_timeout;
     let mut filter_chains = Vec::with_capacity(l.filter_chains.len());
     for (i, chain) in l.filter_chains.iter().enumerate() {
-        filter_chains.push(filter_chain(chain, metrics).at(format!("filter_chains[{i}]"))?);
+        filter_chains.push(filter_chain(chain, metrics, secrets).at(format!("filter_chains[{i}]"))?);
     }
     let default_filter_chain = match &l.default_filter_chain {
-        Some(chain) => Some(filter_chain(chain, metrics).at("default_filter_chain")?),
+        Some(chain) => Some(filter_chain(chain, metrics, secrets).at("default_filter_chain")?),
         None => None,
     };
     if filter_chains.is_empty() && default_filter_chain.is_none() {
@@ -113,14 +115,14 @@ fn listener_filter(f: &listener::ListenerFilter) -> FieldResult<()> {
     }
 }
 
-fn filter_chain(c: &listener::FilterChain, metrics: &Metrics) -> FieldResult<FilterChainConfig> {
+fn filter_chain(c: &listener::FilterChain, metrics: &Metrics, secrets: &SecretRegistry) -> FieldResult<FilterChainConfig> {
     refuse_if(c.use_proxy_proto.as_ref().is_some_and(|b| b.value), "use_proxy_proto")?;
     let chain_match = match &c.filter_chain_match {
         Some(m) => chain_match(m).at("filter_chain_match")?,
         None => ChainMatch::default(),
     };
     let tls = match &c.transport_socket {
-        Some(socket) => transport_socket(socket).at("transport_socket")?,
+        Some(socket) => transport_socket(socket, secrets).at("transport_socket")?,
         None => None,
     };
     if c.filters.len() != 1 {
@@ -161,7 +163,7 @@ fn chain_match(m: &listener::FilterChainMatch) -> FieldResult<ChainMatch> {
     })
 }
 
-fn transport_socket(s: &envoy_types::pb::envoy::config::core::v3::TransportSocket) -> FieldResult<Option<ServerTls>> {
+fn transport_socket(s: &envoy_types::pb::envoy::config::core::v3::TransportSocket, secrets: &SecretRegistry) -> FieldResult<Option<ServerTls>> {
     use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
     let any: &protobuf::Any = match &s.config_type {
         Some(ConfigType::TypedConfig(any)) => any,
@@ -171,60 +173,10 @@ fn transport_socket(s: &envoy_types::pb::envoy::config::core::v3::TransportSocke
         RAW_BUFFER_TYPE => Ok(None),
         DOWNSTREAM_TLS_TYPE => {
             let context: tls::DownstreamTlsContext = unpack(any, DOWNSTREAM_TLS_TYPE).at("typed_config")?;
-            Ok(Some(server_tls(&context).at("typed_config")?))
+            Ok(Some(downstream_tls_context(&context, secrets).at("typed_config")?))
         }
         other => Err(FieldError::new("typed_config", format!("transport socket {other} is not supported by meshctl yet"))),
     }
-}
-
-fn server_tls(context: &tls::DownstreamTlsContext) -> FieldResult<ServerTls> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    refuse_if(context.require_client_certificate.as_ref().is_some_and(|b| b.value), "require_client_certificate")?;
-    refuse_if(context.require_sni.as_ref().is_some_and(|b| b.value), "require_sni")?;
-    refuse_if(context.ocsp_staple_policy != 0, "ocsp_staple_policy")?;
-    let common = context.common_tls_context.as_ref().ok_or_else(|| FieldError::new("common_tls_context", "is required"))?;
-    let at = |f: &str| format!("common_tls_context.{f}");
-    refuse_if(common.tls_params.is_some(), &at("tls_params"))?;
-    refuse_if(!common.tls_certificate_sds_secret_configs.is_empty(), &at("tls_certificate_sds_secret_configs"))?;
-    refuse_if(common.validation_context_type.is_some(), &at("validation_context"))?;
-    refuse_if(common.custom_handshaker.is_some(), &at("custom_handshaker"))?;
-    refuse_if(common.key_log.is_some(), &at("key_log"))?;
-    if common.tls_certificates.len() != 1 {
-        return Err(FieldError::new(at("tls_certificates"), "exactly one certificate is supported"));
-    }
-    let certificate = &common.tls_certificates[0];
-    let cert_at = at("tls_certificates[0]");
-    refuse_if(certificate.pkcs12.is_some(), "pkcs12").at(&cert_at)?;
-    refuse_if(certificate.private_key_provider.is_some(), "private_key_provider").at(&cert_at)?;
-    refuse_if(certificate.password.is_some(), "password").at(&cert_at)?;
-    let (chain_pem, source) = data_source(
-        certificate.certificate_chain.as_ref().ok_or_else(|| FieldError::new("certificate_chain", "is required"))?,
-    )
-    .at("certificate_chain")
-    .at(&cert_at)?;
-    let (key_pem, _) =
-        data_source(certificate.private_key.as_ref().ok_or_else(|| FieldError::new("private_key", "is required"))?)
-            .at("private_key")
-            .at(&cert_at)?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&chain_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| FieldError::new(format!("{cert_at}.certificate_chain"), format!("not PEM certificates: {e}")))?;
-    if chain.is_empty() {
-        return Err(FieldError::new(format!("{cert_at}.certificate_chain"), "contains no PEM certificate"));
-    }
-    // Never put key bytes or their parse details in an error: messages reach logs and NACKs.
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|_| FieldError::new(format!("{cert_at}.private_key"), "is not a PEM private key"))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| FieldError::new(&cert_at, format!("TLS setup failed: {e}")))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| FieldError::new(&cert_at, format!("the certificate and key do not form a usable pair: {e}")))?;
-    config.alpn_protocols = common.alpn_protocols.iter().map(|p| p.as_bytes().to_vec()).collect();
-    Ok(ServerTls { alpn_protocols: common.alpn_protocols.clone(), certificate_source: source, config: Arc::new(config) })
 }
 
 fn network_filter(f: &listener::Filter, metrics: &Metrics) -> FieldResult<NetworkHandler> {

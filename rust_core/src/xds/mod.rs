@@ -9,6 +9,8 @@ mod cluster;
 mod common;
 mod listener;
 mod route;
+mod secret;
+mod tls;
 
 use std::fmt;
 
@@ -17,12 +19,14 @@ pub use cluster::{decode_cluster, decode_cluster_load_assignment, LoadAssignment
 pub use listener::decode_listener;
 pub(crate) use listener::check_cluster_references;
 pub use route::decode_route_configuration;
+pub use secret::decode_secret;
 
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE_CONFIGURATION_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const CLUSTER_LOAD_ASSIGNMENT_TYPE: &str =
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// A refused resource: which one, which field, and why. Its text is the NACK's error detail.
 #[derive(Debug, Clone, PartialEq, Eq)]
