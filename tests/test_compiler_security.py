@@ -400,3 +400,30 @@ def test_without_identities_clusters_are_exactly_as_before():
         assert "transport_socket" not in cluster and "typed_extension_protocol_options" not in cluster
     # No ready instance: nothing to verify, so no TLS either.
     assert upstream(clusters([reviews("v1", 8001, ready=False), CLIENT])[ALL]) is None
+
+
+def test_a_caller_without_an_identity_reaches_the_same_instances_in_plaintext():
+    registry = [reviews("v1", 8001), reviews("v2", 8002), CLIENT]
+    mesh = compile_mesh([SUBSETS], registry)
+    anonymous = Sidecar(node_id="curl-1", service="curl")  # registered with the API token: no certificate
+    plain = by_name(sidecar_resources(mesh, anonymous)[types.CLUSTER])
+    secure = by_name(sidecar_resources(mesh, CLIENT)[types.CLUSTER])
+    assert set(plain) == set(secure) == {ALL, V1, V2}
+    for name in plain:
+        assert upstream(plain[name]) is None and not http2(plain[name])
+        assert upstream(secure[name]) is not None and http2(secure[name])
+
+
+def test_the_publisher_gives_callers_with_and_without_an_identity_their_own_shared_clusters():
+    from meshctl.control.snapshot import SnapshotCache
+    from meshctl.control.xds_service import Publisher
+
+    callers = [Sidecar(node_id=f"secure-{i}", service="productpage", identity=spiffe("productpage")) for i in range(3)]
+    callers += [Sidecar(node_id=f"plain-{i}", service="curl") for i in range(3)]
+    cache = SnapshotCache()
+    Publisher(cache).publish(1, [SUBSETS], 0, [reviews("v1", 8001), reviews("v2", 8002), *callers])
+    cds = {caller.node_id: cache.snapshot_for(caller.node_id).of_type(types.CLUSTER) for caller in callers}
+    # Packed once per variant and shared inside it.
+    assert len({id(cds[f"secure-{i}"]) for i in range(3)}) == len({id(cds[f"plain-{i}"]) for i in range(3)}) == 1
+    secure, plain = cds["secure-0"].items[V1], cds["plain-0"].items[V1]
+    assert b"UpstreamTlsContext" in secure.value and b"UpstreamTlsContext" not in plain.value

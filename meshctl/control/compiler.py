@@ -81,7 +81,11 @@ class MeshConfig:
     """What every sidecar shares, as resource dicts. `routes` is keyed by the sidecar's namespace
     (short names like `reviews` mean the service in the caller's own namespace, as in Istio)."""
 
+    # For callers with a verified identity: mTLS wherever every instance has one.
     clusters: list[Json] = field(default_factory=list)
+    # The same clusters for callers without an identity (no certificate to present): plaintext.
+    # The very same list as `clusters` when no cluster uses mTLS.
+    plaintext_clusters: list[Json] = field(default_factory=list)
     endpoints: list[Json] = field(default_factory=list)
     routes: dict[str, Json] = field(default_factory=dict)
     # Which stored resources shaped the config: their refs, to report sidecars' ACKs against.
@@ -89,6 +93,10 @@ class MeshConfig:
     # Security policies, oldest first: each sidecar's inbound side depends on which select it.
     peer_authentications: list[Any] = field(default_factory=list)
     authorization_policies: list[Any] = field(default_factory=list)
+
+    def clusters_for(self, sidecar: Sidecar) -> list[Json]:
+        """The shared clusters as `sidecar` sees them (mTLS needs a certificate of its own)."""
+        return self.clusters if sidecar.identity is not None else self.plaintext_clusters
 
     def route_for(self, namespace: str) -> Json:
         """The outbound route table for sidecars in `namespace` (built on demand for others)."""
@@ -203,6 +211,8 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
         for name in _referenced_clusters(table):
             _, port, subset, host = name.split("|", 3)
             wanted.setdefault((host, int(port)), {None}).add(subset or None)
+    plaintext_clusters: list[Json] = []
+    any_mtls = False
     for host, port in sorted(wanted):
         rule = rule_for.get(host)
         subsets = {s.name: s for s in (rule.spec.subsets or [])} if rule else {}
@@ -226,10 +236,17 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
                 cluster = _eds_cluster(name, subset_policy)
                 config.endpoints.append(_assignment(name, chosen))
                 identities = _mtls_identities(chosen)
+            plaintext = _with_http2(cluster) if backend.http2 else cluster
+            plaintext_clusters.append(plaintext)
             if identities:
+                secure = _with_http2(dict(plaintext))  # h2 between sidecars, whatever the app speaks
                 server_name = mtls.sni(port, subset_name, host)
-                cluster["transport_socket"] = mtls.upstream_tls(server_name, identities)
-            config.clusters.append(_with_http2(cluster) if backend.http2 or identities else cluster)
+                secure["transport_socket"] = mtls.upstream_tls(server_name, identities)
+                config.clusters.append(secure)
+                any_mtls = True
+            else:
+                config.clusters.append(plaintext)
+    config.plaintext_clusters = plaintext_clusters if any_mtls else config.clusters
     return config
 
 
@@ -307,7 +324,7 @@ def _referenced_clusters(table: Json) -> Iterable[str]:
 
 def sidecar_resources(mesh: MeshConfig, sidecar: Sidecar) -> dict[str, list[Json]]:
     """The xDS resources (as dicts, by type URL) for one sidecar."""
-    clusters = list(mesh.clusters)
+    clusters = list(mesh.clusters_for(sidecar))
     listeners = [_outbound_listener(sidecar.outbound_port)]
     if sidecar.app_port is not None and sidecar.inbound_port is not None:
         local = cluster_name("inbound", sidecar.app_port, None, "")

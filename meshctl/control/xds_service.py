@@ -125,10 +125,11 @@ class _Packer:
 
     def for_sidecar(self, sidecar: Sidecar) -> dict[str, TypeResources]:
         documents = sidecar_resources(self.mesh, sidecar)
-        own_clusters = to_packed(types.CLUSTER, documents[types.CLUSTER][len(self.mesh.clusters) :])
+        shared_clusters = self.mesh.clusters_for(sidecar)
+        own_clusters = to_packed(types.CLUSTER, documents[types.CLUSTER][len(shared_clusters) :])
         listeners = to_packed(types.LISTENER, documents[types.LISTENER])
         return {
-            types.CLUSTER: self._clusters_with(own_clusters),
+            types.CLUSTER: self._clusters_with(own_clusters, shared_clusters),
             types.ENDPOINT: self._type(
                 ("eds",), lambda: TypeResources.of_packed(
                     types.ENDPOINT, self.version, to_packed(types.ENDPOINT, self.mesh.endpoints)
@@ -146,18 +147,17 @@ class _Packer:
             ),  # fmt: skip
         }
 
-    def _clusters_with(self, own: list[tuple[str, AnyMessage]]) -> TypeResources:
-        """The shared clusters, plus the sidecar's own (its inbound cluster) if it has any."""
-        shared_key = ("cds",)
+    def _clusters_with(self, own: list[tuple[str, AnyMessage]], documents: list[dict[str, Any]]) -> TypeResources:
+        """The shared clusters, plus the sidecar's own (its inbound cluster) if it has any.
+        Sidecars without an identity share a plaintext variant when some clusters use mTLS."""
+        shared_key = ("cds",) if documents is self.mesh.clusters else ("cds", "plaintext")
         shared = self._type(
             shared_key,
-            lambda: TypeResources.of_packed(
-                types.CLUSTER, self.version, to_packed(types.CLUSTER, self.mesh.clusters)
-            ),
+            lambda: TypeResources.of_packed(types.CLUSTER, self.version, to_packed(types.CLUSTER, documents)),
         )
         if not own:
             return shared
-        key = ("cds", *((name, item.value) for name, item in own))
+        key = (*shared_key, *((name, item.value) for name, item in own))
         found = self.built.get(key)
         if found is None:
             before = self.previous.get(key)
