@@ -119,20 +119,20 @@ TRANSLATIONS = {
             one_of({"header": {"name": ":method", "string_match": {"exact": "GET"}}},
                    {"header": {"name": ":method", "string_match": {"prefix": "P"}}}),
             {"not_rule": one_of({"header": {"name": ":method", "present_match": True}})},
-        ],  # fmt: skip
+        ],
         ANY,
     ),
     # The workload's service and app ports are the inbound listener's port on the wire.
     "ports": (
         {"to": [{"operation": {"ports": ["9080", "8001"], "notPorts": ["7000"]}}]},
         [one_of({"destination_port": 9001}, {"destination_port": 9001}),
-         {"not_rule": one_of({"destination_port": 7000})}],  # fmt: skip
+         {"not_rule": one_of({"destination_port": 7000})}],
         ANY,
     ),
     "paths-methods-and-ports-are-anded": (
         {"to": [{"operation": {"ports": ["9080"], "methods": ["GET"], "paths": ["/a"]}}]},
         [one_of(path(exact="/a")), one_of({"header": {"name": ":method", "string_match": {"exact": "GET"}}}),
-         one_of({"destination_port": 9001})],  # fmt: skip
+         one_of({"destination_port": 9001})],
         ANY,
     ),
     "principals": (
@@ -143,7 +143,7 @@ TRANSLATIONS = {
             peer_name(safe_regex={"regex": ".+"}),
             peer_name(prefix="spiffe://cluster.local/ns/ops/"),
             peer_name(suffix="/sa/robot"),
-        )],  # fmt: skip
+        )],
     ),
     "not-principals": (
         {"from": [{"source": {"notPrincipals": ["cluster.local/ns/a/sa/b"]}}]},
@@ -154,21 +154,21 @@ TRANSLATIONS = {
         {"from": [{"source": {"namespaces": ["shop", "*", "team-*", "*-prod"], "notNamespaces": ["a.b"[0]]}}]},
         ANY,
         [one_of_ids(in_namespace("shop"), in_namespace("[^/]+"), in_namespace("team-[^/]*"), in_namespace("[^/]*-prod")),
-         {"not_id": one_of_ids(in_namespace("a"))}],  # fmt: skip
+         {"not_id": one_of_ids(in_namespace("a"))}],
     ),
     "when-header": (
         {"when": [{"key": "request.headers[X-User]", "values": ["alice", "*"], "notValues": ["bob*"]}]},
         ANY,
         [one_of_ids({"header": {"name": "x-user", "string_match": {"exact": "alice"}}},
                     {"header": {"name": "x-user", "present_match": True}}),
-         {"not_id": one_of_ids({"header": {"name": "x-user", "string_match": {"prefix": "bob"}}})}],  # fmt: skip
+         {"not_id": one_of_ids({"header": {"name": "x-user", "string_match": {"prefix": "bob"}}})}],
     ),
     "when-source": (
         {"when": [{"key": "source.principal", "values": ["cluster.local/ns/a/sa/b"]},
-                  {"key": "source.namespace", "notValues": ["shop"]}]},  # fmt: skip
+                  {"key": "source.namespace", "notValues": ["shop"]}]},
         ANY,
         [one_of_ids(peer_name(exact="spiffe://cluster.local/ns/a/sa/b")),
-         {"not_id": one_of_ids(in_namespace("shop"))}],  # fmt: skip
+         {"not_id": one_of_ids(in_namespace("shop"))}],
     ),
     "when-destination-port": (
         {"when": [{"key": "destination.port", "values": ["9080"]}]},
@@ -218,7 +218,7 @@ def test_deny_comes_first_and_each_rule_is_a_named_policy():
         policy("viewers", {"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}, {}]}),
         policy("no-admin", {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}]}),
         policy("mesh-deny", {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["evil"]}}]}]},
-               namespace="istio-system"),  # fmt: skip
+               namespace="istio-system"),
     ]
     deny, allow = rbac_filters(resources)
     assert deny["action"] == "DENY" and allow["action"] == "ALLOW"
@@ -248,7 +248,9 @@ def test_which_policies_select_a_workload():
         # The root namespace's selector reaches workloads in every namespace (Istio).
         policy("root-selected", {"selector": {"matchLabels": {"app": "reviews"}}, "rules": [{}]}, namespace="istio-system"),
     ]
-    names = lambda instance: set(rbac_filters(resources, instance)[0]["policies"])  # noqa: E731
+    def names(instance: Sidecar) -> set[str]:
+        return set(rbac_filters(resources, instance)[0]["policies"])
+
     assert names(v1) == {"ns[istio-system]-policy[root-selected]-rule[0]"}
     assert names(v2) == {
         "ns[default]-policy[v2-only]-rule[0]", "ns[default]-policy[canary]-rule[0]",

@@ -14,9 +14,15 @@ from meshctl.resources.security_common import ROOT_NAMESPACE, has_selector, sele
 
 Json = dict[str, Any]
 
-UPSTREAM_TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
-DOWNSTREAM_TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
-TLS_INSPECTOR_TYPE = "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
+UPSTREAM_TLS_TYPE = (
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+)
+DOWNSTREAM_TLS_TYPE = (
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+)
+TLS_INSPECTOR_TYPE = (
+    "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
+)
 WORKLOAD_SECRET = "default"
 ROOT_SECRET = "ROOTCA"
 SIDECAR_ALPN = "h2"  # sidecar to sidecar is HTTP/2 whatever the app speaks
@@ -40,10 +46,13 @@ def effective_mode(
                 mesh = mesh or spec
             elif policy.namespace == namespace:
                 namespace_wide = namespace_wide or spec
-        elif policy.namespace == namespace and namespace != ROOT_NAMESPACE:
+        elif (
             # As in Istio, a selector in the root namespace is not a mesh-wide workload policy.
-            if selects(spec.selector, dict(labels)):
-                workload = workload or spec
+            policy.namespace == namespace
+            and namespace != ROOT_NAMESPACE
+            and selects(spec.selector, dict(labels))
+        ):
+            workload = workload or spec
     mode = PERMISSIVE
     for level in (mesh, namespace_wide, workload):
         if level is not None and level.mtls is not None and level.mtls.mode != "UNSET":
@@ -141,6 +150,11 @@ def inbound_chains(manager: Json, identity: str | None, mode: str) -> tuple[list
         }
     ]
     if mode != STRICT:
-        chains.append({"filter_chain_match": {"transport_protocol": "raw_buffer"}, "filters": filters})
-    inspector = {"name": "envoy.filters.listener.tls_inspector", "typed_config": {"@type": TLS_INSPECTOR_TYPE}}
+        chains.append(
+            {"filter_chain_match": {"transport_protocol": "raw_buffer"}, "filters": filters}
+        )
+    inspector = {
+        "name": "envoy.filters.listener.tls_inspector",
+        "typed_config": {"@type": TLS_INSPECTOR_TYPE},
+    }
     return chains, [inspector]

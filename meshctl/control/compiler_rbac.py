@@ -46,7 +46,8 @@ def selecting(policies: Sequence[Any], namespace: str, labels: Mapping[str, str]
     return [
         policy
         for policy in policies
-        if policy.namespace in (namespace, ROOT_NAMESPACE) and selects(policy.spec.selector, dict(labels))
+        if policy.namespace in (namespace, ROOT_NAMESPACE)
+        and selects(policy.spec.selector, dict(labels))
     ]
 
 
@@ -68,7 +69,10 @@ def rbac_filters(policies: Sequence[Any], local_ports: Mapping[int, int]) -> lis
         filters.append(
             {
                 "name": RBAC_FILTER,
-                "typed_config": {"@type": RBAC_TYPE, "rules": {"action": action, "policies": envoy_policies}},
+                "typed_config": {
+                    "@type": RBAC_TYPE,
+                    "rules": {"action": action, "policies": envoy_policies},
+                },
             }
         )
     return filters
@@ -94,7 +98,8 @@ def _policy(rule: Rule, local_ports: Mapping[int, int]) -> Json:
         for to in rule.to or []
     ] or [_all("and_rules", "rules", when_permissions)]
     principals = [
-        _all("and_ids", "ids", [*_source(source.source), *when_principals]) for source in rule.from_ or []
+        _all("and_ids", "ids", [*_source(source.source), *when_principals])
+        for source in rule.from_ or []
     ] or [_all("and_ids", "ids", when_principals)]
     return {"permissions": permissions, "principals": principals}
 
@@ -104,11 +109,17 @@ def _all(kind: str, items: str, matchers: list[Json]) -> Json:
 
 
 def _field(
-    values: Sequence[str] | None, negated: Sequence[str] | None, make: Callable[[str], Json], *, ids: bool
+    values: Sequence[str] | None,
+    negated: Sequence[str] | None,
+    make: Callable[[str], Json],
+    *,
+    ids: bool,
 ) -> list[Json]:
     """A field's values OR'ed, and its not-values OR'ed under a negation."""
-    any_of, items, negate = ("or_ids", "ids", "not_id") if ids else ("or_rules", "rules", "not_rule")
-    out = []
+    any_of, items, negate = (
+        ("or_ids", "ids", "not_id") if ids else ("or_rules", "rules", "not_rule")
+    )
+    out: list[Json] = []
     if values:
         out.append({any_of: {items: [make(v) for v in values]}})
     if negated:
@@ -117,7 +128,9 @@ def _field(
 
 
 def _operation(operation: Operation, local_ports: Mapping[int, int]) -> list[Json]:
-    port = lambda value: _port(value, local_ports)  # noqa: E731
+    def port(value: str) -> Json:
+        return _port(value, local_ports)
+
     return [
         *_field(operation.paths, operation.not_paths, _path, ids=False),
         *_field(operation.methods, operation.not_methods, _method, ids=False),
@@ -133,7 +146,10 @@ def _source(source: Source) -> list[Json]:
 
 
 def _condition(
-    condition: Condition, local_ports: Mapping[int, int], permissions: list[Json], principals: list[Json]
+    condition: Condition,
+    local_ports: Mapping[int, int],
+    permissions: list[Json],
+    principals: list[Json],
 ) -> None:
     """`when` conditions go where Istio puts them: headers and the source with the principals,
     the destination port with the permissions."""
@@ -202,5 +218,15 @@ def _namespace(value: str) -> Json:
         pattern = "[^/]+"
     else:
         inner = _REGEX_SPECIAL.sub(r"\\\1", value.strip("*"))
-        pattern = f"{inner}[^/]*" if value.endswith("*") else f"[^/]*{inner}" if value.startswith("*") else inner
-    return {"authenticated": {"principal_name": {"safe_regex": {"regex": f"spiffe://[^/]+/ns/{pattern}/sa/[^/]+"}}}}
+        pattern = (
+            f"{inner}[^/]*"
+            if value.endswith("*")
+            else f"[^/]*{inner}"
+            if value.startswith("*")
+            else inner
+        )
+    return {
+        "authenticated": {
+            "principal_name": {"safe_regex": {"regex": f"spiffe://[^/]+/ns/{pattern}/sa/[^/]+"}}
+        }
+    }

@@ -13,13 +13,18 @@ from meshctl.resources.security_common import WorkloadSelector
 from meshctl.resources.support import Unsupported
 
 NEEDS_JWT = Annotated[
-    Any, Unsupported("request principals need RequestAuthentication (JWT), which is not supported yet")
+    Any,
+    Unsupported("request principals need RequestAuthentication (JWT), which is not supported yet"),
 ]
 BY_ADDRESS = Annotated[
-    Any, Unsupported("matching by IP address is not supported yet; match by principals or namespaces")
+    Any,
+    Unsupported("matching by IP address is not supported yet; match by principals or namespaces"),
 ]
 BY_HOST = Annotated[
-    Any, Unsupported("matching by host is not supported yet; a sidecar's inbound side serves one workload")
+    Any,
+    Unsupported(
+        "matching by host is not supported yet; a sidecar's inbound side serves one workload"
+    ),
 ]
 
 
@@ -27,7 +32,7 @@ def _one_wildcard(value: str, what: str, example: str) -> str:
     """The text around Istio's only wildcard: '*' alone, or at the start (suffix) or end (prefix)."""
     if value == "*":
         return ""
-    inner = value[1:] if value.startswith("*") else value[:-1] if value.endswith("*") else value
+    inner = value[1:] if value.startswith("*") else value.removesuffix("*")
     if "*" in inner:
         raise ValueError(
             f"{value!r}: '*' is allowed only alone, at the start or at the end of a {what} (e.g. {example})"
@@ -41,7 +46,9 @@ _PRINCIPAL_PART = re.compile(r"^[^\s]*$")
 
 def principal(value: str) -> str:
     if value.startswith("spiffe://"):
-        raise ValueError(f"{value!r}: write principals without 'spiffe://' (it is added), e.g. {value[9:]!r}")
+        raise ValueError(
+            f"{value!r}: write principals without 'spiffe://' (it is added), e.g. {value[9:]!r}"
+        )
     inner = _one_wildcard(value, "principal", "cluster.local/ns/shop/* or */sa/reviews")
     if value == "*" or (inner != value and inner and _PRINCIPAL_PART.match(inner)):
         return value
@@ -84,7 +91,9 @@ def method(value: str) -> str:
     if value != "*" and not _METHOD.match(inner):
         raise ValueError(f"{value!r} is not an HTTP method")
     if inner != inner.upper():
-        raise ValueError(f"{value!r}: methods are matched case-sensitively; write {value.upper()!r}")
+        raise ValueError(
+            f"{value!r}: methods are matched case-sensitively; write {value.upper()!r}"
+        )
     return value
 
 
@@ -108,7 +117,12 @@ PortText = Annotated[str, AfterValidator(port)]
 _HEADER_KEY = re.compile(r"^request\.headers\[([^\]]*)\]$")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # `when` keys that compile, by what they match; and Istio's others, refused by name.
-CONDITION_KEYS = ("request.headers[NAME]", "source.principal", "source.namespace", "destination.port")
+CONDITION_KEYS = (
+    "request.headers[NAME]",
+    "source.principal",
+    "source.namespace",
+    "destination.port",
+)
 _LATER_KEYS = {
     "source.ip": "matching by IP address is not supported yet",
     "remote.ip": "matching by IP address is not supported yet",
@@ -144,7 +158,9 @@ def _action(value: str) -> str:
     if value in ("ALLOW", "DENY"):
         return value
     if value == "AUDIT":
-        raise ValueError("action AUDIT is not supported yet (it needs an audit log sink); use ALLOW or DENY")
+        raise ValueError(
+            "action AUDIT is not supported yet (it needs an audit log sink); use ALLOW or DENY"
+        )
     if value == "CUSTOM":
         raise ValueError(
             "action CUSTOM (an external authorizer) is not supported yet; use ALLOW or DENY"
@@ -202,9 +218,15 @@ class AuthorizationPolicySpec(MeshModel):
     # No rules: an ALLOW policy denies every request (Istio's allow-nothing); DENY denies none.
     rules: list[Rule] | None = None
     action: Annotated[str, AfterValidator(_action)] = "ALLOW"
-    provider: Annotated[Any, Unsupported("action CUSTOM (an external authorizer) is not supported yet")] = None
-    target_ref: Annotated[Any, Unsupported("targetRef is not supported yet; select workloads with selector")] = None
-    target_refs: Annotated[Any, Unsupported("targetRefs is not supported yet; select workloads with selector")] = None
+    provider: Annotated[
+        Any, Unsupported("action CUSTOM (an external authorizer) is not supported yet")
+    ] = None
+    target_ref: Annotated[
+        Any, Unsupported("targetRef is not supported yet; select workloads with selector")
+    ] = None
+    target_refs: Annotated[
+        Any, Unsupported("targetRefs is not supported yet; select workloads with selector")
+    ] = None
 
 
 _SOURCE_FIELDS = ("principals", "notPrincipals", "namespaces", "notNamespaces")
@@ -220,7 +242,10 @@ def problems(spec: AuthorizationPolicySpec) -> Iterator[tuple[str, str]]:
                 yield f"{at}.from[{f}].source", f"is empty; set one of {', '.join(_SOURCE_FIELDS)}"
         for t, target in enumerate(rule.to or []):
             if not target.operation.model_fields_set:
-                yield f"{at}.to[{t}].operation", f"is empty; set one of {', '.join(_OPERATION_FIELDS)}"
+                yield (
+                    f"{at}.to[{t}].operation",
+                    f"is empty; set one of {', '.join(_OPERATION_FIELDS)}",
+                )
         for w, condition in enumerate(rule.when or []):
             here = f"{at}.when[{w}]"
             if not condition.values and not condition.not_values:

@@ -29,8 +29,8 @@ class PeerAuthenticationSpec(MeshModel):
 
 def problems(spec: PeerAuthenticationSpec) -> Iterator[tuple[str, str]]:
     if spec.port_level_mtls and not has_selector(spec.selector):
-        yield (
-            "spec.portLevelMtls",
+        reason = (
             "needs a selector: a namespace- or mesh-wide PeerAuthentication cannot set port-level "
-            "mTLS (Istio refuses it too)",
+            "mTLS (Istio refuses it too)"
         )
+        yield "spec.portLevelMtls", reason

@@ -15,16 +15,18 @@ ROOT_NAMESPACE = "istio-system"
 
 def _label_value(value: str) -> str:
     if "*" in value:
-        raise ValueError(f"{value!r}: wildcards are not supported in a selector (Istio refuses them too)")
+        raise ValueError(
+            f"{value!r}: wildcards are not supported in a selector (Istio refuses them too)"
+        )
     return value
 
 
 class WorkloadSelector(MeshModel):
     """Istio's security selector: the workloads whose labels include all of these (app, version, ...)."""
 
-    match_labels: dict[Annotated[str, Field(min_length=1)], Annotated[str, AfterValidator(_label_value)]] = Field(
-        default_factory=dict
-    )
+    match_labels: dict[
+        Annotated[str, Field(min_length=1)], Annotated[str, AfterValidator(_label_value)]
+    ] = Field(default_factory=dict)
 
 
 def selects(selector: WorkloadSelector | None, labels: dict[str, str]) -> bool:
