@@ -72,7 +72,7 @@ def test_the_engine_accepts_a_capturing_sidecars_listeners():
     compiled = to_messages(sidecar_resources(compile_mesh([], [reviews, captured]), captured))
     engine = _core.Engine(bootstrap_from_dict({}), worker_threads=1)
     try:
-        for type_url in types.ORDER:
+        for type_url in (t for t in types.ORDER if t in compiled):  # the compiler makes no secrets
             engine.apply(type_url, [message.SerializeToString() for message in compiled[type_url]])
         assert set(engine.listener_addresses()) >= {OUTBOUND_LISTENER, "virtualInbound"}
     finally:

@@ -1,10 +1,13 @@
-"""`meshctl serve`: the control plane: resource store, REST API (and, beside it, the xDS server)."""
+"""`meshctl serve`: the control plane: resource store, REST API, and beside it the xDS server and the
+certificate authority on one TLS port."""
 
 from __future__ import annotations
 
+import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -43,9 +46,50 @@ def serve(
         typer.Option(
             min=0,
             max=65535,
-            help="xDS (ADS) port (0 picks a free one). Plain h2c until TLS arrives.",
+            help="xDS (ADS) and CA port, TLS (0 picks a free one).",
         ),
     ] = 15012,
+    xds_plaintext: Annotated[
+        bool,
+        typer.Option(
+            "--xds-plaintext",
+            help="Serve the xDS port as plaintext h2c, for debugging: no TLS, so no client certificates "
+            "(join tokens and the API token still work for the CA).",
+        ),
+    ] = False,
+    xds_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--xds-name",
+            help="Another DNS name or IP address sidecars reach the xDS port by (its certificate names "
+            "localhost, 127.0.0.1 and --xds-host already). Repeatable.",
+        ),
+    ] = None,
+    trust_domain: Annotated[
+        str, typer.Option(help="The SPIFFE trust domain of every workload identity.")
+    ] = "cluster.local",
+    ca_cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="An operator-supplied CA certificate (root or intermediate) to sign with, instead of "
+            "the root generated in <data dir>/ca/. Needs --ca-key."
+        ),
+    ] = None,
+    ca_key: Annotated[
+        Path | None, typer.Option(help="The private key of --ca-cert (PEM, unencrypted, mode 0600).")
+    ] = None,
+    ca_chain: Annotated[
+        Path | None,
+        typer.Option(
+            help="With an intermediate --ca-cert: its issuers up to and including the root (PEM, root last)."
+        ),
+    ] = None,
+    cert_ttl: Annotated[
+        str, typer.Option(help="Workload certificate lifetime when the CSR asks for none (e.g. 24h, 30m).")
+    ] = "24h",
+    max_cert_ttl: Annotated[
+        str, typer.Option(help="The longest workload certificate lifetime granted (at least 60s).")
+    ] = "24h",
     token_file: Annotated[
         Path | None,
         typer.Option(
@@ -60,10 +104,26 @@ def serve(
     # Imported here: `meshctl run` and the operator commands must not pay for trio or the store.
     import trio
 
+    from meshctl.cli._durations import parse_duration
     from meshctl.control.auth import TokenError
-    from meshctl.control.paths import default_store_url, default_token_path
+    from meshctl.control.identity_authority import CertificateSettings, IdentityAuthority
+    from meshctl.control.paths import data_dir, default_store_url, default_token_path
     from meshctl.control.plane import PlaneOptions
     from meshctl.control.store import StoreError
+    from meshctl.identity.ca import MIN_CERT_TTL, CaError, CertificateAuthority
+    from meshctl.identity.spiffe import SpiffeIdError, check_trust_domain
+
+    default_ttl = parse_duration(cert_ttl, "--cert-ttl")
+    max_ttl = parse_duration(max_cert_ttl, "--max-cert-ttl")
+    for option, value in (("--cert-ttl", default_ttl), ("--max-cert-ttl", max_ttl)):
+        if value < MIN_CERT_TTL:
+            raise typer.BadParameter(f"{value:g}s is shorter than the minimum, {MIN_CERT_TTL:g}s", param_hint=option)
+    if default_ttl > max_ttl:
+        raise typer.BadParameter(f"{cert_ttl} is longer than --max-cert-ttl {max_cert_ttl}", param_hint="--cert-ttl")
+    try:
+        check_trust_domain(trust_domain)
+    except SpiffeIdError as error:
+        raise typer.BadParameter(str(error), param_hint="--trust-domain") from None
 
     logging.basicConfig(level=logging.INFO, format="meshctl serve: %(message)s")
     options = PlaneOptions(
@@ -73,7 +133,16 @@ def serve(
         token_path=token_file or default_token_path(),
     )
     try:
-        trio.run(_main, options, (xds_host, xds_port))
+        ca = CertificateAuthority.open(
+            data_dir() / "ca", trust_domain, ca_cert=ca_cert, ca_key=ca_key, ca_chain=ca_chain
+        )
+    except (CaError, OSError) as error:
+        typer.echo(f"meshctl serve: {error}", err=True)
+        raise typer.Exit(1) from None
+    authority = IdentityAuthority(ca, CertificateSettings(default_ttl=default_ttl, max_ttl=max_ttl))
+    xds = _XdsOptions((xds_host, xds_port), xds_plaintext, list(xds_name or []))
+    try:
+        trio.run(_main, options, xds, authority)
     except (StoreError, TokenError, ValueError, OSError, BaseExceptionGroup) as error:
         # trio's nurseries wrap startup failures in exception groups; show the failure itself.
         leaves = _leaves(error)
@@ -96,22 +165,41 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [error]
 
 
-async def _main(options: object, xds_address: tuple[str, int]) -> None:
+@dataclass(frozen=True)
+class _XdsOptions:
+    address: tuple[str, int]
+    plaintext: bool
+    names: list[str]
+
+
+async def _main(options: Any, xds: _XdsOptions, authority: Any) -> None:
     import signal
 
     import trio
 
+    from meshctl.control.auth import ensure_token
+    from meshctl.control.identity_api import IdentityApi
+    from meshctl.control.identity_authority import identity_service
     from meshctl.control.plane import run_control_plane
     from meshctl.control.registry import Registry
     from meshctl.control.xds_service import xds_service
+    from meshctl.control.xds_tls import ServerTls, server_names
 
     def ready(lines: list[str]) -> None:
         typer.echo(f"meshctl serve: ready: {'; '.join(lines)}", err=True)
 
     async with trio.open_nursery() as nursery:
         registry = Registry()
-        services = (xds_service(registry, xds_address),)
-        nursery.start_soon(run_control_plane, options, services, ready, registry)
+        tls = None if xds.plaintext else ServerTls(authority.ca, server_names(xds.address[0], xds.names))
+        services = (
+            identity_service(authority),  # first: the CA is bound to the store before xDS serves
+            xds_service(registry, xds.address, authority=authority,
+                        api_token=ensure_token(options.token_path), tls=tls),  # fmt: skip
+        )
+        nursery.start_soon(
+            functools.partial(run_control_plane, api_extensions=[IdentityApi(authority)]),
+            options, services, ready, registry,
+        )  # fmt: skip
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for received in signals:
                 typer.echo(f"meshctl serve: {signal.Signals(received).name}, stopping", err=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import trio
@@ -15,7 +16,7 @@ from google.protobuf.message import DecodeError
 from meshctl.control import resource_types
 from meshctl.control.snapshot import SnapshotCache, TypeResources
 from meshctl.grpc import GrpcError, Limits, StatusCode, serve_grpc
-from meshctl.grpc.server import ServerStream
+from meshctl.grpc.server import Handler, ServerStream, SslContextSource
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +209,14 @@ async def serve_ads(
     *,
     limits: Limits = ADS_LIMITS,
     server: AdsServer | None = None,
+    more_handlers: Mapping[str, Handler] | None = None,
+    ssl_context: SslContextSource | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ADS from `cache` on `address` until cancelled; task_status.started gets the bound
-    (host, port). Pass `server` to read its statistics()."""
+    (host, port). Pass `server` to read its statistics(); `more_handlers` are further gRPC
+    methods on the same port (the CA); with `ssl_context` the port is TLS."""
     host, port = parse_address(address)
     server = server or AdsServer(cache)
-    await serve_grpc(
-        {ADS_METHOD: server.stream_aggregated_resources}, host, port, limits=limits, task_status=task_status
-    )
+    handlers = {ADS_METHOD: server.stream_aggregated_resources, **(more_handlers or {})}
+    await serve_grpc(handlers, host, port, limits=limits, ssl_context=ssl_context, task_status=task_status)

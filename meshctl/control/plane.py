@@ -50,9 +50,11 @@ async def run_control_plane(
     services: Sequence[Callable[[Store], Service]] = (),
     on_ready: Callable[[list[str]], Any] = lambda lines: None,
     registry: Registry | None = None,
+    api_extensions: Sequence[Any] = (),
 ) -> None:
     """Serve until cancelled. `services` are factories taking the open store. The service
-    registry's endpoints join the API; pass `registry` to share it with a service (xDS)."""
+    registry's endpoints join the API; pass `registry` to share it with a service (xDS).
+    `api_extensions` are further endpoint groups (see api_handlers.Api)."""
     token = ensure_token(options.token_path)
     registry = registry or Registry()
     store = open_store(options.store_url)
@@ -64,7 +66,7 @@ async def run_control_plane(
                 await nursery.start(registry.share, store)
             await nursery.start(registry.serve)  # expires leases
             host, port = await nursery.start(
-                functools.partial(serve_api, extensions=[RegistryApi(registry)]),
+                functools.partial(serve_api, extensions=[RegistryApi(registry), *api_extensions]),
                 store, token, options.api_host, options.api_port, options.limits,
             )  # fmt: skip
             ready = [f"API on http://{_host(host)}:{port} (token in {options.token_path})"]

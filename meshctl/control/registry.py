@@ -115,6 +115,7 @@ class Sidecar:
             "protocol": self.protocol,
             "adminPort": self.admin_port,
             "capture": self.capture,
+            "identity": self.identity,
         }
 
 
@@ -256,9 +257,14 @@ class Registry:
         )
 
     def _remote_put(self, node_id: str, value: dict[str, Any]) -> None:
-        body = {k: v for k, v in value["sidecar"].items() if k != "nodeId"}
+        # The identity was verified by the plane that took the registration; it is not a field a
+        # registering sidecar may set itself, so it is put back after parsing.
+        body = {k: v for k, v in value["sidecar"].items() if k not in ("nodeId", "identity")}
+        identity = value["sidecar"].get("identity")
         try:
             sidecar = parse_registration(node_id, json.dumps(body).encode())
+            if isinstance(identity, str):
+                sidecar = replace(sidecar, identity=identity)
             remaining = float(value["expiresAt"]) - time.time()
         except (RegistrationError, KeyError, TypeError, ValueError) as error:
             log.warning("ignoring shared registration %s: %s", node_id, error)

@@ -10,10 +10,12 @@ API's address.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from meshctl.control.api_handlers import ApiError, Request
-from meshctl.control.registry import RegistrationError, Registry, parse_registration
+from meshctl.control.registry import RegistrationError, Registry, Sidecar, parse_registration
 
 
 class RegistryApi:
@@ -34,22 +36,36 @@ class RegistryApi:
             raise ApiError("not_found", f"no such endpoint {request.path}")
         node_id = parts[2]
         if request.method == "PUT":
-            try:
-                sidecar = parse_registration(node_id, request.body)
-            except RegistrationError as error:
-                raise ApiError("invalid", f"sidecar {node_id}: {error}") from None
-            changed = await self.registry.put(sidecar)
-            return 200, {
-                "sidecar": sidecar.as_json(),
-                "changed": changed,
-                "xds": self.registry.xds_address,
-            }
+            return 200, await register(self.registry, node_id, request.body)
         if request.method == "DELETE":
-            if not await self.registry.remove(node_id):
-                raise ApiError("not_found", f"sidecar {node_id} is not registered")
-            return 200, {"deregistered": node_id}
+            return 200, await deregister(self.registry, node_id)
         _allow(request, "PUT")
         raise AssertionError("unreachable")
+
+
+async def register(
+    registry: Registry, node_id: str, body: bytes, identity: str | None = None,
+    check: Callable[[Sidecar], None] | None = None,
+) -> dict[str, Any]:
+    """Register or renew (REST PUT, and the Register gRPC method on the xDS port). `identity` is
+    the SPIFFE ID the caller proved (None: registered with the API token); `check` may refuse
+    the parsed registration (raise ApiError)."""
+    try:
+        sidecar = parse_registration(node_id, body)
+    except RegistrationError as error:
+        raise ApiError("invalid", f"sidecar {node_id}: {error}") from None
+    if check is not None:
+        check(sidecar)
+    if identity is not None:
+        sidecar = replace(sidecar, identity=identity)
+    changed = await registry.put(sidecar)
+    return {"sidecar": sidecar.as_json(), "changed": changed, "xds": registry.xds_address}
+
+
+async def deregister(registry: Registry, node_id: str) -> dict[str, Any]:
+    if not await registry.remove(node_id):
+        raise ApiError("not_found", f"sidecar {node_id} is not registered")
+    return {"deregistered": node_id}
 
 
 def _allow(request: Request, method: str) -> None:

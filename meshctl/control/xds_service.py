@@ -3,6 +3,7 @@ store or the registry changes and pushes each sidecar its own snapshot."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -10,18 +11,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from envoy.config.core.v3.base_pb2 import DataSource
+from envoy.extensions.transport_sockets.tls.v3.common_pb2 import CertificateValidationContext
+from envoy.extensions.transport_sockets.tls.v3.secret_pb2 import Secret
 from google.protobuf.any_pb2 import Any as AnyMessage
 
 from meshctl.control import resource_types as types
 from meshctl.control.ads import AdsServer, serve_ads
 from meshctl.control.compiler import MeshConfig, compile_mesh, sidecar_resources, to_packed
+from meshctl.control.identity_authority import IdentityAuthority
+from meshctl.control.identity_grpc import IdentityHandlers
 from meshctl.control.registry import Registry, Sidecar
 from meshctl.control.snapshot import Snapshot, SnapshotCache, TypeResources
 from meshctl.control.store import Store, StoreError
+from meshctl.control.xds_tls import ServerTls
 
 log = logging.getLogger("meshctl.control.xds")
 
 DEFAULT_XDS_PORT = 15012
+ROOTCA = "ROOTCA"  # Istio's name for the trust bundle secret
 # The kinds the compiler turns into config; the others are stored but not yet sent to sidecars.
 COMPILED_KINDS = frozenset({
     "VirtualService", "DestinationRule", "ServiceEntry", "WorkloadEntry",
@@ -44,25 +52,28 @@ class Publisher:
         self._packed: dict[tuple[Any, ...], TypeResources] = {}
 
     def publish(
-        self, revision: int, resources: Sequence[Any], generation: int, sidecars: Sequence[Sidecar]
+        self, revision: int, resources: Sequence[Any], generation: int, sidecars: Sequence[Sidecar],
+        trust: TrustMaterial | None = None,
     ) -> str:
-        return self.install(self.build(revision, resources, generation, sidecars))
+        return self.install(self.build(revision, resources, generation, sidecars, trust))
 
     def build(
-        self, revision: int, resources: Sequence[Any], generation: int, sidecars: Sequence[Sidecar]
+        self, revision: int, resources: Sequence[Any], generation: int, sidecars: Sequence[Sidecar],
+        trust: TrustMaterial | None = None,
     ) -> _Built:
         """Compile and make every sidecar's snapshot. Touches no shared state, so it may run in
-        a worker thread while the ADS streams keep being served."""
+        a worker thread while the ADS streams keep being served. With `trust`, every sidecar
+        also gets its ROOTCA secret (and the version names the trust generation too)."""
         started = time.perf_counter()
-        version = f"{revision}.{generation}"
+        version = f"{revision}.{generation}" + (f".{trust.generation}" if trust else "")
         mesh = compile_mesh(resources, sidecars)
-        packer = _Packer(mesh, version, self._packed)
+        packer = _Packer(mesh, version, self._packed, trust)
         # Sidecars made of the same per-type resources share one snapshot.
         by_parts: dict[tuple[int, ...], Snapshot] = {}
         snapshots: dict[str, Snapshot] = {}
         for sidecar in sidecars:
             parts = packer.for_sidecar(sidecar)
-            key = tuple(id(parts[type_url]) for type_url in types.ORDER)
+            key = tuple(id(parts.get(type_url)) for type_url in types.ORDER)
             snapshot = by_parts.get(key)
             if snapshot is None:
                 snapshot = by_parts[key] = Snapshot.of_types(version, parts)
@@ -96,6 +107,26 @@ class Publisher:
 
 
 @dataclass(frozen=True)
+class TrustMaterial:
+    """What every sidecar verifies peers with: the ROOTCA secret (roots + CRLs), at a generation
+    that goes up whenever either changes."""
+
+    generation: int
+    bundle_pem: str
+    crls_pem: str
+
+    def rootca(self) -> tuple[str, AnyMessage]:
+        secret = Secret(
+            name=ROOTCA,
+            validation_context=CertificateValidationContext(
+                trusted_ca=DataSource(inline_string=self.bundle_pem),
+                crl=DataSource(inline_string=self.crls_pem) if self.crls_pem else None,
+            ),
+        )
+        return ROOTCA, AnyMessage(type_url=types.SECRET, value=secret.SerializeToString(deterministic=True))
+
+
+@dataclass(frozen=True)
 class _Built:
     version: str
     snapshots: dict[str, Snapshot]
@@ -116,11 +147,13 @@ class _Packer:
     """
 
     def __init__(
-        self, mesh: MeshConfig, version: str, previous: Mapping[tuple[Any, ...], TypeResources]
+        self, mesh: MeshConfig, version: str, previous: Mapping[tuple[Any, ...], TypeResources],
+        trust: TrustMaterial | None = None,
     ) -> None:
         self.mesh = mesh
         self.version = version
         self.previous = previous
+        self.trust = trust
         self.built: dict[tuple[Any, ...], TypeResources] = {}
 
     def for_sidecar(self, sidecar: Sidecar) -> dict[str, TypeResources]:
@@ -128,7 +161,7 @@ class _Packer:
         shared_clusters = self.mesh.clusters_for(sidecar)
         own_clusters = to_packed(types.CLUSTER, documents[types.CLUSTER][len(shared_clusters) :])
         listeners = to_packed(types.LISTENER, documents[types.LISTENER])
-        return {
+        parts = {
             types.CLUSTER: self._clusters_with(own_clusters, shared_clusters),
             types.ENDPOINT: self._type(
                 ("eds",), lambda: TypeResources.of_packed(
@@ -146,6 +179,12 @@ class _Packer:
                 ),
             ),  # fmt: skip
         }
+        if self.trust is not None:
+            trust = self.trust  # one ROOTCA for every sidecar: packed once per build
+            parts[types.SECRET] = self._type(
+                ("sds",), lambda: TypeResources.of_packed(types.SECRET, self.version, [trust.rootca()])
+            )
+        return parts
 
     def _clusters_with(self, own: list[tuple[str, AnyMessage]], documents: list[dict[str, Any]]) -> TypeResources:
         """The shared clusters, plus the sidecar's own (its inbound cluster) if it has any.
@@ -186,6 +225,7 @@ async def follow_and_publish(
     registry: Registry,
     publisher: Publisher,
     *,
+    authority: IdentityAuthority | None = None,
     settle: float = 0.01,
     warmup_timeout: float = 10.0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -204,6 +244,9 @@ async def follow_and_publish(
         log.warning("cannot read which sidecars to wait for (%s); publishing now", error)
     while True:
         generation = registry.generation
+        trust = None
+        if authority is not None:
+            trust = TrustMaterial(authority.generation, authority.bundle_pem(), authority.crls_pem())
         try:
             revision, resources = await store.snapshot()
         except StoreError as error:
@@ -213,13 +256,13 @@ async def follow_and_publish(
             continue
         try:
             built = await trio.to_thread.run_sync(
-                publisher.build, revision, resources, generation, registry.sidecars()
+                publisher.build, revision, resources, generation, registry.sidecars(), trust
             )
             publisher.install(built)
         except Exception:
             # A compiler bug must not take the control plane down; sidecars keep their config.
             log.exception("compiling the mesh at revision %s failed", revision)
-        await _until_either_changes(store, revision, registry, generation)
+        await _until_any_changes(store, revision, registry, generation, authority, trust)
         await trio.sleep(settle)
 
 
@@ -333,8 +376,9 @@ async def report_statuses(
         await trio.sleep(interval)
 
 
-async def _until_either_changes(
-    store: Store, revision: int, registry: Registry, generation: int
+async def _until_any_changes(
+    store: Store, revision: int, registry: Registry, generation: int,
+    authority: IdentityAuthority | None = None, trust: TrustMaterial | None = None,
 ) -> None:
     async with trio.open_nursery() as nursery:
 
@@ -344,28 +388,56 @@ async def _until_either_changes(
 
         nursery.start_soon(wait, lambda: store.wait_for_change(revision))
         nursery.start_soon(wait, lambda: registry.wait_for_change(generation))
+        if authority is not None and trust is not None:
+            # A revocation or a root rotation: every sidecar gets the new ROOTCA at once.
+            nursery.start_soon(wait, lambda: authority.wait_for_change(trust.generation))
 
 
-def xds_service(registry: Registry, address: str | tuple[str, int]) -> Callable[[Store], Any]:
-    """A run_control_plane service factory: ADS on `address`, fed from the store and `registry`."""
+def xds_service(
+    registry: Registry,
+    address: str | tuple[str, int],
+    *,
+    authority: IdentityAuthority | None = None,
+    api_token: str | None = None,
+    tls: ServerTls | None = None,
+) -> Callable[[Store], Any]:
+    """A run_control_plane service factory: ADS on `address`, fed from the store and `registry`.
+
+    With `authority` (and the API token), the same port also serves the CA and registration
+    methods and every sidecar gets the ROOTCA secret; with `tls`, the port is TLS (else h2c)."""
 
     def factory(store: Store):
         async def serve(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
             cache = SnapshotCache()
             publisher = Publisher(cache)
             server = AdsServer(cache)
+            extra = {}
+            if authority is not None:
+                assert api_token is not None, "the CA methods need the API token (operators)"
+                extra = IdentityHandlers(authority, registry, api_token).handlers()
             async with trio.open_nursery() as nursery:
-                await nursery.start(follow_and_publish, store, registry, publisher)
-                host, port = await nursery.start(_serve_ads, address, cache, server)
+                await nursery.start(
+                    functools.partial(follow_and_publish, authority=authority), store, registry, publisher
+                )
+                if tls is not None:
+                    await nursery.start(tls.serve)
+                    authority_callbacks = authority.on_roots_changed if authority else []
+                    authority_callbacks.append(tls.rebuild)
+                host, port = await nursery.start(
+                    functools.partial(
+                        serve_ads, address, cache, server=server, more_handlers=extra,
+                        ssl_context=tls.context if tls is not None else None,
+                    )
+                )  # fmt: skip
                 nursery.start_soon(report_statuses, store, registry, cache, publisher)
                 shown = f"[{host}]" if ":" in host else host
                 registry.xds_address = f"{shown}:{port}"
-                task_status.started(f"xDS (ADS, plain h2c) on {registry.xds_address}")
+                if tls is not None:
+                    what = "TLS, ALPN h2" + (", CA and registration" if extra else "")
+                else:
+                    what = "plaintext h2c: debugging only" + (", CA and registration" if extra else "")
+                task_status.started(f"xDS (ADS, {what}) on {registry.xds_address}")
 
         return serve
 
     return factory
-
-
-async def _serve_ads(address, cache, server, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    await serve_ads(address, cache, server=server, task_status=task_status)

@@ -1,7 +1,8 @@
-"""A small gRPC client on trio: one h2c connection (a channel) carrying bidirectional streaming calls."""
+"""A small gRPC client on trio: one h2c or TLS connection (a channel) carrying bidirectional streaming calls."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -99,9 +100,10 @@ class ClientStream(GrpcStream):
 class GrpcChannel:
     """One connection to a gRPC server; open calls on it with `open_stream`."""
 
-    def __init__(self, transport: Transport, authority: str) -> None:
+    def __init__(self, transport: Transport, authority: str, *, scheme: str = "http") -> None:
         self._transport = transport
         self._authority = authority.encode("ascii")
+        self._scheme = scheme.encode("ascii")
 
     @property
     def closed(self) -> GrpcError | None:
@@ -114,7 +116,7 @@ class GrpcChannel:
         """Start a bidirectional streaming call; leaving the block cancels it if still open."""
         headers = [
             (b":method", b"POST"),
-            (b":scheme", b"http"),
+            (b":scheme", self._scheme),
             (b":path", method_path.encode("ascii")),
             (b":authority", self._authority),
             (b"content-type", b"application/grpc"),
@@ -136,6 +138,21 @@ class GrpcChannel:
                     await self._transport.flush()
                 except GrpcError:
                     pass
+
+    async def unary(
+        self, method_path: str, request: bytes, metadata: Sequence[tuple[str, str]] = ()
+    ) -> bytes:
+        """One request, one response (a unary call); GrpcError with the server's status if the
+        call fails."""
+        async with self.open_stream(method_path, metadata) as stream:
+            await stream.send_message(request)
+            await stream.close_sending()
+            response = await stream.receive_message()
+            if response is None:
+                raise GrpcError(StatusCode.INTERNAL, f"{method_path} ended without a response")
+            if await stream.receive_message() is not None:
+                raise GrpcError(StatusCode.INTERNAL, f"{method_path} sent more than one response")
+            return response
 
     async def _keepalive(self, interval: float, timeout: float) -> None:
         # A control plane behind a dead network path never sends FIN or RST; only an unanswered
@@ -160,21 +177,31 @@ async def open_grpc_channel(
     connect_timeout: float = 5.0,
     keepalive_interval: float | None = 20.0,
     keepalive_timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
 ) -> AsyncIterator[GrpcChannel]:
-    """Connect (h2c, prior knowledge) and yield a channel; the connection closes when the block exits.
+    """Connect and yield a channel; the connection closes when the block exits.
 
-    Raises GrpcError(UNAVAILABLE) if the server cannot be reached within `connect_timeout`.
+    Without `ssl_context`: h2c with prior knowledge. With it: TLS, ALPN h2, the server verified
+    as the context says (its certificate must name `server_hostname`, default `host`, when the
+    context checks hostnames); a client certificate loaded into the context is presented.
+    Raises GrpcError(UNAVAILABLE) if the server cannot be reached or the TLS handshake fails
+    within `connect_timeout`.
     """
+    stream: trio.abc.Stream
     try:
         with trio.fail_after(connect_timeout):
-            socket_stream = await trio.open_tcp_stream(host, port)
+            stream = await trio.open_tcp_stream(host, port)
+            if ssl_context is not None:
+                stream = await _start_tls(stream, ssl_context, server_hostname or host, f"{host}:{port}")
     except (OSError, trio.TooSlowError) as error:
         raise GrpcError(StatusCode.UNAVAILABLE, f"cannot connect to {host}:{port}: {error or 'timed out'}") from None
     try:
-        async with socket_stream, trio.open_nursery() as nursery:
-            transport = Transport(socket_stream, client_side=True, limits=limits)
+        async with stream, trio.open_nursery() as nursery:
+            transport = Transport(stream, client_side=True, limits=limits)
             await transport.start()
-            channel = GrpcChannel(transport, f"{host}:{port}")
+            authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            channel = GrpcChannel(transport, authority, scheme="https" if ssl_context else "http")
             nursery.start_soon(transport.run)
             if keepalive_interval:
                 nursery.start_soon(channel._keepalive, keepalive_interval, keepalive_timeout)
@@ -189,3 +216,24 @@ async def open_grpc_channel(
             raise
         error = group.exceptions[0]
         raise error from error.__cause__
+
+
+async def _start_tls(
+    socket_stream: trio.SocketStream, context: ssl.SSLContext, server_hostname: str, where: str
+) -> trio.SSLStream:
+    # gRPC is HTTP/2 only (a context made for this channel: its ALPN list is set here).
+    context.set_alpn_protocols(["h2"])
+    tls_stream = trio.SSLStream(socket_stream, context, server_hostname=server_hostname)
+    try:
+        await tls_stream.do_handshake()
+    except trio.BrokenResourceError as error:
+        await trio.aclose_forcefully(tls_stream)
+        cause = error.__cause__ or error
+        raise GrpcError(StatusCode.UNAVAILABLE, f"TLS handshake with {where} failed: {cause}") from None
+    except BaseException:
+        await trio.aclose_forcefully(tls_stream)
+        raise
+    if tls_stream.selected_alpn_protocol() not in ("h2", None):
+        await trio.aclose_forcefully(tls_stream)
+        raise GrpcError(StatusCode.UNAVAILABLE, f"{where} does not speak HTTP/2 over TLS (ALPN)")
+    return tls_stream

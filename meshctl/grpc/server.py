@@ -1,8 +1,10 @@
-"""A small gRPC server on trio: accepts h2c connections and routes each call by :path to a handler."""
+"""A small gRPC server on trio: accepts h2c or TLS (ALPN h2) connections and routes each call by :path
+to a handler."""
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 
 import h2.errors
@@ -16,6 +18,12 @@ from meshctl.grpc.transport import Headers, Transport
 log = logging.getLogger(__name__)
 
 Handler = Callable[["ServerStream"], Awaitable[None]]
+# A fixed context, or a function returning the current one (asked at every connection, so new
+# certificates or trust roots apply to new connections without a restart).
+SslContextSource = ssl.SSLContext | Callable[[], ssl.SSLContext]
+
+# A client that opened TCP but does not finish the TLS handshake must not hold a slot for long.
+HANDSHAKE_TIMEOUT = 10.0
 
 
 class ServerStream(GrpcStream):
@@ -26,7 +34,16 @@ class ServerStream(GrpcStream):
         super().__init__(transport, stream_id)
         self.request_headers = headers_dict(headers)
         self.peer = ""
+        # Over TLS: the client certificate (DER) the handshake verified; None when the client
+        # sent none, or on h2c.
+        self.peer_certificate: bytes | None = None
+        self.tls = False
         self._headers_sent = False
+
+    def metadata(self, name: str) -> str | None:
+        """A request metadata value (a header that is not a pseudo-header), or None."""
+        value = self.request_headers.get(name.lower().encode("ascii"))
+        return value.decode("latin-1") if value is not None else None
 
     @property
     def path(self) -> str:
@@ -70,9 +87,11 @@ async def serve_grpc(
     *,
     limits: Limits = DEFAULT_LIMITS,
     max_connections: int = 1024,
+    ssl_context: SslContextSource | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve gRPC calls over h2c on host:port until cancelled.
+    """Serve gRPC calls on host:port until cancelled: over TLS with `ssl_context` (its ALPN must
+    offer h2; a client certificate it verified is the calls' `peer_certificate`), else h2c.
 
     `handlers` maps a method path ("/package.Service/Method") to its handler. task_status.started
     gets the bound (host, port), which tells the caller the port when `port` is 0.
@@ -89,7 +108,11 @@ async def serve_grpc(
             return
         active += 1
         try:
-            await _serve_connection(socket_stream, handlers, limits)
+            if ssl_context is None:
+                await _serve_connection(socket_stream, handlers, limits)
+            else:
+                context = ssl_context() if callable(ssl_context) else ssl_context
+                await _serve_tls_connection(socket_stream, context, handlers, limits)
         except Exception:
             # One connection's failure (a bug, or a peer driving h2 somewhere unexpected) must not
             # take down the listener and every other connection with it.
@@ -102,22 +125,56 @@ async def serve_grpc(
         task_status.started(bound)
 
 
-async def _serve_connection(
-    socket_stream: trio.SocketStream, handlers: Mapping[str, Handler], limits: Limits
+async def _serve_tls_connection(
+    socket_stream: trio.SocketStream, context: ssl.SSLContext, handlers: Mapping[str, Handler], limits: Limits
 ) -> None:
+    tls_stream = trio.SSLStream(socket_stream, context, server_side=True)
     try:
-        peer = "{}:{}".format(*socket_stream.socket.getpeername()[:2])
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await tls_stream.do_handshake()
+    except (trio.BrokenResourceError, trio.TooSlowError) as error:
+        # A plaintext client, an untrusted client certificate, or a scanner: not our failure.
+        cause = error.__cause__ or error
+        log.info("TLS handshake with %s failed: %s", _peer_of(socket_stream), cause or "timed out")
+        await trio.aclose_forcefully(tls_stream)
+        return
+    protocol = tls_stream.selected_alpn_protocol()
+    if protocol not in (None, "h2"):
+        log.info("%s negotiated ALPN %r, not h2; closing", _peer_of(socket_stream), protocol)
+        await trio.aclose_forcefully(tls_stream)
+        return
+    certificate = tls_stream.getpeercert(binary_form=True)
+    await _serve_connection(tls_stream, handlers, limits, peer_certificate=certificate or None)
+
+
+def _peer_of(socket_stream: trio.SocketStream) -> str:
+    try:
+        return "{}:{}".format(*socket_stream.socket.getpeername()[:2])
     except OSError:
-        peer = "unknown"
-    async with socket_stream, trio.open_nursery() as calls:
+        return "unknown"
+
+
+async def _serve_connection(
+    stream: trio.abc.Stream,
+    handlers: Mapping[str, Handler],
+    limits: Limits,
+    *,
+    peer_certificate: bytes | None = None,
+) -> None:
+    socket_stream = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    peer = _peer_of(socket_stream)  # type: ignore[arg-type]
+    tls = isinstance(stream, trio.SSLStream)
+    async with stream, trio.open_nursery() as calls:
 
         def on_request(stream_id: int, headers: Headers) -> GrpcStream:
-            stream = ServerStream(transport, stream_id, headers)
-            stream.peer = peer
-            calls.start_soon(_run_call, stream, handlers)
-            return stream
+            call = ServerStream(transport, stream_id, headers)
+            call.peer = peer
+            call.peer_certificate = peer_certificate
+            call.tls = tls
+            calls.start_soon(_run_call, call, handlers)
+            return call
 
-        transport = Transport(socket_stream, client_side=False, limits=limits, on_request=on_request)
+        transport = Transport(stream, client_side=False, limits=limits, on_request=on_request)
         try:
             await transport.start()
             await transport.run()

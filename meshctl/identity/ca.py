@@ -53,6 +53,10 @@ class CsrError(ValueError):
     """A CSR that cannot be signed; str() names what is wrong with it."""
 
 
+class CsrMismatch(CsrError):
+    """A well-formed CSR asking for an identity other than the one its caller may have."""
+
+
 @dataclass(frozen=True)
 class Signer:
     """A CA certificate and its key, and the certificates above it up to the root (root last;
@@ -324,17 +328,17 @@ def check_csr(csr: x509.CertificateSigningRequest, spiffe_id: SpiffeId) -> None:
     try:
         names = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        raise CsrError(f"the CSR has no subjectAltName; it must carry the URI SAN {spiffe_id}") from None
+        raise CsrMismatch(f"the CSR has no subjectAltName; it must carry the URI SAN {spiffe_id}") from None
     except ValueError as error:
         raise CsrError(f"the CSR's extensions cannot be parsed: {error}") from None
     uris = names.get_values_for_type(x509.UniformResourceIdentifier)
     if len(list(names)) != 1 or len(uris) != 1:
-        raise CsrError(
+        raise CsrMismatch(
             f"the CSR must carry exactly one SAN, the URI {spiffe_id}; it has "
             + ", ".join(_describe_name(name) for name in names)
         )
     if uris[0] != str(spiffe_id):
-        raise CsrError(f"CSR SAN mismatch: it asks for {uris[0]!r}, but this caller may only get {spiffe_id}")
+        raise CsrMismatch(f"CSR SAN mismatch: it asks for {uris[0]!r}, but this caller may only get {spiffe_id}")
 
 
 def load_csr(pem: str) -> x509.CertificateSigningRequest:
