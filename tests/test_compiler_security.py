@@ -429,3 +429,53 @@ def test_the_publisher_gives_callers_with_and_without_an_identity_their_own_shar
     assert len({id(cds[f"secure-{i}"]) for i in range(3)}) == len({id(cds[f"plain-{i}"]) for i in range(3)}) == 1
     secure, plain = cds["secure-0"].items[V1], cds["plain-0"].items[V1]
     assert b"UpstreamTlsContext" in secure.value and b"UpstreamTlsContext" not in plain.value
+
+
+async def test_policies_applied_through_the_store_compile_as_written(tmp_path):
+    """YAML → validation → store → compile: stored bodies (`from`, string map keys) parse again,
+    and the store's creation order decides which of two namespace-wide policies is oldest."""
+    from meshctl.control.store import Put
+    from meshctl.control.store_sqlite import SqliteStore
+    from meshctl.resources import validate_documents
+
+    text = """
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: a-older}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: reviews}
+spec: {selector: {matchLabels: {app: reviews}}, portLevelMtls: {8001: {mode: PERMISSIVE}}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: viewers}
+spec: {rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/productpage]}}]}]}
+"""
+    store = SqliteStore.open(tmp_path / "store.db")
+    try:
+        for resource in validate_documents(text):  # one write each: creation order is apply order
+            await store.write([Put(resource.ref, resource.body)])
+        await store.write([Put(*_newer_namespace_policy())])
+        _, stored = await store.snapshot()
+    finally:
+        await store.aclose()
+    instance = reviews("v1", 8001)
+    listener = by_name(sidecar_resources(compile_mesh(stored, [instance, CLIENT]), instance)[types.LISTENER])
+    # The port-level PERMISSIVE for the app port (key "8001" once stored) beats namespace STRICT.
+    assert chains(listener[INBOUND_LISTENER]) == ["tls+tls", "raw_buffer"]
+    [allow] = [f["typed_config"]["rules"] for f in managers(listener[INBOUND_LISTENER])[0]["http_filters"]
+               if f["name"] == "envoy.filters.http.rbac"]
+    assert list(allow["policies"]) == ["ns[default]-policy[viewers]-rule[0]"]
+    other = reviews("v1", 8002)  # not the port-level port: the oldest namespace policy, STRICT
+    listener = by_name(sidecar_resources(compile_mesh(stored, [other, CLIENT]), other)[types.LISTENER])
+    assert chains(listener[INBOUND_LISTENER]) == ["tls+tls"]
+
+
+def _newer_namespace_policy():
+    from meshctl.resources import ResourceRef
+
+    ref = ResourceRef("PeerAuthentication", "default", "0-newer")
+    return ref, peer("0-newer", {"mtls": {"mode": "DISABLE"}})
