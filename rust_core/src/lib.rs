@@ -5,6 +5,7 @@ pub mod admin;
 pub mod engine;
 pub mod http;
 pub mod model;
+pub mod policy;
 pub mod registry;
 pub mod runtime;
 pub mod telemetry;

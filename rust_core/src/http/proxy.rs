@@ -19,6 +19,8 @@ use crate::model::headers::HeaderMutation;
 use crate::model::route::{Action, ClusterChoice, DirectResponseAction, ForwardAction, PathMatch, RedirectAction, Route, RouteConfig, VirtualHost};
 use crate::model::tls::PeerIdentity;
 use crate::model::{HttpSettings, RouteSource, UpstreamProtocol};
+use crate::policy::evaluate::RequestFacts;
+use crate::policy::path::normalize_request_target;
 use crate::registry::Registry;
 use crate::telemetry::metrics::ListenerStats;
 
@@ -39,6 +41,8 @@ pub struct HttpContext {
     pub local_principal: Option<String>,
     /// The request counter of `peer_identity` (meshctl_downstream_requests_by_peer_total).
     pub peer_requests: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// The port the client addressed (the original one for redirected connections), for RBAC.
+    pub destination_port: u16,
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded.
@@ -79,6 +83,11 @@ async fn route_request(context: &HttpContext, request: Request<Incoming>) -> Res
     };
     // A cheap clone (shared bytes): the request itself is rebuilt for the upstream below.
     let path_and_query = request.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    // Normalized once, here: RBAC, routing and the upstream all see this same path.
+    let path_and_query = match normalize_request_target(&context.settings.path_normalization, path_and_query) {
+        Ok(normalized) => normalized,
+        Err(rejection) => return local_reply(StatusCode::BAD_REQUEST, rejection.message(), grpc),
+    };
     let view = RequestView {
         method: request.method(),
         path_and_query: path_and_query.as_str(),
@@ -86,6 +95,11 @@ async fn route_request(context: &HttpContext, request: Request<Incoming>) -> Res
         scheme: context.scheme,
         headers: request.headers(),
     };
+    let principal = context.peer_identity.as_deref().map(|identity| identity.principal.as_str());
+    let facts = RequestFacts { request: &view, destination_port: context.destination_port, principal };
+    if context.settings.rbac.check(&facts).is_err() {
+        return local_reply(StatusCode::FORBIDDEN, "RBAC: access denied", grpc);
+    }
     let Some(vhost) = select_virtual_host(&route_config, &authority) else {
         return local_reply(StatusCode::NOT_FOUND, "", grpc);
     };

@@ -105,7 +105,7 @@ fn header_value<'a>(name: &str, request: &'a RequestView<'_>) -> Option<Cow<'a, 
     }
 }
 
-fn header_matches(h: &HeaderMatcher, request: &RequestView<'_>) -> bool {
+pub(crate) fn header_matches(h: &HeaderMatcher, request: &RequestView<'_>) -> bool {
     let value = header_value(&h.name, request).or_else(|| h.treat_missing_as_empty.then_some(Cow::Borrowed("")));
     let matched = match (&h.rule, value) {
         (HeaderRule::Present(expect), value) => value.is_some() == *expect,

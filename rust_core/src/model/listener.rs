@@ -71,6 +71,10 @@ pub struct HttpSettings {
     pub limits: HttpLimits,
     /// Upgrade types (lower-case) allowed on this connection manager, e.g. "websocket".
     pub upgrades: Vec<String>,
+    /// Applied once per request before routing: RBAC, routing and the upstream see its result.
+    pub path_normalization: crate::policy::path::PathNormalization,
+    /// The connection manager's RBAC filters, in order (none: every request passes).
+    pub rbac: crate::policy::model::RbacFilters,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

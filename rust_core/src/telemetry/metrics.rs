@@ -148,6 +148,34 @@ impl TlsStats {
     }
 }
 
+/// RBAC outcomes: denials by filter action and matching DENY policy ("" when an ALLOW filter
+/// matched nothing), and requests every RBAC filter let through. Counters are made when config
+/// is applied, so the request path only increments atomics it holds.
+#[derive(Debug, Default)]
+pub struct RbacStats {
+    denied: Mutex<BTreeMap<(&'static str, String), Arc<AtomicU64>>>,
+    allowed: Arc<AtomicU64>,
+}
+
+impl RbacStats {
+    pub fn denied(&self, action: &'static str, policy: &str) -> Arc<AtomicU64> {
+        self.denied.lock().unwrap().entry((action, policy.to_string())).or_default().clone()
+    }
+
+    pub fn allowed(&self) -> Arc<AtomicU64> {
+        self.allowed.clone()
+    }
+
+    fn render(&self, out: &mut String) {
+        out.push_str("# TYPE meshctl_rbac_denied_total counter\n");
+        for ((action, policy), count) in self.denied.lock().unwrap().iter() {
+            let _ = writeln!(out, "meshctl_rbac_denied_total{{action=\"{action}\",policy=\"{}\"}} {}", escape(policy), count.load(Relaxed));
+        }
+        out.push_str("# TYPE meshctl_rbac_allowed_total counter\n");
+        let _ = writeln!(out, "meshctl_rbac_allowed_total {}", self.allowed.load(Relaxed));
+    }
+}
+
 #[derive(Debug, Default)]
 struct ConfigCounters {
     applied: AtomicU64,
@@ -161,6 +189,7 @@ pub struct Metrics {
     clusters: Mutex<BTreeMap<String, Arc<ClusterStats>>>,
     routes: Mutex<BTreeMap<String, Arc<RouteStats>>>,
     config: Mutex<BTreeMap<String, Arc<ConfigCounters>>>,
+    pub rbac: RbacStats,
     pub tls: Arc<TlsStats>,
 }
 
@@ -260,6 +289,7 @@ impl Metrics {
         for (kind, c) in &config {
             let _ = writeln!(out, "meshctl_config_reject_total{{type=\"{}\"}} {}", escape(kind), c.rejected.load(Relaxed));
         }
+        self.rbac.render(&mut out);
         self.tls.render(&mut out);
         out
     }

@@ -343,6 +343,7 @@ async fn dispatch<S>(
                 scheme,
                 peer: connection.peer,
                 original_destination: connection.original_destination,
+                destination_port: connection.destination().port(),
                 peer_requests: identity.peer.as_ref().map(|p| deps.metrics.tls.peer_requests(&p.principal)),
                 peer_identity: identity.peer,
                 local_principal: identity.local_principal,

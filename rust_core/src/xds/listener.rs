@@ -11,11 +11,14 @@ use envoy_types::pb::google::protobuf;
 use prost::Message;
 
 use super::common::{duration, socket_address, unpack};
+use super::rbac::{rbac_http_filter, RBAC_FILTER_TYPE};
 use super::route::route_configuration;
 use super::tls::downstream_tls_context;
 use super::{refuse_if, At, ConfigError, FieldError, FieldResult};
 use crate::model::listener::*;
 use crate::model::secret::SecretRegistry;
+use crate::policy::model::RbacFilters;
+use crate::policy::path::{EscapedSlashes, PathNormalization};
 use crate::telemetry::metrics::Metrics;
 
 const HCM_TYPE: &str =
@@ -203,8 +206,6 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
     refuse_if(m.tracing.is_some(), "tracing")?;
     refuse_if(m.http3_protocol_options.is_some(), "http3_protocol_options")?;
     refuse_if(!m.access_log.is_empty(), "access_log")?;
-    refuse_if(m.normalize_path.as_ref().is_some_and(|b| b.value), "normalize_path")?;
-    refuse_if(m.merge_slashes, "merge_slashes")?;
     refuse_if(m.local_reply_config.is_some(), "local_reply_config")?;
     refuse_if(m.forward_client_cert_details != 0, "forward_client_cert_details")?;
     refuse_if(m.request_id_extension.is_some(), "request_id_extension")?;
@@ -231,6 +232,8 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
         Some(RouteSpecifier::ScopedRoutes(_)) => return Err(FieldError::unsupported("scoped_routes")),
         None => return Err(FieldError::new("", "an HTTP connection manager needs route_config or rds")),
     };
+    let path_normalization = path_normalization(m)?;
+    let mut rbac = RbacFilters { filters: Vec::new(), allowed: metrics.rbac.allowed() };
     let mut router_seen = false;
     for (i, filter) in m.http_filters.iter().enumerate() {
         let type_url = match &filter.config_type {
@@ -239,6 +242,15 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
             None if filter.name == "envoy.filters.http.router" => ROUTER_TYPE,
             None => "",
         };
+        if type_url == RBAC_FILTER_TYPE {
+            // A disabled filter runs only where a route enables it, which meshctl cannot do yet.
+            refuse_if(filter.disabled, "disabled").at(format!("http_filters[{i}]"))?;
+            let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &filter.config_type else { unreachable!() };
+            if let Some(decoded) = rbac_http_filter(any, metrics).at(format!("http_filters[{i}].typed_config"))? {
+                rbac.filters.push(decoded);
+            }
+            continue;
+        }
         if type_url != ROUTER_TYPE {
             if filter.is_optional || filter.disabled {
                 continue;
@@ -296,7 +308,33 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
             upgrades.push(u.upgrade_type.to_ascii_lowercase());
         }
     }
-    Ok(HttpSettings { stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades })
+    Ok(HttpSettings { stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac })
+}
+
+/// normalize_path, merge_slashes and path_with_escaped_slashes_action; Envoy's defaults are off
+/// and KEEP_UNCHANGED.
+fn path_normalization(m: &hcm::HttpConnectionManager) -> FieldResult<PathNormalization> {
+    use hcm::http_connection_manager::PathWithEscapedSlashesAction as Action;
+    let escaped_slashes = match Action::try_from(m.path_with_escaped_slashes_action) {
+        Ok(Action::ImplementationSpecificDefault | Action::KeepUnchanged) => EscapedSlashes::KeepUnchanged,
+        Ok(Action::RejectRequest) => EscapedSlashes::RejectRequest,
+        Ok(Action::UnescapeAndForward) => EscapedSlashes::UnescapeAndForward,
+        Ok(Action::UnescapeAndRedirect) => {
+            return Err(FieldError::new(
+                "path_with_escaped_slashes_action",
+                "UNESCAPE_AND_REDIRECT is not supported by meshctl yet (use REJECT_REQUEST or UNESCAPE_AND_FORWARD)",
+            ))
+        }
+        Err(_) => {
+            return Err(FieldError::new("path_with_escaped_slashes_action", format!("unknown value {}", m.path_with_escaped_slashes_action)))
+        }
+    };
+    refuse_if(m.path_normalization_options.is_some(), "path_normalization_options")?;
+    Ok(PathNormalization {
+        normalize: m.normalize_path.as_ref().is_some_and(|b| b.value),
+        merge_slashes: m.merge_slashes,
+        escaped_slashes,
+    })
 }
 
 fn tcp_proxy_config(p: &tcp_proxy::TcpProxy) -> FieldResult<TcpProxyConfig> {

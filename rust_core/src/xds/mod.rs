@@ -8,6 +8,7 @@ mod bootstrap;
 mod cluster;
 mod common;
 mod listener;
+mod rbac;
 mod route;
 mod secret;
 mod tls;

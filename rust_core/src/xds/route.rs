@@ -175,7 +175,7 @@ fn route_match(m: &route::RouteMatch) -> FieldResult<RouteMatch> {
     Ok(RouteMatch { path, case_sensitive, headers, query_parameters })
 }
 
-fn header_matcher(h: &route::HeaderMatcher) -> FieldResult<HeaderMatcher> {
+pub(crate) fn header_matcher(h: &route::HeaderMatcher) -> FieldResult<HeaderMatcher> {
     use crate::model::matcher::{StringMatch, StringMatcher};
     use route::header_matcher::HeaderMatchSpecifier as Spec;
     if h.name.is_empty() {
