@@ -285,3 +285,23 @@ def test_certificate_with_someone_elses_key_is_refused_at_load(dataplane_kind, r
         assert outcome == "refused at load", outcome
     finally:
         app.stop()
+
+
+def test_inline_certificates_work_like_files(dataplane_kind, certs_dir, tmp_path):
+    """The same server sidecar with its certificate, key, roots and CRLs given as inline strings."""
+    app = CountingApp()
+    try:
+        port = free_port()
+        config = server_sidecar(port, app.port, trust_files(certs_dir, "server-sidecar"),
+                                san_matchers=[{"exact": CLIENT_ID}], inline=True)
+        process = start_dataplane(dataplane_kind, config, tmp_path)
+        try:
+            good = request_with_client_cert(port, CLIENT_CONTROLS["good-ec-from-root"], certs_dir, "inline-good")
+            revoked = request_with_client_cert(port, CLIENT_DEFECTS["revoked"].issued, certs_dir, "inline-revoked")
+        finally:
+            process.stop()
+        assert good == "200"
+        assert revoked.startswith("refused"), revoked  # the inline CRL is read too
+        assert app.wait_quiet().requests == 1
+    finally:
+        app.stop()
