@@ -84,6 +84,37 @@ class Client:
         """The service registry: every live sidecar registration, and where xDS is served."""
         return self._call("GET", "/v1/sidecars")
 
+    # --- workload identity (meshctl identity ...) --------------------------------------------
+
+    def create_join_token(self, service_account: str, namespace: str, ttl: float) -> dict[str, Any]:
+        body = {"serviceAccount": service_account, "namespace": namespace, "ttlSeconds": ttl}
+        return self._json("POST", "/v1/identity/tokens", body)
+
+    def join_tokens(self) -> dict[str, Any]:
+        return self._call("GET", "/v1/identity/tokens")
+
+    def revoke_join_token(self, token_id: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/v1/identity/tokens/{quote(token_id, safe='')}")
+
+    def certificates(self) -> dict[str, Any]:
+        return self._call("GET", "/v1/identity/certificates")
+
+    def revoke_certificates(self, body: dict[str, Any]) -> dict[str, Any]:
+        """{"serial": HEX} or {"serviceAccount": SA, "namespace": NS}."""
+        return self._json("POST", "/v1/identity/revocations", body)
+
+    def roots(self) -> dict[str, Any]:
+        return self._call("GET", "/v1/identity/roots")
+
+    def rotate_root(self, overlap: float | None) -> dict[str, Any]:
+        return self._json("POST", "/v1/identity/roots/rotate", {} if overlap is None else {"overlapSeconds": overlap})
+
+    def finish_root_rotation(self) -> dict[str, Any]:
+        return self._json("POST", "/v1/identity/roots/finish", {})
+
+    def _json(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._call(method, path, json.dumps(body).encode(), "application/json")
+
     def _call(
         self, method: str, path: str, body: bytes | None = None, content_type: str | None = None
     ) -> dict[str, Any]:
