@@ -5,3 +5,4 @@ pub mod local_reply;
 pub mod proxy;
 pub mod routing;
 pub mod server;
+pub mod xfcc;

@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use super::body::ResponseBody;
 use super::local_reply::local_reply;
 use super::routing::{select_route, select_virtual_host, RequestView};
+use super::xfcc::forward_client_cert;
 use crate::model::headers::HeaderMutation;
 use crate::model::route::{Action, ClusterChoice, DirectResponseAction, ForwardAction, PathMatch, RedirectAction, Route, RouteConfig, VirtualHost};
 use crate::model::tls::PeerIdentity;
@@ -68,7 +69,9 @@ fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-async fn route_request(context: &HttpContext, request: Request<Incoming>) -> Response<ResponseBody> {
+async fn route_request(context: &HttpContext, mut request: Request<Incoming>) -> Response<ResponseBody> {
+    // First, as Envoy's connection manager does: policy and routing see the rewritten header.
+    forward_client_cert(&context.settings.forward_client_cert, context.peer_identity.as_deref(), context.local_principal.as_deref(), request.headers_mut());
     let grpc = is_grpc(request.headers());
     let route_config = match &context.settings.routes {
         RouteSource::Inline { config } => config.clone(),

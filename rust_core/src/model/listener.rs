@@ -75,6 +75,8 @@ pub struct HttpSettings {
     pub path_normalization: crate::policy::path::PathNormalization,
     /// The connection manager's RBAC filters, in order (none: every request passes).
     pub rbac: crate::policy::model::RbacFilters,
+    /// What happens to x-forwarded-client-cert on this connection manager.
+    pub forward_client_cert: super::tls::ForwardClientCert,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -145,3 +145,23 @@ impl std::fmt::Debug for UpstreamTls {
         f.debug_struct("UpstreamTls").field("sni", &self.sni).field("alpn_protocols", &self.alpn_protocols).finish()
     }
 }
+
+/// What the HTTP connection manager does with `x-forwarded-client-cert` (Envoy's
+/// forward_client_cert_details); SANITIZE (remove it) unless configured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ForwardClientCertMode {
+    #[default]
+    Sanitize,
+    ForwardOnly,
+    AppendForward,
+    SanitizeSet,
+    AlwaysForwardOnly,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ForwardClientCert {
+    pub mode: ForwardClientCertMode,
+    /// set_current_client_cert_details.uri: add `URI=<peer SPIFFE ID>`.
+    pub uri: bool,
+}

@@ -11,9 +11,9 @@ use envoy_types::pb::google::protobuf;
 use prost::Message;
 
 use super::common::{duration, socket_address, unpack};
-use super::rbac::{rbac_http_filter, RBAC_FILTER_TYPE};
 use super::route::route_configuration;
-use super::tls::downstream_tls_context;
+use super::rbac::{rbac_http_filter, RBAC_FILTER_TYPE};
+use super::tls::{downstream_tls_context, forward_client_cert};
 use super::{refuse_if, At, ConfigError, FieldError, FieldResult};
 use crate::model::listener::*;
 use crate::model::secret::SecretRegistry;
@@ -207,7 +207,7 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
     refuse_if(m.http3_protocol_options.is_some(), "http3_protocol_options")?;
     refuse_if(!m.access_log.is_empty(), "access_log")?;
     refuse_if(m.local_reply_config.is_some(), "local_reply_config")?;
-    refuse_if(m.forward_client_cert_details != 0, "forward_client_cert_details")?;
+    let forward_client_cert = forward_client_cert(m)?;
     refuse_if(m.request_id_extension.is_some(), "request_id_extension")?;
     refuse_if(!m.original_ip_detection_extensions.is_empty(), "original_ip_detection_extensions")?;
     refuse_if(!m.early_header_mutation_extensions.is_empty(), "early_header_mutation_extensions")?;
@@ -308,7 +308,7 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
             upgrades.push(u.upgrade_type.to_ascii_lowercase());
         }
     }
-    Ok(HttpSettings { stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac })
+    Ok(HttpSettings { stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac, forward_client_cert })
 }
 
 /// normalize_path, merge_slashes and path_with_escaped_slashes_action; Envoy's defaults are off

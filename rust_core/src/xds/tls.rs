@@ -9,7 +9,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use super::secret::{tls_certificate, validation_context};
 use super::{refuse_if, At, FieldError, FieldResult};
 use crate::model::secret::{Secret, SecretRegistry, SecretSlot};
-use crate::model::tls::{PeerValidation, ServerTls, UpstreamTls};
+use crate::model::tls::{ForwardClientCert, ForwardClientCertMode, PeerValidation, ServerTls, UpstreamTls};
 use crate::transport::tls::{client_config, server_config};
 
 /// What a CommonTlsContext says, with secrets bound to slots.
@@ -200,4 +200,31 @@ fn sds_slot(config: &tls::SdsSecretConfig, secrets: &SecretRegistry) -> FieldRes
         }
     }
     Ok(secrets.slot(&config.name))
+}
+
+/// The HCM's forward_client_cert_details and set_current_client_cert_details.
+pub(crate) fn forward_client_cert(
+    m: &envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager,
+) -> FieldResult<ForwardClientCert> {
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::ForwardClientCertDetails as Details;
+    let mode = match Details::try_from(m.forward_client_cert_details) {
+        Ok(Details::Sanitize) => ForwardClientCertMode::Sanitize,
+        Ok(Details::ForwardOnly) => ForwardClientCertMode::ForwardOnly,
+        Ok(Details::AppendForward) => ForwardClientCertMode::AppendForward,
+        Ok(Details::SanitizeSet) => ForwardClientCertMode::SanitizeSet,
+        Ok(Details::AlwaysForwardOnly) => ForwardClientCertMode::AlwaysForwardOnly,
+        Err(_) => {
+            return Err(FieldError::new("forward_client_cert_details", format!("unknown value {}", m.forward_client_cert_details)))
+        }
+    };
+    let mut uri = false;
+    if let Some(details) = &m.set_current_client_cert_details {
+        let at = |f: &str| format!("set_current_client_cert_details.{f}");
+        refuse_if(details.subject.as_ref().is_some_and(|b| b.value), &at("subject"))?;
+        refuse_if(details.cert, &at("cert"))?;
+        refuse_if(details.chain, &at("chain"))?;
+        refuse_if(details.dns, &at("dns"))?;
+        uri = details.uri;
+    }
+    Ok(ForwardClientCert { mode, uri })
 }
