@@ -105,6 +105,7 @@ class IdentityHandlers:
                 try:
                     token = await self.authority.check_join_token(presented)
                 except JoinTokenError as error:
+                    log.warning("refused a join token from %s: %s", stream.peer, error)
                     raise GrpcError(StatusCode.UNAUTHENTICATED, str(error)) from None
                 except IdentityError as error:
                     raise GrpcError(StatusCode.UNAVAILABLE, error.message) from None
@@ -112,8 +113,13 @@ class IdentityHandlers:
                 return Caller("join token", identity, f"join token {token.token_id} ({identity})")
             if hmac.compare_digest(presented.encode(), self.api_token.encode()):
                 return Caller("operator", None, "the API token")
+            log.warning("refused a bearer token from %s: neither a join token nor the API token", stream.peer)
             raise GrpcError(StatusCode.UNAUTHENTICATED, "the bearer token is neither a join token nor the API token")
-        found = peer_identity(stream, self.authority)
+        try:
+            found = peer_identity(stream, self.authority)
+        except GrpcError as error:
+            log.warning("refused a client certificate from %s: %s", stream.peer, error.message)
+            raise
         if found is not None:
             identity, certificate = found
             return Caller("certificate", identity,
