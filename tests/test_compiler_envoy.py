@@ -186,3 +186,31 @@ def test_envoy_really_builds_the_tls_contexts_from_the_secrets(tmp_path: Path, c
     result = subprocess.run([ENVOY, "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode != 0
     assert "failed to load private key" in (result.stdout + result.stderr).lower()
+
+
+@pytest.mark.parametrize("resources, registry", CASES.values(), ids=CASES.keys())
+def test_our_engine_accepts_the_same_config(resources, registry):
+    """The other half of the differential: meshctl's engine takes what Envoy took (the SDS
+    secrets themselves come from the agent and the control plane, not from the compiler)."""
+    from meshctl import _core
+    from meshctl.agent.bootstrap import bootstrap_from_dict
+    from meshctl.control.compiler import to_messages
+
+    sidecar = registry[0]
+    compiled = to_messages(sidecar_resources(compile_mesh(resources, registry), sidecar))
+    for listener in compiled[types.LISTENER]:
+        listener.address.socket_address.port_value = 0  # validation only: bind nothing real
+    engine = _core.Engine(bootstrap_from_dict({}), worker_threads=1)
+    try:
+        for type_url in (t for t in types.ORDER if t in compiled):
+            engine.apply(type_url, [message.SerializeToString() for message in compiled[type_url]])
+        # Not a rubber stamp: a namespace pattern that is no regular expression is refused.
+        (inbound,) = [listener for listener in compiled[types.LISTENER] if listener.name == "virtualInbound"]
+        pattern = b"spiffe://[^/]+/ns/[^/]+/sa/[^/]+"
+        assert pattern in inbound.SerializeToString()
+        # Same length, so the protobuf stays well-formed and only the regex is wrong.
+        broken = inbound.SerializeToString().replace(pattern, b"spiffe://[^/]+/ns/[^/](/sa/[^/]+")
+        with pytest.raises(_core.ConfigError):
+            engine.apply(types.LISTENER, [broken])
+    finally:
+        engine.stop()
