@@ -3,10 +3,16 @@ moves to the next when its plane is unreachable (and says so), and backs off whe
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import trio
 
 from meshctl.agent.backoff import Backoff
+from meshctl.agent.control_channels import ControlPlanes
 from meshctl.agent.mesh_agent import Agent, AgentOptions, RegistrationFailed
+from meshctl.grpc import GrpcError, StatusCode
+from meshctl.identity.ca import CertificateAuthority
 
 A, B = ("127.0.0.1", 1001), ("127.0.0.1", 1002)
 
@@ -16,41 +22,55 @@ class Engine:
         return None
 
 
-def agent(up: set) -> tuple[Agent, list]:
-    options = AgentOptions(service="reviews", control_plane=A, token="t", control_planes=(A, B))
-    made = Agent(options, Engine())
+@pytest.fixture
+def ca_root(tmp_path: Path) -> Path:
+    return CertificateAuthority.open(tmp_path / "ca", "cluster.local").write_bundle()
+
+
+def agent(up: set, ca_root: Path, refusing: set = frozenset()) -> tuple[Agent, list]:
+    options = AgentOptions(service="reviews", control_plane=A, token="t", control_planes=(A, B),
+                           ca_root=ca_root, node_id="reviews.default-1")  # fmt: skip
+    planes = ControlPlanes(options.planes, ca_root)
     calls: list = []
 
-    async def register(ready: bool) -> dict:
-        plane = made.api.plane
-        calls.append((plane, ready))
+    async def call_on(plane, method, request, metadata, with_client_certificate) -> bytes:
+        calls.append((plane, method.rpartition("/")[2]))
+        if plane in refusing:
+            raise GrpcError(StatusCode.PERMISSION_DENIED, "namespace shop is not the certificate's")
         if plane not in up:
-            raise RegistrationFailed(f"cannot reach the control plane at {plane}")
-        return {"xds": f"127.0.0.1:{plane[1] + 10}"}
+            raise GrpcError(StatusCode.UNAVAILABLE, f"cannot connect to {plane[0]}:{plane[1]}")
+        return b""  # an empty Struct
 
-    made.api.register = register
-    return made, calls
-
-
-async def test_first_registration_skips_an_unreachable_plane():
-    made, calls = agent(up={B})
-    assert await made.register_until_accepted() == ("127.0.0.1", 1012)
-    assert calls == [(A, False), (B, False)] and not made.switched.is_set()
+    planes._call_on = call_on  # type: ignore[method-assign]
+    return Agent(options, Engine(), planes), calls
 
 
-async def test_a_lost_plane_moves_the_agent_and_its_ads_to_the_next():
+async def test_first_registration_skips_an_unreachable_plane(ca_root):
+    made, calls = agent({B}, ca_root)
+    assert await made.register_until_accepted() == B
+    assert calls == [(A, "Register"), (B, "Register")] and not made.switched.is_set()
+
+
+async def test_a_lost_plane_moves_the_agent_and_its_ads_to_the_next(ca_root):
     up = {A, B}
-    made, calls = agent(up)
-    assert await made.register_until_accepted() == ("127.0.0.1", 1011)
+    made, calls = agent(up, ca_root)
+    assert await made.register_until_accepted() == A
     up.discard(A)
     assert await made._register_anywhere(True, Backoff(0.01, 0.02))
-    assert made.xds == ("127.0.0.1", 1012) and made.switched.is_set()
-    assert calls[-2:] == [(A, True), (B, True)]
+    assert made.xds == B and made.switched.is_set()
+    assert calls[-2:] == [(A, "Register"), (B, "Register")]
 
 
-async def test_every_plane_away_backs_off_then_retries(autojump_clock):
-    made, calls = agent(up=set())
+async def test_every_plane_away_backs_off_then_retries(autojump_clock, ca_root):
+    made, calls = agent(set(), ca_root)
     with trio.move_on_after(1.0):
         await made.register_until_accepted()
     assert 4 <= len(calls) <= 20  # a round of both planes per delay, not a tight loop
     assert {plane for plane, _ in calls} == {A, B}
+
+
+async def test_a_refusal_is_an_answer_not_a_reason_to_fail_over(ca_root):
+    made, calls = agent({A, B}, ca_root, refusing={A})
+    with pytest.raises(RegistrationFailed, match="refused: namespace shop"):
+        await made.register_until_accepted()
+    assert calls == [(A, "Register")]

@@ -3,9 +3,10 @@ state-of-the-world ADS, ACKing what the engine accepts and NACKing what it refus
 
 from __future__ import annotations
 
+import inspect
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -77,7 +78,7 @@ class AdsClient:
         keepalive_timeout: float = 10.0,
         tls: Callable[[], ssl.SSLContext] | None = None,
         pinned_secrets: frozenset[str] = frozenset(),
-        on_secret: Callable[[str, object], None] | None = None,
+        on_secret: Callable[[str, object], Awaitable[None] | None] | None = None,
     ) -> None:
         if not node_id:
             raise ValueError("an ADS client needs a node id")
@@ -184,7 +185,9 @@ class AdsClient:
         await self._request(stream, type_url)
         if type_url == refs.SECRET and self._on_secret is not None:
             for name, (_, message) in decoded.items():
-                self._on_secret(name, message)
+                outcome = self._on_secret(name, message)
+                if inspect.isawaitable(outcome):
+                    await outcome
         if type_url in _BY_NAME:
             await self._follow_references(stream, type_url, state)
 

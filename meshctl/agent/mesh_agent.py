@@ -1,17 +1,20 @@
 """The sidecar agent for `meshctl run --service ...`: an engine fed over ADS by the control plane,
-the instance's registration and lease, and the application it guards.
+the workload's certificate, the instance's registration and lease, and the application it guards.
 
-Order of a run: start the engine with only its admin endpoint; register with the control plane
-(not ready yet) and learn where its xDS server is; follow ADS until the outbound listener is
-bound; start the application with HTTP_PROXY pointing at that listener; once the app port
-answers, say ready (the instance becomes an endpoint everywhere); renew the lease until the app
-exits; then leave the registry, drain the engine and exit with the app's status.
+Order of a run: start the engine with only its admin endpoint; obtain the workload's certificate
+from the control plane's CA (a key made here, a CSR, the token) and give it to the engine as the
+SDS secret `default`; register with the control plane over mTLS (not ready yet); follow ADS (over
+mTLS) until the outbound listener is bound; start the application with HTTP_PROXY pointing at
+that listener; once the app port answers, say ready (the instance becomes an endpoint
+everywhere); renew the lease and the certificate until the app exits; then leave the registry,
+drain the engine and exit with the app's status.
+
+Every call to the control plane goes to its TLS port (15012): CreateCertificate, Registry and
+ADS, failing over along the planes given.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import logging
 import os
 import signal
@@ -19,25 +22,43 @@ import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import trio
 
+from meshctl.agent import xds_references as refs
 from meshctl.agent.ads_client import AdsClient
 from meshctl.agent.backoff import Backoff
 from meshctl.agent.bootstrap import bootstrap_from_dict
+from meshctl.agent.cert_files import write_cert_dir
+from meshctl.agent.cert_renewal import (
+    CertificateRefused,
+    Credentials,
+    WorkloadCertificate,
+)
+from meshctl.agent.control_calls import CertificateService, RegistryService
+from meshctl.agent.control_channels import ControlPlanes, TrustAnchorError
+from meshctl.agent.sds_secret import SECRET_TYPE, workload_secret
 from meshctl.agent.supervisor import COMMAND_NOT_EXECUTABLE, COMMAND_NOT_FOUND, exit_status
+from meshctl.agent.workload_identity import IdentityAsk, IdentityConflict
+from meshctl.grpc import GrpcError, StatusCode
+from meshctl.identity.spiffe import DEFAULT_TRUST_DOMAIN
 
 log = logging.getLogger("meshctl.agent")
 
 OUTBOUND_LISTENER = "virtualOutbound"  # meshctl.control.compiler names it so
 
 
+# A control plane that is away (or too slow) is failed over; any other status is its answer.
+_AWAY = (StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED)
+
+
 @dataclass(frozen=True)
 class AgentOptions:
     service: str
-    control_plane: tuple[str, int]  # the API (the first of control_planes)
-    token: str
+    control_plane: tuple[str, int]  # the TLS port (CA, registry, xDS): the first of control_planes
+    token: str  # a join token, or the API token (an operator's: the CSR names the identity)
     version: str = ""
     namespace: str = "default"
     app_port: int | None = None
@@ -48,21 +69,29 @@ class AgentOptions:
     inbound_port: int = 15006
     admin_port: int = 15000
     lease_seconds: float = 10.0
-    xds_address: tuple[str, int] | None = None  # default: what the API says at registration
     labels: tuple[tuple[str, str], ...] = ()
     workers: int = 1
     drain_timeout: float = 5.0
     config_wait: float = 15.0  # how long the app waits for the sidecar's first config
     node_id: str = ""
     capture: bool = False  # iptables sends the app's traffic here (meshctl.agent.capture)
-    # Every control plane's API, in order of preference; the agent fails over along it.
+    # Every control plane's TLS port, in order of preference; the agent fails over along it.
     control_planes: tuple[tuple[str, int], ...] = ()
+    # Identity. With a join token, service account and namespace are the token's; the flags
+    # (None: not given) may only repeat them.
+    service_account: str | None = None
+    namespace_given: bool = True
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    ca_root: Path = Path("root-bundle.pem")  # the planes' trust anchor (--ca-root)
+    cert_ttl: int = 0  # seconds asked of the CA; 0: its default
+    cert_dir: Path | None = None  # also keep cert.pem, key.pem, root.pem there
 
     @property
     def planes(self) -> tuple[tuple[str, int], ...]:
         return self.control_planes or (self.control_plane,)
 
     def with_node_id(self) -> AgentOptions:
+        """A node id naming service and namespace (known for sure once the certificate is)."""
         if self.node_id:
             return self
         return replace(self, node_id=f"{self.service}.{self.namespace}-{uuid.uuid4().hex[:12]}")
@@ -70,75 +99,6 @@ class AgentOptions:
 
 class RegistrationFailed(Exception):
     pass
-
-
-class _Api:
-    """PUT/DELETE /v1/sidecars/{node} with the token, off the trio thread (blocking http.client)."""
-
-    def __init__(self, options: AgentOptions) -> None:
-        self.options = options
-        self.plane = options.planes[0]  # the one it talks to now
-
-    def _call(self, method: str, body: dict[str, Any] | None) -> dict[str, Any]:
-        host, port = self.plane
-        connection = http.client.HTTPConnection(host, port, timeout=5)
-        try:
-            payload = json.dumps(body).encode() if body is not None else None
-            headers = {
-                "Authorization": f"Bearer {self.options.token}",
-                "Content-Type": "application/json",
-            }
-            connection.request(
-                method, f"/v1/sidecars/{self.options.node_id}", body=payload, headers=headers
-            )
-            response = connection.getresponse()
-            raw = response.read()
-        except (OSError, http.client.HTTPException) as error:
-            raise RegistrationFailed(
-                f"cannot reach the control plane at {host}:{port}: {error}"
-            ) from None
-        finally:
-            connection.close()
-        try:
-            answer = json.loads(raw)
-        except ValueError:
-            answer = {}
-        if response.status >= 400:
-            message = answer.get("error", {}).get("message") if isinstance(answer, dict) else None
-            raise RegistrationFailed(
-                f"the control plane refused: {message or f'HTTP {response.status}'}"
-            )
-        return answer
-
-    async def register(self, ready: bool) -> dict[str, Any]:
-        o = self.options
-        body = {
-            "service": o.service,
-            "namespace": o.namespace,
-            "version": o.version,
-            "address": o.address,
-            "servicePort": o.service_port,
-            "outboundPort": o.outbound_port,
-            "ready": ready,
-            "leaseSeconds": o.lease_seconds,
-            "protocol": o.protocol,
-            "labels": dict(o.labels),
-        }
-        if o.admin_port:
-            body["adminPort"] = o.admin_port
-        if o.app_port is not None:
-            body.update(appPort=o.app_port, inboundPort=o.inbound_port)
-        if o.capture:
-            body["capture"] = True
-        return await trio.to_thread.run_sync(self._call, "PUT", body)
-
-    async def deregister(self) -> None:
-        await trio.to_thread.run_sync(self._call, "DELETE", None)
-
-
-def _parse_address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def _report(message: str) -> None:
@@ -166,56 +126,110 @@ async def _port_answers(host: str, port: int) -> bool:
 
 
 class Agent:
-    def __init__(self, options: AgentOptions, engine: Any) -> None:
-        options = options.with_node_id()
+    def __init__(self, options: AgentOptions, engine: Any, planes: ControlPlanes | None = None) -> None:
         admin = engine.admin_address()
         if admin is not None:  # the port it bound (--admin-port 0 picks one), for `route show`
             options = replace(options, admin_port=admin[1])
         self.options = options
         self.engine = engine
-        self.api = _Api(self.options)
+        self.planes = planes or ControlPlanes(options.planes, options.ca_root)
+        self.registry = RegistryService(self.planes)
+        self.certificate: WorkloadCertificate | None = None
         self.ready = False
-        self.xds: tuple[str, int] | None = None  # the ADS server of the plane it talks to
+        self.registered = False
+        self.xds: tuple[str, int] | None = None  # the plane whose ADS the engine follows
         self.switched = trio.Event()  # set when it moved to another control plane
+        self.ads: AdsClient | None = None
 
-    def _xds_from(self, answer: dict[str, Any]) -> tuple[str, int]:
-        if self.options.xds_address is not None:
-            return self.options.xds_address
-        if not answer.get("xds"):
-            raise RegistrationFailed(
-                "the control plane has no xDS server to follow (is it `meshctl serve`?)"
-            )
-        host, port = _parse_address(answer["xds"])
-        if host in ("", "0.0.0.0", "::"):
-            host = self.api.plane[0]  # it listens everywhere: where we found it
-        return host, port
+    # --- identity ----------------------------------------------------------------------------
+
+    async def obtain_identity(self) -> None:
+        """The first certificate, in the engine (and the cert dir) before anything refers to it.
+        Its namespace is the instance's (the registry accepts no other)."""
+        o = self.options
+        ask = IdentityAsk(
+            token=o.token, service=o.service, namespace=o.namespace if o.namespace_given else None,
+            service_account=o.service_account, trust_domain=o.trust_domain,
+        )  # fmt: skip
+        self.certificate = WorkloadCertificate(
+            ask, CertificateService(self.planes), o.cert_ttl, report=_report
+        )
+        self.certificate.subscribe(self._use_certificate)
+        await self.certificate.obtain_first()
+        assert self.certificate.identity is not None
+        self.options = replace(o, namespace=self.certificate.identity.namespace).with_node_id()
+
+    async def _use_certificate(self, credentials: Credentials) -> None:
+        self.planes.use_client_certificate(credentials.chain_pem, credentials.key_pem)
+        secret = workload_secret(credentials.chain_pem, credentials.key_pem)
+        await trio.to_thread.run_sync(self.engine.apply, SECRET_TYPE, [secret])
+        await self._write_cert_dir()
+
+    async def _write_cert_dir(self) -> None:
+        if self.options.cert_dir is None or self.certificate is None or self.certificate.current is None:
+            return
+        credentials = self.certificate.current
+        roots = trust_bundle(self.planes.roots_pem(), credentials.certificate.root_pem)
+        await trio.to_thread.run_sync(
+            write_cert_dir, self.options.cert_dir, credentials.chain_pem, credentials.key_pem, roots
+        )
+
+    async def _on_secret(self, name: str, message: Any) -> None:
+        """The control plane's trust bundle (ROOTCA) also verifies the planes themselves (a root
+        rotation reaches us before the --ca-root file changes) and goes to root.pem."""
+        if name != refs.TRUST_BUNDLE_SECRET:
+            return
+        source = message.validation_context.trusted_ca
+        roots = source.inline_bytes or source.inline_string.encode()
+        if roots and roots != self.planes.extra_roots_pem:
+            self.planes.trust_roots(roots)
+            await self._write_cert_dir()
+
+    # --- registration ------------------------------------------------------------------------
+
+    def _registration(self, ready: bool) -> dict[str, Any]:
+        o = self.options
+        body: dict[str, Any] = {
+            "service": o.service,
+            "namespace": o.namespace,
+            "version": o.version,
+            "address": o.address,
+            "servicePort": o.service_port,
+            "outboundPort": o.outbound_port,
+            "ready": ready,
+            "leaseSeconds": o.lease_seconds,
+            "protocol": o.protocol,
+            "labels": dict(o.labels),
+        }
+        if o.admin_port:
+            body["adminPort"] = o.admin_port
+        if o.app_port is not None:
+            body.update(appPort=o.app_port, inboundPort=o.inbound_port)
+        if o.capture:
+            body["capture"] = True
+        return body
 
     async def _register_anywhere(self, ready: bool, backoff: Backoff) -> bool:
         """Register with the current plane, else the next ones in turn (one round); True when
-        one answered. A plane that refuses (bad token, bad body) is not skipped: that raises."""
-        planes = self.options.planes
-        start = planes.index(self.api.plane) if self.api.plane in planes else 0
-        for step in range(len(planes)):
-            plane = planes[(start + step) % len(planes)]
-            previous, self.api.plane = self.api.plane, plane
-            try:
-                answer = await self.api.register(ready=ready)
-            except RegistrationFailed as error:
-                if "refused:" in str(error):
-                    raise
-                log.warning("%s", error)
-                continue
-            xds = self._xds_from(answer)
-            if plane != previous or xds != self.xds:
-                if self.xds is not None:
-                    _report(f"control plane {previous[0]}:{previous[1]} is unreachable; "
-                            f"now following {plane[0]}:{plane[1]} (xDS {xds[0]}:{xds[1]})")  # fmt: skip
-                    self.switched.set()
-                self.xds = xds
-            backoff.reset()
-            return True
-        await trio.sleep(backoff.next_delay())  # every plane is away: back off, with jitter
-        return False
+        one answered. A plane that refuses (bad identity, bad body) is not skipped: that raises."""
+        previous = self.planes.current
+        try:
+            await self.registry.register(self.options.node_id, self._registration(ready))
+        except GrpcError as error:
+            if error.code not in _AWAY:
+                raise RegistrationFailed(f"the control plane refused: {error.message}") from None
+            log.warning("registering: no control plane answers (%s)", error.message)
+            await trio.sleep(backoff.next_delay())  # every plane is away: back off, with jitter
+            return False
+        plane = self.planes.current
+        if plane != self.xds:
+            if self.xds is not None:
+                _report(f"control plane {previous[0]}:{previous[1]} is unreachable; "
+                        f"now following {plane[0]}:{plane[1]}")  # fmt: skip
+                self.switched.set()
+            self.xds = plane
+        backoff.reset()
+        return True
 
     async def register_until_accepted(self) -> tuple[str, int]:
         """First registration (not ready); retried with backoff while every plane is away."""
@@ -236,6 +250,27 @@ class Agent:
                     pass
             except RegistrationFailed as error:
                 log.warning("lease renewal: %s", error)
+
+    async def deregister(self) -> None:
+        try:
+            await self.registry.deregister(self.options.node_id)
+        except GrpcError as error:
+            log.info("leaving the registry: %s (the lease runs out instead)", error.message)
+
+    # --- configuration -----------------------------------------------------------------------
+
+    def new_ads_client(self) -> AdsClient:
+        assert self.xds is not None
+        o = self.options
+        ads = AdsClient(
+            self.engine, self.xds, o.node_id, node_cluster=o.service, backoff=Backoff(0.2, 5.0),
+            tls=self.planes.ssl_context, pinned_secrets=frozenset({refs.TRUST_BUNDLE_SECRET}),
+            on_secret=self._on_secret,
+        )  # fmt: skip
+        # Registration rides on the ADS connection while it is up (one TLS session, not one a call).
+        self.planes.shared_channel = lambda plane: ads.channel if ads._address == plane else None
+        self.ads = ads
+        return ads
 
     async def follow_ads(self, ads: AdsClient) -> None:
         """ADS from the current plane's xDS server; restarted on the new one after a failover
@@ -268,9 +303,33 @@ class Agent:
         return False
 
 
+def trust_bundle(*bundles: bytes) -> bytes:
+    """The PEM certificates of `bundles`, each once, in order."""
+    seen: list[bytes] = []
+    for bundle in bundles:
+        for block in bundle.split(b"-----END CERTIFICATE-----")[:-1]:
+            pem = block[block.index(b"-----BEGIN CERTIFICATE-----"):] + b"-----END CERTIFICATE-----\n"
+            if pem not in seen:
+                seen.append(pem)
+    return b"".join(seen)
+
+
 async def run_agent(options: AgentOptions, engine: Any, command: Sequence[str] | None) -> int:
-    agent = Agent(options, engine)
+    try:
+        agent = Agent(options, engine)
+    except TrustAnchorError as error:
+        _report(str(error))
+        return 2
+    try:
+        await agent.obtain_identity()
+    except IdentityConflict as error:
+        _report(str(error))
+        return 2
+    except CertificateRefused as error:
+        _report(str(error))
+        return 1
     options = agent.options
+    assert agent.certificate is not None
     try:
         xds = await agent.register_until_accepted()
     except RegistrationFailed as error:
@@ -278,9 +337,8 @@ async def run_agent(options: AgentOptions, engine: Any, command: Sequence[str] |
         return 1
     status = 0
     async with trio.open_nursery() as nursery:
-        ads = AdsClient(
-            engine, xds, options.node_id, node_cluster=options.service, backoff=Backoff(0.2, 5.0)
-        )
+        nursery.start_soon(agent.certificate.keep_renewed)
+        ads = agent.new_ads_client()
         nursery.start_soon(agent.follow_ads, ads)
         nursery.start_soon(agent.keep_lease)
         if not await agent.wait_for_outbound_listener():
@@ -304,10 +362,7 @@ async def run_agent(options: AgentOptions, engine: Any, command: Sequence[str] |
                     break
         nursery.cancel_scope.cancel()
     with trio.move_on_after(2):
-        try:
-            await agent.api.deregister()
-        except RegistrationFailed as error:
-            log.info("leaving the registry: %s (the lease runs out instead)", error)
+        await agent.deregister()
     await trio.to_thread.run_sync(engine.drain, options.drain_timeout)
     return status
 

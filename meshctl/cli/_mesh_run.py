@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 import typer
@@ -12,6 +13,7 @@ import typer
 from meshctl.agent.sidecar import INVALID_CONFIG
 
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DEFAULT_TLS_PORT = 15012  # the control plane's CA, registry and xDS port (Istio's)
 
 
 def run_in_mesh(
@@ -34,10 +36,19 @@ def run_in_mesh(
     drain_timeout: float,
     command: Sequence[str] | None,
     capture: bool = False,
+    service_account: str | None = None,
+    ca_root: Path | None = None,
+    cert_ttl: str | None = None,
+    cert_dir: Path | None = None,
+    trust_domain: str = "cluster.local",
 ) -> NoReturn:
     for flag, value in (("--service", service), ("--namespace", namespace), ("--version", version)):
+        if value is None:
+            continue
         if (value or flag != "--version") and (len(value) > 63 or not _LABEL.match(value)):
             _refuse(f"{flag} {value!r} is not a DNS label (lowercase letters, digits, '-')")
+    ttl_seconds = certificate_ttl(cert_ttl, _refuse)
+    check_identity_names(service_account, trust_domain, _refuse)
     protocol = app_protocol.upper()
     if protocol not in ("HTTP", "HTTP2", "GRPC"):
         _refuse(f"--app-protocol {app_protocol!r}: choose HTTP, HTTP2 or GRPC")
@@ -51,23 +62,21 @@ def run_in_mesh(
         _refuse(f"{' and '.join(clashes)} must differ")
 
     from meshctl.agent.mesh_agent import AgentOptions, main
-    from meshctl.control.client import ClientError, resolve_address, resolve_token
+    from meshctl.control.client import ClientError, resolve_token
 
     try:
-        # Several control planes (HA), comma-separated: the agent fails over along the list.
-        listed = control_plane or os.environ.get("MESHCTL_CONTROL_PLANE") or ""
-        planes = tuple(resolve_address(part.strip()) for part in listed.split(",") if part.strip())
-        api = planes[0] if planes else resolve_address(None)
-        api_token = resolve_token(token)
-        xds = resolve_address(xds_address) if xds_address else None
+        presented = resolve_token(token)
+        planes = tls_addresses(control_plane, xds_address, presented)
     except ClientError as error:
         _refuse(error.message)
     options = AgentOptions(
-        service=service, control_plane=api, token=api_token, version=version, namespace=namespace,
+        service=service, control_plane=planes[0], token=presented, version=version,
+        namespace=namespace or "default", namespace_given=namespace is not None,
         app_port=app_port, service_port=service_port, protocol=protocol, address=address, outbound_port=outbound_port,
-        inbound_port=inbound_port, admin_port=admin_port, lease_seconds=lease, xds_address=xds,
-        control_planes=planes or (api,),
-        workers=workers, drain_timeout=drain_timeout, capture=capture,
+        inbound_port=inbound_port, admin_port=admin_port, lease_seconds=lease,
+        control_planes=planes, workers=workers, drain_timeout=drain_timeout, capture=capture,
+        service_account=service_account, trust_domain=trust_domain, ca_root=ca_root or default_ca_root(),
+        cert_ttl=ttl_seconds, cert_dir=cert_dir,
     )  # fmt: skip
     if capture:
         from meshctl.agent.capture import CaptureError, run_captured
@@ -82,3 +91,84 @@ def run_in_mesh(
 def _refuse(message: str) -> NoReturn:
     typer.echo(f"meshctl run: {message}", err=True)
     raise typer.Exit(INVALID_CONFIG)
+
+
+def certificate_ttl(text: str | None, refuse) -> int:
+    """--cert-ttl as whole seconds (0: the CA's default); at least a minute, as the CA requires."""
+    if text is None:
+        return 0
+    from meshctl.cli._durations import parse_duration
+
+    try:
+        seconds = parse_duration(text, "--cert-ttl")
+    except typer.BadParameter as error:
+        refuse(f"--cert-ttl: {error.message}")
+    if seconds < 60:
+        refuse(f"--cert-ttl {text!r}: at least 1m (the CA issues nothing shorter)")
+    return int(seconds)
+
+
+def check_identity_names(service_account: str | None, trust_domain: str, refuse) -> None:
+    from meshctl.identity.spiffe import SpiffeIdError, check_service_account, check_trust_domain
+
+    try:
+        if service_account is not None:
+            check_service_account(service_account)
+        check_trust_domain(trust_domain)
+    except SpiffeIdError as error:
+        flag = "--service-account" if "service account" in str(error) else "--trust-domain"
+        refuse(f"{flag}: {error}")
+
+
+def default_ca_root() -> Path:
+    from meshctl.control.paths import data_dir
+
+    return data_dir() / "ca" / "root-bundle.pem"
+
+
+def tls_addresses(
+    control_plane: str | None, xds_address: str | None, token: str
+) -> tuple[tuple[str, int], ...]:
+    """Each control plane's TLS port (CA, registry, xDS), in failover order.
+
+    --xds-address lists them. Otherwise each --control-plane API is asked where its xDS server
+    listens, which needs the API token; with a join token (no API access) it is the API's host
+    at the default port.
+    """
+    from meshctl.control.client import Client, ClientError, resolve_address
+    from meshctl.identity.tokens import is_join_token
+
+    if xds_address:
+        return tuple(_address(part.strip(), "--xds-address") for part in xds_address.split(",") if part.strip())
+    # Several control planes (HA), comma-separated: the agent fails over along the list.
+    listed = control_plane or os.environ.get("MESHCTL_CONTROL_PLANE") or ""
+    apis = tuple(resolve_address(part.strip()) for part in listed.split(",") if part.strip())
+    apis = apis or (resolve_address(None),)
+    found = []
+    for host, port in apis:
+        if is_join_token(token):
+            found.append((host, DEFAULT_TLS_PORT))
+            continue
+        try:
+            named = Client((host, port), token).sidecars().get("xds") or ""
+        except ClientError as error:
+            if not error.message.startswith(("cannot reach", "cannot talk")):
+                raise  # it answered: a refused token is not a plane that is away
+            # Away now: its default port; the agent fails over to the next one meanwhile.
+            found.append((host, DEFAULT_TLS_PORT))
+            continue
+        xds_host, _, xds_port = named.rpartition(":")
+        xds_host = xds_host.strip("[]")
+        if xds_host in ("", "0.0.0.0", "::"):
+            xds_host = host  # it listens everywhere: where we found it
+        found.append((xds_host, int(xds_port) if xds_port.isdigit() else DEFAULT_TLS_PORT))
+    return tuple(found)
+
+
+def _address(text: str, flag: str) -> tuple[str, int]:
+    from meshctl.control.client import ClientError
+
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClientError(f"{flag} {text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)

@@ -17,6 +17,7 @@ def register(app: typer.Typer) -> None:
 
 
 _MESH = "Mesh sidecar (with --service)"
+_IDENTITY = "Identity (with --service)"
 
 
 def run(
@@ -37,7 +38,13 @@ def run(
     version: Annotated[
         str, typer.Option(help="The instance's version label (version=V).", rich_help_panel=_MESH)
     ] = "",
-    namespace: Annotated[str, typer.Option(rich_help_panel=_MESH)] = "default",
+    namespace: Annotated[
+        str | None,
+        typer.Option(
+            help="The instance's namespace. Default: the join token's, else default.",
+            rich_help_panel=_MESH,
+        ),
+    ] = None,
     app_port: Annotated[
         int | None,
         typer.Option(
@@ -68,7 +75,7 @@ def run(
         str | None,
         typer.Option(
             envvar="MESHCTL_CONTROL_PLANE",
-            help="The control plane's API, HOST:PORT, or several comma-separated to fail over between planes. Default: 127.0.0.1:15080.",
+            help="The control plane's API, HOST:PORT, or several comma-separated to fail over between planes. Default: 127.0.0.1:15080. The sidecar talks to each plane's TLS port (--xds-address).",
             rich_help_panel=_MESH,
         ),
     ] = None,
@@ -76,14 +83,57 @@ def run(
         str | None,
         typer.Option(
             envvar="MESHCTL_TOKEN",
-            help="API token. Default: the one `meshctl serve` wrote.",
-            rich_help_panel=_MESH,
+            help="A join token (`meshctl identity token create`: the workload's service account "
+            "and namespace) or the API token (an operator: any service account). "
+            "Default: the API token `meshctl serve` wrote.",
+            rich_help_panel=_IDENTITY,
         ),
     ] = None,
+    service_account: Annotated[
+        str | None,
+        typer.Option(
+            help="The workload's service account (its SPIFFE ID's sa/). Default: the join "
+            "token's, else the service's name.",
+            rich_help_panel=_IDENTITY,
+        ),
+    ] = None,
+    ca_root: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MESHCTL_CA_ROOT",
+            dir_okay=False,
+            help="The mesh's root bundle (PEM), to verify the control plane. "
+            "Default: <data dir>/ca/root-bundle.pem, which a local `meshctl serve` writes.",
+            rich_help_panel=_IDENTITY,
+        ),
+    ] = None,
+    cert_ttl: Annotated[
+        str | None,
+        typer.Option(
+            help="Lifetime to ask for the workload certificate (2m, 1h; the CA caps it, "
+            "and may not go below 1m). Renewed at half of it. Default: the CA's (24h).",
+            rich_help_panel=_IDENTITY,
+        ),
+    ] = None,
+    cert_dir: Annotated[
+        Path | None,
+        typer.Option(
+            file_okay=False,
+            help="Also keep cert.pem, key.pem (0600) and root.pem here, rewritten atomically "
+            "at every renewal (for a process that reads certificates from files).",
+            rich_help_panel=_IDENTITY,
+        ),
+    ] = None,
+    trust_domain: Annotated[
+        str,
+        typer.Option(help="The mesh's trust domain (SPIFFE).", rich_help_panel=_IDENTITY),
+    ] = "cluster.local",
     xds_address: Annotated[
         str | None,
         typer.Option(
-            help="The xDS server, HOST:PORT. Default: the one the control plane names.",
+            help="The control plane's TLS port (CA, registry and xDS), HOST:PORT, or several "
+            "comma-separated (one per plane). Default: the one each --control-plane names "
+            "(asked with the API token), else its host at port 15012.",
             rich_help_panel=_MESH,
         ),
     ] = None,
@@ -142,6 +192,14 @@ def run(
         _refuse("give --bootstrap FILE (a standalone sidecar) or --service NAME (join a mesh)")
     if capture and service is None:
         _refuse("--capture needs --service: the control plane gives a capturing sidecar its listeners")
+    if service is None:
+        identity_flags = {
+            "--service-account": service_account, "--ca-root": ca_root, "--cert-ttl": cert_ttl,
+            "--cert-dir": cert_dir, "--namespace": namespace,
+        }  # fmt: skip
+        given = [flag for flag, value in identity_flags.items() if value is not None]
+        if given:
+            _refuse(f"{given[0]} needs --service: a standalone sidecar's certificates are in its bootstrap")
     if service is not None:
         from meshctl.cli._mesh_run import run_in_mesh  # trio and the ADS client: this path only
 
@@ -151,6 +209,8 @@ def run(
             xds_address=xds_address, address=address, outbound_port=outbound_port,
             inbound_port=inbound_port, admin_port=admin_port, lease=lease, workers=workers,
             drain_timeout=drain_timeout, command=command, capture=capture,
+            service_account=service_account, ca_root=ca_root, cert_ttl=cert_ttl, cert_dir=cert_dir,
+            trust_domain=trust_domain,
         )  # fmt: skip
         return
     assert bootstrap is not None
