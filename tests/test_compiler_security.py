@@ -122,17 +122,18 @@ TRANSLATIONS = {
         ],
         ANY,
     ),
-    # The workload's service and app ports are the inbound listener's port on the wire.
+    # The workload's service and app ports: on the wire, the inbound listener's port (mesh
+    # callers) or the app port (callers redirected by --capture); another port as written.
     "ports": (
         {"to": [{"operation": {"ports": ["9080", "8001"], "notPorts": ["7000"]}}]},
-        [one_of({"destination_port": 9001}, {"destination_port": 9001}),
+        [one_of({"destination_port": 9001}, {"destination_port": 8001}),
          {"not_rule": one_of({"destination_port": 7000})}],
         ANY,
     ),
     "paths-methods-and-ports-are-anded": (
         {"to": [{"operation": {"ports": ["9080"], "methods": ["GET"], "paths": ["/a"]}}]},
         [one_of(path(exact="/a")), one_of({"header": {"name": ":method", "string_match": {"exact": "GET"}}}),
-         one_of({"destination_port": 9001})],
+         one_of({"destination_port": 9001}, {"destination_port": 8001})],
         ANY,
     ),
     "principals": (
@@ -172,7 +173,7 @@ TRANSLATIONS = {
     ),
     "when-destination-port": (
         {"when": [{"key": "destination.port", "values": ["9080"]}]},
-        [one_of({"destination_port": 9001})],
+        [one_of({"destination_port": 9001}, {"destination_port": 8001})],
         ANY,
     ),
 }
@@ -202,7 +203,7 @@ def test_sources_and_operations_are_ored_and_when_conditions_apply_to_each():
     [allow] = rbac_filters([policy("p", {"rules": [rule]})])
     translated = allow["policies"]["ns[default]-policy[p]-rule[0]"]
     header = one_of_ids({"header": {"name": "x-a", "string_match": {"exact": "1"}}})
-    port = one_of({"destination_port": 9001})
+    port = one_of({"destination_port": 9001}, {"destination_port": 8001})
     assert translated["permissions"] == [
         {"and_rules": {"rules": [one_of(path(exact="/a")), port]}},
         {"and_rules": {"rules": [one_of({"header": {"name": ":method", "string_match": {"exact": "POST"}}}), port]}},

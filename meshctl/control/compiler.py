@@ -577,10 +577,12 @@ def _inbound_listener(mesh: MeshConfig, sidecar: Sidecar, port: int, local_clust
     manager = _http_manager("inbound", routes=routes)
     policies = rbac.selecting(mesh.authorization_policies, sidecar.namespace, sidecar.all_labels)
     if sidecar.identity is not None or policies:
-        # A policy may name the workload by its app or service port; requests arrive on `port`.
-        local_ports = {sidecar.service_port: port}
+        # A policy names the workload by its app or service port; requests arrive on the inbound
+        # `port`, or (redirected by --capture) with the app port as their original destination.
+        arrive_on = (port,) if sidecar.app_port is None else (port, sidecar.app_port)
+        local_ports = {sidecar.service_port: arrive_on}
         if sidecar.app_port is not None:
-            local_ports[sidecar.app_port] = port
+            local_ports[sidecar.app_port] = arrive_on
         manager = rbac.harden(manager, rbac.rbac_filters(policies, local_ports))
     mode = mtls.effective_mode(
         mesh.peer_authentications, sidecar.namespace, sidecar.all_labels, sidecar.app_port

@@ -51,10 +51,10 @@ def selecting(policies: Sequence[Any], namespace: str, labels: Mapping[str, str]
     ]
 
 
-def rbac_filters(policies: Sequence[Any], local_ports: Mapping[int, int]) -> list[Json]:
+def rbac_filters(policies: Sequence[Any], local_ports: Mapping[int, Sequence[int]]) -> list[Json]:
     """The RBAC HTTP filters for the selecting `policies`: DENY first, then ALLOW; none of an
     action no policy has. `local_ports` maps the ports a policy may name the workload by (its
-    app port and service port) to the port its inbound listener actually serves."""
+    app port and service port) to the destination ports its requests arrive with."""
     filters = []
     for action in ("DENY", "ALLOW"):
         chosen = [p for p in policies if p.spec.action == action]
@@ -88,7 +88,7 @@ def harden(manager: Json, filters: Sequence[Json]) -> Json:
 # --- one rule ------------------------------------------------------------------------------
 
 
-def _policy(rule: Rule, local_ports: Mapping[int, int]) -> Json:
+def _policy(rule: Rule, local_ports: Mapping[int, Sequence[int]]) -> Json:
     when_permissions: list[Json] = []
     when_principals: list[Json] = []
     for condition in rule.when or []:
@@ -111,24 +111,35 @@ def _all(kind: str, items: str, matchers: list[Json]) -> Json:
 def _field(
     values: Sequence[str] | None,
     negated: Sequence[str] | None,
-    make: Callable[[str], Json],
+    make: Callable[[str], Json | list[Json]],
     *,
     ids: bool,
 ) -> list[Json]:
-    """A field's values OR'ed, and its not-values OR'ed under a negation."""
+    """A field's values OR'ed, and its not-values OR'ed under a negation. `make` may turn one
+    value into several alternatives (a port), which join the OR; repeats are dropped."""
     any_of, items, negate = (
         ("or_ids", "ids", "not_id") if ids else ("or_rules", "rules", "not_rule")
     )
+
+    def alternatives(of: Sequence[str]) -> list[Json]:
+        found: list[Json] = []
+        for value in of:
+            made = make(value)
+            for matcher in made if isinstance(made, list) else [made]:
+                if matcher not in found:
+                    found.append(matcher)
+        return found
+
     out: list[Json] = []
     if values:
-        out.append({any_of: {items: [make(v) for v in values]}})
+        out.append({any_of: {items: alternatives(values)}})
     if negated:
-        out.append({negate: {any_of: {items: [make(v) for v in negated]}}})
+        out.append({negate: {any_of: {items: alternatives(negated)}}})
     return out
 
 
-def _operation(operation: Operation, local_ports: Mapping[int, int]) -> list[Json]:
-    def port(value: str) -> Json:
+def _operation(operation: Operation, local_ports: Mapping[int, Sequence[int]]) -> list[Json]:
+    def port(value: str) -> list[Json]:
         return _port(value, local_ports)
 
     return [
@@ -147,7 +158,7 @@ def _source(source: Source) -> list[Json]:
 
 def _condition(
     condition: Condition,
-    local_ports: Mapping[int, int],
+    local_ports: Mapping[int, Sequence[int]],
     permissions: list[Json],
     principals: list[Json],
 ) -> None:
@@ -195,11 +206,11 @@ def _method(value: str) -> Json:
     return _header(":method", value)
 
 
-def _port(value: str, local_ports: Mapping[int, int]) -> Json:
-    # The workload's port as written (its app or service port) is the inbound listener's port
-    # on the connection the policy sees.
+def _port(value: str, local_ports: Mapping[int, Sequence[int]]) -> list[Json]:
+    # A policy names the workload's port (its app or service port, as in Istio); on the wire a
+    # mesh caller reaches the inbound listener's port, and a captured caller the app port.
     number = int(value)
-    return {"destination_port": local_ports.get(number, number)}
+    return [{"destination_port": local} for local in local_ports.get(number, (number,))]
 
 
 def _principal(value: str) -> Json:
