@@ -39,8 +39,25 @@ class RunningServer:
         self.scope.cancel()
 
 
-def envoy_ads_bootstrap(node_id: str, ads_port: int) -> dict:
-    """Envoy with everything from ADS: listeners and clusters (and through them routes, endpoints)."""
+def envoy_ads_bootstrap(node_id: str, ads_port: int, ca_file: Path | None = None) -> dict:
+    """Envoy with everything from ADS: listeners and clusters (and through them routes, endpoints).
+    With `ca_file` (a `meshctl serve` trust bundle), ADS goes over TLS, the server verified."""
+    xds = b.cluster("xds", ads_port, http2=True)
+    if ca_file is not None:
+        xds["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": "localhost",
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],
+                    "validation_context": {
+                        "trusted_ca": {"filename": str(ca_file)},
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "localhost"}}],
+                    },
+                },
+            },
+        }
     return {
         "node": {"id": node_id, "cluster": "ads-test"},
         "dynamic_resources": {
@@ -52,7 +69,7 @@ def envoy_ads_bootstrap(node_id: str, ads_port: int) -> dict:
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
         },
-        "static_resources": {"clusters": [b.cluster("xds", ads_port, http2=True)]},
+        "static_resources": {"clusters": [xds]},
         "admin": {"address": b.socket_address(free_port())},
     }
 
