@@ -74,12 +74,10 @@ def worker(api: str, token: str, xds: str, prefix: str, count: int) -> None:
     import trio
 
     from meshctl import _core
-    from meshctl.agent.ads_client import AdsClient
-    from meshctl.agent.backoff import Backoff
     from meshctl.agent.bootstrap import bootstrap_from_dict
     from meshctl.agent.mesh_agent import Agent, AgentOptions
+    from meshctl.control.paths import data_dir
 
-    host, port = api.rsplit(":", 1)
     xds_host, xds_port = xds.rsplit(":", 1)
     lock = threading.Lock()
     engines = []
@@ -90,13 +88,16 @@ def worker(api: str, token: str, xds: str, prefix: str, count: int) -> None:
         engine = _core.Engine(bootstrap_from_dict({}), worker_threads=1)
         engines.append(engine)
         stamped = _StampedEngine(engine, node_id, lock)
-        options = AgentOptions(service="productpage", control_plane=(host, int(port)), token=token,
-                               outbound_port=outbound, lease_seconds=3600.0,
-                               xds_address=(xds_host, int(xds_port)), node_id=node_id)  # fmt: skip
+        # As `meshctl run --service` does: a certificate (API token: an operator's), then
+        # registration and ADS over the plane's TLS port.
+        xds_address = (xds_host, int(xds_port))
+        options = AgentOptions(service="productpage", control_plane=xds_address, token=token,
+                               outbound_port=outbound, lease_seconds=3600.0, node_id=node_id,
+                               ca_root=data_dir() / "ca" / "root-bundle.pem")  # fmt: skip
         agent = Agent(options, stamped)
+        await agent.obtain_identity()
         await agent.register_until_accepted()
-        ads = AdsClient(stamped, (xds_host, int(xds_port)), node_id, node_cluster="productpage", backoff=Backoff(0.2, 5.0))
-        await nursery.start(ads.run)
+        await nursery.start(agent.new_ads_client().run)
         while "virtualOutbound" not in engine.listener_addresses():
             await trio.sleep(0.02)
         with lock:
