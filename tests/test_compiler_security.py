@@ -152,7 +152,7 @@ TRANSLATIONS = {
         [{"not_id": one_of_ids(peer_name(exact="spiffe://cluster.local/ns/a/sa/b"))}],
     ),
     "namespaces": (
-        {"from": [{"source": {"namespaces": ["shop", "*", "team-*", "*-prod"], "notNamespaces": ["a.b"[0]]}}]},
+        {"from": [{"source": {"namespaces": ["shop", "*", "team-*", "*-prod"], "notNamespaces": ["a"]}}]},
         ANY,
         [one_of_ids(in_namespace("shop"), in_namespace("[^/]+"), in_namespace("team-[^/]*"), in_namespace("[^/]*-prod")),
          {"not_id": one_of_ids(in_namespace("a"))}],
