@@ -27,7 +27,7 @@ from meshctl.control.istio_ca_messages import (
     IstioCertificateResponse,
 )
 from meshctl.grpc import GrpcError, StatusCode, open_grpc_channel
-from tests.helpers.control_plane import ControlPlane, start_control_plane
+from helpers.control_plane import ControlPlane, start_control_plane
 
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 REGISTER_METHOD = "/meshctl.registry.v1.Registry/Register"
