@@ -150,6 +150,9 @@ def test_a_join_token_gives_the_sidecar_its_identity_renewed_at_half_life(plane,
         assert stat.S_IMODE((certs / "key.pem").stat().st_mode) == 0o600
         public = serialization.load_pem_private_key((certs / "key.pem").read_bytes(), None).public_key()
         assert public.public_numbers() == second.public_key().public_numbers()
+        # Renewals name the instance, for `meshctl identity list`.
+        records = {r["serial"]: r for r in api(plane, "GET", "/v1/identity/certificates")["items"]}
+        assert (records[renewed.group(1)]["node"] or "").startswith("reviews.shop-")
         # Still registered (leases renewed over mTLS with the new certificate), no key in the log.
         assert api(plane, "GET", "/v1/sidecars")["items"]
         assert "PRIVATE KEY" not in sidecar.log()

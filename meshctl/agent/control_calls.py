@@ -22,11 +22,14 @@ DEREGISTER_METHOD = "/meshctl.registry.v1.Registry/Deregister"
 class CertificateService:
     """CreateCertificate on the planes, as the WorkloadCertificate's issuer."""
 
-    def __init__(self, planes: ControlPlanes) -> None:
+    def __init__(self, planes: ControlPlanes, node_id: str = "") -> None:
         self.planes = planes
+        self.node_id = node_id  # recorded with the certificate (`meshctl identity list`)
 
     async def issue(self, csr_pem: str, ttl_seconds: int, *, token: str | None) -> list[str]:
         request = IstioCertificateRequest(csr=csr_pem, validity_duration=ttl_seconds)
+        if self.node_id:
+            request.metadata.update({"nodeId": self.node_id})
         # With a token, no client certificate: the token alone says who may be issued what.
         metadata = [("authorization", f"Bearer {token}")] if token else []
         raw = await self.planes.call(

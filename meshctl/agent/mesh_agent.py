@@ -130,6 +130,8 @@ class Agent:
         admin = engine.admin_address()
         if admin is not None:  # the port it bound (--admin-port 0 picks one), for `route show`
             options = replace(options, admin_port=admin[1])
+        if options.namespace_given:  # else the namespace (in the node id) is the join token's
+            options = options.with_node_id()
         self.options = options
         self.engine = engine
         self.planes = planes or ControlPlanes(options.planes, options.ca_root)
@@ -151,13 +153,13 @@ class Agent:
             token=o.token, service=o.service, namespace=o.namespace if o.namespace_given else None,
             service_account=o.service_account, trust_domain=o.trust_domain,
         )  # fmt: skip
-        self.certificate = WorkloadCertificate(
-            ask, CertificateService(self.planes), o.cert_ttl, report=_report
-        )
+        service = CertificateService(self.planes, o.node_id)
+        self.certificate = WorkloadCertificate(ask, service, o.cert_ttl, report=_report)
         self.certificate.subscribe(self._use_certificate)
         await self.certificate.obtain_first()
         assert self.certificate.identity is not None
         self.options = replace(o, namespace=self.certificate.identity.namespace).with_node_id()
+        service.node_id = self.options.node_id  # renewals name the instance
 
     async def _use_certificate(self, credentials: Credentials) -> None:
         self.planes.use_client_certificate(credentials.chain_pem, credentials.key_pem)
