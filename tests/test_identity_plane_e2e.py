@@ -80,19 +80,19 @@ class Workload:
         return x509.load_pem_x509_certificate(chain[0].encode())
 
 
-def tls_context(plane: ControlPlane, workload: Workload | None = None) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(bundle_path(plane)))
+def tls_context(plane: ControlPlane, workload: Workload | None = None, cafile: Path | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(cafile or bundle_path(plane)))
     if workload is not None:
         context.load_cert_chain(workload.cert_path, workload.key_path)
     return context
 
 
-async def _create(plane, csr: str, *, bearer=None, workload=None, ttl=0, plaintext=False) -> list[str]:
+async def _create(plane, csr: str, *, bearer=None, workload=None, ttl=0, plaintext=False, cafile=None) -> list[str]:
     host, port = xds_address(plane)
     metadata = [("authorization", f"Bearer {bearer}")] if bearer else []
     request = IstioCertificateRequest(csr=csr, validity_duration=ttl)
     request.metadata.update({"nodeId": "test-node"})
-    context = None if plaintext else tls_context(plane, workload)
+    context = None if plaintext else tls_context(plane, workload, cafile)
     async with open_grpc_channel(host, port, ssl_context=context, connect_timeout=5) as channel:
         answer = await channel.unary(CREATE_CERTIFICATE_METHOD, request.SerializeToString(), metadata)
     return list(IstioCertificateResponse.FromString(answer).cert_chain)
@@ -231,6 +231,16 @@ async def _register_and_follow_rootca(plane, workload: Workload, node_id: str, r
                         return time.monotonic() - started, _revoked_serials(response)
 
 
+async def _open_ads(plane, workload: Workload) -> None:
+    host, port = xds_address(plane)
+    async with open_grpc_channel(host, port, ssl_context=tls_context(plane, workload)) as channel:
+        async with channel.open_stream(ADS_METHOD) as stream:
+            request = DiscoveryRequest(node=Node(id="alice-2"), type_url=SECRET_TYPE, resource_names=["ROOTCA"])
+            await stream.send_message(request.SerializeToString())
+            with trio.fail_after(10):
+                await stream.receive_message()
+
+
 def _revoked_serials(response: DiscoveryResponse) -> list[int]:
     [packed] = response.resources
     secret = Secret.FromString(packed.value)
@@ -255,6 +265,10 @@ def test_a_revocation_reaches_the_rootca_secret_over_ads_within_seconds(plane, t
 
     took, serials = trio.run(_register_and_follow_rootca, plane, alice, "alice-1", revoke, leaf.serial_number)
     assert took < 5 and leaf.serial_number in serials
+    # A revoked certificate no longer opens an ADS stream either.
+    with pytest.raises(GrpcError) as caught:
+        trio.run(_open_ads, plane, alice)
+    assert caught.value.code == StatusCode.PERMISSION_DENIED and "is revoked" in caught.value.message
     registered = Client(tuple(plane.address.split(":")), plane.token_path.read_text().strip())
     registered.port = int(registered.port)
     [sidecar] = [s for s in registered.sidecars()["items"] if s["nodeId"] == "alice-1"]
@@ -295,6 +309,11 @@ def test_root_rotation_trusts_both_roots_until_finished(tmp_path):
         assert "root rotation started" in rotated.stdout and rotated.stdout.count("BEGIN CERTIFICATE") == 2
         new_root, previous = roots(plane)
         assert previous == old_root and new_root != old_root
+        # Sidecars started before the rotation know only the old root: during the overlap the
+        # xDS port's own certificate still chains to it.
+        old_only = tmp_path / "old-root.pem"
+        old_only.write_bytes(old_root.public_bytes(serialization.Encoding.PEM))
+        create_certificate(plane, alice.csr(ALICE), workload=alice, cafile=old_only)
         assert plane.meshctl("identity", "root", "rotate").returncode == 3  # one rotation at a time
         # The old certificate still authenticates (both roots trusted), and its renewal is signed
         # by the new root.

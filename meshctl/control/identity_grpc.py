@@ -79,6 +79,21 @@ def peer_identity(stream: ServerStream, authority: IdentityAuthority) -> tuple[S
     return identity, certificate
 
 
+def refusing_revoked_peers(handler: Handler, authority: IdentityAuthority) -> Handler:
+    """`handler` (ADS), refusing a caller whose client certificate is revoked, expired or foreign
+    (a caller without one is served as before: ADS keeps working for plaintext-era sidecars)."""
+
+    async def checked(stream: ServerStream) -> None:
+        try:
+            peer_identity(stream, authority)
+        except GrpcError as error:
+            log.warning("refused ADS to %s: %s", stream.peer, error.message)
+            raise
+        await handler(stream)
+
+    return checked
+
+
 class IdentityHandlers:
     """The handlers, by method path, for serve_grpc."""
 

@@ -209,10 +209,14 @@ class CertificateAuthority:
 
     def server_certificate(self, names: Iterable[str], ttl: float = SERVER_CERT_TTL) -> tuple[bytes, bytes, float]:
         """(chain PEM, private key PEM, not_after) for the control plane's own TLS port: DNS and IP
-        SANs for `names`. The key is made here and lives only in memory."""
+        SANs for `names`. The key is made here and lives only in memory.
+
+        During a rotation it is signed by the previous root: every sidecar still trusts that one
+        (those started before the rotation know no other), until the rotation is finished."""
+        signer = self.previous or self.signer
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
-        not_after = min(now + datetime.timedelta(seconds=ttl), self.signer.certificate.not_valid_after_utc)
+        not_after = min(now + datetime.timedelta(seconds=ttl), signer.certificate.not_valid_after_utc)
         sans: list[x509.GeneralName] = []
         for name in dict.fromkeys(names):
             try:
@@ -220,12 +224,12 @@ class CertificateAuthority:
             except ValueError:
                 sans.append(x509.DNSName(name))
         certificate = (
-            _builder(self.signer, key.public_key(), now, not_after)
+            _builder(signer, key.public_key(), now, not_after)
             .add_extension(x509.SubjectAlternativeName(sans), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(self.signer.key, _hash_for(self.signer.key))
+            .sign(signer.key, _hash_for(signer.key))
         )
-        chain = "".join(_pem(c) for c in [certificate, *self.signer.chain_above_leaf()]).encode()
+        chain = "".join(_pem(c) for c in [certificate, *signer.chain_above_leaf()]).encode()
         key_pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
