@@ -454,3 +454,54 @@ def test_a_crl_in_rootca_refuses_the_revoked_client_on_its_next_handshake(mesh):
     dump = json.loads(mesh.b.config_dump())
     rootca = next(s for s in dump["secrets"] if s["name"] == "ROOTCA")
     assert int(rootca["crls"][0]["revoked_serials"][0], 16) == revoked.cert.serial_number
+
+
+def test_opaque_tcp_between_engines_goes_over_mtls(mesh):
+    """A tcp_proxy on A → UpstreamTlsContext (ALPN meshctl-tcp) → B's TLS chain → tcp_proxy → app."""
+    import meshctl._core as core
+    from meshctl.agent.bootstrap import bootstrap_from_dict
+
+    echo = socket.create_server(("127.0.0.1", 0))
+    echo_port = echo.getsockname()[1]
+
+    def serve_echo():
+        while True:
+            try:
+                connection, _ = echo.accept()
+            except OSError:
+                return
+            with connection:
+                while data := connection.recv(65536):
+                    connection.sendall(data.upper())
+
+    threading.Thread(target=serve_echo, daemon=True).start()
+    a_port, b_port = free_port(), free_port()
+    tls_chain = inbound_b(b_port, echo_port)["static_resources"]["listeners"][0]["filter_chains"][0]
+    tls_chain["filter_chain_match"]["application_protocols"] = ["meshctl-tcp"]
+    tls_chain["transport_socket"]["typed_config"]["common_tls_context"]["alpn_protocols"] = ["meshctl-tcp"]
+    tls_chain["filters"] = [b.tcp_proxy("app")]
+    inbound = b.bootstrap([b.listener("inbound-tcp", b_port, [tls_chain])], [b.cluster("app", echo_port)])
+    outbound = outbound_a(a_port, b_port)
+    outbound["static_resources"]["listeners"] = [b.listener("outbound-tcp", a_port, [{"filters": [b.tcp_proxy("b")]}])]
+    cluster = outbound["static_resources"]["clusters"][0]
+    del cluster["typed_extension_protocol_options"]
+    cluster["transport_socket"]["typed_config"]["common_tls_context"]["alpn_protocols"] = ["meshctl-tcp"]
+    engine_b = core.Engine(bootstrap_from_dict(inbound))
+    engine_a = core.Engine(bootstrap_from_dict(outbound))
+    try:
+        apply_secrets(engine_a, certificate_secret(mesh.cert_a), roots_secret(mesh.ca))
+        apply_secrets(engine_b, certificate_secret(mesh.cert_b), roots_secret(mesh.ca))
+        with socket.create_connection(("127.0.0.1", a_port), timeout=10) as client:
+            client.sendall(b"opaque bytes\n")
+            received = b""
+            while len(received) < len(b"opaque bytes\n"):
+                chunk = client.recv(65536)
+                assert chunk, "closed before the echo"
+                received += chunk
+        assert received == b"OPAQUE BYTES\n"
+        assert counter(engine_a.stats_prometheus(), "meshctl_tls_handshakes_total", direction="upstream") == 1
+        assert counter(engine_b.stats_prometheus(), "meshctl_tls_handshakes_total", direction="downstream") == 1
+    finally:
+        engine_a.stop()
+        engine_b.stop()
+        echo.close()

@@ -60,6 +60,17 @@ pub struct NamedSecret {
     pub secret: Secret,
 }
 
+impl std::fmt::Debug for NamedSecret {
+    /// The name and kind only: a secret's contents never reach logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.secret {
+            Secret::Certificate(_) => "tls_certificate",
+            Secret::Validation(_) => "validation_context",
+        };
+        f.debug_struct("NamedSecret").field("name", &self.name).field("kind", &kind).finish()
+    }
+}
+
 pub fn pem_certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(pem).collect::<Result<_, _>>().map_err(|e| format!("not PEM certificates: {e}"))?;
