@@ -129,7 +129,10 @@ class CertificateAuthority:
         """The operator's CA if ca_cert/ca_key are given, else the root in `directory`, generated
         on first use. Writes root-bundle.pem. CaError names the file and the problem."""
         directory = directory.expanduser()
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The data dir too is private (it holds the API token and the store): mkdir(parents=True)
+        # would make it with the umask's mode.
+        directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        directory.mkdir(exist_ok=True, mode=0o700)
         if ca_cert is not None or ca_key is not None:
             if ca_cert is None or ca_key is None:
                 raise CaError("--ca-cert and --ca-key go together: give both, or neither")
