@@ -77,7 +77,9 @@ impl PathNormalization {
             EscapedSlashes::UnescapeAndForward => {}
         }
         if self.normalize {
-            current = Cow::Owned(normalize(&current)?);
+            if let Cow::Owned(normalized) = normalize(&current)? {
+                current = Cow::Owned(normalized);
+            }
         }
         if self.merge_slashes && current.contains("//") {
             current = Cow::Owned(merge_slashes(&current));
@@ -158,8 +160,12 @@ fn is_unreserved(byte: u8) -> bool {
 /// meshctl's own rule, stricter than Envoy: `%00` and raw control characters (0x00-0x1F, 0x7F)
 /// are refused rather than forwarded, because a NUL truncates the path in C-based applications
 /// (the app would then serve a path the policy never judged) and no legitimate path needs one.
-fn normalize(path: &str) -> Result<String, PathRejection> {
+fn normalize(path: &str) -> Result<Cow<'_, str>, PathRejection> {
     let bytes = path.as_bytes();
+    // Most paths need nothing: no escape, no backslash, no control character, no dot segment.
+    if !path.contains("/.") && bytes.iter().all(|&b| b >= 0x20 && b != 0x7f && b != b'%' && b != b'\\') {
+        return Ok(Cow::Borrowed(path));
+    }
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -190,7 +196,7 @@ fn normalize(path: &str) -> Result<String, PathRejection> {
     }
     // Only ASCII was decoded, and everything else was copied from a str.
     let decoded = String::from_utf8(decoded).expect("normalization keeps the path valid UTF-8");
-    Ok(remove_dot_segments(&decoded))
+    Ok(Cow::Owned(remove_dot_segments(&decoded)))
 }
 
 /// RFC 3986 §5.2.4 for a path starting with '/': `..` at the root stays at the root, and a path
