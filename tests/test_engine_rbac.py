@@ -5,6 +5,7 @@ The same static bootstrap runs on meshctl and on Envoy 1.40. Both must show 0 by
 whose path is under /admin reaches the app) and the app must receive exactly the normalized path the
 policy judged. Where Envoy's answer differs from meshctl's, the difference is listed in
 ENVOY_DIFFERENCES (a deliberate meshctl choice or an Envoy quirk), so a new one fails the test.
+A second table runs over real mTLS: the ALLOW policies match the client certificate's SPIFFE ID.
 """
 
 from __future__ import annotations
@@ -13,15 +14,19 @@ import json
 import posixpath
 import re
 import socket
+import ssl
 import subprocess
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
 
 from helpers import bootstrap as b
+from helpers.mtls_bootstrap import TlsFiles, downstream_tls_socket
+from helpers.pki import CertificateAuthority, write_trust
 from helpers.ports import free_port
 
 RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
@@ -301,3 +306,87 @@ def under_admin_judged(case: Case) -> bool:
     """Whether the DENY policy (not the ALLOW one) refuses this 403 case."""
     target = case.target.split("://", 1)[1].split("/", 1)[1] if "://" in case.target else case.target.lstrip("/")
     return under_admin("/" + target)
+
+
+# --- ALLOW by the peer's verified SPIFFE ID, over real mTLS ------------------------------------------
+
+def spiffe(namespace: str, service_account: str) -> str:
+    return f"spiffe://cluster.local/ns/{namespace}/sa/{service_account}"
+
+
+def mtls_bootstrap(port: int, app_port: int, admin_port: int, server: TlsFiles) -> dict:
+    """The inbound shape of the contract: mTLS chain, hardened HCM, DENY /admin then ALLOW by principal."""
+    deny = rbac_filter("DENY", {
+        DENY_POLICY: {"permissions": [{"url_path": {"path": {"prefix": "/admin"}}}], "principals": [{"any": True}]},
+    })
+    allow = rbac_filter("ALLOW", {
+        "ns[default]-policy[frontend]-rule[0]": {
+            "permissions": [{"header": {"name": ":method", "string_match": {"exact": "GET"}}}],
+            "principals": [{"authenticated": {"principal_name": {"exact": spiffe("default", "frontend")}}}],
+        },
+        "ns[default]-policy[ops-namespace]-rule[0]": {
+            "permissions": [{"any": True}],
+            "principals": [{"authenticated": {"principal_name": {"safe_regex": {"regex": "spiffe://[^/]+/ns/ops/sa/[^/]+"}}}}],
+        },
+    })
+    routes = b.route_configuration("local", [b.virtual_host("all", [b.route("app")])])
+    manager = b.http_connection_manager(
+        routes, normalize_path=True, merge_slashes=True, path_with_escaped_slashes_action="REJECT_REQUEST"
+    )
+    manager["typed_config"]["http_filters"] = [deny, allow, *manager["typed_config"]["http_filters"]]
+    chain = {
+        "filter_chain_match": {"transport_protocol": "tls"},
+        "transport_socket": downstream_tls_socket(server, san_matchers=[{"prefix": "spiffe://cluster.local/"}]),
+        "filters": [manager],
+    }
+    # Envoy picks a chain by transport_protocol only behind the TLS inspector.
+    inspector = {"name": "envoy.filters.listener.tls_inspector", "typed_config": {"@type": b.TLS_INSPECTOR_TYPE}}
+    inbound = b.listener("inbound", port, [chain], listener_filters=[inspector])
+    config = b.bootstrap([inbound], [b.cluster("app", app_port)])
+    config["admin"] = {"address": b.socket_address(admin_port)}
+    return config
+
+
+def send_mtls(port: int, ca: Path, client: tuple[Path, Path], method: str, target: str) -> int:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(ca)
+    context.check_hostname = False  # the server is named by its SPIFFE URI SAN, not a host name
+    context.load_cert_chain(*client)
+    context.set_alpn_protocols(["http/1.1"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw) as sock:
+            length = "content-length: 0\r\n" if method == "POST" else ""
+            sock.sendall(f"{method} {target} HTTP/1.1\r\nhost: svc\r\n{length}connection: close\r\n\r\n".encode())
+            response = b""
+            while b"\r\n" not in response and (chunk := sock.recv(65536)):
+                response += chunk
+    match = re.match(rb"HTTP/1\.1 (\d{3})", response)
+    assert match, response[:200]
+    return int(match.group(1))
+
+
+def test_allow_by_peer_principal_over_mtls(dataplane_kind, dataplane, app, tmp_path):
+    ca = CertificateAuthority.root()
+    trust = write_trust(tmp_path, [ca], [ca])
+    server_cert, server_key = ca.workload(spiffe("default", "reviews")).write(tmp_path, "server")
+    server = TlsFiles(server_cert, server_key, trust.ca, trust.crl)
+    clients = {
+        name: ca.workload(spiffe(namespace, account)).write(tmp_path, name)
+        for name, (namespace, account) in {
+            "frontend": ("default", "frontend"), "stranger": ("default", "stranger"), "ops": ("ops", "backup"),
+        }.items()
+    }  # fmt: skip
+    port, admin_port = free_port(), free_port()
+    dataplane(mtls_bootstrap(port, app.port, admin_port, server))
+    table = [
+        ("frontend", "GET", "/data", 200),
+        ("frontend", "POST", "/data", 403),  # its policy allows GET only
+        ("frontend", "GET", "//admin", 403),  # DENY comes first, whoever asks
+        ("frontend", "GET", "/%61dmin", 403),
+        ("stranger", "GET", "/data", 403),
+        ("ops", "POST", "/data", 200),  # the namespace regex
+        ("ops", "GET", "/a/../admin", 403),
+    ]
+    observed = [(who, method, target, send_mtls(port, trust.ca, clients[who], method, target)) for who, method, target, _ in table]
+    assert observed == table
+    assert sorted(target for _, target in app.received) == ["/data", "/data"]
