@@ -390,3 +390,22 @@ def test_allow_by_peer_principal_over_mtls(dataplane_kind, dataplane, app, tmp_p
     observed = [(who, method, target, send_mtls(port, trust.ca, clients[who], method, target)) for who, method, target, _ in table]
     assert observed == table
     assert sorted(target for _, target in app.received) == ["/data", "/data"]
+
+
+def test_h2c_paths_are_normalized_and_judged_the_same(dataplane_kind, dataplane, app):
+    """HTTP/2 carries the path in `:path`; curl --path-as-is sends it untouched."""
+    port, admin_port = free_port(), free_port()
+    dataplane(rbac_bootstrap(port, app.port, admin_port))
+    table = [("//admin", 403), ("/%61dmin", 403), ("/a/../admin", 403), ("/admin%2Fx", 400), ("/public/./x", 200)]
+    observed = []
+    for target, _ in table:
+        completed = subprocess.run(
+            ["curl", "-sS", "--http2-prior-knowledge", "--path-as-is", "-o", "/dev/null", "-w", "%{http_code} %{http_version}",
+             "-H", "x-caller: trusted", f"http://127.0.0.1:{port}{target}"],
+            capture_output=True, text=True, timeout=20, check=True,
+        )  # fmt: skip
+        code, version = completed.stdout.split()
+        assert version == "2", completed.stdout
+        observed.append((target, int(code)))
+    assert observed == table
+    assert [target for _, target in app.received] == ["/public/x"]
