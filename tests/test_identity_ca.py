@@ -23,7 +23,9 @@ ALICE = SpiffeId("cluster.local", "default", "alice")
 
 def make_csr(*uris: str, key=None, dns: tuple[str, ...] = ()) -> x509.CertificateSigningRequest:
     key = key or ec.generate_private_key(ec.SECP256R1())
-    names = [x509.UniformResourceIdentifier(uri) for uri in uris] + [x509.DNSName(name) for name in dns]
+    names = [x509.UniformResourceIdentifier(uri) for uri in uris] + [
+        x509.DNSName(name) for name in dns
+    ]
     builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=True)
@@ -74,7 +76,9 @@ def test_an_issued_leaf_carries_exactly_the_spiffe_id_and_the_mesh_usages(ca):
     usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert set(usages) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     key_usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
-    assert key_usage.digital_signature and key_usage.key_encipherment and not key_usage.key_cert_sign
+    assert (
+        key_usage.digital_signature and key_usage.key_encipherment and not key_usage.key_cert_sign
+    )
     assert leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
     assert leaf.not_valid_before_utc < before  # backdated for clock skew
     assert abs((leaf.not_valid_after_utc - before).total_seconds() - 3600) < 5
@@ -87,8 +91,18 @@ def test_an_issued_leaf_carries_exactly_the_spiffe_id_and_the_mesh_usages(ca):
 @pytest.mark.parametrize(
     ("uris", "dns", "error", "message"),
     [
-        (("spiffe://cluster.local/ns/default/sa/bob",), (), CsrMismatch, "CSR SAN mismatch.*bob.*alice"),
-        ((str(ALICE), "spiffe://cluster.local/ns/default/sa/bob"), (), CsrMismatch, "exactly one SAN"),
+        (
+            ("spiffe://cluster.local/ns/default/sa/bob",),
+            (),
+            CsrMismatch,
+            "CSR SAN mismatch.*bob.*alice",
+        ),
+        (
+            (str(ALICE), "spiffe://cluster.local/ns/default/sa/bob"),
+            (),
+            CsrMismatch,
+            "exactly one SAN",
+        ),
         ((str(ALICE),), ("alice.example",), CsrMismatch, "exactly one SAN"),
         ((), (), CsrMismatch, "no subjectAltName"),
     ],
@@ -104,7 +118,9 @@ def test_a_weak_rsa_key_is_refused(ca):
         ca.sign_csr(make_csr(str(ALICE), key=weak), ALICE, 3600)
 
 
-def _ca_certificate(name: str, key, issuer_name: str, issuer_key, path_length=None) -> x509.Certificate:
+def _ca_certificate(
+    name: str, key, issuer_name: str, issuer_key, path_length=None
+) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     return (
         x509.CertificateBuilder()
@@ -116,11 +132,19 @@ def _ca_certificate(name: str, key, issuer_name: str, issuer_key, path_length=No
         .not_valid_after(now + datetime.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
-        )  # fmt: skip
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(issuer_key, hashes.SHA256())
     )
@@ -133,9 +157,14 @@ def _write(path, data: bytes, mode: int = 0o644):
 
 
 def test_an_operator_supplied_intermediate_signs_and_the_chain_ends_at_its_root(tmp_path):
-    root_key, intermediate_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    root_key, intermediate_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
     root = _ca_certificate("Operator Root", root_key, "Operator Root", root_key)
-    intermediate = _ca_certificate("Operator Mesh CA", intermediate_key, "Operator Root", root_key, path_length=0)
+    intermediate = _ca_certificate(
+        "Operator Mesh CA", intermediate_key, "Operator Root", root_key, path_length=0
+    )
     pem = serialization.Encoding.PEM
     cert_file = _write(tmp_path / "ca.pem", intermediate.public_bytes(pem))
     key_file = _write(tmp_path / "ca-key.pem", intermediate_key.private_bytes(
@@ -143,9 +172,13 @@ def test_an_operator_supplied_intermediate_signs_and_the_chain_ends_at_its_root(
     chain_file = _write(tmp_path / "chain.pem", root.public_bytes(pem))
 
     with pytest.raises(CaError, match="intermediate CA.*--ca-chain"):
-        CertificateAuthority.open(tmp_path / "ca", "cluster.local", ca_cert=cert_file, ca_key=key_file)
+        CertificateAuthority.open(
+            tmp_path / "ca", "cluster.local", ca_cert=cert_file, ca_key=key_file
+        )
     with pytest.raises(CaError, match="not the private key"):
-        CertificateAuthority.open(tmp_path / "ca", "cluster.local", ca_cert=chain_file, ca_key=key_file)
+        CertificateAuthority.open(
+            tmp_path / "ca", "cluster.local", ca_cert=chain_file, ca_key=key_file
+        )
 
     ca = CertificateAuthority.open(tmp_path / "ca", "cluster.local", ca_cert=cert_file, ca_key=key_file,
                                    ca_chain=chain_file)  # fmt: skip
@@ -174,7 +207,9 @@ def test_rotation_trusts_both_roots_until_it_is_finished(tmp_path, ca):
     assert 3500 < reopened.overlap_until - time.time() <= 3600
     assert stat.S_IMODE((tmp_path / "ca" / "previous-root-key.pem").stat().st_mode) == 0o600
     reopened.finish_rotation()
-    assert x509.load_pem_x509_certificates((tmp_path / "ca" / "root-bundle.pem").read_bytes()) == [ca.signer.root]
+    assert x509.load_pem_x509_certificates((tmp_path / "ca" / "root-bundle.pem").read_bytes()) == [
+        ca.signer.root
+    ]
     assert not (tmp_path / "ca" / "previous-root-key.pem").exists()
     with pytest.raises(CaError, match="no root rotation"):
         reopened.finish_rotation()
@@ -191,16 +226,24 @@ def test_each_root_has_a_crl_it_signed_listing_its_revoked_serials(ca):
     ca.rotate(overlap=3600)
     second = ca.sign_csr(make_csr(str(ALICE)), ALICE, 3600)
     revoked_at = time.time()
-    text = ca.crls_pem({first.issuer: [(first.serial, revoked_at)], second.issuer: [(second.serial, revoked_at)]})
+    text = ca.crls_pem(
+        {first.issuer: [(first.serial, revoked_at)], second.issuer: [(second.serial, revoked_at)]}
+    )
     crls = [x509.load_pem_x509_crl(part.encode()) for part in _pem_blocks(text, "X509 CRL")]
     assert len(crls) == 2
-    for crl, root, serial in zip(crls, [ca.signer.root, ca.previous.root], [second.serial, first.serial], strict=True):
+    for crl, root, serial in zip(
+        crls, [ca.signer.root, ca.previous.root], [second.serial, first.serial], strict=True
+    ):
         assert crl.issuer == root.subject
         assert crl.is_signature_valid(root.public_key())
         assert [entry.serial_number for entry in crl] == [serial]
-        assert crl.next_update_utc - datetime.datetime.now(datetime.UTC) < datetime.timedelta(hours=5)
+        assert crl.next_update_utc - datetime.datetime.now(datetime.UTC) < datetime.timedelta(
+            hours=5
+        )
         assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number > 0
-    empty = x509.load_pem_x509_crl(ca.crls_pem({}).split("-----END X509 CRL-----")[0].encode() + b"-----END X509 CRL-----\n")
+    empty = x509.load_pem_x509_crl(
+        ca.crls_pem({}).split("-----END X509 CRL-----")[0].encode() + b"-----END X509 CRL-----\n"
+    )
     assert list(empty) == []
 
 
@@ -244,7 +287,9 @@ def test_join_tokens_store_only_a_hash_and_expire_and_revoke():
     assert text.startswith("meshctl-join.") and secret not in str(record.as_record())
     assert tokens.check_token(record, token_id, secret, now=1001.0) == record
     with pytest.raises(tokens.JoinTokenError, match="wrong secret"):
-        tokens.check_token(record, token_id, secret[:-1] + ("A" if secret[-1] != "A" else "B"), now=1001.0)
+        tokens.check_token(
+            record, token_id, secret[:-1] + ("A" if secret[-1] != "A" else "B"), now=1001.0
+        )
     with pytest.raises(tokens.JoinTokenError, match="expired"):
         tokens.check_token(record, token_id, secret, now=1061.0)
     revoked = tokens.JoinToken.from_record({**record.as_record(), "revoked": True})

@@ -22,7 +22,9 @@ from test_identity_plane_e2e import (
 
 from meshctl.grpc import StatusCode
 
-pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd not installed (Debian etcd-server)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("etcd") is None, reason="etcd not installed (Debian etcd-server)"
+)
 
 
 def test_tokens_certificates_and_revocations_are_shared_by_planes_on_etcd(tmp_path: Path):
@@ -37,14 +39,20 @@ def test_tokens_certificates_and_revocations_are_shared_by_planes_on_etcd(tmp_pa
         a, b = planes
         alice = Workload(tmp_path, "alice")
         token = join_token(a, "alice")
-        leaf = alice.keep(create_certificate(b, alice.csr(ALICE), bearer=token))  # made on a, used on b
-        assert re.search(rf"{re.escape(ALICE)}\s+{leaf.serial_number:x}\s", a.meshctl("identity", "list").stdout)
+        leaf = alice.keep(
+            create_certificate(b, alice.csr(ALICE), bearer=token)
+        )  # made on a, used on b
+        assert re.search(
+            rf"{re.escape(ALICE)}\s+{leaf.serial_number:x}\s", a.meshctl("identity", "list").stdout
+        )
 
         def revoke_on_a() -> None:
             result = a.meshctl("identity", "revoke", format(leaf.serial_number, "x"))
             assert result.returncode == 0, result.stderr
 
-        took, serials = trio.run(_register_and_follow_rootca, b, alice, "alice-ha", revoke_on_a, leaf.serial_number)
+        took, serials = trio.run(
+            _register_and_follow_rootca, b, alice, "alice-ha", revoke_on_a, leaf.serial_number
+        )
         assert took < 5 and leaf.serial_number in serials  # b's sidecars learn a's revocation
         error = refused(b, alice.csr(ALICE), workload=alice)
         assert error.code == StatusCode.PERMISSION_DENIED and "is revoked" in error.message

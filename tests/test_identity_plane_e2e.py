@@ -19,6 +19,7 @@ from envoy.config.core.v3.base_pb2 import Node
 from envoy.extensions.transport_sockets.tls.v3.secret_pb2 import Secret
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 from google.protobuf import struct_pb2
+from helpers.control_plane import ControlPlane, start_control_plane
 
 from meshctl.control.client import Client
 from meshctl.control.istio_ca_messages import (
@@ -27,7 +28,6 @@ from meshctl.control.istio_ca_messages import (
     IstioCertificateResponse,
 )
 from meshctl.grpc import GrpcError, StatusCode, open_grpc_channel
-from helpers.control_plane import ControlPlane, start_control_plane
 
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 REGISTER_METHOD = "/meshctl.registry.v1.Registry/Register"
@@ -59,7 +59,9 @@ class Workload:
     def __init__(self, directory: Path, name: str) -> None:
         self.key = ec.generate_private_key(ec.SECP256R1())
         self.key_pem = self.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
         self.cert_path = directory / f"{name}-cert.pem"
         self.key_path = directory / f"{name}-key.pem"
@@ -70,7 +72,9 @@ class Workload:
         request = (
             x509.CertificateSigningRequestBuilder()
             .subject_name(x509.Name([]))
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True
+            )
             .sign(self.key, hashes.SHA256())
         )
         return request.public_bytes(serialization.Encoding.PEM).decode()
@@ -80,21 +84,27 @@ class Workload:
         return x509.load_pem_x509_certificate(chain[0].encode())
 
 
-def tls_context(plane: ControlPlane, workload: Workload | None = None, cafile: Path | None = None) -> ssl.SSLContext:
+def tls_context(
+    plane: ControlPlane, workload: Workload | None = None, cafile: Path | None = None
+) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(cafile or bundle_path(plane)))
     if workload is not None:
         context.load_cert_chain(workload.cert_path, workload.key_path)
     return context
 
 
-async def _create(plane, csr: str, *, bearer=None, workload=None, ttl=0, plaintext=False, cafile=None) -> list[str]:
+async def _create(
+    plane, csr: str, *, bearer=None, workload=None, ttl=0, plaintext=False, cafile=None
+) -> list[str]:
     host, port = xds_address(plane)
     metadata = [("authorization", f"Bearer {bearer}")] if bearer else []
     request = IstioCertificateRequest(csr=csr, validity_duration=ttl)
     request.metadata.update({"nodeId": "test-node"})
     context = None if plaintext else tls_context(plane, workload, cafile)
     async with open_grpc_channel(host, port, ssl_context=context, connect_timeout=5) as channel:
-        answer = await channel.unary(CREATE_CERTIFICATE_METHOD, request.SerializeToString(), metadata)
+        answer = await channel.unary(
+            CREATE_CERTIFICATE_METHOD, request.SerializeToString(), metadata
+        )
     return list(IstioCertificateResponse.FromString(answer).cert_chain)
 
 
@@ -109,10 +119,14 @@ def refused(plane, csr: str, **options) -> GrpcError:
 
 
 def join_token(plane: ControlPlane, service_account: str, ttl: str = "10m") -> str:
-    result = plane.meshctl("identity", "token", "create", "--service-account", service_account, "--ttl", ttl)
+    result = plane.meshctl(
+        "identity", "token", "create", "--service-account", service_account, "--ttl", ttl
+    )
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip()
-    assert re.fullmatch(r"meshctl-join\.[0-9a-f]{16}\.[A-Za-z0-9_-]{43}", token), result.stdout  # only the token
+    assert re.fullmatch(r"meshctl-join\.[0-9a-f]{16}\.[A-Za-z0-9_-]{43}", token), (
+        result.stdout
+    )  # only the token
     return token
 
 
@@ -134,14 +148,20 @@ def test_a_join_token_gets_a_certificate_that_verifies_against_the_bundle(plane,
     assert 590 < (leaf.not_valid_after_utc.timestamp() - time.time()) <= 600
     listed = plane.meshctl("identity", "list")
     assert listed.returncode == 0, listed.stderr
-    assert re.search(rf"{re.escape(ALICE)}\s+{leaf.serial_number:x}\s+\S+Z\s+no\s+test-node", listed.stdout)
+    assert re.search(
+        rf"{re.escape(ALICE)}\s+{leaf.serial_number:x}\s+\S+Z\s+no\s+test-node", listed.stdout
+    )
 
 
 def test_a_token_obtains_only_its_own_service_account(plane, tmp_path):
     token = join_token(plane, "alice")
     error = refused(plane, Workload(tmp_path, "x").csr(BOB), bearer=token)
     assert error.code == StatusCode.PERMISSION_DENIED
-    assert "CSR SAN mismatch" in error.message and "sa/bob" in error.message and "sa/alice" in error.message
+    assert (
+        "CSR SAN mismatch" in error.message
+        and "sa/bob" in error.message
+        and "sa/alice" in error.message
+    )
 
 
 def test_expired_and_revoked_tokens_are_refused(plane, tmp_path):
@@ -155,7 +175,10 @@ def test_expired_and_revoked_tokens_are_refused(plane, tmp_path):
     error = refused(plane, csr, bearer=expired)
     assert error.code == StatusCode.UNAUTHENTICATED and "expired" in error.message
     error = refused(plane, csr, bearer=revoked)
-    assert error.code == StatusCode.UNAUTHENTICATED and f"join token {token_id} is revoked" in error.message
+    assert (
+        error.code == StatusCode.UNAUTHENTICATED
+        and f"join token {token_id} is revoked" in error.message
+    )
     listed = plane.meshctl("identity", "token", "list").stdout
     assert re.search(rf"{token_id}\s+default\s+alice\s+\S+\s+revoked", listed)
     assert revoked.split(".")[2] not in listed  # never the secret
@@ -167,7 +190,9 @@ def test_expired_and_revoked_tokens_are_refused(plane, tmp_path):
 
 def test_renewal_with_the_client_certificate_and_refusal_once_revoked(plane, tmp_path):
     alice = Workload(tmp_path, "alice")
-    first = alice.keep(create_certificate(plane, alice.csr(ALICE), bearer=join_token(plane, "alice")))
+    first = alice.keep(
+        create_certificate(plane, alice.csr(ALICE), bearer=join_token(plane, "alice"))
+    )
     # Renewal: no token, the certificate itself; a new key, the same identity.
     renewed_key = Workload(tmp_path, "alice-next")
     second = renewed_key.keep(create_certificate(plane, renewed_key.csr(ALICE), workload=alice))
@@ -188,33 +213,61 @@ def test_renewal_with_the_client_certificate_and_refusal_once_revoked(plane, tmp
 
 def test_the_xds_port_refuses_a_plaintext_client(plane, tmp_path):
     with pytest.raises(GrpcError) as caught:
-        create_certificate(plane, Workload(tmp_path, "p").csr(ALICE), bearer=join_token(plane, "alice"), plaintext=True)
+        create_certificate(
+            plane,
+            Workload(tmp_path, "p").csr(ALICE),
+            bearer=join_token(plane, "alice"),
+            plaintext=True,
+        )
     assert caught.value.code == StatusCode.UNAVAILABLE
 
 
 def test_cli_input_errors_and_missing_certificates_have_their_exit_codes(plane):
     assert plane.meshctl("identity", "revoke", "abc123").returncode == 4
-    assert plane.meshctl("identity", "revoke", "abc123", "--service-account", "alice").returncode == 2
+    assert (
+        plane.meshctl("identity", "revoke", "abc123", "--service-account", "alice").returncode == 2
+    )
     assert plane.meshctl("identity", "revoke").returncode == 2
-    assert plane.meshctl("identity", "token", "create", "--service-account", "a", "--ttl", "soon").returncode == 2
+    assert (
+        plane.meshctl(
+            "identity", "token", "create", "--service-account", "a", "--ttl", "soon"
+        ).returncode
+        == 2
+    )
     result = plane.meshctl("identity", "token", "create", "--service-account", "Not_A_Name")
     assert result.returncode == 2 and "service account 'Not_A_Name'" in result.stderr
     assert plane.meshctl("identity", "token", "revoke", "0000000000000000").returncode == 4
     assert plane.meshctl("identity", "revoke", "--service-account", "nobody").returncode == 4
 
 
-async def _register_and_follow_rootca(plane, workload: Workload, node_id: str, revoke, serial: int) -> tuple[int, list[int]]:
+async def _register_and_follow_rootca(
+    plane, workload: Workload, node_id: str, revoke, serial: int
+) -> tuple[int, list[int]]:
     """Register over gRPC with the client certificate, subscribe to ROOTCA over ADS, revoke, and
     return (seconds until the new CRL arrived, serials in it)."""
     host, port = xds_address(plane)
     async with open_grpc_channel(host, port, ssl_context=tls_context(plane, workload)) as channel:
         body = struct_pb2.Struct()
-        body.update({"nodeId": node_id, "service": "alice-svc", "namespace": "default", "appPort": 18080, "ready": True})
-        answer = struct_pb2.Struct.FromString(await channel.unary(REGISTER_METHOD, body.SerializeToString()))
+        body.update(
+            {
+                "nodeId": node_id,
+                "service": "alice-svc",
+                "namespace": "default",
+                "appPort": 18080,
+                "ready": True,
+            }
+        )
+        answer = struct_pb2.Struct.FromString(
+            await channel.unary(REGISTER_METHOD, body.SerializeToString())
+        )
         assert answer["sidecar"]["identity"] == ALICE
         async with channel.open_stream(ADS_METHOD) as stream:
             node = Node(id=node_id, cluster="alice-svc")
-            await stream.send_message(DiscoveryRequest(node=node, type_url=SECRET_TYPE, resource_names=["ROOTCA"]).SerializeToString())
+            await stream.send_message(
+                DiscoveryRequest(
+                    node=node, type_url=SECRET_TYPE, resource_names=["ROOTCA"]
+                ).SerializeToString()
+            )
             with trio.fail_after(10):
                 response = DiscoveryResponse.FromString(await stream.receive_message())
             assert serial not in _revoked_serials(response)
@@ -233,12 +286,17 @@ async def _register_and_follow_rootca(plane, workload: Workload, node_id: str, r
 
 async def _open_ads(plane, workload: Workload) -> None:
     host, port = xds_address(plane)
-    async with open_grpc_channel(host, port, ssl_context=tls_context(plane, workload)) as channel:
-        async with channel.open_stream(ADS_METHOD) as stream:
-            request = DiscoveryRequest(node=Node(id="alice-2"), type_url=SECRET_TYPE, resource_names=["ROOTCA"])
-            await stream.send_message(request.SerializeToString())
-            with trio.fail_after(10):
-                await stream.receive_message()
+    context = tls_context(plane, workload)
+    async with (
+        open_grpc_channel(host, port, ssl_context=context) as channel,
+        channel.open_stream(ADS_METHOD) as stream,
+    ):
+        request = DiscoveryRequest(
+            node=Node(id="alice-2"), type_url=SECRET_TYPE, resource_names=["ROOTCA"]
+        )
+        await stream.send_message(request.SerializeToString())
+        with trio.fail_after(10):
+            await stream.receive_message()
 
 
 def _revoked_serials(response: DiscoveryResponse) -> list[int]:
@@ -256,19 +314,25 @@ def _revoked_serials(response: DiscoveryResponse) -> list[int]:
 def test_a_revocation_reaches_the_rootca_secret_over_ads_within_seconds(plane, tmp_path):
     bob = Workload(tmp_path, "bob-reg")
     alice = Workload(tmp_path, "alice-reg")
-    leaf = alice.keep(create_certificate(plane, alice.csr(ALICE), bearer=join_token(plane, "alice")))
+    leaf = alice.keep(
+        create_certificate(plane, alice.csr(ALICE), bearer=join_token(plane, "alice"))
+    )
     bob.keep(create_certificate(plane, bob.csr(BOB), bearer=join_token(plane, "bob")))
 
     def revoke() -> None:
         result = plane.meshctl("identity", "revoke", "--service-account", "alice")
         assert result.returncode == 0, result.stderr
 
-    took, serials = trio.run(_register_and_follow_rootca, plane, alice, "alice-1", revoke, leaf.serial_number)
+    took, serials = trio.run(
+        _register_and_follow_rootca, plane, alice, "alice-1", revoke, leaf.serial_number
+    )
     assert took < 5 and leaf.serial_number in serials
     # A revoked certificate no longer opens an ADS stream either.
     with pytest.raises(GrpcError) as caught:
         trio.run(_open_ads, plane, alice)
-    assert caught.value.code == StatusCode.PERMISSION_DENIED and "is revoked" in caught.value.message
+    assert (
+        caught.value.code == StatusCode.PERMISSION_DENIED and "is revoked" in caught.value.message
+    )
     registered = Client(tuple(plane.address.split(":")), plane.token_path.read_text().strip())
     registered.port = int(registered.port)
     [sidecar] = [s for s in registered.sidecars()["items"] if s["nodeId"] == "alice-1"]
@@ -301,12 +365,21 @@ def test_root_rotation_trusts_both_roots_until_finished(tmp_path):
     try:
         alice = Workload(tmp_path, "alice")
         old_root = roots(plane)[0]
-        old_leaf = alice.keep(create_certificate(plane, alice.csr(ALICE), bearer=join_token(plane, "alice")))
+        old_leaf = alice.keep(
+            create_certificate(plane, alice.csr(ALICE), bearer=join_token(plane, "alice"))
+        )
         shown = plane.meshctl("identity", "root", "show")
-        assert shown.returncode == 0 and "SHA-256 fingerprint:" in shown.stdout and shown.stdout.count("BEGIN CERTIFICATE") == 1
+        assert (
+            shown.returncode == 0
+            and "SHA-256 fingerprint:" in shown.stdout
+            and shown.stdout.count("BEGIN CERTIFICATE") == 1
+        )
         rotated = plane.meshctl("identity", "root", "rotate", "--overlap", "1h")
         assert rotated.returncode == 0, rotated.stderr
-        assert "root rotation started" in rotated.stdout and rotated.stdout.count("BEGIN CERTIFICATE") == 2
+        assert (
+            "root rotation started" in rotated.stdout
+            and rotated.stdout.count("BEGIN CERTIFICATE") == 2
+        )
         new_root, previous = roots(plane)
         assert previous == old_root and new_root != old_root
         # Sidecars started before the rotation know only the old root: during the overlap the
@@ -336,7 +409,12 @@ def test_plaintext_mode_says_so(tmp_path):
     plane = start_control_plane(tmp_path / "plain", "--xds-plaintext")
     try:
         assert "xDS (ADS, plaintext h2c: debugging only" in plane.log()
-        chain = create_certificate(plane, Workload(tmp_path, "a").csr(ALICE), bearer=join_token(plane, "alice"), plaintext=True)
+        chain = create_certificate(
+            plane,
+            Workload(tmp_path, "a").csr(ALICE),
+            bearer=join_token(plane, "alice"),
+            plaintext=True,
+        )
         assert len(chain) == 2
     finally:
         plane.stop()

@@ -11,7 +11,11 @@ def parse_duration(text: str, option: str) -> float:
 
     stripped = text.strip()
     try:
-        seconds = float(stripped) if stripped.replace(".", "", 1).isdigit() else duration_seconds(stripped)
+        seconds = (
+            float(stripped)
+            if stripped.replace(".", "", 1).isdigit()
+            else duration_seconds(stripped)
+        )
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint=option) from None
     if seconds <= 0:

@@ -19,14 +19,20 @@ app = typer.Typer(
     help="Workload identities: join tokens, certificates, revocation, the CA's roots.",
     no_args_is_help=True,
 )
-token_app = typer.Typer(help="Join tokens: how a new sidecar proves its service account once.", no_args_is_help=True)
+token_app = typer.Typer(
+    help="Join tokens: how a new sidecar proves its service account once.", no_args_is_help=True
+)
 root_app = typer.Typer(help="The CA's roots: show them, rotate them.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(root_app, name="root")
 identity_agent.register(app)
 
-ServiceAccountOption = Annotated[str, typer.Option("--service-account", help="The workload's service account.")]
-NamespaceOption = Annotated[str, typer.Option("--namespace", "-n", help="The workload's namespace.")]
+ServiceAccountOption = Annotated[
+    str, typer.Option("--service-account", help="The workload's service account.")
+]
+NamespaceOption = Annotated[
+    str, typer.Option("--namespace", "-n", help="The workload's namespace.")
+]
 
 
 def register(main: typer.Typer) -> None:
@@ -40,7 +46,9 @@ def register(main: typer.Typer) -> None:
 def token_create(
     service_account: ServiceAccountOption,
     namespace: NamespaceOption = "default",
-    ttl: Annotated[str, typer.Option(help="How long the token can be used (e.g. 10m, 1h, 24h).")] = "1h",
+    ttl: Annotated[
+        str, typer.Option(help="How long the token can be used (e.g. 10m, 1h, 24h).")
+    ] = "1h",
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -79,7 +87,9 @@ def token_list(control_plane: ControlPlaneOption = None, token: TokenOption = No
 
 @token_app.command("revoke")
 def token_revoke(
-    token_id: Annotated[str, typer.Argument(metavar="ID", help="The token's id (the part after meshctl-join.).")],
+    token_id: Annotated[
+        str, typer.Argument(metavar="ID", help="The token's id (the part after meshctl-join.).")
+    ],
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -118,9 +128,15 @@ def identity_list(control_plane: ControlPlaneOption = None, token: TokenOption =
 
 @app.command("revoke")
 def identity_revoke(
-    serial: Annotated[str | None, typer.Argument(help="The certificate's serial, hex (from `meshctl identity list`).")] = None,
+    serial: Annotated[
+        str | None,
+        typer.Argument(help="The certificate's serial, hex (from `meshctl identity list`)."),
+    ] = None,
     service_account: Annotated[
-        str | None, typer.Option("--service-account", help="Revoke every unexpired certificate of this service account.")
+        str | None,
+        typer.Option(
+            "--service-account", help="Revoke every unexpired certificate of this service account."
+        ),
     ] = None,
     namespace: NamespaceOption = "default",
     control_plane: ControlPlaneOption = None,
@@ -132,9 +148,15 @@ def identity_revoke(
     from meshctl.control.client import ClientError
 
     if (serial is None) == (service_account is None):
-        raise typer.BadParameter("give a SERIAL or --service-account, not both", param_hint="SERIAL")
+        raise typer.BadParameter(
+            "give a SERIAL or --service-account, not both", param_hint="SERIAL"
+        )
     client = connect(control_plane, token, "identity revoke")
-    body = {"serial": serial} if serial is not None else {"serviceAccount": service_account, "namespace": namespace}
+    body = (
+        {"serial": serial}
+        if serial is not None
+        else {"serviceAccount": service_account, "namespace": namespace}
+    )
     try:
         revoked = client.revoke_certificates(body)["revoked"]
     except ClientError as error:
@@ -166,7 +188,9 @@ def root_rotate(
     ] = False,
     overlap: Annotated[
         str | None,
-        typer.Option(help="How long both roots stay trusted before the old one is dropped (default 24h)."),
+        typer.Option(
+            help="How long both roots stay trusted before the old one is dropped (default 24h)."
+        ),
     ] = None,
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,
@@ -177,7 +201,9 @@ def root_rotate(
     from meshctl.control.client import ClientError
 
     if finish and overlap is not None:
-        raise typer.BadParameter("--overlap applies when starting a rotation, not with --finish", param_hint="--overlap")
+        raise typer.BadParameter(
+            "--overlap applies when starting a rotation, not with --finish", param_hint="--overlap"
+        )
     seconds = parse_duration(overlap, "--overlap") if overlap is not None else None
     command = "identity root rotate"
     client = connect(control_plane, token, command)
@@ -210,6 +236,12 @@ def _time(epoch: float | None) -> str:
 
 
 def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
+    widths = [
+        max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)
+    ]
     for row in (headers, *rows):
-        typer.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        typer.echo(
+            "  ".join(
+                str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
+            ).rstrip()
+        )

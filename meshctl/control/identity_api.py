@@ -1,13 +1,13 @@
 """The identity endpoints of the REST API (API token), behind `meshctl identity ...`:
 
-    POST   /v1/identity/tokens                {"serviceAccount", "namespace", "ttlSeconds"} → the token
-    GET    /v1/identity/tokens                every join token (never a secret)
-    DELETE /v1/identity/tokens/{id}           revoke a join token
-    GET    /v1/identity/certificates          issued certificates: SPIFFE ID, serial, expiry, revoked
-    POST   /v1/identity/revocations           {"serial"} or {"serviceAccount", "namespace"}
-    GET    /v1/identity/roots                 the trust bundle's roots
-    POST   /v1/identity/roots/rotate          {"overlapSeconds"}: a new root signs from now on
-    POST   /v1/identity/roots/finish          stop trusting the previous root
+POST   /v1/identity/tokens                {"serviceAccount", "namespace", "ttlSeconds"} → the token
+GET    /v1/identity/tokens                every join token (never a secret)
+DELETE /v1/identity/tokens/{id}           revoke a join token
+GET    /v1/identity/certificates          issued certificates: SPIFFE ID, serial, expiry, revoked
+POST   /v1/identity/revocations           {"serial"} or {"serviceAccount", "namespace"}
+GET    /v1/identity/roots                 the trust bundle's roots
+POST   /v1/identity/roots/rotate          {"overlapSeconds"}: a new root signs from now on
+POST   /v1/identity/roots/finish          stop trusting the previous root
 """
 
 from __future__ import annotations

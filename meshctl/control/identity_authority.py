@@ -66,7 +66,9 @@ class CertificateSettings:
 class IdentityAuthority:
     """Bound to the store by `serve()`; every method after that runs on the plane's trio thread."""
 
-    def __init__(self, ca: CertificateAuthority, settings: CertificateSettings = CertificateSettings()) -> None:
+    def __init__(
+        self, ca: CertificateAuthority, settings: CertificateSettings = CertificateSettings()
+    ) -> None:
         self.ca = ca
         self.settings = settings
         self.store: Store | None = None
@@ -82,7 +84,9 @@ class IdentityAuthority:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    async def serve(self, store: Store, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, store: Store, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Load revocations, then keep CRLs fresh, finish rotations whose overlap ran out, prune
         expired records and (etcd) follow other planes' revocations, until cancelled."""
         self.store = store
@@ -108,7 +112,9 @@ class IdentityAuthority:
         while True:
             now = time.time()
             if self.ca.overlap_over(now):
-                log.info("root rotation: the overlap is over; the previous root is no longer trusted")
+                log.info(
+                    "root rotation: the overlap is over; the previous root is no longer trusted"
+                )
                 self.finish_rotation()
             elif now - self._crls_made >= CRL_REFRESH or self._drop_expired(now):
                 self._make_crls()
@@ -185,7 +191,9 @@ class IdentityAuthority:
 
     # --- join tokens -----------------------------------------------------------------------------
 
-    async def create_token(self, service_account: str, namespace: str, ttl: float) -> tuple[str, tokens.JoinToken]:
+    async def create_token(
+        self, service_account: str, namespace: str, ttl: float
+    ) -> tuple[str, tokens.JoinToken]:
         store = self._require_store()
         SpiffeId(self.ca.trust_domain, namespace, service_account)  # validates both names
         try:
@@ -193,11 +201,20 @@ class IdentityAuthority:
         except tokens.JoinTokenError as error:
             raise IdentityError("invalid", str(error)) from None
         await store.put_record(TOKENS, record.token_id, record.as_record())
-        log.info("join token %s created for %s/%s, expires in %.0fs", record.token_id, namespace, service_account, ttl)
+        log.info(
+            "join token %s created for %s/%s, expires in %.0fs",
+            record.token_id,
+            namespace,
+            service_account,
+            ttl,
+        )
         return text, record
 
     async def list_tokens(self) -> list[tokens.JoinToken]:
-        return [tokens.JoinToken.from_record(r) for r in await self._require_store().list_records(TOKENS)]
+        return [
+            tokens.JoinToken.from_record(r)
+            for r in await self._require_store().list_records(TOKENS)
+        ]
 
     async def revoke_token(self, token_id: str) -> tokens.JoinToken:
         store = self._require_store()
@@ -214,7 +231,9 @@ class IdentityAuthority:
         every time: a revocation on another plane counts at once)."""
         token_id, secret = tokens.parse_token(text)
         record = await self._require_store().get_record(TOKENS, token_id)
-        return tokens.check_token(tokens.JoinToken.from_record(record) if record else None, token_id, secret)
+        return tokens.check_token(
+            tokens.JoinToken.from_record(record) if record else None, token_id, secret
+        )
 
     # --- certificates ------------------------------------------------------------------------
 
@@ -247,10 +266,14 @@ class IdentityAuthority:
             raise IdentityError("invalid", f"serial {serial_text!r} is not hexadecimal") from None
         record = await store.get_record(CERTIFICATES, format(serial, "x"))
         if record is None:
-            raise IdentityError("not_found", f"no certificate with serial {format(serial, 'x')} was issued here")
+            raise IdentityError(
+                "not_found", f"no certificate with serial {format(serial, 'x')} was issued here"
+            )
         return await self._revoke([record])
 
-    async def revoke_service_account(self, service_account: str, namespace: str) -> list[dict[str, Any]]:
+    async def revoke_service_account(
+        self, service_account: str, namespace: str
+    ) -> list[dict[str, Any]]:
         wanted = str(SpiffeId(self.ca.trust_domain, namespace, service_account))
         now = time.time()
         records = [
@@ -309,7 +332,9 @@ class IdentityAuthority:
             self.ca.finish_rotation()
         except CaError as error:
             raise IdentityError("conflict", str(error)) from None
-        log.info("root rotation finished: only root %s is trusted", fingerprint(self.ca.signer.root)[:23])
+        log.info(
+            "root rotation finished: only root %s is trusted", fingerprint(self.ca.signer.root)[:23]
+        )
         self._roots_changed()
 
     def _roots_changed(self) -> None:

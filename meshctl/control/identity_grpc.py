@@ -54,7 +54,9 @@ class Caller:
     description: str
 
 
-def peer_identity(stream: ServerStream, authority: IdentityAuthority) -> tuple[SpiffeId, x509.Certificate] | None:
+def peer_identity(
+    stream: ServerStream, authority: IdentityAuthority
+) -> tuple[SpiffeId, x509.Certificate] | None:
     """The SPIFFE ID of the client certificate the TLS handshake verified; None without one.
     GrpcError if it names no usable identity, is expired or is revoked."""
     if stream.peer_certificate is None:
@@ -63,19 +65,28 @@ def peer_identity(stream: ServerStream, authority: IdentityAuthority) -> tuple[S
     serial = format(certificate.serial_number, "x")
     uris = uri_sans(certificate)
     if len(uris) != 1:
-        raise GrpcError(StatusCode.PERMISSION_DENIED, f"client certificate {serial} must carry exactly one URI SAN")
+        raise GrpcError(
+            StatusCode.PERMISSION_DENIED,
+            f"client certificate {serial} must carry exactly one URI SAN",
+        )
     try:
         identity = SpiffeId.parse(uris[0])
     except SpiffeIdError as error:
-        raise GrpcError(StatusCode.PERMISSION_DENIED, f"client certificate {serial}: {error}") from None
+        raise GrpcError(
+            StatusCode.PERMISSION_DENIED, f"client certificate {serial}: {error}"
+        ) from None
     if identity.trust_domain != authority.ca.trust_domain:
         raise GrpcError(StatusCode.PERMISSION_DENIED,
                         f"client certificate {serial} is for trust domain {identity.trust_domain}, "
                         f"not {authority.ca.trust_domain}")  # fmt: skip
     if certificate.not_valid_after_utc.timestamp() <= time.time():
-        raise GrpcError(StatusCode.UNAUTHENTICATED, f"client certificate {serial} ({identity}) has expired")
+        raise GrpcError(
+            StatusCode.UNAUTHENTICATED, f"client certificate {serial} ({identity}) has expired"
+        )
     if authority.revoked_serial(certificate.serial_number):
-        raise GrpcError(StatusCode.PERMISSION_DENIED, f"client certificate {serial} ({identity}) is revoked")
+        raise GrpcError(
+            StatusCode.PERMISSION_DENIED, f"client certificate {serial} ({identity}) is revoked"
+        )
     return identity, certificate
 
 
@@ -115,7 +126,9 @@ class IdentityHandlers:
             scheme, _, presented = header.partition(" ")
             presented = presented.strip()
             if scheme.lower() != "bearer" or not presented:
-                raise GrpcError(StatusCode.UNAUTHENTICATED, "authorization metadata must be 'Bearer <token>'")
+                raise GrpcError(
+                    StatusCode.UNAUTHENTICATED, "authorization metadata must be 'Bearer <token>'"
+                )
             if is_join_token(presented):
                 try:
                     token = await self.authority.check_join_token(presented)
@@ -124,12 +137,20 @@ class IdentityHandlers:
                     raise GrpcError(StatusCode.UNAUTHENTICATED, str(error)) from None
                 except IdentityError as error:
                     raise GrpcError(StatusCode.UNAVAILABLE, error.message) from None
-                identity = SpiffeId(self.authority.ca.trust_domain, token.namespace, token.service_account)
+                identity = SpiffeId(
+                    self.authority.ca.trust_domain, token.namespace, token.service_account
+                )
                 return Caller("join token", identity, f"join token {token.token_id} ({identity})")
             if hmac.compare_digest(presented.encode(), self.api_token.encode()):
                 return Caller("operator", None, "the API token")
-            log.warning("refused a bearer token from %s: neither a join token nor the API token", stream.peer)
-            raise GrpcError(StatusCode.UNAUTHENTICATED, "the bearer token is neither a join token nor the API token")
+            log.warning(
+                "refused a bearer token from %s: neither a join token nor the API token",
+                stream.peer,
+            )
+            raise GrpcError(
+                StatusCode.UNAUTHENTICATED,
+                "the bearer token is neither a join token nor the API token",
+            )
         try:
             found = peer_identity(stream, self.authority)
         except GrpcError as error:
@@ -149,7 +170,9 @@ class IdentityHandlers:
         try:
             request = IstioCertificateRequest.FromString(raw)
         except DecodeError as error:
-            raise GrpcError(StatusCode.INVALID_ARGUMENT, f"not an IstioCertificateRequest: {error}") from None
+            raise GrpcError(
+                StatusCode.INVALID_ARGUMENT, f"not an IstioCertificateRequest: {error}"
+            ) from None
         caller = await self._caller(stream)
         try:
             csr = load_csr(request.csr)
@@ -158,16 +181,28 @@ class IdentityHandlers:
         identity = caller.identity or _operator_identity(csr, self.authority.ca.trust_domain)
         node = _node_of(request)
         try:
-            issued = await self.authority.issue(csr, identity, float(request.validity_duration), node)
+            issued = await self.authority.issue(
+                csr, identity, float(request.validity_duration), node
+            )
         except CsrMismatch as error:
-            log.warning("refused a certificate to %s (%s): %s", caller.description, stream.peer, error)
-            raise GrpcError(StatusCode.PERMISSION_DENIED, f"{error} (authorised by {caller.description})") from None
+            log.warning(
+                "refused a certificate to %s (%s): %s", caller.description, stream.peer, error
+            )
+            raise GrpcError(
+                StatusCode.PERMISSION_DENIED, f"{error} (authorised by {caller.description})"
+            ) from None
         except CsrError as error:
             raise GrpcError(StatusCode.INVALID_ARGUMENT, str(error)) from None
         except IdentityError as error:
-            code = StatusCode.UNAVAILABLE if error.code == "unavailable" else StatusCode.INVALID_ARGUMENT
+            code = (
+                StatusCode.UNAVAILABLE
+                if error.code == "unavailable"
+                else StatusCode.INVALID_ARGUMENT
+            )
             raise GrpcError(code, error.message) from None
-        await stream.send_message(IstioCertificateResponse(cert_chain=issued.chain_pem).SerializeToString())
+        await stream.send_message(
+            IstioCertificateResponse(cert_chain=issued.chain_pem).SerializeToString()
+        )
 
     async def register(self, stream: ServerStream) -> None:
         node_id, body = await self._registration(stream)
@@ -183,7 +218,9 @@ class IdentityHandlers:
                 )
 
         try:
-            answer = await register(self.registry, node_id, body, str(identity) if identity else None, check)
+            answer = await register(
+                self.registry, node_id, body, str(identity) if identity else None, check
+            )
         except ApiError as error:
             raise GrpcError(StatusCode.INVALID_ARGUMENT, error.message) from None
         await stream.send_message(_struct(answer))
@@ -217,7 +254,9 @@ class IdentityHandlers:
         try:
             message = struct_pb2.Struct.FromString(raw)
         except DecodeError as error:
-            raise GrpcError(StatusCode.INVALID_ARGUMENT, f"not a google.protobuf.Struct: {error}") from None
+            raise GrpcError(
+                StatusCode.INVALID_ARGUMENT, f"not a google.protobuf.Struct: {error}"
+            ) from None
         body = _integral_numbers(json_format.MessageToDict(message))
         node_id = body.pop("nodeId", None)
         if not isinstance(node_id, str) or not node_id:
@@ -233,7 +272,9 @@ def _operator_identity(csr: x509.CertificateSigningRequest, trust_domain: str) -
     except (x509.ExtensionNotFound, ValueError):
         uris = []
     if len(uris) != 1:
-        raise GrpcError(StatusCode.INVALID_ARGUMENT, "the CSR must carry exactly one URI SAN (a SPIFFE ID)")
+        raise GrpcError(
+            StatusCode.INVALID_ARGUMENT, "the CSR must carry exactly one URI SAN (a SPIFFE ID)"
+        )
     try:
         identity = SpiffeId.parse(uris[0])
     except SpiffeIdError as error:

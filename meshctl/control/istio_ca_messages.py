@@ -24,13 +24,17 @@ def _file() -> descriptor_pb2.FileDescriptorProto:
     )
     request = file.message_type.add(name="IstioCertificateRequest")
     request.field.add(name="csr", number=1, type=_Field.TYPE_STRING, label=_Field.LABEL_OPTIONAL)
-    request.field.add(name="validity_duration", number=2, type=_Field.TYPE_INT64, label=_Field.LABEL_OPTIONAL)
+    request.field.add(
+        name="validity_duration", number=2, type=_Field.TYPE_INT64, label=_Field.LABEL_OPTIONAL
+    )
     request.field.add(
         name="metadata", number=3, type=_Field.TYPE_MESSAGE, label=_Field.LABEL_OPTIONAL,
         type_name=".google.protobuf.Struct",
     )  # fmt: skip
     response = file.message_type.add(name="IstioCertificateResponse")
-    response.field.add(name="cert_chain", number=1, type=_Field.TYPE_STRING, label=_Field.LABEL_REPEATED)
+    response.field.add(
+        name="cert_chain", number=1, type=_Field.TYPE_STRING, label=_Field.LABEL_REPEATED
+    )
     return file
 
 
@@ -40,8 +44,12 @@ def _classes():
     pool.AddSerializedFile(struct_pb2.DESCRIPTOR.serialized_pb)
     pool.Add(_file())
     return (
-        message_factory.GetMessageClass(pool.FindMessageTypeByName("istio.v1.auth.IstioCertificateRequest")),
-        message_factory.GetMessageClass(pool.FindMessageTypeByName("istio.v1.auth.IstioCertificateResponse")),
+        message_factory.GetMessageClass(
+            pool.FindMessageTypeByName("istio.v1.auth.IstioCertificateRequest")
+        ),
+        message_factory.GetMessageClass(
+            pool.FindMessageTypeByName("istio.v1.auth.IstioCertificateResponse")
+        ),
     )
 
 

@@ -184,12 +184,16 @@ class CertificateAuthority:
 
     # --- issuing -----------------------------------------------------------------------------
 
-    def sign_csr(self, csr: x509.CertificateSigningRequest, spiffe_id: SpiffeId, ttl: float) -> IssuedCertificate:
+    def sign_csr(
+        self, csr: x509.CertificateSigningRequest, spiffe_id: SpiffeId, ttl: float
+    ) -> IssuedCertificate:
         """A leaf for `spiffe_id` with the CSR's public key, valid for `ttl` seconds (never past
         the signer's own expiry). The CSR must be self-signed and name exactly `spiffe_id`."""
         check_csr(csr, spiffe_id)
         now = _now()
-        not_after = min(now + datetime.timedelta(seconds=ttl), self.signer.certificate.not_valid_after_utc)
+        not_after = min(
+            now + datetime.timedelta(seconds=ttl), self.signer.certificate.not_valid_after_utc
+        )
         certificate = (
             _builder(self.signer, csr.public_key(), now, not_after)
             .add_extension(
@@ -197,7 +201,9 @@ class CertificateAuthority:
                 critical=True,  # the subject is empty, so the SAN carries the identity (RFC 5280)
             )
             .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
                 critical=False,
             )
             .sign(self.signer.key, _hash_for(self.signer.key))
@@ -210,7 +216,9 @@ class CertificateAuthority:
             chain_pem=[_pem(certificate), *(_pem(c) for c in self.signer.chain_above_leaf())],
         )
 
-    def server_certificate(self, names: Iterable[str], ttl: float = SERVER_CERT_TTL) -> tuple[bytes, bytes, float]:
+    def server_certificate(
+        self, names: Iterable[str], ttl: float = SERVER_CERT_TTL
+    ) -> tuple[bytes, bytes, float]:
         """(chain PEM, private key PEM, not_after) for the control plane's own TLS port: DNS and IP
         SANs for `names`. The key is made here and lives only in memory.
 
@@ -219,7 +227,9 @@ class CertificateAuthority:
         signer = self.previous or self.signer
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
-        not_after = min(now + datetime.timedelta(seconds=ttl), signer.certificate.not_valid_after_utc)
+        not_after = min(
+            now + datetime.timedelta(seconds=ttl), signer.certificate.not_valid_after_utc
+        )
         sans: list[x509.GeneralName] = []
         for name in dict.fromkeys(names):
             try:
@@ -234,7 +244,9 @@ class CertificateAuthority:
         )
         chain = "".join(_pem(c) for c in [certificate, *signer.chain_above_leaf()]).encode()
         key_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
         return chain, key_pem, not_after.timestamp()
 
@@ -262,7 +274,9 @@ class CertificateAuthority:
         """Stop trusting the previous root (certificates it signed stop working)."""
         self._check_rotatable()
         if self.previous is None:
-            raise CaError("no root rotation is under way (start one with meshctl identity root rotate)")
+            raise CaError(
+                "no root rotation is under way (start one with meshctl identity root rotate)"
+            )
         with _locked(self.directory):
             for name in ("previous-root-cert.pem", "previous-root-key.pem", "rotation.json"):
                 (self.directory / name).unlink(missing_ok=True)
@@ -286,7 +300,9 @@ class CertificateAuthority:
     # --- revocation lists -----------------------------------------------------------------------
 
     def crls_pem(
-        self, revoked: Mapping[str, Sequence[tuple[int, float]]], number: int | None = None,
+        self,
+        revoked: Mapping[str, Sequence[tuple[int, float]]],
+        number: int | None = None,
         lifetime: float = 4 * 3600.0,
     ) -> str:
         """One CRL per signer, signed by it, listing its revoked serials: `revoked` maps a signer's
@@ -331,11 +347,15 @@ def check_csr(csr: x509.CertificateSigningRequest, spiffe_id: SpiffeId) -> None:
         if key.curve.name not in ("secp256r1", "secp384r1"):
             raise CsrError(f"the CSR's EC key is on {key.curve.name}; use P-256 or P-384")
     elif not isinstance(key, ed25519.Ed25519PublicKey):
-        raise CsrError(f"the CSR's key type {type(key).__name__} is not supported (EC, RSA, Ed25519)")
+        raise CsrError(
+            f"the CSR's key type {type(key).__name__} is not supported (EC, RSA, Ed25519)"
+        )
     try:
         names = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        raise CsrMismatch(f"the CSR has no subjectAltName; it must carry the URI SAN {spiffe_id}") from None
+        raise CsrMismatch(
+            f"the CSR has no subjectAltName; it must carry the URI SAN {spiffe_id}"
+        ) from None
     except ValueError as error:
         raise CsrError(f"the CSR's extensions cannot be parsed: {error}") from None
     uris = names.get_values_for_type(x509.UniformResourceIdentifier)
@@ -345,7 +365,9 @@ def check_csr(csr: x509.CertificateSigningRequest, spiffe_id: SpiffeId) -> None:
             + ", ".join(_describe_name(name) for name in names)
         )
     if uris[0] != str(spiffe_id):
-        raise CsrMismatch(f"CSR SAN mismatch: it asks for {uris[0]!r}, but this caller may only get {spiffe_id}")
+        raise CsrMismatch(
+            f"CSR SAN mismatch: it asks for {uris[0]!r}, but this caller may only get {spiffe_id}"
+        )
 
 
 def load_csr(pem: str) -> x509.CertificateSigningRequest:
@@ -389,12 +411,16 @@ def _hash_for(key: PrivateKey) -> hashes.HashAlgorithm | None:
 
 def _key_id(certificate: x509.Certificate) -> bytes:
     try:
-        return certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        return certificate.extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier
+        ).value.digest
     except x509.ExtensionNotFound:
         return x509.SubjectKeyIdentifier.from_public_key(certificate.public_key()).digest
 
 
-def _builder(signer: Signer, public_key, now: datetime.datetime, not_after: datetime.datetime) -> x509.CertificateBuilder:
+def _builder(
+    signer: Signer, public_key, now: datetime.datetime, not_after: datetime.datetime
+) -> x509.CertificateBuilder:
     """A leaf's common part: empty subject, random serial, backdated start, CA=false, key usages."""
     return (
         x509.CertificateBuilder()
@@ -407,10 +433,16 @@ def _builder(signer: Signer, public_key, now: datetime.datetime, not_after: date
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_encipherment=True, content_commitment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-                encipher_only=False, decipher_only=False,
-            ),  # fmt: skip
+                digital_signature=True,
+                key_encipherment=True,
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
@@ -443,10 +475,16 @@ def _new_root(trust_domain: str) -> Signer:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False,
-                encipher_only=False, decipher_only=False,
-            ),  # fmt: skip
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -502,7 +540,9 @@ def _operator_signer(cert_path: Path, key_path: Path, chain_path: Path | None) -
     now = _now()
     for item in [certificate, *above]:
         if item.not_valid_after_utc <= now:
-            raise CaError(f"CA certificate {item.subject.rfc4514_string()} expired on {item.not_valid_after_utc:%Y-%m-%d}")
+            raise CaError(
+                f"CA certificate {item.subject.rfc4514_string()} expired on {item.not_valid_after_utc:%Y-%m-%d}"
+            )
     return Signer(certificate, key, tuple(above))
 
 
@@ -524,13 +564,19 @@ def _read_key(path: Path) -> PrivateKey:
         raise CaError(str(error)) from None
     except (ValueError, TypeError) as error:
         # The message never quotes the file: it is key material.
-        raise CaError(f"{path} is not an unencrypted PEM private key ({type(error).__name__})") from None
-    if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
+        raise CaError(
+            f"{path} is not an unencrypted PEM private key ({type(error).__name__})"
+        ) from None
+    if not isinstance(
+        key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)
+    ):
         raise CaError(f"{path}: key type {type(key).__name__} is not supported (EC, RSA, Ed25519)")
     return key
 
 
-def _check_key_matches(certificate: x509.Certificate, key: PrivateKey, cert_path: Path, key_path: Path) -> None:
+def _check_key_matches(
+    certificate: x509.Certificate, key: PrivateKey, cert_path: Path, key_path: Path
+) -> None:
     raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if certificate.public_key().public_bytes(*raw) != key.public_key().public_bytes(*raw):
         raise CaError(f"{key_path} is not the private key of the certificate in {cert_path}")
@@ -542,7 +588,9 @@ def _check_is_ca(certificate: x509.Certificate, where: Path) -> None:
     except x509.ExtensionNotFound:
         constraints = None
     if constraints is None or not constraints.ca:
-        raise CaError(f"{where}: {certificate.subject.rfc4514_string()} is not a CA certificate (basicConstraints CA=true)")
+        raise CaError(
+            f"{where}: {certificate.subject.rfc4514_string()} is not a CA certificate (basicConstraints CA=true)"
+        )
 
 
 class _locked:

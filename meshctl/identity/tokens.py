@@ -51,7 +51,9 @@ class JoinToken:
         }  # fmt: skip
 
 
-def new_token(service_account: str, namespace: str, ttl: float, now: float | None = None) -> tuple[str, JoinToken]:
+def new_token(
+    service_account: str, namespace: str, ttl: float, now: float | None = None
+) -> tuple[str, JoinToken]:
     """(the token text to hand out, the record to store)."""
     if not MIN_TTL <= ttl <= MAX_TTL:
         raise JoinTokenError(f"ttl: {ttl:g}s is outside [{MIN_TTL:g}s, {MAX_TTL:g}s]")
@@ -74,7 +76,9 @@ def is_join_token(text: str) -> bool:
     return text.strip().startswith(PREFIX + ".")
 
 
-def check_token(record: JoinToken | None, token_id: str, secret: str, now: float | None = None) -> JoinToken:
+def check_token(
+    record: JoinToken | None, token_id: str, secret: str, now: float | None = None
+) -> JoinToken:
     """The record if the secret matches and the token is live; else JoinTokenError naming why."""
     if record is None:
         raise JoinTokenError(f"unknown join token {token_id}")
