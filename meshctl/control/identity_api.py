@@ -71,11 +71,11 @@ class IdentityApi:
             return authority.roots_json()
         if parts == ["roots", "rotate"]:
             _allow(request, "POST")
-            authority.rotate(_number(_body(request), "overlapSeconds", DEFAULT_OVERLAP))
+            await authority.rotate(_number(_body(request), "overlapSeconds", DEFAULT_OVERLAP))
             return authority.roots_json()
         if parts == ["roots", "finish"]:
             _allow(request, "POST")
-            authority.finish_rotation()
+            await authority.finish_rotation()
             return authority.roots_json()
         raise ApiError("not_found", f"no such endpoint {request.path}")
 

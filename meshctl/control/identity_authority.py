@@ -32,6 +32,10 @@ log = logging.getLogger("meshctl.control.identity")
 
 TOKENS = "tokens"
 CERTIFICATES = "certificates"
+# Planes on one etcd store share the generated roots (keys included, as Istio keeps its CA in a
+# Kubernetes secret): whoever can read that etcd prefix can sign identities.
+SHARED_CA = "ca"
+SHARED_CA_KEY = "roots"
 # Expired certificate records are kept this long (they leave the CRLs when they expire), then
 # pruned so renewals every few hours do not grow the store forever.
 EXPIRED_KEPT = 3600.0
@@ -90,12 +94,17 @@ class IdentityAuthority:
         """Load revocations, then keep CRLs fresh, finish rotations whose overlap ran out, prune
         expired records and (etcd) follow other planes' revocations, until cancelled."""
         self.store = store
+        shared = hasattr(store, "follow_records") and not self.ca.operator_supplied
+        if shared:
+            await self._join_shared_ca(store)
         for record in await store.list_records(CERTIFICATES):
             self._learn(record)
         self._make_crls()
         async with trio.open_nursery() as nursery:
             if hasattr(store, "follow_records"):
                 await nursery.start(store.follow_records, CERTIFICATES, self._on_shared_record)
+            if shared:
+                await nursery.start(store.follow_records, SHARED_CA, self._on_shared_ca)
             nursery.start_soon(self._maintain)
             task_status.started(self.describe())
 
@@ -107,6 +116,38 @@ class IdentityAuthority:
             f"{fingerprint(root)[:23]}..., bundle in {self.ca.directory / 'root-bundle.pem'})"
         )
 
+    async def _join_shared_ca(self, store: Store) -> None:
+        """The first plane on the store puts its roots there; every later one adopts them."""
+        state = self.ca.shared_state()
+        if await store.put_record_if_absent(SHARED_CA, SHARED_CA_KEY, state):  # type: ignore[attr-defined]
+            log.info("this plane's CA roots are now shared through the store")
+            return
+        found = await store.get_record(SHARED_CA, SHARED_CA_KEY)
+        if found is not None and self.ca.adopt(found):
+            log.info(
+                "adopted the CA roots shared through the store (root SHA-256 %s...)",
+                fingerprint(self.ca.signer.root)[:23],
+            )
+            self._roots_changed()
+
+    def _on_shared_ca(self, state: dict[str, Any]) -> None:
+        try:
+            changed = self.ca.adopt(state)
+        except CaError as error:
+            log.warning("ignoring the shared CA state: %s", error)
+            return
+        if changed:
+            log.info(
+                "the CA roots changed on another control plane (%d trusted now)",
+                len(self.ca.roots()),
+            )
+            self._roots_changed()
+
+    async def _share_roots(self) -> None:
+        store = self.store
+        if store is not None and hasattr(store, "follow_records") and not self.ca.operator_supplied:
+            await store.put_record(SHARED_CA, SHARED_CA_KEY, self.ca.shared_state())
+
     async def _maintain(self) -> None:
         last_prune = 0.0
         while True:
@@ -115,7 +156,10 @@ class IdentityAuthority:
                 log.info(
                     "root rotation: the overlap is over; the previous root is no longer trusted"
                 )
-                self.finish_rotation()
+                try:
+                    await self.finish_rotation()
+                except (IdentityError, StoreError) as error:
+                    log.warning("finishing the root rotation: %s", error)
             elif now - self._crls_made >= CRL_REFRESH or self._drop_expired(now):
                 self._make_crls()
                 self._bump()
@@ -318,7 +362,7 @@ class IdentityAuthority:
             ],
         }
 
-    def rotate(self, overlap: float) -> None:
+    async def rotate(self, overlap: float) -> None:
         try:
             self.ca.rotate(overlap)
         except CaError as error:
@@ -326,8 +370,9 @@ class IdentityAuthority:
         log.info("root rotation started: new root %s; the previous one is trusted for %.0fs more",
                  fingerprint(self.ca.signer.root)[:23], overlap)  # fmt: skip
         self._roots_changed()
+        await self._share_roots()
 
-    def finish_rotation(self) -> None:
+    async def finish_rotation(self) -> None:
         try:
             self.ca.finish_rotation()
         except CaError as error:
@@ -336,6 +381,7 @@ class IdentityAuthority:
             "root rotation finished: only root %s is trusted", fingerprint(self.ca.signer.root)[:23]
         )
         self._roots_changed()
+        await self._share_roots()
 
     def _roots_changed(self) -> None:
         known = {signer.key_id for signer in self.ca.signers()}

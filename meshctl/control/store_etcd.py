@@ -481,6 +481,14 @@ class EtcdStore(Store):
         raw = json.dumps(value, separators=(",", ":")).encode()
         await self._client.txn([], [put_op(self._record_key(space, key), raw)])
 
+    async def put_record_if_absent(self, space: str, key: str, value: dict[str, Any]) -> bool:
+        """Create a record unless one exists (another plane's wins); True if this one was written."""
+        self._check_serving()
+        record_key = self._record_key(space, key)
+        raw = json.dumps(value, separators=(",", ":")).encode()
+        committed, _, _ = await self._client.txn([mod_revision_is(record_key, 0)], [put_op(record_key, raw)])
+        return committed
+
     async def get_record(self, space: str, key: str) -> dict[str, Any] | None:
         self._check_serving()
         _, found = await self._client.range(self._record_key(space, key))

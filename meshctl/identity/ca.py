@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -297,6 +298,46 @@ class CertificateAuthority:
                 "it by restarting with the new one"
             )
 
+    # --- sharing between control planes ------------------------------------------------------
+
+    def shared_state(self) -> dict[str, Any]:
+        """The generated roots (keys included) and the rotation, as JSON: what planes on one etcd
+        store keep there so they all sign with, and trust, the same roots."""
+        return {
+            "root": _pair_json(self.signer),
+            "previous": _pair_json(self.previous) if self.previous is not None else None,
+            "overlapUntil": self.overlap_until if self.previous is not None else None,
+        }
+
+    def adopt(self, state: dict[str, Any]) -> bool:
+        """Take the roots another plane stored (written to this plane's CA directory too); True
+        when they differ from ours. CaError if the state is malformed."""
+        try:
+            current = _pair_from_json(state["root"])
+            previous = _pair_from_json(state["previous"]) if state.get("previous") else None
+            overlap_until = float(state["overlapUntil"]) if state.get("overlapUntil") else None
+        except (KeyError, TypeError, ValueError) as error:
+            raise CaError(f"the shared CA state is malformed ({type(error).__name__})") from None
+        same_previous = (previous is None and self.previous is None) or (
+            previous is not None
+            and self.previous is not None
+            and previous.certificate == self.previous.certificate
+        )
+        if current.certificate == self.signer.certificate and same_previous:
+            return False
+        with _locked(self.directory):
+            _save_pair(self.directory, "root", current)
+            if previous is not None:
+                _save_pair(self.directory, "previous-root", previous)
+                rotation = json.dumps({"overlapUntil": overlap_until}).encode()
+                write_atomically(self.directory / "rotation.json", rotation, 0o600)
+            else:
+                for name in ("previous-root-cert.pem", "previous-root-key.pem", "rotation.json"):
+                    (self.directory / name).unlink(missing_ok=True)
+        self.signer, self.previous, self.overlap_until = current, previous, overlap_until
+        self.write_bundle()
+        return True
+
     # --- revocation lists -----------------------------------------------------------------------
 
     def crls_pem(
@@ -499,6 +540,26 @@ def _save_pair(directory: Path, stem: str, signer: Signer) -> None:
     )
     write_atomically(directory / f"{stem}-key.pem", key_pem, 0o600)
     write_atomically(directory / f"{stem}-cert.pem", _pem(signer.certificate).encode(), 0o644)
+
+
+def _pair_json(signer: Signer) -> dict[str, str]:
+    key_pem = signer.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return {"cert": _pem(signer.certificate), "key": key_pem.decode()}
+
+
+def _pair_from_json(pair: dict[str, str]) -> Signer:
+    certificate = x509.load_pem_x509_certificate(pair["cert"].encode())
+    key = serialization.load_pem_private_key(pair["key"].encode(), password=None)
+    if not isinstance(
+        key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)
+    ):
+        raise TypeError("unsupported key type")
+    raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if certificate.public_key().public_bytes(*raw) != key.public_key().public_bytes(*raw):
+        raise ValueError("the key does not match the certificate")
+    return Signer(certificate, key)
 
 
 def _load_pair(directory: Path, stem: str) -> Signer | None:
