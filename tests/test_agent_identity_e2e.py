@@ -9,6 +9,7 @@ stops the start with exit 2 and a clear message."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import stat
@@ -200,3 +201,25 @@ def test_identity_agent_keeps_the_files_for_a_process_beside_it(plane, tmp_path:
     finally:
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(timeout=10) == 0, log_path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--service", "web", "--cert-ttl", "2x"], "--cert-ttl"),
+        (["--service", "web", "--cert-ttl", "30s"], "--cert-ttl"),
+        (["--service", "web", "--service-account", "Not_A_Name"], "--service-account"),
+        (["--service", "web", "--xds-address", "nowhere"], "--xds-address"),
+        (["--service", "web", "--xds-address", "127.0.0.1:1", "--ca-root", "/nonexistent/root.pem"], "--ca-root"),
+        (["--bootstrap", "/dev/null", "--cert-dir", "/tmp/certs"], "--cert-dir"),
+    ],
+)
+def test_bad_identity_flags_exit_2_naming_the_flag(tmp_path: Path, args: list[str], flag: str):
+    finished = subprocess.run(
+        [sys.executable, "-m", "meshctl", "run", *args, "--token", "meshctl-join.0123456789abcdef." + "s" * 43,
+         "--admin-port", "0", "--", "true"],
+        capture_output=True, text=True, timeout=30, check=False,
+        env={**os.environ, "XDG_DATA_HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert finished.returncode == 2, finished.stderr
+    assert flag in finished.stderr
