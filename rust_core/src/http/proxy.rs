@@ -317,7 +317,7 @@ async fn forward_request<'a>(
         mutation.apply(headers);
     }
     let http2 = cluster.config.protocol == UpstreamProtocol::Http2;
-    let uri = match upstream_uri(&host, path, http2) {
+    let uri = match upstream_uri(&host, path, http2, cluster.config.tls.is_some()) {
         Some(uri) => uri,
         None => return (local_reply(StatusCode::BAD_REQUEST, "invalid request target", grpc), response_mutation),
     };
@@ -401,10 +401,11 @@ fn requested_upgrade(headers: &HeaderMap) -> Option<String> {
     headers.get(header::UPGRADE)?.to_str().ok().map(|u| u.trim().to_ascii_lowercase())
 }
 
-fn upstream_uri(host: &str, path_and_query: PathAndQuery, absolute: bool) -> Option<Uri> {
+/// `tls`: the upstream connection is TLS, so an HTTP/2 request's :scheme is https.
+fn upstream_uri(host: &str, path_and_query: PathAndQuery, absolute: bool, tls: bool) -> Option<Uri> {
     if absolute {
         Uri::builder()
-            .scheme(Scheme::HTTP)
+            .scheme(if tls { Scheme::HTTPS } else { Scheme::HTTP })
             .authority(Authority::try_from(host).ok()?)
             .path_and_query(path_and_query)
             .build()
