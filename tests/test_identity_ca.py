@@ -297,3 +297,15 @@ def test_join_tokens_store_only_a_hash_and_expire_and_revoke():
         tokens.check_token(revoked, token_id, secret, now=1001.0)
     with pytest.raises(tokens.JoinTokenError, match="malformed"):
         tokens.parse_token("meshctl-join.nothex.x")
+
+
+def test_requested_lifetimes_are_defaulted_and_bounded():
+    from meshctl.control.identity_authority import CertificateSettings, IdentityError
+
+    settings = CertificateSettings(default_ttl=3600, max_ttl=7200)
+    assert settings.ttl_for(0) == 3600  # 0: the default
+    assert settings.ttl_for(30) == 60  # never under a minute
+    assert settings.ttl_for(600) == 600
+    assert settings.ttl_for(10**9) == 7200  # capped
+    with pytest.raises(IdentityError, match="negative"):
+        settings.ttl_for(-1)

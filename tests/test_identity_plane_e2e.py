@@ -4,6 +4,7 @@ reaching the ROOTCA secret over ADS, root rotation, and no key material in the l
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
 import time
@@ -434,3 +435,71 @@ def _assert_no_key_material(plane: ControlPlane, keys: list[bytes]) -> None:
         assert body.decode() not in log.replace("\n", "")
         for line in key.splitlines()[1:-1]:
             assert line.decode() not in log
+
+
+def test_serve_signs_with_an_operator_supplied_intermediate(tmp_path):
+    from test_identity_ca import _ca_certificate, _write
+
+    root_key, mesh_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    root = _ca_certificate("Operator Root", root_key, "Operator Root", root_key)
+    intermediate = _ca_certificate(
+        "Operator Mesh CA", mesh_key, "Operator Root", root_key, path_length=0
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = mesh_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    files = [
+        "--ca-cert", str(_write(tmp_path / "mesh-ca.pem", intermediate.public_bytes(pem))),
+        "--ca-key", str(_write(tmp_path / "mesh-ca-key.pem", key_pem, 0o600)),
+        "--ca-chain", str(_write(tmp_path / "root.pem", root.public_bytes(pem))),
+    ]  # fmt: skip
+    plane = start_control_plane(tmp_path / "operator", *files)
+    try:
+        assert "operator-supplied" in plane.log() and roots(plane) == [root]
+        alice = Workload(tmp_path, "alice")
+        chain = create_certificate(plane, alice.csr(ALICE), bearer=join_token(plane, "alice"))
+        certificates = [x509.load_pem_x509_certificate(item.encode()) for item in chain]
+        assert certificates[1:] == [intermediate, root]
+        verifier = PolicyBuilder().store(Store([root])).build_client_verifier()
+        verifier.verify(certificates[0], [intermediate])
+        assert (
+            plane.meshctl("identity", "root", "rotate").returncode == 3
+        )  # the operator rotates it
+    finally:
+        plane.stop()
+    _assert_no_key_material(plane, [key_pem])
+
+
+def test_serve_refuses_bad_ca_options(tmp_path):
+    import subprocess
+    import sys
+
+    def serve(*args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "XDG_DATA_HOME": str(tmp_path)}
+        command = [
+            sys.executable,
+            "-m",
+            "meshctl",
+            "serve",
+            "--api-port",
+            "0",
+            "--xds-port",
+            "0",
+            *args,
+        ]
+        return subprocess.run(
+            command, capture_output=True, text=True, env=env, timeout=30, check=False
+        )
+
+    result = serve("--ca-cert", str(tmp_path / "missing.pem"))
+    assert result.returncode == 1 and "--ca-cert and --ca-key go together" in result.stderr
+    result = serve("--cert-ttl", "30s")
+    assert result.returncode == 2 and "shorter than the minimum" in result.stderr
+    result = serve("--cert-ttl", "48h")
+    assert result.returncode == 2 and "longer than --max-cert-ttl" in result.stderr
+    result = serve("--trust-domain", "Bad Domain")
+    assert result.returncode == 2 and "trust domain" in result.stderr
