@@ -133,3 +133,23 @@ def test_the_cert_dir_holds_chain_key_0600_and_roots(credentials, tmp_path: Path
     # Rewritten in place of the old ones, no temporary files left behind.
     write_cert_dir(directory, certificate.leaf_and_intermediates_pem, key_pem, roots)
     assert sorted(path.name for path in directory.iterdir()) == ["cert.pem", "key.pem", "root.pem"]
+
+
+def test_the_trust_anchor_must_be_a_root_bundle_and_bad_bundles_from_ads_are_ignored(credentials, tmp_path: Path):
+    from meshctl.agent.control_channels import ControlPlanes, TrustAnchorError
+
+    _, _, ca = credentials
+    plane = [("127.0.0.1", 15012)]
+    with pytest.raises(TrustAnchorError, match="--ca-root"):
+        ControlPlanes(plane, tmp_path / "missing.pem")
+    garbled = tmp_path / "garbled.pem"
+    garbled.write_text("-----BEGIN CERTIFICATE-----\nzzz\n-----END CERTIFICATE-----\n")
+    with pytest.raises(TrustAnchorError, match="not a PEM root bundle"):
+        ControlPlanes(plane, garbled)
+    root_file = ca.write_bundle()
+    planes = ControlPlanes(plane, root_file)
+    planes.trust_roots(b"not a certificate")
+    assert planes.extra_roots_pem == b""
+    root_file.unlink()  # gone later: the roots read at the start still verify the planes
+    assert b"BEGIN CERTIFICATE" in planes.roots_pem()
+    assert planes.ssl_context(with_client_certificate=False) is not None

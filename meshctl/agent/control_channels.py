@@ -40,13 +40,20 @@ class ControlPlanes:
         self.extra_roots_pem = b""  # the trust bundle (ROOTCA) the control plane sent over ADS
         self._client_credentials: tuple[bytes, bytes] | None = None  # chain PEM, key PEM
         self._contexts: dict[bool, ssl.SSLContext] = {}
-        self._last_roots = b""
         self.shared_channel: Callable[[tuple[str, int]], GrpcChannel | None] = lambda _plane: None
-        self.roots_pem()  # a missing or unreadable bundle is refused at start
+        self._file_roots = self._read_ca_root()  # a missing or unreadable bundle is refused at start
 
     def roots_pem(self) -> bytes:
-        """The roots the planes' certificates must chain to: the --ca-root file (re-read, so a
-        rotation `meshctl serve` writes there is picked up) and the ROOTCA received over ADS."""
+        """The roots the planes' certificates must chain to: the --ca-root file (read again at
+        every new certificate or trust bundle, so a rotation `meshctl serve` wrote there is
+        picked up; if it went missing since, what it held before) and the ROOTCA from ADS."""
+        try:
+            self._file_roots = self._read_ca_root()
+        except TrustAnchorError as error:
+            log.warning("%s; keeping the roots read before", error)
+        return self._file_roots + b"\n" + self.extra_roots_pem
+
+    def _read_ca_root(self) -> bytes:
         try:
             from_file = self.ca_root.read_bytes()
         except OSError as error:
@@ -55,9 +62,11 @@ class ControlPlanes:
                 f"{error.strerror or error} (give --ca-root FILE or $MESHCTL_CA_ROOT; "
                 "`meshctl serve` writes it to <data dir>/ca/root-bundle.pem)"
             ) from None
-        if b"-----BEGIN CERTIFICATE-----" not in from_file:
-            raise TrustAnchorError(f"{self.ca_root} holds no PEM certificate (--ca-root)")
-        return from_file + b"\n" + self.extra_roots_pem
+        try:
+            server_trust_context(from_file)
+        except (ssl.SSLError, ValueError) as error:
+            raise TrustAnchorError(f"{self.ca_root} is not a PEM root bundle (--ca-root): {error}") from None
+        return from_file
 
     def use_client_certificate(self, chain_pem: bytes, key_pem: bytes) -> None:
         """New connections present this certificate; established ones keep theirs."""
@@ -65,21 +74,22 @@ class ControlPlanes:
         self._contexts.clear()
 
     def trust_roots(self, roots_pem: bytes) -> None:
-        if roots_pem != self.extra_roots_pem:
-            self.extra_roots_pem = roots_pem
-            self._contexts.clear()
+        """Also trust these roots (the ROOTCA bundle from ADS), unless they do not parse."""
+        if roots_pem == self.extra_roots_pem:
+            return
+        try:
+            server_trust_context(roots_pem)
+        except (ssl.SSLError, ValueError) as error:
+            log.warning("ignoring a trust bundle that does not load: %s", error)
+            return
+        self.extra_roots_pem = roots_pem
+        self._contexts.clear()
 
     def ssl_context(self, *, with_client_certificate: bool = True) -> ssl.SSLContext:
         mutual = with_client_certificate and self._client_credentials is not None
         context = self._contexts.get(mutual)
         if context is None:
-            try:
-                roots = self._last_roots = self.roots_pem()
-            except TrustAnchorError as error:
-                if not self._last_roots:
-                    raise
-                log.warning("%s; keeping the roots read before", error)
-                roots = self._last_roots
+            roots = self.roots_pem()
             if mutual:
                 assert self._client_credentials is not None
                 context = client_certificate_context(roots, *self._client_credentials)
