@@ -172,9 +172,12 @@ class Agent:
             return
         credentials = self.certificate.current
         roots = trust_bundle(self.planes.roots_pem(), credentials.certificate.root_pem)
-        await trio.to_thread.run_sync(
-            write_cert_dir, self.options.cert_dir, credentials.chain_pem, credentials.key_pem, roots
-        )
+        try:
+            await trio.to_thread.run_sync(
+                write_cert_dir, self.options.cert_dir, credentials.chain_pem, credentials.key_pem, roots
+            )
+        except OSError as error:  # the engine has the certificate; the files wait for the next one
+            _report(f"cannot write --cert-dir {self.options.cert_dir}: {error.strerror or error}")
 
     async def _on_secret(self, name: str, message: Any) -> None:
         """The control plane's trust bundle (ROOTCA) also verifies the planes themselves (a root
