@@ -320,6 +320,9 @@ fn connection_manager_path_settings_that_are_refused() {
     disabled.disabled = true;
     assert_eq!(refused(&mesh_manager(vec![disabled])).field, "filter_chains[0].filters[0].typed_config.http_filters[0].disabled");
 
+    let untyped = hcm::HttpFilter { name: "envoy.filters.http.rbac".into(), ..Default::default() };
+    assert_eq!(refused(&mesh_manager(vec![untyped])).field, FILTER_0);
+
     // Accepted: UNESCAPE_AND_FORWARD.
     let mut manager = mesh_manager(vec![]);
     manager.path_with_escaped_slashes_action = Action::UnescapeAndForward as i32;

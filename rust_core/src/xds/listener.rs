@@ -236,16 +236,22 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
     let mut rbac = RbacFilters { filters: Vec::new(), allowed: metrics.rbac.allowed() };
     let mut router_seen = false;
     for (i, filter) in m.http_filters.iter().enumerate() {
-        let type_url = match &filter.config_type {
-            Some(hcm::http_filter::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
+        let typed_config = match &filter.config_type {
+            Some(hcm::http_filter::ConfigType::TypedConfig(any)) => Some(any),
             Some(_) => return Err(FieldError::unsupported(&format!("http_filters[{i}].config_discovery"))),
+            None => None,
+        };
+        let type_url = match typed_config {
+            Some(any) => any.type_url.as_str(),
             None if filter.name == "envoy.filters.http.router" => ROUTER_TYPE,
+            None if filter.name == "envoy.filters.http.rbac" => {
+                return Err(FieldError::new(format!("http_filters[{i}].typed_config"), "is required for the RBAC filter"))
+            }
             None => "",
         };
-        if type_url == RBAC_FILTER_TYPE {
+        if let Some(any) = typed_config.filter(|any| any.type_url == RBAC_FILTER_TYPE) {
             // A disabled filter runs only where a route enables it, which meshctl cannot do yet.
             refuse_if(filter.disabled, "disabled").at(format!("http_filters[{i}]"))?;
-            let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &filter.config_type else { unreachable!() };
             if let Some(decoded) = rbac_http_filter(any, metrics).at(format!("http_filters[{i}].typed_config"))? {
                 rbac.filters.push(decoded);
             }
