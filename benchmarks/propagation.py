@@ -76,7 +76,6 @@ def worker(api: str, token: str, xds: str, prefix: str, count: int) -> None:
     from meshctl import _core
     from meshctl.agent.bootstrap import bootstrap_from_dict
     from meshctl.agent.mesh_agent import Agent, AgentOptions
-    from meshctl.control.paths import data_dir
 
     xds_host, xds_port = xds.rsplit(":", 1)
     lock = threading.Lock()
@@ -92,8 +91,7 @@ def worker(api: str, token: str, xds: str, prefix: str, count: int) -> None:
         # registration and ADS over the plane's TLS port.
         xds_address = (xds_host, int(xds_port))
         options = AgentOptions(service="productpage", control_plane=xds_address, token=token,
-                               outbound_port=outbound, lease_seconds=3600.0, node_id=node_id,
-                               ca_root=data_dir() / "ca" / "root-bundle.pem")  # fmt: skip
+                               outbound_port=outbound, lease_seconds=3600.0, node_id=node_id)  # fmt: skip
         agent = Agent(options, stamped)
         await agent.obtain_identity()
         await agent.register_until_accepted()

@@ -75,8 +75,8 @@ def run_in_mesh(
         app_port=app_port, service_port=service_port, protocol=protocol, address=address, outbound_port=outbound_port,
         inbound_port=inbound_port, admin_port=admin_port, lease_seconds=lease,
         control_planes=planes, workers=workers, drain_timeout=drain_timeout, capture=capture,
-        service_account=service_account, trust_domain=trust_domain, ca_root=ca_root or default_ca_root(),
-        cert_ttl=ttl_seconds, cert_dir=cert_dir,
+        service_account=service_account, trust_domain=trust_domain,
+        cert_ttl=ttl_seconds, cert_dir=cert_dir, **({"ca_root": ca_root} if ca_root else {}),
     )  # fmt: skip
     if capture:
         from meshctl.agent.capture import CaptureError, run_captured
@@ -118,12 +118,6 @@ def check_identity_names(service_account: str | None, trust_domain: str, refuse)
     except SpiffeIdError as error:
         flag = "--service-account" if "service account" in str(error) else "--trust-domain"
         refuse(f"{flag}: {error}")
-
-
-def default_ca_root() -> Path:
-    from meshctl.control.paths import data_dir
-
-    return data_dir() / "ca" / "root-bundle.pem"
 
 
 def tls_addresses(

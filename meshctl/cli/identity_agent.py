@@ -73,13 +73,9 @@ def agent(
 
     The key is made here; a CSR and the token obtain the certificate, which is renewed at
     half-life until SIGTERM/SIGINT."""
+    from meshctl.agent.control_channels import default_ca_root
     from meshctl.agent.identity_agent import IdentityAgentOptions, main
-    from meshctl.cli._mesh_run import (
-        certificate_ttl,
-        check_identity_names,
-        default_ca_root,
-        tls_addresses,
-    )
+    from meshctl.cli._mesh_run import certificate_ttl, check_identity_names, tls_addresses
     from meshctl.control.client import ClientError, resolve_token
     from meshctl.identity.spiffe import SpiffeIdError, check_namespace
 
