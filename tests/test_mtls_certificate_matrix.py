@@ -8,7 +8,6 @@ import ssl
 from pathlib import Path
 
 import pytest
-
 from helpers import pki
 from helpers.counting_app import CountingApp
 from helpers.dataplane import start_dataplane
@@ -52,7 +51,10 @@ def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("mtls-matrix")
     # Written after every defect exists, so the CRL lists the revoked client and server leaves.
     trust = pki.write_trust(directory, [PKI.root], [PKI.root, PKI.intermediate])
-    for name, issued in [("server-sidecar", SERVER_SIDECAR_CERT), ("client-sidecar", CLIENT_SIDECAR_CERT)]:
+    for name, issued in [
+        ("server-sidecar", SERVER_SIDECAR_CERT),
+        ("client-sidecar", CLIENT_SIDECAR_CERT),
+    ]:
         issued.write(directory, name)
     assert trust.ca.exists() and trust.crl.exists()
     return directory
@@ -60,8 +62,10 @@ def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def trust_files(certs_dir: Path, stem: str) -> TlsFiles:
     return TlsFiles(
-        cert=certs_dir / f"{stem}.crt", key=certs_dir / f"{stem}.key",
-        ca=certs_dir / "trust-ca.pem", crl=certs_dir / "trust-crl.pem",
+        cert=certs_dir / f"{stem}.crt",
+        key=certs_dir / f"{stem}.key",
+        ca=certs_dir / "trust-ca.pem",
+        crl=certs_dir / "trust-crl.pem",
     )
 
 
@@ -72,8 +76,12 @@ def outcome_table(request: pytest.FixtureRequest):
     if not OUTCOMES:
         return
     planes = sorted({plane for row in OUTCOMES.values() for plane in row})
-    lines = ["", "mTLS certificate matrix (outcome per data plane):",
-             f"| role | certificate | {' | '.join(planes)} |", "|---|---|" + "---|" * len(planes)]
+    lines = [
+        "",
+        "mTLS certificate matrix (outcome per data plane):",
+        f"| role | certificate | {' | '.join(planes)} |",
+        "|---|---|" + "---|" * len(planes),
+    ]
     for (role, name), row in sorted(OUTCOMES.items()):
         lines.append(f"| {role} | {name} | {' | '.join(row.get(p, '-') for p in planes)} |")
     # Shown even without -s: the table is the point of the matrix.
@@ -105,8 +113,12 @@ class Planes:
             app = CountingApp()
             self.apps.append(app)
             port = free_port()
-            config = server_sidecar(port, app.port, trust_files(self.directory, "server-sidecar"),
-                                    san_matchers=[{"exact": CLIENT_ID}])
+            config = server_sidecar(
+                port,
+                app.port,
+                trust_files(self.directory, "server-sidecar"),
+                san_matchers=[{"exact": CLIENT_ID}],
+            )
             self._server_sides[kind] = (self.start(kind, config, "server"), port, app)
         _, port, app = self._server_sides[kind]
         return port, app
@@ -115,8 +127,10 @@ class Planes:
         """The client sidecar with one route + cluster per server certificate, each to its own TLS app."""
         if kind not in self._client_sides:
             apps, upstreams = {}, []
-            for name, issued in [*SERVER_CONTROLS.items(),
-                                 *((d.name, d.issued) for d in SERVER_DEFECTS.values() if d.presentable)]:
+            for name, issued in [
+                *SERVER_CONTROLS.items(),
+                *((d.name, d.issued) for d in SERVER_DEFECTS.values() if d.presentable),
+            ]:
                 apps[name] = CountingApp(tls=server_tls_context(issued, self.directory, name))
                 self.apps.append(apps[name])
                 upstreams.append(MeshUpstream(name, f"/{name}/", apps[name].port, SERVER_ID))
@@ -166,12 +180,14 @@ def request_with_client_cert(port: int, issued: pki.Issued, directory: Path, ste
     context.load_cert_chain(cert, key)
     context.set_alpn_protocols(["http/1.1"])
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-            with context.wrap_socket(raw) as tls:
-                tls.sendall(b"GET /matrix HTTP/1.1\r\nhost: server\r\nconnection: close\r\n\r\n")
-                received = b""
-                while chunk := tls.recv(65536):
-                    received += chunk
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            tls.sendall(b"GET /matrix HTTP/1.1\r\nhost: server\r\nconnection: close\r\n\r\n")
+            received = b""
+            while chunk := tls.recv(65536):
+                received += chunk
     except ssl.SSLEOFError:
         return "refused: closed during TLS"
     except ssl.SSLError as error:
@@ -191,7 +207,11 @@ def request_through_client_sidecar(port: int, path: str) -> str:
         body = response.read()
     finally:
         connection.close()
-    return f"{response.status}" if response.status == 200 else f"refused: {response.status} {body[:40].decode(errors='replace')!r}"
+    return (
+        f"{response.status}"
+        if response.status == 200
+        else f"refused: {response.status} {body[:40].decode(errors='replace')!r}"
+    )
 
 
 def record(role: str, name: str, kind: str, outcome: str) -> None:
@@ -213,20 +233,29 @@ def test_good_client_certificate_reaches_the_app(dataplane_kind, name, planes, c
     before = app.wait_quiet()
     outcome = request_with_client_cert(port, CLIENT_CONTROLS[name], certs_dir, name)
     after = app.wait_quiet()
-    record("client", f"(control) {name}", dataplane_kind, "accepted" if outcome == "200" else outcome)
+    record(
+        "client", f"(control) {name}", dataplane_kind, "accepted" if outcome == "200" else outcome
+    )
     assert outcome == "200"
     assert after.requests - before.requests == 1
 
 
 @pytest.mark.parametrize("name", [d.name for d in CLIENT_DEFECTS.values() if d.presentable])
-def test_bad_client_certificate_is_refused_before_the_app(dataplane_kind, name, planes, certs_dir, request):
+def test_bad_client_certificate_is_refused_before_the_app(
+    dataplane_kind, name, planes, certs_dir, request
+):
     expect_envoy_quirk(request, dataplane_kind, "client", name)
     port, app = planes.server_side(dataplane_kind)
     before = app.wait_quiet()
     outcome = request_with_client_cert(port, CLIENT_DEFECTS[name].issued, certs_dir, name)
     after = app.wait_quiet()
     reached = after.bytes - before.bytes
-    record("client", name, dataplane_kind, outcome if reached == 0 else f"ACCEPTED ({outcome}, {reached} B to app)")
+    record(
+        "client",
+        name,
+        dataplane_kind,
+        outcome if reached == 0 else f"ACCEPTED ({outcome}, {reached} B to app)",
+    )
     assert outcome.startswith("refused"), f"{CLIENT_DEFECTS[name].why}: answered {outcome}"
     assert reached == 0 and after.requests == before.requests
 
@@ -238,7 +267,9 @@ def test_bad_client_certificate_is_refused_before_the_app(dataplane_kind, name, 
 def test_good_server_certificate_is_accepted(dataplane_kind, name, planes):
     port, apps = planes.client_side(dataplane_kind)
     outcome = request_through_client_sidecar(port, f"/{name}/x")
-    record("server", f"(control) {name}", dataplane_kind, "accepted" if outcome == "200" else outcome)
+    record(
+        "server", f"(control) {name}", dataplane_kind, "accepted" if outcome == "200" else outcome
+    )
     assert outcome == "200"
     assert apps[name].wait_quiet().requests >= 1
 
@@ -249,8 +280,12 @@ def test_bad_server_certificate_gets_no_request(dataplane_kind, name, planes, re
     port, apps = planes.client_side(dataplane_kind)
     outcome = request_through_client_sidecar(port, f"/{name}/x")
     counts = apps[name].wait_quiet()
-    record("server", name, dataplane_kind,
-           outcome if counts.bytes == 0 else f"ACCEPTED ({outcome}, {counts.bytes} B to the server)")
+    record(
+        "server",
+        name,
+        dataplane_kind,
+        outcome if counts.bytes == 0 else f"ACCEPTED ({outcome}, {counts.bytes} B to the server)",
+    )
     assert outcome.startswith("refused"), f"{SERVER_DEFECTS[name].why}: answered {outcome}"
     # Not one decrypted byte: the client sidecar aborted the handshake before sending its request.
     assert counts.bytes == 0 and counts.requests == 0
@@ -260,7 +295,9 @@ def test_bad_server_certificate_gets_no_request(dataplane_kind, name, planes, re
 
 
 @pytest.mark.parametrize("role", ["client", "server"])
-def test_certificate_with_someone_elses_key_is_refused_at_load(dataplane_kind, role, planes, certs_dir, tmp_path):
+def test_certificate_with_someone_elses_key_is_refused_at_load(
+    dataplane_kind, role, planes, certs_dir, tmp_path
+):
     defect = (CLIENT_DEFECTS if role == "client" else SERVER_DEFECTS)["key-does-not-match"]
     cert, key = defect.issued.write(certs_dir, f"mismatched-{role}")
     files = TlsFiles(cert, key, certs_dir / "trust-ca.pem", certs_dir / "trust-crl.pem")
@@ -268,7 +305,9 @@ def test_certificate_with_someone_elses_key_is_refused_at_load(dataplane_kind, r
     try:
         listen = free_port()
         if role == "client":
-            config = client_sidecar(listen, [MeshUpstream("peer", "/", free_port(), SERVER_ID)], files)
+            config = client_sidecar(
+                listen, [MeshUpstream("peer", "/", free_port(), SERVER_ID)], files
+            )
         else:
             config = server_sidecar(listen, app.port, files, san_matchers=[{"exact": CLIENT_ID}])
         try:
@@ -292,12 +331,21 @@ def test_inline_certificates_work_like_files(dataplane_kind, certs_dir, tmp_path
     app = CountingApp()
     try:
         port = free_port()
-        config = server_sidecar(port, app.port, trust_files(certs_dir, "server-sidecar"),
-                                san_matchers=[{"exact": CLIENT_ID}], inline=True)
+        config = server_sidecar(
+            port,
+            app.port,
+            trust_files(certs_dir, "server-sidecar"),
+            san_matchers=[{"exact": CLIENT_ID}],
+            inline=True,
+        )
         process = start_dataplane(dataplane_kind, config, tmp_path)
         try:
-            good = request_with_client_cert(port, CLIENT_CONTROLS["good-ec-from-root"], certs_dir, "inline-good")
-            revoked = request_with_client_cert(port, CLIENT_DEFECTS["revoked"].issued, certs_dir, "inline-revoked")
+            good = request_with_client_cert(
+                port, CLIENT_CONTROLS["good-ec-from-root"], certs_dir, "inline-good"
+            )
+            revoked = request_with_client_cert(
+                port, CLIENT_DEFECTS["revoked"].issued, certs_dir, "inline-revoked"
+            )
         finally:
             process.stop()
         assert good == "200"

@@ -47,7 +47,9 @@ class CountingApp:
 
         self._server = Server(("127.0.0.1", 0), Handler)
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name=f"app:{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name=f"app:{self.port}", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -101,7 +103,10 @@ class CountingApp:
                 buffered += chunk
             head, _, buffered = buffered.partition(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
-            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            headers = {
+                k.strip().lower(): v.strip()
+                for k, _, v in (line.partition(":") for line in lines[1:])
+            }
             length = int(headers.get("content-length", "0") or 0)
             while len(buffered) < length:
                 chunk = self._recv(sock)
@@ -112,13 +117,17 @@ class CountingApp:
             self._request(headers)
             sock.sendall(
                 b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: "
-                + str(len(BODY)).encode() + b"\r\n\r\n" + BODY
+                + str(len(BODY)).encode()
+                + b"\r\n\r\n"
+                + BODY
             )
             if headers.get("connection", "").lower() == "close":
                 return
 
     def _serve_h2(self, sock: socket.socket, first: bytes) -> None:
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="latin-1"))
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding="latin-1")
+        )
         conn.initiate_connection()
         sock.sendall(conn.data_to_send())
         data = first
@@ -126,7 +135,9 @@ class CountingApp:
             for event in conn.receive_data(data):
                 if isinstance(event, h2.events.RequestReceived):
                     self._request(dict(event.headers))
-                    conn.send_headers(event.stream_id, [(":status", "200"), ("content-length", str(len(BODY)))])
+                    conn.send_headers(
+                        event.stream_id, [(":status", "200"), ("content-length", str(len(BODY)))]
+                    )
                     conn.send_data(event.stream_id, BODY, end_stream=True)
                 elif isinstance(event, h2.events.DataReceived):
                     conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)

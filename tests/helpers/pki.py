@@ -19,12 +19,14 @@ PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 BOTH_USAGES = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
 
 
-def spiffe_id(service_account: str, namespace: str = "default", trust_domain: str = TRUST_DOMAIN) -> str:
+def spiffe_id(
+    service_account: str, namespace: str = "default", trust_domain: str = TRUST_DOMAIN
+) -> str:
     return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
 
 
 def now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def ec_key() -> ec.EllipticCurvePrivateKey:
@@ -40,7 +42,9 @@ def pem(certificates: Iterable[x509.Certificate]) -> bytes:
 
 
 def key_pem(key: PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 @dataclass
@@ -86,16 +90,24 @@ class Leaf:
 class CertificateAuthority:
     """A root or intermediate CA that issues leaves and intermediates and keeps a revocation list."""
 
-    def __init__(self, name: str, *, parent: CertificateAuthority | None = None, key: PrivateKey | None = None,
-                 lifetime: datetime.timedelta = datetime.timedelta(days=30)) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        parent: CertificateAuthority | None = None,
+        key: PrivateKey | None = None,
+        lifetime: datetime.timedelta = datetime.timedelta(days=30),
+    ) -> None:
         self.name = name
         self.parent = parent
         self.key = key or ec_key()
         self.revoked: dict[int, datetime.datetime] = {}
-        subject = x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshctl tests"),
-            x509.NameAttribute(NameOID.COMMON_NAME, name),
-        ])
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshctl tests"),
+                x509.NameAttribute(NameOID.COMMON_NAME, name),
+            ]
+        )
         issuer_key = parent.key if parent else self.key
         issuer_name = parent.cert.subject if parent else subject
         start = now() - datetime.timedelta(hours=1)
@@ -110,22 +122,33 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                    encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False
+            )
         )
         if parent:
             builder = builder.add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()), critical=False
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()),
+                critical=False,
             )
         self.cert = builder.sign(issuer_key, hashes.SHA256())
 
     @classmethod
-    def root(cls, name: str = "meshctl test root", key: PrivateKey | None = None) -> CertificateAuthority:
+    def root(
+        cls, name: str = "meshctl test root", key: PrivateKey | None = None
+    ) -> CertificateAuthority:
         return cls(name, key=key)
 
     def intermediate(self, name: str) -> CertificateAuthority:
@@ -157,21 +180,34 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=leaf.is_ca, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=True,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=leaf.is_ca,
-                    crl_sign=leaf.is_ca, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=True,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=leaf.is_ca,
+                    crl_sign=leaf.is_ca,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
         )
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri) for uri in leaf.uris]
         names += [x509.DNSName(dns) for dns in leaf.dns]
         if names:
             # Istio marks the SAN critical because the subject is empty (RFC 5280 4.2.1.6).
-            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=not leaf.common_name)
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(names), critical=not leaf.common_name
+            )
         if leaf.usages is not None:
-            builder = builder.add_extension(x509.ExtendedKeyUsage(list(leaf.usages)), critical=False)
+            builder = builder.add_extension(
+                x509.ExtendedKeyUsage(list(leaf.usages)), critical=False
+            )
         if isinstance(leaf.signature_hash, hashes.SHA1):
             cert = _sign_with_sha1(builder.sign(self.key, hashes.SHA256()), self.key)
         else:
@@ -191,7 +227,10 @@ class CertificateAuthority:
             .issuer_name(self.cert.subject)
             .last_update(now() - datetime.timedelta(minutes=5))
             .next_update(now() + datetime.timedelta(days=1))
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
             .add_extension(x509.CRLNumber(1), critical=False)
         )
         for serial, when in self.revoked.items():
@@ -212,8 +251,12 @@ class TrustFiles:
     crl: Path
 
 
-def write_trust(directory: Path, roots: list[CertificateAuthority], crl_issuers: list[CertificateAuthority],
-                stem: str = "trust") -> TrustFiles:
+def write_trust(
+    directory: Path,
+    roots: list[CertificateAuthority],
+    crl_issuers: list[CertificateAuthority],
+    stem: str = "trust",
+) -> TrustFiles:
     """Roots as one PEM bundle, CRLs (one per CA, concatenated) as another."""
     ca_path, crl_path = directory / f"{stem}-ca.pem", directory / f"{stem}-crl.pem"
     ca_path.write_bytes(pem(root.cert for root in roots))
@@ -236,7 +279,7 @@ def _der_length(length: int) -> bytes:
 def _sign_with_sha1(cert: x509.Certificate, issuer_key: PrivateKey) -> x509.Certificate:
     """Re-sign `cert` with sha1WithRSAEncryption, which `cryptography` no longer signs with itself."""
     if not isinstance(issuer_key, rsa.RSAPrivateKey):
-        raise ValueError("a SHA-1 signature needs an RSA issuer")
+        raise TypeError("a SHA-1 signature needs an RSA issuer")
     tbs = cert.tbs_certificate_bytes
     if tbs.count(_SHA256_WITH_RSA) != 1:
         raise ValueError("expected exactly one sha256WithRSAEncryption in the TBS certificate")
@@ -275,7 +318,11 @@ class MatrixPki:
     def create(cls) -> MatrixPki:
         # An RSA root, so that a SHA-1 signature can be made (see _sign_with_sha1).
         root = CertificateAuthority.root("meshctl test root", key=rsa_key(2048))
-        return cls(root, root.intermediate("meshctl test intermediate"), CertificateAuthority.root("foreign root"))
+        return cls(
+            root,
+            root.intermediate("meshctl test intermediate"),
+            CertificateAuthority.root("foreign root"),
+        )
 
 
 def positive_controls(pki: MatrixPki, identity: str) -> dict[str, Issued]:
@@ -292,11 +339,13 @@ def defects(pki: MatrixPki, identity: str, *, role: str) -> list[Defect]:
     """Every defect for a certificate that should have been `identity`; `role` is "client" or "server"."""
     if role not in ("client", "server"):
         raise ValueError(f"role must be client or server, not {role!r}")
-    root, intermediate = pki.root, pki.intermediate
+    root = pki.root
     td_prefix = f"spiffe://{TRUST_DOMAIN}/"
     path = identity.removeprefix(td_prefix)  # "ns/default/sa/NAME"
     other_sa = identity.rsplit("/", 1)[0] + "/intruder"
-    missing_usage = ExtendedKeyUsageOID.CLIENT_AUTH if role == "client" else ExtendedKeyUsageOID.SERVER_AUTH
+    missing_usage = (
+        ExtendedKeyUsageOID.CLIENT_AUTH if role == "client" else ExtendedKeyUsageOID.SERVER_AUTH
+    )
     wrong_usage_only = tuple(u for u in BOTH_USAGES if u != missing_usage)
     revoked = root.workload(identity)
     root.revoke(revoked)
@@ -305,40 +354,93 @@ def defects(pki: MatrixPki, identity: str, *, role: str) -> list[Defect]:
     wrong_key_issuer = CertificateAuthority("intermediate outside the chain", parent=root)
     hours = datetime.timedelta(hours=1)
     result = [
-        Defect("expired", root.workload(identity, not_before=now() - 48 * hours, not_after=now() - hours),
-               "notAfter one hour ago"),
-        Defect("not-yet-valid", root.workload(identity, not_before=now() + hours, not_after=now() + 48 * hours),
-               "notBefore one hour ahead"),
-        Defect("wrong-trust-domain", root.workload(f"spiffe://evil.local/{path}"), "spiffe://evil.local/..."),
+        Defect(
+            "expired",
+            root.workload(identity, not_before=now() - 48 * hours, not_after=now() - hours),
+            "notAfter one hour ago",
+        ),
+        Defect(
+            "not-yet-valid",
+            root.workload(identity, not_before=now() + hours, not_after=now() + 48 * hours),
+            "notBefore one hour ahead",
+        ),
+        Defect(
+            "wrong-trust-domain",
+            root.workload(f"spiffe://evil.local/{path}"),
+            "spiffe://evil.local/...",
+        ),
         Defect("wrong-service-account", root.workload(other_sa), "same namespace, sa/intruder"),
-        Defect("foreign-ca", pki.foreign.workload(identity), "right SPIFFE ID, signed by an untrusted root"),
-        Defect("two-uri-sans", root.issue(Leaf(uris=[identity, other_sa])),
-               "the expected ID plus a second URI SAN (an SVID has exactly one)"),
-        Defect("dns-san-only", root.issue(Leaf(dns=[f"{identity.rsplit('/', 1)[1]}.default.svc.cluster.local"])),
-               "DNS SAN, no URI SAN"),
-        Defect("no-san", root.issue(Leaf(common_name=identity)), "no SAN at all; the ID only in the subject CN"),
-        Defect("ca-as-leaf", root.workload(identity, is_ca=True), "basicConstraints CA:TRUE presented as a leaf"),
-        Defect(f"eku-without-{role}Auth", root.workload(identity, usages=wrong_usage_only),
-               f"extendedKeyUsage lacks {role}Auth"),
+        Defect(
+            "foreign-ca",
+            pki.foreign.workload(identity),
+            "right SPIFFE ID, signed by an untrusted root",
+        ),
+        Defect(
+            "two-uri-sans",
+            root.issue(Leaf(uris=[identity, other_sa])),
+            "the expected ID plus a second URI SAN (an SVID has exactly one)",
+        ),
+        Defect(
+            "dns-san-only",
+            root.issue(Leaf(dns=[f"{identity.rsplit('/', 1)[1]}.default.svc.cluster.local"])),
+            "DNS SAN, no URI SAN",
+        ),
+        Defect(
+            "no-san",
+            root.issue(Leaf(common_name=identity)),
+            "no SAN at all; the ID only in the subject CN",
+        ),
+        Defect(
+            "ca-as-leaf",
+            root.workload(identity, is_ca=True),
+            "basicConstraints CA:TRUE presented as a leaf",
+        ),
+        Defect(
+            f"eku-without-{role}Auth",
+            root.workload(identity, usages=wrong_usage_only),
+            f"extendedKeyUsage lacks {role}Auth",
+        ),
         Defect("revoked", revoked, "serial listed in the root's CRL"),
-        Defect("nul-in-uri-san", root.workload(identity + "\x00.evil.local"),
-               "URI SAN is the expected ID, a NUL byte, then more"),
-        Defect("non-spiffe-uri", root.workload("https://" + identity.removeprefix("spiffe://")),
-               "https:// URI with the right path"),
-        Defect("intermediate-not-sent", wrong_key_issuer.issue(Leaf(uris=[identity]), send_chain=False),
-               "signed by an intermediate the peer never sends"),
-        Defect("key-does-not-match", mismatched, "private key of another certificate", presentable=False),
-        Defect("sha1-signature", root.workload(identity, signature_hash=hashes.SHA1()),
-               "leaf signed with sha1WithRSAEncryption"),
+        Defect(
+            "nul-in-uri-san",
+            root.workload(identity + "\x00.evil.local"),
+            "URI SAN is the expected ID, a NUL byte, then more",
+        ),
+        Defect(
+            "non-spiffe-uri",
+            root.workload("https://" + identity.removeprefix("spiffe://")),
+            "https:// URI with the right path",
+        ),
+        Defect(
+            "intermediate-not-sent",
+            wrong_key_issuer.issue(Leaf(uris=[identity]), send_chain=False),
+            "signed by an intermediate the peer never sends",
+        ),
+        Defect(
+            "key-does-not-match",
+            mismatched,
+            "private key of another certificate",
+            presentable=False,
+        ),
+        Defect(
+            "sha1-signature",
+            root.workload(identity, signature_hash=hashes.SHA1()),
+            "leaf signed with sha1WithRSAEncryption",
+        ),
         Defect("rsa-1024", root.workload(identity, key=rsa_key(1024)), "1024-bit RSA key"),
-        Defect("expired-intermediate", _expired_intermediate(root).workload(identity),
-               "leaf is fine, the intermediate it is sent with expired"),
+        Defect(
+            "expired-intermediate",
+            _expired_intermediate(root).workload(identity),
+            "leaf is fine, the intermediate it is sent with expired",
+        ),
     ]
     return result
 
 
 def _expired_intermediate(root: CertificateAuthority) -> CertificateAuthority:
-    ca = CertificateAuthority("expired intermediate", parent=root, lifetime=datetime.timedelta(minutes=30))
+    ca = CertificateAuthority(
+        "expired intermediate", parent=root, lifetime=datetime.timedelta(minutes=30)
+    )
     # Re-sign the intermediate with a window entirely in the past; leaves stay within their own window.
     start = now() - datetime.timedelta(days=2)
     ca.cert = (
@@ -350,8 +452,13 @@ def _expired_intermediate(root: CertificateAuthority) -> CertificateAuthority:
         .not_valid_before(start)
         .not_valid_after(start + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca.key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root.key.public_key()), critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca.key.public_key()), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root.key.public_key()),
+            critical=False,
+        )
         .sign(root.key, hashes.SHA256())
     )
     return ca
