@@ -51,12 +51,15 @@ def test_tokens_certificates_and_revocations_are_shared_by_planes_on_etcd(tmp_pa
             rf"{re.escape(ALICE)}\s+{leaf.serial_number:x}\s", a.meshctl("identity", "list").stdout
         )
 
+        observer = Workload(tmp_path, "bob-observer")
+        observer.keep(create_certificate(b, observer.csr(BOB), bearer=join_token(a, "bob")))
+
         def revoke_on_a() -> None:
             result = a.meshctl("identity", "revoke", format(leaf.serial_number, "x"))
             assert result.returncode == 0, result.stderr
 
         took, serials = trio.run(
-            _register_and_follow_rootca, b, alice, "alice-ha", revoke_on_a, leaf.serial_number
+            _register_and_follow_rootca, b, observer, "bob-ha", revoke_on_a, leaf.serial_number
         )
         assert took < 5 and leaf.serial_number in serials  # b's sidecars learn a's revocation
         error = refused(b, alice.csr(ALICE), workload=alice)

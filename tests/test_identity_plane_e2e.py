@@ -242,17 +242,18 @@ def test_cli_input_errors_and_missing_certificates_have_their_exit_codes(plane):
 
 
 async def _register_and_follow_rootca(
-    plane, workload: Workload, node_id: str, revoke, serial: int
+    plane, workload: Workload, node_id: str, revoke, serial: int, identity: str = BOB
 ) -> tuple[int, list[int]]:
-    """Register over gRPC with the client certificate, subscribe to ROOTCA over ADS, revoke, and
-    return (seconds until the new CRL arrived, serials in it)."""
+    """Register over gRPC with `workload`'s client certificate (of `identity`, not the one being
+    revoked), subscribe to ROOTCA over ADS, revoke, and return (seconds until the new CRL
+    arrived, serials in it)."""
     host, port = xds_address(plane)
     async with open_grpc_channel(host, port, ssl_context=tls_context(plane, workload)) as channel:
         body = struct_pb2.Struct()
         body.update(
             {
                 "nodeId": node_id,
-                "service": "alice-svc",
+                "service": "observer",
                 "namespace": "default",
                 "appPort": 18080,
                 "ready": True,
@@ -261,9 +262,9 @@ async def _register_and_follow_rootca(
         answer = struct_pb2.Struct.FromString(
             await channel.unary(REGISTER_METHOD, body.SerializeToString())
         )
-        assert answer["sidecar"]["identity"] == ALICE
+        assert answer["sidecar"]["identity"] == identity
         async with channel.open_stream(ADS_METHOD) as stream:
-            node = Node(id=node_id, cluster="alice-svc")
+            node = Node(id=node_id, cluster="observer")
             await stream.send_message(
                 DiscoveryRequest(
                     node=node, type_url=SECRET_TYPE, resource_names=["ROOTCA"]
@@ -325,7 +326,7 @@ def test_a_revocation_reaches_the_rootca_secret_over_ads_within_seconds(plane, t
         assert result.returncode == 0, result.stderr
 
     took, serials = trio.run(
-        _register_and_follow_rootca, plane, alice, "alice-1", revoke, leaf.serial_number
+        _register_and_follow_rootca, plane, bob, "bob-1", revoke, leaf.serial_number
     )
     assert took < 5 and leaf.serial_number in serials
     # A revoked certificate no longer opens an ADS stream either.
@@ -336,8 +337,8 @@ def test_a_revocation_reaches_the_rootca_secret_over_ads_within_seconds(plane, t
     )
     registered = Client(tuple(plane.address.split(":")), plane.token_path.read_text().strip())
     registered.port = int(registered.port)
-    [sidecar] = [s for s in registered.sidecars()["items"] if s["nodeId"] == "alice-1"]
-    assert sidecar["identity"] == ALICE
+    [sidecar] = [s for s in registered.sidecars()["items"] if s["nodeId"] == "bob-1"]
+    assert sidecar["identity"] == BOB
     # Every alice certificate is now revoked; bob's are not.
     listed = plane.meshctl("identity", "list").stdout
     assert not re.search(rf"{re.escape(ALICE)}\s+\S+\s+\S+\s+no", listed)
@@ -503,3 +504,30 @@ def test_serve_refuses_bad_ca_options(tmp_path):
     assert result.returncode == 2 and "longer than --max-cert-ttl" in result.stderr
     result = serve("--trust-domain", "Bad Domain")
     assert result.returncode == 2 and "trust domain" in result.stderr
+
+
+def test_a_revocation_ends_the_ads_stream_of_that_certificate(plane, tmp_path):
+    carol = "spiffe://cluster.local/ns/default/sa/carol"
+    workload = Workload(tmp_path, "carol")
+    leaf = workload.keep(
+        create_certificate(plane, workload.csr(carol), bearer=join_token(plane, "carol"))
+    )
+
+    async def follow_then_revoke() -> GrpcError:
+        host, port = xds_address(plane)
+        context = tls_context(plane, workload)
+        async with (
+            open_grpc_channel(host, port, ssl_context=context) as channel,
+            channel.open_stream(ADS_METHOD) as stream,
+        ):
+            request = DiscoveryRequest(node=Node(id="carol-1"), type_url=SECRET_TYPE)
+            await stream.send_message(request.SerializeToString())
+            revoke = ("identity", "revoke", format(leaf.serial_number, "x"))
+            await trio.to_thread.run_sync(lambda: plane.meshctl(*revoke))
+            with trio.fail_after(5), pytest.raises(GrpcError) as caught:
+                await stream.receive_message()
+            return caught.value
+
+    error = trio.run(follow_then_revoke)
+    assert error.code == StatusCode.PERMISSION_DENIED
+    assert f"client certificate {leaf.serial_number:x} ({carol}) is revoked" in error.message

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import trio
 from cryptography import x509
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
@@ -91,16 +92,44 @@ def peer_identity(
 
 
 def refusing_revoked_peers(handler: Handler, authority: IdentityAuthority) -> Handler:
-    """`handler` (ADS), refusing a caller whose client certificate is revoked, expired or foreign
-    (a caller without one is served as before: ADS keeps working for plaintext-era sidecars)."""
+    """`handler` (ADS), refusing a caller whose client certificate is revoked, expired or foreign,
+    and ending its stream once its certificate is revoked (a caller without one is served as
+    before: ADS keeps working for sidecars registered with the API token)."""
 
     async def checked(stream: ServerStream) -> None:
         try:
-            peer_identity(stream, authority)
+            found = peer_identity(stream, authority)
         except GrpcError as error:
             log.warning("refused ADS to %s: %s", stream.peer, error.message)
             raise
-        await handler(stream)
+        if found is None:
+            await handler(stream)
+            return
+        identity, certificate = found
+        serial = certificate.serial_number
+        revoked = False
+        async with trio.open_nursery() as nursery:
+
+            async def until_revoked() -> None:
+                nonlocal revoked
+                generation = authority.generation
+                while not authority.revoked_serial(serial):
+                    generation = await authority.wait_for_change(generation)
+                revoked = True
+                nursery.cancel_scope.cancel()
+
+            async def serve() -> None:
+                await handler(stream)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(until_revoked)
+            nursery.start_soon(serve)
+        if revoked:
+            log.warning("ended the ADS stream of %s: certificate %x is revoked", identity, serial)
+            raise GrpcError(
+                StatusCode.PERMISSION_DENIED,
+                f"client certificate {serial:x} ({identity}) is revoked",
+            )
 
     return checked
 
