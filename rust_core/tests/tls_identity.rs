@@ -377,6 +377,22 @@ fn upstream_contexts_decode_and_refuse_by_field() {
     // The same context decodes equal: a re-applied cluster keeps its pools.
     assert_eq!(decoded, xds::decode_cluster(&tls_cluster(&context), &secrets).unwrap());
 
+    let mut tls13_only = mesh_common_context(3);
+    tls13_only.tls_params = Some(tls::TlsParameters {
+        tls_minimum_protocol_version: tls::tls_parameters::TlsProtocol::TlSv13 as i32,
+        ..Default::default()
+    });
+    let modern = tls::UpstreamTlsContext { common_tls_context: Some(tls13_only.clone()), ..context.clone() };
+    assert!(xds::decode_cluster(&tls_cluster(&modern), &secrets).is_ok());
+    tls13_only.tls_params.as_mut().unwrap().cipher_suites = vec!["ECDHE-RSA-AES128-GCM-SHA256".into()];
+    let ciphers = tls::UpstreamTlsContext { common_tls_context: Some(tls13_only), ..context.clone() };
+    assert_refused(
+        xds::decode_cluster(&tls_cluster(&ciphers), &secrets),
+        "Cluster \"outbound|9080||reviews\"",
+        "transport_socket.typed_config.common_tls_context.tls_params.cipher_suites",
+        "not supported",
+    );
+
     let auto_sni = tls::UpstreamTlsContext { auto_host_sni: true, ..context.clone() };
     assert_refused(
         xds::decode_cluster(&tls_cluster(&auto_sni), &secrets),

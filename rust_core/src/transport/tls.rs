@@ -188,11 +188,12 @@ pub fn server_config(
     certificate: Arc<SecretSlot>,
     client_validation: Option<(Arc<PeerValidation>, bool)>,
     alpn_protocols: &[String],
+    versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> Result<Arc<rustls::ServerConfig>, String> {
     let provider = provider();
     let algorithms = provider.signature_verification_algorithms;
     let builder = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .map_err(|e| format!("TLS setup failed: {e}"))?;
     let verifies_clients = client_validation.is_some();
     let builder = match client_validation {
@@ -218,11 +219,12 @@ pub fn client_config(
     server_validation: Option<Arc<PeerValidation>>,
     check_server_name: bool,
     alpn_protocols: &[String],
+    versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = provider();
     let algorithms = provider.signature_verification_algorithms;
     let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .map_err(|e| format!("TLS setup failed: {e}"))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(MeshServerVerifier { validation: server_validation, check_server_name, algorithms }));

@@ -18,6 +18,7 @@ struct CommonTls {
     certificate: Option<(Arc<SecretSlot>, String)>,
     validation: Option<Arc<PeerValidation>>,
     alpn_protocols: Vec<String>,
+    versions: Vec<&'static rustls::SupportedProtocolVersion>,
 }
 
 pub(crate) fn downstream_tls_context(context: &tls::DownstreamTlsContext, secrets: &SecretRegistry) -> FieldResult<ServerTls> {
@@ -38,7 +39,7 @@ pub(crate) fn downstream_tls_context(context: &tls::DownstreamTlsContext, secret
         FieldError::new("common_tls_context", "a server needs a certificate: tls_certificates or tls_certificate_sds_secret_configs")
     })?;
     let client_validation = common.validation.map(|v| (v, require_client_certificate));
-    let config = server_config(certificate.clone(), client_validation.clone(), &common.alpn_protocols)
+    let config = server_config(certificate.clone(), client_validation.clone(), &common.alpn_protocols, &common.versions)
         .map_err(|e| FieldError::new("common_tls_context", e))?;
     Ok(ServerTls {
         alpn_protocols: common.alpn_protocols,
@@ -63,7 +64,7 @@ pub(crate) fn upstream_tls_context(context: &tls::UpstreamTlsContext, fingerprin
     }
     let common = match &context.common_tls_context {
         Some(common) => common_tls_context(common, secrets).at("common_tls_context")?,
-        None => CommonTls { certificate: None, validation: None, alpn_protocols: Vec::new() },
+        None => CommonTls { certificate: None, validation: None, alpn_protocols: Vec::new(), versions: protocol_versions(None)? },
     };
     // Expected SPIFFE IDs replace the DNS-name check; without them the SNI is the name checked.
     let check_server_name = sni.is_some() && common.validation.as_ref().is_none_or(|v| v.expected_uri_sans.is_empty());
@@ -72,6 +73,7 @@ pub(crate) fn upstream_tls_context(context: &tls::UpstreamTlsContext, fingerprin
         common.validation.clone(),
         check_server_name,
         &common.alpn_protocols,
+        &common.versions,
     )
     .map_err(|e| FieldError::new("common_tls_context", e))?;
     Ok(UpstreamTls {
@@ -86,7 +88,7 @@ pub(crate) fn upstream_tls_context(context: &tls::UpstreamTlsContext, fingerprin
 
 fn common_tls_context(c: &tls::CommonTlsContext, secrets: &SecretRegistry) -> FieldResult<CommonTls> {
     use tls::common_tls_context::ValidationContextType;
-    refuse_if(c.tls_params.is_some(), "tls_params")?;
+    let versions = protocol_versions(c.tls_params.as_ref()).at("tls_params")?;
     refuse_if(c.tls_certificate_provider_instance.is_some(), "tls_certificate_provider_instance")?;
     refuse_if(c.custom_tls_certificate_selector.is_some(), "custom_tls_certificate_selector")?;
     refuse_if(c.tls_certificate_certificate_provider.is_some(), "tls_certificate_certificate_provider")?;
@@ -142,7 +144,37 @@ fn common_tls_context(c: &tls::CommonTlsContext, secrets: &SecretRegistry) -> Fi
             return Err(FieldError::unsupported("validation_context_certificate_provider_instance"))
         }
     };
-    Ok(CommonTls { certificate, validation, alpn_protocols: c.alpn_protocols.clone() })
+    Ok(CommonTls { certificate, validation, alpn_protocols: c.alpn_protocols.clone(), versions })
+}
+
+/// TLS versions from tls_params (rustls speaks 1.2 and 1.3; a lower minimum changes nothing).
+/// Cipher suites, curves and signature algorithms are rustls' safe defaults; choosing them is refused.
+fn protocol_versions(params: Option<&tls::TlsParameters>) -> FieldResult<Vec<&'static rustls::SupportedProtocolVersion>> {
+    use tls::tls_parameters::TlsProtocol;
+    let Some(params) = params else { return Ok(rustls::DEFAULT_VERSIONS.to_vec()) };
+    refuse_if(!params.cipher_suites.is_empty(), "cipher_suites")?;
+    refuse_if(!params.ecdh_curves.is_empty(), "ecdh_curves")?;
+    refuse_if(!params.signature_algorithms.is_empty(), "signature_algorithms")?;
+    refuse_if(!params.compliance_policies.is_empty(), "compliance_policies")?;
+    let rank = |field: &str, value: i32, auto: u8| match TlsProtocol::try_from(value) {
+        Ok(TlsProtocol::TlsAuto) => Ok(auto),
+        Ok(TlsProtocol::TlSv10) => Ok(10),
+        Ok(TlsProtocol::TlSv11) => Ok(11),
+        Ok(TlsProtocol::TlSv12) => Ok(12),
+        Ok(TlsProtocol::TlSv13) => Ok(13),
+        Err(_) => Err(FieldError::new(field, format!("unknown value {value}"))),
+    };
+    let minimum = rank("tls_minimum_protocol_version", params.tls_minimum_protocol_version, 12)?;
+    let maximum = rank("tls_maximum_protocol_version", params.tls_maximum_protocol_version, 13)?;
+    let versions: Vec<_> = [(12, &rustls::version::TLS12), (13, &rustls::version::TLS13)]
+        .into_iter()
+        .filter(|(rank, _)| (minimum..=maximum).contains(rank))
+        .map(|(_, version)| version)
+        .collect();
+    if versions.is_empty() {
+        return Err(FieldError::new("tls_maximum_protocol_version", "meshctl speaks TLS 1.2 and 1.3 only; this range has neither"));
+    }
+    Ok(versions)
 }
 
 fn combined_validation(
