@@ -153,3 +153,89 @@ def test_the_trust_anchor_must_be_a_root_bundle_and_bad_bundles_from_ads_are_ign
     root_file.unlink()  # gone later: the roots read at the start still verify the planes
     assert b"BEGIN CERTIFICATE" in planes.roots_pem()
     assert planes.ssl_context(with_client_certificate=False) is not None
+
+
+class RecordingEngine:
+    """A real engine; what the ADS client applies to it is also written down."""
+
+    def __init__(self) -> None:
+        from meshctl import _core
+        from meshctl.agent.bootstrap import bootstrap_from_dict
+
+        self.engine = _core.Engine(bootstrap_from_dict({}), worker_threads=1)
+        self.applied: list[tuple[str, list[str]]] = []
+
+    def apply(self, type_url: str, resources: list[bytes]) -> None:
+        self.engine.apply(type_url, resources)
+        message = refs.MESSAGE_TYPES[type_url]
+        names = [message.FromString(raw).name if type_url == refs.SECRET else "" for raw in resources]
+        self.applied.append((type_url, names))
+
+    def remove(self, type_url: str, names: list[str]) -> None:
+        self.engine.remove(type_url, names)
+
+
+async def test_ads_asks_the_plane_for_rootca_and_referenced_secrets_never_default(credentials, nursery):
+    """Against a tiny ADS server on a real socket: the trust bundle is asked for from the start,
+    secrets the clusters name are added, `default` is never asked for, and one the plane sends
+    anyway is not applied."""
+    import trio
+    from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
+
+    from meshctl.agent.ads_client import ADS_METHOD, AdsClient
+    from meshctl.agent.backoff import Backoff
+    from meshctl.grpc import serve_grpc
+
+    pytest.importorskip("meshctl._core")
+    _, _, ca = credentials
+    bundle = ca.bundle_pem()
+    cluster = json_format.ParseDict(
+        {"name": "outbound|9080||reviews", "type": "EDS", "connect_timeout": "1s",
+         "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
+         "transport_socket": _socket(UpstreamTlsContext, {"common_tls_context": _common("EXTRA")})},
+        Cluster(),
+    )  # fmt: skip
+    secrets = {
+        name: json_format.ParseDict({"name": name, "validation_context": {"trusted_ca": {"inline_string": bundle}}}, Secret())
+        for name in ("ROOTCA", "EXTRA", "default")
+    }  # fmt: skip
+    requests: list[DiscoveryRequest] = []
+
+    async def ads(stream) -> None:
+        answered: dict[str, list[str]] = {}
+        while (raw := await stream.receive_message()) is not None:
+            request = DiscoveryRequest.FromString(raw)
+            requests.append(request)
+            names = list(request.resource_names)
+            if request.type_url in answered and answered[request.type_url] == names:
+                continue  # an ACK
+            answered[request.type_url] = names
+            response = DiscoveryResponse(type_url=request.type_url, version_info="1", nonce=str(len(requests)))
+            if request.type_url == refs.SECRET:
+                # The plane also sends a `default` of its own: the agent must not take it.
+                for name in [*names, "default"]:
+                    response.resources.add().Pack(secrets[name])
+            elif request.type_url == refs.CLUSTER:
+                response.resources.add().Pack(cluster)
+            await stream.send_message(response.SerializeToString())
+
+    host, port = await nursery.start(serve_grpc, {ADS_METHOD: ads}, "127.0.0.1", 0)
+    engine = RecordingEngine()
+    seen: list[str] = []
+    client = AdsClient(engine, (host, port), "reviews-1", backoff=Backoff(0.05, 0.1),
+                       pinned_secrets=frozenset({"ROOTCA"}), on_secret=lambda name, _: seen.append(name))  # fmt: skip
+    try:
+        nursery.start_soon(client.run)
+        with trio.fail_after(10):
+            while client.status()[refs.SECRET]["names"] != ["EXTRA", "ROOTCA"]:
+                await trio.sleep(0.02)
+        asked = [list(r.resource_names) for r in requests if r.type_url == refs.SECRET]
+        assert asked[0] == ["ROOTCA"]  # before the clusters: the bundle is always needed
+        assert ["EXTRA", "ROOTCA"] in asked
+        assert all("default" not in names for names in asked)
+        applied = [names for type_url, names in engine.applied if type_url == refs.SECRET]
+        assert applied and all("default" not in names for names in applied)
+        assert "ROOTCA" in seen and "default" not in seen
+    finally:
+        nursery.cancel_scope.cancel()
+        engine.engine.stop()
