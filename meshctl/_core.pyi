@@ -38,6 +38,8 @@ class Engine:
 
         Each item is a serialized protobuf of `type_url`. If any is refused, ConfigError names it
         and nothing changes. Requests in flight finish under the config they started with.
+        Secrets (SECRET_TYPE, e.g. `default` and `ROOTCA`) are swapped in by name: the next TLS
+        handshake that needs one uses it; listeners, clusters and open connections are untouched.
         """
 
     def remove(self, type_url: str, names: Sequence[str]) -> None:
