@@ -316,13 +316,18 @@ def measure(spec: PairSpec, mesh: MeshFiles, settings: Settings, round_number: i
         if settings.warmup_seconds > 0:
             _fortio(port, RATES[0], settings.warmup_seconds)
         for qps in RATES:
-            before_cpu, before_cores = pair.cpu_seconds(), procfs.CoreTimes.read()
+            before = {name: pair.cpu_seconds(name) for name in pair.processes}
+            before_cores = procfs.CoreTimes.read()
             result = _fortio(port, qps, settings.seconds)
-            proxy_cpu = pair.cpu_seconds() - before_cpu
+            spent = {name: pair.cpu_seconds(name) - before[name] for name in pair.processes}
+            proxy_cpu = sum(spent.values())
             core1 = procfs.CoreTimes.read().since(before_cores, peers.PROXY_CPU)
             entry = {"result": result.as_dict()}
             if spec.command is not None:
                 entry["proxies_cpu_s_per_1k"] = 1000 * proxy_cpu / max(result.requests, 1)
+                # Per sidecar (raw JSON only): which side of the mesh hop costs what.
+                for name, seconds in spent.items():
+                    entry[f"{name}_cpu_s_per_1k"] = 1000 * seconds / max(result.requests, 1)
                 entry["proxies_cpu_pct"] = core1.percent(proxy_cpu)
                 # What other people's processes took from the proxies' core meanwhile (shared machine).
                 entry["cpu1_other_pct"] = max(
@@ -398,7 +403,7 @@ def summarize(samples: list[dict]) -> dict:
             latency = entry["result"]["latency_us"]
             if direct:
                 base = direct["rates"][qps]["result"]["latency_us"]
-                for p in ("p50", "p99"):
+                for p in ("p50", "p90", "p99"):
                     rows.setdefault(f"{p} added @{qps}", []).append(latency[p] - base[p])
             rows.setdefault(f"cpu @{qps}", []).append(entry["proxies_cpu_s_per_1k"])
             result = entry["result"]
@@ -414,7 +419,7 @@ def summarize(samples: list[dict]) -> dict:
     for sample in direct_by_round.values():
         rows = figures.setdefault("direct", {})
         for qps, entry in sample["rates"].items():
-            for p in ("p50", "p99"):
+            for p in ("p50", "p90", "p99"):
                 rows.setdefault(f"{p} @{qps}", []).append(entry["result"]["latency_us"][p])
     return figures
 
@@ -448,7 +453,7 @@ def render(meta: dict, samples: list[dict], unavailable: dict[str, str]) -> str:
     ]
     direct = figures.get("direct", {})
     for qps in RATES:
-        for p in ("p50", "p99"):
+        for p in ("p50", "p90", "p99"):
             key = f"{p} added @{qps}"
             r, verdict = ratio(key, 0.5 if p == "p99" else None)
             lines.append(
