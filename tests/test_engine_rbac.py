@@ -409,3 +409,47 @@ def test_h2c_paths_are_normalized_and_judged_the_same(dataplane_kind, dataplane,
         observed.append((target, int(code)))
     assert observed == table
     assert [target for _, target in app.received] == ["/public/x"]
+
+
+# --- the other path settings, differentially against Envoy -------------------------------------------
+
+MODE_TARGETS = [
+    "/a%2Fb", "/a%2fb", "/a%5Cb", "/x/a%2F..%2Fadmin", "/admin%2Fx", "//a//b", "/a/../b", "/%61%2F",
+    "/a%2F%2Fb", "/a/%2F/b", "/a%5c..%5cadmin", "/%2e%2e%2Fadmin", "/%61dmin", "/x/..;/admin",
+]  # fmt: skip
+MODES = {
+    "keep-unchanged": {"path_with_escaped_slashes_action": "KEEP_UNCHANGED", "normalize_path": True, "merge_slashes": True},
+    "unescape-and-forward": {"path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD", "normalize_path": True, "merge_slashes": True},
+    "unescape-only": {"path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD", "normalize_path": False, "merge_slashes": False},
+    "merge-only": {"path_with_escaped_slashes_action": "KEEP_UNCHANGED", "normalize_path": False, "merge_slashes": True},
+}
+
+
+def upper_hex(path: str | None) -> str | None:
+    """meshctl writes the escapes it keeps with upper-case hex (RFC 3986 §6.2.2.1); Envoy keeps the case."""
+    return None if path is None else re.sub(r"%[0-9a-fA-F]{2}", lambda m: m.group(0).upper(), path)
+
+
+@pytest.mark.meshctl_only
+@pytest.mark.parametrize("settings", MODES.values(), ids=MODES.keys())
+def test_path_settings_match_envoy(settings, tmp_path):
+    from helpers.dataplane import start_dataplane
+
+    observed: dict[str, list] = {}
+    for kind in ("envoy", "meshctl"):
+        recording = RecordingApp()
+        port, admin_port = free_port(), free_port()
+        config = rbac_bootstrap(port, recording.port, admin_port)
+        config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"].update(settings)
+        directory = tmp_path / kind
+        directory.mkdir()
+        process = start_dataplane(kind, config, directory)
+        try:
+            statuses = [send_raw(port, Case(target, 0), i)[0] for i, target in enumerate(MODE_TARGETS)]
+        finally:
+            process.stop()
+            recording.close()
+        forwarded = dict(recording.received)
+        observed[kind] = [(t, s, upper_hex(forwarded.get(str(i)))) for i, (t, s) in enumerate(zip(MODE_TARGETS, statuses))]
+    differences = [f"{e} (envoy) != {m} (meshctl)" for e, m in zip(observed["envoy"], observed["meshctl"]) if e != m]
+    assert not differences, "\n".join(differences)
