@@ -23,7 +23,6 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-
 from helpers import bootstrap as b
 from helpers.mtls_bootstrap import TlsFiles, downstream_tls_socket
 from helpers.pki import CertificateAuthority, write_trust
@@ -353,13 +352,12 @@ def send_mtls(port: int, ca: Path, client: tuple[Path, Path], method: str, targe
     context.check_hostname = False  # the server is named by its SPIFFE URI SAN, not a host name
     context.load_cert_chain(*client)
     context.set_alpn_protocols(["http/1.1"])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with context.wrap_socket(raw) as sock:
-            length = "content-length: 0\r\n" if method == "POST" else ""
-            sock.sendall(f"{method} {target} HTTP/1.1\r\nhost: svc\r\n{length}connection: close\r\n\r\n".encode())
-            response = b""
-            while b"\r\n" not in response and (chunk := sock.recv(65536)):
-                response += chunk
+    length = "content-length: 0\r\n" if method == "POST" else ""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, context.wrap_socket(raw) as sock:
+        sock.sendall(f"{method} {target} HTTP/1.1\r\nhost: svc\r\n{length}connection: close\r\n\r\n".encode())
+        response = b""
+        while b"\r\n" not in response and (chunk := sock.recv(65536)):
+            response += chunk
     match = re.match(rb"HTTP/1\.1 (\d{3})", response)
     assert match, response[:200]
     return int(match.group(1))
