@@ -380,6 +380,28 @@ def test_client_to_a_to_b_over_mtls_h2_and_the_app_gets_xfcc(mesh):
     assert "PRIVATE KEY" not in text and "BEGIN CERTIFICATE" not in text
 
 
+def test_http1_pools_use_mtls_too(mesh):
+    """A cluster without HTTP/2 options keeps HTTP/1.1 connections to B, each over mTLS."""
+    import meshctl._core as core
+    from meshctl.agent.bootstrap import bootstrap_from_dict
+
+    port = free_port()
+    config = outbound_a(port, mesh.b_port)
+    cluster = config["static_resources"]["clusters"][0]
+    del cluster["typed_extension_protocol_options"]
+    cluster["transport_socket"]["typed_config"]["common_tls_context"]["alpn_protocols"] = ["http/1.1"]
+    engine = core.Engine(bootstrap_from_dict(config))
+    try:
+        apply_secrets(engine, certificate_secret(mesh.cert_a), roots_secret(mesh.ca))
+        for attempt in range(3):
+            _, echoed = curl(port, "--http1.1", path=f"/h1-{attempt}")
+            assert echoed["headers"]["x-forwarded-client-cert"].endswith(f";URI={SPIFFE_A}")
+        # Kept alive and reused: one handshake for three requests.
+        assert counter(engine.stats_prometheus(), "meshctl_tls_handshakes_total", direction="upstream") == 1
+    finally:
+        engine.stop()
+
+
 def test_a_wrong_server_identity_is_refused_by_the_client_engine(mesh):
     import meshctl._core as core
     from meshctl.agent.bootstrap import bootstrap_from_dict

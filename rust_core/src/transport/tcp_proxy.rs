@@ -64,10 +64,9 @@ pub async fn proxy_tcp_plain(
     let mut upstream = match upstream {
         UpstreamStream::Plain(upstream) => upstream,
         // No splice across TLS: the bytes must pass through rustls.
-        tls @ UpstreamStream::Tls(_) => {
-            let mut upstream = tls;
+        mut tls => {
             let mut downstream = downstream;
-            bounded(config, tokio::io::copy_bidirectional(&mut downstream, &mut upstream)).await;
+            bounded(config, tokio::io::copy_bidirectional(&mut downstream, &mut tls)).await;
             return;
         }
     };

@@ -296,16 +296,6 @@ pub enum UpstreamStream {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-impl UpstreamStream {
-    /// The protocol the server chose by ALPN, if TLS.
-    pub fn alpn_protocol(&self) -> Option<&[u8]> {
-        match self {
-            UpstreamStream::Plain(_) => None,
-            UpstreamStream::Tls(tls) => tls.get_ref().1.alpn_protocol(),
-        }
-    }
-}
-
 /// Wrap a connected socket in TLS when the cluster asks for it, counting the handshake.
 pub async fn upstream_handshake(
     stream: TcpStream,
