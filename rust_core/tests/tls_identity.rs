@@ -81,6 +81,17 @@ fn certificates_that_are_not_one_clean_spiffe_id_are_refused() {
     assert_eq!(spiffe_id(https.cert.der(), &[]), Err(SanError::NotSpiffe));
     let no_trust_domain = leaf(&ca, vec![uri("spiffe:///ns/default/sa/a")]);
     assert_eq!(spiffe_id(no_trust_domain.cert.der(), &[]), Err(SanError::NotSpiffe));
+    for not_an_id in [
+        "spiffe://cluster.local/ns/default/../kube-system/sa/admin",
+        "spiffe://cluster.local/ns//sa/a",
+        "spiffe://Cluster.Local/ns/default/sa/a",
+        "spiffe://cluster.local/ns/default/sa/a%2F..",
+        "spiffe://cluster.local/ns/default/sa/a?x=1",
+        "spiffe://cluster.local/ns/default/sa/a/",
+    ] {
+        let cert = leaf(&ca, vec![uri(not_an_id)]);
+        assert_eq!(spiffe_id(cert.cert.der(), &[]), Err(SanError::NotSpiffe), "{not_an_id}");
+    }
     let nul = leaf(&ca, vec![uri("spiffe://cluster.local/ns/default/sa/a\0.evil")]);
     assert_eq!(spiffe_id(nul.cert.der(), &[]), Err(SanError::ControlCharacter));
     // A prefix matcher must not let a NUL-smuggled ID through either.

@@ -25,7 +25,7 @@ pub enum SanError {
     Unparsable(String),
     #[error("the certificate has {0} URI SANs; a SPIFFE certificate has exactly one")]
     UriSanCount(usize),
-    #[error("the URI SAN is not a spiffe:// ID")]
+    #[error("the URI SAN is not a SPIFFE ID (spiffe://trust-domain/path; lower-case trust domain, no dot segments)")]
     NotSpiffe,
     #[error("the URI SAN contains a NUL or control character")]
     ControlCharacter,
@@ -63,15 +63,35 @@ pub fn spiffe_id(leaf_der: &[u8], expected: &[StringMatcher]) -> Result<String, 
     if uri.chars().any(|c| c.is_control()) {
         return Err(SanError::ControlCharacter);
     }
-    let Some(rest) = uri.strip_prefix("spiffe://") else { return Err(SanError::NotSpiffe) };
-    // A trust domain, then a path: spiffe://TD/...
-    if rest.is_empty() || rest.starts_with('/') || rest.contains(['?', '#']) {
+    if !is_spiffe_id(uri) {
         return Err(SanError::NotSpiffe);
     }
     if !expected.is_empty() && !expected.iter().any(|m| m.matches(uri)) {
         return Err(SanError::NotExpected(uri.clone()));
     }
     Ok(uri.clone())
+}
+
+/// The SPIFFE ID grammar: `spiffe://` + a trust domain of [a-z0-9._-] + a path of non-empty
+/// segments of [A-Za-z0-9._-] that are not `.` or `..` (no percent-encoding, query or fragment),
+/// so a prefix matcher cannot be walked out of with dot segments.
+fn is_spiffe_id(uri: &str) -> bool {
+    let Some(rest) = uri.strip_prefix("spiffe://") else { return false };
+    if uri.len() > 2048 {
+        return false;
+    }
+    let (trust_domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let domain_ok = !trust_domain.is_empty()
+        && trust_domain.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    let segments_ok = path.is_empty()
+        || path.split('/').all(|segment| {
+            !segment.is_empty()
+                && segment != "."
+                && segment != ".."
+                && segment.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        });
+    // `spiffe://td/` (a trailing slash) leaves an empty last segment and is refused above.
+    domain_ok && segments_ok && !(path.is_empty() && rest.ends_with('/'))
 }
 
 /// Hex SHA-256 of a certificate's DER (XFCC's `Hash=`).
