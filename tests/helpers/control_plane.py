@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +52,28 @@ class ControlPlane:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    @property
+    def xds_address(self) -> str:
+        """HOST:PORT of the TLS xDS + CA port, from the ready line."""
+        found = re.search(r"xDS \(ADS, TLS[^)]*\) on ([\d.]+:\d+)", self.log())
+        assert found, self.log()
+        return found.group(1)
+
+    def api(self, method: str, path: str, body: dict | None = None) -> dict:
+        """One REST call with the API token; the decoded JSON answer."""
+        request = urllib.request.Request(
+            f"http://{self.address}{path}", method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {self.token_path.read_text().strip()}",
+                     "Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def join_token(self, service_account: str, namespace: str = "default", ttl_seconds: int = 600) -> str:
+        body = {"serviceAccount": service_account, "namespace": namespace, "ttlSeconds": ttl_seconds}
+        return self.api("POST", "/v1/identity/tokens", body)["token"]
 
     def stop(self) -> None:
         if self.popen.poll() is None:
