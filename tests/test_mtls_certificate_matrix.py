@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 import ssl
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,7 @@ class Planes:
         self.directory = directory
         self.started: list[Process] = []
         self.apps: list[CountingApp] = []
+        self.admin_ports: dict[tuple[str, str], int] = {}  # (kind, "server"/"client") -> port
         self._server_sides: dict[str, tuple[Process, int, CountingApp]] = {}
         self._client_sides: dict[str, tuple[Process, int, dict[str, CountingApp]]] = {}
 
@@ -113,11 +116,13 @@ class Planes:
             app = CountingApp()
             self.apps.append(app)
             port = free_port()
+            self.admin_ports[(kind, "server")] = free_port()
             config = server_sidecar(
                 port,
                 app.port,
                 trust_files(self.directory, "server-sidecar"),
                 san_matchers=[{"exact": CLIENT_ID}],
+                admin_port=self.admin_ports[(kind, "server")],
             )
             self._server_sides[kind] = (self.start(kind, config, "server"), port, app)
         _, port, app = self._server_sides[kind]
@@ -135,7 +140,13 @@ class Planes:
                 self.apps.append(apps[name])
                 upstreams.append(MeshUpstream(name, f"/{name}/", apps[name].port, SERVER_ID))
             port = free_port()
-            config = client_sidecar(port, upstreams, trust_files(self.directory, "client-sidecar"))
+            self.admin_ports[(kind, "client")] = free_port()
+            config = client_sidecar(
+                port,
+                upstreams,
+                trust_files(self.directory, "client-sidecar"),
+                admin_port=self.admin_ports[(kind, "client")],
+            )
             self._client_sides[kind] = (self.start(kind, config, "client"), port, apps)
         _, port, apps = self._client_sides[kind]
         return port, apps
@@ -207,11 +218,83 @@ def request_through_client_sidecar(port: int, path: str) -> str:
         body = response.read()
     finally:
         connection.close()
-    return (
-        f"{response.status}"
-        if response.status == 200
-        else f"refused: {response.status} {body[:40].decode(errors='replace')!r}"
+    if response.status == 200:
+        return "200"
+    print(f"{path}: {response.status} {body[:200]!r}")
+    return f"refused: {response.status}"
+
+
+# meshctl counts each refused handshake by reason (meshctl_tls_handshake_errors_total), so an
+# operator sees why a peer was turned away; where the reason is unambiguous the matrix checks it.
+EXPECTED_REASON = {
+    "expired": "expired",
+    "not-yet-valid": "not_yet_valid",
+    "revoked": "revoked",
+    "foreign-ca": "unknown_ca",
+    "intermediate-not-sent": "unknown_ca",
+    "wrong-trust-domain": "bad_san",
+    "wrong-service-account": "bad_san",
+    "two-uri-sans": "bad_san",
+    "dns-san-only": "bad_san",
+    "no-san": "bad_san",
+    "non-spiffe-uri": "bad_san",
+    "nul-in-uri-san": "bad_san",
+    "eku-without-clientAuth": "bad_usage",
+    "eku-without-serverAuth": "bad_usage",
+}
+
+
+def handshake_errors(admin_port: int, direction: str) -> dict[str, int]:
+    """meshctl's refused handshakes in one direction, by reason, from its admin endpoint."""
+    connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
+    try:
+        connection.request("GET", "/stats/prometheus")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    found = re.findall(
+        rf'^meshctl_tls_handshake_errors_total{{direction="{direction}",reason="([^"]+)"}} (\d+)$',
+        text,
+        re.MULTILINE,
     )
+    return {reason: int(count) for reason, count in found}
+
+
+class RefusalReasons:
+    """Counts meshctl's handshake errors around one attempt (nothing for Envoy)."""
+
+    def __init__(self, planes: Planes, kind: str, side: str) -> None:
+        self.admin, self.direction = (
+            planes.admin_ports[(kind, side)],
+            {
+                "server": "downstream",
+                "client": "upstream",
+            }[side],
+        )
+        self.enabled = kind == "meshctl"
+        self.before = handshake_errors(self.admin, self.direction) if self.enabled else {}
+
+    def new(self) -> set[str]:
+        if not self.enabled:
+            return set()
+        deadline = time.monotonic() + 3
+        while True:  # the counter is bumped as the handshake fails, a moment after the alert
+            after = handshake_errors(self.admin, self.direction)
+            grown = {r for r, n in after.items() if n > self.before.get(r, 0)}
+            if grown or time.monotonic() > deadline:
+                return grown
+            time.sleep(0.05)
+
+
+def check_reason(kind: str, name: str, reasons: set[str]) -> None:
+    """meshctl must have counted the refusal, under the expected reason where it is unambiguous."""
+    if kind != "meshctl":
+        return
+    assert reasons, (
+        "meshctl refused the handshake but counted no meshctl_tls_handshake_errors_total"
+    )
+    if name in EXPECTED_REASON:
+        assert EXPECTED_REASON[name] in reasons, f"counted as {sorted(reasons)}"
 
 
 def record(role: str, name: str, kind: str, outcome: str) -> None:
@@ -247,17 +330,21 @@ def test_bad_client_certificate_is_refused_before_the_app(
     expect_envoy_quirk(request, dataplane_kind, "client", name)
     port, app = planes.server_side(dataplane_kind)
     before = app.wait_quiet()
+    counted = RefusalReasons(planes, dataplane_kind, "server")
     outcome = request_with_client_cert(port, CLIENT_DEFECTS[name].issued, certs_dir, name)
     after = app.wait_quiet()
     reached = after.bytes - before.bytes
+    reasons = counted.new()
     record(
         "client",
         name,
         dataplane_kind,
-        outcome if reached == 0 else f"ACCEPTED ({outcome}, {reached} B to app)",
+        (outcome if reached == 0 else f"ACCEPTED ({outcome}, {reached} B to app)")
+        + (f" [{','.join(sorted(reasons))}]" if reasons else ""),
     )
     assert outcome.startswith("refused"), f"{CLIENT_DEFECTS[name].why}: answered {outcome}"
     assert reached == 0 and after.requests == before.requests
+    check_reason(dataplane_kind, name, reasons)
 
 
 # --- server certificates presented to the client sidecar ----------------------------------
@@ -278,17 +365,21 @@ def test_good_server_certificate_is_accepted(dataplane_kind, name, planes):
 def test_bad_server_certificate_gets_no_request(dataplane_kind, name, planes, request):
     expect_envoy_quirk(request, dataplane_kind, "server", name)
     port, apps = planes.client_side(dataplane_kind)
+    counted = RefusalReasons(planes, dataplane_kind, "client")
     outcome = request_through_client_sidecar(port, f"/{name}/x")
     counts = apps[name].wait_quiet()
+    reasons = counted.new()
     record(
         "server",
         name,
         dataplane_kind,
-        outcome if counts.bytes == 0 else f"ACCEPTED ({outcome}, {counts.bytes} B to the server)",
+        (outcome if counts.bytes == 0 else f"ACCEPTED ({outcome}, {counts.bytes} B to the server)")
+        + (f" [{','.join(sorted(reasons))}]" if reasons else ""),
     )
     assert outcome.startswith("refused"), f"{SERVER_DEFECTS[name].why}: answered {outcome}"
     # Not one decrypted byte: the client sidecar aborted the handshake before sending its request.
     assert counts.bytes == 0 and counts.requests == 0
+    check_reason(dataplane_kind, name, reasons)
 
 
 # --- a certificate whose key does not match cannot even be configured ---------------------
