@@ -497,6 +497,18 @@ def render(meta: dict, samples: list[dict], unavailable: dict[str, str]) -> str:
             f"| {_median_spread(envoy.get(f'cpu1 other @{qps}', []), 1)} "
             f"| {_median_spread(meshctl.get(f'cpu1 other @{qps}', []), 1)} | | |"
         )
+    lines += [
+        "",
+        (
+            "_Added = peer minus direct in the same round. Both sidecars of a pair share CPU 1 (one worker"
+            " each); fortio, the handshake client and nginx share CPU 0. CPU is utime+stime of both"
+            " sidecars' process trees. Handshakes: new connections to sidecar B's mTLS listener, full"
+            " handshakes (no resumption) with a client certificate and one GET each, divided by B's CPU"
+            " seconds (the Python client, not B, limits the rate). On a shared machine p99 follows the"
+            " other processes' share of CPU 1 (last rows); p50 and CPU per request are the stable"
+            " figures._"
+        ),
+    ]
     for name, reason in unavailable.items():
         lines.append(f"\n{name}: not measured — {reason}")
     failed = [s for s in samples if s["status"] != "ok"]
