@@ -22,8 +22,8 @@ pub(crate) fn secret(s: &tls::Secret) -> FieldResult<NamedSecret> {
     let secret = match &s.r#type {
         Some(Type::TlsCertificate(c)) => Secret::Certificate(tls_certificate(c).at("tls_certificate")?.0.into()),
         Some(Type::ValidationContext(v)) => {
-            let (trust, matchers) = validation_context(v).at("validation_context")?;
-            if !matchers.is_empty() {
+            let DecodedValidation { trust, expected_uri_sans } = validation_context(v).at("validation_context")?;
+            if !expected_uri_sans.is_empty() {
                 return Err(FieldError::new(
                     "validation_context.match_typed_subject_alt_names",
                     "SAN matchers belong in the TLS context (combined_validation_context.default_validation_context), not in the secret",
@@ -56,10 +56,14 @@ pub(crate) fn tls_certificate(c: &tls::TlsCertificate) -> FieldResult<(Certifica
     Ok((secret, source))
 }
 
-/// Roots and CRLs (when trusted_ca is set, with where they came from) and the URI SAN matchers.
-pub(crate) fn validation_context(
-    v: &tls::CertificateValidationContext,
-) -> FieldResult<(Option<(ValidationSecret, String)>, Vec<StringMatcher>)> {
+/// A CertificateValidationContext: roots and CRLs, and the peer SAN matchers.
+pub(crate) struct DecodedValidation {
+    /// When trusted_ca is set: the roots with their CRLs, and where they came from.
+    pub trust: Option<(ValidationSecret, String)>,
+    pub expected_uri_sans: Vec<StringMatcher>,
+}
+
+pub(crate) fn validation_context(v: &tls::CertificateValidationContext) -> FieldResult<DecodedValidation> {
     refuse_if(v.ca_certificate_provider_instance.is_some(), "ca_certificate_provider_instance")?;
     refuse_if(v.system_root_certs.is_some(), "system_root_certs")?;
     refuse_if(v.watched_directory.is_some(), "watched_directory")?;
@@ -89,7 +93,7 @@ pub(crate) fn validation_context(
         None if v.crl.is_some() => return Err(FieldError::new("crl", "needs trusted_ca in the same validation context")),
         None => None,
     };
-    Ok((trust, matchers))
+    Ok(DecodedValidation { trust, expected_uri_sans: matchers })
 }
 
 fn san_matcher(m: &tls::SubjectAltNameMatcher) -> FieldResult<StringMatcher> {

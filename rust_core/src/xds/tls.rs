@@ -6,7 +6,7 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 
-use super::secret::{tls_certificate, validation_context};
+use super::secret::{tls_certificate, validation_context, DecodedValidation};
 use super::{refuse_if, At, FieldError, FieldResult};
 use crate::model::secret::{Secret, SecretRegistry, SecretSlot};
 use crate::model::tls::{ForwardClientCert, ForwardClientCertMode, PeerValidation, ServerTls, UpstreamTls};
@@ -114,7 +114,7 @@ fn common_tls_context(c: &tls::CommonTlsContext, secrets: &SecretRegistry) -> Fi
     let validation = match &c.validation_context_type {
         None => None,
         Some(ValidationContextType::ValidationContext(v)) => {
-            let (trust, expected_uri_sans) = validation_context(v).at("validation_context")?;
+            let DecodedValidation { trust, expected_uri_sans } = validation_context(v).at("validation_context")?;
             match trust {
                 Some((roots, source)) => Some(Arc::new(PeerValidation {
                     roots: SecretSlot::fixed(format!("inline roots ({source})"), Secret::Validation(roots.into())),
@@ -188,7 +188,7 @@ fn combined_validation(
     )?;
     let expected_uri_sans = match &combined.default_validation_context {
         Some(v) => {
-            let (trust, matchers) = validation_context(v).at("default_validation_context")?;
+            let DecodedValidation { trust, expected_uri_sans } = validation_context(v).at("default_validation_context")?;
             if trust.is_some() {
                 // Envoy would merge the two; meshctl keeps one source of roots so a rotation of
                 // the secret cannot be shadowed by stale inline roots.
@@ -197,7 +197,7 @@ fn combined_validation(
                     "roots come from validation_context_sds_secret_config here; set trusted_ca in that secret",
                 ));
             }
-            matchers
+            expected_uri_sans
         }
         None => Vec::new(),
     };
