@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::admin::{self, AdminSource};
-use crate::model::secret::SecretRegistry;
+use crate::model::secret::{Secret, SecretRegistry};
 use crate::model::{ClusterConfig, EndpointConfig, EndpointSource, ListenerConfig};
 use crate::registry::Registry;
 use crate::runtime::EngineRuntime;
@@ -40,6 +40,10 @@ pub enum StartError {
     Io { context: String, source: std::io::Error },
 }
 
+/// Kinds in `EngineState::applied_bytes`.
+const LISTENER_KIND: &str = "Listener";
+const SECRET_KIND: &str = "Secret";
+
 pub struct Engine {
     runtime: Option<EngineRuntime>,
     state: Arc<EngineState>,
@@ -58,6 +62,9 @@ struct EngineState {
     handoff_listeners: Mutex<BTreeMap<String, Arc<ListenerConfig>>>,
     /// Endpoints received through EDS, kept even before (or after) their cluster exists.
     assignments: Mutex<HashMap<String, Vec<EndpointConfig>>>,
+    /// The bytes each listener and secret was last applied from: an identical re-send (xDS
+    /// resends a whole type when one resource changes) must not disturb open connections.
+    applied_bytes: Mutex<HashMap<(&'static str, String), Vec<u8>>>,
     /// Serializes apply/remove so each is one consistent step.
     apply_lock: Mutex<()>,
     draining: AtomicBool,
@@ -89,6 +96,7 @@ impl Engine {
             listeners: Mutex::new(BTreeMap::new()),
             handoff_listeners: Mutex::new(handoff.into_iter().map(|l| (l.name.clone(), Arc::new(l))).collect()),
             assignments: Mutex::new(HashMap::new()),
+            applied_bytes: Mutex::new(HashMap::new()),
             apply_lock: Mutex::new(()),
             draining: AtomicBool::new(false),
         });
@@ -259,10 +267,43 @@ impl EngineState {
                 // All or nothing: every secret decodes before any is swapped in. Listeners and
                 // clusters are untouched; their next handshake reads the new secret.
                 let decoded = resources.iter().map(|r| xds::decode_secret(r)).collect::<Result<Vec<_>, _>>()?;
+                // New trust roots or revocations must also reach connections already open, whose
+                // peers were verified against the old ones: they are drained (and pooled upstream
+                // connections dropped), so each reconnects and is verified again. A new
+                // certificate of our own (renewal) needs no such thing and drains nothing.
+                let trust_changed = decoded.iter().zip(resources).any(|(named, bytes)| {
+                    matches!(named.secret, Secret::Validation(_)) && self.differs_from_applied(SECRET_KIND, &named.name, bytes)
+                });
+                for (named, bytes) in decoded.iter().zip(resources) {
+                    self.remember_applied(SECRET_KIND, &named.name, bytes);
+                }
                 self.secrets.store(decoded);
+                if trust_changed {
+                    self.reverify_open_connections();
+                }
                 Ok(())
             }
             other => Err(ConfigError::new(other, "", "this resource type is not supported by meshctl's engine")),
+        }
+    }
+
+    /// Whether a resource's bytes differ from those it was last applied from (or it is new).
+    fn differs_from_applied(&self, kind: &'static str, name: &str, bytes: &[u8]) -> bool {
+        self.applied_bytes.lock().unwrap().get(&(kind, name.to_string())).is_none_or(|previous| previous != bytes)
+    }
+
+    fn remember_applied(&self, kind: &'static str, name: &str, bytes: &[u8]) {
+        self.applied_bytes.lock().unwrap().insert((kind, name.to_string()), bytes.to_vec());
+    }
+
+    /// Drain every downstream connection and drop every pooled upstream connection, so each is
+    /// opened again and its peer verified against the current roots and revocations.
+    fn reverify_open_connections(&self) {
+        for handle in self.listeners.lock().unwrap().values() {
+            handle.drain_open_connections();
+        }
+        for cluster in self.registry.clusters.load().values() {
+            cluster.close_all();
         }
     }
 
@@ -283,6 +324,16 @@ impl EngineState {
         for l in &decoded {
             xds::check_cluster_references(l, &|name| clusters.contains_key(name))?;
         }
+        // Listeners whose config really changed. Their open connections are drained once the
+        // new config is in: a multiplexed connection between sidecars lives for hours, and a new
+        // authorization policy or PeerAuthentication must not wait for it to end.
+        let changed: std::collections::HashSet<String> = decoded
+            .iter()
+            .zip(resources)
+            .filter(|(l, bytes)| self.differs_from_applied(LISTENER_KIND, &l.name, bytes))
+            .map(|(l, _)| l.name.clone())
+            .collect();
+        let applied: Vec<(String, &Vec<u8>)> = decoded.iter().zip(resources).map(|(l, bytes)| (l.name.clone(), bytes)).collect();
         let mut listeners = self.listeners.lock().unwrap();
         let mut handoff = self.handoff_listeners.lock().unwrap();
         let (decoded, handoff_updates): (Vec<_>, Vec<_>) = decoded.into_iter().partition(|l| l.bind_to_port);
@@ -298,6 +349,7 @@ impl EngineState {
             }
         }
         let mut sockets: HashMap<String, std::net::TcpListener> = fresh_sockets.into_iter().collect();
+        let handoff_changed = handoff_updates.iter().any(|l| changed.contains(&l.name));
         for l in handoff_updates {
             // A listener that stops binding its port gives its socket up.
             if let Some(old) = listeners.remove(&l.name) {
@@ -308,7 +360,12 @@ impl EngineState {
         for l in decoded {
             let name = l.name.clone();
             match sockets.remove(&name) {
-                None => listeners[&name].update(Arc::new(l)),
+                None => {
+                    listeners[&name].update(Arc::new(l));
+                    if changed.contains(&name) {
+                        listeners[&name].drain_open_connections();
+                    }
+                }
                 Some(socket) => {
                     let handle = listener::spawn(socket, Arc::new(l), self.deps.clone()).map_err(|e| {
                         ConfigError::new(format!("Listener {name:?}"), "address", format!("cannot listen: {e}"))
@@ -321,6 +378,16 @@ impl EngineState {
             }
         }
         self.publish_handoff_listeners(&handoff);
+        for (name, bytes) in applied {
+            self.remember_applied(LISTENER_KIND, &name, bytes);
+        }
+        if handoff_changed {
+            // Connections handed over by an original-destination listener run the handed-over
+            // config: theirs changed, so they are drained from the listener that accepted them.
+            for handle in listeners.values().filter(|h| h.config.load().use_original_dst) {
+                handle.drain_open_connections();
+            }
+        }
         Ok(())
     }
 
@@ -335,11 +402,13 @@ impl EngineState {
             xds::LISTENER_TYPE => {
                 let mut listeners = self.listeners.lock().unwrap();
                 let mut handoff = self.handoff_listeners.lock().unwrap();
+                let mut applied = self.applied_bytes.lock().unwrap();
                 for name in names {
                     if let Some(handle) = listeners.remove(name) {
                         handle.drain();
                     }
                     handoff.remove(name);
+                    applied.remove(&(LISTENER_KIND, name.clone()));
                 }
                 self.publish_handoff_listeners(&handoff);
             }
@@ -360,7 +429,11 @@ impl EngineState {
                     self.set_eds_endpoints(name, &[]);
                 }
             }
-            xds::SECRET_TYPE => self.secrets.remove(names),
+            xds::SECRET_TYPE => {
+                let mut applied = self.applied_bytes.lock().unwrap();
+                names.iter().for_each(|n| drop(applied.remove(&(SECRET_KIND, n.clone()))));
+                self.secrets.remove(names)
+            }
             other => return Err(ConfigError::new(other, "", "this resource type is not supported by meshctl's engine")),
         }
         Ok(())

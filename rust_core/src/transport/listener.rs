@@ -73,19 +73,32 @@ pub struct ListenerHandle {
     pub local_address: SocketAddr,
     pub connections: Arc<ConnectionTracker>,
     stop_accepting: watch::Sender<bool>,
-    drain: watch::Sender<bool>,
+    /// Fires for the connections accepted since it was made: they finish what is in flight and
+    /// close (GOAWAY / Connection: close). Replaced by a fresh one each time it fires for a
+    /// config change, so later connections are not drained with them.
+    connection_drain: Arc<ArcSwap<watch::Sender<bool>>>,
 }
 
 impl ListenerHandle {
-    /// Swap in a new config for the same address: new connections use it; open ones keep theirs.
+    /// Swap in a new config for the same address: new connections use it; open ones keep theirs
+    /// until `drain_open_connections`.
     pub fn update(&self, config: Arc<ListenerConfig>) {
         self.config.store(config);
+    }
+
+    /// Ask the connections open now to finish and close, while the listener keeps accepting:
+    /// their clients reconnect and get the current config. Used when a config change must reach
+    /// long-lived (multiplexed) connections too: authorization policy, trust roots, revocations.
+    pub fn drain_open_connections(&self) {
+        let (fresh, _) = watch::channel(false);
+        let previous = self.connection_drain.swap(Arc::new(fresh));
+        previous.send_replace(true);
     }
 
     /// Stop accepting and ask open connections to finish (GOAWAY / Connection: close).
     pub fn drain(&self) {
         let _ = self.stop_accepting.send(true);
-        let _ = self.drain.send(true);
+        self.connection_drain.load().send_replace(true);
     }
 }
 
@@ -109,15 +122,16 @@ pub fn spawn(socket: std::net::TcpListener, config: Arc<ListenerConfig>, deps: A
     let local_address = socket.local_addr()?;
     let listener = TcpListener::from_std(socket)?;
     let (stop_accepting, mut stop_rx) = watch::channel(false);
-    let (drain, drain_rx) = watch::channel(false);
+    let (connection_drain, _) = watch::channel(false);
     let handle = ListenerHandle {
         config: Arc::new(ArcSwap::new(config)),
         local_address,
         connections: Arc::new(ConnectionTracker::default()),
         stop_accepting,
-        drain,
+        connection_drain: Arc::new(ArcSwap::from_pointee(connection_drain)),
     };
     let shared_config = handle.config.clone();
+    let shared_drain = handle.connection_drain.clone();
     let tracker = handle.connections.clone();
     tokio::spawn(async move {
         loop {
@@ -133,6 +147,9 @@ pub fn spawn(socket: std::net::TcpListener, config: Arc<ListenerConfig>, deps: A
                     continue;
                 }
             };
+            // Subscribe before reading the config: a change in between then drains this
+            // connection too, rather than leaving it on the old config for good.
+            let drain = shared_drain.load().subscribe();
             let mut config = shared_config.load_full();
             let mut connection = Connection { peer, local: local_address, original_destination: None };
             if config.use_original_dst {
@@ -146,7 +163,6 @@ pub fn spawn(socket: std::net::TcpListener, config: Arc<ListenerConfig>, deps: A
             let stats = deps.metrics.listener(&config.name);
             let guard = tracker.enter();
             let deps = deps.clone();
-            let drain = drain_rx.clone();
             tokio::spawn(async move {
                 let _guard = guard;
                 stats.connections_total.fetch_add(1, Relaxed);

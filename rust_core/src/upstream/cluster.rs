@@ -138,6 +138,17 @@ impl ClusterRuntime {
         Some(endpoint)
     }
 
+    /// Forget every pooled connection: requests from now on open new ones (and verify their
+    /// peer again); exchanges in flight finish on the old ones, which then close.
+    pub fn close_all(&self) {
+        for endpoint in &self.endpoints.load().endpoints {
+            endpoint.pool.forget_connections();
+        }
+        for endpoint in self.original_destinations.lock().unwrap().values() {
+            endpoint.pool.forget_connections();
+        }
+    }
+
     pub fn close_idle(&self) {
         for endpoint in &self.endpoints.load().endpoints {
             endpoint.pool.close_expired();

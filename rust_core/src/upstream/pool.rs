@@ -285,6 +285,13 @@ impl Pool {
         *self.0.http2.lock().unwrap() = None;
     }
 
+    /// Drop the idle HTTP/1.1 connections and stop sharing the HTTP/2 one (its streams in flight
+    /// finish; it closes once they have), so the next request connects afresh.
+    pub fn forget_connections(&self) {
+        self.0.idle_http1.lock().unwrap().clear();
+        self.forget_http2();
+    }
+
     /// Close idle HTTP/1.1 connections past the cluster's idle timeout.
     pub fn close_expired(&self) {
         let timeout = self.0.idle_timeout;
