@@ -151,7 +151,7 @@ class ControlPlanes:
             with trio.fail_after(CALL_TIMEOUT):
                 if shared is not None and shared.closed is None:
                     try:
-                        return await unary_call(shared, method, request, metadata)
+                        return await shared.unary(method, request, metadata)
                     except GrpcError as error:
                         if error.code in _ANSWERS and error.code not in (
                             StatusCode.UNAUTHENTICATED, StatusCode.PERMISSION_DENIED
@@ -161,21 +161,6 @@ class ControlPlanes:
                 context = self.ssl_context(with_client_certificate=with_client_certificate)
                 host, port = plane
                 async with open_grpc_channel(host, port, ssl_context=context, keepalive_interval=None) as channel:
-                    return await unary_call(channel, method, request, metadata)
+                    return await channel.unary(method, request, metadata)
         except trio.TooSlowError:
             raise GrpcError(StatusCode.DEADLINE_EXCEEDED, f"no answer within {CALL_TIMEOUT:g}s") from None
-
-
-async def unary_call(
-    channel: GrpcChannel, method: str, request: bytes, metadata: Sequence[tuple[str, str]] = ()
-) -> bytes:
-    """Send one request message, return the one response message (GrpcError on a bad status)."""
-    async with channel.open_stream(method, metadata) as stream:
-        await stream.send_message(request)
-        await stream.close_sending()
-        response = await stream.receive_message()
-        if response is None:
-            raise GrpcError(StatusCode.INTERNAL, f"{method} ended without a response message")
-        if await stream.receive_message() is not None:
-            raise GrpcError(StatusCode.INTERNAL, f"{method} answered with more than one message")
-        return response
