@@ -32,7 +32,10 @@ def serve(
     api_host: Annotated[
         str,
         typer.Option(
-            help="Address the REST API listens on. Loopback by default: the token travels in clear until TLS arrives."
+            help="Address the REST API listens on. Loopback by default: over plain http:// the token travels in "
+            "clear. The same port speaks TLS (https://, certificate from the CA, names as the xDS port's plus "
+            "this address), where an operator certificate, spiffe://TRUST_DOMAIN/ns/meshctl-system/sa/NAME "
+            "from `meshctl identity operator-cert`, replaces the token."
         ),
     ] = "127.0.0.1",
     api_port: Annotated[
@@ -140,7 +143,7 @@ def serve(
         typer.echo(f"meshctl serve: {error}", err=True)
         raise typer.Exit(1) from None
     authority = IdentityAuthority(ca, CertificateSettings(default_ttl=default_ttl, max_ttl=max_ttl))
-    xds = _XdsOptions((xds_host, xds_port), xds_plaintext, list(xds_name or []))
+    xds = _XdsOptions((xds_host, xds_port), xds_plaintext, list(xds_name or []), api_host)
     try:
         trio.run(_main, options, xds, authority)
     except (StoreError, TokenError, ValueError, OSError, BaseExceptionGroup) as error:
@@ -170,6 +173,7 @@ class _XdsOptions:
     address: tuple[str, int]
     plaintext: bool
     names: list[str]
+    api_host: str  # the API port's certificate names it too
 
 
 async def _main(options: Any, xds: _XdsOptions, authority: Any) -> None:
@@ -177,6 +181,7 @@ async def _main(options: Any, xds: _XdsOptions, authority: Any) -> None:
 
     import trio
 
+    from meshctl.control.api_tls import ApiTls
     from meshctl.control.auth import ensure_token
     from meshctl.control.identity_api import IdentityApi
     from meshctl.control.identity_authority import identity_service
@@ -190,14 +195,20 @@ async def _main(options: Any, xds: _XdsOptions, authority: Any) -> None:
 
     async with trio.open_nursery() as nursery:
         registry = Registry()
-        tls = None if xds.plaintext else ServerTls(authority.ca, server_names(xds.address[0], xds.names))
+        xds_names = server_names(xds.address[0], xds.names)
+        tls = None if xds.plaintext else ServerTls(authority.ca, xds_names)
+        # The API port's certificate: the xDS port's names, and the API's own address.
+        api_tls = ApiTls(
+            ServerTls(authority.ca, server_names(xds.api_host, xds_names), alpn=["http/1.1"], purpose="API"),
+            authority,
+        )
         services = (
             identity_service(authority),  # first: the CA is bound to the store before xDS serves
             xds_service(registry, xds.address, authority=authority,
                         api_token=ensure_token(options.token_path), tls=tls),  # fmt: skip
         )
         nursery.start_soon(
-            functools.partial(run_control_plane, api_extensions=[IdentityApi(authority)]),
+            functools.partial(run_control_plane, api_extensions=[IdentityApi(authority)], api_tls=api_tls),
             options, services, ready, registry,
         )  # fmt: skip
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

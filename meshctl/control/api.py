@@ -1,4 +1,5 @@
-"""The control plane's REST API over HTTP/1.1 (h11 on trio), with bearer-token auth and bounded requests."""
+"""The control plane's REST API over HTTP/1.1 (h11 on trio), with bearer-token auth and bounded requests;
+with `tls`, the same port also speaks TLS, where an operator's client certificate replaces the token."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import h11
 import trio
 
 from meshctl.control.api_handlers import Api, ApiError, Request
+from meshctl.control.api_tls import ApiTls
 from meshctl.control.auth import authorized
 from meshctl.control.store import Store
 
@@ -42,19 +44,23 @@ async def serve_api(
     limits: Limits = Limits(),
     *,
     extensions: Sequence[Any] = (),
+    tls: ApiTls | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the API until cancelled. Reports the bound (host, port) through task_status."""
-    server = _Server(Api(store, extensions), token, limits)
+    server = _Server(Api(store, extensions), token, limits, tls)
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()
-    task_status.started((bound[0], bound[1]))
-    await trio.serve_listeners(server.connection, listeners)
+    async with trio.open_nursery() as nursery:
+        if tls is not None:
+            await nursery.start(tls.serve)  # the server certificate exists before anyone connects
+        task_status.started((bound[0], bound[1]))
+        await trio.serve_listeners(server.connection, listeners)
 
 
 class _Server:
-    def __init__(self, api: Api, token: str, limits: Limits) -> None:
-        self.api, self.token, self.limits = api, token, limits
+    def __init__(self, api: Api, token: str, limits: Limits, tls: ApiTls | None = None) -> None:
+        self.api, self.token, self.limits, self.tls = api, token, limits, tls
         self.slots = trio.CapacityLimiter(limits.max_connections)
 
     async def connection(self, stream: trio.SocketStream) -> None:
@@ -65,7 +71,21 @@ class _Server:
                 await self._refuse_busy(stream)
                 return
             try:
-                await self._serve(stream)
+                if self.tls is None:
+                    await self._serve(stream)
+                    return
+                accepted = await self.tls.accept(stream, self.limits.idle_timeout)
+                if accepted is None:
+                    return
+                http_stream, certificate = accepted
+                if http_stream is stream:
+                    await self._serve(stream)
+                    return
+                try:
+                    await self._serve(http_stream, secure=True, certificate=certificate)
+                finally:
+                    with trio.move_on_after(1.0):
+                        await http_stream.aclose()  # close_notify; the socket closes regardless
             except (_Close, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:
@@ -81,7 +101,10 @@ class _Server:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
-    async def _serve(self, stream: trio.SocketStream) -> None:
+    async def _serve(
+        self, stream: trio.abc.Stream, secure: bool = False, certificate: bytes | None = None
+    ) -> None:
+        """HTTP/1.1 on `stream`; `secure` over TLS, with the verified client certificate if any."""
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header)
         while True:
             with trio.move_on_after(self.limits.idle_timeout):
@@ -91,7 +114,9 @@ class _Server:
             if isinstance(event, h11.ConnectionClosed):
                 return
             with trio.move_on_after(self.limits.request_timeout) as scope:
-                status, body, close = await self._exchange(stream, connection, event)
+                status, body, close = await self._exchange(
+                    stream, connection, event, secure, certificate
+                )
             if scope.cancelled_caught:
                 error = ApiError("bad_request", "request not received in time")
                 status, body, close = error.status, error.as_json(), True
@@ -102,7 +127,12 @@ class _Server:
             connection.start_next_cycle()
 
     async def _exchange(
-        self, stream: trio.SocketStream, connection: h11.Connection, event: Any
+        self,
+        stream: trio.abc.Stream,
+        connection: h11.Connection,
+        event: Any,
+        secure: bool = False,
+        certificate: bytes | None = None,
     ) -> tuple[int, dict[str, Any], bool]:
         """Read the rest of the request, answer it: (status, JSON body, close the connection)."""
         if isinstance(event, ApiError):  # the request line or headers were malformed
@@ -122,13 +152,23 @@ class _Server:
             unquote(target.path),
             dict(parse_qsl(target.query)),
         )
-        if request.path != "/healthz" and not authorized(headers.get(b"authorization"), self.token):
-            log.warning("%s %s: 401 (missing or wrong token)", request.method, request.path)
-            # Close instead of reading the body: an unauthenticated client gets no buffer space.
-            error = ApiError(
-                "unauthorized", "missing or wrong API token (Authorization: Bearer <token>)"
-            )
-            return error.status, error.as_json(), True
+        caller = ""
+        if request.path != "/healthz":
+            token_ok = authorized(headers.get(b"authorization"), self.token)
+            if secure and self.tls is not None:
+                try:
+                    caller = self.tls.authorize(certificate, token_ok)
+                except ApiError as error:
+                    log.warning("%s %s: %d (%s)", request.method, request.path, error.status,
+                                error.message)  # fmt: skip
+                    return error.status, error.as_json(), True
+            elif not token_ok:
+                log.warning("%s %s: 401 (missing or wrong token)", request.method, request.path)
+                # Close instead of reading the body: an unauthenticated client gets no buffer space.
+                error = ApiError(
+                    "unauthorized", "missing or wrong API token (Authorization: Bearer <token>)"
+                )
+                return error.status, error.as_json(), True
         declared = headers.get(b"content-length")
         if declared is not None and int(declared) > self.limits.max_body:
             return self._too_large()
@@ -158,10 +198,11 @@ class _Server:
         routine = request.path.startswith("/v1/sidecars/") and status == 200
         log.log(
             logging.DEBUG if routine else logging.INFO,
-            "%s %s: %d",
+            "%s %s: %d%s",
             request.method,
             request.path,
             status,
+            f" ({caller})" if caller.startswith("operator") else "",
         )
         return status, answer, False
 
@@ -170,7 +211,7 @@ class _Server:
         return error.status, error.as_json(), True
 
 
-async def _next_event(stream: trio.SocketStream, connection: h11.Connection) -> Any:
+async def _next_event(stream: trio.abc.Stream, connection: h11.Connection) -> Any:
     """The next h11 event, or an ApiError when the client's bytes are not valid HTTP/1.1."""
     while True:
         try:
@@ -187,11 +228,13 @@ async def _next_event(stream: trio.SocketStream, connection: h11.Connection) -> 
             return ApiError("bad_request", f"malformed HTTP request: {error}")
 
 
-async def _linger(stream: trio.SocketStream, budget: int) -> None:
+async def _linger(stream: trio.abc.Stream, budget: int) -> None:
     """Half-close, then discard what the client still sends for a moment: closing with unread
-    bytes makes the kernel send RST, which can destroy the error response before it is read."""
+    bytes makes the kernel send RST, which can destroy the error response before it is read.
+    (TLS cannot half-close: there the draining alone gives the client time to read.)"""
     try:
-        await stream.send_eof()
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
         with trio.move_on_after(1.0):
             while budget > 0:
                 data = await stream.receive_some(65536)
@@ -203,7 +246,7 @@ async def _linger(stream: trio.SocketStream, budget: int) -> None:
 
 
 async def _send(
-    stream: trio.SocketStream,
+    stream: trio.abc.Stream,
     connection: h11.Connection,
     status: int,
     body: dict[str, Any],

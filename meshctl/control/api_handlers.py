@@ -32,6 +32,7 @@ ERRORS: dict[str, tuple[int, int]] = {
     "not_found": (404, 4),
     "bad_request": (400, 2),
     "unauthorized": (401, 1),
+    "forbidden": (403, 1),
     "too_large": (413, 2),
     "method_not_allowed": (405, 1),
     "unavailable": (503, 1),

@@ -85,6 +85,9 @@ class IdentityAuthority:
         self._crls_made = 0.0
         # Called after every change of the roots (the xDS port rebuilds its TLS context).
         self.on_roots_changed: list[Callable[[], None]] = []
+        # Until the store's revocations are read, revoked_serial() cannot be trusted (the API
+        # port opens before this service starts, and refuses client certificates meanwhile).
+        self.revocations_loaded = False
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -100,6 +103,7 @@ class IdentityAuthority:
         for record in await store.list_records(CERTIFICATES):
             self._learn(record)
         self._make_crls()
+        self.revocations_loaded = True
         async with trio.open_nursery() as nursery:
             if hasattr(store, "follow_records"):
                 await nursery.start(store.follow_records, CERTIFICATES, self._on_shared_record)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +30,12 @@ from meshctl.control.istio_ca_messages import (
     IstioCertificateRequest,
     IstioCertificateResponse,
 )
+from meshctl.control.peer_certificates import PeerCertificateError, certificate_identity
 from meshctl.control.registry import Registry, Sidecar
 from meshctl.control.registry_api import deregister, register
 from meshctl.grpc import GrpcError, StatusCode
 from meshctl.grpc.server import Handler, ServerStream
-from meshctl.identity.ca import CsrError, CsrMismatch, load_csr, uri_sans
+from meshctl.identity.ca import CsrError, CsrMismatch, load_csr
 from meshctl.identity.spiffe import SpiffeId, SpiffeIdError
 from meshctl.identity.tokens import JoinTokenError, is_join_token
 
@@ -62,33 +62,12 @@ def peer_identity(
     GrpcError if it names no usable identity, is expired or is revoked."""
     if stream.peer_certificate is None:
         return None
-    certificate = x509.load_der_x509_certificate(stream.peer_certificate)
-    serial = format(certificate.serial_number, "x")
-    uris = uri_sans(certificate)
-    if len(uris) != 1:
-        raise GrpcError(
-            StatusCode.PERMISSION_DENIED,
-            f"client certificate {serial} must carry exactly one URI SAN",
-        )
     try:
-        identity = SpiffeId.parse(uris[0])
-    except SpiffeIdError as error:
-        raise GrpcError(
-            StatusCode.PERMISSION_DENIED, f"client certificate {serial}: {error}"
-        ) from None
-    if identity.trust_domain != authority.ca.trust_domain:
-        raise GrpcError(StatusCode.PERMISSION_DENIED,
-                        f"client certificate {serial} is for trust domain {identity.trust_domain}, "
-                        f"not {authority.ca.trust_domain}")  # fmt: skip
-    if certificate.not_valid_after_utc.timestamp() <= time.time():
-        raise GrpcError(
-            StatusCode.UNAUTHENTICATED, f"client certificate {serial} ({identity}) has expired"
-        )
-    if authority.revoked_serial(certificate.serial_number):
-        raise GrpcError(
-            StatusCode.PERMISSION_DENIED, f"client certificate {serial} ({identity}) is revoked"
-        )
-    return identity, certificate
+        peer = certificate_identity(stream.peer_certificate, authority)
+    except PeerCertificateError as error:
+        code = StatusCode.UNAUTHENTICATED if error.reason == "expired" else StatusCode.PERMISSION_DENIED
+        raise GrpcError(code, error.message) from None
+    return peer.identity, peer.certificate
 
 
 def refusing_revoked_peers(handler: Handler, authority: IdentityAuthority) -> Handler:

@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from meshctl.control.api import Limits, serve_api
+from meshctl.control.api_tls import ApiTls, operator_pattern
 from meshctl.control.auth import ensure_token
 from meshctl.control.registry import Registry
 from meshctl.control.registry_api import RegistryApi
@@ -51,10 +52,12 @@ async def run_control_plane(
     on_ready: Callable[[list[str]], Any] = lambda lines: None,
     registry: Registry | None = None,
     api_extensions: Sequence[Any] = (),
+    api_tls: ApiTls | None = None,
 ) -> None:
     """Serve until cancelled. `services` are factories taking the open store. The service
     registry's endpoints join the API; pass `registry` to share it with a service (xDS).
-    `api_extensions` are further endpoint groups (see api_handlers.Api)."""
+    `api_extensions` are further endpoint groups (see api_handlers.Api); with `api_tls` the API
+    port also speaks TLS (operator client certificates)."""
     token = ensure_token(options.token_path)
     registry = registry or Registry()
     store = open_store(options.store_url)
@@ -66,10 +69,14 @@ async def run_control_plane(
                 await nursery.start(registry.share, store)
             await nursery.start(registry.serve)  # expires leases
             host, port = await nursery.start(
-                functools.partial(serve_api, extensions=[RegistryApi(registry), *api_extensions]),
+                functools.partial(serve_api, extensions=[RegistryApi(registry), *api_extensions],
+                                  tls=api_tls),
                 store, token, options.api_host, options.api_port, options.limits,
             )  # fmt: skip
             ready = [f"API on http://{_host(host)}:{port} (token in {options.token_path})"]
+            if api_tls is not None:
+                ready[0] += (f", also https://{_host(host)}:{port} with operator client "
+                             f"certificates ({operator_pattern(api_tls.authority.ca.trust_domain)})")  # fmt: skip
             for factory in services:
                 ready.append(str(await nursery.start(factory(store))))
             ready.append(f"store {options.store_url} at revision {store.revision}")

@@ -1,5 +1,6 @@
-"""TLS for the control plane's xDS + CA port (15012): a server certificate from our own CA, ALPN h2, and
-client certificates optional but verified against the trust bundle when presented.
+"""TLS for the control plane's ports: the xDS + CA port (15012, ALPN h2) and the REST API's TLS side
+(ALPN http/1.1): a server certificate from our own CA, and client certificates optional but
+verified against the trust bundle when presented.
 
 The SSL context is rebuilt (new connections get the new one) when the roots change and before
 the server certificate reaches half its life; established connections keep theirs.
@@ -33,9 +34,18 @@ def server_names(xds_host: str, extra: Sequence[str] = ()) -> list[str]:
 class ServerTls:
     """The current server SSL context; `context()` is what serve_grpc asks at every connection."""
 
-    def __init__(self, ca: CertificateAuthority, names: Sequence[str]) -> None:
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        names: Sequence[str],
+        *,
+        alpn: Sequence[str] = ("h2",),
+        purpose: str = "xDS",
+    ) -> None:
         self.ca = ca
         self.names = list(names)
+        self.alpn = list(alpn)
+        self.purpose = purpose  # names the port in the log
         self._context: ssl.SSLContext | None = None
         self._renew_at = 0.0
 
@@ -49,14 +59,19 @@ class ServerTls:
         chain_pem, key_pem, not_after = self.ca.server_certificate(self.names)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.set_alpn_protocols(["h2"])
-        context.verify_mode = ssl.CERT_OPTIONAL  # a join-token holder has no certificate yet
+        context.set_alpn_protocols(self.alpn)
+        # Optional: a join-token holder has no certificate yet, an operator may use the API token.
+        context.verify_mode = ssl.CERT_OPTIONAL
         context.load_verify_locations(cadata=self.ca.bundle_pem())
         _load_chain_from_memory(context, chain_pem, key_pem)
         now = time.time()
         self._renew_at = now + (not_after - now) / 2
         self._context = context
-        log.info("xDS TLS: server certificate for %s, renewed at half-life", ", ".join(self.names))
+        log.info(
+            "%s TLS: server certificate for %s, renewed at half-life",
+            self.purpose,
+            ", ".join(self.names),
+        )
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Renew ahead of need, so no handshake waits on a signature."""
