@@ -8,10 +8,14 @@ Who may do what (CONTRACT.md):
 - Register / Deregister: a client certificate (the registration's namespace must be the
   certificate's; the certificate's SPIFFE ID is recorded as the instance's identity), or the API
   token (no identity recorded).
+- JoinTokens/Describe: a join token only (the checks of CreateCertificate); answers the identity
+  it grants (meshctl.identity.join_token_grant), so a sidecar asks the CA for exactly that one.
+  The API token and client certificates are refused: they fix no identity, or the caller knows it.
 """
 
 from __future__ import annotations
 
+import datetime
 import hmac
 import json
 import logging
@@ -36,8 +40,9 @@ from meshctl.control.registry_api import deregister, register
 from meshctl.grpc import GrpcError, StatusCode
 from meshctl.grpc.server import Handler, ServerStream
 from meshctl.identity.ca import CsrError, CsrMismatch, load_csr
+from meshctl.identity.join_token_grant import DESCRIBE_JOIN_TOKEN_METHOD, JoinTokenGrant
 from meshctl.identity.spiffe import SpiffeId, SpiffeIdError
-from meshctl.identity.tokens import JoinTokenError, is_join_token
+from meshctl.identity.tokens import JoinToken, JoinTokenError, is_join_token
 
 log = logging.getLogger("meshctl.control.identity")
 
@@ -53,6 +58,7 @@ class Caller:
     kind: str  # "join token", "certificate", "operator"
     identity: SpiffeId | None
     description: str
+    join_token: JoinToken | None = None  # the live token's record, for a join token
 
 
 def peer_identity(
@@ -124,6 +130,7 @@ class IdentityHandlers:
     def handlers(self) -> dict[str, Handler]:
         return {
             CREATE_CERTIFICATE_METHOD: self.create_certificate,
+            DESCRIBE_JOIN_TOKEN_METHOD: self.describe_join_token,
             REGISTER_METHOD: self.register,
             DEREGISTER_METHOD: self.deregister,
         }
@@ -148,7 +155,9 @@ class IdentityHandlers:
                 identity = SpiffeId(
                     self.authority.ca.trust_domain, token.namespace, token.service_account
                 )
-                return Caller("join token", identity, f"join token {token.token_id} ({identity})")
+                return Caller(
+                    "join token", identity, f"join token {token.token_id} ({identity})", token
+                )
             if hmac.compare_digest(presented.encode(), self.api_token.encode()):
                 return Caller("operator", None, "the API token")
             log.warning(
@@ -211,6 +220,29 @@ class IdentityHandlers:
         await stream.send_message(
             IstioCertificateResponse(cert_chain=issued.chain_pem).SerializeToString()
         )
+
+    async def describe_join_token(self, stream: ServerStream) -> None:
+        """The identity the caller's join token grants and when the token expires (never its
+        secret). The request is an empty Struct: the token travels in the metadata only."""
+        raw = await _single_request(stream)
+        try:
+            fields = struct_pb2.Struct.FromString(raw).fields
+        except DecodeError as error:
+            raise GrpcError(
+                StatusCode.INVALID_ARGUMENT, f"not a google.protobuf.Struct: {error}"
+            ) from None
+        if fields:
+            raise GrpcError(StatusCode.INVALID_ARGUMENT,
+                            f"{', '.join(sorted(fields))}: unknown field (the request is an empty "
+                            "Struct; the join token goes in 'authorization: Bearer' metadata)")  # fmt: skip
+        caller = await self._caller(stream)
+        if caller.join_token is None or caller.identity is None:
+            raise GrpcError(StatusCode.PERMISSION_DENIED,
+                            f"JoinTokens/Describe answers for a join token, not {caller.description}: "
+                            "send 'authorization: Bearer <join token>'")  # fmt: skip
+        expires_at = datetime.datetime.fromtimestamp(caller.join_token.expires_at, datetime.UTC)
+        log.info("told %s (%s) the identity its token grants", caller.description, stream.peer)
+        await stream.send_message(JoinTokenGrant(caller.identity, expires_at).to_struct())
 
     async def register(self, stream: ServerStream) -> None:
         node_id, body = await self._registration(stream)
