@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from meshctl.cli._control_plane import ControlPlaneOption, TokenOption, connect, fail
+from meshctl.cli._control_plane import (
+    CaRootOption,
+    ClientCertOption,
+    ClientKeyOption,
+    ControlPlaneOption,
+    TokenOption,
+    connect,
+    fail,
+)
 
 # The API refuses bodies over this too; checking first gives the message without the upload.
 MAX_INPUT = 4 * 1024 * 1024
@@ -30,6 +38,9 @@ def apply(
     ] = False,
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
+    ca_root: CaRootOption = None,
 ) -> None:
     """Create or update the resources in FILE: all of them, or none if any is invalid.
 
@@ -40,7 +51,7 @@ def apply(
     from meshctl.control.client import ClientError
 
     text = _read(filename)
-    client = connect(control_plane, token, "apply")
+    client = connect(control_plane, token, "apply", client_cert, client_key, ca_root)
     try:
         answer = client.apply(text, dry_run=dry_run)
     except ClientError as error:

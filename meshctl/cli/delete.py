@@ -7,6 +7,9 @@ from typing import Annotated
 import typer
 
 from meshctl.cli._control_plane import (
+    CaRootOption,
+    ClientCertOption,
+    ClientKeyOption,
     ControlPlaneOption,
     NamespaceOption,
     TokenOption,
@@ -37,6 +40,9 @@ def delete(
     ] = None,
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
+    ca_root: CaRootOption = None,
 ) -> None:
     """Delete one resource. Refused (exit 2) while a VirtualService still routes to a subset it defines.
 
@@ -44,7 +50,7 @@ def delete(
     """
     from meshctl.control.client import ClientError
 
-    client = connect(control_plane, token, "delete")
+    client = connect(control_plane, token, "delete", client_cert, client_key, ca_root)
     try:
         answer = client.delete(kind, namespace, name, resource_version)
     except ClientError as error:

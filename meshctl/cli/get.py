@@ -9,6 +9,9 @@ from typing import Annotated, Any
 import typer
 
 from meshctl.cli._control_plane import (
+    CaRootOption,
+    ClientCertOption,
+    ClientKeyOption,
     ControlPlaneOption,
     NamespaceOption,
     TokenOption,
@@ -46,6 +49,9 @@ def get(
     ] = Output.table,
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
+    ca_root: CaRootOption = None,
 ) -> None:
     """Show resources: version, and which sidecars accepted or rejected the config built from them.
 
@@ -54,7 +60,7 @@ def get(
     """
     from meshctl.control.client import ClientError
 
-    client = connect(control_plane, token, "get")
+    client = connect(control_plane, token, "get", client_cert, client_key, ca_root)
     try:
         if name is not None:
             items = [client.get(kind, namespace, name)]

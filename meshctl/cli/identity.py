@@ -12,8 +12,16 @@ from typing import Annotated
 
 import typer
 
-from meshctl.cli import identity_agent
-from meshctl.cli._control_plane import ControlPlaneOption, TokenOption, connect, fail
+from meshctl.cli import identity_agent, identity_operator
+from meshctl.cli._control_plane import (
+    CaRootOption,
+    ClientCertOption,
+    ClientKeyOption,
+    ControlPlaneOption,
+    TokenOption,
+    connect,
+    fail,
+)
 
 app = typer.Typer(
     help="Workload identities: join tokens, certificates, revocation, the CA's roots.",
@@ -26,6 +34,7 @@ root_app = typer.Typer(help="The CA's roots: show them, rotate them.", no_args_i
 app.add_typer(token_app, name="token")
 app.add_typer(root_app, name="root")
 identity_agent.register(app)
+identity_operator.register(app)
 
 ServiceAccountOption = Annotated[
     str, typer.Option("--service-account", help="The workload's service account.")
@@ -51,6 +60,9 @@ def token_create(
     ] = "1h",
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
+    ca_root: CaRootOption = None,
 ) -> None:
     """Make a join token for SERVICE_ACCOUNT in NAMESPACE; prints only the token (give it to
     `meshctl run --token`). It obtains certificates for that service account only."""
@@ -58,7 +70,9 @@ def token_create(
     from meshctl.control.client import ClientError
 
     seconds = parse_duration(ttl, "--ttl")
-    client = connect(control_plane, token, "identity token create")
+    client = connect(
+        control_plane, token, "identity token create", client_cert, client_key, ca_root
+    )
     try:
         answer = client.create_join_token(service_account, namespace, seconds)
     except ClientError as error:
@@ -67,11 +81,17 @@ def token_create(
 
 
 @token_app.command("list")
-def token_list(control_plane: ControlPlaneOption = None, token: TokenOption = None) -> None:
+def token_list(
+    control_plane: ControlPlaneOption = None,
+    token: TokenOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
+    ca_root: CaRootOption = None,
+) -> None:
     """Every join token: id, service account, namespace, expiry and state (never the secret)."""
     from meshctl.control.client import ClientError
 
-    client = connect(control_plane, token, "identity token list")
+    client = connect(control_plane, token, "identity token list", client_cert, client_key, ca_root)
     try:
         items = client.join_tokens()["items"]
     except ClientError as error:
@@ -92,12 +112,17 @@ def token_revoke(
     ],
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
+    ca_root: CaRootOption = None,
 ) -> None:
     """Revoke a join token: it obtains no certificate from now on (issued ones stay valid; revoke
     those with `meshctl identity revoke`)."""
     from meshctl.control.client import ClientError
 
-    client = connect(control_plane, token, "identity token revoke")
+    client = connect(
+        control_plane, token, "identity token revoke", client_cert, client_key, ca_root
+    )
     try:
         client.revoke_join_token(token_id)
     except ClientError as error:
@@ -109,11 +134,17 @@ def token_revoke(
 
 
 @app.command("list")
-def identity_list(control_plane: ControlPlaneOption = None, token: TokenOption = None) -> None:
+def identity_list(
+    control_plane: ControlPlaneOption = None,
+    token: TokenOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
+    ca_root: CaRootOption = None,
+) -> None:
     """Issued workload certificates: SPIFFE ID, serial (hex), expiry, revoked, node."""
     from meshctl.control.client import ClientError
 
-    client = connect(control_plane, token, "identity list")
+    client = connect(control_plane, token, "identity list", client_cert, client_key, ca_root)
     try:
         items = client.certificates()["items"]
     except ClientError as error:
@@ -141,6 +172,9 @@ def identity_revoke(
     namespace: NamespaceOption = "default",
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
+    ca_root: CaRootOption = None,
 ) -> None:
     """Revoke a certificate by SERIAL, or all of a service account's. Every sidecar refuses them
     within seconds (the CRLs travel with the ROOTCA secret over xDS); a revoked certificate
@@ -151,7 +185,7 @@ def identity_revoke(
         raise typer.BadParameter(
             "give a SERIAL or --service-account, not both", param_hint="SERIAL"
         )
-    client = connect(control_plane, token, "identity revoke")
+    client = connect(control_plane, token, "identity revoke", client_cert, client_key, ca_root)
     body = (
         {"serial": serial}
         if serial is not None
@@ -169,11 +203,17 @@ def identity_revoke(
 
 
 @root_app.command("show")
-def root_show(control_plane: ControlPlaneOption = None, token: TokenOption = None) -> None:
+def root_show(
+    control_plane: ControlPlaneOption = None,
+    token: TokenOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
+    ca_root: CaRootOption = None,
+) -> None:
     """Every root in the trust bundle: subject, SHA-256 fingerprint, expiry, then its PEM."""
     from meshctl.control.client import ClientError
 
-    client = connect(control_plane, token, "identity root show")
+    client = connect(control_plane, token, "identity root show", client_cert, client_key, ca_root)
     try:
         answer = client.roots()
     except ClientError as error:
@@ -194,6 +234,9 @@ def root_rotate(
     ] = None,
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
+    ca_root: CaRootOption = None,
 ) -> None:
     """Make a new root: new certificates are signed by it, and both roots are trusted until
     `--finish` (or until --overlap elapses). Sidecars renewing in the meantime move to the new one."""
@@ -206,7 +249,7 @@ def root_rotate(
         )
     seconds = parse_duration(overlap, "--overlap") if overlap is not None else None
     command = "identity root rotate"
-    client = connect(control_plane, token, command)
+    client = connect(control_plane, token, command, client_cert, client_key, ca_root)
     try:
         answer = client.finish_root_rotation() if finish else client.rotate_root(seconds)
     except ClientError as error:

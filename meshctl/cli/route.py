@@ -25,6 +25,9 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 from meshctl.cli._control_plane import (
+    CaRootOption,
+    ClientCertOption,
+    ClientKeyOption,
     ControlPlaneOption,
     NamespaceOption,
     TokenOption,
@@ -568,6 +571,9 @@ def route_set(
     namespace: NamespaceOption = "default",
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
+    ca_root: CaRootOption = None,
 ) -> None:
     """Create or update the VirtualService and DestinationRule that route SERVICE by version.
 
@@ -592,7 +598,7 @@ def route_set(
             check_version(to, "--to")
     except RouteInputError as error:
         _refuse("set", str(error))
-    client = connect(control_plane, token, "route set")
+    client = connect(control_plane, token, "route set", client_cert, client_key, ca_root)
     try:
         routing = read_routing(client, service, namespace)
         documents = plan(routing, parsed_weights, parsed_match, to)
@@ -649,6 +655,9 @@ def route_show(
     namespace: NamespaceOption = "default",
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
+    ca_root: CaRootOption = None,
 ) -> None:
     """SERVICE's rules, its instances, and the live split by version.
 
@@ -663,7 +672,7 @@ def route_show(
             raise RouteInputError(f"--output {output!r}: choose text or json")
     except RouteInputError as error:
         _refuse("show", str(error))
-    client = connect(control_plane, token, "route show")
+    client = connect(control_plane, token, "route show", client_cert, client_key, ca_root)
     try:
         routing = read_routing(client, service, namespace)
         split, last, measured = (
@@ -929,6 +938,9 @@ def route_shift(
     namespace: NamespaceOption = "default",
     control_plane: ControlPlaneOption = None,
     token: TokenOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
+    ca_root: CaRootOption = None,
 ) -> None:
     """A progressive canary that rolls itself back on errors.
 
@@ -954,7 +966,7 @@ def route_shift(
         limit = parse_rate(max_error_rate, "--max-error-rate")
     except RouteInputError as error:
         _refuse("shift", str(error))
-    client = connect(control_plane, token, "route shift")
+    client = connect(control_plane, token, "route shift", client_cert, client_key, ca_root)
 
     def say(line: str) -> None:
         typer.echo(line)

@@ -8,6 +8,10 @@ POST   /v1/identity/revocations           {"serial"} or {"serviceAccount", "name
 GET    /v1/identity/roots                 the trust bundle's roots
 POST   /v1/identity/roots/rotate          {"overlapSeconds"}: a new root signs from now on
 POST   /v1/identity/roots/finish          stop trusting the previous root
+POST   /v1/identity/operator-certificates {"name", "csr", "ttlSeconds"}: sign the CSR (its one URI
+                                          SAN spiffe://TD/ns/meshctl-system/sa/NAME) as a
+                                          workload's → {"certChain", "serial", "spiffeId",
+                                          "notAfter", "roots"}
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import json
 from typing import Any
 
 from meshctl.control.api_handlers import ApiError, Request
+from meshctl.control.api_tls import operator_identity
 from meshctl.control.identity_authority import IdentityAuthority, IdentityError
-from meshctl.identity.ca import DEFAULT_OVERLAP
+from meshctl.identity.ca import DEFAULT_OVERLAP, CsrError, load_csr
 from meshctl.identity.spiffe import SpiffeIdError
 
 
@@ -34,6 +39,8 @@ class IdentityApi:
         except IdentityError as error:
             raise ApiError(error.code, error.message) from None
         except SpiffeIdError as error:
+            raise ApiError("invalid", str(error)) from None
+        except CsrError as error:  # a malformed CSR, or one naming another identity
             raise ApiError("invalid", str(error)) from None
 
     async def _route(self, request: Request, parts: list[str]) -> dict[str, Any]:
@@ -73,11 +80,27 @@ class IdentityApi:
             _allow(request, "POST")
             await authority.rotate(_number(_body(request), "overlapSeconds", DEFAULT_OVERLAP))
             return authority.roots_json()
+        if parts == ["operator-certificates"]:
+            _allow(request, "POST")
+            return await self._operator_certificate(_body(request))
         if parts == ["roots", "finish"]:
             _allow(request, "POST")
             await authority.finish_rotation()
             return authority.roots_json()
         raise ApiError("not_found", f"no such endpoint {request.path}")
+
+    async def _operator_certificate(self, body: dict[str, Any]) -> dict[str, Any]:
+        """An operator's certificate, signed exactly as a workload's (same checks, lifetime
+        bounds and record, so `identity list` shows it and `identity revoke` revokes it)."""
+        authority = self.authority
+        identity = operator_identity(authority.ca.trust_domain, _string(body, "name"))
+        csr = load_csr(_string(body, "csr"))
+        ttl = _number(body, "ttlSeconds", authority.settings.default_ttl)
+        issued = await authority.issue(csr, identity, ttl, node=None)
+        return {
+            "certChain": issued.chain_pem, "serial": issued.serial_hex, "spiffeId": issued.spiffe_id,
+            "notAfter": issued.not_after, "roots": authority.bundle_pem(),
+        }  # fmt: skip
 
 
 def _certificate_json(record: dict[str, Any]) -> dict[str, Any]:

@@ -23,3 +23,9 @@ def default_store_url() -> str:
 
 def default_token_path() -> Path:
     return data_dir() / "api-token"
+
+
+def default_ca_root_path() -> Path:
+    """The trust bundle a `meshctl serve` on this machine writes (public; sidecars and the CLI
+    verify the control plane's TLS ports with it)."""
+    return data_dir() / "ca" / "root-bundle.pem"
