@@ -1,5 +1,5 @@
-"""The sidecar agent's identity, without a network: its CSR, the identity a join token leads it
-to, and the renewal schedule (half-life, backoff and jitter, past expiry) on trio's MockClock.
+"""The sidecar agent's identity, without a network: its CSR, the identity a join token grants it
+(asked before the CSR), and the renewal schedule (half-life, backoff and jitter, past expiry) on trio's MockClock.
 
 The CA is meshctl's own (meshctl.identity.ca) in this process; its clock follows the test's."""
 
@@ -28,6 +28,7 @@ from meshctl.agent.workload_identity import IdentityAsk, IdentityConflict
 from meshctl.grpc import GrpcError, StatusCode
 from meshctl.identity import ca as ca_module
 from meshctl.identity.ca import CertificateAuthority, CsrError, check_csr, load_csr
+from meshctl.identity.join_token_grant import JoinTokenGrant
 from meshctl.identity.spiffe import SpiffeId
 
 JOIN_TOKEN = "meshctl-join.0123456789abcdef." + "s" * 43
@@ -81,14 +82,25 @@ class Clock:
 
 
 class InProcessCa:
-    """CreateCertificate's rules over meshctl's CA: a join token grants `granted`; the API token
-    ("api") whatever the CSR asks; no token, the identity of the last certificate (mTLS)."""
+    """CreateCertificate's rules over meshctl's CA: a join token grants `granted` (and
+    JoinTokens/Describe says so); the API token ("api") whatever the CSR asks; no token, the
+    identity of the last certificate (mTLS)."""
 
     def __init__(self, ca: CertificateAuthority, granted: SpiffeId) -> None:
         self.ca, self.granted = ca, granted
         self.down_until = -1.0  # trio time before which every call is UNAVAILABLE
-        self.calls: list[tuple[float, str | None]] = []
+        self.calls: list[tuple[float, str | None]] = []  # CreateCertificate
+        self.described: list[float] = []  # JoinTokens/Describe
         self.mtls_refused = False
+
+    async def describe_join_token(self, token: str) -> JoinTokenGrant:
+        self.described.append(trio.current_time())
+        await trio.sleep(0.01)
+        if trio.current_time() < self.down_until:
+            raise GrpcError(StatusCode.UNAVAILABLE, "cannot connect to 127.0.0.1:15012")
+        assert token == JOIN_TOKEN
+        expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+        return JoinTokenGrant(self.granted, expires)
 
     async def issue(self, csr_pem: str, ttl_seconds: int, *, token: str | None) -> list[str]:
         self.calls.append((trio.current_time(), token))
@@ -205,10 +217,22 @@ async def test_without_flags_the_agent_takes_the_identity_the_join_token_grants(
     autojump_clock, clock, issuer
 ):
     made = workload(issuer, clock, namespace=None)  # type: ignore[arg-type]
-    # The service is "reviews", the token is for "reads": the CA's refusal names the latter.
+    # The service is "reviews", the token is for "reads": Describe says so before the CSR.
     made.ask = IdentityAsk(token=JOIN_TOKEN, service="reviews")
     credentials = await made.obtain_first()
     assert credentials.certificate.spiffe_id == str(READS) and made.identity == READS
+    # One lookup, then one CSR for exactly that identity: no refused guess.
+    assert len(issuer.described) == 1 and [token for _, token in issuer.calls] == [JOIN_TOKEN]
+    assert any(f"the join token grants {READS}" in line for line in made.lines)
+
+
+async def test_the_identity_lookup_waits_for_a_control_plane(autojump_clock, clock, issuer):
+    issuer.down_until = 3.0
+    made = workload(issuer, clock)
+    credentials = await made.obtain_first()
+    assert credentials.certificate.spiffe_id == str(READS)
+    assert len(issuer.described) > 1 and issuer.described[-1] >= 3.0
+    assert len(issuer.calls) == 1  # no CSR before the control plane said which identity
 
 
 async def test_a_flag_that_contradicts_the_join_token_is_refused(autojump_clock, clock, issuer):
@@ -221,6 +245,7 @@ async def test_a_flag_that_contradicts_the_join_token_is_refused(autojump_clock,
     made.ask = IdentityAsk(token=JOIN_TOKEN, service="reads", namespace="shop")
     with pytest.raises(IdentityConflict, match="--namespace shop"):
         await made.obtain_first()
+    assert issuer.calls == []  # refused before any CSR was sent
 
 
 async def test_operator_mode_the_csr_decides(autojump_clock, clock, issuer):
@@ -228,13 +253,25 @@ async def test_operator_mode_the_csr_decides(autojump_clock, clock, issuer):
     made.ask = IdentityAsk(token="api", service="reviews", namespace="shop")
     credentials = await made.obtain_first()
     assert credentials.certificate.spiffe_id == "spiffe://cluster.local/ns/shop/sa/reviews"
+    assert issuer.described == []  # the API token fixes no identity: nothing to look up
 
 
-async def test_a_refusal_that_names_no_other_identity_stops_the_start(autojump_clock, clock, issuer):
-    async def refuse(csr_pem: str, ttl_seconds: int, *, token: str | None) -> list[str]:
+async def test_a_refused_join_token_stops_the_start(autojump_clock, clock, issuer):
+    async def refuse(token: str) -> JoinTokenGrant:
         raise GrpcError(StatusCode.UNAUTHENTICATED, "join token 0123456789abcdef is revoked")
 
     made = workload(issuer, clock)
+    issuer.describe_join_token = refuse  # type: ignore[method-assign]
+    with pytest.raises(CertificateRefused, match="refused the join token: .* is revoked"):
+        await made.obtain_first()
+    assert issuer.calls == []
+
+
+async def test_a_refused_certificate_stops_the_start(autojump_clock, clock, issuer):
+    async def refuse(csr_pem: str, ttl_seconds: int, *, token: str | None) -> list[str]:
+        raise GrpcError(StatusCode.PERMISSION_DENIED, "CSR SAN mismatch")
+
+    made = workload(issuer, clock)
     issuer.issue = refuse  # type: ignore[method-assign]
-    with pytest.raises(CertificateRefused, match="is revoked"):
+    with pytest.raises(CertificateRefused, match=f"refused a certificate for {READS}: CSR SAN"):
         await made.obtain_first()

@@ -27,23 +27,32 @@ from meshctl.agent.workload_csr import (
 )
 from meshctl.agent.workload_identity import IdentityAsk
 from meshctl.grpc import GrpcError, StatusCode
+from meshctl.identity.join_token_grant import JoinTokenGrant, JoinTokenGrantError
 from meshctl.identity.spiffe import SpiffeId
 
 log = logging.getLogger("meshctl.agent")
 
-_REFUSALS = (StatusCode.PERMISSION_DENIED, StatusCode.UNAUTHENTICATED, StatusCode.INVALID_ARGUMENT)
+# Answers, not outages: retrying cannot change them. UNIMPLEMENTED: a plane without the method.
+_REFUSALS = (StatusCode.PERMISSION_DENIED, StatusCode.UNAUTHENTICATED, StatusCode.INVALID_ARGUMENT,
+             StatusCode.UNIMPLEMENTED)  # fmt: skip
 RETRY_BASE = 1.0  # seconds, the first retry after a failed renewal
 RETRY_MAX = 30.0
 
 
 class CertificateRefused(Exception):
-    """The CA refused the first certificate (bad, expired or revoked token; wrong identity)."""
+    """The control plane refused the token or the first certificate (bad, expired or revoked
+    token; wrong identity)."""
 
 
 class CertificateIssuer(Protocol):
     async def issue(self, csr_pem: str, ttl_seconds: int, *, token: str | None) -> list[str]:
         """The chain (leaf first) for `csr_pem`; authorised by `token`, or (None) by the
         current client certificate. GrpcError when the CA refuses or cannot be reached."""
+        ...
+
+    async def describe_join_token(self, token: str) -> JoinTokenGrant:
+        """The identity the join token grants. GrpcError when the control plane refuses the
+        token or cannot be reached; JoinTokenGrantError for an answer that does not say."""
         ...
 
 
@@ -97,11 +106,12 @@ class WorkloadCertificate:
         self._subscribers.append(subscriber)
 
     async def obtain_first(self) -> Credentials:
-        """The first certificate, with the token. While no plane answers it retries with backoff;
-        a refusal raises CertificateRefused (or IdentityConflict, from the identity's ask)."""
-        asked = self.ask.first_guess()
+        """The first certificate, with the token, for the identity a join token grants (asked of
+        the control plane first) or, with the API token, the flags'. While no plane answers it
+        retries with backoff; a refusal raises CertificateRefused, a flag contradicting the join
+        token IdentityConflict."""
         backoff = Backoff(0.2, 5.0)
-        learned = False
+        asked = await self._identity_to_ask(backoff)
         while True:
             try:
                 credentials = await self._issue(asked, token=self.ask.token)
@@ -110,18 +120,38 @@ class WorkloadCertificate:
                     log.warning("asking the CA for %s: %s (retrying)", asked, error.message)
                     await trio.sleep(backoff.next_delay())
                     continue
-                granted = None if learned else self.ask.after_refusal(asked, error.message)
-                if granted is None:
-                    raise CertificateRefused(
-                        f"the CA refused a certificate for {asked}: {error.message}"
-                    ) from None
-                asked, learned = granted, True  # the join token's own identity
-                continue
+                raise CertificateRefused(
+                    f"the CA refused a certificate for {asked}: {error.message}"
+                ) from None
             except IssuedCertificateError as error:
                 raise CertificateRefused(str(error)) from None
             self.identity = asked
             await self._install(credentials, "issued")
             return credentials
+
+    async def _identity_to_ask(self, backoff: Backoff) -> SpiffeId:
+        if not self.ask.with_join_token:
+            return self.ask.flags_identity()
+        while True:
+            try:
+                grant = await self.issuer.describe_join_token(self.ask.token)
+            except GrpcError as error:
+                if error.code not in _REFUSALS:
+                    log.warning("asking which identity the join token grants: %s (retrying)",
+                                error.message)  # fmt: skip
+                    await trio.sleep(backoff.next_delay())
+                    continue
+                raise CertificateRefused(
+                    f"the control plane refused the join token: {error.message}"
+                ) from None
+            except JoinTokenGrantError as error:
+                raise CertificateRefused(
+                    f"the control plane did not say which identity the join token grants: {error}"
+                ) from None
+            identity = self.ask.join_token_identity(grant.spiffe_id)
+            self._report(f"the join token grants {identity} (token valid until "
+                         f"{grant.expires_at:%Y-%m-%d %H:%M:%S}Z)")  # fmt: skip
+            return identity
 
     def renewal_delay(self) -> float:
         """Seconds until half the current certificate's life has passed (0 if it has).

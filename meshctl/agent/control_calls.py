@@ -1,5 +1,6 @@
-"""The agent's two services on the control plane's TLS port: Istio's CreateCertificate (the CA)
-and meshctl's Registry (register, renew the lease, leave)."""
+"""The agent's services on the control plane's TLS port: Istio's CreateCertificate (the CA), the
+identity a join token grants (JoinTokens/Describe), and meshctl's Registry (register, renew the
+lease, leave)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from meshctl.control.istio_ca_messages import (
     IstioCertificateResponse,
 )
 from meshctl.grpc import GrpcError, StatusCode
+from meshctl.identity.join_token_grant import DESCRIBE_JOIN_TOKEN_METHOD, JoinTokenGrant
 
 REGISTER_METHOD = "/meshctl.registry.v1.Registry/Register"
 DEREGISTER_METHOD = "/meshctl.registry.v1.Registry/Deregister"
 
 
 class CertificateService:
-    """CreateCertificate on the planes, as the WorkloadCertificate's issuer."""
+    """CreateCertificate and JoinTokens/Describe on the planes, as the WorkloadCertificate's
+    issuer."""
 
     def __init__(self, planes: ControlPlanes, node_id: str = "") -> None:
         self.planes = planes
@@ -41,6 +44,14 @@ class CertificateService:
         except Exception as error:  # noqa: BLE001 (protobuf's DecodeError has no common base)
             raise GrpcError(StatusCode.INTERNAL, f"not an IstioCertificateResponse: {error}") from None
         return list(response.cert_chain)
+
+    async def describe_join_token(self, token: str) -> JoinTokenGrant:
+        """The identity the join token grants (JoinTokenGrantError if the answer does not say)."""
+        raw = await self.planes.call(
+            DESCRIBE_JOIN_TOKEN_METHOD, struct_pb2.Struct().SerializeToString(),
+            metadata=[("authorization", f"Bearer {token}")], with_client_certificate=False,
+        )  # fmt: skip
+        return JoinTokenGrant.from_struct(raw)
 
 
 class RegistryService:

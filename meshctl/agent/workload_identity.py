@@ -1,21 +1,17 @@
-"""Which SPIFFE ID the agent asks the CA for, and how it reads the CA's refusal of its first guess.
+"""Which SPIFFE ID the agent asks the CA for: a join token's own, or (the API token) its flags'.
 
-A join token (`meshctl-join.<id>.<secret>`) fixes the service account and namespace, but does not
-spell them out; the CA names the identity it grants when a CSR asks for another one. So the agent
-asks for the identity its flags describe (SA: --service-account, else the service's name), and if
-the CA names another one: it takes that when the flags left the choice open, or refuses to start
-when a flag contradicts the token. With the API token (an operator) the CSR decides.
+A join token (`meshctl-join.<id>.<secret>`) fixes the service account and namespace; the control
+plane says which (JoinTokens/Describe) before the agent makes its CSR. Flags may repeat them but
+not contradict them: a contradiction stops the start (exit 2). With the API token (an operator)
+the flags decide: --service-account, else the service's name; --namespace, else "default".
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from meshctl.identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdError
+from meshctl.identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
 from meshctl.identity.tokens import is_join_token
-
-_SPIFFE_IN_TEXT = re.compile(r"spiffe://[!-~]+?(?=['\"]?(?:\s|,|;|\)|$))")
 
 
 class IdentityConflict(Exception):
@@ -34,22 +30,17 @@ class IdentityAsk:
     def with_join_token(self) -> bool:
         return is_join_token(self.token)
 
-    def first_guess(self) -> SpiffeId:
+    def flags_identity(self) -> SpiffeId:
+        """The identity the flags describe: what an operator (the API token) asks for."""
         return SpiffeId(
             self.trust_domain,
             self.namespace or "default",
             self.service_account or self.service,
         )
 
-    def after_refusal(self, asked: SpiffeId, message: str) -> SpiffeId | None:
-        """What to ask for once the CA refused `asked` with `message`: the identity the join
-        token grants, if the message names it and the flags allow it; None if nothing else is
-        worth asking. IdentityConflict if a flag contradicts the token."""
-        if not self.with_join_token:
-            return None
-        granted = granted_identity(message, asked)
-        if granted is None:
-            return None
+    def join_token_identity(self, granted: SpiffeId) -> SpiffeId:
+        """`granted`, the identity the join token grants, once the flags agree with it;
+        IdentityConflict naming each flag that contradicts it."""
         clashes = []
         if self.service_account is not None and granted.service_account != self.service_account:
             clashes.append(f"--service-account {self.service_account}")
@@ -62,16 +53,3 @@ class IdentityAsk:
                 "drop the flag or use a token made for that service account"
             )
         return granted
-
-
-def granted_identity(message: str, asked: SpiffeId) -> SpiffeId | None:
-    """The SPIFFE ID other than `asked` that a CA refusal names, if exactly one."""
-    named = set()
-    for text in _SPIFFE_IN_TEXT.findall(message):
-        try:
-            found = SpiffeId.parse(text)
-        except SpiffeIdError:
-            continue
-        if found != asked:
-            named.add(found)
-    return named.pop() if len(named) == 1 else None
