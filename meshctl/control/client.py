@@ -127,8 +127,8 @@ def client_tls_context(tls: ClientTls) -> ssl.SSLContext:
 
     from meshctl.identity.files import KeyFileError, read_private_key_file
 
-    roots = _read(tls.ca_root, f"CA root bundle (--ca-root / ${ENV_CA_ROOT}; default: the bundle a local "
-                               "`meshctl serve` writes)")  # fmt: skip
+    roots = _read(tls.ca_root, "CA root bundle", f"--ca-root / ${ENV_CA_ROOT}; default: the bundle a "
+                                                 "local `meshctl serve` writes")  # fmt: skip
     try:
         context = ssl.create_default_context(cadata=roots.decode("ascii"))
     except (ssl.SSLError, UnicodeDecodeError, ValueError) as error:
@@ -139,7 +139,7 @@ def client_tls_context(tls: ClientTls) -> ssl.SSLContext:
     context.set_alpn_protocols(["http/1.1"])
     if tls.client_cert is None or tls.client_key is None:
         return context
-    chain = _read(tls.client_cert, f"client certificate (--client-cert / ${ENV_CLIENT_CERT})")
+    chain = _read(tls.client_cert, "client certificate", f"--client-cert / ${ENV_CLIENT_CERT}")
     try:
         leaf = x509.load_pem_x509_certificate(chain)
     except ValueError:
@@ -173,11 +173,11 @@ def client_tls_context(tls: ClientTls) -> ssl.SSLContext:
     return context
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read(path: Path, what: str, given_by: str) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise ClientError(f"{what} {path} does not exist", USAGE) from None
+        raise ClientError(f"{what} {path} does not exist ({given_by})", USAGE) from None
     except OSError as error:
         raise ClientError(f"cannot read {what} {path}: {error.strerror or error}", USAGE) from None
 
@@ -294,6 +294,16 @@ class Client:
             ) from None
         except ssl.SSLError as error:
             raise ClientError(f"TLS with the control plane at {where} failed: {error}") from None
+        except http.client.RemoteDisconnected as error:
+            if self.tls is None or self.token is not None:
+                raise ClientError(f"cannot talk to the control plane at {where}: {error}") from None
+            # TLS 1.3 checks the client certificate after the client's side of the handshake is
+            # done; a refusal then looks like a connection closed before any answer.
+            raise ClientError(
+                f"TLS with the control plane at {where} failed: it closed the connection without "
+                "answering, as it does for a client certificate it cannot verify (not issued by "
+                "the mesh's CA, or expired); see `meshctl serve`'s log"
+            ) from None
         except (OSError, http.client.HTTPException) as error:
             raise ClientError(f"cannot talk to the control plane at {where}: {error}") from None
         finally:
