@@ -37,8 +37,9 @@ ClientCertOption = Annotated[
         show_envvar=True,
         dir_okay=False,
         help="With an https:// control plane: authenticate with this client certificate (PEM, leaf "
-        "first) instead of the API token. It must be an operator identity, "
-        "spiffe://TRUST_DOMAIN/ns/meshctl-system/sa/NAME, from `meshctl identity operator-cert`.",
+        "first) instead of the API token. It must be an operator identity: service account NAME "
+        "in the namespace meshctl-system, spiffe://TRUST_DOMAIN/ns/meshctl-system/sa/NAME, from "
+        "`meshctl identity operator-cert`.",
     ),
 ]
 ClientKeyOption = Annotated[

@@ -30,8 +30,8 @@ def operator_cert(
     name: Annotated[
         str,
         typer.Option(
-            help="The operator's name: the certificate's identity is "
-            "spiffe://TRUST_DOMAIN/ns/meshctl-system/sa/NAME."
+            help="The operator's name: the certificate's identity is service account NAME in the "
+            "namespace meshctl-system, spiffe://TRUST_DOMAIN/ns/meshctl-system/sa/NAME."
         ),
     ],
     out: Annotated[

@@ -34,8 +34,9 @@ def serve(
         typer.Option(
             help="Address the REST API listens on. Loopback by default: over plain http:// the token travels in "
             "clear. The same port speaks TLS (https://, certificate from the CA, names as the xDS port's plus "
-            "this address), where an operator certificate, spiffe://TRUST_DOMAIN/ns/meshctl-system/sa/NAME "
-            "from `meshctl identity operator-cert`, replaces the token."
+            "this address), where an operator certificate (namespace meshctl-system: "
+            "spiffe://TRUST_DOMAIN/ns/meshctl-system/sa/NAME, from `meshctl identity operator-cert`) "
+            "replaces the token."
         ),
     ] = "127.0.0.1",
     api_port: Annotated[
