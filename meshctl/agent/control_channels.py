@@ -23,13 +23,6 @@ _ANSWERS = frozenset(StatusCode) - {
 }  # fmt: skip
 
 
-def default_ca_root() -> Path:
-    """The bundle a `meshctl serve` on this machine writes (<data dir>/ca/root-bundle.pem)."""
-    from meshctl.control.paths import data_dir
-
-    return data_dir() / "ca" / "root-bundle.pem"
-
-
 class TrustAnchorError(Exception):
     """The control plane's root bundle cannot be read (a usage error: exit 2)."""
 

@@ -38,10 +38,11 @@ from meshctl.agent.cert_renewal import (
     WorkloadCertificate,
 )
 from meshctl.agent.control_calls import CertificateService, RegistryService
-from meshctl.agent.control_channels import ControlPlanes, TrustAnchorError, default_ca_root
+from meshctl.agent.control_channels import ControlPlanes, TrustAnchorError
 from meshctl.agent.sds_secret import SECRET_TYPE, workload_secret
 from meshctl.agent.supervisor import COMMAND_NOT_EXECUTABLE, COMMAND_NOT_FOUND, exit_status
 from meshctl.agent.workload_identity import IdentityAsk, IdentityConflict
+from meshctl.control.paths import default_ca_root_path
 from meshctl.grpc import GrpcError, StatusCode
 from meshctl.identity.spiffe import DEFAULT_TRUST_DOMAIN
 
@@ -82,7 +83,7 @@ class AgentOptions:
     service_account: str | None = None
     namespace_given: bool = True
     trust_domain: str = DEFAULT_TRUST_DOMAIN
-    ca_root: Path = field(default_factory=default_ca_root)  # the planes' trust anchor (--ca-root)
+    ca_root: Path = field(default_factory=default_ca_root_path)  # the planes' trust anchor (--ca-root)
     cert_ttl: int = 0  # seconds asked of the CA; 0: its default
     cert_dir: Path | None = None  # also keep cert.pem, key.pem, root.pem there
 

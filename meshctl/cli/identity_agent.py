@@ -73,10 +73,10 @@ def agent(
 
     The key is made here; a CSR and the token obtain the certificate, which is renewed at
     half-life until SIGTERM/SIGINT."""
-    from meshctl.agent.control_channels import default_ca_root
     from meshctl.agent.identity_agent import IdentityAgentOptions, main
     from meshctl.cli._mesh_run import certificate_ttl, check_identity_names, tls_addresses
     from meshctl.control.client import ClientError, resolve_token
+    from meshctl.control.paths import default_ca_root_path
     from meshctl.identity.spiffe import SpiffeIdError, check_namespace
 
     ttl_seconds = certificate_ttl(cert_ttl, _refuse)
@@ -93,7 +93,7 @@ def agent(
         _refuse(error.message)
     options = IdentityAgentOptions(
         token=presented, cert_dir=cert_dir, control_planes=planes,
-        ca_root=ca_root or default_ca_root(), service_account=service_account,
+        ca_root=ca_root or default_ca_root_path(), service_account=service_account,
         namespace=namespace, trust_domain=trust_domain, cert_ttl=ttl_seconds,
     )  # fmt: skip
     raise typer.Exit(main(options))
