@@ -8,7 +8,6 @@ stops the start with exit 2 and a clear message."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -16,7 +15,6 @@ import stat
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,28 +35,6 @@ def plane(tmp_path: Path):
     started.stop()
 
 
-def xds_address(plane: ControlPlane) -> str:
-    found = re.search(r"xDS \(ADS, TLS[^)]*\) on ([\d.]+:\d+)", plane.log())
-    assert found, plane.log()
-    return found.group(1)
-
-
-def api(plane: ControlPlane, method: str, path: str, body: dict | None = None) -> dict:
-    request = urllib.request.Request(
-        f"http://{plane.address}{path}", method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"Authorization": f"Bearer {plane.token_path.read_text().strip()}",
-                 "Content-Type": "application/json"},
-    )  # fmt: skip
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def join_token(plane: ControlPlane, service_account: str, namespace: str = "default") -> str:
-    body = {"serviceAccount": service_account, "namespace": namespace, "ttlSeconds": 600}
-    return api(plane, "POST", "/v1/identity/tokens", body)["token"]
-
-
 class Sidecar:
     """`meshctl run --service ...` with a join token, its log in a file; stopped by its PID."""
 
@@ -69,7 +45,7 @@ class Sidecar:
         with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(
                 [sys.executable, "-m", "meshctl", "run", "--service", service, "--token", token,
-                 "--xds-address", xds_address(plane), "--outbound-port", str(free_port()),
+                 "--xds-address", plane.xds_address, "--outbound-port", str(free_port()),
                  "--admin-port", str(free_port()), "--lease", "3", *args, "--", *command],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             )  # fmt: skip
@@ -108,7 +84,7 @@ def uri_sans(certificate: x509.Certificate) -> list[str]:
 
 
 def test_a_join_token_gives_the_sidecar_its_identity_renewed_at_half_life(plane, tmp_path: Path):
-    token = join_token(plane, "reads", "shop")
+    token = plane.join_token("reads", "shop")
     certs = tmp_path / "certs"
     sidecar = Sidecar(plane, tmp_path, "reviews", token, "--cert-ttl", "2m", "--cert-dir", str(certs))
     try:
@@ -129,14 +105,14 @@ def test_a_join_token_gives_the_sidecar_its_identity_renewed_at_half_life(plane,
         assert b"BEGIN CERTIFICATE" in (certs / "root.pem").read_bytes()
         first_key = (certs / "key.pem").read_bytes()
         # The control plane knows the certificate and the instance's verified identity.
-        issued_records = api(plane, "GET", "/v1/identity/certificates")["items"]
+        issued_records = plane.api("GET", "/v1/identity/certificates")["items"]
         assert first_serial in {record["serial"] for record in issued_records}
-        registered = api(plane, "GET", "/v1/sidecars")["items"]
+        registered = plane.api("GET", "/v1/sidecars")["items"]
         assert [(s["service"], s["namespace"], s.get("identity")) for s in registered] == [
             ("reviews", "shop", "spiffe://cluster.local/ns/shop/sa/reads")
         ]
         # The token has done its work: renewal needs only the current certificate (mTLS).
-        api(plane, "DELETE", f"/v1/identity/tokens/{token.split('.')[1]}")
+        plane.api("DELETE", f"/v1/identity/tokens/{token.split('.')[1]}")
         # Renewal at half-life: about a minute after issue.
         started = time.monotonic()
         renewed = sidecar.wait_for(r"certificate renewed for \S+: serial ([0-9a-f]+)", 90)
@@ -154,10 +130,10 @@ def test_a_join_token_gives_the_sidecar_its_identity_renewed_at_half_life(plane,
         public = serialization.load_pem_private_key((certs / "key.pem").read_bytes(), None).public_key()
         assert public.public_numbers() == second.public_key().public_numbers()
         # Renewals name the instance, for `meshctl identity list`.
-        records = {r["serial"]: r for r in api(plane, "GET", "/v1/identity/certificates")["items"]}
+        records = {r["serial"]: r for r in plane.api("GET", "/v1/identity/certificates")["items"]}
         assert (records[renewed.group(1)]["node"] or "").startswith("reviews.shop-")
         # Still registered (leases renewed over mTLS with the new certificate), no key in the log.
-        assert api(plane, "GET", "/v1/sidecars")["items"]
+        assert plane.api("GET", "/v1/sidecars")["items"]
         assert "PRIVATE KEY" not in sidecar.log()
         assert sidecar.popen.poll() is None, sidecar.log()
     finally:
@@ -165,32 +141,32 @@ def test_a_join_token_gives_the_sidecar_its_identity_renewed_at_half_life(plane,
 
 
 def test_a_flag_that_contradicts_the_join_token_exits_2(plane, tmp_path: Path):
-    token = join_token(plane, "a")
+    token = plane.join_token("a")
     sidecar = Sidecar(plane, tmp_path, "web", token, "--service-account", "b")
     status = sidecar.popen.wait(timeout=30)
     assert status == 2, sidecar.log()
     assert "the join token is for spiffe://cluster.local/ns/default/sa/a" in sidecar.log()
     assert "--service-account b contradicts it" in sidecar.log()
-    assert api(plane, "GET", "/v1/sidecars")["items"] == []
+    assert plane.api("GET", "/v1/sidecars")["items"] == []
 
 
 def test_a_revoked_token_is_refused_with_its_reason(plane, tmp_path: Path):
-    token = join_token(plane, "web")
-    api(plane, "DELETE", f"/v1/identity/tokens/{token.split('.')[1]}")
+    token = plane.join_token("web")
+    plane.api("DELETE", f"/v1/identity/tokens/{token.split('.')[1]}")
     sidecar = Sidecar(plane, tmp_path, "web", token)
     assert sidecar.popen.wait(timeout=30) == 1, sidecar.log()
     assert "revoked" in sidecar.log()
 
 
 def test_identity_agent_keeps_the_files_for_a_process_beside_it(plane, tmp_path: Path):
-    token = join_token(plane, "envoy-side")
+    token = plane.join_token("envoy-side")
     certs = tmp_path / "certs"
     env = {k: v for k, v in plane.env.items() if k != "MESHCTL_TOKEN"}
     log_path = tmp_path / "identity-agent.log"
     with open(log_path, "wb") as log:
         agent = subprocess.Popen(
             [sys.executable, "-m", "meshctl", "identity", "agent", "--token", token,
-             "--cert-dir", str(certs), "--xds-address", xds_address(plane)],
+             "--cert-dir", str(certs), "--xds-address", plane.xds_address],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )  # fmt: skip
     try:
