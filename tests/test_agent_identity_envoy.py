@@ -23,42 +23,21 @@ from cryptography.hazmat.primitives import serialization
 from helpers import bootstrap as b
 from helpers.control_plane import start_control_plane
 from helpers.dataplane import start_dataplane
+from helpers.envoy_sds import cert_dir_secrets
 from helpers.ports import free_port
-from test_agent_identity_e2e import Sidecar, join_token, xds_address
+from test_agent_identity_e2e import Sidecar
 
 pytestmark = pytest.mark.meshctl_only
 
-SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 UPSTREAM_TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 REVIEWS_ID = "spiffe://cluster.local/ns/default/sa/reviews"
 ENVOY_ID = "spiffe://cluster.local/ns/default/sa/envoy-client"
 
 
-def file_sds(directory: Path, secret: dict) -> dict:
-    """An SDS config that reads `secret` from a file; the secret names the cert dir as its
-    watched_directory, so Envoy re-reads its files whenever one is renamed into place."""
-    path = directory / f"sds-{secret['name']}.yaml"
-    path.write_text(json.dumps({"resources": [{"@type": SECRET_TYPE, **secret}]}))
-    return {"name": secret["name"], "sds_config": {"path_config_source": {"path": str(path)},
-                                                   "resource_api_version": "V3"}}  # fmt: skip
-
-
 def envoy_client(listener_port: int, sidecar_inbound: int, certs: Path, directory: Path) -> dict:
     """Plain HTTP in on `listener_port`; out over mTLS h2 to the sidecar's inbound port, with the
     cert dir's files as file-based SDS secrets that Envoy reloads when the directory changes."""
-    watched = {"path": str(certs)}
-    default = file_sds(directory, {
-        "name": "default",
-        "tls_certificate": {
-            "certificate_chain": {"filename": str(certs / "cert.pem")},
-            "private_key": {"filename": str(certs / "key.pem")},
-            "watched_directory": watched,
-        },
-    })  # fmt: skip
-    rootca = file_sds(directory, {
-        "name": "ROOTCA",
-        "validation_context": {"trusted_ca": {"filename": str(certs / "root.pem")}, "watched_directory": watched},
-    })  # fmt: skip
+    default, rootca = cert_dir_secrets(certs, directory)
     upstream = b.cluster("reviews", sidecar_inbound, http2=True)
     # A connection per request, so each one presents the certificate Envoy holds right now.
     upstream["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"][
@@ -110,7 +89,7 @@ def test_envoy_with_our_rotated_files_talks_mtls_to_our_sidecar(tmp_path: Path):
     try:
         app_port, inbound_port, envoy_port = free_port(), free_port(), free_port()
         reviews = Sidecar(
-            plane, tmp_path, "reviews", join_token(plane, "reviews"),
+            plane, tmp_path, "reviews", plane.join_token("reviews"),
             "--app-port", str(app_port), "--inbound-port", str(inbound_port), "--service-port", "9080",
             command=[sys.executable, str(Path(__file__).parent / "servers" / "http_echo.py"),
                      "--name", "reviews", "--port", str(app_port)],
@@ -124,8 +103,8 @@ def test_envoy_with_our_rotated_files_talks_mtls_to_our_sidecar(tmp_path: Path):
         with open(agent_log, "wb") as log:
             agent = subprocess.Popen(
                 [sys.executable, "-m", "meshctl", "identity", "agent",
-                 "--token", join_token(plane, "envoy-client"), "--cert-dir", str(certs),
-                 "--cert-ttl", "1m", "--xds-address", xds_address(plane)],
+                 "--token", plane.join_token("envoy-client"), "--cert-dir", str(certs),
+                 "--cert-ttl", "1m", "--xds-address", plane.xds_address],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             )  # fmt: skip
         started.append(agent)
