@@ -226,7 +226,7 @@ def test_a_real_envoy_follows_meshctl_serve_like_our_sidecar(tmp_path: Path):
         # bootstrapped with ADS pointing at the control plane.
         envoy_port = free_port()
         register(plane, "envoy-1", service="productpage", outboundPort=envoy_port, leaseSeconds=3600)
-        envoy = start_dataplane("envoy", envoy_ads_bootstrap("envoy-1", xds_port, plane.data_dir / "meshctl" / "ca" / "root-bundle.pem"), tmp_path, wait_ports=[envoy_port])
+        envoy = start_dataplane("envoy", envoy_ads_bootstrap("envoy-1", xds_port, plane.data_dir / "meshctl" / "ca" / "root-bundle.pem", plane.token_path.read_text().strip()), tmp_path, wait_ports=[envoy_port])
         for port in (client.outbound_port, envoy_port):
             wait_until(lambda port=port: Counter(ask_host(port) for _ in range(5)) == Counter(v1=5), 15, f"{port} → v1")
 

@@ -286,18 +286,23 @@ async def _register_and_follow_rootca(
                         return time.monotonic() - started, _revoked_serials(response)
 
 
-async def _open_ads(plane, workload: Workload) -> None:
+async def _open_ads(
+    plane, workload: Workload | None, bearer: str | None = None, timeout: float = 10
+) -> None:
+    """Ask for ROOTCA over ADS (with `workload`'s client certificate, or `bearer` metadata) and
+    wait for the answer: GrpcError if refused, trio.TooSlowError if none within `timeout`."""
     host, port = xds_address(plane)
     context = tls_context(plane, workload)
+    metadata = [("authorization", f"Bearer {bearer}")] if bearer else []
     async with (
         open_grpc_channel(host, port, ssl_context=context) as channel,
-        channel.open_stream(ADS_METHOD) as stream,
+        channel.open_stream(ADS_METHOD, metadata) as stream,
     ):
         request = DiscoveryRequest(
             node=Node(id="alice-2"), type_url=SECRET_TYPE, resource_names=["ROOTCA"]
         )
         await stream.send_message(request.SerializeToString())
-        with trio.fail_after(10):
+        with trio.fail_after(timeout):
             await stream.receive_message()
 
 
@@ -311,6 +316,21 @@ def _revoked_serials(response: DiscoveryResponse) -> list[int]:
     crls = [x509.load_pem_x509_crl((part + "-----END X509 CRL-----\n").encode())
             for part in text.split("-----END X509 CRL-----") if part.strip()]  # fmt: skip
     return [entry.serial_number for crl in crls for entry in crl]
+
+
+def test_ads_needs_a_client_certificate_or_the_api_token(plane, tmp_path):
+    for bearer in (None, "not-the-api-token", join_token(plane, "alice")):
+        with pytest.raises(GrpcError) as caught:
+            trio.run(_open_ads, plane, None, bearer)
+        assert caught.value.code == StatusCode.UNAUTHENTICATED, bearer
+        assert "client certificate" in caught.value.message
+    # Accepted: the stream stays open, waiting for a snapshot of a node nobody registered.
+    with pytest.raises(trio.TooSlowError):  # an operator's tool (or an Envoy given the token)
+        trio.run(_open_ads, plane, None, plane.token_path.read_text().strip(), 2)
+    alice = Workload(tmp_path, "alice-ads")
+    alice.keep(create_certificate(plane, alice.csr(ALICE), bearer=join_token(plane, "alice")))
+    with pytest.raises(trio.TooSlowError):  # a sidecar
+        trio.run(_open_ads, plane, alice, None, 2)
 
 
 def test_a_revocation_reaches_the_rootca_secret_over_ads_within_seconds(plane, tmp_path):

@@ -71,15 +71,20 @@ def peer_identity(
     try:
         peer = certificate_identity(stream.peer_certificate, authority)
     except PeerCertificateError as error:
-        code = StatusCode.UNAUTHENTICATED if error.reason == "expired" else StatusCode.PERMISSION_DENIED
+        code = (
+            StatusCode.UNAUTHENTICATED
+            if error.reason == "expired"
+            else StatusCode.PERMISSION_DENIED
+        )
         raise GrpcError(code, error.message) from None
     return peer.identity, peer.certificate
 
 
-def refusing_revoked_peers(handler: Handler, authority: IdentityAuthority) -> Handler:
-    """`handler` (ADS), refusing a caller whose client certificate is revoked, expired or foreign,
-    and ending its stream once its certificate is revoked (a caller without one is served as
-    before: ADS keeps working for sidecars registered with the API token)."""
+def authenticated_ads(handler: Handler, authority: IdentityAuthority, api_token: str) -> Handler:
+    """`handler` (ADS) for callers who prove who they are: a valid client certificate from the
+    mesh's CA (a sidecar; its stream ends once that certificate is revoked) or the API token
+    (an operator's tool, or an Envoy given it as initial metadata). Anyone else could read every
+    service's routes and endpoints, so they are refused."""
 
     async def checked(stream: ServerStream) -> None:
         try:
@@ -88,6 +93,17 @@ def refusing_revoked_peers(handler: Handler, authority: IdentityAuthority) -> Ha
             log.warning("refused ADS to %s: %s", stream.peer, error.message)
             raise
         if found is None:
+            scheme, _, presented = (stream.metadata("authorization") or "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                presented.strip().encode(), api_token.encode()
+            ):
+                log.warning(
+                    "refused ADS to %s: no client certificate and no API token", stream.peer
+                )
+                raise GrpcError(
+                    StatusCode.UNAUTHENTICATED,
+                    "ADS needs a client certificate from the mesh's CA or 'authorization: Bearer <API token>'",
+                )
             await handler(stream)
             return
         identity, certificate = found

@@ -20,7 +20,7 @@ from meshctl.control import resource_types as types
 from meshctl.control.ads import ADS_METHOD, AdsServer, serve_ads
 from meshctl.control.compiler import MeshConfig, compile_mesh, sidecar_resources, to_packed
 from meshctl.control.identity_authority import IdentityAuthority
-from meshctl.control.identity_grpc import IdentityHandlers, refusing_revoked_peers
+from meshctl.control.identity_grpc import IdentityHandlers, authenticated_ads
 from meshctl.control.registry import Registry, Sidecar
 from meshctl.control.snapshot import Snapshot, SnapshotCache, TypeResources
 from meshctl.control.store import Store, StoreError
@@ -415,7 +415,7 @@ def xds_service(
             if authority is not None:
                 assert api_token is not None, "the CA methods need the API token (operators)"
                 extra = IdentityHandlers(authority, registry, api_token).handlers()
-                extra[ADS_METHOD] = refusing_revoked_peers(server.stream_aggregated_resources, authority)
+                extra[ADS_METHOD] = authenticated_ads(server.stream_aggregated_resources, authority, api_token)
             async with trio.open_nursery() as nursery:
                 await nursery.start(
                     functools.partial(follow_and_publish, authority=authority), store, registry, publisher

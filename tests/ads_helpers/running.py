@@ -39,9 +39,16 @@ class RunningServer:
         self.scope.cancel()
 
 
-def envoy_ads_bootstrap(node_id: str, ads_port: int, ca_file: Path | None = None) -> dict:
+def envoy_ads_bootstrap(
+    node_id: str, ads_port: int, ca_file: Path | None = None, api_token: str | None = None
+) -> dict:
     """Envoy with everything from ADS: listeners and clusters (and through them routes, endpoints).
-    With `ca_file` (a `meshctl serve` trust bundle), ADS goes over TLS, the server verified."""
+    With `ca_file` (a `meshctl serve` trust bundle), ADS goes over TLS, the server verified; with
+    `api_token`, Envoy authenticates with it (a `meshctl serve` TLS port asks for it, or a client
+    certificate)."""
+    grpc_service: dict = {"envoy_grpc": {"cluster_name": "xds"}}
+    if api_token is not None:
+        grpc_service["initial_metadata"] = [{"key": "authorization", "value": f"Bearer {api_token}"}]
     xds = b.cluster("xds", ads_port, http2=True)
     if ca_file is not None:
         xds["transport_socket"] = {
@@ -64,7 +71,7 @@ def envoy_ads_bootstrap(node_id: str, ads_port: int, ca_file: Path | None = None
             "ads_config": {
                 "api_type": "GRPC",
                 "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}],
+                "grpc_services": [grpc_service],
             },
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
