@@ -265,7 +265,7 @@ impl EngineState {
             }
             xds::SECRET_TYPE => {
                 // All or nothing: every secret decodes before any is swapped in. Listeners and
-                // clusters are untouched; their next handshake reads the new secret.
+                // clusters are not rebuilt; their next handshake reads the new secret.
                 let decoded = resources.iter().map(|r| xds::decode_secret(r)).collect::<Result<Vec<_>, _>>()?;
                 // New trust roots or revocations must also reach connections already open, whose
                 // peers were verified against the old ones: they are drained (and pooled upstream
