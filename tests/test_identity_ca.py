@@ -11,8 +11,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store
+from helpers.pki import operator_ca_files
 
 from meshctl.identity import tokens
 from meshctl.identity.ca import CaError, CertificateAuthority, CsrError, CsrMismatch
@@ -118,58 +119,10 @@ def test_a_weak_rsa_key_is_refused(ca):
         ca.sign_csr(make_csr(str(ALICE), key=weak), ALICE, 3600)
 
 
-def _ca_certificate(
-    name: str, key, issuer_name: str, issuer_key, path_length=None
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(issuer_key, hashes.SHA256())
-    )
-
-
-def _write(path, data: bytes, mode: int = 0o644):
-    path.write_bytes(data)
-    path.chmod(mode)
-    return path
-
-
 def test_an_operator_supplied_intermediate_signs_and_the_chain_ends_at_its_root(tmp_path):
-    root_key, intermediate_key = (
-        ec.generate_private_key(ec.SECP256R1()),
-        ec.generate_private_key(ec.SECP256R1()),
-    )
-    root = _ca_certificate("Operator Root", root_key, "Operator Root", root_key)
-    intermediate = _ca_certificate(
-        "Operator Mesh CA", intermediate_key, "Operator Root", root_key, path_length=0
-    )
-    pem = serialization.Encoding.PEM
-    cert_file = _write(tmp_path / "ca.pem", intermediate.public_bytes(pem))
-    key_file = _write(tmp_path / "ca-key.pem", intermediate_key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)  # fmt: skip
-    chain_file = _write(tmp_path / "chain.pem", root.public_bytes(pem))
+    operator_root, operator_intermediate, files = operator_ca_files(tmp_path)
+    root, intermediate = operator_root.cert, operator_intermediate.cert
+    cert_file, key_file, chain_file = files["cert"], files["key"], files["chain"]
 
     with pytest.raises(CaError, match="intermediate CA.*--ca-chain"):
         CertificateAuthority.open(

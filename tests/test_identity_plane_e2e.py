@@ -21,6 +21,7 @@ from envoy.extensions.transport_sockets.tls.v3.secret_pb2 import Secret
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 from google.protobuf import struct_pb2
 from helpers.control_plane import ControlPlane, start_control_plane
+from helpers.pki import operator_ca_files
 
 from meshctl.control.client import Client
 from meshctl.control.istio_ca_messages import (
@@ -459,25 +460,11 @@ def _assert_no_key_material(plane: ControlPlane, keys: list[bytes]) -> None:
 
 
 def test_serve_signs_with_an_operator_supplied_intermediate(tmp_path):
-    from test_identity_ca import _ca_certificate, _write
-
-    root_key, mesh_key = (
-        ec.generate_private_key(ec.SECP256R1()),
-        ec.generate_private_key(ec.SECP256R1()),
-    )
-    root = _ca_certificate("Operator Root", root_key, "Operator Root", root_key)
-    intermediate = _ca_certificate(
-        "Operator Mesh CA", mesh_key, "Operator Root", root_key, path_length=0
-    )
-    pem = serialization.Encoding.PEM
-    key_pem = mesh_key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    files = [
-        "--ca-cert", str(_write(tmp_path / "mesh-ca.pem", intermediate.public_bytes(pem))),
-        "--ca-key", str(_write(tmp_path / "mesh-ca-key.pem", key_pem, 0o600)),
-        "--ca-chain", str(_write(tmp_path / "root.pem", root.public_bytes(pem))),
-    ]  # fmt: skip
+    operator_root, operator_intermediate, written = operator_ca_files(tmp_path)
+    root, intermediate = operator_root.cert, operator_intermediate.cert
+    key_pem = written["key"].read_bytes()
+    files = ["--ca-cert", str(written["cert"]), "--ca-key", str(written["key"]),
+             "--ca-chain", str(written["chain"])]  # fmt: skip
     plane = start_control_plane(tmp_path / "operator", *files)
     try:
         assert "operator-supplied" in plane.log() and roots(plane) == [root]

@@ -243,6 +243,23 @@ class CertificateAuthority:
         return self.crl().public_bytes(serialization.Encoding.PEM)
 
 
+def operator_ca_files(directory: Path) -> tuple[CertificateAuthority, CertificateAuthority, dict[str, Path]]:
+    """An operator's root and the intermediate it made for the mesh, written as `meshctl serve
+    --ca-cert/--ca-key/--ca-chain` takes them: (root, intermediate, {"cert", "key", "chain"})."""
+    root = CertificateAuthority.root("Operator Root")
+    intermediate = root.intermediate("Operator Mesh CA")
+    files = {
+        "cert": directory / "mesh-ca.pem",
+        "key": directory / "mesh-ca-key.pem",
+        "chain": directory / "operator-root.pem",
+    }
+    files["cert"].write_bytes(pem([intermediate.cert]))
+    files["key"].write_bytes(key_pem(intermediate.key))
+    files["key"].chmod(0o600)
+    files["chain"].write_bytes(pem([root.cert]))
+    return root, intermediate, files
+
+
 @dataclass
 class TrustFiles:
     """The files a sidecar verifies peers with: the trusted roots and the CRLs of every CA in use."""
