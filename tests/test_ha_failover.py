@@ -47,9 +47,8 @@ def test_etcd_member_and_control_plane_killed_under_load(tmp_path: Path):
     store_a = ("--store", cluster.url("ha", order=[0, 1, 2]))
     store_b = ("--store", cluster.url("ha", order=[2, 1, 0]))
     planes = {"a": start_control_plane(tmp_path / "a", *store_a, *ports_a)}
-    # One CA for both planes (they share the store): sidecars of either plane trust each other,
-    # and an agent failing over verifies the other plane with the same root.
-    shutil.copytree(planes["a"].data_dir / "meshctl" / "ca", tmp_path / "b" / "meshctl" / "ca")
+    # Plane b adopts a's generated CA from the shared store: sidecars of either plane trust each
+    # other, and an agent failing over verifies the other plane with the same root.
     planes["b"] = start_control_plane(tmp_path / "b", *store_b, "--xds-port", str(free_port()))
     sidecars: dict[str, list[MeshSidecar]] = {"a": [], "b": []}
     loads: dict[str, Load] = {}

@@ -52,9 +52,8 @@ def test_planes_share_instances_and_sidecars_fail_over(tmp_path: Path):
     token.parent.mkdir(parents=True)
     shutil.copy(planes["a"].token_path, token)
     token.chmod(0o600)
-    # And one CA: planes on a shared store must sign with the same root (or be given the same
-    # --ca-cert/--ca-key), so sidecars of either plane trust each other.
-    shutil.copytree(planes["a"].data_dir / "meshctl" / "ca", tmp_path / "b" / "meshctl" / "ca")
+    # And one CA: plane b adopts a's generated root from the shared store, so sidecars of either
+    # plane trust each other.
     planes["b"] = start_control_plane(tmp_path / "b", *store, *args["b"])
     both = f"{planes['a'].address},{planes['b'].address}"
     env_a = {**planes["a"].env, "MESHCTL_CONTROL_PLANE": both}
