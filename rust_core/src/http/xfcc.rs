@@ -21,20 +21,26 @@ pub fn forward_client_cert(config: &ForwardClientCert, peer: Option<&PeerIdentit
     if config.mode == Mode::ForwardOnly {
         return;
     }
-    let mut details = Vec::with_capacity(3);
+    // One string, built in place: this runs for every request on an mTLS connection.
+    let mut value = String::with_capacity(256);
+    if config.mode == Mode::AppendForward {
+        if let Some(earlier) = headers.get(&XFCC).and_then(|v| v.to_str().ok()).filter(|e| !e.is_empty()) {
+            value.push_str(earlier);
+            value.push(',');
+        }
+    }
     if let Some(local) = local {
-        details.push(format!("By={local}"));
+        value.push_str("By=");
+        value.push_str(local);
+        value.push(';');
     }
-    details.push(format!("Hash={}", peer.leaf_sha256_hex));
+    value.push_str("Hash=");
+    value.push_str(&peer.leaf_sha256_hex);
     if config.uri {
-        details.push(format!("URI={}", peer.principal));
+        value.push_str(";URI=");
+        value.push_str(&peer.principal);
     }
-    let current = details.join(";");
-    let value = match (config.mode, headers.get(&XFCC).and_then(|v| v.to_str().ok())) {
-        (Mode::AppendForward, Some(earlier)) if !earlier.is_empty() => format!("{earlier},{current}"),
-        _ => current,
-    };
-    match HeaderValue::from_str(&value) {
+    match HeaderValue::try_from(value) {
         Ok(value) => {
             headers.insert(XFCC, value);
         }
