@@ -24,6 +24,13 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def descendants(root: int) -> set[tuple[int, str]]:
     """(pid, start time) of every process below `root`, so a reused PID is not mistaken."""
     found: set[tuple[int, str]] = set()
@@ -77,10 +84,21 @@ def run_demo(
     return demo.returncode, log.read_text(errors="replace"), seen
 
 
-def still_running(seen: set[tuple[int, str]]) -> list[str]:
+def still_running(seen: set[tuple[int, str]], grace: float = 3.0) -> list[str]:
+    """Processes of `seen` still alive after `grace` seconds (a SIGKILLed one takes a moment to
+    go; a zombie is dead and only waits for its parent)."""
+    deadline = time.monotonic() + grace
+    while True:
+        left = _alive(seen)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def _alive(seen: set[tuple[int, str]]) -> list[str]:
     left = []
     for pid, started in seen:
-        if _start_time(pid) == started:
+        if _start_time(pid) == started and _state(pid) not in ("Z", "X", None):
             try:
                 command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120]
             except OSError:
@@ -113,4 +131,50 @@ def test_ctrl_c_stops_everything_it_started(tmp_path: Path):
     assert status == 0, output
     assert "no shift: reviews → v1=34 v2=33 v3=33" in output, output
     assert len(seen) >= 14, (seen, output)
+    assert still_running(seen) == [], output
+
+
+def _sidecar_of(seen: set[tuple[int, str]], service: str, version: str) -> int | None:
+    for pid, started in seen:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if _start_time(pid) == started and b"run" in argv and b"--service" in argv:
+            named = argv[argv.index(b"--service") + 1 :]
+            if named[:1] == [service.encode()] and version.encode() in argv:
+                return pid
+    return None
+
+
+def test_a_sidecar_dying_mid_run_fails_the_demo_naming_it(tmp_path: Path):
+    """The demo fails loudly, never with a quiet summary: it names the process that died, shows
+    its log's last lines, and exits non-zero."""
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as out:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "meshctl", "demo", "--duration", "60", "--no-shift"],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    seen: set[tuple[int, str]] = set()
+    try:
+        deadline = time.monotonic() + 90
+        while "live: " not in log.read_text(errors="replace") and time.monotonic() < deadline:
+            assert demo.poll() is None, log.read_text(errors="replace")
+            seen |= descendants(demo.pid)
+            time.sleep(0.2)
+        seen |= descendants(demo.pid)
+        victim = _sidecar_of(seen, "reviews", "v2")
+        assert victim is not None, log.read_text(errors="replace")
+        os.kill(victim, signal.SIGKILL)
+        status = demo.wait(60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    output = log.read_text(errors="replace")
+    assert status == 1, output
+    assert "meshctl demo: reviews-v2 exited with status -9; the last lines of" in output, output
+    assert "  | " in output, output  # its log's tail, indented under the message
+    assert "stopped every process" in output, output
     assert still_running(seen) == [], output

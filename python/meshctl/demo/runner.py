@@ -188,10 +188,12 @@ class Demo:
                 self.client = Client((host, int(port)), token_file.read_text().strip())
                 self.say(f"control plane ready: API on {self.api}, store {store}")
                 return
-            if not self.plane.alive():
-                raise DemoFailed(f"meshctl serve exited:\n{self.plane.tail()}")
+            self.check_children()
             time.sleep(0.05)
-        raise DemoFailed(f"meshctl serve not ready after 30s:\n{self.plane.tail()}")
+        raise DemoFailed(
+            f"the control plane is not ready after 30s; the last lines of {self.plane.log_path}:\n"
+            f"{_indent(self.plane.tail())}"
+        )
 
     def _sidecar(
         self, service: str, version: str | None, app: list[str] | None, app_port: int | None
@@ -235,11 +237,7 @@ class Demo:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         started = time.monotonic()
         while True:
-            for child in self.children:
-                if not child.alive():
-                    raise DemoFailed(
-                        f"{child.name} exited with {child.popen.returncode}:\n{child.tail()}"
-                    )
+            self.check_children()
             ready = self._ready_instances()
             traffic_in = "traffic" in {s["service"] for s in self._registered()}
             self.status(
@@ -264,6 +262,16 @@ class Demo:
             f"1 control plane; logs in {self.workdir}"
         )
         return client
+
+    def check_children(self) -> None:
+        """Raise DemoFailed naming the first process of the mesh that exited, with its log's
+        last lines: a dead sidecar or control plane must stop the demo, not fail it silently."""
+        for child in self.children:
+            if not child.alive():
+                raise DemoFailed(
+                    f"{child.name} exited with status {child.popen.returncode}; the last lines of "
+                    f"{child.log_path}:\n{_indent(child.tail())}"
+                )
 
     def _registered(self) -> list[dict]:
         assert self.client is not None
@@ -337,6 +345,7 @@ class Demo:
         end = time.monotonic() + seconds
         while time.monotonic() < end and not deadline_check():
             time.sleep(min(1.0, max(0.05, end - time.monotonic())))
+            self.check_children()
             current = scrape(sidecars)
             split = split_between(previous, current, host)
             window = max(current.at - previous.at, 1e-6)
@@ -393,11 +402,19 @@ class Demo:
             # Past the last phase: keep the final weights and the live view until Ctrl-C.
             while True:
                 self.watch(3600, "final weights", lambda: False)
+        if self.traffic.requests == self.traffic.failures:
+            raise DemoFailed(
+                f"no productpage request succeeded ({self.traffic.requests} sent); "
+                f"logs in {self.workdir}"
+            )
         return 0
 
     def summary(self) -> None:
         self.totals = {v: c for v, c in self.totals.items() if v and c.requests}
         total = sum(count.requests for count in self.totals.values())
+        if not self.traffic.requests:
+            self.say("traffic: none sent (the mesh did not come up)")
+            return
         self.say(
             f"traffic: {self.traffic.requests} productpage requests, {self.traffic.failures} failed"
         )
@@ -444,6 +461,10 @@ class Demo:
         )
         if not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  | " + line for line in text.splitlines()) or "  | (empty)"
 
 
 def _kill_if_ours(pid: int) -> None:
