@@ -256,3 +256,43 @@ fn case_insensitive_prefixes_match_any_case() {
     assert_eq!(chosen_cluster(&config, "h", "/api/x", &HeaderMap::new()).unwrap(), "api");
     assert_eq!(chosen_cluster(&config, "h", "/Api", &HeaderMap::new()).unwrap(), "api");
 }
+
+#[test]
+fn a_connect_request_matches_no_ordinary_route() {
+    // Envoy routes CONNECT only by connect_matcher (refused by meshctl); `/` must not catch it.
+    let config = decode_routes(&route_config(vec![vhost("v", &["*"], vec![prefix_route("/", "c")])])).unwrap();
+    let headers = HeaderMap::new();
+    let vhost = select_virtual_host(&config, "svc.test:80").unwrap();
+    let connect = RequestView { method: &Method::CONNECT, path_and_query: "/", authority: "svc.test:80", scheme: "http", headers: &headers };
+    assert!(select_route(vhost, &connect).is_none());
+    let get = RequestView { method: &Method::GET, ..connect };
+    assert!(select_route(vhost, &get).is_some());
+}
+
+#[test]
+fn connect_upgrades_and_connect_matchers_are_refused_by_field() {
+    let mut r = prefix_route("/", "c");
+    if let Some(route::route::Action::Route(action)) = &mut r.action {
+        action.upgrade_configs = vec![route::route_action::UpgradeConfig { upgrade_type: "CONNECT".into(), ..Default::default() }];
+    }
+    assert_refused(
+        decode_routes(&route_config(vec![vhost("v", &["*"], vec![r])])),
+        "RouteConfiguration \"table\"",
+        "virtual_hosts[0].routes[0].route.upgrade_configs[0].upgrade_type",
+        "CONNECT is not supported by meshctl yet",
+    );
+    let connect_route = route::Route {
+        r#match: Some(route::RouteMatch {
+            path_specifier: Some(route::route_match::PathSpecifier::ConnectMatcher(Default::default())),
+            ..Default::default()
+        }),
+        action: forward_to("c"),
+        ..Default::default()
+    };
+    assert_refused(
+        decode_routes(&route_config(vec![vhost("v", &["*"], vec![connect_route])])),
+        "RouteConfiguration \"table\"",
+        "virtual_hosts[0].routes[0].match.connect_matcher",
+        "not supported by meshctl yet",
+    );
+}

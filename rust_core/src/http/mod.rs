@@ -3,6 +3,7 @@
 pub mod body;
 pub mod local_reply;
 pub mod proxy;
+pub mod request_body;
 pub mod routing;
 pub mod server;
 pub mod xfcc;

@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http::{Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::body::ResponseBody;
 use super::local_reply::local_reply;
+use super::request_body::{BodyFault, BodyFaults, RequestBody};
 use super::routing::{select_route, select_virtual_host, RequestView};
 use super::xfcc::forward_client_cert;
 use crate::model::headers::HeaderMutation;
@@ -44,6 +45,8 @@ pub struct HttpContext {
     pub peer_requests: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// The port the client addressed (the original one for redirected connections), for RBAC.
     pub destination_port: u16,
+    /// Request bodies this connection's client broke, as the upstream side saw them.
+    pub body_faults: BodyFaults,
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded.
@@ -60,7 +63,13 @@ pub async fn handle(context: Arc<HttpContext>, request: Request<Incoming>) -> Re
     if let Some(peer_requests) = &context.peer_requests {
         peer_requests.fetch_add(1, Relaxed);
     }
-    let response = route_request(&context, request).await;
+    // After CONNECT the bytes that follow are tunnel payload, not HTTP. meshctl tunnels nothing,
+    // so the connection cannot carry another request: it closes after the answer, as Envoy's does.
+    let close_after = request.method() == Method::CONNECT && request.version() <= Version::HTTP_11;
+    let mut response = route_request(&context, request).await;
+    if close_after {
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     context.stats.responses.record(response.status().as_u16());
     Ok(response)
 }
@@ -69,7 +78,7 @@ fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-async fn route_request(context: &HttpContext, mut request: Request<Incoming>) -> Response<ResponseBody> {
+async fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> Response<ResponseBody> {
     // First, as Envoy's connection manager does: policy and routing see the rewritten header.
     forward_client_cert(&context.settings.forward_client_cert, context.peer_identity.as_deref(), context.local_principal.as_deref(), request.headers_mut());
     let grpc = is_grpc(request.headers());
@@ -242,7 +251,7 @@ struct Targets<'a> {
 
 /// Forward to the route's cluster. Also returns the chosen weighted cluster's response mutation.
 async fn forward_request<'a>(
-    context: &HttpContext,
+    context: &Arc<HttpContext>,
     forward: &'a ForwardAction,
     targets: Targets<'a>,
     mut request: Request<Incoming>,
@@ -250,6 +259,7 @@ async fn forward_request<'a>(
     path_and_query: PathAndQuery,
 ) -> (Response<ResponseBody>, Option<&'a HeaderMutation>) {
     let Targets { route_config, vhost, route, grpc } = targets;
+    let downstream_http1 = request.version() <= Version::HTTP_11;
     let (cluster_name, request_mutation, response_mutation) = match &forward.clusters {
         ClusterChoice::Single { name } => (name.as_str(), None, None),
         ClusterChoice::Weighted(weighted) => {
@@ -337,6 +347,8 @@ async fn forward_request<'a>(
     cluster.stats.requests_total.fetch_add(1, Relaxed);
     let _active = endpoint.start_request();
     let started = Instant::now();
+    let faults_mark = context.body_faults.mark();
+    let request = request.map(|incoming| RequestBody::new(incoming, context.clone()));
     let sent = endpoint.pool.send(request);
     let result = match timeout {
         Some(limit) => match tokio::time::timeout(limit, sent).await {
@@ -351,6 +363,11 @@ async fn forward_request<'a>(
     let (mut response, lease) = match result {
         Ok(exchange) => exchange,
         Err(error) => {
+            if let Some(fault) = context.body_faults.since(faults_mark) {
+                // The client broke its own request body and the upstream exchange failed because
+                // of it: the client's error, not the cluster's. The upstream stream was reset then.
+                return (body_fault_reply(fault, grpc, downstream_http1), response_mutation);
+            }
             cluster.stats.responses.record(503);
             let message = format!("upstream connect error or disconnect/reset before headers. reset reason: {error}");
             return (local_reply(StatusCode::SERVICE_UNAVAILABLE, &message, grpc), response_mutation);
@@ -372,6 +389,20 @@ async fn forward_request<'a>(
     strip_hop_by_hop(response.headers_mut());
     let (parts, body) = response.into_parts();
     (Response::from_parts(parts, ResponseBody::Upstream(body, lease)), response_mutation)
+}
+
+/// The answer to a request whose body the client broke: 400, and on HTTP/1.1 the connection
+/// closes (its framing is lost), as Envoy answers a codec error.
+fn body_fault_reply(fault: BodyFault, grpc: bool, http1: bool) -> Response<ResponseBody> {
+    let message = match fault {
+        BodyFault::Malformed => "malformed request body (invalid chunked encoding)",
+        BodyFault::Aborted => "incomplete request body (the client stopped sending it)",
+    };
+    let mut response = local_reply(StatusCode::BAD_REQUEST, message, grpc);
+    if http1 {
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {

@@ -56,6 +56,12 @@ fn strip_port(host: &str) -> Option<&str> {
 }
 
 pub fn select_route<'v>(vhost: &'v VirtualHost, request: &RequestView<'_>) -> Option<&'v Route> {
+    // A CONNECT request names an authority, not a path. Envoy routes one only by connect_matcher
+    // (path matchers never match it), which meshctl refuses: it matches no route and gets 404,
+    // rather than being forwarded as `CONNECT /`.
+    if request.method == Method::CONNECT {
+        return None;
+    }
     vhost.routes.iter().find(|route| route_matches(&route.matcher, request))
 }
 

@@ -1,5 +1,6 @@
 //! Serving one downstream connection as HTTP/1.1 or HTTP/2 with hyper, with graceful shutdown.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = context.settings.limits.clone();
+    let stats = context.stats.clone();
     let service = service_fn(move |request| handle(context.clone(), request));
     let activity = LastActivity::new();
     let io = TokioIo::new(ActivityStream::new(io, activity.clone()));
@@ -35,7 +37,10 @@ where
             .max_send_buf_size(1024 * 1024);
         let connection = builder.serve_connection(io, service);
         tokio::pin!(connection);
-        run_until_drained(connection.as_mut(), &mut drain, &idle, |c| c.graceful_shutdown()).await;
+        let ended = run_until_drained(connection.as_mut(), &mut drain, &idle, |c| c.graceful_shutdown()).await;
+        if ended.as_ref().is_err_and(is_http2_protocol_error) {
+            stats.protocol_errors.fetch_add(1, Relaxed);
+        }
     } else {
         let mut builder = http1::Builder::new();
         builder
@@ -46,7 +51,12 @@ where
             .max_headers(limits.max_headers_count as usize);
         let connection = builder.serve_connection(io, service).with_upgrades();
         tokio::pin!(connection);
-        run_until_drained(connection.as_mut(), &mut drain, &idle, |c| c.graceful_shutdown()).await;
+        let ended = run_until_drained(connection.as_mut(), &mut drain, &idle, |c| c.graceful_shutdown()).await;
+        // hyper has answered a malformed head itself (400, 431, ...); a broken body is counted
+        // where it is read (request_body.rs).
+        if ended.as_ref().is_err_and(hyper::Error::is_parse) {
+            stats.protocol_errors.fetch_add(1, Relaxed);
+        }
     }
 }
 
@@ -69,18 +79,32 @@ impl Idle {
     }
 }
 
-async fn run_until_drained<C, F>(mut connection: std::pin::Pin<&mut C>, drain: &mut watch::Receiver<bool>, idle: &Idle, shutdown: F)
+/// Returns how the connection ended.
+async fn run_until_drained<C, F>(mut connection: std::pin::Pin<&mut C>, drain: &mut watch::Receiver<bool>, idle: &Idle, shutdown: F) -> C::Output
 where
     C: std::future::Future,
     F: FnOnce(std::pin::Pin<&mut C>),
 {
     if !*drain.borrow() {
         tokio::select! {
-            _ = connection.as_mut() => return,
+            ended = connection.as_mut() => return ended,
             _ = drain.wait_for(|draining| *draining) => {}
             _ = idle.expired() => {}
         }
     }
     shutdown(connection.as_mut());
-    connection.await;
+    connection.await
+}
+
+/// A connection error h2 found in the client's frames (it sent GOAWAY with an error code), as
+/// opposed to an I/O error or the client going away.
+fn is_http2_protocol_error(error: &hyper::Error) -> bool {
+    let mut cause = std::error::Error::source(error);
+    while let Some(current) = cause {
+        if let Some(h2) = current.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.is_library() && h2.reason().is_some_and(|r| r != h2::Reason::NO_ERROR);
+        }
+        cause = current.source();
+    }
+    false
 }

@@ -67,6 +67,9 @@ pub struct ListenerStats {
     pub responses: CodeClasses,
     pub detection_fallbacks: AtomicU64,
     pub header_limit_rejections: AtomicU64,
+    /// Downstream codec errors (malformed request heads or chunked bodies, HTTP/2 connection
+    /// errors), as Envoy's downstream_cx_protocol_error.
+    pub protocol_errors: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -251,6 +254,10 @@ impl Metrics {
         out.push_str("# TYPE meshctl_protocol_detection_fallback_total counter\n");
         for (name, s) in &listeners {
             let _ = writeln!(out, "meshctl_protocol_detection_fallback_total{{listener=\"{}\"}} {}", escape(name), s.detection_fallbacks.load(Relaxed));
+        }
+        out.push_str("# TYPE meshctl_downstream_cx_protocol_error_total counter\n");
+        for (name, s) in &listeners {
+            let _ = writeln!(out, "meshctl_downstream_cx_protocol_error_total{{listener=\"{}\"}} {}", escape(name), s.protocol_errors.load(Relaxed));
         }
         let clusters = self.clusters.lock().unwrap().clone();
         for (metric, kind, get) in [

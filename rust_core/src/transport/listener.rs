@@ -363,6 +363,7 @@ async fn dispatch<S>(
                 peer_requests: identity.peer.as_ref().map(|p| deps.metrics.tls.peer_requests(&p.principal)),
                 peer_identity: identity.peer,
                 local_principal: identity.local_principal,
+                body_faults: Default::default(),
             });
             serve_http(stream, http2, context, drain).await;
         }

@@ -13,6 +13,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::http::request_body::RequestBody;
 use crate::model::tls::UpstreamTls;
 use crate::model::{ClusterConfig, UpstreamProtocol};
 use crate::telemetry::metrics::{ClusterStats, TlsDirection, TlsStats};
@@ -73,13 +74,13 @@ struct PoolInner {
     stats: Arc<ClusterStats>,
     tls_stats: Arc<TlsStats>,
     idle_http1: Mutex<Vec<IdleHttp1>>,
-    http2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    http2: Mutex<Option<http2::SendRequest<RequestBody>>>,
     /// Serializes HTTP/2 connection setup so a burst of requests opens one connection, not many.
     http2_connecting: tokio::sync::Mutex<()>,
 }
 
 struct IdleHttp1 {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
     idle_since: Instant,
     uses: u32,
 }
@@ -91,7 +92,7 @@ const MAX_IDLE_HTTP1: usize = 256;
 /// discarded (an error or an upgrade took it).
 pub struct ConnectionLease {
     pool: Pool,
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
     uses: u32,
 }
 
@@ -139,7 +140,7 @@ impl Pool {
     /// the response body has been read to its end (an HTTP/2 connection is shared, no lease).
     pub async fn send(
         &self,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<ConnectionLease>), UpstreamError> {
         match self.0.protocol {
             UpstreamProtocol::Http1 => self.send_http1(request).await.map(|(r, lease)| (r, Some(lease))),
@@ -147,7 +148,7 @@ impl Pool {
         }
     }
 
-    async fn send_http1(&self, mut request: Request<Incoming>) -> Result<(Response<Incoming>, ConnectionLease), UpstreamError> {
+    async fn send_http1(&self, mut request: Request<RequestBody>) -> Result<(Response<Incoming>, ConnectionLease), UpstreamError> {
         // A pooled connection may have been closed by the server while idle; if the request was
         // not written, hyper hands it back and it is sent again on a fresh connection.
         loop {
@@ -177,7 +178,7 @@ impl Pool {
         None
     }
 
-    fn put_idle(&self, sender: http1::SendRequest<Incoming>, uses: u32) {
+    fn put_idle(&self, sender: http1::SendRequest<RequestBody>, uses: u32) {
         let mut idle = self.0.idle_http1.lock().unwrap();
         if idle.len() < MAX_IDLE_HTTP1 {
             idle.push(IdleHttp1 { sender, idle_since: Instant::now(), uses });
@@ -213,7 +214,7 @@ impl Pool {
         }
     }
 
-    async fn connect_http1(&self) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+    async fn connect_http1(&self) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
         let io = self.connect().await?;
         let (sender, connection) = http1::Builder::new()
             .max_buf_size(self.0.max_response_headers_bytes.max(8192) + 8192)
@@ -224,7 +225,7 @@ impl Pool {
         Ok(sender)
     }
 
-    async fn send_http2(&self, mut request: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    async fn send_http2(&self, mut request: Request<RequestBody>) -> Result<Response<Incoming>, UpstreamError> {
         for _ in 0..2 {
             let mut sender = self.http2_sender().await?;
             if sender.ready().await.is_err() {
@@ -248,7 +249,7 @@ impl Pool {
         sender.send_request(request).await.map_err(UpstreamError::Reset)
     }
 
-    async fn http2_sender(&self) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+    async fn http2_sender(&self) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
         if let Some(sender) = self.live_http2() {
             return Ok(sender);
         }
@@ -276,7 +277,7 @@ impl Pool {
         Ok(sender)
     }
 
-    fn live_http2(&self) -> Option<http2::SendRequest<Incoming>> {
+    fn live_http2(&self) -> Option<http2::SendRequest<RequestBody>> {
         let shared = self.0.http2.lock().unwrap();
         shared.as_ref().filter(|s| !s.is_closed()).cloned()
     }

@@ -11,7 +11,7 @@ use envoy_types::pb::google::protobuf;
 use prost::Message;
 
 use super::common::{duration, socket_address, unpack};
-use super::route::route_configuration;
+use super::route::{refuse_connect_upgrade, route_configuration};
 use super::rbac::{rbac_http_filter, RBAC_FILTER_TYPE};
 use super::tls::{downstream_tls_context, forward_client_cert};
 use super::{refuse_if, At, ConfigError, FieldError, FieldResult};
@@ -310,6 +310,7 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
     let mut upgrades = Vec::new();
     for (i, u) in m.upgrade_configs.iter().enumerate() {
         refuse_if(!u.filters.is_empty(), "filters").at(format!("upgrade_configs[{i}]"))?;
+        refuse_connect_upgrade(&u.upgrade_type).at(format!("upgrade_configs[{i}]"))?;
         if u.enabled.as_ref().map(|b| b.value).unwrap_or(true) {
             upgrades.push(u.upgrade_type.to_ascii_lowercase());
         }

@@ -268,6 +268,7 @@ fn forward_action(a: &route::RouteAction) -> FieldResult<ForwardAction> {
     let mut upgrades = Vec::new();
     for (i, u) in a.upgrade_configs.iter().enumerate() {
         refuse_if(u.connect_config.is_some(), "connect_config").at(format!("upgrade_configs[{i}]"))?;
+        refuse_connect_upgrade(&u.upgrade_type).at(format!("upgrade_configs[{i}]"))?;
         if u.enabled.as_ref().map(|b| b.value).unwrap_or(true) {
             upgrades.push(u.upgrade_type.to_ascii_lowercase());
         } else {
@@ -282,6 +283,19 @@ fn forward_action(a: &route::RouteAction) -> FieldResult<ForwardAction> {
         timeout,
         upgrades,
     })
+}
+
+/// CONNECT as an upgrade type enables Envoy's CONNECT handling (forwarding the CONNECT, or
+/// terminating it with connect_config), which meshctl does not implement: without it a CONNECT
+/// matches no route and is answered 404, so accepting the setting would silently change nothing.
+pub(crate) fn refuse_connect_upgrade(upgrade_type: &str) -> FieldResult<()> {
+    if upgrade_type.eq_ignore_ascii_case("CONNECT") {
+        return Err(FieldError::new(
+            "upgrade_type",
+            "CONNECT is not supported by meshctl yet (no CONNECT forwarding or termination: a CONNECT request matches no route and gets 404)",
+        ));
+    }
+    Ok(())
 }
 
 fn weighted_clusters(w: &route::WeightedCluster) -> FieldResult<WeightedClusters> {
