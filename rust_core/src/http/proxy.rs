@@ -260,6 +260,7 @@ async fn forward_request<'a>(
 ) -> (Response<ResponseBody>, Option<&'a HeaderMutation>) {
     let Targets { route_config, vhost, route, grpc } = targets;
     let downstream_http1 = request.version() <= Version::HTTP_11;
+    let head = request.method() == Method::HEAD;
     let (cluster_name, request_mutation, response_mutation) = match &forward.clusters {
         ClusterChoice::Single { name } => (name.as_str(), None, None),
         ClusterChoice::Weighted(weighted) => {
@@ -388,7 +389,11 @@ async fn forward_request<'a>(
     }
     strip_hop_by_hop(response.headers_mut());
     let (parts, body) = response.into_parts();
-    (Response::from_parts(parts, ResponseBody::Upstream(body, lease)), response_mutation)
+    // A HEAD response has no content (RFC 9110 §9.3.2). An HTTP/2 upstream that sends some anyway
+    // has its stream reset by h2; passing that body on would reset the client's stream too, often
+    // before the response head it is owed has gone out.
+    let body = if head && !http_body::Body::is_end_stream(&body) { ResponseBody::empty() } else { ResponseBody::Upstream(body, lease) };
+    (Response::from_parts(parts, body), response_mutation)
 }
 
 /// The answer to a request whose body the client broke: 400, and on HTTP/1.1 the connection
