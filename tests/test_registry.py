@@ -4,6 +4,8 @@ REST endpoints on a real API server (token required)."""
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import replace
 
 import pytest
 import trio
@@ -144,3 +146,63 @@ def test_the_app_gets_the_outbound_listener_as_its_http_proxy():
     assert app_environment(options, {"no_proxy": "internal"}).get("NO_PROXY") is None  # theirs stays
     assert options.with_node_id().node_id.startswith("web.default-")
     assert options.with_node_id().node_id != options.with_node_id().node_id
+
+
+class RecordingStore:
+    """The record half of a Store, in memory, counting writes."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict] = {}
+        self.writes = 0
+
+    async def put_record(self, space, key, value):
+        assert space == "registrations"
+        self.records[key] = value
+        self.writes += 1
+
+    async def list_records(self, space):
+        return [self.records[key] for key in sorted(self.records)]
+
+    async def delete_records(self, space, keys):
+        for key in keys:
+            self.records.pop(key, None)
+        self.writes += 1
+
+
+async def test_a_plane_keeps_changes_not_renewals_and_restores_them_with_a_lease_from_now():
+    clock, store = Clock(), RecordingStore()
+    registry = Registry(clock)
+    await registry.restore(store)
+    sidecar = Sidecar(node_id="a", service="reviews", app_port=8080, lease_seconds=3, identity="spiffe://cluster.local/ns/default/sa/reviews")
+    await registry.put(sidecar)
+    await registry.put(sidecar)  # a plain renewal: nothing to keep
+    assert store.writes == 1
+    await registry.put(replace(sidecar, ready=True))
+    assert store.writes == 2 and store.records["a"]["ready"] is True
+
+    # Restarted long after the lease ran out: the plane could not hear renewals, so it gives one.
+    clock.now += 60
+    restarted = Registry(clock)
+    await restarted.restore(store)
+    assert restarted.sidecars() == [replace(sidecar, ready=True)]  # identity kept too
+    clock.now += 2.9
+    assert restarted.expire() == []
+    clock.now += 0.2
+    assert restarted.expire() == ["a"]
+
+    await registry.remove("a")
+    assert store.records == {}
+
+
+def test_a_plane_starting_on_etcd_gives_expired_entries_a_lease_and_later_ones_none():
+    clock = Clock()
+    registry = Registry(clock)
+    entry = {"sidecar": Sidecar(node_id="a", service="reviews", lease_seconds=3).as_json(), "expiresAt": time.time() - 30}
+    registry._starting = True  # what share() sets while it loads etcd's entries
+    registry._remote_put("a", entry)
+    assert [s.node_id for s in registry.sidecars()] == ["a"]
+    clock.now += 3.1
+    assert registry.expire() == ["a"]
+    registry._starting = False  # once running, an expired entry is one nobody renewed
+    registry._remote_put("a", entry)
+    assert registry.sidecars() == []

@@ -1,9 +1,10 @@
 """The control plane's xDS publishing: snapshots per sidecar from store + registry, recompiling on
-change, ACK/NACK verdicts recorded against resources, and the warm-up after a restart."""
+change, ACK/NACK verdicts recorded against resources, and the first push after a restart."""
 
 from __future__ import annotations
 
 import trio
+from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 
 from meshctl.control import resource_types as types
 from meshctl.control.registry import Registry, Sidecar
@@ -14,7 +15,7 @@ from meshctl.control.xds_service import (
     Publisher,
     follow_and_publish,
     node_verdict,
-    previous_sidecars,
+    report_statuses,
 )
 from meshctl.resources import ResourceRef
 
@@ -90,40 +91,61 @@ async def test_changes_to_the_store_and_registry_are_published(tmp_path):
         await store.aclose()
 
 
-async def test_after_a_restart_the_first_push_waits_for_known_sidecars(tmp_path):
+async def test_a_restarted_plane_pushes_the_instances_it_knew_at_once(tmp_path):
+    """A plane keeps its registrations in its store: restarted on the same store, its very first
+    push has every instance the sidecars had, before any of them renewed."""
+    store = SqliteStore.open(tmp_path / "store.db")
+    try:
+        await store.write([Put(RULE_REF, RULE)])
+        before = Registry()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(before.restore, store)
+            for sidecar in (Sidecar(node_id="client", service="productpage"), reviews("r1", 8001), reviews("r2", 8003)):
+                await before.put(sidecar)
+            nursery.cancel_scope.cancel()
+
+        cache = SnapshotCache()
+        after = Registry()  # the restarted plane: nothing has renewed with it yet
+        async with trio.open_nursery() as nursery:
+            await nursery.start(after.restore, store)
+            await nursery.start(follow_and_publish, store, after, Publisher(cache))
+            with trio.fail_after(2):
+                while cache.snapshot_for("client") is None:
+                    await trio.sleep(0.01)
+            ports = []
+            for packed in cache.snapshot_for("client").of_type(types.ENDPOINT).items.values():
+                assignment = ClusterLoadAssignment()
+                assert packed.Unpack(assignment)
+                ports += [
+                    endpoint.endpoint.address.socket_address.port_value
+                    for locality in assignment.endpoints
+                    for endpoint in locality.lb_endpoints
+                ]
+            ports.sort()
+            assert ports == [8002, 8002, 8004, 8004], ports  # r1 and r2 in the default cluster and subset v1
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+
+
+async def test_statuses_of_a_restored_sidecar_that_never_returns_are_forgotten(tmp_path, autojump_clock):
     store = SqliteStore.open(tmp_path / "store.db")
     try:
         _, (written,) = await store.write([Put(RULE_REF, RULE)])
-        await store.set_status(RULE_REF, "r1", written.version, True)
-        assert await previous_sidecars(store) == {"r1"}
-        cache = SnapshotCache()
-        registry = Registry()
-        registry.register(Sidecar(node_id="client", service="productpage"))
-        async with trio.open_nursery() as nursery:
-            await nursery.start(follow_and_publish, store, registry, Publisher(cache))
-            await trio.sleep(0.2)
-            assert cache.snapshot_for("client") is None  # r1 has not come back yet
-            registry.register(reviews("r1", 8001))
-            with trio.fail_after(2):
-                while cache.snapshot_for("client") is None:
-                    await trio.sleep(0.01)
-            assert names(cache, "client", types.ENDPOINT)  # r1 is in the very first push
-            nursery.cancel_scope.cancel()
-
-        # One that never returns holds the first push only until the timeout, and is forgotten.
-        cache = SnapshotCache()
         await store.set_status(RULE_REF, "gone", written.version, True)
+        await store.put_record("registrations", "gone", reviews("gone", 8001).as_json())
+        registry = Registry(clock=trio.current_time)
+        cache = SnapshotCache()
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: follow_and_publish(
-                    store, registry, Publisher(cache), warmup_timeout=0.3, task_status=task_status
-                )
-            )
-            with trio.fail_after(2):
-                while cache.snapshot_for("client") is None:
-                    await trio.sleep(0.01)
+            await nursery.start(registry.restore, store)
+            assert [s.node_id for s in registry.sidecars()] == ["gone"]
+            await nursery.start(registry.serve)
+            nursery.start_soon(report_statuses, store, registry, cache, Publisher(cache))
+            await trio.sleep(reviews("gone", 8001).lease_seconds + 1.5)  # its lease from the restart, a sweep
+            assert registry.sidecars() == []
+            assert await store.statuses([RULE_REF]) == {RULE_REF: []}
+            assert await store.list_records("registrations") == []
             nursery.cancel_scope.cancel()
-        assert await previous_sidecars(store) == {"r1"}
     finally:
         await store.aclose()
 

@@ -247,8 +247,11 @@ class Agent:
 
     async def keep_lease(self) -> None:
         """Renew at a third of the lease, so two lost renewals still leave the lease alive; when
-        the plane is unreachable, fail over to the next one (the engine keeps its config)."""
-        backoff = Backoff(0.2, 5.0)
+        the plane is unreachable, fail over to the next one (the engine keeps its config).
+        While every plane is away, retries come at least every third of the lease too: a plane
+        that restarts gives each instance it knew one lease to renew before it drops it."""
+        retry_at_most = min(5.0, self.options.lease_seconds / 3)
+        backoff = Backoff(min(0.2, retry_at_most), retry_at_most)
         while True:
             await trio.sleep(self.options.lease_seconds / 3)
             try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -127,9 +129,11 @@ def tls_addresses(
 
     --xds-address lists them. Otherwise each --control-plane API is asked where its xDS server
     listens, which needs the API token; with a join token (no API access) it is the API's host
-    at the default port.
+    at the default port. While every plane is away (one restarting as this sidecar starts), it
+    asks again until one answers, rather than guess a port the plane may not use; a plane still
+    away then gets the default port, and the agent fails over to the next one meanwhile.
     """
-    from meshctl.control.client import Client, ClientError, resolve_address
+    from meshctl.control.client import resolve_address
     from meshctl.identity.tokens import is_join_token
 
     if xds_address:
@@ -138,25 +142,35 @@ def tls_addresses(
     listed = control_plane or os.environ.get("MESHCTL_CONTROL_PLANE") or ""
     apis = tuple(resolve_address(part.strip()) for part in listed.split(",") if part.strip())
     apis = apis or (resolve_address(None),)
-    found = []
-    for host, port in apis:
-        if is_join_token(token):
-            found.append((host, DEFAULT_TLS_PORT))
-            continue
-        try:
-            named = Client((host, port), token).sidecars().get("xds") or ""
-        except ClientError as error:
-            if not error.message.startswith(("cannot reach", "cannot talk")):
-                raise  # it answered: a refused token is not a plane that is away
-            # Away now: its default port; the agent fails over to the next one meanwhile.
-            found.append((host, DEFAULT_TLS_PORT))
-            continue
-        xds_host, _, xds_port = named.rpartition(":")
-        xds_host = xds_host.strip("[]")
-        if xds_host in ("", "0.0.0.0", "::"):
-            xds_host = host  # it listens everywhere: where we found it
-        found.append((xds_host, int(xds_port) if xds_port.isdigit() else DEFAULT_TLS_PORT))
-    return tuple(found)
+    if is_join_token(token):
+        return tuple((host, DEFAULT_TLS_PORT) for host, _ in apis)
+    delay = 0.2
+    while True:
+        found = [_ask_xds_address(api, token) for api in apis]
+        if any(address is not None for address in found):
+            return tuple(address or (api[0], DEFAULT_TLS_PORT) for api, address in zip(apis, found))
+        print(f"meshctl run: no control plane API answers ({', '.join(f'{h}:{p}' for h, p in apis)}); "
+              f"asking again in {delay:.1f}s", file=sys.stderr, flush=True)  # fmt: skip
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+def _ask_xds_address(api: tuple[str, int], token: str) -> tuple[str, int] | None:
+    """Where the plane whose API is `api` serves xDS; None while it does not answer."""
+    from meshctl.control.client import Client, ClientError
+
+    host, port = api
+    try:
+        named = Client((host, port), token).sidecars().get("xds") or ""
+    except ClientError as error:
+        if not error.message.startswith(("cannot reach", "cannot talk")):
+            raise  # it answered: a refused token is not a plane that is away
+        return None
+    xds_host, _, xds_port = named.rpartition(":")
+    xds_host = xds_host.strip("[]")
+    if xds_host in ("", "0.0.0.0", "::"):
+        xds_host = host  # it listens everywhere: where we found it
+    return xds_host, int(xds_port) if xds_port.isdigit() else DEFAULT_TLS_PORT
 
 
 def _address(text: str, flag: str) -> tuple[str, int]:

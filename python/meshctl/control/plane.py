@@ -67,6 +67,9 @@ async def run_control_plane(
             if hasattr(store, "follow_registrations"):
                 # Several planes on one etcd: every plane knows every plane's instances.
                 await nursery.start(registry.share, store)
+            else:
+                # One plane: it knows its instances again before it pushes anything.
+                await nursery.start(registry.restore, store)
             await nursery.start(registry.serve)  # expires leases
             host, port = await nursery.start(
                 functools.partial(serve_api, extensions=[RegistryApi(registry), *api_extensions],

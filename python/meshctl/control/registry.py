@@ -5,15 +5,22 @@ and says `ready` once its application's port answers; only ready instances becom
 The agent renews the registration well within the lease; one that is not renewed is dropped by
 `serve()` at most one sweep interval after its lease ran out (≤ 2× the lease in all).
 
-Kept in memory: a restarted control plane learns every instance again at its next renewal,
-because a renewal is the same idempotent PUT as the first registration. With an etcd store
-(several planes), `share()` also keeps every registration in etcd (store_etcd.put_registration)
-and follows the others' there, so each plane knows the instances registered with any plane;
-expiry is the same (each entry carries its wall-clock expiry; ≤ 2× the lease in all).
+Served from memory, and kept in the store so that a restarted control plane knows every instance
+at once, before any has renewed: a plane that forgot them would push endpoint sets missing live
+instances (traffic to a service whose instances had not renewed yet would fail). With a SQLite
+store (one plane), `restore()` loads what `put()` kept there (changes only: a plain renewal
+writes nothing). With an etcd store (several planes), `share()` keeps every registration in etcd
+(store_etcd.put_registration) and follows the others' there, so each plane knows the instances
+registered with any plane; each entry carries its wall-clock expiry (≤ 2× the lease in all).
+
+A plane that was down cannot tell which instances renewed meanwhile, so every registration it
+finds when it starts gets a full lease from then: an instance that died while the plane was down
+leaves the endpoints within lease + sweep (< 2× the lease) after the plane is back.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -38,6 +45,10 @@ MAX_LEASE_SECONDS = 3600.0
 
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}$")
+
+
+# The store's record space where a single plane keeps its registrations (see restore()).
+REGISTRATIONS_SPACE = "registrations"
 
 
 class RegistrationError(ValueError):
@@ -187,6 +198,16 @@ def parse_registration(node_id: str, body: bytes) -> Sidecar:
     )
 
 
+def sidecar_from_json(node_id: str, data: dict[str, Any]) -> Sidecar:
+    """A Sidecar kept by a control plane (Sidecar.as_json), identity included. The identity was
+    verified by the plane that took the registration; it is not a field a registering sidecar may
+    set itself, so it is put back after parsing. RegistrationError if it does not parse."""
+    body = {k: v for k, v in data.items() if k not in ("nodeId", "identity")}
+    sidecar = parse_registration(node_id, json.dumps(body).encode())
+    identity = data.get("identity")
+    return replace(sidecar, identity=identity) if isinstance(identity, str) else sidecar
+
+
 def _label(data: dict[str, Any], name: str, *, required: bool = False, default: str = "") -> str:
     value = data.get(name, None if required else default)
     if value is None:
@@ -221,6 +242,10 @@ class Registry:
         self.xds_address: str | None = None
         # The store registrations are shared through (an EtcdStore), once `share()` runs.
         self.shared: Any = None
+        # The store a single plane keeps its registrations in (SQLite), once `restore()` runs.
+        self.kept: Any = None
+        # True while share() loads what etcd holds when this plane starts.
+        self._starting = False
 
     # --- the API's entry points: local, and shared when a store shares registrations ----------
 
@@ -231,6 +256,8 @@ class Registry:
         instances must not expire, or its sidecars lose endpoints that are alive. The shared
         write is bounded by a third of the lease (the agent renews that often anyway)."""
         changed = self.register(sidecar)
+        if changed and self.kept is not None:
+            await self._keep(sidecar)
         if self.shared is not None:
             value = {"sidecar": sidecar.as_json(), "expiresAt": time.time() + sidecar.lease_seconds}
             try:
@@ -243,28 +270,57 @@ class Registry:
 
     async def remove(self, node_id: str) -> bool:
         known = self.deregister(node_id)
+        if self.kept is not None:
+            await self._forget_kept([node_id])
         if self.shared is not None:
             known = await self.shared.delete_registration(node_id) or known
         return known
+
+    async def restore(
+        self, store: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """A single plane: load the registrations kept in `store` (each with a full lease from
+        now), and keep every change there from now on."""
+        for value in await store.list_records(REGISTRATIONS_SPACE):
+            try:
+                sidecar = sidecar_from_json(value["nodeId"], value)
+            except (RegistrationError, KeyError, TypeError) as error:
+                log.warning("ignoring a kept registration: %s", error)
+                continue
+            self.register(sidecar)
+        if self._sidecars:
+            log.info("restored %d registrations; each has a lease from now to renew", len(self._sidecars))
+        self.kept = store
+        task_status.started()
+
+    async def _keep(self, sidecar: Sidecar) -> None:
+        try:
+            await self.kept.put_record(REGISTRATIONS_SPACE, sidecar.node_id, sidecar.as_json())
+        except StoreError as error:
+            log.warning("keeping %s's registration in the store: %s", sidecar.node_id, error)
+
+    async def _forget_kept(self, node_ids: list[str]) -> None:
+        try:
+            await self.kept.delete_records(REGISTRATIONS_SPACE, node_ids)
+        except StoreError as error:
+            log.warning("removing registrations from the store: %s", error)
 
     async def share(
         self, store: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Load every registration the store holds, then follow them until cancelled."""
         self.shared = store
-        await store.follow_registrations(
-            self._remote_put, self._remote_delete, task_status=task_status
-        )
+        self._starting = True
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                functools.partial(store.follow_registrations, self._remote_put, self._remote_delete)
+            )
+            self._starting = False
+            task_status.started()
 
     def _remote_put(self, node_id: str, value: dict[str, Any]) -> None:
-        # The identity was verified by the plane that took the registration; it is not a field a
-        # registering sidecar may set itself, so it is put back after parsing.
-        body = {k: v for k, v in value["sidecar"].items() if k not in ("nodeId", "identity")}
-        identity = value["sidecar"].get("identity")
         try:
-            sidecar = parse_registration(node_id, json.dumps(body).encode())
-            if isinstance(identity, str):
-                sidecar = replace(sidecar, identity=identity)
+            sidecar = sidecar_from_json(node_id, value["sidecar"])
             remaining = float(value["expiresAt"]) - time.time()
         except (RegistrationError, KeyError, TypeError, ValueError) as error:
             log.warning("ignoring shared registration %s: %s", node_id, error)
@@ -272,8 +328,12 @@ class Registry:
         # Half a lease of grace: a renewal another plane could not write while etcd elected a
         # leader must not drop a live instance (still gone within 2x the lease of its last one).
         remaining += sidecar.lease_seconds / 2
+        if self._starting:
+            # An entry expired yet still in etcd when this plane starts: no plane was up to
+            # renew or sweep it. A full lease from now, as restore() gives.
+            remaining = max(remaining, sidecar.lease_seconds)
         if remaining <= 0:
-            return  # expired already; its writer's lease or a sweep removes the key
+            return  # expired already; a sweep removes the key
         previous = self._sidecars.get(node_id)
         if previous is not None and previous[1] > self._clock() + remaining:
             remaining = previous[1] - self._clock()  # our own newer renewal, not yet in etcd
@@ -345,6 +405,8 @@ class Registry:
         while True:
             await trio.sleep(sweep_interval)
             gone = self.expire()
+            if gone and self.kept is not None:
+                await self._forget_kept(gone)
             if self.shared is not None:
                 for node_id in gone:  # any plane may clear an expired entry out of etcd
                     try:

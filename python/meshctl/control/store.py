@@ -165,7 +165,8 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None: ...
 
-    # --- identity records: join tokens and issued certificates (meshctl/identity) ---------------
+    # --- records: join tokens and issued certificates (meshctl/identity), and a single plane's
+    # sidecar registrations (registry.restore) -----------------------------------------------------
     # A key space of their own beside the resources: they are not mesh config (a write bumps no
     # revision and recompiles nothing), they are never listed with resources, and `meshctl apply`
     # has no path to them. On etcd they are shared by every plane like the resources.

@@ -17,10 +17,11 @@ when a control plane dies, the statuses of its sidecars expire with it (they rec
 another plane, whose ACKs are recorded under its own lease). Keys carry the plane's id so two
 planes never overwrite or forget each other's entries; readers keep the newest per sidecar.
 
-Sidecar registrations (the service registry) are shared the same way, so every plane compiles
-the endpoints of every instance whichever plane it registered with: each carries its wall-clock
-expiry (a renewal is a put that moves it), planes drop an entry once that passes, and its key
-is under the writing plane's lease, so a dead plane's entries also leave etcd.
+Sidecar registrations (the service registry) are shared too, so every plane compiles the
+endpoints of every instance whichever plane it registered with: each carries its wall-clock
+expiry (a renewal is a put that moves it), and planes drop and delete an entry once that passes.
+Unlike statuses they are under no plane's lease: when every plane was down at once, the first
+one back restores them (registry.share) instead of forgetting instances that are alive.
 """
 
 from __future__ import annotations
@@ -405,14 +406,9 @@ class EtcdStore(Store):
         self._check_serving()
         key = self._registrations + quote(node_id, safe="").encode()
         raw = json.dumps({**value, "plane": self.plane_id}, separators=(",", ":")).encode()
-        lease = self._lease
-        try:
-            await self._client.txn([], [put_op(key, raw, lease)])
-        except EtcdError as error:
-            if not _lease_missing(error):
-                raise
-            await self._renew_lease(lease)
-            await self._client.txn([], [put_op(key, raw, self._lease)])
+        # Not under this plane's lease: a registration must outlive every plane being down at
+        # once (a restarted plane restores it, registry.share); planes sweep expired ones.
+        await self._client.txn([], [put_op(key, raw)])
 
     async def delete_registration(self, node_id: str, *, only_if_expired: bool = False) -> bool:
         """Remove a registration; with only_if_expired, unless a renewal moved its expiry since."""

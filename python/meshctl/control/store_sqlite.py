@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS status (
     version INTEGER NOT NULL, state TEXT NOT NULL, reason TEXT, updated_at REAL NOT NULL,
     PRIMARY KEY (kind, namespace, name, sidecar_id)
 );
+-- Records of every space (Store.put_record): identity records and a plane's registrations.
 CREATE TABLE IF NOT EXISTS identity_records (
     space TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (space, key)
 );

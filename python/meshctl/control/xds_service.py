@@ -227,21 +227,14 @@ async def follow_and_publish(
     *,
     authority: IdentityAuthority | None = None,
     settle: float = 0.01,
-    warmup_timeout: float = 10.0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Publish, then again after every store or registry change (bursts coalesce).
 
-    After a restart the registry starts empty and refills as agents renew their leases; pushing
-    config before then would hand sidecars endpoint lists missing instances that are alive. So
-    the first push waits until every sidecar the store still has a status for has registered
-    again (at most `warmup_timeout`). Sidecars keep serving their last config meanwhile.
-    """
+    The registry is complete before the first push, also after a restart (it restores the
+    registrations kept in the store), so a restarted plane sends every sidecar the endpoints it
+    already had."""
     task_status.started()
-    try:
-        await _warm_up(store, registry, warmup_timeout)
-    except StoreError as error:
-        log.warning("cannot read which sidecars to wait for (%s); publishing now", error)
     while True:
         generation = registry.generation
         trust = None
@@ -264,35 +257,6 @@ async def follow_and_publish(
             log.exception("compiling the mesh at revision %s failed", revision)
         await _until_any_changes(store, revision, registry, generation, authority, trust)
         await trio.sleep(settle)
-
-
-async def previous_sidecars(store: Store) -> set[str]:
-    """The sidecars that had answered config from this store and not left cleanly."""
-    _, resources = await store.snapshot()
-    refs = [resource.ref for resource in resources if resource.ref.kind in COMPILED_KINDS]
-    if not refs:
-        return set()
-    statuses = await store.statuses(refs)
-    return {status.sidecar_id for entries in statuses.values() for status in entries}
-
-
-async def _warm_up(store: Store, registry: Registry, timeout: float) -> None:
-    if registry.shared is not None:
-        # Registrations live in the shared store and were loaded before this task started;
-        # statuses there also belong to other planes' sidecars, which never register here.
-        return
-    expected = await previous_sidecars(store)
-    if not expected:
-        return
-    log.info("waiting up to %.0fs for %d sidecars to register again", timeout, len(expected))
-    with trio.move_on_after(timeout):
-        while not expected <= {sidecar.node_id for sidecar in registry.sidecars()}:
-            await registry.wait_for_change(registry.generation)
-        return
-    missing = expected - {sidecar.node_id for sidecar in registry.sidecars()}
-    log.info("%d sidecars did not come back (%s...); publishing", len(missing), min(missing))
-    for node_id in missing:
-        await store.forget_sidecar(node_id)
 
 
 def _version_key(version: str) -> tuple[int, ...]:
@@ -329,7 +293,8 @@ async def report_statuses(
     interval: float = 0.5,
 ) -> None:
     """Record each sidecar's ACK or NACK against the resources its config came from (what
-    `meshctl get` shows), and forget sidecars that left the registry.
+    `meshctl get` shows), and forget sidecars that left the registry (also those restored after
+    a restart that never came back, whose statuses an earlier run of the plane wrote).
 
     Only what changed is written: when a sidecar takes a new version with the same verdict, the
     stored resources whose version it already answered for keep their status (with 1,000 routes,
@@ -337,8 +302,11 @@ async def report_statuses(
     reported: dict[str, tuple[str, bool, str | None]] = {}
     # Version → the (ref, resource version) pairs it came from, for the versions in `reported`.
     answered: dict[str, frozenset[tuple[Any, int]]] = {}
+    # Every sidecar seen in the registry: one that leaves it has its statuses forgotten.
+    seen: set[str] = set()
     while True:
         live = {sidecar.node_id for sidecar in registry.sidecars()}
+        seen |= live
         for node_id, types_state in cache.status().items():
             if node_id not in live:
                 continue
@@ -364,8 +332,9 @@ async def report_statuses(
             if version not in answered:
                 answered[version] = frozenset(sources)
             reported[node_id] = verdict
-        for node_id in set(reported) - live:
-            del reported[node_id]
+        for node_id in seen - live:
+            seen.discard(node_id)
+            reported.pop(node_id, None)
             try:
                 await store.forget_sidecar(node_id)
             except Exception:
