@@ -40,9 +40,6 @@ pub enum StartError {
     Io { context: String, source: std::io::Error },
 }
 
-/// Kinds in `EngineState::applied_bytes`.
-const LISTENER_KIND: &str = "Listener";
-const SECRET_KIND: &str = "Secret";
 
 pub struct Engine {
     runtime: Option<EngineRuntime>,
@@ -62,9 +59,9 @@ struct EngineState {
     handoff_listeners: Mutex<BTreeMap<String, Arc<ListenerConfig>>>,
     /// Endpoints received through EDS, kept even before (or after) their cluster exists.
     assignments: Mutex<HashMap<String, Vec<EndpointConfig>>>,
-    /// The bytes each listener and secret was last applied from: an identical re-send (xDS
-    /// resends a whole type when one resource changes) must not disturb open connections.
-    applied_bytes: Mutex<HashMap<(&'static str, String), Vec<u8>>>,
+    /// The bytes each listener was last applied from: an identical re-send (xDS resends a whole
+    /// type when one resource changes) must not disturb open connections.
+    applied_listener_bytes: Mutex<HashMap<String, Vec<u8>>>,
     /// Serializes apply/remove so each is one consistent step.
     apply_lock: Mutex<()>,
     draining: AtomicBool,
@@ -96,7 +93,7 @@ impl Engine {
             listeners: Mutex::new(BTreeMap::new()),
             handoff_listeners: Mutex::new(handoff.into_iter().map(|l| (l.name.clone(), Arc::new(l))).collect()),
             assignments: Mutex::new(HashMap::new()),
-            applied_bytes: Mutex::new(HashMap::new()),
+            applied_listener_bytes: Mutex::new(HashMap::new()),
             apply_lock: Mutex::new(()),
             draining: AtomicBool::new(false),
         });
@@ -270,13 +267,15 @@ impl EngineState {
                 // New trust roots or revocations must also reach connections already open, whose
                 // peers were verified against the old ones: they are drained (and pooled upstream
                 // connections dropped), so each reconnects and is verified again. A new
-                // certificate of our own (renewal) needs no such thing and drains nothing.
-                let trust_changed = decoded.iter().zip(resources).any(|(named, bytes)| {
-                    matches!(named.secret, Secret::Validation(_)) && self.differs_from_applied(SECRET_KIND, &named.name, bytes)
+                // certificate of our own (renewal) needs no such thing and drains nothing, and
+                // neither does a re-sent trust bundle whose CRLs were merely re-issued (a
+                // restarted control plane's): draining then would fail requests for nothing.
+                let trust_changed = decoded.iter().any(|named| match &named.secret {
+                    Secret::Validation(new) => {
+                        self.secrets.slot(&named.name).validation().is_none_or(|old| !old.trusts_the_same_as(new))
+                    }
+                    Secret::Certificate(_) => false,
                 });
-                for (named, bytes) in decoded.iter().zip(resources) {
-                    self.remember_applied(SECRET_KIND, &named.name, bytes);
-                }
                 self.secrets.store(decoded);
                 if trust_changed {
                     self.reverify_open_connections();
@@ -287,13 +286,13 @@ impl EngineState {
         }
     }
 
-    /// Whether a resource's bytes differ from those it was last applied from (or it is new).
-    fn differs_from_applied(&self, kind: &'static str, name: &str, bytes: &[u8]) -> bool {
-        self.applied_bytes.lock().unwrap().get(&(kind, name.to_string())).is_none_or(|previous| previous != bytes)
+    /// Whether a listener's bytes differ from those it was last applied from (or it is new).
+    fn listener_differs_from_applied(&self, name: &str, bytes: &[u8]) -> bool {
+        self.applied_listener_bytes.lock().unwrap().get(name).is_none_or(|previous| previous != bytes)
     }
 
-    fn remember_applied(&self, kind: &'static str, name: &str, bytes: &[u8]) {
-        self.applied_bytes.lock().unwrap().insert((kind, name.to_string()), bytes.to_vec());
+    fn remember_applied_listener(&self, name: &str, bytes: &[u8]) {
+        self.applied_listener_bytes.lock().unwrap().insert(name.to_string(), bytes.to_vec());
     }
 
     /// Drain every downstream connection and drop every pooled upstream connection, so each is
@@ -330,7 +329,7 @@ impl EngineState {
         let changed: std::collections::HashSet<String> = decoded
             .iter()
             .zip(resources)
-            .filter(|(l, bytes)| self.differs_from_applied(LISTENER_KIND, &l.name, bytes))
+            .filter(|(l, bytes)| self.listener_differs_from_applied(&l.name, bytes))
             .map(|(l, _)| l.name.clone())
             .collect();
         let applied: Vec<(String, &Vec<u8>)> = decoded.iter().zip(resources).map(|(l, bytes)| (l.name.clone(), bytes)).collect();
@@ -379,7 +378,7 @@ impl EngineState {
         }
         self.publish_handoff_listeners(&handoff);
         for (name, bytes) in applied {
-            self.remember_applied(LISTENER_KIND, &name, bytes);
+            self.remember_applied_listener(&name, bytes);
         }
         if handoff_changed {
             // Connections handed over by an original-destination listener run the handed-over
@@ -402,13 +401,13 @@ impl EngineState {
             xds::LISTENER_TYPE => {
                 let mut listeners = self.listeners.lock().unwrap();
                 let mut handoff = self.handoff_listeners.lock().unwrap();
-                let mut applied = self.applied_bytes.lock().unwrap();
+                let mut applied = self.applied_listener_bytes.lock().unwrap();
                 for name in names {
                     if let Some(handle) = listeners.remove(name) {
                         handle.drain();
                     }
                     handoff.remove(name);
-                    applied.remove(&(LISTENER_KIND, name.clone()));
+                    applied.remove(name);
                 }
                 self.publish_handoff_listeners(&handoff);
             }
@@ -429,11 +428,7 @@ impl EngineState {
                     self.set_eds_endpoints(name, &[]);
                 }
             }
-            xds::SECRET_TYPE => {
-                let mut applied = self.applied_bytes.lock().unwrap();
-                names.iter().for_each(|n| drop(applied.remove(&(SECRET_KIND, n.clone()))));
-                self.secrets.remove(names)
-            }
+            xds::SECRET_TYPE => self.secrets.remove(names),
             other => return Err(ConfigError::new(other, "", "this resource type is not supported by meshctl's engine")),
         }
         Ok(())

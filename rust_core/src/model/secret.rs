@@ -159,6 +159,25 @@ impl ValidationSecret {
     }
 }
 
+impl ValidationSecret {
+    /// Whether `other` trusts exactly what this does: the same roots and the same revoked serials
+    /// per issuer. A CRL re-issued with a new date but the same revocations (as a restarted
+    /// control plane sends) changes nothing a connection was verified against.
+    pub fn trusts_the_same_as(&self, other: &ValidationSecret) -> bool {
+        let anchor = |a: &TrustAnchor<'_>| (a.subject.to_vec(), a.subject_public_key_info.to_vec(), a.name_constraints.as_ref().map(|n| n.to_vec()));
+        let anchors = |v: &ValidationSecret| v.trust_anchors.iter().map(anchor).collect::<std::collections::BTreeSet<_>>();
+        let revoked = |v: &ValidationSecret| {
+            v.crl_summaries
+                .iter()
+                .flat_map(|crl| crl.revoked_serials.iter().map(move |serial| (crl.issuer.clone(), serial.clone())))
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        // The issuers too: a new CRL from an issuer that had none is a change even with no serials.
+        let issuers = |v: &ValidationSecret| v.crl_summaries.iter().map(|crl| crl.issuer.clone()).collect::<std::collections::BTreeSet<_>>();
+        anchors(self) == anchors(other) && revoked(self) == revoked(other) && issuers(self) == issuers(other)
+    }
+}
+
 fn summarize_crl(der: &[u8]) -> Result<CrlSummary, String> {
     let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|e| format!("not an X.509 CRL: {e}"))?;
     Ok(CrlSummary {
