@@ -12,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -108,11 +109,11 @@ class CertificateAuthority:
         )
         return Issued(cert, key)
 
-    def crl_pem(self) -> str:
+    def crl_pem(self, issued: datetime.datetime = NOW - datetime.timedelta(minutes=1)) -> str:
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.name)
-            .last_update(NOW - datetime.timedelta(minutes=1))
+            .last_update(issued)
             .next_update(NOW + datetime.timedelta(days=1))
             .add_extension(x509.CRLNumber(len(self.revoked) + 1), critical=False)
         )
@@ -248,10 +249,10 @@ def certificate_secret(issued: Issued) -> dict:
     }
 
 
-def roots_secret(ca: CertificateAuthority, with_crl: bool = False) -> dict:
+def roots_secret(ca: CertificateAuthority, with_crl: bool = False, crl_issued: datetime.datetime | None = None) -> dict:
     context = {"trusted_ca": {"inline_string": ca.root_pem}}
     if with_crl:
-        context["crl"] = {"inline_string": ca.crl_pem()}
+        context["crl"] = {"inline_string": ca.crl_pem(*([crl_issued] if crl_issued else []))}
     return {"name": "ROOTCA", "validation_context": context}
 
 
@@ -476,6 +477,31 @@ def test_a_crl_in_rootca_refuses_the_revoked_client_on_its_next_handshake(mesh):
     dump = json.loads(mesh.b.config_dump())
     rootca = next(s for s in dump["secrets"] if s["name"] == "ROOTCA")
     assert int(rootca["crls"][0]["revoked_serials"][0], 16) == revoked.cert.serial_number
+
+
+def test_a_crl_reissued_with_the_same_revocations_keeps_open_connections_a_new_revocation_drains_them(mesh):
+    """A restarted control plane re-issues its CRLs (a new date, the same serials): nothing a
+    connection was verified against changed, so it must not be closed under the app's requests."""
+    mesh.ca.revoked.append(mesh.ca.issue(SPIFFE_A).cert.serial_number)
+    apply_secrets(mesh.b, roots_secret(mesh.ca, with_crl=True))
+    keep_alive = TlsHttp1(mesh.b_port, client_context(mesh.ca, mesh.ca.issue(SPIFFE_A), mesh.directory))
+    assert keep_alive.get("/before")[0] == 200
+    handshakes = counter(mesh.b.stats_prometheus(), "meshctl_tls_handshakes_total", direction="downstream")
+
+    reissued = NOW.replace(microsecond=0)
+    apply_secrets(mesh.b, roots_secret(mesh.ca, with_crl=True, crl_issued=reissued))
+    rootca = next(s for s in json.loads(mesh.b.config_dump())["secrets"] if s["name"] == "ROOTCA")
+    assert rootca["crls"][0]["this_update"] == reissued.strftime("%Y-%m-%dT%H:%M:%SZ")  # it was applied
+    time.sleep(0.3)  # a drain would have closed the idle connection by now
+    assert keep_alive.get("/after-reissue")[0] == 200
+    assert counter(mesh.b.stats_prometheus(), "meshctl_tls_handshakes_total", direction="downstream") == handshakes
+
+    mesh.ca.revoked.append(mesh.ca.issue(SPIFFE_A).cert.serial_number)  # a real change
+    apply_secrets(mesh.b, roots_secret(mesh.ca, with_crl=True, crl_issued=reissued))
+    time.sleep(0.3)
+    with pytest.raises((ConnectionError, OSError)):
+        keep_alive.get("/after-revocation")
+    keep_alive.close()
 
 
 def test_opaque_tcp_between_engines_goes_over_mtls(mesh):
