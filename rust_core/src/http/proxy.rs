@@ -350,7 +350,7 @@ async fn forward_request<'a>(
     let started = Instant::now();
     let faults_mark = context.body_faults.mark();
     let request = request.map(|incoming| RequestBody::new(incoming, context.clone()));
-    let sent = endpoint.pool.send(request);
+    let sent = endpoint.send(request);
     let result = match timeout {
         Some(limit) => match tokio::time::timeout(limit, sent).await {
             Ok(result) => result,

