@@ -277,6 +277,31 @@ def test_the_apps_exit_status_is_meshctls_and_the_instance_leaves_at_once(tmp_pa
         plane.stop()
 
 
+def test_an_app_that_stops_answering_is_not_ready_at_once_and_ready_again_when_it_answers(tmp_path: Path):
+    """An app run beside the sidecar (not under it): when it dies the sidecar stays, so only the
+    agent's probe can take the instance out of the endpoints before its lease runs out."""
+    plane = start_control_plane(tmp_path / "plane", "--xds-port", "0")
+    app_port = free_port()
+    serving = f"import socket, time\ns = socket.create_server(('127.0.0.1', {app_port}))\ntime.sleep(600)\n"
+    app = subprocess.Popen([sys.executable, "-c", serving])
+    sidecar = Sidecar(plane, tmp_path, "ratings", "--app-port", str(app_port), "--inbound-port", str(free_port()))
+    try:
+        wait_until(lambda: [s["ready"] for s in registered(plane)] == [True] or registered(plane), 15, "ready")
+        app.kill()  # this PID
+        app.wait()
+        took = wait_until(lambda: [s["ready"] for s in registered(plane)] == [False] or registered(plane), 5, "not ready")
+        print(f"not ready {took:.2f}s after the app died (lease {LEASE}s)")
+        assert took < 1.5, took
+        wait_until(lambda: "not ready: app port" in sidecar.log(), 2, "the sidecar says why")
+        app = subprocess.Popen([sys.executable, "-c", serving])
+        wait_until(lambda: [s["ready"] for s in registered(plane)] == [True] or registered(plane), 5, "ready again")
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
+        stop_all([sidecar], plane)
+
+
 def test_mesh_options_are_checked_before_anything_starts(tmp_path: Path):
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "meshctl", "run", *args], check=False, capture_output=True, text=True, timeout=30)

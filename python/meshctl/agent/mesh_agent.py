@@ -6,7 +6,7 @@ from the control plane's CA (a key made here, a CSR, the token) and give it to t
 SDS secret `default`; register with the control plane over mTLS (not ready yet); follow ADS (over
 mTLS) until the outbound listener is bound; start the application with HTTP_PROXY pointing at
 that listener; once the app port answers, say ready (the instance becomes an endpoint
-everywhere); renew the lease and the certificate until the app exits; then leave the registry,
+everywhere), and not ready the moment it stops answering; renew the lease and the certificate until the app exits; then leave the registry,
 drain the engine and exit with the app's status.
 
 Every call to the control plane goes to its TLS port (15012): CreateCertificate, Registry and
@@ -49,6 +49,8 @@ from meshctl.identity.spiffe import DEFAULT_TRUST_DOMAIN
 log = logging.getLogger("meshctl.agent")
 
 OUTBOUND_LISTENER = "virtualOutbound"  # meshctl.control.compiler names it so
+# How often a ready app's port is checked: a dead app stops being an endpoint within about this.
+APP_PROBE_INTERVAL = 0.5
 
 
 # A control plane that is away (or too slow) is failed over; any other status is its answer.
@@ -119,8 +121,9 @@ def app_environment(options: AgentOptions, base: dict[str, str] | None = None) -
 
 async def _port_answers(host: str, port: int) -> bool:
     try:
-        stream = await trio.open_tcp_stream(host, port)
-    except OSError:
+        with trio.fail_after(1.0):
+            stream = await trio.open_tcp_stream(host, port)
+    except (OSError, trio.TooSlowError):
         return False
     await stream.aclose()
     return True
@@ -293,16 +296,24 @@ class Agent:
                 await self.switched.wait()
                 nursery.cancel_scope.cancel()
 
-    async def wait_until_app_answers(self) -> None:
+    async def follow_app_readiness(self) -> None:
+        """Ready once the app's port answers; not ready the moment it stops answering, so
+        callers stop sending to it at once instead of failing until its lease runs out; ready
+        again when it answers again."""
         assert self.options.app_port is not None
-        while not await _port_answers("127.0.0.1", self.options.app_port):
-            await trio.sleep(0.1)
-        self.ready = True
-        try:
-            await self._register_anywhere(True, Backoff(0.2, 5.0))
-        except RegistrationFailed as error:
-            log.warning("marking ready: %s (the next renewal retries)", error)
-        _report(f"instance {self.options.node_id} ready: app port {self.options.app_port} answers")
+        while True:
+            answers = await _port_answers("127.0.0.1", self.options.app_port)
+            if answers != self.ready:
+                self.ready = answers
+                try:
+                    await self._register_anywhere(answers, Backoff(0.2, 5.0))
+                except RegistrationFailed as error:
+                    log.warning("marking %s: %s (the next renewal retries)",
+                                "ready" if answers else "not ready", error)  # fmt: skip
+                port = self.options.app_port
+                _report(f"instance {self.options.node_id} "
+                        + (f"ready: app port {port} answers" if answers else f"not ready: app port {port} stopped answering"))  # fmt: skip
+            await trio.sleep(APP_PROBE_INTERVAL if self.ready else 0.1)
 
     async def wait_for_outbound_listener(self) -> bool:
         with trio.move_on_after(self.options.config_wait):
@@ -362,7 +373,7 @@ async def run_agent(options: AgentOptions, engine: Any, command: Sequence[str] |
             f"sidecar {options.node_id} ready: {where or 'no listeners'}; xDS from {xds[0]}:{xds[1]}"
         )
         if options.app_port is not None:
-            nursery.start_soon(agent.wait_until_app_answers)
+            nursery.start_soon(agent.follow_app_readiness)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             if command:
                 status = await _supervise(command, app_environment(options), signals)
