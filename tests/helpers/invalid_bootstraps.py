@@ -65,6 +65,14 @@ def _mirror(config: Json) -> None:
     _route(config)["route"]["request_mirror_policies"] = [{"cluster": "upstream"}]
 
 
+def _connect_route(config: Json) -> None:
+    # Envoy's way to forward CONNECT: the CONNECT upgrade on, a route that matches CONNECT.
+    _hcm(config)["upgrade_configs"] = [{"upgrade_type": "CONNECT"}]
+    _hcm(config)["route_config"]["virtual_hosts"][0]["routes"].insert(
+        0, {"match": {"connect_matcher": {}}, "route": {"cluster": "upstream", "upgrade_configs": [{"upgrade_type": "CONNECT"}]}}
+    )
+
+
 CASES = [
     Invalid("unknown-field", lambda c: _listener(c).update(bogus_field=1), names=("bogus_field",)),
     Invalid("wrong-type", _set_port("eighty"), names=("port_value",)),
@@ -129,6 +137,20 @@ CASES = [
         names=("request_mirror_policies",),
         envoy_refuses=False,
         why="traffic mirroring changes behaviour; meshctl must refuse rather than silently drop it",
+    ),
+    Invalid(
+        "connect-upgrade",
+        lambda c: _hcm(c).update(upgrade_configs=[{"upgrade_type": "CONNECT"}]),
+        names=("upgrade_configs[0].upgrade_type", "connect"),
+        envoy_refuses=False,
+        why="Envoy accepts CONNECT handling; meshctl has no CONNECT forwarding or termination and must refuse",
+    ),
+    Invalid(
+        "connect-matcher-route",
+        _connect_route,
+        names=("upgrade_configs[0].upgrade_type|connect_matcher",),
+        envoy_refuses=False,
+        why="Envoy forwards CONNECT on a connect_matcher route; meshctl must refuse rather than answer 404",
     ),
     Invalid("empty-file", text="", names=("empty|static_resources|bootstrap",)),
     Invalid("malformed-yaml", text="static_resources: {listeners: [\n  - name: x\n    address: {\n", names=("yaml",)),

@@ -1,10 +1,15 @@
-"""HTTP/1.1 + h2c (prior knowledge) upstream that echoes each request back as JSON with its own name."""
+"""HTTP/1.1 + h2c (prior knowledge) upstream that echoes each request back as JSON with its own name.
+
+With --log-requests it also writes `request METHOD TARGET` to stderr (its log) for every request
+head it receives, so a test can tell what reached it and what did not.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import traceback
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
@@ -55,6 +60,14 @@ def delay_of(target: str) -> float:
     return int(query.get("delay_ms", ["0"])[0]) / 1000.0
 
 
+LOG_REQUESTS = False
+
+
+def log_request(method: str, target: str) -> None:
+    if LOG_REQUESTS:
+        print(f"request {method} {target}", file=sys.stderr, flush=True)
+
+
 async def serve_h11(stream: trio.SocketStream, first: bytes, name: str) -> None:
     conn = h11.Connection(h11.SERVER)
     conn.receive_data(first)
@@ -73,6 +86,7 @@ async def serve_h11(stream: trio.SocketStream, first: bytes, name: str) -> None:
                 continue
             if isinstance(event, h11.Request):
                 request = event
+                log_request(event.method.decode("latin-1"), event.target.decode("latin-1"))
             elif isinstance(event, h11.Data):
                 body += event.data
             elif isinstance(event, h11.EndOfMessage):
@@ -127,10 +141,12 @@ class H2Session:
     def on_event(self, event, nursery: trio.Nursery) -> None:
         if isinstance(event, h2.events.RequestReceived):
             self.requests[event.stream_id] = (list(event.headers), bytearray())
-            if event.stream_ended is not None:
-                nursery.start_soon(self.respond, event.stream_id)
+            pseudo = dict(h for h in event.headers if h[0].startswith(":"))
+            log_request(pseudo.get(":method", ""), pseudo.get(":path", pseudo.get(":authority", "")))
+            # A request without a body comes with its StreamEnded event too: answered there, once.
         elif isinstance(event, h2.events.DataReceived):
-            self.requests[event.stream_id][1].extend(event.data)
+            if event.stream_id in self.requests:
+                self.requests[event.stream_id][1].extend(event.data)
             self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         elif isinstance(event, h2.events.StreamEnded):
             if event.stream_id in self.requests:
@@ -143,6 +159,8 @@ class H2Session:
             self.window_opened = trio.Event()
 
     async def respond(self, stream_id: int) -> None:
+        if stream_id not in self.requests:
+            return  # reset by the client before its turn came
         headers, body = self.requests[stream_id]
         pseudo = dict(h for h in headers if h[0].startswith(":"))
         regular = [h for h in headers if not h[0].startswith(":")]
@@ -170,6 +188,17 @@ class H2Session:
             self.requests.pop(stream_id, None)
 
 
+EXPECTED_FAILURES = (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, h2.exceptions.ProtocolError)
+
+
+def expected_failure(error: BaseException) -> bool:
+    # A session's nursery raises its tasks' errors as an exception group.
+    inner = getattr(error, "exceptions", None)
+    if inner is not None:
+        return all(expected_failure(e) for e in inner)
+    return isinstance(error, EXPECTED_FAILURES)
+
+
 async def handle(stream: trio.SocketStream, name: str) -> None:
     try:
         first = b""
@@ -184,8 +213,12 @@ async def handle(stream: trio.SocketStream, name: str) -> None:
                 await H2Session(stream, name).run(first, nursery)
         else:
             await serve_h11(stream, first, name)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError, h2.exceptions.ProtocolError):
-        pass
+    except Exception as error:
+        # One connection's failure must never stop the server: the suite shares it across tests.
+        # Expected ones (the peer went away, broke HTTP, or sent a CONNECT h11 will not answer
+        # with a body) end that connection quietly; anything else is logged for the test to see.
+        if not expected_failure(error):
+            traceback.print_exc()
     finally:
         await stream.aclose()
 
@@ -201,7 +234,9 @@ if __name__ == "__main__":
     parser.add_argument("--name", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--log-requests", action="store_true", help="write each request head received to stderr")
     args = parser.parse_args()
+    LOG_REQUESTS = args.log_requests
     try:
         trio.run(main, args.name, args.host, args.port)
     except KeyboardInterrupt:
