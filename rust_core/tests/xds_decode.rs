@@ -5,6 +5,7 @@ use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
+use std::time::Duration;
 use http::{HeaderMap, Method};
 use meshctl_engine::http::routing::{select_route, select_virtual_host, RequestView};
 use meshctl_engine::model::route::{Action, ClusterChoice};
@@ -184,12 +185,12 @@ fn an_invalid_regex_is_refused_with_its_field() {
 fn unsupported_behaviour_is_refused_not_dropped() {
     let mut r = prefix_route("/", "c");
     if let Some(route::route::Action::Route(action)) = &mut r.action {
-        action.retry_policy = Some(route::RetryPolicy { retry_on: "5xx".into(), ..Default::default() });
+        action.hedge_policy = Some(Default::default());
     }
     assert_refused(
         decode_routes(&route_config(vec![vhost("v", &["*"], vec![r])])),
         "RouteConfiguration \"table\"",
-        "virtual_hosts[0].routes[0].route.retry_policy",
+        "virtual_hosts[0].routes[0].route.hedge_policy",
         "not supported",
     );
 }
@@ -294,5 +295,271 @@ fn connect_upgrades_and_connect_matchers_are_refused_by_field() {
         "RouteConfiguration \"table\"",
         "virtual_hosts[0].routes[0].match.connect_matcher",
         "not supported by meshctl yet",
+    );
+}
+
+
+fn retrying_route(policy: route::RetryPolicy) -> route::Route {
+    let mut r = prefix_route("/", "c");
+    if let Some(route::route::Action::Route(action)) = &mut r.action {
+        action.retry_policy = Some(policy);
+    }
+    r
+}
+
+fn forward_of(config: &meshctl_engine::model::RouteConfig, route: usize) -> &meshctl_engine::model::route::ForwardAction {
+    match &config.virtual_hosts[0].routes[route].action {
+        Action::Forward(forward) => forward,
+        other => panic!("not a forward action: {other:?}"),
+    }
+}
+
+fn proto_duration(millis: i64) -> envoy_types::pb::google::protobuf::Duration {
+    envoy_types::pb::google::protobuf::Duration { seconds: millis / 1000, nanos: ((millis % 1000) * 1_000_000) as i32 }
+}
+
+#[test]
+fn retry_policies_land_in_the_model_with_envoys_defaults() {
+    use meshctl_engine::model::retry::RetryOn;
+    let policy = route::RetryPolicy {
+        retry_on: "5xx, connect-failure,retriable-status-codes,unavailable".into(),
+        retriable_status_codes: vec![409, 418],
+        num_retries: Some(UInt32Value { value: 3 }),
+        per_try_timeout: Some(proto_duration(250)),
+        retry_host_predicate: vec![route::retry_policy::RetryHostPredicate {
+            name: "envoy.retry_host_predicates.previous_hosts".into(),
+            config_type: Some(route::retry_policy::retry_host_predicate::ConfigType::TypedConfig(
+                envoy_types::pb::google::protobuf::Any {
+                    type_url: "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate".into(),
+                    value: vec![],
+                },
+            )),
+        }],
+        host_selection_retry_max_attempts: 5,
+        retry_back_off: Some(route::retry_policy::RetryBackOff { base_interval: Some(proto_duration(10)), max_interval: None }),
+        ..Default::default()
+    };
+    let config = decode_routes(&route_config(vec![vhost("v", &["*"], vec![retrying_route(policy)])])).unwrap();
+    let forward = forward_of(&config, 0);
+    let decoded = forward.retry_policy.as_ref().expect("the route's retry policy");
+    assert!(decoded.retry_on.contains(RetryOn::SERVER_ERROR));
+    assert!(decoded.retry_on.contains(RetryOn::CONNECT_FAILURE));
+    assert!(decoded.retry_on.contains(RetryOn::RETRIABLE_STATUS_CODES));
+    assert!(decoded.retry_on.contains(RetryOn::GRPC_UNAVAILABLE));
+    assert!(!decoded.retry_on.contains(RetryOn::RESET));
+    assert_eq!(decoded.retriable_status_codes, vec![409, 418]);
+    assert_eq!(decoded.num_retries, 3);
+    assert_eq!(decoded.per_try_timeout, Some(Duration::from_millis(250)));
+    assert!(decoded.avoid_previous_hosts);
+    assert_eq!(decoded.host_selection_retry_max_attempts, 5);
+    assert_eq!(decoded.backoff.base_interval, Duration::from_millis(10));
+    // Envoy: the maximum defaults to ten times the base.
+    assert_eq!(decoded.backoff.max_interval, Duration::from_millis(100));
+    assert_eq!(forward.retry_buffer_limit, 64 * 1024);
+
+    // Unset: one retry, 25 ms base, 250 ms maximum, no per-try timeout.
+    let config = decode_routes(&route_config(vec![vhost(
+        "v",
+        &["*"],
+        vec![retrying_route(route::RetryPolicy { retry_on: "reset".into(), ..Default::default() })],
+    )]))
+    .unwrap();
+    let decoded = forward_of(&config, 0).retry_policy.as_ref().unwrap();
+    assert_eq!(decoded.num_retries, 1);
+    assert_eq!(decoded.per_try_timeout, None);
+    assert!(!decoded.avoid_previous_hosts);
+    assert_eq!(decoded.backoff.base_interval, Duration::from_millis(25));
+    assert_eq!(decoded.backoff.max_interval, Duration::from_millis(250));
+}
+
+#[test]
+#[allow(deprecated)] // per_request_buffer_limit_bytes: Envoy still honours it.
+fn a_routes_retry_policy_wins_whole_over_its_virtual_hosts() {
+    let mut v = vhost("v", &["*"], vec![
+        retrying_route(route::RetryPolicy { retry_on: "reset".into(), ..Default::default() }),
+        prefix_route("/other", "c"),
+    ]);
+    v.retry_policy = Some(route::RetryPolicy {
+        retry_on: "5xx".into(),
+        num_retries: Some(UInt32Value { value: 4 }),
+        ..Default::default()
+    });
+    v.per_request_buffer_limit_bytes = Some(UInt32Value { value: 1000 });
+    v.include_request_attempt_count = true;
+    let config = decode_routes(&route_config(vec![v])).unwrap();
+    let own = forward_of(&config, 0).retry_policy.as_ref().unwrap();
+    assert_eq!(own.num_retries, 1, "not merged with the virtual host's 4");
+    assert!(own.retry_on.contains(meshctl_engine::model::retry::RetryOn::RESET));
+    assert!(!own.retry_on.contains(meshctl_engine::model::retry::RetryOn::SERVER_ERROR));
+    let inherited = forward_of(&config, 1).retry_policy.as_ref().unwrap();
+    assert_eq!(inherited.num_retries, 4);
+    assert_eq!(forward_of(&config, 1).retry_buffer_limit, 1000);
+    assert!(config.virtual_hosts[0].include_request_attempt_count);
+}
+
+#[test]
+fn unsupported_retry_settings_are_refused_with_their_path() {
+    let cases: Vec<(route::RetryPolicy, &str, &str)> = vec![
+        (route::RetryPolicy { retry_on: "5xx,sometimes".into(), ..Default::default() }, "retry_on", "unknown retry condition \"sometimes\""),
+        (route::RetryPolicy { retry_on: "retriable-headers".into(), ..Default::default() }, "retry_on", "retriable-headers"),
+        (
+            route::RetryPolicy { retry_on: "5xx".into(), retriable_headers: vec![Default::default()], ..Default::default() },
+            "retriable_headers",
+            "not supported",
+        ),
+        (
+            route::RetryPolicy { retry_on: "5xx".into(), retry_priority: Some(Default::default()), ..Default::default() },
+            "retry_priority",
+            "not supported",
+        ),
+        (
+            route::RetryPolicy { retry_on: "5xx".into(), rate_limited_retry_back_off: Some(Default::default()), ..Default::default() },
+            "rate_limited_retry_back_off",
+            "not supported",
+        ),
+        (
+            route::RetryPolicy { retry_on: "5xx".into(), per_try_idle_timeout: Some(proto_duration(5)), ..Default::default() },
+            "per_try_idle_timeout",
+            "not supported",
+        ),
+        (
+            route::RetryPolicy {
+                retry_on: "5xx".into(),
+                retry_host_predicate: vec![route::retry_policy::RetryHostPredicate {
+                    name: "envoy.retry_host_predicates.omit_canary_hosts".into(),
+                    config_type: None,
+                }],
+                ..Default::default()
+            },
+            "retry_host_predicate[0]",
+            "only envoy.retry_host_predicates.previous_hosts",
+        ),
+        (
+            route::RetryPolicy {
+                retry_on: "5xx".into(),
+                retry_back_off: Some(route::retry_policy::RetryBackOff {
+                    base_interval: Some(proto_duration(100)),
+                    max_interval: Some(proto_duration(50)),
+                }),
+                ..Default::default()
+            },
+            "retry_back_off.max_interval",
+            "greater than or equal",
+        ),
+        (
+            route::RetryPolicy {
+                retry_on: "5xx".into(),
+                retry_back_off: Some(route::retry_policy::RetryBackOff { base_interval: None, max_interval: None }),
+                ..Default::default()
+            },
+            "retry_back_off.base_interval",
+            "is required",
+        ),
+        (
+            route::RetryPolicy { retry_on: "retriable-status-codes".into(), retriable_status_codes: vec![1000], ..Default::default() },
+            "retriable_status_codes[0]",
+            "not an HTTP status",
+        ),
+    ];
+    for (policy, field, reason) in cases {
+        assert_refused(
+            decode_routes(&route_config(vec![vhost("v", &["*"], vec![retrying_route(policy)])])),
+            "RouteConfiguration \"table\"",
+            &format!("virtual_hosts[0].routes[0].route.retry_policy.{field}"),
+            reason,
+        );
+    }
+    // The same checks apply to a virtual host's policy, and the attempt header for timeouts is refused.
+    let mut v = vhost("v", &["*"], vec![prefix_route("/", "c")]);
+    v.retry_policy = Some(route::RetryPolicy { retry_on: "5xx,nope".into(), ..Default::default() });
+    assert_refused(decode_routes(&route_config(vec![v])), "RouteConfiguration \"table\"", "virtual_hosts[0].retry_policy.retry_on", "nope");
+    let mut v = vhost("v", &["*"], vec![prefix_route("/", "c")]);
+    v.include_is_timeout_retry_header = true;
+    assert_refused(decode_routes(&route_config(vec![v])), "RouteConfiguration \"table\"", "virtual_hosts[0].include_is_timeout_retry_header", "not supported");
+    let mut r = prefix_route("/", "c");
+    if let Some(route::route::Action::Route(action)) = &mut r.action {
+        action.priority = 1;
+    }
+    assert_refused(decode_routes(&route_config(vec![vhost("v", &["*"], vec![r])])), "RouteConfiguration \"table\"", "virtual_hosts[0].routes[0].route.priority", "not supported");
+}
+
+fn cluster_with_breakers(thresholds: Vec<cluster::circuit_breakers::Thresholds>) -> cluster::Cluster {
+    let mut c = static_cluster("web", 8080);
+    c.circuit_breakers = Some(cluster::CircuitBreakers { thresholds, ..Default::default() });
+    c
+}
+
+#[test]
+fn circuit_breakers_land_in_the_model_and_default_as_envoys() {
+    use meshctl_engine::model::circuit_breaker::{CircuitBreakers, RetryLimit};
+    let decoded = xds::decode_cluster(&static_cluster("web", 8080).encode_to_vec(), &Default::default()).unwrap();
+    assert_eq!(decoded.circuit_breakers, CircuitBreakers::default());
+    assert_eq!(decoded.circuit_breakers.max_connections, 1024);
+    assert_eq!(decoded.circuit_breakers.retries, RetryLimit::Fixed { max_retries: 3 });
+
+    let c = cluster_with_breakers(vec![cluster::circuit_breakers::Thresholds {
+        max_connections: Some(UInt32Value { value: 1 }),
+        max_pending_requests: Some(UInt32Value { value: 2 }),
+        max_requests: Some(UInt32Value { value: 3 }),
+        max_retries: Some(UInt32Value { value: 4 }),
+        track_remaining: true,
+        ..Default::default()
+    }]);
+    let decoded = xds::decode_cluster(&c.encode_to_vec(), &Default::default()).unwrap().circuit_breakers;
+    assert_eq!(
+        decoded,
+        CircuitBreakers { max_connections: 1, max_pending_requests: 2, max_requests: 3, retries: RetryLimit::Fixed { max_retries: 4 } }
+    );
+
+    // A retry budget replaces max_retries; its defaults are 20 % and 3.
+    let c = cluster_with_breakers(vec![cluster::circuit_breakers::Thresholds {
+        max_retries: Some(UInt32Value { value: 4 }),
+        retry_budget: Some(Default::default()),
+        ..Default::default()
+    }]);
+    let decoded = xds::decode_cluster(&c.encode_to_vec(), &Default::default()).unwrap().circuit_breakers;
+    assert_eq!(decoded.retries, RetryLimit::Budget { budget_percent: 20.0, min_retry_concurrency: 3 });
+    assert_eq!(decoded.retries.max(100), 20);
+    assert_eq!(decoded.retries.max(5), 3);
+    assert_eq!(decoded.max_requests, 1024);
+}
+
+#[test]
+fn unsupported_circuit_breaker_settings_are_refused_with_their_path() {
+    let high = cluster_with_breakers(vec![cluster::circuit_breakers::Thresholds {
+        priority: core::RoutingPriority::High as i32,
+        ..Default::default()
+    }]);
+    assert_refused(xds::decode_cluster(&high.encode_to_vec(), &Default::default()), "Cluster \"web\"", "circuit_breakers.thresholds[0].priority", "only DEFAULT");
+    let pools = cluster_with_breakers(vec![cluster::circuit_breakers::Thresholds {
+        max_connection_pools: Some(UInt32Value { value: 1 }),
+        ..Default::default()
+    }]);
+    assert_refused(
+        xds::decode_cluster(&pools.encode_to_vec(), &Default::default()),
+        "Cluster \"web\"",
+        "circuit_breakers.thresholds[0].max_connection_pools",
+        "not supported",
+    );
+    let mut per_host = static_cluster("web", 8080);
+    per_host.circuit_breakers = Some(cluster::CircuitBreakers { per_host_thresholds: vec![Default::default()], ..Default::default() });
+    assert_refused(
+        xds::decode_cluster(&per_host.encode_to_vec(), &Default::default()),
+        "Cluster \"web\"",
+        "circuit_breakers.per_host_thresholds",
+        "not supported",
+    );
+    let interval = cluster_with_breakers(vec![cluster::circuit_breakers::Thresholds {
+        retry_budget: Some(cluster::circuit_breakers::thresholds::RetryBudget {
+            budget_interval: Some(proto_duration(100)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }]);
+    assert_refused(
+        xds::decode_cluster(&interval.encode_to_vec(), &Default::default()),
+        "Cluster \"web\"",
+        "circuit_breakers.thresholds[0].retry_budget.budget_interval",
+        "not supported",
     );
 }

@@ -25,6 +25,8 @@ pub struct ClusterConfig {
     /// TLS (usually mTLS) to the endpoints; None: plaintext.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<Arc<super::tls::UpstreamTls>>,
+    /// Envoy's defaults when the cluster sets none.
+    pub circuit_breakers: super::circuit_breaker::CircuitBreakers,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

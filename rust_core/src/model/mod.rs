@@ -1,9 +1,11 @@
 //! The engine's own typed, immutable configuration model, built by the xDS decoder.
 
+pub mod circuit_breaker;
 pub mod cluster;
 pub mod headers;
 pub mod listener;
 pub mod matcher;
+pub mod retry;
 pub mod route;
 pub mod secret;
 pub mod tls;

@@ -45,6 +45,10 @@ pub struct VirtualHost {
     pub request_headers: HeaderMutation,
     #[serde(skip_serializing_if = "HeaderMutation::is_empty")]
     pub response_headers: HeaderMutation,
+    /// Send x-envoy-attempt-count (1 for the first try) with every upstream request.
+    pub include_request_attempt_count: bool,
+    /// Return x-envoy-attempt-count (the tries made) with the response.
+    pub include_attempt_count_in_response: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -126,6 +130,11 @@ pub struct ForwardAction {
     /// Upgrade protocols (lower-case, e.g. "websocket") this route lets through.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub upgrades: Vec<String>,
+    /// The route's retry policy, else its virtual host's; None: every request is tried once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_policy: Option<Arc<super::retry::RetryPolicy>>,
+    /// Request bodies longer than this are sent once and never retried (bytes).
+    pub retry_buffer_limit: usize,
 }
 
 #[derive(Debug, Serialize)]

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::resilience::{ResilienceStats, ResponseFlag};
+
 /// Upper bounds of the latency buckets in milliseconds (Envoy's default histogram buckets).
 const BUCKETS_MS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0,
@@ -70,10 +72,14 @@ pub struct ListenerStats {
     /// Downstream codec errors (malformed request heads or chunked bodies, HTTP/2 connection
     /// errors), as Envoy's downstream_cx_protocol_error.
     pub protocol_errors: AtomicU64,
+    /// Requests that found no route (NR) or no cluster (NC).
+    pub response_flags: super::resilience::ResponseFlagCounts,
 }
 
 #[derive(Debug, Default)]
 pub struct ClusterStats {
+    /// Retries, circuit breakers and response flags.
+    pub resilience: super::resilience::ResilienceStats,
     pub connections_total: AtomicU64,
     pub connect_failures: AtomicU64,
     pub requests_total: AtomicU64,
@@ -259,6 +265,11 @@ impl Metrics {
         for (name, s) in &listeners {
             let _ = writeln!(out, "meshctl_downstream_cx_protocol_error_total{{listener=\"{}\"}} {}", escape(name), s.protocol_errors.load(Relaxed));
         }
+        out.push_str("# TYPE meshctl_downstream_rq_response_flags_total counter\n");
+        for (name, s) in &listeners {
+            let labels = format!("listener=\"{}\"", escape(name));
+            s.response_flags.render(&mut out, "meshctl_downstream_rq_response_flags_total", &labels, &ResponseFlag::DOWNSTREAM);
+        }
         let clusters = self.clusters.lock().unwrap().clone();
         for (metric, kind, get) in [
             ("meshctl_upstream_cx_total", "counter", (|s: &ClusterStats| s.connections_total.load(Relaxed)) as fn(&ClusterStats) -> u64),
@@ -278,6 +289,7 @@ impl Metrics {
         for (name, s) in &clusters {
             s.latency.render(&mut out, "meshctl_upstream_rq_time_ms", &format!("cluster=\"{}\"", escape(name)));
         }
+        ResilienceStats::render(&clusters, &mut out, escape);
         let routes = self.routes.lock().unwrap().clone();
         out.push_str("# TYPE meshctl_route_rq_total counter\n");
         for (name, s) in &routes {

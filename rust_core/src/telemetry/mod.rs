@@ -1,3 +1,4 @@
 //! Telemetry: counters and latency histograms, rendered in Prometheus text format.
 
 pub mod metrics;
+pub mod resilience;

@@ -53,7 +53,6 @@ pub(crate) fn cluster_config(c: &cluster::Cluster, secrets: &SecretRegistry) -> 
     refuse_if(!c.transport_socket_matches.is_empty(), "transport_socket_matches")?;
     refuse_if(!c.health_checks.is_empty(), "health_checks")?;
     refuse_if(c.outlier_detection.is_some(), "outlier_detection")?;
-    refuse_if(c.circuit_breakers.is_some(), "circuit_breakers")?;
     refuse_if(c.lb_subset_config.is_some(), "lb_subset_config")?;
     refuse_if(c.load_balancing_policy.is_some(), "load_balancing_policy")?;
     refuse_if(c.upstream_bind_config.is_some(), "upstream_bind_config")?;
@@ -129,6 +128,10 @@ pub(crate) fn cluster_config(c: &cluster::Cluster, secrets: &SecretRegistry) -> 
                 .at(format!("{at}.common_http_protocol_options"))?;
         }
     }
+    let circuit_breakers = match &c.circuit_breakers {
+        Some(breakers) => super::circuit_breaker::circuit_breakers(breakers).at("circuit_breakers")?,
+        None => Default::default(),
+    };
     let tls = match &c.transport_socket {
         Some(socket) => transport_socket(socket, secrets).at("transport_socket")?,
         None => None,
@@ -143,6 +146,7 @@ pub(crate) fn cluster_config(c: &cluster::Cluster, secrets: &SecretRegistry) -> 
         max_requests_per_connection,
         max_response_headers_bytes,
         tls,
+        circuit_breakers,
     })
 }
 

@@ -5,10 +5,12 @@
 #![allow(deprecated)]
 
 mod bootstrap;
+mod circuit_breaker;
 mod cluster;
 mod common;
 mod listener;
 mod rbac;
+mod retry;
 mod route;
 mod secret;
 mod tls;

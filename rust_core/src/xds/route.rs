@@ -1,5 +1,6 @@
 //! RouteConfiguration → model::RouteConfig.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::route::v3 as route;
@@ -7,7 +8,9 @@ use http::StatusCode;
 use prost::Message;
 
 use super::common::{data_source, duration, header_mutation, regex_matcher, string_matcher};
+use super::retry::retry_policy;
 use super::{refuse_if, At, ConfigError, FieldError, FieldResult};
+use crate::model::retry::{RetryPolicy, DEFAULT_RETRY_BUFFER_LIMIT};
 use crate::model::route::*;
 use crate::telemetry::metrics::Metrics;
 
@@ -89,13 +92,18 @@ fn virtual_host(config_name: &str, vh: &route::VirtualHost, metrics: &Metrics) -
     refuse_if(!vh.rate_limits.is_empty(), "rate_limits")?;
     refuse_if(vh.cors.is_some(), "cors")?;
     refuse_if(!vh.typed_per_filter_config.is_empty(), "typed_per_filter_config")?;
-    refuse_if(vh.retry_policy.is_some() || vh.retry_policy_typed_config.is_some(), "retry_policy")?;
+    refuse_if(vh.retry_policy_typed_config.is_some(), "retry_policy_typed_config")?;
     refuse_if(vh.hedge_policy.is_some(), "hedge_policy")?;
+    refuse_if(vh.include_is_timeout_retry_header, "include_is_timeout_retry_header")?;
     refuse_if(!vh.request_mirror_policies.is_empty(), "request_mirror_policies")?;
+    let inherited = VirtualHostDefaults {
+        retry_policy: vh.retry_policy.as_ref().map(retry_policy).transpose().at("retry_policy")?.map(Arc::new),
+        buffer_limit: buffer_limit(vh.per_request_buffer_limit_bytes.as_ref(), vh.request_body_buffer_limit.as_ref())?,
+    };
     let mut routes = Vec::with_capacity(vh.routes.len());
     for (i, r) in vh.routes.iter().enumerate() {
         let label = if r.name.is_empty() { format!("{}/{}/{}", config_name, vh.name, i) } else { r.name.clone() };
-        routes.push(route_entry(r, label, metrics).at(format!("routes[{i}]"))?);
+        routes.push(route_entry(r, label, &inherited, metrics).at(format!("routes[{i}]"))?);
     }
     Ok(VirtualHost {
         name: vh.name.clone(),
@@ -105,15 +113,47 @@ fn virtual_host(config_name: &str, vh: &route::VirtualHost, metrics: &Metrics) -
             .at("request_headers_to_add")?,
         response_headers: header_mutation(&vh.response_headers_to_add, &vh.response_headers_to_remove)
             .at("response_headers_to_add")?,
+        include_request_attempt_count: vh.include_request_attempt_count,
+        include_attempt_count_in_response: vh.include_attempt_count_in_response,
     })
 }
 
-fn route_entry(r: &route::Route, stat_name: String, metrics: &Metrics) -> FieldResult<Route> {
+/// What a virtual host gives the routes that do not say otherwise.
+struct VirtualHostDefaults {
+    retry_policy: Option<Arc<RetryPolicy>>,
+    buffer_limit: Option<usize>,
+}
+
+/// The request body buffered for retries (Envoy's per_request_buffer_limit_bytes and its newer
+/// request_body_buffer_limit; only one may be set). meshctl buffers only for retries, and does
+/// not take the listener's per_connection_buffer_limit_bytes into account.
+fn buffer_limit(
+    per_request: Option<&envoy_types::pb::google::protobuf::UInt32Value>,
+    request_body: Option<&envoy_types::pb::google::protobuf::UInt64Value>,
+) -> FieldResult<Option<usize>> {
+    match (per_request, request_body) {
+        (Some(_), Some(_)) => Err(FieldError::new(
+            "request_body_buffer_limit",
+            "only one of per_request_buffer_limit_bytes and request_body_buffer_limit may be set",
+        )),
+        (Some(limit), None) => Ok(Some(limit.value as usize)),
+        (None, Some(limit)) => Ok(Some(usize::try_from(limit.value).unwrap_or(usize::MAX))),
+        (None, None) => Ok(None),
+    }
+}
+
+fn route_entry(r: &route::Route, stat_name: String, inherited: &VirtualHostDefaults, metrics: &Metrics) -> FieldResult<Route> {
     refuse_if(!r.typed_per_filter_config.is_empty(), "typed_per_filter_config")?;
-    refuse_if(r.per_request_buffer_limit_bytes.is_some(), "per_request_buffer_limit_bytes")?;
+    let own_buffer_limit = buffer_limit(r.per_request_buffer_limit_bytes.as_ref(), r.request_body_buffer_limit.as_ref())?;
     let matcher = route_match(r.r#match.as_ref().ok_or_else(|| FieldError::new("match", "is required"))?).at("match")?;
     let action = match &r.action {
-        Some(route::route::Action::Route(a)) => Action::Forward(forward_action(a).at("route")?),
+        Some(route::route::Action::Route(a)) => {
+            let mut forward = forward_action(a).at("route")?;
+            // The route's own policy wins whole; Envoy does not merge it with the virtual host's.
+            forward.retry_policy = forward.retry_policy.or_else(|| inherited.retry_policy.clone());
+            forward.retry_buffer_limit = own_buffer_limit.or(inherited.buffer_limit).unwrap_or(DEFAULT_RETRY_BUFFER_LIMIT);
+            Action::Forward(forward)
+        }
         Some(route::route::Action::Redirect(a)) => Action::Redirect(redirect_action(a).at("redirect")?),
         Some(route::route::Action::DirectResponse(a)) => {
             Action::DirectResponse(direct_response(a).at("direct_response")?)
@@ -230,7 +270,9 @@ fn forward_action(a: &route::RouteAction) -> FieldResult<ForwardAction> {
     refuse_if(!a.path_rewrite.is_empty(), "path_rewrite")?;
     refuse_if(a.append_x_forwarded_host, "append_x_forwarded_host")?;
     refuse_if(a.idle_timeout.is_some(), "idle_timeout")?;
-    refuse_if(a.retry_policy.is_some() || a.retry_policy_typed_config.is_some(), "retry_policy")?;
+    refuse_if(a.retry_policy_typed_config.is_some(), "retry_policy_typed_config")?;
+    // HIGH would select the clusters' HIGH circuit breakers, which meshctl does not have.
+    refuse_if(a.priority != 0, "priority")?;
     refuse_if(!a.request_mirror_policies.is_empty(), "request_mirror_policies")?;
     refuse_if(!a.rate_limits.is_empty(), "rate_limits")?;
     refuse_if(a.cors.is_some(), "cors")?;
@@ -282,6 +324,8 @@ fn forward_action(a: &route::RouteAction) -> FieldResult<ForwardAction> {
         host_rewrite,
         timeout,
         upgrades,
+        retry_policy: a.retry_policy.as_ref().map(retry_policy).transpose().at("retry_policy")?.map(Arc::new),
+        retry_buffer_limit: DEFAULT_RETRY_BUFFER_LIMIT,
     })
 }
 

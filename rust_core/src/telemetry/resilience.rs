@@ -1,0 +1,150 @@
+//! Retry, circuit-breaker and response-flag counters of a cluster (Envoy's names), lock-free.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use super::metrics::ClusterStats;
+
+/// Envoy's response flags for a request the proxy failed or answered itself. A fixed set, so
+/// the series they make stay bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFlag {
+    /// UH: no endpoint could take the request.
+    NoHealthyUpstream,
+    /// UF: the connection to the endpoint failed.
+    UpstreamConnectionFailure,
+    /// UO: a circuit breaker was open (connections, pending requests, requests, retries).
+    UpstreamOverflow,
+    /// URX: the request failed again with no retry left (num_retries).
+    UpstreamRetryLimitExceeded,
+    /// UT: the route's timeout or the last try's per-try timeout fired.
+    UpstreamRequestTimeout,
+    /// UR: the endpoint reset or closed the exchange before a response head.
+    UpstreamRemoteReset,
+    /// NR: no route matched (counted per listener).
+    NoRouteFound,
+    /// NC: the route's cluster is not configured (counted per listener).
+    NoClusterFound,
+}
+
+impl ResponseFlag {
+    pub const ALL: [ResponseFlag; 8] = [
+        ResponseFlag::NoHealthyUpstream,
+        ResponseFlag::UpstreamConnectionFailure,
+        ResponseFlag::UpstreamOverflow,
+        ResponseFlag::UpstreamRetryLimitExceeded,
+        ResponseFlag::UpstreamRequestTimeout,
+        ResponseFlag::UpstreamRemoteReset,
+        ResponseFlag::NoRouteFound,
+        ResponseFlag::NoClusterFound,
+    ];
+    /// The flags a cluster can see; the others are counted per listener.
+    pub const UPSTREAM: [ResponseFlag; 6] = [
+        ResponseFlag::NoHealthyUpstream,
+        ResponseFlag::UpstreamConnectionFailure,
+        ResponseFlag::UpstreamOverflow,
+        ResponseFlag::UpstreamRetryLimitExceeded,
+        ResponseFlag::UpstreamRequestTimeout,
+        ResponseFlag::UpstreamRemoteReset,
+    ];
+    pub const DOWNSTREAM: [ResponseFlag; 2] = [ResponseFlag::NoRouteFound, ResponseFlag::NoClusterFound];
+
+    /// Envoy's short name, as its access logs print it.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            ResponseFlag::NoHealthyUpstream => "UH",
+            ResponseFlag::UpstreamConnectionFailure => "UF",
+            ResponseFlag::UpstreamOverflow => "UO",
+            ResponseFlag::UpstreamRetryLimitExceeded => "URX",
+            ResponseFlag::UpstreamRequestTimeout => "UT",
+            ResponseFlag::UpstreamRemoteReset => "UR",
+            ResponseFlag::NoRouteFound => "NR",
+            ResponseFlag::NoClusterFound => "NC",
+        }
+    }
+}
+
+/// One counter per flag.
+#[derive(Debug, Default)]
+pub struct ResponseFlagCounts([AtomicU64; ResponseFlag::ALL.len()]);
+
+impl ResponseFlagCounts {
+    pub fn record(&self, flag: ResponseFlag) {
+        self.0[flag as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn get(&self, flag: ResponseFlag) -> u64 {
+        self.0[flag as usize].load(Relaxed)
+    }
+
+    /// `{metric}{{{labels},flag="UH"}} n` for each of `flags`.
+    pub fn render(&self, out: &mut String, metric: &str, labels: &str, flags: &[ResponseFlag]) {
+        for flag in flags {
+            let _ = writeln!(out, "{metric}{{{labels},flag=\"{}\"}} {}", flag.short_name(), self.get(*flag));
+        }
+    }
+}
+
+/// A cluster's retries and circuit breakers. The gauges are the breakers' own counts: what
+/// is open now, compared with the thresholds on every request.
+#[derive(Debug, Default)]
+pub struct ResilienceStats {
+    /// upstream_rq_retry: retries made.
+    pub retries: AtomicU64,
+    /// upstream_rq_retry_success: retries whose outcome needed no further retry.
+    pub retry_successes: AtomicU64,
+    /// upstream_rq_retry_overflow: retries the max_retries breaker or the retry budget refused.
+    pub retry_overflows: AtomicU64,
+    /// upstream_rq_retry_limit_exceeded: retries wanted when num_retries were used up.
+    pub retry_limit_exceeded: AtomicU64,
+    /// meshctl's own: retries wanted for a request whose body was too long to keep for replay.
+    pub retries_skipped_body_too_large: AtomicU64,
+    /// upstream_rq_per_try_timeout.
+    pub per_try_timeouts: AtomicU64,
+    /// upstream_rq_pending_overflow: requests refused by max_pending_requests or max_requests.
+    pub pending_overflows: AtomicU64,
+    /// upstream_cx_overflow: connections max_connections kept from being opened.
+    pub connection_overflows: AtomicU64,
+    pub response_flags: ResponseFlagCounts,
+    /// upstream_cx_active (connections open or opening; max_connections).
+    pub connections_active: AtomicU64,
+    /// upstream_rq_active (requests on a connection; max_requests).
+    pub requests_active: AtomicU64,
+    /// upstream_rq_pending_active (requests waiting for a connection; max_pending_requests).
+    pub requests_pending: AtomicU64,
+    /// Retries in flight, backoff included (max_retries, retry_budget).
+    pub retries_active: AtomicU64,
+}
+
+impl ResilienceStats {
+    pub(crate) fn render(clusters: &BTreeMap<String, Arc<ClusterStats>>, out: &mut String, escape: fn(&str) -> String) {
+        type Get = fn(&ResilienceStats) -> u64;
+        let series: [(&str, &str, Get); 12] = [
+            ("meshctl_upstream_rq_retry_total", "counter", |s| s.retries.load(Relaxed)),
+            ("meshctl_upstream_rq_retry_success_total", "counter", |s| s.retry_successes.load(Relaxed)),
+            ("meshctl_upstream_rq_retry_overflow_total", "counter", |s| s.retry_overflows.load(Relaxed)),
+            ("meshctl_upstream_rq_retry_limit_exceeded_total", "counter", |s| s.retry_limit_exceeded.load(Relaxed)),
+            ("meshctl_upstream_rq_retry_skipped_body_too_large_total", "counter", |s| s.retries_skipped_body_too_large.load(Relaxed)),
+            ("meshctl_upstream_rq_per_try_timeout_total", "counter", |s| s.per_try_timeouts.load(Relaxed)),
+            ("meshctl_upstream_rq_pending_overflow_total", "counter", |s| s.pending_overflows.load(Relaxed)),
+            ("meshctl_upstream_cx_overflow_total", "counter", |s| s.connection_overflows.load(Relaxed)),
+            ("meshctl_upstream_cx_active", "gauge", |s| s.connections_active.load(Relaxed)),
+            ("meshctl_upstream_rq_active", "gauge", |s| s.requests_active.load(Relaxed)),
+            ("meshctl_upstream_rq_pending_active", "gauge", |s| s.requests_pending.load(Relaxed)),
+            ("meshctl_upstream_rq_retry_active", "gauge", |s| s.retries_active.load(Relaxed)),
+        ];
+        for (metric, kind, get) in series {
+            let _ = writeln!(out, "# TYPE {metric} {kind}");
+            for (name, s) in clusters {
+                let _ = writeln!(out, "{metric}{{cluster=\"{}\"}} {}", escape(name), get(&s.resilience));
+            }
+        }
+        out.push_str("# TYPE meshctl_upstream_rq_response_flags_total counter\n");
+        for (name, s) in clusters {
+            let labels = format!("cluster=\"{}\"", escape(name));
+            s.resilience.response_flags.render(out, "meshctl_upstream_rq_response_flags_total", &labels, &ResponseFlag::UPSTREAM);
+        }
+    }
+}
