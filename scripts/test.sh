@@ -37,6 +37,16 @@ fi
 
 command -v cargo >/dev/null || { log "cargo not found: install Rust (rustup) first"; exit 1; }
 
+# --- Go tools: h2spec (HTTP/2 conformance, tests/test_h2spec.py) ---------------------------------
+command -v go >/dev/null || { log "go not found: install Go first"; exit 1; }
+gobin="$(go env GOBIN)"
+gobin="${gobin:-$(go env GOPATH)/bin}"
+export PATH="$PATH:$gobin"
+if ! command -v h2spec >/dev/null; then
+    log "go install github.com/summerwind/h2spec/cmd/h2spec@latest"
+    go install github.com/summerwind/h2spec/cmd/h2spec@latest
+fi
+
 status=0
 # --- the README's first command, as a newcomer runs it (fresh virtualenv, `pip install .`) ------
 # First, while the clone is as fresh as a newcomer's: its build fills ./target, which the
