@@ -38,6 +38,10 @@ fi
 command -v cargo >/dev/null || { log "cargo not found: install Rust (rustup) first"; exit 1; }
 
 # --- Go tools: h2spec (HTTP/2 conformance, tests/test_h2spec.py) ---------------------------------
+# A non-login shell (as CI runs) may not have the Go toolchain on PATH.
+if [ -d /usr/local/go/bin ]; then
+    export PATH="$PATH:/usr/local/go/bin"
+fi
 command -v go >/dev/null || { log "go not found: install Go first"; exit 1; }
 gobin="$(go env GOBIN)"
 gobin="${gobin:-$(go env GOPATH)/bin}"
