@@ -3,7 +3,10 @@
 pub mod body;
 pub mod local_reply;
 pub mod proxy;
+pub mod replay_body;
 pub mod request_body;
+pub mod retry;
 pub mod routing;
 pub mod server;
+pub mod upstream_request;
 pub mod xfcc;

@@ -14,8 +14,9 @@ use hyper_util::rt::TokioIo;
 
 use super::body::ResponseBody;
 use super::local_reply::local_reply;
-use super::request_body::{BodyFault, BodyFaults, RequestBody};
-use super::routing::{select_route, select_virtual_host, RequestView};
+use super::request_body::{BodyFault, BodyFaults};
+use super::routing::{header_matches, select_route, select_virtual_host, RequestView};
+use super::upstream_request::{self, no_healthy_upstream, strip_retry_headers, Upstream};
 use super::xfcc::forward_client_cert;
 use crate::model::headers::HeaderMutation;
 use crate::model::route::{Action, ClusterChoice, DirectResponseAction, ForwardAction, PathMatch, RedirectAction, Route, RouteConfig, VirtualHost};
@@ -25,6 +26,7 @@ use crate::policy::evaluate::RequestFacts;
 use crate::policy::path::normalize_request_target;
 use crate::registry::Registry;
 use crate::telemetry::metrics::ListenerStats;
+use crate::telemetry::resilience::ResponseFlag;
 
 /// What every request on one downstream connection shares.
 pub struct HttpContext {
@@ -86,7 +88,7 @@ async fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming
         RouteSource::Inline { config } => config.clone(),
         RouteSource::Rds { name } => match context.registry.route_config(name) {
             Some(config) => config,
-            None => return local_reply(StatusCode::NOT_FOUND, "", grpc),
+            None => return no_route(context, grpc),
         },
     };
     let authority = match request_authority(&request) {
@@ -113,10 +115,10 @@ async fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming
         return local_reply(StatusCode::FORBIDDEN, "RBAC: access denied", grpc);
     }
     let Some(vhost) = select_virtual_host(&route_config, &authority) else {
-        return local_reply(StatusCode::NOT_FOUND, "", grpc);
+        return no_route(context, grpc);
     };
     let Some(route) = select_route(vhost, &view) else {
-        return local_reply(StatusCode::NOT_FOUND, "", grpc);
+        return no_route(context, grpc);
     };
     route.stats.requests_total.fetch_add(1, Relaxed);
     let started = Instant::now();
@@ -143,6 +145,12 @@ async fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming
         }
     }
     response
+}
+
+/// 404, flag NR.
+fn no_route(context: &HttpContext, grpc: bool) -> Response<ResponseBody> {
+    context.stats.response_flags.record(ResponseFlag::NoRouteFound);
+    local_reply(StatusCode::NOT_FOUND, "", grpc)
 }
 
 fn request_authority(request: &Request<Incoming>) -> Option<String> {
@@ -269,14 +277,25 @@ async fn forward_request<'a>(
         }
     };
     let Some(cluster) = context.registry.cluster(cluster_name) else {
+        context.stats.response_flags.record(ResponseFlag::NoClusterFound);
         return (local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("cluster {cluster_name:?} is not configured"), grpc), response_mutation);
     };
     let Some(endpoint) = cluster.pick_endpoint(context.original_destination) else {
-        // Counted as the cluster's 503 like a connect failure, so error rates see an empty cluster.
-        cluster.stats.requests_total.fetch_add(1, Relaxed);
-        cluster.stats.responses.record(503);
-        return (local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("no healthy upstream in cluster {cluster_name:?}"), grpc), response_mutation);
+        return (no_healthy_upstream(&cluster, grpc), response_mutation);
     };
+    // Envoy applies retriable_request_headers to the request as it arrived.
+    let retry_policy = forward.retry_policy.as_deref().filter(|policy| {
+        policy.retriable_request_headers.is_empty() || {
+            let view = RequestView {
+                method: request.method(),
+                path_and_query: path_and_query.as_str(),
+                authority: &authority,
+                scheme: context.scheme,
+                headers: request.headers(),
+            };
+            policy.retriable_request_headers.iter().any(|matcher| header_matches(matcher, &view))
+        }
+    });
 
     let upgrade = requested_upgrade(request.headers())
         .filter(|u| context.settings.upgrades.contains(u) || forward.upgrades.contains(u));
@@ -316,6 +335,7 @@ async fn forward_request<'a>(
             headers.insert(header::UPGRADE, value);
         }
     }
+    strip_retry_headers(headers);
     headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(context.scheme));
     if !headers.contains_key("x-request-id") {
         headers.insert(HeaderName::from_static("x-request-id"), request_id());
@@ -344,47 +364,36 @@ async fn forward_request<'a>(
     }
     *request.uri_mut() = uri;
 
-    let timeout = effective_timeout(forward.timeout, request.headers());
-    cluster.stats.requests_total.fetch_add(1, Relaxed);
-    let _active = endpoint.start_request();
-    let started = Instant::now();
-    let faults_mark = context.body_faults.mark();
-    let request = request.map(|incoming| RequestBody::new(incoming, context.clone()));
-    let sent = endpoint.send(request);
-    let result = match timeout {
-        Some(limit) => match tokio::time::timeout(limit, sent).await {
-            Ok(result) => result,
-            Err(_) => {
-                cluster.stats.responses.record(504);
-                return (local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", grpc), response_mutation);
-            }
-        },
-        None => sent.await,
+    let upstream = Upstream {
+        context,
+        cluster: &cluster,
+        retry_policy,
+        retry_buffer_limit: forward.retry_buffer_limit,
+        timeout: effective_timeout(forward.timeout, request.headers()),
+        grpc,
+        downstream_http1,
+        attempt_count_header: vhost.include_request_attempt_count,
     };
-    let (mut response, lease) = match result {
-        Ok(exchange) => exchange,
-        Err(error) => {
-            if let Some(fault) = context.body_faults.since(faults_mark) {
-                // The client broke its own request body and the upstream exchange failed because
-                // of it: the client's error, not the cluster's. The upstream stream was reset then.
-                return (body_fault_reply(fault, grpc, downstream_http1), response_mutation);
-            }
-            cluster.stats.responses.record(503);
-            let message = format!("upstream connect error or disconnect/reset before headers. reset reason: {error}");
-            return (local_reply(StatusCode::SERVICE_UNAVAILABLE, &message, grpc), response_mutation);
+    let answer = upstream_request::send(upstream, endpoint, request).await;
+    let with_attempts = |mut response: Response<ResponseBody>| {
+        if vhost.include_attempt_count_in_response {
+            response.headers_mut().insert(HeaderName::from_static("x-envoy-attempt-count"), HeaderValue::from(answer.tries));
         }
+        response
     };
-    cluster.stats.latency.record(started.elapsed());
-    cluster.stats.responses.record(response.status().as_u16());
+    let (mut response, lease) = match answer.result {
+        Ok(exchange) => exchange,
+        Err(local) => return (with_attempts(local), response_mutation),
+    };
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(downstream_upgrade) = downstream_upgrade {
-            // The upstream connection becomes the tunnel: it never returns to the pool.
-            drop(lease);
+            // The upstream connection becomes the tunnel: it never returns to the pool, and the
+            // tunnel counts as the cluster's active request while it lasts.
             let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(downstream_upgrade, upstream_upgrade));
+            tokio::spawn(tunnel(downstream_upgrade, upstream_upgrade, lease));
             let (parts, _) = response.into_parts();
-            return (Response::from_parts(parts, ResponseBody::empty()), response_mutation);
+            return (with_attempts(Response::from_parts(parts, ResponseBody::empty())), response_mutation);
         }
     }
     strip_hop_by_hop(response.headers_mut());
@@ -393,12 +402,12 @@ async fn forward_request<'a>(
     // has its stream reset by h2; passing that body on would reset the client's stream too, often
     // before the response head it is owed has gone out.
     let body = if head && !http_body::Body::is_end_stream(&body) { ResponseBody::empty() } else { ResponseBody::Upstream(body, lease) };
-    (Response::from_parts(parts, body), response_mutation)
+    (with_attempts(Response::from_parts(parts, body)), response_mutation)
 }
 
 /// The answer to a request whose body the client broke: 400, and on HTTP/1.1 the connection
 /// closes (its framing is lost), as Envoy answers a codec error.
-fn body_fault_reply(fault: BodyFault, grpc: bool, http1: bool) -> Response<ResponseBody> {
+pub(super) fn body_fault_reply(fault: BodyFault, grpc: bool, http1: bool) -> Response<ResponseBody> {
     let message = match fault {
         BodyFault::Malformed => "malformed request body (invalid chunked encoding)",
         BodyFault::Aborted => "incomplete request body (the client stopped sending it)",
@@ -495,7 +504,11 @@ fn request_id() -> HeaderValue {
     HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")
 }
 
-async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+async fn tunnel(
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    _lease: Option<crate::upstream::pool::ConnectionLease>,
+) {
     let (Ok(downstream), Ok(upstream)) = tokio::join!(downstream, upstream) else { return };
     let mut downstream = TokioIo::new(downstream);
     let mut upstream = TokioIo::new(upstream);

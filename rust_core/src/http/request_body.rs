@@ -1,5 +1,6 @@
-//! The downstream request body on its way upstream: hyper's Incoming, whose failures are recorded
-//! as the client's, so a request body the client broke is never blamed on the upstream.
+//! The downstream request body on its way upstream: hyper's Incoming (or its replay, for a
+//! retry), whose failures are recorded as the client's, so a request body the client broke is
+//! never blamed on the upstream.
 
 use std::io::ErrorKind;
 use std::pin::Pin;
@@ -12,6 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::proxy::HttpContext;
+use super::replay_body::{ReplayBody, ReplayError};
 
 /// How a downstream request body failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,40 +72,89 @@ impl BodyFaults {
 }
 
 pub struct RequestBody {
-    incoming: Incoming,
+    source: Source,
     /// The downstream connection's context (a reference count, no allocation): its body faults
     /// and its listener's protocol-error counter.
     connection: Arc<HttpContext>,
 }
 
+enum Source {
+    /// The downstream body itself, sent once.
+    Streaming(Incoming),
+    /// One try's view of a body kept for retries.
+    Replay(ReplayBody),
+    /// A retried request that had no body.
+    Empty,
+}
+
 impl RequestBody {
     pub fn new(incoming: Incoming, connection: Arc<HttpContext>) -> Self {
-        RequestBody { incoming, connection }
+        RequestBody { source: Source::Streaming(incoming), connection }
+    }
+
+    pub fn replay(body: ReplayBody, connection: Arc<HttpContext>) -> Self {
+        RequestBody { source: Source::Replay(body), connection }
+    }
+
+    pub fn empty(connection: Arc<HttpContext>) -> Self {
+        RequestBody { source: Source::Empty, connection }
+    }
+
+    fn record(&self, error: &hyper::Error) {
+        let fault = BodyFault::of(error);
+        if fault == BodyFault::Malformed {
+            self.connection.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.connection.body_faults.record(fault);
     }
 }
 
+/// Boxed only when a body fails: a failure of the downstream body, or a retry taking over.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.incoming).poll_frame(cx);
-        if let Poll::Ready(Some(Err(error))) = &polled {
-            let fault = BodyFault::of(error);
-            if fault == BodyFault::Malformed {
-                this.connection.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            }
-            this.connection.body_faults.record(fault);
+        match &mut this.source {
+            Source::Streaming(incoming) => match Pin::new(incoming).poll_frame(cx) {
+                Poll::Ready(Some(Err(error))) => {
+                    this.record(&error);
+                    Poll::Ready(Some(Err(Box::new(error))))
+                }
+                Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+            Source::Replay(body) => match body.poll_frame(cx) {
+                Poll::Ready(Some(Err(ReplayError::Downstream(error)))) => {
+                    this.record(&error);
+                    Poll::Ready(Some(Err(Box::new(error))))
+                }
+                Poll::Ready(Some(Err(superseded))) => Poll::Ready(Some(Err(Box::new(superseded)))),
+                Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+            Source::Empty => Poll::Ready(None),
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.incoming.is_end_stream()
+        match &self.source {
+            Source::Streaming(incoming) => incoming.is_end_stream(),
+            Source::Replay(body) => body.is_end_stream(),
+            Source::Empty => true,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.incoming.size_hint()
+        match &self.source {
+            Source::Streaming(incoming) => incoming.size_hint(),
+            Source::Replay(body) => body.size_hint(),
+            Source::Empty => SizeHint::with_exact(0),
+        }
     }
 }

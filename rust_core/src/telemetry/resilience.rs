@@ -103,8 +103,10 @@ pub struct ResilienceStats {
     pub retries_skipped_body_too_large: AtomicU64,
     /// upstream_rq_per_try_timeout.
     pub per_try_timeouts: AtomicU64,
-    /// upstream_rq_pending_overflow: requests refused by max_pending_requests or max_requests.
+    /// upstream_rq_pending_overflow: requests refused by max_pending_requests.
     pub pending_overflows: AtomicU64,
+    /// upstream_rq_active_overflow: requests refused by max_requests.
+    pub active_overflows: AtomicU64,
     /// upstream_cx_overflow: connections max_connections kept from being opened.
     pub connection_overflows: AtomicU64,
     pub response_flags: ResponseFlagCounts,
@@ -121,7 +123,7 @@ pub struct ResilienceStats {
 impl ResilienceStats {
     pub(crate) fn render(clusters: &BTreeMap<String, Arc<ClusterStats>>, out: &mut String, escape: fn(&str) -> String) {
         type Get = fn(&ResilienceStats) -> u64;
-        let series: [(&str, &str, Get); 12] = [
+        let series: [(&str, &str, Get); 13] = [
             ("meshctl_upstream_rq_retry_total", "counter", |s| s.retries.load(Relaxed)),
             ("meshctl_upstream_rq_retry_success_total", "counter", |s| s.retry_successes.load(Relaxed)),
             ("meshctl_upstream_rq_retry_overflow_total", "counter", |s| s.retry_overflows.load(Relaxed)),
@@ -129,6 +131,7 @@ impl ResilienceStats {
             ("meshctl_upstream_rq_retry_skipped_body_too_large_total", "counter", |s| s.retries_skipped_body_too_large.load(Relaxed)),
             ("meshctl_upstream_rq_per_try_timeout_total", "counter", |s| s.per_try_timeouts.load(Relaxed)),
             ("meshctl_upstream_rq_pending_overflow_total", "counter", |s| s.pending_overflows.load(Relaxed)),
+            ("meshctl_upstream_rq_active_overflow_total", "counter", |s| s.active_overflows.load(Relaxed)),
             ("meshctl_upstream_cx_overflow_total", "counter", |s| s.connection_overflows.load(Relaxed)),
             ("meshctl_upstream_cx_active", "gauge", |s| s.connections_active.load(Relaxed)),
             ("meshctl_upstream_rq_active", "gauge", |s| s.requests_active.load(Relaxed)),

@@ -1,9 +1,11 @@
 //! Per-endpoint connection pools: HTTP/1.1 keep-alive connections reused one request at a time,
-//! or one multiplexed HTTP/2 connection; either over plain TCP or the cluster's (m)TLS.
+//! or one multiplexed HTTP/2 connection; either over plain TCP or the cluster's (m)TLS. The
+//! cluster's circuit breakers for connections, pending and active requests are applied here.
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,8 +14,11 @@ use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
+use super::circuit_breaker::try_acquire;
 use crate::http::request_body::RequestBody;
+use crate::model::circuit_breaker::CircuitBreakers;
 use crate::model::tls::UpstreamTls;
 use crate::model::{ClusterConfig, UpstreamProtocol};
 use crate::telemetry::metrics::{ClusterStats, TlsDirection, TlsStats};
@@ -28,6 +33,9 @@ pub enum UpstreamError {
     Handshake(hyper::Error),
     /// The request was (possibly) sent and the exchange failed: not safe to retry blindly.
     Reset(hyper::Error),
+    /// A circuit breaker of the cluster is open (max_pending_requests or max_requests): the
+    /// request was not sent. Not the endpoint's fault, and never retried (as in Envoy).
+    Overflow,
 }
 
 impl fmt::Display for UpstreamError {
@@ -38,6 +46,7 @@ impl fmt::Display for UpstreamError {
             UpstreamError::Tls(e) => write!(f, "connection failure (TLS error: {e})"),
             UpstreamError::Handshake(e) => write!(f, "protocol error ({})", with_causes(e)),
             UpstreamError::Reset(e) => write!(f, "remote reset ({})", with_causes(e)),
+            UpstreamError::Overflow => write!(f, "overflow"),
         }
     }
 }
@@ -74,9 +83,22 @@ struct PoolInner {
     stats: Arc<ClusterStats>,
     tls_stats: Arc<TlsStats>,
     idle_http1: Mutex<Vec<IdleHttp1>>,
-    http2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    http2: Mutex<Option<SharedHttp2>>,
     /// Serializes HTTP/2 connection setup so a burst of requests opens one connection, not many.
     http2_connecting: tokio::sync::Mutex<()>,
+    breakers: CircuitBreakers,
+    /// This endpoint's connections, open or opening.
+    open_connections: AtomicU64,
+    /// Requests waiting for one of this endpoint's connections to come free or close (HTTP/1.1
+    /// at max_connections); woken one at a time.
+    waiting: AtomicU64,
+    connection_freed: Notify,
+}
+
+struct SharedHttp2 {
+    sender: http2::SendRequest<RequestBody>,
+    /// Requests given this connection (for max_requests_per_connection).
+    uses: u32,
 }
 
 struct IdleHttp1 {
@@ -88,27 +110,29 @@ struct IdleHttp1 {
 /// Upper bound on idle HTTP/1.1 connections kept per endpoint; the rest are closed.
 const MAX_IDLE_HTTP1: usize = 256;
 
-/// An HTTP/1.1 connection lent to one exchange. Dropped without `release`, the connection is
-/// discarded (an error or an upgrade took it).
+/// One exchange's hold on its connection. The cluster counts it as an active request until the
+/// lease goes (max_requests). An HTTP/1.1 connection goes back to the pool through `release`;
+/// dropped without it, the connection is discarded (an error or an upgrade took it).
 pub struct ConnectionLease {
     pool: Pool,
-    sender: http1::SendRequest<RequestBody>,
-    uses: u32,
+    /// The HTTP/1.1 connection and the requests it has carried; None on HTTP/2 (shared).
+    http1: Option<(http1::SendRequest<RequestBody>, u32)>,
 }
 
 impl ConnectionLease {
     /// The response body has been read to its end: give the connection back to the pool.
-    pub fn release(self) {
-        let ConnectionLease { pool, mut sender, uses } = self;
-        let limit = pool.0.max_requests_per_connection;
+    pub fn release(mut self) {
+        let Some((mut sender, uses)) = self.http1.take() else { return };
+        let limit = self.pool.0.max_requests_per_connection;
         if limit != 0 && uses >= limit {
             return;
         }
         // Usually the connection is ready again by the time its body's end reached us; if not,
         // a small task waits for it rather than losing the connection.
         if sender.is_ready() {
-            pool.put_idle(sender, uses);
+            self.pool.put_idle(sender, uses);
         } else {
+            let pool = self.pool.clone();
             tokio::spawn(async move {
                 if sender.ready().await.is_ok() {
                     pool.put_idle(sender, uses);
@@ -116,6 +140,58 @@ impl ConnectionLease {
             });
         }
     }
+
+    /// Whether this exchange has an HTTP/1.1 connection to itself.
+    pub fn is_http1(&self) -> bool {
+        self.http1.is_some()
+    }
+}
+
+impl Drop for ConnectionLease {
+    fn drop(&mut self) {
+        self.pool.0.stats.resilience.requests_active.fetch_sub(1, SeqCst);
+    }
+}
+
+/// A request counted as pending (max_pending_requests) while it waits for a connection.
+struct PendingRequest<'a>(&'a AtomicU64);
+
+impl<'a> PendingRequest<'a> {
+    fn enter(pool: &'a PoolInner) -> Result<Self, UpstreamError> {
+        let counts = &pool.stats.resilience;
+        if try_acquire(&counts.requests_pending, pool.breakers.max_pending_requests) {
+            Ok(PendingRequest(&counts.requests_pending))
+        } else {
+            counts.pending_overflows.fetch_add(1, Relaxed);
+            Err(UpstreamError::Overflow)
+        }
+    }
+}
+
+impl Drop for PendingRequest<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
+}
+
+/// One connection counted open (max_connections) from before it is opened until it closes: its
+/// task holds it, so a connection the server closes is uncounted too.
+struct OpenConnection(Pool);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let pool = &self.0 .0;
+        pool.stats.resilience.connections_active.fetch_sub(1, SeqCst);
+        pool.open_connections.fetch_sub(1, SeqCst);
+        // A waiting request may now open a connection of its own.
+        self.0.wake_a_waiter();
+    }
+}
+
+/// How a request that found no idle HTTP/1.1 connection got one.
+enum Http1Connection {
+    Idle(IdleHttp1),
+    New(http1::SendRequest<RequestBody>),
 }
 
 impl Pool {
@@ -133,18 +209,23 @@ impl Pool {
             idle_http1: Mutex::new(Vec::new()),
             http2: Mutex::new(None),
             http2_connecting: tokio::sync::Mutex::new(()),
+            breakers: cluster.circuit_breakers.clone(),
+            open_connections: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
+            connection_freed: Notify::new(),
         }))
     }
 
-    /// Send one request. For HTTP/1.1 the connection comes back as a lease, to be released once
-    /// the response body has been read to its end (an HTTP/2 connection is shared, no lease).
+    /// Send one request. The lease that comes back counts the request as active until the
+    /// response body has been read to its end (or dropped); for HTTP/1.1 it also holds the
+    /// connection, released to the pool then.
     pub async fn send(
         &self,
         request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<ConnectionLease>), UpstreamError> {
         match self.0.protocol {
             UpstreamProtocol::Http1 => self.send_http1(request).await.map(|(r, lease)| (r, Some(lease))),
-            UpstreamProtocol::Http2 => self.send_http2(request).await.map(|r| (r, None)),
+            UpstreamProtocol::Http2 => self.send_http2(request).await.map(|(r, lease)| (r, Some(lease))),
         }
     }
 
@@ -154,17 +235,94 @@ impl Pool {
         loop {
             let (mut sender, uses, pooled) = match self.checkout_http1() {
                 Some(idle) => (idle.sender, idle.uses, true),
-                None => (self.connect_http1().await?, 0, false),
+                None => match self.wait_for_http1().await? {
+                    Http1Connection::Idle(idle) => (idle.sender, idle.uses, true),
+                    Http1Connection::New(sender) => (sender, 0, false),
+                },
+            };
+            let mut lease = match self.attach() {
+                Ok(lease) => lease,
+                Err(overflow) => {
+                    self.put_idle(sender, uses);
+                    return Err(overflow);
+                }
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    return Ok((response, ConnectionLease { pool: self.clone(), sender, uses: uses + 1 }));
+                    lease.http1 = Some((sender, uses + 1));
+                    return Ok((response, lease));
                 }
                 Err(mut error) => match error.take_message() {
                     Some(unsent) if pooled => request = unsent,
                     _ => return Err(UpstreamError::Reset(error.into_error())),
                 },
             }
+        }
+    }
+
+    /// The request has its connection: count it active (max_requests), as Envoy does when a
+    /// stream is attached to a connection. Over the limit it fails (upstream_rq_active_overflow).
+    fn attach(&self) -> Result<ConnectionLease, UpstreamError> {
+        let counts = &self.0.stats.resilience;
+        if try_acquire(&counts.requests_active, self.0.breakers.max_requests) {
+            Ok(ConnectionLease { pool: self.clone(), http1: None })
+        } else {
+            counts.active_overflows.fetch_add(1, Relaxed);
+            Err(UpstreamError::Overflow)
+        }
+    }
+
+    /// No idle connection: open one if max_connections allows, else wait, as a pending request,
+    /// for one of this endpoint's connections to come free or close (Envoy's pending queue).
+    async fn wait_for_http1(&self) -> Result<Http1Connection, UpstreamError> {
+        let counts = &self.0.stats.resilience;
+        let _pending = PendingRequest::enter(&self.0)?;
+        let mut overflow_counted = false;
+        loop {
+            let freed = self.0.connection_freed.notified();
+            tokio::pin!(freed);
+            // Registered before looking, so a connection freed meanwhile is not missed.
+            freed.as_mut().enable();
+            self.0.waiting.fetch_add(1, SeqCst);
+            let waited = async {
+                if let Some(idle) = self.checkout_http1() {
+                    return Some(Ok(Http1Connection::Idle(idle)));
+                }
+                let within_limit = try_acquire(&counts.connections_active, self.0.breakers.max_connections);
+                if !within_limit && !overflow_counted {
+                    counts.connection_overflows.fetch_add(1, Relaxed);
+                    overflow_counted = true;
+                }
+                // As Envoy: an endpoint with no connection gets one even over the limit, or its
+                // pending requests could never go.
+                if within_limit || self.0.open_connections.load(SeqCst) == 0 {
+                    if !within_limit {
+                        counts.connections_active.fetch_add(1, SeqCst);
+                    }
+                    return Some(self.connect_http1(self.open_connection()).await.map(Http1Connection::New));
+                }
+                None
+            };
+            let found = waited.await;
+            if found.is_none() {
+                freed.await;
+            }
+            self.0.waiting.fetch_sub(1, SeqCst);
+            if let Some(result) = found {
+                return result;
+            }
+        }
+    }
+
+    /// Count a connection of this endpoint as open (the cluster's count is taken by the caller).
+    fn open_connection(&self) -> OpenConnection {
+        self.0.open_connections.fetch_add(1, SeqCst);
+        OpenConnection(self.clone())
+    }
+
+    fn wake_a_waiter(&self) {
+        if self.0.waiting.load(SeqCst) > 0 {
+            self.0.connection_freed.notify_one();
         }
     }
 
@@ -183,6 +341,8 @@ impl Pool {
         if idle.len() < MAX_IDLE_HTTP1 {
             idle.push(IdleHttp1 { sender, idle_since: Instant::now(), uses });
         }
+        drop(idle);
+        self.wake_a_waiter();
     }
 
     async fn connect(&self) -> Result<TokioIo<UpstreamStream>, UpstreamError> {
@@ -214,26 +374,33 @@ impl Pool {
         }
     }
 
-    async fn connect_http1(&self) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+    async fn connect_http1(&self, open: OpenConnection) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
         let io = self.connect().await?;
         let (sender, connection) = http1::Builder::new()
             .max_buf_size(self.0.max_response_headers_bytes.max(8192) + 8192)
             .handshake(io)
             .await
             .map_err(UpstreamError::Handshake)?;
-        tokio::spawn(connection.with_upgrades());
+        tokio::spawn(async move {
+            let _open = open;
+            let _ = connection.with_upgrades().await;
+        });
         Ok(sender)
     }
 
-    async fn send_http2(&self, mut request: Request<RequestBody>) -> Result<Response<Incoming>, UpstreamError> {
+    async fn send_http2(
+        &self,
+        mut request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, ConnectionLease), UpstreamError> {
         for _ in 0..2 {
             let mut sender = self.http2_sender().await?;
             if sender.ready().await.is_err() {
                 self.forget_http2();
                 continue;
             }
+            let lease = self.attach()?;
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(response),
+                Ok(response) => return Ok((response, lease)),
                 Err(mut error) => match error.take_message() {
                     Some(unsent) => {
                         // Refused before it was sent (e.g. GOAWAY): open a fresh connection.
@@ -246,17 +413,29 @@ impl Pool {
         }
         // Two fresh connections in a row refused the request before sending it.
         let mut sender = self.http2_sender().await?;
-        sender.send_request(request).await.map_err(UpstreamError::Reset)
+        let lease = self.attach()?;
+        sender.send_request(request).await.map(|response| (response, lease)).map_err(UpstreamError::Reset)
     }
 
     async fn http2_sender(&self) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
         if let Some(sender) = self.live_http2() {
             return Ok(sender);
         }
+        // Waiting for the connection to open, the request is pending (max_pending_requests).
+        let _pending = PendingRequest::enter(&self.0)?;
         let _connecting = self.0.http2_connecting.lock().await;
         if let Some(sender) = self.live_http2() {
             return Ok(sender);
         }
+        // meshctl keeps one HTTP/2 connection per endpoint and opens it only when the endpoint has
+        // none in use: over max_connections it is counted as an overflow and opened anyway, as
+        // Envoy opens a connection for an endpoint that has none.
+        let counts = &self.0.stats.resilience;
+        if !try_acquire(&counts.connections_active, self.0.breakers.max_connections) {
+            counts.connection_overflows.fetch_add(1, Relaxed);
+            counts.connections_active.fetch_add(1, SeqCst);
+        }
+        let open = self.open_connection();
         let io = self.connect().await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -272,14 +451,26 @@ impl Pool {
             .handshake(io)
             .await
             .map_err(UpstreamError::Handshake)?;
-        tokio::spawn(connection);
-        *self.0.http2.lock().unwrap() = Some(sender.clone());
+        tokio::spawn(async move {
+            let _open = open;
+            let _ = connection.await;
+        });
+        *self.0.http2.lock().unwrap() = Some(SharedHttp2 { sender: sender.clone(), uses: 1 });
         Ok(sender)
     }
 
+    /// The shared HTTP/2 connection, if open. One that has been given its
+    /// max_requests_per_connection is no longer shared: it finishes its streams and closes.
     fn live_http2(&self) -> Option<http2::SendRequest<RequestBody>> {
-        let shared = self.0.http2.lock().unwrap();
-        shared.as_ref().filter(|s| !s.is_closed()).cloned()
+        let mut shared = self.0.http2.lock().unwrap();
+        let connection = shared.as_mut().filter(|c| !c.sender.is_closed())?;
+        let limit = self.0.max_requests_per_connection;
+        if limit != 0 && connection.uses >= limit {
+            *shared = None;
+            return None;
+        }
+        connection.uses += 1;
+        Some(connection.sender.clone())
     }
 
     fn forget_http2(&self) {
