@@ -165,6 +165,36 @@ INVALID = [
         ["document 2", "malformed YAML at line"],
     ),
     (
+        "max-ejection-percent",
+        lambda ns: rule(ns).replace("{loadBalancer: {simple: LEAST_REQUEST}}",
+                                    "{outlierDetection: {consecutive5xxErrors: 3, maxEjectionPercent: 101}}") + "---" + service(ns),
+        ["DestinationRule {ns}/reviews", "spec.trafficPolicy.outlierDetection.maxEjectionPercent",
+         "less than or equal to 100"],
+    ),
+    (
+        "negative-duration",
+        lambda ns: rule(ns) + "---" + service(ns, extra="\n    retries: {attempts: 2, perTryTimeout: -1s}"),
+        ["VirtualService {ns}/reviews", "spec.http[0].retries.perTryTimeout", "'-1s' is not a duration"],
+    ),
+    (
+        "per-try-timeout-beyond-the-route-timeout",
+        lambda ns: rule(ns) + "---" + service(ns, extra="\n    timeout: 1s\n    retries: {attempts: 2, perTryTimeout: 2s}"),
+        ["VirtualService {ns}/reviews", "spec.http[0].retries.perTryTimeout",
+         "longer than the route's timeout 1s", "no retry would ever start"],
+    ),
+    (
+        "unknown-retry-condition",
+        lambda ns: rule(ns) + "---" + service(ns, extra="\n    retries: {attempts: 2, retryOn: '5xx,sometimes'}"),
+        ["VirtualService {ns}/reviews", "spec.http[0].retries.retryOn", "'sometimes' is not a retry condition"],
+    ),
+    (
+        "connection-pool-negative",
+        lambda ns: rule(ns).replace("{loadBalancer: {simple: LEAST_REQUEST}}",
+                                    "{connectionPool: {http: {http1MaxPendingRequests: -1}}}") + "---" + service(ns),
+        ["DestinationRule {ns}/reviews", "spec.trafficPolicy.connectionPool.http.http1MaxPendingRequests",
+         "greater than or equal to 0"],
+    ),
+    (
         "string-weight",
         lambda ns: rule(ns) + "---" + service(ns).replace("weight: 90", "weight: '90'"),
         ["VirtualService {ns}/reviews", "spec.http[0].route[0].weight", "valid integer (got '90')"],
@@ -240,17 +270,34 @@ def test_stale_update_is_refused(plane: ControlPlane, ns: str) -> None:
 def test_fields_kept_for_later_are_stored_and_shown_as_not_enforced(
     plane: ControlPlane, ns: str
 ) -> None:
-    text = rule(ns) + "---" + service(ns, extra="\n    retries: {attempts: 3, perTryTimeout: 2s}")
+    text = f"""
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: vm-1, namespace: {ns}}}
+spec: {{address: 10.0.0.1, serviceAccount: legacy}}
+"""
     applied = plane.meshctl("apply", "-f", "-", stdin=text)
-    assert applied.returncode == 0
-    assert (
-        f"VirtualService {ns}/reviews: spec.http[0].retries: stored, not yet enforced"
-        in applied.stderr
-    )
+    assert applied.returncode == 0, applied.stderr
+    assert f"WorkloadEntry {ns}/vm-1: spec.serviceAccount: stored, not yet enforced" in applied.stderr
+    [shown] = resources(plane, "workloadentry", ns)
+    assert shown["spec"]["serviceAccount"] == "legacy"
+    assert shown["status"]["notEnforced"] == ["spec.serviceAccount"]
+    assert "not yet enforced: spec.serviceAccount" in plane.meshctl("get", "workloadentry", "-n", ns).stdout
+
+
+def test_resilience_settings_are_applied_as_written_and_enforced(plane: ControlPlane, ns: str) -> None:
+    policy = ("{connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1, maxRetries: 3}},"
+              " outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 50}}")
+    text = (rule(ns).replace("{loadBalancer: {simple: LEAST_REQUEST}}", policy) + "---"
+            + service(ns, extra="\n    retries: {attempts: 3, perTryTimeout: 2s, retryOn: 'gateway-error,connect-failure,503'}"))
+    applied = plane.meshctl("apply", "-f", "-", stdin=text)
+    assert applied.returncode == 0, applied.stderr
+    assert "not yet enforced" not in applied.stderr
     [shown] = resources(plane, "vs", ns)
-    assert shown["spec"]["http"][0]["retries"] == {"attempts": 3, "perTryTimeout": "2s"}
-    assert shown["status"]["notEnforced"] == ["spec.http[0].retries"]
-    assert "not yet enforced: spec.http[0].retries" in plane.meshctl("get", "vs", "-n", ns).stdout
+    assert shown["spec"]["http"][0]["retries"] == {"attempts": 3, "perTryTimeout": "2s", "retryOn": "gateway-error,connect-failure,503"}
+    assert shown["status"]["notEnforced"] == []
+    [rule_shown] = resources(plane, "dr", ns)
+    assert rule_shown["spec"]["trafficPolicy"]["outlierDetection"]["consecutive5xxErrors"] == 3
 
 
 def test_wrong_or_missing_token_is_refused_and_changes_nothing(

@@ -80,7 +80,7 @@ def test_a_full_istio_file_is_accepted_as_written() -> None:
         "redirectCode": 308,
     }
     assert "weight" not in service["spec"]["http"][0]["route"][0]
-    assert resources[1].not_enforced == ("spec.trafficPolicy.outlierDetection",)
+    assert resources[1].not_enforced == ()  # outlierDetection is enforced
     assert resources[3].not_enforced == ("spec.serviceAccount",)
     # Short names resolve in the resource's namespace, so `reviews` finds the FQDN rule.
     assert check_references([r.body for r in resources]) == []
@@ -153,12 +153,12 @@ def test_virtual_service_refusals(http: str, expected: str) -> None:
     ), issues
 
 
-def test_retries_are_kept_but_not_enforced() -> None:
+def test_retries_are_enforced_and_kept_as_written() -> None:
     [resource] = validate_documents(
-        VS.format(http="route: [{destination: {host: r}}]\n    retries: {attempts: 2}")
+        VS.format(http="route: [{destination: {host: r}}]\n    retries: {attempts: 2, retryOn: '5xx,409'}")
     )
-    assert resource.not_enforced == ("spec.http[0].retries",)
-    assert resource.body["spec"]["http"][0]["retries"] == {"attempts": 2}
+    assert resource.not_enforced == ()
+    assert resource.body["spec"]["http"][0]["retries"] == {"attempts": 2, "retryOn": "5xx,409"}
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ What a sidecar gets:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections import defaultdict
@@ -38,13 +39,14 @@ from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.message import Message
 
 from meshctl.agent.bootstrap import resource_to_bytes
+from meshctl.control import compiler_resilience as resilience
 from meshctl.control import compiler_mtls as mtls
 from meshctl.control import compiler_rbac as rbac
 from meshctl.control import resource_types as types
 from meshctl.control.registry import Sidecar
 from meshctl.resources.authorization_policy import AuthorizationPolicySpec
 from meshctl.resources.common import StringMatch, duration_seconds
-from meshctl.resources.destination_rule import DestinationRuleSpec, TrafficPolicy
+from meshctl.resources.destination_rule import DestinationRuleSpec
 from meshctl.resources.hosts import CLUSTER_DOMAIN, canonical_host
 from meshctl.resources.peer_authentication import PeerAuthenticationSpec
 from meshctl.resources.service_entry import ServiceEntrySpec, WorkloadEntrySpec
@@ -225,21 +227,19 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
             if subset_name and subset is None:
                 selector = {"version": subset_name}  # unreachable after validation; Istio's habit
             chosen = [e for e in backend.endpoints if _selects(selector, e.labels)]
-            # A subset's load balancer overrides the host's, field by field as in Istio.
-            subset_policy = policy
-            if subset and subset.traffic_policy and subset.traffic_policy.load_balancer:
-                subset_policy = subset.traffic_policy
+            applied = resilience.cluster_policy(policy, subset.traffic_policy if subset else None, port)
             identities = None
             if backend.dns:
-                cluster = _dns_cluster(name, backend.dns, chosen, subset_policy)
+                cluster = _dns_cluster(name, backend.dns, chosen, applied)
             else:
-                cluster = _eds_cluster(name, subset_policy)
+                cluster = _eds_cluster(name, applied)
                 config.endpoints.append(_assignment(name, chosen))
                 identities = _mtls_identities(chosen)
+            resilience.apply_cluster_policy(cluster, applied)
             plaintext = _with_http2(cluster) if backend.http2 else cluster
             plaintext_clusters.append(plaintext)
             if identities:
-                secure = _with_http2(dict(plaintext))  # h2 between sidecars, whatever the app speaks
+                secure = _with_http2(copy.deepcopy(plaintext))  # h2 between sidecars, whatever the app speaks
                 server_name = mtls.sni(port, subset_name, host)
                 secure["transport_socket"] = mtls.upstream_tls(server_name, identities)
                 config.clusters.append(secure)
@@ -467,21 +467,21 @@ def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
 # --- clusters and endpoints ----------------------------------------------------------------
 
 
-def _eds_cluster(name: str, policy: TrafficPolicy | None) -> Json:
+def _eds_cluster(name: str, policy: resilience.ClusterPolicy) -> Json:
     cluster: Json = {
         "name": name,
         "type": "EDS",
         "connect_timeout": CONNECT_TIMEOUT,
         "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
     }
-    simple = policy.load_balancer.simple if policy and policy.load_balancer else None
+    simple = policy.load_balancer.simple if policy.load_balancer else None
     if simple:
         cluster["lb_policy"] = _LB_POLICIES[simple]
     return cluster
 
 
 def _dns_cluster(
-    name: str, kind: str, endpoints: Sequence[_Endpoint], policy: TrafficPolicy | None
+    name: str, kind: str, endpoints: Sequence[_Endpoint], policy: resilience.ClusterPolicy
 ) -> Json:
     cluster = _eds_cluster(name, policy)
     del cluster["eds_cluster_config"]
@@ -490,17 +490,9 @@ def _dns_cluster(
     return cluster
 
 
-HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-
-
 def _with_http2(cluster: Json) -> Json:
     """Upstream HTTP/2 (h2c): what gRPC and HTTP2 services speak."""
-    cluster["typed_extension_protocol_options"] = {
-        HTTP_PROTOCOL_OPTIONS: {
-            "@type": f"type.googleapis.com/{HTTP_PROTOCOL_OPTIONS}",
-            "explicit_http_config": {"http2_protocol_options": {}},
-        }
-    }
+    resilience.protocol_options(cluster)["explicit_http_config"] = {"http2_protocol_options": {}}
     return cluster
 
 
@@ -660,12 +652,9 @@ def _route_table(
             if virtual_service is not None:
                 routes = _virtual_service_routes(virtual_service, port)
             else:
-                routes = [
-                    {
-                        "match": {"prefix": "/"},
-                        "route": {"cluster": cluster_name("outbound", port, None, host)},
-                    }
-                ]
+                action: Json = {"cluster": cluster_name("outbound", port, None, host)}
+                action["retry_policy"] = resilience.retry_policy(None)  # Istio's default policy
+                routes = [{"match": {"prefix": "/"}, "route": action}]
             virtual_hosts.append({"name": f"{host}:{port}", "domains": domains, "routes": routes})
     return {"name": OUTBOUND_ROUTES, "virtual_hosts": virtual_hosts}
 
@@ -752,6 +741,9 @@ def _action(http: HttpRoute, namespace: str, port: int) -> Json:
             action = {"cluster": next(iter(weights))}
     if http.timeout is not None:
         action["timeout"] = f"{duration_seconds(http.timeout):.3f}s"
+    retry_policy = resilience.retry_policy(http.retries)
+    if retry_policy is not None:
+        action["retry_policy"] = retry_policy
     if http.rewrite is not None:
         if http.rewrite.uri is not None:
             action["prefix_rewrite"] = http.rewrite.uri

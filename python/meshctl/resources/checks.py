@@ -1,13 +1,16 @@
-"""Rules one schema cannot say alone: weights that sum to 100, route or redirect, unique names."""
+"""Rules one schema cannot say alone: weights that sum to 100, route or redirect, unique names,
+retry and outlier settings that contradict each other."""
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterator
 
+from meshctl.resources.common import duration_seconds
 from meshctl.resources.destination_rule import DestinationRuleSpec
 from meshctl.resources.errors import field_path
 from meshctl.resources.service_entry import ServiceEntrySpec
+from meshctl.resources.traffic_policy import TrafficPolicy
 from meshctl.resources.virtual_service import HttpRoute, VirtualServiceSpec
 
 # (field path, reason); the caller adds which resource.
@@ -42,6 +45,14 @@ def _http_route(route: HttpRoute, at: tuple[str | int, ...]) -> Iterator[Problem
                     f"{here}.match[{match_index}].headers.{name}",
                     f"header names are matched lowercase; write {name.lower()!r}",
                 )
+    if route.retries is not None and route.retries.per_try_timeout and route.timeout:
+        per_try, overall = duration_seconds(route.retries.per_try_timeout), duration_seconds(route.timeout)
+        if (route.retries.attempts or 0) > 0 and overall > 0 and per_try > overall:
+            yield (
+                f"{here}.retries.perTryTimeout",
+                f"{route.retries.per_try_timeout} is longer than the route's timeout "
+                f"{route.timeout}, which bounds every try together: no retry would ever start",
+            )
     destinations = route.route or []
     # One destination without a weight gets all traffic; anything else states every share.
     if len(destinations) > 1 or any(d.weight is not None for d in destinations):
@@ -61,6 +72,32 @@ def destination_rule(spec: DestinationRuleSpec) -> Iterator[Problem]:
         if subset.name in seen:
             yield f"spec.subsets[{index}].name", f"subset {subset.name!r} is defined twice"
         seen.add(subset.name)
+        if subset.traffic_policy is not None:
+            yield from _traffic_policy(subset.traffic_policy, f"spec.subsets[{index}].trafficPolicy")
+    if spec.traffic_policy is not None:
+        yield from _traffic_policy(spec.traffic_policy, "spec.trafficPolicy")
+
+
+def _traffic_policy(policy: TrafficPolicy, here: str) -> Iterator[Problem]:
+    ports: set[int] = set()
+    for index, port_policy in enumerate(policy.port_level_settings or []):
+        if port_policy.port.number in ports:
+            yield (f"{here}.portLevelSettings[{index}].port.number",
+                   f"port {port_policy.port.number} has settings twice")  # fmt: skip
+        ports.add(port_policy.port.number)
+    outliers = [(here, policy.outlier_detection)] + [
+        (f"{here}.portLevelSettings[{i}]", p.outlier_detection)
+        for i, p in enumerate(policy.port_level_settings or [])
+    ]
+    for at, outlier in outliers:
+        if outlier is None:
+            continue
+        for name, value in (("interval", outlier.interval), ("baseEjectionTime", outlier.base_ejection_time)):
+            if value is not None and duration_seconds(value) == 0:
+                yield f"{at}.outlierDetection.{name}", f"{value} is zero; it must be at least 1ms"
+        if outlier.consecutive_local_origin_failures and not outlier.split_external_local_origin_errors:
+            yield (f"{at}.outlierDetection.consecutiveLocalOriginFailures",
+                   "counts only with splitExternalLocalOriginErrors: true (Istio ignores it otherwise)")  # fmt: skip
 
 
 def service_entry(spec: ServiceEntrySpec) -> Iterator[Problem]:

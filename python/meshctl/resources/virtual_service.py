@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from meshctl.resources.common import Duration, Headers, MeshModel, Port, StringMatch
-from meshctl.resources.support import NOT_ENFORCED, UNSUPPORTED
+from meshctl.resources.support import UNSUPPORTED
 
 Later = Annotated[Any, UNSUPPORTED]
 
@@ -61,10 +61,37 @@ class Redirect(MeshModel):
     derive_port: Later = None
 
 
+# Envoy's retry conditions that meshctl's engine enforces (Istio accepts these and status codes).
+RETRY_CONDITIONS = frozenset({
+    "5xx", "gateway-error", "reset", "connect-failure", "refused-stream", "retriable-4xx",
+    "retriable-status-codes", "cancelled", "deadline-exceeded", "internal", "resource-exhausted",
+    "unavailable",
+})  # fmt: skip
+# Istio's own list beyond those: valid Istio, not enforced by meshctl's engine yet.
+_RETRY_CONDITIONS_LATER = frozenset({
+    "envoy-ratelimited", "retriable-headers", "reset-before-request", "http3-post-connect-failure",
+})  # fmt: skip
+
+
+def _retry_on(text: str) -> str:
+    for token in (part.strip() for part in text.split(",")):
+        if token.isdigit() and 100 <= int(token) <= 599:
+            continue
+        if token in _RETRY_CONDITIONS_LATER:
+            raise ValueError(f"{token!r} is not supported by meshctl yet")
+        if token not in RETRY_CONDITIONS:
+            raise ValueError(
+                f"{token!r} is not a retry condition: use {', '.join(sorted(RETRY_CONDITIONS))} "
+                "or HTTP status codes"
+            )
+    return text
+
+
 class Retries(MeshModel):
-    attempts: Annotated[int, Field(ge=0)] | None = None
+    attempts: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     per_try_timeout: Duration | None = None
-    retry_on: str | None = None
+    retry_on: Annotated[str, AfterValidator(_retry_on)] | None = None
+    # meshctl has one locality, so this has nothing to choose between (accepted, no effect).
     retry_remote_localities: bool | None = None
 
 
@@ -75,7 +102,7 @@ class HttpRoute(MeshModel):
     redirect: Redirect | None = None
     rewrite: Rewrite | None = None
     timeout: Duration | None = None
-    retries: Annotated[Retries | None, NOT_ENFORCED] = None
+    retries: Retries | None = None
     headers: Headers | None = None
     direct_response: Later = None
     delegate: Later = None
