@@ -65,6 +65,8 @@ struct EngineState {
     /// Serializes apply/remove so each is one consistent step.
     apply_lock: Mutex<()>,
     draining: AtomicBool,
+    /// Where clusters' outlier detection sweeps run.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Engine {
@@ -96,6 +98,7 @@ impl Engine {
             applied_listener_bytes: Mutex::new(HashMap::new()),
             apply_lock: Mutex::new(()),
             draining: AtomicBool::new(false),
+            runtime: runtime.handle().clone(),
         });
         let clusters = config
             .clusters
@@ -216,7 +219,12 @@ impl EngineState {
             }
             EndpointSource::OriginalDestination => Vec::new(),
         };
-        ClusterRuntime::new(config, &endpoints, &self.metrics)
+        let cluster = ClusterRuntime::new(config, &endpoints, &self.metrics);
+        // Ends on its own once the cluster is removed or replaced.
+        if let Some(sweeps) = cluster.sweeps() {
+            self.runtime.spawn(sweeps);
+        }
+        cluster
     }
 
     fn apply(&self, type_url: &str, resources: &[Vec<u8>]) -> Result<(), ConfigError> {
@@ -459,7 +467,7 @@ impl AdminSource for EngineState {
             let table = self.registry.clusters.load();
             let mut sorted: Vec<_> = table.values().cloned().collect();
             sorted.sort_by(|a, b| a.config.name.cmp(&b.config.name));
-            sorted.iter().map(|c| json!({"config": &c.config, "endpoints": c.endpoints()})).collect()
+            sorted.iter().map(cluster_dump).collect()
         };
         serde_json::to_string_pretty(&json!({
             "listeners": listeners,
@@ -469,4 +477,17 @@ impl AdminSource for EngineState {
         }))
         .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
     }
+}
+
+/// A cluster's config and endpoints; with outlier detection, each endpoint's ejection state.
+fn cluster_dump(cluster: &Arc<ClusterRuntime>) -> serde_json::Value {
+    let mut endpoints = serde_json::to_value(cluster.endpoints()).unwrap_or_default();
+    if let Some(list) = endpoints.as_array_mut() {
+        for (entry, (address, health)) in list.iter_mut().zip(cluster.endpoint_health()) {
+            if entry["address"] == json!(address.to_string()) {
+                entry["outlier_detection"] = health;
+            }
+        }
+    }
+    json!({"config": &cluster.config, "endpoints": endpoints})
 }

@@ -16,7 +16,12 @@ fn least_request_prefers_the_endpoint_with_fewer_requests_in_flight() {
     config.lb_policy = LbPolicy::LeastRequest;
     let endpoints: Vec<EndpointConfig> = [8081, 8082]
         .iter()
-        .map(|port| EndpointConfig { address: format!("127.0.0.1:{port}").parse().unwrap(), weight: 1, labels: Default::default() })
+        .map(|port| EndpointConfig {
+            address: format!("127.0.0.1:{port}").parse().unwrap(),
+            weight: 1,
+            labels: Default::default(),
+            health_status: Default::default(),
+        })
         .collect();
     let runtime = ClusterRuntime::new(config, &endpoints, &Metrics::default());
     let busy = runtime.pick_endpoint(None).unwrap();

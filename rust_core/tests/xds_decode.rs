@@ -233,13 +233,18 @@ fn unsupported_load_balancers_and_health_checks_are_refused() {
 }
 
 #[test]
-fn endpoint_assignments_skip_unhealthy_hosts_and_refuse_priorities() {
+fn endpoint_assignments_keep_unhealthy_hosts_drop_draining_ones_and_refuse_priorities() {
+    use meshctl_engine::model::cluster::HealthStatus;
     let mut assignment = static_cluster("web", 8080).load_assignment.unwrap();
     let mut unhealthy = assignment.endpoints[0].lb_endpoints[0].clone();
     unhealthy.health_status = core::HealthStatus::Unhealthy as i32;
-    assignment.endpoints[0].lb_endpoints.push(unhealthy);
+    let mut draining = unhealthy.clone();
+    draining.health_status = core::HealthStatus::Draining as i32;
+    assignment.endpoints[0].lb_endpoints.extend([unhealthy, draining]);
     let decoded = xds::decode_cluster_load_assignment(&assignment.encode_to_vec()).unwrap();
-    assert_eq!(decoded.endpoints.len(), 1);
+    // As Envoy: an unhealthy host stays (for the panic threshold), a draining one takes no part.
+    let health: Vec<_> = decoded.endpoints.iter().map(|e| e.health_status).collect();
+    assert_eq!(health, vec![HealthStatus::Healthy, HealthStatus::Unhealthy]);
     assignment.endpoints[0].priority = 1;
     assert_refused(
         xds::decode_cluster_load_assignment(&assignment.encode_to_vec()),
@@ -562,4 +567,189 @@ fn unsupported_circuit_breaker_settings_are_refused_with_their_path() {
         "circuit_breakers.thresholds[0].retry_budget.budget_interval",
         "not supported",
     );
+}
+
+fn outlier_cluster(detection: cluster::OutlierDetection) -> cluster::Cluster {
+    let mut c = static_cluster("web", 8080);
+    c.outlier_detection = Some(detection);
+    c
+}
+
+fn pb_duration(seconds: i64, nanos: i32) -> Option<envoy_types::pb::google::protobuf::Duration> {
+    Some(envoy_types::pb::google::protobuf::Duration { seconds, nanos })
+}
+
+fn decode(c: &cluster::Cluster) -> Result<meshctl_engine::model::ClusterConfig, xds::ConfigError> {
+    xds::decode_cluster(&c.encode_to_vec(), &Default::default())
+}
+
+#[test]
+fn outlier_detection_defaults_are_envoys() {
+    let config = decode(&outlier_cluster(Default::default())).unwrap();
+    let o = config.outlier_detection.expect("outlier detection decoded");
+    assert_eq!((o.consecutive_5xx, o.consecutive_gateway_failure, o.consecutive_local_origin_failure), (5, 5, 5));
+    assert_eq!((o.interval, o.base_ejection_time, o.max_ejection_time), (Duration::from_secs(10), Duration::from_secs(30), Duration::from_secs(300)));
+    assert_eq!(o.max_ejection_percent, 10);
+    assert_eq!((o.enforcing_consecutive_5xx, o.enforcing_consecutive_gateway_failure, o.enforcing_consecutive_local_origin_failure), (100, 0, 100));
+    assert_eq!((o.enforcing_success_rate, o.success_rate_minimum_hosts, o.success_rate_request_volume, o.success_rate_stdev_factor), (100, 5, 100, 1900));
+    assert_eq!((o.failure_percentage_threshold, o.enforcing_failure_percentage, o.failure_percentage_request_volume), (85, 0, 50));
+    assert!(!o.split_external_local_origin_errors && !o.always_eject_one_host);
+    assert_eq!(config.healthy_panic_threshold, 50);
+    assert_eq!(config.update_merge_window, Duration::from_secs(1));
+    assert!(decode(&static_cluster("web", 8080)).unwrap().outlier_detection.is_none());
+}
+
+#[test]
+fn outlier_detection_fields_land_in_the_model() {
+    let u = |value| Some(UInt32Value { value });
+    let mut c = outlier_cluster(cluster::OutlierDetection {
+        consecutive_5xx: u(3),
+        consecutive_gateway_failure: u(2),
+        enforcing_consecutive_gateway_failure: u(100),
+        split_external_local_origin_errors: true,
+        consecutive_local_origin_failure: u(4),
+        interval: pb_duration(1, 0),
+        base_ejection_time: pb_duration(5, 0),
+        max_ejection_percent: u(50),
+        max_ejection_time_jitter: pb_duration(0, 250_000_000),
+        always_eject_one_host: Some(BoolValue { value: true }),
+        ..Default::default()
+    });
+    c.common_lb_config = Some(cluster::cluster::CommonLbConfig {
+        healthy_panic_threshold: Some(envoy_types::pb::envoy::r#type::v3::Percent { value: 30.4 }),
+        ..Default::default()
+    });
+    let config = decode(&c).unwrap();
+    let o = config.outlier_detection.unwrap();
+    assert_eq!((o.consecutive_5xx, o.consecutive_gateway_failure, o.enforcing_consecutive_gateway_failure), (3, 2, 100));
+    assert!(o.split_external_local_origin_errors && o.always_eject_one_host);
+    assert_eq!(o.consecutive_local_origin_failure, 4);
+    assert_eq!((o.interval, o.base_ejection_time), (Duration::from_secs(1), Duration::from_secs(5)));
+    assert_eq!(o.max_ejection_time, Duration::from_secs(300), "unset: 300 s or the base, the longer");
+    assert_eq!(o.max_ejection_time_jitter, Duration::from_millis(250));
+    assert_eq!(o.max_ejection_percent, 50);
+    assert_eq!(config.healthy_panic_threshold, 30, "rounded to a whole percent, as Envoy");
+    // A base ejection time above 300 s raises the default cap with it.
+    let long = decode(&outlier_cluster(cluster::OutlierDetection { base_ejection_time: pb_duration(400, 0), ..Default::default() }));
+    assert_eq!(long.unwrap().outlier_detection.unwrap().max_ejection_time, Duration::from_secs(400));
+}
+
+#[test]
+fn istios_outlier_detection_and_panic_threshold_zero_are_accepted() {
+    // What istiod emits for a DestinationRule with consecutive5xxErrors, consecutiveGatewayErrors,
+    // splitExternalLocalOriginErrors and no minHealthPercent.
+    let u = |value| Some(UInt32Value { value });
+    let mut c = outlier_cluster(cluster::OutlierDetection {
+        enforcing_success_rate: u(0),
+        consecutive_5xx: u(7),
+        enforcing_consecutive_5xx: u(100),
+        consecutive_gateway_failure: u(0),
+        enforcing_consecutive_gateway_failure: u(0),
+        interval: pb_duration(10, 0),
+        base_ejection_time: pb_duration(30, 0),
+        max_ejection_percent: u(100),
+        split_external_local_origin_errors: true,
+        consecutive_local_origin_failure: u(3),
+        enforcing_consecutive_local_origin_failure: u(100),
+        enforcing_local_origin_success_rate: u(0),
+        ..Default::default()
+    });
+    c.common_lb_config = Some(cluster::cluster::CommonLbConfig {
+        healthy_panic_threshold: Some(envoy_types::pb::envoy::r#type::v3::Percent { value: 0.0 }),
+        ..Default::default()
+    });
+    let config = decode(&c).unwrap();
+    assert_eq!(config.healthy_panic_threshold, 0);
+    let o = config.outlier_detection.unwrap();
+    assert_eq!((o.enforcing_success_rate, o.enforcing_local_origin_success_rate, o.consecutive_gateway_failure), (0, 0, 0));
+    // An HTTP protocol options' outlier_detection without an error matcher is Envoy's default.
+    let mut options = envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions {
+        outlier_detection: Some(Default::default()),
+        ..Default::default()
+    };
+    let typed = |options: &envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions| {
+        let mut with_options = static_cluster("web", 8080);
+        with_options.typed_extension_protocol_options.insert(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+            envoy_types::pb::google::protobuf::Any {
+                type_url: "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+                value: options.encode_to_vec(),
+            },
+        );
+        decode(&with_options)
+    };
+    typed(&options).unwrap();
+    options.outlier_detection.as_mut().unwrap().error_matcher = Some(Default::default());
+    assert_refused(
+        typed(&options),
+        "Cluster \"web\"",
+        "typed_extension_protocol_options[\"envoy.extensions.upstreams.http.v3.HttpProtocolOptions\"].outlier_detection.error_matcher",
+        "not supported",
+    );
+}
+
+#[test]
+fn outlier_detection_and_common_lb_config_refusals_name_the_field() {
+    let u = |value| Some(UInt32Value { value });
+    let cases: Vec<(cluster::OutlierDetection, &str, &str)> = vec![
+        (cluster::OutlierDetection { max_ejection_percent: u(101), ..Default::default() }, "outlier_detection.max_ejection_percent", "not a percentage"),
+        (cluster::OutlierDetection { enforcing_consecutive_5xx: u(200), ..Default::default() }, "outlier_detection.enforcing_consecutive_5xx", "not a percentage"),
+        (cluster::OutlierDetection { interval: pb_duration(0, 0), ..Default::default() }, "outlier_detection.interval", "at least 1ms"),
+        (
+            cluster::OutlierDetection { base_ejection_time: pb_duration(60, 0), max_ejection_time: pb_duration(30, 0), ..Default::default() },
+            "outlier_detection.max_ejection_time",
+            "smaller than base_ejection_time",
+        ),
+        (cluster::OutlierDetection { monitors: vec![Default::default()], ..Default::default() }, "outlier_detection.monitors", "not supported"),
+        (
+            cluster::OutlierDetection { detect_degraded_hosts: Some(BoolValue { value: true }), ..Default::default() },
+            "outlier_detection.detect_degraded_hosts",
+            "not supported",
+        ),
+    ];
+    for (detection, field, reason) in cases {
+        assert_refused(decode(&outlier_cluster(detection)), "Cluster \"web\"", field, reason);
+    }
+    // ORIGINAL_DST: one endpoint per destination, nothing to eject from.
+    let mut original = cluster::Cluster { name: "web".into(), ..Default::default() };
+    original.cluster_discovery_type = Some(cluster::cluster::ClusterDiscoveryType::Type(cluster::cluster::DiscoveryType::OriginalDst as i32));
+    original.lb_policy = cluster::cluster::LbPolicy::ClusterProvided as i32;
+    decode(&original).unwrap();
+    original.outlier_detection = Some(Default::default());
+    assert_refused(decode(&original), "Cluster \"web\"", "outlier_detection", "not supported");
+
+    let with_common = |common: cluster::cluster::CommonLbConfig| {
+        let mut c = static_cluster("web", 8080);
+        c.common_lb_config = Some(common);
+        decode(&c)
+    };
+    assert_refused(
+        with_common(cluster::cluster::CommonLbConfig {
+            healthy_panic_threshold: Some(envoy_types::pb::envoy::r#type::v3::Percent { value: 150.0 }),
+            ..Default::default()
+        }),
+        "Cluster \"web\"",
+        "common_lb_config.healthy_panic_threshold.value",
+        "not a percentage",
+    );
+    assert_refused(
+        with_common(cluster::cluster::CommonLbConfig {
+            locality_config_specifier: Some(cluster::cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(
+                Default::default(),
+            )),
+            ..Default::default()
+        }),
+        "Cluster \"web\"",
+        "common_lb_config.locality_config_specifier",
+        "not supported",
+    );
+    assert_refused(
+        with_common(cluster::cluster::CommonLbConfig { close_connections_on_host_set_change: true, ..Default::default() }),
+        "Cluster \"web\"",
+        "common_lb_config.close_connections_on_host_set_change",
+        "not supported",
+    );
+    // The merge window delays when the balancer learns of health changes.
+    let merged = with_common(cluster::cluster::CommonLbConfig { update_merge_window: pb_duration(0, 0), ..Default::default() });
+    assert_eq!(merged.unwrap().update_merge_window, Duration::ZERO);
 }

@@ -27,6 +27,16 @@ pub struct ClusterConfig {
     pub tls: Option<Arc<super::tls::UpstreamTls>>,
     /// Envoy's defaults when the cluster sets none.
     pub circuit_breakers: super::circuit_breaker::CircuitBreakers,
+    /// Passive health checking; None: no endpoint is ever ejected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<super::outlier::OutlierDetection>,
+    /// Percent of healthy endpoints below which the balancer uses every endpoint (Envoy's panic
+    /// mode); 0 disables panic mode.
+    pub healthy_panic_threshold: u32,
+    /// Health changes (ejections, returns) within this long of the last one the balancer took
+    /// reach it together at the end of the window (Envoy's update_merge_window); zero: at once.
+    #[serde(with = "super::millis")]
+    pub update_merge_window: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -61,4 +71,25 @@ pub struct EndpointConfig {
     pub weight: u32,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The health the control plane assigned (EDS `health_status`).
+    #[serde(skip_serializing_if = "HealthStatus::is_healthy")]
+    pub health_status: HealthStatus,
+}
+
+/// An endpoint's health as EDS assigns it. Envoy keeps an UNHEALTHY (or TIMEOUT) host in the
+/// cluster: it takes no traffic, but counts towards the panic threshold and takes traffic in panic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum HealthStatus {
+    /// HEALTHY, UNKNOWN and DEGRADED.
+    #[default]
+    Healthy,
+    /// UNHEALTHY and TIMEOUT.
+    Unhealthy,
+}
+
+impl HealthStatus {
+    pub fn is_healthy(&self) -> bool {
+        *self == HealthStatus::Healthy
+    }
 }

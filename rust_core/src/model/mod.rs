@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod headers;
 pub mod listener;
 pub mod matcher;
+pub mod outlier;
 pub mod retry;
 pub mod route;
 pub mod secret;

@@ -87,6 +87,96 @@ pub struct ClusterStats {
     pub latency: Histogram,
 }
 
+/// Why outlier detection ejected (or would have ejected) an endpoint, in Envoy's stat names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EjectionType {
+    Consecutive5xx,
+    ConsecutiveGatewayFailure,
+    ConsecutiveLocalOriginFailure,
+    SuccessRate,
+    LocalOriginSuccessRate,
+    FailurePercentage,
+    LocalOriginFailurePercentage,
+}
+
+impl EjectionType {
+    pub const ALL: [EjectionType; 7] = [
+        EjectionType::Consecutive5xx,
+        EjectionType::ConsecutiveGatewayFailure,
+        EjectionType::ConsecutiveLocalOriginFailure,
+        EjectionType::SuccessRate,
+        EjectionType::LocalOriginSuccessRate,
+        EjectionType::FailurePercentage,
+        EjectionType::LocalOriginFailurePercentage,
+    ];
+
+    pub fn stat_name(self) -> &'static str {
+        match self {
+            EjectionType::Consecutive5xx => "consecutive_5xx",
+            EjectionType::ConsecutiveGatewayFailure => "consecutive_gateway_failure",
+            EjectionType::ConsecutiveLocalOriginFailure => "consecutive_local_origin_failure",
+            EjectionType::SuccessRate => "success_rate",
+            EjectionType::LocalOriginSuccessRate => "local_origin_success_rate",
+            EjectionType::FailurePercentage => "failure_percentage",
+            EjectionType::LocalOriginFailurePercentage => "local_origin_failure_percentage",
+        }
+    }
+}
+
+/// A cluster's outlier detection (Envoy's `outlier_detection.*`) and what endpoint health did to
+/// balancing (`lb_healthy_panic`, `upstream_cx_none_healthy`). Kept apart from ClusterStats.
+#[derive(Debug, Default)]
+pub struct OutlierStats {
+    /// The cluster has outlier detection configured: its ejection series are shown.
+    pub configured: std::sync::atomic::AtomicBool,
+    pub ejections_active: AtomicU64,
+    pub ejections_enforced_total: AtomicU64,
+    pub ejections_enforced: [AtomicU64; EjectionType::ALL.len()],
+    pub ejections_detected: [AtomicU64; EjectionType::ALL.len()],
+    /// Ejections max_ejection_percent prevented.
+    pub ejections_overflow: AtomicU64,
+    /// Picks made over every endpoint because too few were healthy.
+    pub lb_healthy_panic: AtomicU64,
+    /// Requests or connections that found no endpoint to use (503, flag UH).
+    pub none_healthy: AtomicU64,
+}
+
+impl OutlierStats {
+    pub fn enforced(&self, kind: EjectionType) {
+        self.ejections_enforced_total.fetch_add(1, Relaxed);
+        self.ejections_enforced[kind as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn detected(&self, kind: EjectionType) {
+        self.ejections_detected[kind as usize].fetch_add(1, Relaxed);
+    }
+
+    fn render(all: &BTreeMap<String, Arc<OutlierStats>>, out: &mut String) {
+        let configured: Vec<_> = all.iter().filter(|(_, s)| s.configured.load(Relaxed)).collect();
+        let mut series = |metric: &str, kind: &str, get: &dyn Fn(&OutlierStats) -> u64, only_configured: bool| {
+            let _ = writeln!(out, "# TYPE {metric} {kind}");
+            let clusters: Box<dyn Iterator<Item = (&String, &Arc<OutlierStats>)>> =
+                if only_configured { Box::new(configured.iter().copied()) } else { Box::new(all.iter()) };
+            for (name, s) in clusters {
+                let _ = writeln!(out, "{metric}{{cluster=\"{}\"}} {}", escape(name), get(s));
+            }
+        };
+        series("meshctl_outlier_detection_ejections_active", "gauge", &|s| s.ejections_active.load(Relaxed), true);
+        series("meshctl_outlier_detection_ejections_enforced_total", "counter", &|s| s.ejections_enforced_total.load(Relaxed), true);
+        for kind in EjectionType::ALL {
+            let metric = format!("meshctl_outlier_detection_ejections_enforced_{}_total", kind.stat_name());
+            series(&metric, "counter", &|s| s.ejections_enforced[kind as usize].load(Relaxed), true);
+        }
+        for kind in EjectionType::ALL {
+            let metric = format!("meshctl_outlier_detection_ejections_detected_{}_total", kind.stat_name());
+            series(&metric, "counter", &|s| s.ejections_detected[kind as usize].load(Relaxed), true);
+        }
+        series("meshctl_outlier_detection_ejections_overflow_total", "counter", &|s| s.ejections_overflow.load(Relaxed), true);
+        series("meshctl_lb_healthy_panic_total", "counter", &|s| s.lb_healthy_panic.load(Relaxed), false);
+        series("meshctl_upstream_cx_none_healthy_total", "counter", &|s| s.none_healthy.load(Relaxed), false);
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct RouteStats {
     pub requests_total: AtomicU64,
@@ -196,6 +286,7 @@ struct ConfigCounters {
 pub struct Metrics {
     listeners: Mutex<BTreeMap<String, Arc<ListenerStats>>>,
     clusters: Mutex<BTreeMap<String, Arc<ClusterStats>>>,
+    outliers: Mutex<BTreeMap<String, Arc<OutlierStats>>>,
     routes: Mutex<BTreeMap<String, Arc<RouteStats>>>,
     config: Mutex<BTreeMap<String, Arc<ConfigCounters>>>,
     pub rbac: RbacStats,
@@ -224,6 +315,10 @@ impl Metrics {
 
     pub fn cluster(&self, name: &str) -> Arc<ClusterStats> {
         get_or_create(&self.clusters, name)
+    }
+
+    pub fn outlier(&self, cluster: &str) -> Arc<OutlierStats> {
+        get_or_create(&self.outliers, cluster)
     }
 
     pub fn route(&self, name: &str) -> Arc<RouteStats> {
@@ -290,6 +385,7 @@ impl Metrics {
             s.latency.render(&mut out, "meshctl_upstream_rq_time_ms", &format!("cluster=\"{}\"", escape(name)));
         }
         ResilienceStats::render(&clusters, &mut out, escape);
+        OutlierStats::render(&self.outliers.lock().unwrap().clone(), &mut out);
         let routes = self.routes.lock().unwrap().clone();
         out.push_str("# TYPE meshctl_route_rq_total counter\n");
         for (name, s) in &routes {

@@ -11,6 +11,7 @@ use super::prefixed::PrefixedStream;
 use super::tls::{upstream_handshake, UpstreamStream};
 use crate::model::TcpProxyConfig;
 use crate::registry::Registry;
+use crate::upstream::outlier::LocalResult;
 
 async fn connect_upstream(
     config: &TcpProxyConfig,
@@ -21,20 +22,26 @@ async fn connect_upstream(
     let endpoint = cluster.pick_endpoint(original_destination)?;
     let active = endpoint.start_request();
     cluster.stats.connections_total.fetch_add(1, Relaxed);
+    // Outlier detection sees the connection as the whole exchange, as Envoy's TCP proxy reports it.
     match tokio::time::timeout(cluster.config.connect_timeout, TcpStream::connect(endpoint.address)).await {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
             let handshake = upstream_handshake(stream, cluster.config.tls.as_deref(), endpoint.address, &cluster.tls_stats);
             match tokio::time::timeout(cluster.config.connect_timeout, handshake).await {
-                Ok(Ok(stream)) => Some((stream, active)),
-                _ => {
+                Ok(Ok(stream)) => {
+                    endpoint.record_connect(Ok(()));
+                    Some((stream, active))
+                }
+                outcome => {
                     cluster.stats.connect_failures.fetch_add(1, Relaxed);
+                    endpoint.record_connect(Err(if outcome.is_err() { LocalResult::Timeout } else { LocalResult::ConnectFailed }));
                     None
                 }
             }
         }
-        _ => {
+        outcome => {
             cluster.stats.connect_failures.fetch_add(1, Relaxed);
+            endpoint.record_connect(Err(if outcome.is_err() { LocalResult::Timeout } else { LocalResult::ConnectFailed }));
             None
         }
     }

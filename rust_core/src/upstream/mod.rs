@@ -1,8 +1,10 @@
-//! Upstreams: cluster runtimes with their endpoints, connection pools and load balancers.
+//! Upstreams: cluster runtimes with their endpoints, connection pools, load balancers and
+//! outlier detection.
 
 pub mod circuit_breaker;
 pub mod cluster;
 pub mod lb;
+pub mod outlier;
 pub mod pool;
 
 pub use cluster::{ClusterRuntime, Endpoint};

@@ -219,17 +219,24 @@ impl Pool {
     /// Send one request. The lease that comes back counts the request as active until the
     /// response body has been read to its end (or dropped); for HTTP/1.1 it also holds the
     /// connection, released to the pool then.
+    /// `on_connected` runs once the request has a connection to go out on (Envoy's "pool ready",
+    /// which outlier detection counts as a local-origin success), before it is written.
     pub async fn send(
         &self,
         request: Request<RequestBody>,
+        on_connected: impl Fn(),
     ) -> Result<(Response<Incoming>, Option<ConnectionLease>), UpstreamError> {
         match self.0.protocol {
-            UpstreamProtocol::Http1 => self.send_http1(request).await.map(|(r, lease)| (r, Some(lease))),
-            UpstreamProtocol::Http2 => self.send_http2(request).await.map(|(r, lease)| (r, Some(lease))),
+            UpstreamProtocol::Http1 => self.send_http1(request, on_connected).await.map(|(r, lease)| (r, Some(lease))),
+            UpstreamProtocol::Http2 => self.send_http2(request, on_connected).await.map(|(r, lease)| (r, Some(lease))),
         }
     }
 
-    async fn send_http1(&self, mut request: Request<RequestBody>) -> Result<(Response<Incoming>, ConnectionLease), UpstreamError> {
+    async fn send_http1(
+        &self,
+        mut request: Request<RequestBody>,
+        on_connected: impl Fn(),
+    ) -> Result<(Response<Incoming>, ConnectionLease), UpstreamError> {
         // A pooled connection may have been closed by the server while idle; if the request was
         // not written, hyper hands it back and it is sent again on a fresh connection.
         loop {
@@ -247,6 +254,7 @@ impl Pool {
                     return Err(overflow);
                 }
             };
+            on_connected();
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     lease.http1 = Some((sender, uses + 1));
@@ -391,6 +399,7 @@ impl Pool {
     async fn send_http2(
         &self,
         mut request: Request<RequestBody>,
+        on_connected: impl Fn(),
     ) -> Result<(Response<Incoming>, ConnectionLease), UpstreamError> {
         for _ in 0..2 {
             let mut sender = self.http2_sender().await?;
@@ -399,6 +408,7 @@ impl Pool {
                 continue;
             }
             let lease = self.attach()?;
+            on_connected();
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok((response, lease)),
                 Err(mut error) => match error.take_message() {
@@ -414,6 +424,7 @@ impl Pool {
         // Two fresh connections in a row refused the request before sending it.
         let mut sender = self.http2_sender().await?;
         let lease = self.attach()?;
+        on_connected();
         sender.send_request(request).await.map(|response| (response, lease)).map_err(UpstreamError::Reset)
     }
 

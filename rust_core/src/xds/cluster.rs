@@ -11,6 +11,7 @@ use envoy_types::pb::google::protobuf;
 use prost::Message;
 
 use super::common::{duration, socket_address, unpack};
+use super::outlier;
 use super::tls::upstream_tls_context;
 use super::{refuse_if, At, ConfigError, FieldError, FieldResult};
 use crate::model::cluster::*;
@@ -52,7 +53,6 @@ pub(crate) fn cluster_config(c: &cluster::Cluster, secrets: &SecretRegistry) -> 
     }
     refuse_if(!c.transport_socket_matches.is_empty(), "transport_socket_matches")?;
     refuse_if(!c.health_checks.is_empty(), "health_checks")?;
-    refuse_if(c.outlier_detection.is_some(), "outlier_detection")?;
     refuse_if(c.lb_subset_config.is_some(), "lb_subset_config")?;
     refuse_if(c.load_balancing_policy.is_some(), "load_balancing_policy")?;
     refuse_if(c.upstream_bind_config.is_some(), "upstream_bind_config")?;
@@ -90,6 +90,13 @@ pub(crate) fn cluster_config(c: &cluster::Cluster, secrets: &SecretRegistry) -> 
         Err(_) => return Err(FieldError::new("type", format!("unknown value {discovery}"))),
     };
     let original_destination = matches!(endpoints, EndpointSource::OriginalDestination);
+    // Each original destination is its own single-endpoint pool: nothing to eject it from.
+    refuse_if(original_destination && c.outlier_detection.is_some(), "outlier_detection")?;
+    let outlier_detection = c.outlier_detection.as_ref().map(outlier::outlier_detection).transpose().at("outlier_detection")?;
+    let common_lb = match &c.common_lb_config {
+        Some(common) => outlier::common_lb_config(common).at("common_lb_config")?,
+        None => outlier::CommonLb::default(),
+    };
     let lb_policy = match cluster::cluster::LbPolicy::try_from(c.lb_policy) {
         // The original destination decides; Envoy spells that CLUSTER_PROVIDED.
         Ok(cluster::cluster::LbPolicy::ClusterProvided) if original_destination => LbPolicy::RoundRobin,
@@ -147,6 +154,9 @@ pub(crate) fn cluster_config(c: &cluster::Cluster, secrets: &SecretRegistry) -> 
         max_response_headers_bytes,
         tls,
         circuit_breakers,
+        outlier_detection,
+        healthy_panic_threshold: common_lb.healthy_panic_threshold,
+        update_merge_window: common_lb.update_merge_window,
     })
 }
 
@@ -194,7 +204,8 @@ fn upstream_protocol(options: &upstream_http::HttpProtocolOptions) -> FieldResul
     use upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig;
     use upstream_http::http_protocol_options::UpstreamProtocolOptions;
     refuse_if(!options.http_filters.is_empty(), "http_filters")?;
-    refuse_if(options.outlier_detection.is_some(), "outlier_detection")?;
+    // Without an error matcher, HTTP outlier detection counts 5xx as errors: the default.
+    refuse_if(options.outlier_detection.as_ref().is_some_and(|o| o.error_matcher.is_some()), "outlier_detection.error_matcher")?;
     refuse_if(options.retry_policy.is_some(), "retry_policy")?;
     refuse_if(!options.request_mirror_policies.is_empty(), "request_mirror_policies")?;
     match &options.upstream_protocol_options {
@@ -218,6 +229,9 @@ fn load_assignment(cla: &endpoint::ClusterLoadAssignment, resolve: bool) -> Fiel
     refuse_if(!cla.named_endpoints.is_empty(), "named_endpoints")?;
     if let Some(policy) = &cla.policy {
         refuse_if(!policy.drop_overloads.is_empty(), "policy.drop_overloads")?;
+        // Both change when a cluster panics; meshctl uses Envoy's defaults (140, false).
+        refuse_if(policy.overprovisioning_factor.as_ref().is_some_and(|f| f.value != 140), "policy.overprovisioning_factor")?;
+        refuse_if(policy.weighted_priority_health, "policy.weighted_priority_health")?;
     }
     let mut endpoints = Vec::new();
     for (i, locality) in cla.endpoints.iter().enumerate() {
@@ -234,7 +248,7 @@ fn load_assignment(cla: &endpoint::ClusterLoadAssignment, resolve: bool) -> Fiel
     Ok(endpoints)
 }
 
-/// None for endpoints that must not receive traffic (unhealthy, draining, timed out).
+/// None for endpoints Envoy excludes from balancing altogether (draining).
 fn lb_endpoint_config(e: &endpoint::LbEndpoint, resolve: bool) -> FieldResult<Option<EndpointConfig>> {
     use endpoint::lb_endpoint::HostIdentifier;
     let host = match &e.host_identifier {
@@ -249,10 +263,14 @@ fn lb_endpoint_config(e: &endpoint::LbEndpoint, resolve: bool) -> FieldResult<Op
         return Err(FieldError::new("load_balancing_weight", "must be at least 1"));
     }
     // HealthStatus: UNKNOWN 0, HEALTHY 1, UNHEALTHY 2, DRAINING 3, TIMEOUT 4, DEGRADED 5.
-    if matches!(e.health_status, 2..=4) {
-        return Ok(None);
-    }
-    Ok(Some(EndpointConfig { address, weight, labels: labels(e.metadata.as_ref()) }))
+    // Envoy keeps UNHEALTHY and TIMEOUT hosts (they count towards the panic threshold) and
+    // excludes DRAINING ones from balancing.
+    let health_status = match e.health_status {
+        3 => return Ok(None),
+        2 | 4 => HealthStatus::Unhealthy,
+        _ => HealthStatus::Healthy,
+    };
+    Ok(Some(EndpointConfig { address, weight, labels: labels(e.metadata.as_ref()), health_status }))
 }
 
 /// String values under the `envoy.lb` and `istio` metadata namespaces, as endpoint labels.

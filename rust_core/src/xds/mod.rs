@@ -9,6 +9,7 @@ mod circuit_breaker;
 mod cluster;
 mod common;
 mod listener;
+mod outlier;
 mod rbac;
 mod retry;
 mod route;
