@@ -283,8 +283,9 @@ async fn forward_request<'a>(
     let Some(endpoint) = cluster.pick_endpoint(context.original_destination) else {
         return (no_healthy_upstream(&cluster, grpc), response_mutation);
     };
-    // Envoy applies retriable_request_headers to the request as it arrived.
-    let retry_policy = forward.retry_policy.as_deref().filter(|policy| {
+    // A policy that retries nothing needs no retry state, as in Envoy; retriable_request_headers
+    // are matched against the request as it arrived.
+    let retry_policy = forward.retry_policy.as_deref().filter(|policy| !policy.retry_on.is_empty()).filter(|policy| {
         policy.retriable_request_headers.is_empty() || {
             let view = RequestView {
                 method: request.method(),

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode};
+use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -272,15 +273,29 @@ pub fn no_healthy_upstream(cluster: &ClusterRuntime, grpc: bool) -> Response<Res
 /// the connection can serve again rather than close.
 fn discard(response: Response<Incoming>, lease: Option<ConnectionLease>) {
     let http1 = lease.as_ref().is_some_and(ConnectionLease::is_http1);
-    let body = ResponseBody::Upstream(response.into_body(), lease);
-    if http1 && !http_body::Body::is_end_stream(&body) {
-        tokio::spawn(drain(body));
+    let mut body = ResponseBody::Upstream(response.into_body(), lease);
+    if !http1 || http_body::Body::is_end_stream(&body) {
+        return;
     }
+    // Usually the rest came with the head: read now, the connection is back before the next try.
+    let mut read = 0;
+    loop {
+        match body.frame().now_or_never() {
+            Some(Some(Ok(frame))) => {
+                read += frame.data_ref().map_or(0, |data| data.len());
+                if read > DRAIN_LIMIT {
+                    return;
+                }
+            }
+            Some(_) => return,
+            None => break,
+        }
+    }
+    tokio::spawn(drain(body, read));
 }
 
-async fn drain(mut body: ResponseBody) {
+async fn drain(mut body: ResponseBody, mut read: usize) {
     let read_to_end = async {
-        let mut read = 0;
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else { return };
             read += frame.data_ref().map_or(0, |data| data.len());
