@@ -447,3 +447,81 @@ def test_the_retry_breaker_bounds_retries_in_flight(dataplane, flaky, limit):
     assert upstream_stats(flaky, k)["count"] == 8 + changed["upstream_rq_retry"]
     if counters.kind == "meshctl":
         assert changed.get("flag_UO", 0) == changed["upstream_rq_retry_overflow"]
+
+
+def h2_post(port: int, target: str, body: bytes, trailers: list[tuple[str, str]]) -> tuple[int, bytes]:
+    """One HTTP/2 (prior knowledge) POST with a body sent in pieces and trailers; (status, body)."""
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        conn.initiate_connection()
+        headers = [(":method", "POST"), (":path", target), (":scheme", "http"), (":authority", "proxy"), ("te", "trailers")]
+        conn.send_headers(1, headers)
+        sock.sendall(conn.data_to_send())
+        for offset in range(0, len(body), 4096):
+            conn.send_data(1, body[offset : offset + 4096])
+            sock.sendall(conn.data_to_send())
+        conn.send_headers(1, trailers, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        status, received = 0, b""
+        while True:
+            data = sock.recv(65536)
+            assert data, "the proxy closed the connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    received += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                elif isinstance(event, h2.events.StreamEnded):
+                    return status, received
+                elif isinstance(event, h2.events.StreamReset):
+                    raise AssertionError(f"stream reset: {event.error_code}")
+            sock.sendall(conn.data_to_send())
+
+
+def test_an_http2_body_with_trailers_is_replayed_to_an_http2_upstream(dataplane, flaky):
+    policy = {"retry_on": "5xx", "num_retries": 2}
+    port, _ = started(dataplane, [flaky.port], route_action={"retry_policy": policy}, http2=True)
+    body = bytes(range(256)) * 120  # 30 KiB, sent as eight DATA frames
+    k = key()
+    status, answer = h2_post(port, f"/?key={k}&fail=2&how=503", body, [("x-checksum", "abc")])
+    assert status == 200
+    seen = upstream_stats(flaky, k)
+    assert seen["count"] == 3
+    assert len({tuple(b) for b in seen["bodies"]}) == 1
+    assert seen["bodies"][0][0] == len(body)
+    assert json.loads(answer)["body_sha256"] == seen["bodies"][0][1]
+
+
+def test_connect_failures_past_the_retry_limit(dataplane, flaky):
+    dead = free_port()
+    policy = {"retry_on": "connect-failure", "num_retries": 2, "retry_back_off": {"base_interval": "0.001s"}}
+    port, counters = started(dataplane, [dead], route_action={"retry_policy": policy})
+    before = counters.read()
+    response = get(port, "/")
+    assert response.status == 503
+    # Both say the request was retried, then why the last try failed.
+    assert response.body.startswith(b"upstream connect error or disconnect/reset before headers. retried and the latest reset reason:")
+    changed = increase(before, settled(counters))
+    assert changed.get("upstream_rq_retry") == 2
+    assert changed.get("upstream_rq_retry_limit_exceeded") == 1
+    if counters.kind == "meshctl":
+        assert changed.get("flag_UF") == 1 and changed.get("flag_URX") == 1
+
+
+@pytest.mark.meshctl_only
+def test_no_route_is_counted_as_flag_nr(meshctl_dataplane, flaky):
+    port, admin = free_port(), free_port()
+    config = proxy(port, admin, [flaky.port])
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["route_config"]["virtual_hosts"][0]["routes"][0]["match"] = {"prefix": "/only"}
+    meshctl_dataplane(config)
+    assert get(port, "/elsewhere").status == 404
+    text = Counters("meshctl", admin)._get("/stats/prometheus")
+    assert 'meshctl_downstream_rq_response_flags_total{listener="http",flag="NR"} 1' in text
