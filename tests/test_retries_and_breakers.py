@@ -525,3 +525,19 @@ def test_no_route_is_counted_as_flag_nr(meshctl_dataplane, flaky):
     assert get(port, "/elsewhere").status == 404
     text = Counters("meshctl", admin)._get("/stats/prometheus")
     assert 'meshctl_downstream_rq_response_flags_total{listener="http",flag="NR"} 1' in text
+
+
+def test_a_request_waiting_for_a_connection_is_bounded_by_the_route_timeout(dataplane, flaky):
+    breakers = {"thresholds": [{"max_connections": 1, "max_pending_requests": 1}]}
+    port, counters = started(dataplane, [flaky.port], route_action={"timeout": "0.5s"}, cluster={"circuit_breakers": breakers})
+    k = key()
+    assert get(port, f"/?key={k}").status == 200
+    results = concurrently(port, [f"/?key={k}&delay_ms=400", f"/?key={k}&delay_ms=400"])
+    # One holds the only connection for 0.4 s; the other waits for it and then has 0.1 s left.
+    assert sorted(status for status, _, _ in results) == [200, 504], results
+    after = settled(counters)
+    assert after["upstream_rq_pending_active"] == 0
+    # The connection is still there and serves the next request at once.
+    began = time.monotonic()
+    assert get(port, f"/?key={k}").status == 200
+    assert time.monotonic() - began < 0.3

@@ -101,6 +101,7 @@ pub async fn send(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, request
                 Err(_) if per_try_deadline.is_some_and(|p| deadline.is_none_or(|d| p < d)) => None,
                 Err(_) => {
                     endpoint.record_timeout();
+                    abandon(&replay);
                     return Answer { result: Err(timeout_reply(cluster, grpc)), tries };
                 }
             },
@@ -154,13 +155,14 @@ pub async fn send(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, request
                     Some(Decision::Overflow) => Some(ResponseFlag::UpstreamOverflow),
                     _ => None,
                 };
+                if !matches!(failure, Failure::Response(..)) {
+                    abandon(&replay);
+                }
                 return Answer { result: final_failure(cluster, failure, flag, tries, grpc, started), tries };
             }
         };
         // Nothing reads the downstream body while the next try is not under way.
-        if let Some(replay) = &replay {
-            replay.supersede();
-        }
+        abandon(&replay);
         if let Failure::Response(response, lease) = failure {
             discard(response, lease);
         }
@@ -175,6 +177,14 @@ pub async fn send(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, request
             None => return Answer { result: Err(no_healthy_upstream(cluster, grpc)), tries },
         };
         tries += 1;
+    }
+}
+
+/// The try under way is given up: its request body fails, so its exchange (a connection
+/// task still sending it) is reset rather than left streaming the downstream body.
+fn abandon(replay: &Option<Replay>) {
+    if let Some(replay) = replay {
+        replay.supersede();
     }
 }
 

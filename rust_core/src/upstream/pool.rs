@@ -188,6 +188,23 @@ impl Drop for OpenConnection {
     }
 }
 
+/// A request waiting for a connection to come free, counted (so that a freed connection wakes
+/// someone only when someone waits) until it stops waiting, timed out or cancelled included.
+struct Waiting<'a>(&'a AtomicU64);
+
+impl<'a> Waiting<'a> {
+    fn enter(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, SeqCst);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
+}
+
 /// How a request that found no idle HTTP/1.1 connection got one.
 enum Http1Connection {
     Idle(IdleHttp1),
@@ -291,7 +308,7 @@ impl Pool {
             tokio::pin!(freed);
             // Registered before looking, so a connection freed meanwhile is not missed.
             freed.as_mut().enable();
-            self.0.waiting.fetch_add(1, SeqCst);
+            let _waiting = Waiting::enter(&self.0.waiting);
             let waited = async {
                 if let Some(idle) = self.checkout_http1() {
                     return Some(Ok(Http1Connection::Idle(idle)));
@@ -311,13 +328,9 @@ impl Pool {
                 }
                 None
             };
-            let found = waited.await;
-            if found.is_none() {
-                freed.await;
-            }
-            self.0.waiting.fetch_sub(1, SeqCst);
-            if let Some(result) = found {
-                return result;
+            match waited.await {
+                Some(result) => return result,
+                None => freed.await,
             }
         }
     }
