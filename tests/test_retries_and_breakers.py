@@ -541,3 +541,36 @@ def test_a_request_waiting_for_a_connection_is_bounded_by_the_route_timeout(data
     began = time.monotonic()
     assert get(port, f"/?key={k}").status == 200
     assert time.monotonic() - began < 0.3
+
+
+def http_options(common: dict, http2: bool) -> dict:
+    protocol = {"http2_protocol_options": {}} if http2 else {"http_protocol_options": {}}
+    return {
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": b.HTTP_PROTOCOL_OPTIONS_TYPE,
+                "explicit_http_config": protocol,
+                "common_http_protocol_options": common,
+            }
+        }
+    }
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+def test_max_requests_per_connection_and_idle_timeout(dataplane, flaky, http2):
+    port, counters = started(dataplane, [flaky.port], cluster=http_options({"max_requests_per_connection": 2}, http2))
+    before = counters.read()
+    client = Http1Client(port)
+    assert [client.get(f"/?key={key()}").status for _ in range(6)] == [200] * 6
+    client.close()
+    assert increase(before, counters.read())["upstream_cx_total"] == 3, "two requests per connection"
+
+    port, counters = started(dataplane, [flaky.port], cluster=http_options({"idle_timeout": "1s"}, http2))
+    before = counters.read()
+    client = Http1Client(port)
+    assert client.get(f"/?key={key()}").status == 200
+    assert client.get(f"/?key={key()}").status == 200
+    time.sleep(2.5)
+    assert client.get(f"/?key={key()}").status == 200
+    client.close()
+    assert increase(before, counters.read())["upstream_cx_total"] == 2, "the idle connection was closed, a new one opened"

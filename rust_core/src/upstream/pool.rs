@@ -99,6 +99,10 @@ struct SharedHttp2 {
     sender: http2::SendRequest<RequestBody>,
     /// Requests given this connection (for max_requests_per_connection).
     uses: u32,
+    /// Given a request since the reaper last looked (a flag, so a request reads no clock).
+    used: bool,
+    /// When the reaper last found it used: it stops being shared after the idle timeout.
+    idle_since: Instant,
 }
 
 struct IdleHttp1 {
@@ -479,7 +483,8 @@ impl Pool {
             let _open = open;
             let _ = connection.await;
         });
-        *self.0.http2.lock().unwrap() = Some(SharedHttp2 { sender: sender.clone(), uses: 1 });
+        *self.0.http2.lock().unwrap() =
+            Some(SharedHttp2 { sender: sender.clone(), uses: 1, used: true, idle_since: Instant::now() });
         Ok(sender)
     }
 
@@ -494,6 +499,7 @@ impl Pool {
             return None;
         }
         connection.uses += 1;
+        connection.used = true;
         Some(connection.sender.clone())
     }
 
@@ -508,9 +514,22 @@ impl Pool {
         self.forget_http2();
     }
 
-    /// Close idle HTTP/1.1 connections past the cluster's idle timeout.
+    /// Close connections idle past the cluster's idle timeout (common_http_protocol_options).
     pub fn close_expired(&self) {
         let timeout = self.0.idle_timeout;
         self.0.idle_http1.lock().unwrap().retain(|c| c.idle_since.elapsed() < timeout && c.sender.is_ready());
+        // The HTTP/2 connection is idle once no request was given it for the idle timeout (to
+        // the reaper's second); it then stops being shared and closes when its last stream ends.
+        // Envoy times from its last stream's end: a stream lasting longer than the timeout does
+        // not keep the connection shared here.
+        let mut shared = self.0.http2.lock().unwrap();
+        if let Some(connection) = shared.as_mut() {
+            if connection.used {
+                connection.used = false;
+                connection.idle_since = Instant::now();
+            } else if connection.idle_since.elapsed() >= timeout {
+                *shared = None;
+            }
+        }
     }
 }
