@@ -152,6 +152,48 @@ CASES = [
         envoy_refuses=False,
         why="Envoy forwards CONNECT on a connect_matcher route; meshctl must refuse rather than answer 404",
     ),
+    Invalid(
+        "unknown-retry-condition",
+        lambda c: _route(c)["route"].update(retry_policy={"retry_on": "5xx,sometimes"}),
+        names=("retry_policy.retry_on", "sometimes"),
+        envoy_refuses=False,
+        why="Envoy 1.40 ignores a retry_on condition it does not know; meshctl refuses rather than drop it",
+    ),
+    Invalid(
+        "retry-backoff-max-below-base",
+        lambda c: _route(c)["route"].update(
+            retry_policy={"retry_on": "5xx", "retry_back_off": {"base_interval": "0.1s", "max_interval": "0.05s"}}
+        ),
+        names=("retry_back_off.max_interval",),
+    ),
+    Invalid(
+        "retry-backoff-below-1ms",
+        lambda c: _route(c)["route"].update(retry_policy={"retry_on": "5xx", "retry_back_off": {"base_interval": "0.0005s"}}),
+        names=("retry_back_off.base_interval",),
+        envoy_refuses=False,
+        why="Envoy counts backoff in whole milliseconds, so 0.5 ms is a base of 0; meshctl refuses it",
+    ),
+    Invalid(
+        "retriable-headers",
+        lambda c: _route(c)["route"].update(retry_policy={"retry_on": "5xx", "retriable_headers": [{"name": "x-retry"}]}),
+        names=("retry_policy.retriable_headers",),
+        envoy_refuses=False,
+        why="Envoy retries on response headers; meshctl does not yet and must refuse",
+    ),
+    Invalid(
+        "circuit-breakers-high-priority",
+        lambda c: c["static_resources"]["clusters"][0].update(circuit_breakers={"thresholds": [{"priority": "HIGH", "max_connections": 1}]}),
+        names=("circuit_breakers.thresholds[0].priority",),
+        envoy_refuses=False,
+        why="HIGH thresholds apply to HIGH priority routes, which meshctl does not have",
+    ),
+    Invalid(
+        "retry-budget-over-100-percent",
+        lambda c: c["static_resources"]["clusters"][0].update(
+            circuit_breakers={"thresholds": [{"retry_budget": {"budget_percent": {"value": 150}}}]}
+        ),
+        names=("budget_percent",),
+    ),
     Invalid("empty-file", text="", names=("empty|static_resources|bootstrap",)),
     Invalid("malformed-yaml", text="static_resources: {listeners: [\n  - name: x\n    address: {\n", names=("yaml",)),
 ]

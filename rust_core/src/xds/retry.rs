@@ -25,14 +25,8 @@ pub(crate) fn retry_policy(p: &route::RetryPolicy) -> FieldResult<RetryPolicy> {
     refuse_if(!p.retriable_headers.is_empty(), "retriable_headers")?;
     refuse_if(p.refresh_cluster_on_retry, "refresh_cluster_on_retry")?;
     let retry_on = retry_on(&p.retry_on).at("retry_on")?;
-    let mut retriable_status_codes = Vec::with_capacity(p.retriable_status_codes.len());
-    for (i, code) in p.retriable_status_codes.iter().enumerate() {
-        let status = u16::try_from(*code)
-            .ok()
-            .filter(|c| (100..600).contains(c))
-            .ok_or_else(|| FieldError::new(format!("retriable_status_codes[{i}]"), format!("{code} is not an HTTP status")))?;
-        retriable_status_codes.push(status);
-    }
+    // As Envoy, a code no response can have is accepted and matches nothing.
+    let retriable_status_codes = p.retriable_status_codes.iter().filter_map(|code| u16::try_from(*code).ok()).collect();
     let mut avoid_previous_hosts = false;
     for (i, predicate) in p.retry_host_predicate.iter().enumerate() {
         host_predicate(predicate).at(format!("retry_host_predicate[{i}]"))?;
