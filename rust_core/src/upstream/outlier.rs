@@ -26,26 +26,22 @@ pub enum LocalResult {
     Timeout,
 }
 
-/// Requests and successes counted during the current interval.
+/// Requests (low 32 bits) and successes (high 32 bits) counted during the current interval, in
+/// one atomic: one add per request, and an interval's pair is taken whole.
 #[derive(Debug, Default)]
-struct RateCounters {
-    total: AtomicU64,
-    success: AtomicU64,
-}
+struct RateCounters(AtomicU64);
+
+const ONE_SUCCESS: u64 = 1 << 32;
 
 impl RateCounters {
     fn record(&self, success: bool) {
-        self.total.fetch_add(1, Relaxed);
-        if success {
-            self.success.fetch_add(1, Relaxed);
-        }
+        self.0.fetch_add(if success { ONE_SUCCESS + 1 } else { 1 }, Relaxed);
     }
 
-    /// The interval just ended: its success rate in percent and its volume, and start a new one.
+    /// The interval just ended: its success rate in percent and its volume; a new one starts.
     fn take(&self) -> Option<(f64, u64)> {
-        let total = self.total.swap(0, Relaxed);
-        // A request counted between the two swaps may land its success in the other interval.
-        let success = self.success.swap(0, Relaxed).min(total);
+        let counts = self.0.swap(0, Relaxed);
+        let (total, success) = (counts & (ONE_SUCCESS - 1), counts >> 32);
         (total > 0).then(|| (success as f64 * 100.0 / total as f64, total))
     }
 }
