@@ -68,15 +68,27 @@ class Stats:
             return response.read().decode()
 
 
-def start(dataplane, kind: str, endpoint_ports: list[int], detection: dict, panic_threshold: float | None = None):
-    """A listener routing to cluster `upstream` (round robin over `endpoint_ports`); its port and Stats."""
+def start(
+    dataplane,
+    kind: str,
+    endpoint_ports: list[int],
+    detection: dict | None,
+    panic_threshold: float | None = None,
+    *,
+    http2: bool = False,
+    unhealthy: tuple[int, ...] = (),
+):
+    """A listener routing to cluster `upstream` (round robin over `endpoint_ports`, those listed in
+    `unhealthy` marked UNHEALTHY); its port and Stats."""
     port, admin = free_port(), free_port()
-    cluster = b.cluster("upstream", endpoint_ports[0])
+    cluster = b.cluster("upstream", endpoint_ports[0], http2=http2)
     cluster["lb_policy"] = "ROUND_ROBIN"
     cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
-        {"endpoint": {"address": b.socket_address(p)}} for p in endpoint_ports
+        {"endpoint": {"address": b.socket_address(p)}, **({"health_status": "UNHEALTHY"} if p in unhealthy else {})}
+        for p in endpoint_ports
     ]
-    cluster["outlier_detection"] = detection
+    if detection is not None:
+        cluster["outlier_detection"] = detection
     if panic_threshold is not None:
         cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": panic_threshold}}
     routes = b.route_configuration("local", [b.virtual_host("all", [b.route("upstream")])])
@@ -255,3 +267,45 @@ def test_max_ejection_percent_below_one_host_ejects_none_unless_always_eject_one
         assert 5 <= detected <= 10 and 3 <= gateway <= 6, (detected, gateway)
         assert stats.get("outlier_detection.ejections_overflow") == detected + gateway
         assert stats.get("outlier_detection.ejections_enforced_total") == 0
+
+
+
+def test_grpc_errors_count_as_envoy_maps_their_grpc_status(dataplane, dataplane_kind, grpc_upstream):
+    """A trailers-only gRPC error comes with HTTP 200: Envoy counts its grpc-status as the HTTP
+    status gRPC maps it to (UNAVAILABLE 503 and INTERNAL 500 are failures, NOT_FOUND 404 is not)."""
+    import grpc
+
+    detection = {"consecutive_5xx": 3, "interval": "1s", "base_ejection_time": "30s", "max_ejection_percent": 100}
+    port, stats = start(dataplane, dataplane_kind, [grpc_upstream.port], detection, 0.0, http2=True)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        unary = channel.unary_unary("/meshtest.Echo/Unary", request_serializer=None, response_deserializer=None)
+
+        def call(code: str | None) -> tuple[grpc.StatusCode, str | None]:
+            metadata = [("x-want-code", code)] if code else []
+            try:
+                _, answer = unary.with_call(b"x", metadata=metadata, timeout=10)
+            except grpc.RpcError as error:
+                answer = error
+            return answer.code(), dict(answer.trailing_metadata() or ()).get("x-upstream")
+
+        for code in ["NOT_FOUND"] * 5 + ["UNAVAILABLE", "INTERNAL"] + [None] + ["UNAVAILABLE", "INTERNAL"]:
+            assert call(code)[1] == "g", code
+        assert stats.get("outlier_detection.ejections_enforced_total") == 0
+        assert call("UNAVAILABLE") == (grpc.StatusCode.UNAVAILABLE, "g")
+        assert stats.get("outlier_detection.ejections_enforced_consecutive_5xx") == 1
+        # Its only endpoint ejected and panic mode off: the proxy's own UNAVAILABLE.
+        assert call(None) == (grpc.StatusCode.UNAVAILABLE, None)
+
+
+@pytest.mark.parametrize("threshold, expected", [(None, {"a", "b", "bad-a"}), (0.0, {"a"})], ids=["default", "0"])
+def test_endpoints_the_control_plane_marks_unhealthy_count_towards_panic(
+    dataplane, dataplane_kind, echo_a, echo_b, bad_a, threshold, expected
+):
+    """Envoy keeps an UNHEALTHY endpoint: no traffic while enough are healthy, but with one healthy
+    of three (33% < 50%) the cluster panics and balances over all three, unless the threshold is 0."""
+    port, _ = start(
+        dataplane, dataplane_kind, [echo_a.port, echo_b.port, bad_a.port], None, threshold, unhealthy=(echo_b.port, bad_a.port)
+    )
+    client = Http1Client(port)
+    assert set(Counter(a for _, a in send(client, 30))) == expected
