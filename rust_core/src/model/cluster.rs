@@ -81,7 +81,8 @@ pub struct EndpointConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum HealthStatus {
-    /// HEALTHY, UNKNOWN and DEGRADED.
+    /// HEALTHY, UNKNOWN and DEGRADED (Envoy would use a DEGRADED host only when too few are
+    /// healthy; meshctl does not tell it apart yet).
     #[default]
     Healthy,
     /// UNHEALTHY and TIMEOUT.

@@ -58,7 +58,8 @@ impl Endpoint {
         let Some(monitor) = &self.outlier else {
             return self.pool.send(request, || {}).await;
         };
-        // Envoy reads a gRPC status from the response head of gRPC requests only.
+        // Envoy reads a gRPC status from the response head of gRPC requests only. A reset while
+        // the response body streams is not seen here, so it is not counted (Envoy counts it).
         let grpc = is_grpc(request.headers());
         let result = self.pool.send(request, || monitor.record_local(LocalResult::ConnectSuccess)).await;
         match &result {

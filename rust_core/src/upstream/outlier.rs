@@ -274,6 +274,8 @@ impl OutlierDetector {
 
     /// An endpoint's health changed: the balancer takes it now if its last change is older than
     /// the merge window, else once the window is over (with whatever else changed meanwhile).
+    /// Unlike Envoy, which merges EDS health and weight changes the same way, meshctl applies
+    /// every EDS update at once (it then restarts the window, as a membership change does).
     fn health_changed(self: &Arc<Self>, publishing: &mut Publishing, set: &EndpointSet, now: Instant) {
         self.count_active(set);
         let within_window = publishing.last.is_some_and(|at| now.saturating_duration_since(at) <= self.merge_window);
