@@ -22,7 +22,8 @@ struct Shared {
     chunks: Vec<Bytes>,
     buffered: usize,
     limit: usize,
-    /// More than `limit` was read: the chunks are gone and no further try can be made.
+    /// No further try can be made: more than `limit` was read (the chunks are gone then), or a
+    /// response is being passed on.
     overflowed: bool,
     /// The downstream body has ended (its trailers, if any, are kept).
     ended: bool,
@@ -78,6 +79,13 @@ impl Replay {
     /// Stop every try's body (before a retry's backoff, so nothing reads on meanwhile).
     pub fn supersede(&self) {
         self.0.lock().unwrap().current_try = u32::MAX;
+    }
+
+    /// No further try will be made (the response is being passed on): the rest of the body
+    /// streams through to the try under way without being kept. What is kept stays, since a
+    /// retry's body may not have sent all of it yet (an upstream may answer before reading).
+    pub fn commit(&self) {
+        self.0.lock().unwrap().overflowed = true;
     }
 
     /// Whether the body read so far can still be sent again.

@@ -114,6 +114,7 @@ pub async fn send(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, request
                     if let Some(state) = &mut state {
                         state.done();
                     }
+                    commit(&replay);
                     return Answer { result: Ok(passed_on(cluster, response, lease, started)), tries };
                 }
                 Failure::Response(response, lease)
@@ -155,7 +156,11 @@ pub async fn send(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, request
                     Some(Decision::Overflow) => Some(ResponseFlag::UpstreamOverflow),
                     _ => None,
                 };
-                if !matches!(failure, Failure::Response(..)) {
+                // A response passed on may still be receiving the request body (a stream): the
+                // try goes on; any other failure ends it.
+                if matches!(failure, Failure::Response(..)) {
+                    commit(&replay);
+                } else {
                     abandon(&replay);
                 }
                 return Answer { result: final_failure(cluster, failure, flag, tries, grpc, started), tries };
@@ -185,6 +190,13 @@ pub async fn send(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, request
 fn abandon(replay: &Option<Replay>) {
     if let Some(replay) = replay {
         replay.supersede();
+    }
+}
+
+/// The response of the try under way is passed on: nothing more needs keeping for a retry.
+fn commit(replay: &Option<Replay>) {
+    if let Some(replay) = replay {
+        replay.commit();
     }
 }
 
