@@ -130,10 +130,12 @@ impl Engine {
             // Close idle upstream connections past their cluster's idle timeout.
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
-                tick.tick().await;
+                // The tick's own instant, not the clock read after waking: a reaper woken late one
+                // second and early the next still sees whole seconds pass.
+                let now = tick.tick().await.into_std();
                 let Some(state) = reaper_state.upgrade() else { return };
                 for cluster in state.registry.clusters.load().values() {
-                    cluster.close_idle();
+                    cluster.close_idle(now);
                 }
             }
         });

@@ -1,4 +1,5 @@
-"""HTTP/1.1 upstream that answers every request with one fixed status (503 by default) and its name.
+"""HTTP/1.1 upstream that answers every request with one fixed status (503 by default) and its name,
+or with `--truncate` breaks each answer's body off (the head promises more, the connection closes).
 
 For outlier detection tests: an endpoint that always fails in the same way. Each response carries
 `x-upstream: <name>`, so a client behind a proxy can count what every endpoint received, and tell
@@ -14,7 +15,7 @@ import h11
 import trio
 
 
-async def serve(stream: trio.SocketStream, name: str, status: int) -> None:
+async def serve(stream: trio.SocketStream, name: str, status: int, truncate: bool) -> None:
     conn = h11.Connection(h11.SERVER)
     body = f"{name} answers {status}\n".encode()
     reason = HTTPStatus(status).phrase.encode() if status in HTTPStatus._value2member_map_ else b"Status"
@@ -30,6 +31,12 @@ async def serve(stream: trio.SocketStream, name: str, status: int) -> None:
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return
             if isinstance(event, h11.EndOfMessage):
+                if truncate:
+                    # The head promises more than is sent, then the connection closes: a response
+                    # whose body the upstream breaks.
+                    head = f"HTTP/1.1 {status} {reason.decode()}\r\ncontent-length: {len(body) + 100}\r\nx-upstream: {name}\r\n\r\n"
+                    await stream.send_all(head.encode() + body)
+                    return
                 headers = [("content-type", "text/plain"), ("content-length", str(len(body))), ("x-upstream", name)]
                 await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers, reason=reason)))
                 await stream.send_all(conn.send(h11.Data(data=body)))
@@ -43,20 +50,21 @@ async def serve(stream: trio.SocketStream, name: str, status: int) -> None:
         await stream.aclose()
 
 
-async def main(name: str, status: int, host: str, port: int) -> None:
+async def main(name: str, status: int, truncate: bool, host: str, port: int) -> None:
     listeners = await trio.open_tcp_listeners(port, host=host)
     print(f"READY {listeners[0].socket.getsockname()[1]}", flush=True)
-    await trio.serve_listeners(lambda s: serve(s, name, status), listeners)
+    await trio.serve_listeners(lambda s: serve(s, name, status, truncate), listeners)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--name", required=True)
     parser.add_argument("--status", type=int, default=503)
+    parser.add_argument("--truncate", action="store_true", help="close the connection mid-body")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     try:
-        trio.run(main, args.name, args.status, args.host, args.port)
+        trio.run(main, args.name, args.status, args.truncate, args.host, args.port)
     except KeyboardInterrupt:
         pass

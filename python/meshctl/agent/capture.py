@@ -77,20 +77,9 @@ class CaptureRules:
             [*nat, "-X", PREROUTING_CHAIN],
         ]
 
-    def _chain_exists(self, chain: str) -> bool:
-        done = _iptables([self.iptables, "-w", "-t", "nat", "-S", chain])
-        return done.returncode == 0
-
     def install(self) -> None:
         """Install every rule, or none (what was added is taken out again) and raise."""
-        for chain in (OUTPUT_CHAIN, PREROUTING_CHAIN):
-            if self._chain_exists(chain):
-                raise CaptureError(
-                    f"iptables chain {chain} (nat) exists already: another `meshctl run --capture` "
-                    "runs in this network namespace, or one was killed before it could clean up. "
-                    f"Remove it with: iptables -t nat -D {chain.removeprefix('MESHCTL_')} -p tcp -j {chain}; "
-                    f"iptables -t nat -F {chain}; iptables -t nat -X {chain}"
-                )
+        check_chains_free(self.iptables)  # again: another capture may have started meanwhile
         for command in self.commands():
             done = _iptables(command)
             if done.returncode != 0:
@@ -114,6 +103,18 @@ def check_capture_possible(iptables: str = "iptables") -> None:
         raise CaptureError("--capture needs root: it installs iptables rules")
     if shutil.which(iptables) is None:
         raise CaptureError(f"--capture needs {iptables} (Debian: apt-get install iptables)")
+
+
+def check_chains_free(iptables: str = "iptables") -> None:
+    """Refuse when meshctl's chains exist already: another capture owns this namespace."""
+    for chain in (OUTPUT_CHAIN, PREROUTING_CHAIN):
+        if _iptables([iptables, "-w", "-t", "nat", "-S", chain]).returncode == 0:
+            raise CaptureError(
+                f"iptables chain {chain} (nat) exists already: another `meshctl run --capture` "
+                "runs in this network namespace, or one was killed before it could clean up. "
+                f"Remove it with: iptables -t nat -D {chain.removeprefix('MESHCTL_')} -p tcp -j {chain}; "
+                f"iptables -t nat -F {chain}; iptables -t nat -X {chain}"
+            )
 
 
 # Started in place of the app: back to the original group, no proxy variables (traffic is

@@ -66,6 +66,15 @@ def run_in_mesh(
     from meshctl.agent.mesh_agent import AgentOptions, main
     from meshctl.control.client import ClientError, resolve_token
 
+    if capture:
+        # What this machine can tell at once is refused before waiting for a control plane.
+        from meshctl.agent.capture import CaptureError, check_capture_possible, check_chains_free
+
+        try:
+            check_capture_possible()
+            check_chains_free()
+        except CaptureError as error:
+            _refuse(str(error))
     try:
         presented = resolve_token(token)
         planes = tls_addresses(control_plane, xds_address, presented)
@@ -81,7 +90,7 @@ def run_in_mesh(
         cert_ttl=ttl_seconds, cert_dir=cert_dir, **({"ca_root": ca_root} if ca_root else {}),
     )  # fmt: skip
     if capture:
-        from meshctl.agent.capture import CaptureError, run_captured
+        from meshctl.agent.capture import run_captured
 
         try:
             raise typer.Exit(run_captured(options, command or None))

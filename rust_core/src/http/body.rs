@@ -38,7 +38,11 @@ impl Body for ResponseBody {
                     // The server stops polling once is_end_stream() says so: release here too.
                     Poll::Ready(None) => release(lease),
                     Poll::Ready(Some(Ok(_))) if body.is_end_stream() => release(lease),
-                    Poll::Ready(Some(Err(_))) => drop(lease.take()),
+                    Poll::Ready(Some(Err(_))) => {
+                        if let Some(lease) = lease.take() {
+                            lease.failed();
+                        }
+                    }
                     _ => {}
                 }
                 polled

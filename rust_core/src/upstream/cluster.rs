@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
@@ -58,12 +59,15 @@ impl Endpoint {
         let Some(monitor) = &self.outlier else {
             return self.pool.send(request, || {}).await;
         };
-        // Envoy reads a gRPC status from the response head of gRPC requests only. A reset while
-        // the response body streams is not seen here, so it is not counted (Envoy counts it).
+        // Envoy reads a gRPC status from the response head of gRPC requests only.
         let grpc = is_grpc(request.headers());
-        let result = self.pool.send(request, || monitor.record_local(LocalResult::ConnectSuccess)).await;
-        match &result {
-            Ok((response, _)) => {
+        let mut result = self.pool.send(request, || monitor.record_local(LocalResult::ConnectSuccess)).await;
+        match &mut result {
+            Ok((response, lease)) => {
+                // A reset while the body streams counts too (the lease sees it).
+                if let Some(lease) = lease {
+                    lease.outlier = Some(monitor.clone());
+                }
                 let grpc_status = if grpc { response.headers().get("grpc-status") } else { None };
                 match grpc_status {
                     Some(status) => monitor.record_status(outlier::grpc_status_to_http(status.as_bytes())),
@@ -304,12 +308,13 @@ impl ClusterRuntime {
         }
     }
 
-    pub fn close_idle(&self) {
+    /// Close connections idle past the cluster's idle timeout; `now` is the reaper's tick.
+    pub fn close_idle(&self, now: Instant) {
         for endpoint in &self.endpoints.load().endpoints {
-            endpoint.pool.close_expired();
+            endpoint.pool.close_expired(now);
         }
         for endpoint in self.original_destinations.lock().unwrap().values() {
-            endpoint.pool.close_expired();
+            endpoint.pool.close_expired(now);
         }
     }
 }

@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::circuit_breaker::try_acquire;
+use super::outlier::{HostMonitor, LocalResult};
 use crate::http::request_body::RequestBody;
 use crate::model::circuit_breaker::CircuitBreakers;
 use crate::model::tls::UpstreamTls;
@@ -121,9 +122,20 @@ pub struct ConnectionLease {
     pool: Pool,
     /// The HTTP/1.1 connection and the requests it has carried; None on HTTP/2 (shared).
     http1: Option<(http1::SendRequest<RequestBody>, u32)>,
+    /// The endpoint's outlier detection, when its cluster has it: told of a failed body.
+    pub(crate) outlier: Option<Arc<HostMonitor>>,
 }
 
 impl ConnectionLease {
+    /// The upstream broke the response body (a reset, a connection closed early): the
+    /// connection is not reused, and outlier detection counts the failure as Envoy's router
+    /// does for any upstream reset.
+    pub fn failed(self) {
+        if let Some(monitor) = &self.outlier {
+            monitor.record_local(LocalResult::ConnectFailed);
+        }
+    }
+
     /// The response body has been read to its end: give the connection back to the pool.
     pub fn release(mut self) {
         let Some((mut sender, uses)) = self.http1.take() else { return };
@@ -294,7 +306,7 @@ impl Pool {
     fn attach(&self) -> Result<ConnectionLease, UpstreamError> {
         let counts = &self.0.stats.resilience;
         if try_acquire(&counts.requests_active, self.0.breakers.max_requests) {
-            Ok(ConnectionLease { pool: self.clone(), http1: None })
+            Ok(ConnectionLease { pool: self.clone(), http1: None, outlier: None })
         } else {
             counts.active_overflows.fetch_add(1, Relaxed);
             Err(UpstreamError::Overflow)
@@ -515,7 +527,7 @@ impl Pool {
     }
 
     /// Close connections idle past the cluster's idle timeout (common_http_protocol_options).
-    pub fn close_expired(&self) {
+    pub fn close_expired(&self, now: Instant) {
         let timeout = self.0.idle_timeout;
         self.0.idle_http1.lock().unwrap().retain(|c| c.idle_since.elapsed() < timeout && c.sender.is_ready());
         // The HTTP/2 connection is idle once no request was given it for the idle timeout (to
@@ -526,8 +538,8 @@ impl Pool {
         if let Some(connection) = shared.as_mut() {
             if connection.used {
                 connection.used = false;
-                connection.idle_since = Instant::now();
-            } else if connection.idle_since.elapsed() >= timeout {
+                connection.idle_since = now;
+            } else if now.saturating_duration_since(connection.idle_since) >= timeout {
                 *shared = None;
             }
         }
