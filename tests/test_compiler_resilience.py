@@ -49,6 +49,12 @@ def destination_rule(policy: dict | None = None, v2_policy: dict | None = None) 
             "metadata": {"name": "reviews", "namespace": "default"}, "spec": spec}  # fmt: skip
 
 
+def fallback(to: dict, **spec) -> dict:
+    return {"apiVersion": "policy.meshctl.io/v1alpha1", "kind": "Fallback",
+            "metadata": {"name": "reviews", "namespace": "default"},
+            "spec": {"host": "reviews", "to": to, **spec}}  # fmt: skip
+
+
 def compiled(*resources: dict) -> dict:
     return sidecar_resources(compile_mesh(list(resources), REGISTRY), CLIENT)
 
@@ -165,8 +171,11 @@ def test_envoy_accepts_the_compiled_resilience_config(tmp_path: Path):
         "outlierDetection": {"consecutive5xxErrors": 3, "interval": "1s", "baseEjectionTime": "5s", "maxEjectionPercent": 50},
         "retryBudget": {"percent": 25.0, "minRetryConcurrency": 4},
     }  # fmt: skip
+    # With a Fallback too: Envoy must accept (and ignore) the cluster metadata that carries it.
     resources = compiled(destination_rule(policy), virtual_service(
-        timeout="10s", retries={"attempts": 3, "perTryTimeout": "2s", "retryOn": "5xx,reset,409"}))  # fmt: skip
+        timeout="10s", retries={"attempts": 3, "perTryTimeout": "2s", "retryOn": "5xx,reset,409"}),
+        fallback({"response": {"status": 200, "body": "{}"}}))  # fmt: skip
+    assert "meshctl.fallback" in clusters(resources)[V1]["metadata"]["filter_metadata"]
     (table,) = resources[types.ROUTE]
     bootstrap = {
         "node": {"id": "client", "cluster": "productpage"},
@@ -197,3 +206,28 @@ def _static(cluster: dict) -> dict:
     cluster["type"] = "STATIC"
     cluster["load_assignment"] = {"cluster_name": cluster["name"]}
     return cluster
+
+
+def test_a_fallback_goes_on_every_cluster_of_its_host_but_its_own_destination():
+    breaker = {"errorRatio": 0.5, "slowCallRatio": 0.8, "slowCallDuration": "1s", "openFor": "30s"}
+    found = clusters(compiled(destination_rule(), fallback({"destination": {"host": "reviews", "subset": "v1"}},
+                                                             breaker=breaker)))  # fmt: skip
+    expected = {
+        "fallback": "default/reviews", "host": REVIEWS,
+        "on": ["breaker-open", "no-healthy-upstream", "timeout", "5xx", "overflow"],
+        "breaker": {"error_ratio": 0.5, "slow_call_ratio": 0.8, "slow_call_duration_ms": 1000, "min_requests": 10,
+                    "window_ms": 10000, "open_for_ms": 30000},
+        "cluster": V1,
+    }  # fmt: skip
+    assert found[V2]["metadata"]["filter_metadata"]["meshctl.fallback"] == expected
+    assert found[ALL]["metadata"]["filter_metadata"]["meshctl.fallback"] == expected
+    assert "metadata" not in found[V1], "the degraded destination itself never falls back"
+
+
+def test_a_fallback_response_and_its_reasons_are_compiled_as_written():
+    to = {"response": {"status": 503, "headers": {"retry-after": "5"}, "body": "degraded"}}
+    found = clusters(compiled(fallback(to, on=["timeout", "5xx"])))
+    assert found[ALL]["metadata"]["filter_metadata"]["meshctl.fallback"] == {
+        "fallback": "default/reviews", "host": REVIEWS, "on": ["timeout", "5xx"],
+        "response": {"status": 503, "headers": {"retry-after": "5"}, "body": "degraded"},
+    }  # fmt: skip

@@ -39,6 +39,7 @@ from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.message import Message
 
 from meshctl.agent.bootstrap import resource_to_bytes
+from meshctl.control import compiler_fallback as fallback
 from meshctl.control import compiler_resilience as resilience
 from meshctl.control import compiler_mtls as mtls
 from meshctl.control import compiler_rbac as rbac
@@ -47,6 +48,7 @@ from meshctl.control.registry import Sidecar
 from meshctl.resources.authorization_policy import AuthorizationPolicySpec
 from meshctl.resources.common import StringMatch, duration_seconds
 from meshctl.resources.destination_rule import DestinationRuleSpec
+from meshctl.resources.fallback import FallbackSpec
 from meshctl.resources.hosts import CLUSTER_DOMAIN, canonical_host
 from meshctl.resources.peer_authentication import PeerAuthenticationSpec
 from meshctl.resources.service_entry import ServiceEntrySpec, WorkloadEntrySpec
@@ -213,6 +215,13 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
         for name in _referenced_clusters(table):
             _, port, subset, host = name.split("|", 3)
             wanted.setdefault((host, int(port)), {None}).add(subset or None)
+    # Host → its Fallback; the degraded destinations they name are clusters too.
+    guarded = fallback.guarded_hosts(sorted((s for s in stored if s.kind == "Fallback"), key=lambda s: s.order))
+    for (host, port) in [key for key in wanted if key[0] in guarded]:
+        target = fallback.destination(guarded[host], port)
+        if target is not None:
+            to_host, to_port, to_subset = target
+            wanted.setdefault((to_host, to_port), {None}).add(to_subset)
     plaintext_clusters: list[Json] = []
     any_mtls = False
     for host, port in sorted(wanted):
@@ -236,6 +245,8 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
                 config.endpoints.append(_assignment(name, chosen))
                 identities = _mtls_identities(chosen)
             resilience.apply_cluster_policy(cluster, applied)
+            if host in guarded and not fallback.is_target(guarded[host], name, cluster_name):
+                cluster["metadata"] = fallback.metadata(guarded[host], port, cluster_name)
             plaintext = _with_http2(cluster) if backend.http2 else cluster
             plaintext_clusters.append(plaintext)
             if identities:
@@ -440,6 +451,7 @@ _SPEC_TYPES = {
     "WorkloadEntry": WorkloadEntrySpec,
     "PeerAuthentication": PeerAuthenticationSpec,
     "AuthorizationPolicy": AuthorizationPolicySpec,
+    "Fallback": FallbackSpec,
 }
 # Validated specs by their JSON text: a compile re-reads every stored resource, but a change
 # touches few of them. The compiler only reads specs, so one parsed object serves every compile.

@@ -33,6 +33,18 @@ class _NoAliasLoader(yaml.SafeLoader):
             )
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        # A key is a field or header name, never a boolean: YAML 1.1 would read Fallback's `on:`
+        # (or a label key `yes`) as True. Keys keep their text, as YAML 1.2 parsers do.
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag == _BOOL_TAG and not key_node.style:
+                key_node.tag = _STR_TAG
+        return super().construct_mapping(node, deep)
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_STR_TAG = "tag:yaml.org,2002:str"
+
 
 def parse_documents(text: str, max_documents: int = 5000) -> list[Document]:
     """Every non-empty document in `text`. Malformed YAML refuses the whole text."""

@@ -7,14 +7,21 @@ from dataclasses import dataclass
 from meshctl.resources.authorization_policy import AuthorizationPolicySpec
 from meshctl.resources.common import MeshModel
 from meshctl.resources.destination_rule import DestinationRuleSpec
+from meshctl.resources.fallback import FallbackSpec
 from meshctl.resources.peer_authentication import PeerAuthenticationSpec
 from meshctl.resources.service_entry import ServiceEntrySpec, WorkloadEntrySpec
 from meshctl.resources.virtual_service import VirtualServiceSpec
 
 GROUP = "networking.istio.io"
 SECURITY_GROUP = "security.istio.io"
+# meshctl's own kinds: what no mesh has, kept out of Istio's groups so Istio's YAML stays Istio's.
+POLICY_GROUP = "policy.meshctl.io"
 # Istio serves the same schema under each of a group's versions; files written for any apply unchanged.
-_VERSIONS = {GROUP: ("v1", "v1beta1", "v1alpha3"), SECURITY_GROUP: ("v1", "v1beta1")}
+_VERSIONS = {
+    GROUP: ("v1", "v1beta1", "v1alpha3"),
+    SECURITY_GROUP: ("v1", "v1beta1"),
+    POLICY_GROUP: ("v1alpha1",),
+}
 API_VERSIONS = tuple(f"{GROUP}/{version}" for version in _VERSIONS[GROUP])
 
 
@@ -42,6 +49,7 @@ KINDS: dict[str, KindInfo] = {
         KindInfo(
             "AuthorizationPolicy", "authorizationpolicies", "ap", AuthorizationPolicySpec, SECURITY_GROUP
         ),
+        KindInfo("Fallback", "fallbacks", "fb", FallbackSpec, POLICY_GROUP),
     )
 }
 

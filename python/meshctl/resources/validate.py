@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from meshctl.resources import authorization_policy, checks, peer_authentication
+from meshctl.resources import authorization_policy, checks, fallback, peer_authentication
 from meshctl.resources.common import Metadata
 from meshctl.resources.documents import Document, parse_documents
 from meshctl.resources.errors import Issue, ResourceRef, ValidationFailed, field_path
@@ -24,6 +24,7 @@ _CHECKS = {
     "ServiceEntry": checks.service_entry,
     "PeerAuthentication": peer_authentication.problems,
     "AuthorizationPolicy": authorization_policy.problems,
+    "Fallback": fallback.problems,
 }
 
 
@@ -99,12 +100,9 @@ def validate_document(document: Document) -> Resource:
     api_version = data.get("apiVersion")
     if api_version not in info.api_versions:
         others = ", ".join(version.rpartition("/")[2] for version in info.api_versions[1:])
+        also = f" (or {others})" if others else ""
         issues.append(
-            Issue(
-                where,
-                "apiVersion",
-                f"{api_version!r} is not served for {kind}; use {info.api_versions[0]} (or {others})",
-            )
+            Issue(where, "apiVersion", f"{api_version!r} is not served for {kind}; use {info.api_versions[0]}{also}")
         )
     for key in data:
         if key not in _TOP_LEVEL:
@@ -188,7 +186,7 @@ def _marked_in(
 
 
 def check_references(bodies: Iterable[Mapping[str, Any]]) -> list[Issue]:
-    """Subsets named by VirtualServices that no DestinationRule defines, across the whole state.
+    """Subsets named by VirtualServices or Fallbacks that no DestinationRule defines, across the whole state.
 
     `bodies` is the state the store would hold after the change: stored resources with the
     batch laid over them (or with the deleted ones taken out).
@@ -203,38 +201,47 @@ def check_references(bodies: Iterable[Mapping[str, Any]]) -> list[Issue]:
             subsets_by_host.setdefault(host, []).append(
                 (f"{meta['namespace']}/{meta['name']}", names)
             )
-        elif body["kind"] == "VirtualService":
+        elif body["kind"] in ("VirtualService", "Fallback"):
             services.append(body)
     issues = []
     for body in services:
         meta = body["metadata"]
-        where = f"VirtualService {meta['namespace']}/{meta['name']}"
-        for route_index, route in enumerate(body["spec"].get("http") or []):
-            for index, destination in enumerate(route.get("route") or []):
-                target = destination["destination"]
-                subset = target.get("subset")
-                if subset is None:
-                    continue
-                host = canonical_host(target["host"], meta["namespace"])
-                rules = [
-                    rule
-                    for pattern, found in subsets_by_host.items()
-                    if host_matches(pattern, host)
-                    for rule in found
-                ]
-                if any(subset in names for _, names in rules):
-                    continue
-                path = f"spec.http[{route_index}].route[{index}].destination.subset"
-                if not rules:
-                    reason = (
-                        f"subset {subset!r} is not defined: no DestinationRule has host "
-                        f"{target['host']!r} ({host})"
-                    )
-                else:
-                    defined = "; ".join(
-                        f"DestinationRule {rule} defines {', '.join(sorted(names)) or 'no subsets'}"
-                        for rule, names in rules
-                    )
-                    reason = f"subset {subset!r} is not defined by any DestinationRule ({defined})"
-                issues.append(Issue(where, path, reason))
+        where = f"{body['kind']} {meta['namespace']}/{meta['name']}"
+        for path, target in _subset_references(body):
+            subset = target.get("subset")
+            if subset is None:
+                continue
+            host = canonical_host(target["host"], meta["namespace"])
+            rules = [
+                rule
+                for pattern, found in subsets_by_host.items()
+                if host_matches(pattern, host)
+                for rule in found
+            ]
+            if any(subset in names for _, names in rules):
+                continue
+            if not rules:
+                reason = (
+                    f"subset {subset!r} is not defined: no DestinationRule has host "
+                    f"{target['host']!r} ({host})"
+                )
+            else:
+                defined = "; ".join(
+                    f"DestinationRule {rule} defines {', '.join(sorted(names)) or 'no subsets'}"
+                    for rule, names in rules
+                )
+                reason = f"subset {subset!r} is not defined by any DestinationRule ({defined})"
+            issues.append(Issue(where, path, reason))
     return issues
+
+
+def _subset_references(body: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(path of the subset field, destination) for each destination a resource names."""
+    if body["kind"] == "Fallback":
+        destination = (body["spec"].get("to") or {}).get("destination")
+        if destination:
+            yield "spec.to.destination.subset", destination
+        return
+    for route_index, route in enumerate(body["spec"].get("http") or []):
+        for index, destination in enumerate(route.get("route") or []):
+            yield f"spec.http[{route_index}].route[{index}].destination.subset", destination["destination"]

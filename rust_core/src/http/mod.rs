@@ -1,6 +1,7 @@
 //! HTTP: the downstream server (HTTP/1.1 and HTTP/2 via hyper), routing, and the proxying handler.
 
 pub mod body;
+pub mod fallback;
 pub mod local_reply;
 pub mod proxy;
 pub mod replay_body;

@@ -13,11 +13,13 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::body::ResponseBody;
+use super::fallback::{self, BreakerCall};
 use super::local_reply::local_reply;
 use super::request_body::{BodyFault, BodyFaults};
 use super::routing::{header_matches, select_route, select_virtual_host, RequestView};
 use super::upstream_request::{self, no_healthy_upstream, strip_retry_headers, Upstream};
 use super::xfcc::forward_client_cert;
+use crate::model::fallback::FallbackReason;
 use crate::model::headers::HeaderMutation;
 use crate::model::route::{Action, ClusterChoice, DirectResponseAction, ForwardAction, PathMatch, RedirectAction, Route, RouteConfig, VirtualHost};
 use crate::model::tls::PeerIdentity;
@@ -27,6 +29,9 @@ use crate::policy::path::normalize_request_target;
 use crate::registry::Registry;
 use crate::telemetry::metrics::ListenerStats;
 use crate::telemetry::resilience::ResponseFlag;
+use crate::upstream::destination_breaker::Admission;
+use crate::upstream::fallback::ClusterFallback;
+use crate::upstream::ClusterRuntime;
 
 /// What every request on one downstream connection shares.
 pub struct HttpContext {
@@ -276,13 +281,56 @@ async fn forward_request<'a>(
             (chosen.name.as_str(), Some(&chosen.request_headers), Some(&chosen.response_headers))
         }
     };
-    let Some(cluster) = context.registry.cluster(cluster_name) else {
+    let Some(primary) = context.registry.cluster(cluster_name) else {
         context.stats.response_flags.record(ResponseFlag::NoClusterFound);
         return (local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("cluster {cluster_name:?} is not configured"), grpc), response_mutation);
     };
-    let Some(endpoint) = cluster.pick_endpoint(context.original_destination) else {
-        return (no_healthy_upstream(&cluster, grpc), response_mutation);
+    // meshctl's Fallback: an open breaker, or a cluster with no endpoint, is answered by the
+    // fallback at once; a `destination` fallback then takes the request as the route would.
+    let mut breaker_call = None;
+    let mut diverted: Option<(Arc<ClusterRuntime>, FallbackReason)> = None;
+    if let Some(guard) = &primary.fallback {
+        match guard.admit() {
+            Some(Admission::Rejected) => match divert(context, guard, FallbackReason::BreakerOpen, grpc) {
+                Ok(to) => diverted = Some((to, FallbackReason::BreakerOpen)),
+                Err(answer) => return (answer, response_mutation),
+            },
+            Some(admission) => breaker_call = Some(BreakerCall::new(guard, admission)),
+            None => {}
+        }
+    }
+    let picked = diverted.as_ref().map_or(&primary, |(to, _)| to).pick_endpoint(context.original_destination);
+    let endpoint = match (picked, &primary.fallback) {
+        (Some(endpoint), _) => endpoint,
+        (None, Some(guard)) if diverted.is_none() && guard.applies_on(FallbackReason::NoHealthyUpstream) => {
+            if let Some(call) = breaker_call.take() {
+                call.record(true);
+            }
+            let to = match divert(context, guard, FallbackReason::NoHealthyUpstream, grpc) {
+                Ok(to) => to,
+                Err(answer) => return (answer, response_mutation),
+            };
+            let Some(endpoint) = to.pick_endpoint(context.original_destination) else {
+                let mut answer = no_healthy_upstream(&to, grpc);
+                fallback::mark(&mut answer, FallbackReason::NoHealthyUpstream);
+                return (answer, response_mutation);
+            };
+            diverted = Some((to, FallbackReason::NoHealthyUpstream));
+            endpoint
+        }
+        (None, _) => {
+            if let Some(call) = breaker_call.take() {
+                call.record(true);
+            }
+            let cluster = diverted.as_ref().map_or(&primary, |(to, _)| to);
+            let mut answer = no_healthy_upstream(cluster, grpc);
+            if let Some((_, reason)) = &diverted {
+                fallback::mark(&mut answer, *reason);
+            }
+            return (answer, response_mutation);
+        }
     };
+    let cluster = diverted.as_ref().map_or(&primary, |(to, _)| to);
     // A policy that retries nothing needs no retry state, as in Envoy; retriable_request_headers
     // are matched against the request as it arrived.
     let retry_policy = forward.retry_policy.as_deref().filter(|policy| !policy.retry_on.is_empty()).filter(|policy| {
@@ -348,26 +396,23 @@ async fn forward_request<'a>(
     for mutation in mutations {
         mutation.apply(headers);
     }
-    let http2 = cluster.config.protocol == UpstreamProtocol::Http2;
-    let uri = match upstream_uri(&host, path, http2, cluster.config.tls.is_some()) {
-        Some(uri) => uri,
-        None => return (local_reply(StatusCode::BAD_REQUEST, "invalid request target", grpc), response_mutation),
-    };
-    if http2 {
-        headers.remove(header::HOST);
-        *request.version_mut() = Version::HTTP_2;
-    } else {
-        match HeaderValue::from_str(&host) {
-            Ok(value) => headers.insert(header::HOST, value),
-            Err(_) => return (local_reply(StatusCode::BAD_REQUEST, "invalid host", grpc), response_mutation),
-        };
-        *request.version_mut() = Version::HTTP_11;
+    let (mut upstream_head, body) = request.into_parts();
+    if let Err(problem) = address_head(&mut upstream_head, cluster, &host, path) {
+        return (local_reply(StatusCode::BAD_REQUEST, problem, grpc), response_mutation);
     }
-    *request.uri_mut() = uri;
+    // A `destination` fallback after a failure sends the request again: only one without a body
+    // (kept here), since the body has been streamed to the cluster that failed.
+    let resend = match (&diverted, &primary.fallback) {
+        (None, Some(guard)) if fallback::target_cluster(guard).is_some() && http_body::Body::is_end_stream(&body) => {
+            Some(upstream_head.clone())
+        }
+        _ => None,
+    };
+    let request = Request::from_parts(upstream_head, body);
 
     let upstream = Upstream {
         context,
-        cluster: &cluster,
+        cluster,
         retry_policy,
         retry_buffer_limit: forward.retry_buffer_limit,
         timeout: effective_timeout(forward.timeout, request.headers()),
@@ -375,10 +420,41 @@ async fn forward_request<'a>(
         downstream_http1,
         attempt_count_header: vhost.include_request_attempt_count,
     };
-    let answer = upstream_request::send(upstream, endpoint, request).await;
+    let timeout = upstream.timeout;
+    let mut answer = upstream_request::send(upstream, endpoint, request).await;
+    let mut fell_back = diverted.as_ref().map(|(_, reason)| *reason);
+    if let (None, Some(guard)) = (&diverted, &primary.fallback) {
+        let failure = fallback::failure_reason(&answer);
+        if let Some(call) = breaker_call.take() {
+            call.record(failure.is_some());
+        }
+        if let Some(reason) = failure.filter(|reason| guard.applies_on(*reason)) {
+            if let Some(answer) = fallback::fixed_response(guard, reason) {
+                return (answer, response_mutation);
+            }
+            if let (Some(copy), Some(to)) = (resend, fallback::target_cluster(guard).and_then(|name| context.registry.cluster(name))) {
+                guard.count(reason);
+                fell_back = Some(reason);
+                let upstream = Upstream {
+                    context,
+                    cluster: &to,
+                    retry_policy,
+                    retry_buffer_limit: forward.retry_buffer_limit,
+                    timeout,
+                    grpc,
+                    downstream_http1,
+                    attempt_count_header: vhost.include_request_attempt_count,
+                };
+                answer = fallback::send_again(upstream, copy, &host).await;
+            }
+        }
+    }
     let with_attempts = |mut response: Response<ResponseBody>| {
         if vhost.include_attempt_count_in_response {
             response.headers_mut().insert(HeaderName::from_static("x-envoy-attempt-count"), HeaderValue::from(answer.tries));
+        }
+        if let Some(reason) = fell_back {
+            fallback::mark(&mut response, reason);
         }
         response
     };
@@ -404,6 +480,36 @@ async fn forward_request<'a>(
     // before the response head it is owed has gone out.
     let body = if head && !http_body::Body::is_end_stream(&body) { ResponseBody::empty() } else { ResponseBody::Upstream(body, lease) };
     (with_attempts(Response::from_parts(parts, body)), response_mutation)
+}
+
+/// Point a request head at `cluster`: the URI form, Host header and version its protocol takes.
+pub(super) fn address_head(head: &mut http::request::Parts, cluster: &ClusterRuntime, host: &str, path: PathAndQuery) -> Result<(), &'static str> {
+    let http2 = cluster.config.protocol == UpstreamProtocol::Http2;
+    head.uri = upstream_uri(host, path, http2, cluster.config.tls.is_some()).ok_or("invalid request target")?;
+    if http2 {
+        head.headers.remove(header::HOST);
+        head.version = Version::HTTP_2;
+    } else {
+        head.headers.insert(header::HOST, HeaderValue::from_str(host).map_err(|_| "invalid host")?);
+        head.version = Version::HTTP_11;
+    }
+    Ok(())
+}
+
+/// Where a Fallback diverts a request: its fallback cluster, or the answer to give instead (the
+/// fixed response, or 503 when the fallback cluster is not configured).
+fn divert(context: &HttpContext, guard: &ClusterFallback, reason: FallbackReason, grpc: bool) -> Result<Arc<ClusterRuntime>, Response<ResponseBody>> {
+    if let Some(answer) = fallback::fixed_response(guard, reason) {
+        return Err(answer);
+    }
+    let name = fallback::target_cluster(guard).unwrap_or_default();
+    guard.count(reason);
+    context.registry.cluster(name).ok_or_else(|| {
+        context.stats.response_flags.record(ResponseFlag::NoClusterFound);
+        let mut answer = local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("fallback cluster {name:?} is not configured"), grpc);
+        fallback::mark(&mut answer, reason);
+        answer
+    })
 }
 
 /// The answer to a request whose body the client broke: 400, and on HTTP/1.1 the connection

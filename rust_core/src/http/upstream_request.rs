@@ -43,6 +43,27 @@ pub struct Upstream<'a> {
 pub struct Answer {
     pub result: Result<(Response<Incoming>, Option<ConnectionLease>), Response<ResponseBody>>,
     pub tries: u32,
+    /// Why the local reply replaced a response (None for the client's own fault, or a response).
+    pub failed: Option<Failed>,
+}
+
+/// What the upstream side did wrong when the answer is a local reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failed {
+    /// The route's or the last try's timeout (504, UT).
+    Timeout,
+    /// A circuit breaker refused it (503, UO).
+    Overflow,
+    /// No endpoint was left to retry on (503, UH).
+    NoHealthyUpstream,
+    /// The connection failed or was reset (503, UF / UR).
+    Reset,
+}
+
+impl Answer {
+    fn local(reply: Response<ResponseBody>, tries: u32, failed: Option<Failed>) -> Self {
+        Answer { result: Err(reply), tries, failed }
+    }
 }
 
 /// A try that did not produce a response to pass on.
@@ -59,15 +80,22 @@ const DRAIN_LIMIT: usize = 64 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(1);
 
 pub async fn send(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, request: Request<Incoming>) -> Answer {
+    let (parts, incoming) = request.into_parts();
+    send_parts(upstream, first_endpoint, parts, Some(incoming)).await
+}
+
+/// `send` for a request head with its body (None: no body, e.g. a fallback's copy of a GET).
+pub async fn send_parts(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, parts: http::request::Parts, incoming: Option<Incoming>) -> Answer {
     let Upstream { context, cluster, grpc, .. } = upstream;
     let deadline = upstream.timeout.map(|timeout| Instant::now() + timeout);
-    let (parts, incoming) = request.into_parts();
     let mut state = upstream.retry_policy.map(|policy| RetryState::new(policy, cluster));
     // Only a request that may be retried keeps its body; the others stream it through.
-    let (mut incoming, replay) = match &state {
-        Some(_) if !http_body::Body::is_end_stream(&incoming) => (None, Some(Replay::new(incoming, upstream.retry_buffer_limit))),
-        Some(_) => (None, None),
-        None => (Some(incoming), None),
+    let (mut incoming, replay) = match (&state, incoming) {
+        (Some(_), Some(incoming)) if !http_body::Body::is_end_stream(&incoming) => {
+            (None, Some(Replay::new(incoming, upstream.retry_buffer_limit)))
+        }
+        (Some(_), _) => (None, None),
+        (None, incoming) => (incoming, None),
     };
     let mut parts = Some(parts);
     let mut endpoint = first_endpoint;
@@ -102,7 +130,7 @@ pub async fn send(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, request
                 Err(_) => {
                     endpoint.record_timeout();
                     abandon(&replay);
-                    return Answer { result: Err(timeout_reply(cluster, grpc)), tries };
+                    return Answer::local(timeout_reply(cluster, grpc), tries, Some(Failed::Timeout));
                 }
             },
             None => Some(sent.await),
@@ -115,7 +143,7 @@ pub async fn send(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, request
                         state.done();
                     }
                     commit(&replay);
-                    return Answer { result: Ok(passed_on(cluster, response, lease, started)), tries };
+                    return Answer { result: Ok(passed_on(cluster, response, lease, started)), tries, failed: None };
                 }
                 Failure::Response(response, lease)
             }
@@ -123,7 +151,7 @@ pub async fn send(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, request
                 if let Some(fault) = context.body_faults.since(faults_mark) {
                     // The client broke its own request body and the exchange failed because of
                     // it: the client's error, not the cluster's, and nothing to retry.
-                    return Answer { result: Err(body_fault_reply(fault, grpc, upstream.downstream_http1)), tries };
+                    return Answer::local(body_fault_reply(fault, grpc, upstream.downstream_http1), tries, None);
                 }
                 Failure::Error(error)
             }
@@ -163,7 +191,8 @@ pub async fn send(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, request
                 } else {
                     abandon(&replay);
                 }
-                return Answer { result: final_failure(cluster, failure, flag, tries, grpc, started), tries };
+                let failed = failed_as(&failure);
+                return Answer { result: final_failure(cluster, failure, flag, tries, grpc, started), tries, failed };
             }
         };
         // Nothing reads the downstream body while the next try is not under way.
@@ -174,12 +203,12 @@ pub async fn send(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, request
         let wake = Instant::now() + backoff;
         if let Some(deadline) = deadline.filter(|d| *d <= wake) {
             tokio::time::sleep_until(deadline).await;
-            return Answer { result: Err(timeout_reply(cluster, grpc)), tries };
+            return Answer::local(timeout_reply(cluster, grpc), tries, Some(Failed::Timeout));
         }
         tokio::time::sleep_until(wake).await;
         endpoint = match pick_for_retry(cluster, context, state.as_ref().expect("retrying")) {
             Some(next) => next,
-            None => return Answer { result: Err(no_healthy_upstream(cluster, grpc)), tries },
+            None => return Answer::local(no_healthy_upstream(cluster, grpc), tries, Some(Failed::NoHealthyUpstream)),
         };
         tries += 1;
     }
@@ -204,6 +233,16 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
+    }
+}
+
+/// What a final failure becomes a local reply for; None when its response is passed on.
+fn failed_as(failure: &Failure) -> Option<Failed> {
+    match failure {
+        Failure::Response(..) => None,
+        Failure::PerTryTimeout => Some(Failed::Timeout),
+        Failure::Error(UpstreamError::Overflow) => Some(Failed::Overflow),
+        Failure::Error(_) => Some(Failed::Reset),
     }
 }
 

@@ -37,6 +37,9 @@ pub struct ClusterConfig {
     /// reach it together at the end of the window (Envoy's update_merge_window); zero: at once.
     #[serde(with = "super::millis")]
     pub update_merge_window: Duration,
+    /// meshctl's Fallback for this cluster: None, failures reach the caller as they are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Arc<super::fallback::FallbackConfig>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

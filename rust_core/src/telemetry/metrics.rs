@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::resilience::{ResilienceStats, ResponseFlag};
+use super::resilience::{FallbackStats, ResilienceStats, ResponseFlag};
 
 /// Upper bounds of the latency buckets in milliseconds (Envoy's default histogram buckets).
 const BUCKETS_MS: [f64; 19] = [
@@ -288,6 +288,9 @@ pub struct Metrics {
     clusters: Mutex<BTreeMap<String, Arc<ClusterStats>>>,
     outliers: Mutex<BTreeMap<String, Arc<OutlierStats>>>,
     routes: Mutex<BTreeMap<String, Arc<RouteStats>>>,
+    /// Fallback answers by guarded host, and each fallback breaker's open gauge by cluster.
+    fallbacks: Mutex<BTreeMap<String, Arc<FallbackStats>>>,
+    fallback_breakers: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
     config: Mutex<BTreeMap<String, Arc<ConfigCounters>>>,
     pub rbac: RbacStats,
     pub tls: Arc<TlsStats>,
@@ -319,6 +322,14 @@ impl Metrics {
 
     pub fn outlier(&self, cluster: &str) -> Arc<OutlierStats> {
         get_or_create(&self.outliers, cluster)
+    }
+
+    pub fn fallback(&self, host: &str) -> Arc<FallbackStats> {
+        get_or_create(&self.fallbacks, host)
+    }
+
+    pub fn fallback_breaker_gauge(&self, cluster: &str) -> Arc<AtomicU64> {
+        get_or_create(&self.fallback_breakers, cluster)
     }
 
     pub fn route(&self, name: &str) -> Arc<RouteStats> {
@@ -386,6 +397,8 @@ impl Metrics {
         }
         ResilienceStats::render(&clusters, &mut out, escape);
         OutlierStats::render(&self.outliers.lock().unwrap().clone(), &mut out);
+        let fallback_breakers = self.fallback_breakers.lock().unwrap().clone();
+        FallbackStats::render(&self.fallbacks.lock().unwrap().clone(), &fallback_breakers, &mut out, escape);
         let routes = self.routes.lock().unwrap().clone();
         out.push_str("# TYPE meshctl_route_rq_total counter\n");
         for (name, s) in &routes {

@@ -1,4 +1,5 @@
-//! Retry, circuit-breaker and response-flag counters of a cluster (Envoy's names), lock-free.
+//! Retry, circuit-breaker and response-flag counters of a cluster (Envoy's names), lock-free;
+//! and the fallback counters of the hosts meshctl's Fallback resources guard.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -6,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use super::metrics::ClusterStats;
+use crate::model::fallback::FallbackReason;
 
 /// Envoy's response flags for a request the proxy failed or answered itself. A fixed set, so
 /// the series they make stay bounded.
@@ -109,6 +111,8 @@ pub struct ResilienceStats {
     pub active_overflows: AtomicU64,
     /// upstream_cx_overflow: connections max_connections kept from being opened.
     pub connection_overflows: AtomicU64,
+    /// meshctl's own: requests for this cluster that its Fallback answered (any reason).
+    pub fallbacks: AtomicU64,
     pub response_flags: ResponseFlagCounts,
     /// upstream_cx_active (connections open or opening; max_connections).
     pub connections_active: AtomicU64,
@@ -123,7 +127,7 @@ pub struct ResilienceStats {
 impl ResilienceStats {
     pub(crate) fn render(clusters: &BTreeMap<String, Arc<ClusterStats>>, out: &mut String, escape: fn(&str) -> String) {
         type Get = fn(&ResilienceStats) -> u64;
-        let series: [(&str, &str, Get); 13] = [
+        let series: [(&str, &str, Get); 14] = [
             ("meshctl_upstream_rq_retry_total", "counter", |s| s.retries.load(Relaxed)),
             ("meshctl_upstream_rq_retry_success_total", "counter", |s| s.retry_successes.load(Relaxed)),
             ("meshctl_upstream_rq_retry_overflow_total", "counter", |s| s.retry_overflows.load(Relaxed)),
@@ -133,6 +137,7 @@ impl ResilienceStats {
             ("meshctl_upstream_rq_pending_overflow_total", "counter", |s| s.pending_overflows.load(Relaxed)),
             ("meshctl_upstream_rq_active_overflow_total", "counter", |s| s.active_overflows.load(Relaxed)),
             ("meshctl_upstream_cx_overflow_total", "counter", |s| s.connection_overflows.load(Relaxed)),
+            ("meshctl_upstream_rq_fallback_total", "counter", |s| s.fallbacks.load(Relaxed)),
             ("meshctl_upstream_cx_active", "gauge", |s| s.connections_active.load(Relaxed)),
             ("meshctl_upstream_rq_active", "gauge", |s| s.requests_active.load(Relaxed)),
             ("meshctl_upstream_rq_pending_active", "gauge", |s| s.requests_pending.load(Relaxed)),
@@ -148,6 +153,37 @@ impl ResilienceStats {
         for (name, s) in clusters {
             let labels = format!("cluster=\"{}\"", escape(name));
             s.resilience.response_flags.render(out, "meshctl_upstream_rq_response_flags_total", &labels, &ResponseFlag::UPSTREAM);
+        }
+    }
+}
+
+/// meshctl_fallback_total{host,reason}: answers a Fallback gave instead of its host, by why.
+#[derive(Debug, Default)]
+pub struct FallbackStats {
+    by_reason: [AtomicU64; 5],
+}
+
+impl FallbackStats {
+    pub fn count(&self, reason: FallbackReason) {
+        self.by_reason[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn render(
+        hosts: &BTreeMap<String, Arc<FallbackStats>>,
+        breakers: &BTreeMap<String, Arc<AtomicU64>>,
+        out: &mut String,
+        escape: fn(&str) -> String,
+    ) {
+        out.push_str("# TYPE meshctl_fallback_total counter\n");
+        for (host, stats) in hosts {
+            for reason in FallbackReason::ALL {
+                let count = stats.by_reason[reason as usize].load(Relaxed);
+                let _ = writeln!(out, "meshctl_fallback_total{{host=\"{}\",reason=\"{}\"}} {count}", escape(host), reason.as_str());
+            }
+        }
+        out.push_str("# TYPE meshctl_fallback_breaker_open gauge\n");
+        for (cluster, open) in breakers {
+            let _ = writeln!(out, "meshctl_fallback_breaker_open{{cluster=\"{}\"}} {}", escape(cluster), open.load(Relaxed));
         }
     }
 }

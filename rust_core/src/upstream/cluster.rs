@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 
+use super::fallback::ClusterFallback;
 use super::lb::EndpointSet;
 use super::outlier::{self, HostMonitor, LocalResult, OutlierDetector};
 use super::pool::{ConnectionLease, Pool, UpstreamError};
@@ -142,6 +143,8 @@ pub struct ClusterRuntime {
     /// ORIGINAL_DST clusters: one endpoint (and pool) per destination seen.
     original_destinations: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
     outlier_detector: Option<Arc<OutlierDetector>>,
+    /// meshctl's Fallback for this cluster, with its breaker's state.
+    pub fallback: Option<ClusterFallback>,
 }
 
 impl ClusterRuntime {
@@ -161,7 +164,9 @@ impl ClusterRuntime {
         if outlier_detector.is_none() {
             outlier_stats.configured.store(false, Relaxed);
         }
+        let fallback = config.fallback.clone().map(|fallback| ClusterFallback::new(fallback, &config.name, metrics));
         let runtime = Arc::new(ClusterRuntime {
+            fallback,
             stats: metrics.cluster(&config.name),
             outlier_stats,
             tls_stats: metrics.tls.clone(),

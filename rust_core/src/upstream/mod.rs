@@ -3,6 +3,8 @@
 
 pub mod circuit_breaker;
 pub mod cluster;
+pub mod destination_breaker;
+pub mod fallback;
 pub mod lb;
 pub mod outlier;
 pub mod pool;

@@ -139,6 +139,7 @@ pub(crate) fn cluster_config(c: &cluster::Cluster, secrets: &SecretRegistry) -> 
         Some(breakers) => super::circuit_breaker::circuit_breakers(breakers).at("circuit_breakers")?,
         None => Default::default(),
     };
+    let fallback = super::fallback::fallback(c.metadata.as_ref()).at("metadata")?.map(Arc::new);
     let tls = match &c.transport_socket {
         Some(socket) => transport_socket(socket, secrets).at("transport_socket")?,
         None => None,
@@ -157,6 +158,7 @@ pub(crate) fn cluster_config(c: &cluster::Cluster, secrets: &SecretRegistry) -> 
         outlier_detection,
         healthy_panic_threshold: common_lb.healthy_panic_threshold,
         update_merge_window: common_lb.update_merge_window,
+        fallback,
     })
 }
 
