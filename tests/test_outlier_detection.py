@@ -14,6 +14,7 @@ meanwhile still reach the ejected host; meshctl ejects before the failing respon
 from __future__ import annotations
 
 import re
+import socket
 import time
 import urllib.request
 from collections import Counter
@@ -333,3 +334,21 @@ def test_a_response_body_the_upstream_breaks_counts_as_a_failure_too(dataplane, 
         assert stats.get("outlier_detection.ejections_enforced_consecutive_5xx") == 1
     finally:
         broken.stop()
+
+
+def test_clients_that_break_their_request_bodies_eject_no_endpoint(dataplane, dataplane_kind, echo_a, echo_b):
+    """A request body the client breaks (invalid chunked encoding, found once the request is on
+    its way upstream) is the client's fault, not the endpoint's: the client gets 400 and the
+    endpoint is not counted against (as in Envoy). Otherwise any client could eject every
+    healthy endpoint with a few broken uploads."""
+    port, stats = start(dataplane, dataplane_kind, [echo_a.port, echo_b.port], DETECTION)
+    for _ in range(8):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            raw.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            time.sleep(0.1)  # the request is on its way upstream with its first chunk
+            raw.sendall(b"zz\r\nnot a chunk\r\n")
+            assert raw.recv(100).startswith(b"HTTP/1.1 400"), "the client's own error"
+    time.sleep(0.5)
+    assert stats.get("outlier_detection.ejections_enforced_total") == 0
+    client = Http1Client(port)
+    assert {who(client.get("/")) for _ in range(4)} == {"a", "b"}

@@ -153,6 +153,7 @@ pub async fn send_parts(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, p
                     // it: the client's error, not the cluster's, and nothing to retry.
                     return Answer::local(body_fault_reply(fault, grpc, upstream.downstream_http1), tries, None);
                 }
+                endpoint.record_failure(&error);
                 Failure::Error(error)
             }
             None => {

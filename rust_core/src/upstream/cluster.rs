@@ -51,8 +51,9 @@ impl Endpoint {
         self.outlier.as_ref()
     }
 
-    /// Send one request to this endpoint. The one place an exchange's outcome is known (its
-    /// status, a connect failure, a reset): outlier detection records it here.
+    /// Send one request to this endpoint; outlier detection records the response's status here.
+    /// A failure is recorded by the caller (`record_failure`), once it knows the client's own
+    /// broken request body was not the cause.
     pub async fn send(
         &self,
         request: Request<RequestBody>,
@@ -63,26 +64,32 @@ impl Endpoint {
         // Envoy reads a gRPC status from the response head of gRPC requests only.
         let grpc = is_grpc(request.headers());
         let mut result = self.pool.send(request, || monitor.record_local(LocalResult::ConnectSuccess)).await;
-        match &mut result {
-            Ok((response, lease)) => {
-                // A reset while the body streams counts too (the lease sees it).
-                if let Some(lease) = lease {
-                    lease.outlier = Some(monitor.clone());
-                }
-                let grpc_status = if grpc { response.headers().get("grpc-status") } else { None };
-                match grpc_status {
-                    Some(status) => monitor.record_status(outlier::grpc_status_to_http(status.as_bytes())),
-                    None => monitor.record_status(response.status().as_u16()),
-                }
+        if let Ok((response, lease)) = &mut result {
+            // A reset while the body streams counts too (the lease sees it).
+            if let Some(lease) = lease {
+                lease.outlier = Some(monitor.clone());
             }
-            // An open circuit breaker is the cluster's state, not this endpoint's: Envoy ignores
-            // it too (envoyproxy/envoy#25487).
-            Err(UpstreamError::Overflow) => {}
-            // Envoy's router reports every other pool failure and every reset alike (a connect
-            // timeout included) as a failed connection.
-            Err(_) => monitor.record_local(LocalResult::ConnectFailed),
+            let grpc_status = if grpc { response.headers().get("grpc-status") } else { None };
+            match grpc_status {
+                Some(status) => monitor.record_status(outlier::grpc_status_to_http(status.as_bytes())),
+                None => monitor.record_status(response.status().as_u16()),
+            }
         }
         result
+    }
+
+    /// An exchange with this endpoint failed (not because of the client): outlier detection
+    /// counts it.
+    pub fn record_failure(&self, error: &UpstreamError) {
+        let Some(monitor) = &self.outlier else { return };
+        match error {
+            // An open circuit breaker is the cluster's state, not this endpoint's: Envoy ignores
+            // it too (envoyproxy/envoy#25487).
+            UpstreamError::Overflow => {}
+            // Envoy's router reports every other pool failure and every reset alike (a connect
+            // timeout included) as a failed connection.
+            _ => monitor.record_local(LocalResult::ConnectFailed),
+        }
     }
 
     /// A try that gave up waiting for this endpoint's response (a per-try or route timeout):
