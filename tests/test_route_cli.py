@@ -23,12 +23,15 @@ from test_control_plane_e2e import Sidecar, registered, wait_until
 from meshctl.cli.route import (
     RouteInputError,
     Routing,
+    Scrape,
+    VersionCount,
     parse_duration,
     parse_match,
     parse_prometheus,
     parse_rate,
     parse_weights,
     plan,
+    split_between,
 )
 
 pytestmark = pytest.mark.meshctl_only
@@ -103,6 +106,51 @@ def test_counters_are_read_per_outbound_cluster():
     assert list(counts) == ["outbound|9080|v1|reviews.default.svc.cluster.local"]
     only = counts["outbound|9080|v1|reviews.default.svc.cluster.local"]
     assert (only.requests, only.errors) == (7, 2)
+
+
+REVIEWS_V3 = "outbound|9080|v3|reviews.default.svc.cluster.local"
+
+
+def _resilience_text(scale: int, fallbacks: int) -> str:
+    """A sidecar's counters for reviews v3: each figure `scale` times a base."""
+    c = f'cluster="{REVIEWS_V3}"'
+    return "\n".join([
+        f"meshctl_upstream_rq_total{{{c}}} {13 * scale}",
+        f'meshctl_upstream_rs_total{{{c},code_class="2xx"}} {9 * scale}',
+        f'meshctl_upstream_rs_total{{{c},code_class="5xx"}} {1 * scale}',
+        f"meshctl_upstream_rq_retry_total{{{c}}} {3 * scale}",
+        f"meshctl_upstream_rq_retry_success_total{{{c}}} {2 * scale}",
+        f"meshctl_upstream_rq_pending_overflow_total{{{c}}} {1 * scale}",
+        f"meshctl_upstream_cx_overflow_total{{{c}}} {1 * scale}",
+        f"meshctl_outlier_detection_ejections_active{{{c}}} 1",
+        f"meshctl_upstream_rq_fallback_total{{{c}}} {fallbacks}",
+        # The same fallbacks by host and reason: not counted twice.
+        f'meshctl_fallback_total{{host="reviews.default.svc.cluster.local",reason="5xx"}} {fallbacks}',
+    ])  # fmt: skip
+
+
+def test_resilience_figures_are_per_request_and_fallbacks_count_against_the_new_version():
+    counts = parse_prometheus(_resilience_text(1, 0))
+    v3 = counts[REVIEWS_V3]
+    # Requests are answers (9 + 1), not tries (13: the 3 retries are tries too).
+    assert (v3.requests, v3.errors, v3.tries) == (10, 1, 13)
+    assert (v3.retries, v3.retry_successes, v3.overflows, v3.ejected) == (3, 2, 2, 1)
+    before = Scrape(at=0, counters={"n1": counts, "n2": parse_prometheus(_resilience_text(1, 0))})
+    after = Scrape(at=2, counters={"n1": parse_prometheus(_resilience_text(3, 4)),
+                                   "n2": parse_prometheus(_resilience_text(2, 1))})  # fmt: skip
+    split = split_between(before, after, "reviews.default.svc.cluster.local")
+    grown = split["v3"]
+    assert (grown.requests, grown.errors, grown.retries, grown.retry_successes) == (30, 3, 9, 6)
+    assert grown.ejected == 1  # each caller's view of the same endpoint: not summed
+    # The Fallback's answers for v3 are failures of v3 (3 + 5 fallbacks).
+    assert grown.fallbacks == 5 and set(split) == {"v3"}
+    assert (grown.answered, grown.failures) == (30, 8)
+    # Fallbacks for requests that never reached the cluster keep the rate at most 100%.
+    lone = VersionCount(requests=2, fallbacks=5)
+    assert (lone.failures, lone.answered) == (5, 5)
+    # A counter that went down is a restarted sidecar: all of it is new.
+    restarted = Scrape(at=4, counters={"n1": parse_prometheus(_resilience_text(1, 0))})
+    assert split_between(after, restarted, "reviews.default.svc.cluster.local")["v3"].requests == 10
 
 
 def test_a_registration_carries_the_admin_port():

@@ -6,10 +6,12 @@ DestinationRule (one subset per version, labels version=vN), written together in
 apply against the versions just read, so a concurrent change is refused, never overwritten.
 
 The live split comes from the sidecars themselves: each registers its engine's admin port, and
-its /stats/prometheus counts requests and 5xx responses per outbound cluster
-(outbound|PORT|SUBSET|HOST). Two scrapes a window apart give each version's share of the
-requests in that window. Admin endpoints are loopback-only, so this reads the sidecars on the
-machine the command runs on and says how many others it could not read.
+its /stats/prometheus counts, per outbound cluster (outbound|PORT|SUBSET|HOST), each request's
+outcome as the calling app saw it (one response per request, whatever retries it took), the
+tries, retries, breaker overflows and ejected endpoints. Two scrapes a window apart give each
+version's share of the requests in that window and its resilience figures. Admin endpoints are
+loopback-only, so this reads the sidecars on the machine the command runs on and says how many
+others it could not read.
 """
 
 from __future__ import annotations
@@ -367,8 +369,62 @@ def describe_rules(routing: Routing) -> list[str]:
 
 @dataclass
 class VersionCount:
-    requests: int = 0
-    errors: int = 0  # 5xx responses
+    """One destination's figures: counters (or their growth over a window) and gauges."""
+
+    requests: int = 0  # requests answered, once each however many tries they took
+    errors: int = 0  # of those, answered 5xx (the upstream's after retries, or a local reply)
+    tries: int = 0  # requests sent upstream, retries included (Envoy's upstream_rq_total)
+    retries: int = 0
+    retry_successes: int = 0  # retries whose answer needed no further retry
+    overflows: int = 0  # refused by a circuit breaker: pending, active, connection or retry
+    ejected: int = 0  # endpoints outlier detection holds out now (a gauge: the highest caller's)
+    fallbacks: int = 0  # answers given by a Fallback instead of this destination
+
+    def growth_since(self, old: VersionCount) -> VersionCount:
+        """The counters' growth since `old` (the gauge as it is now); a counter that went down
+        means the sidecar restarted, so all of it is new."""
+        counters = ("requests", "errors", "tries", "retries", "retry_successes", "overflows",
+                    "fallbacks")  # fmt: skip
+        if any(getattr(self, name) < getattr(old, name) for name in counters):
+            old = VersionCount()
+        grown = {name: getattr(self, name) - getattr(old, name) for name in counters}
+        return VersionCount(**grown, ejected=self.ejected)
+
+    def add(self, other: VersionCount) -> None:
+        """Sum another sidecar's figures in; ejections are each caller's own view of the same
+        endpoints, so the highest is kept rather than a sum."""
+        for name in ("requests", "errors", "tries", "retries", "retry_successes", "overflows",
+                     "fallbacks"):  # fmt: skip
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.ejected = max(self.ejected, other.ejected)
+
+    @property
+    def failures(self) -> int:
+        """What users saw fail: 5xx answers, and fallback answers (a degraded answer is a failure
+        of the version it replaced). A fallback may stand in for a request whose cluster also
+        counted a 5xx; counting both errs towards rolling back, never towards going on."""
+        return self.errors + self.fallbacks
+
+    @property
+    def answered(self) -> int:
+        """Requests users got an answer for, from the destination or from its fallback (at
+        least its failures, for the same reason: a rate never above 100%)."""
+        return max(self.requests, self.failures)
+
+
+# Per-cluster series read for the live split, and the VersionCount field each adds to.
+_CLUSTER_COUNTERS = {
+    "meshctl_upstream_rq_total": "tries",
+    "meshctl_upstream_rq_retry_total": "retries",
+    "meshctl_upstream_rq_retry_success_total": "retry_successes",
+    "meshctl_upstream_rq_pending_overflow_total": "overflows",
+    "meshctl_upstream_rq_active_overflow_total": "overflows",
+    "meshctl_upstream_cx_overflow_total": "overflows",
+    "meshctl_upstream_rq_retry_overflow_total": "overflows",
+    "meshctl_outlier_detection_ejections_active": "ejected",
+    # Requests for this cluster its Fallback answered (meshctl_fallback_total has the same by host).
+    "meshctl_upstream_rq_fallback_total": "fallbacks",
+}
 
 
 @dataclass
@@ -381,27 +437,33 @@ class Scrape:
 
 
 def parse_prometheus(text: str) -> dict[str, VersionCount]:
-    """Outbound request and 5xx counters by cluster from /stats/prometheus."""
+    """Outbound figures by cluster from /stats/prometheus."""
     counts: dict[str, VersionCount] = {}
     for line in text.splitlines():
         found = _METRIC_LINE.match(line)
-        if not found or found.group(1) not in (
-            "meshctl_upstream_rq_total",
-            "meshctl_upstream_rs_total",
-        ):
+        if not found:
+            continue
+        metric = found.group(1)
+        if metric not in _CLUSTER_COUNTERS and metric != "meshctl_upstream_rs_total":
             continue
         labels = {
             k: v.replace('\\"', '"').replace("\\\\", "\\")
             for k, v in _METRIC_LABEL.findall(found.group(2))
         }
+        value = int(found.group(3))
         cluster = labels.get("cluster", "")
         if not cluster.startswith("outbound|"):
             continue
         count = counts.setdefault(cluster, VersionCount())
-        if found.group(1) == "meshctl_upstream_rq_total":
-            count.requests = int(found.group(3))
-        elif labels.get("code_class") == "5xx":
-            count.errors = int(found.group(3))
+        if metric == "meshctl_upstream_rs_total":
+            # The engine records one response per request (a retried try's is discarded), so
+            # these are the outcomes the calling app saw, unlike upstream_rq_total (per try).
+            count.requests += value
+            if labels.get("code_class") == "5xx":
+                count.errors += value
+        else:
+            name = _CLUSTER_COUNTERS[metric]
+            setattr(count, name, getattr(count, name) + value)
     return counts
 
 
@@ -482,8 +544,8 @@ def scrape(sidecars: Iterable[Mapping[str, Any]]) -> Scrape:
 
 
 def split_between(before: Scrape, after: Scrape, host: str) -> dict[str, VersionCount]:
-    """Requests and 5xx per subset of `host` ('' = no subset) between two scrapes, summed over
-    the sidecars read both times (a counter that went down means a restart: counted from 0)."""
+    """Figures per subset of `host` ('' = no subset) between two scrapes, summed over the
+    sidecars read both times."""
     split: dict[str, VersionCount] = {}
     for node, clusters in after.counters.items():
         earlier = before.counters.get(node)
@@ -493,14 +555,8 @@ def split_between(before: Scrape, after: Scrape, host: str) -> dict[str, Version
             _, _, subset, cluster_host = cluster.split("|", 3)
             if cluster_host != host:
                 continue
-            old = earlier.get(cluster, VersionCount())
-            requests = count.requests - old.requests
-            errors = count.errors - old.errors
-            if requests < 0 or errors < 0:
-                requests, errors = count.requests, count.errors
-            total = split.setdefault(subset, VersionCount())
-            total.requests += requests
-            total.errors += errors
+            grown = count.growth_since(earlier.get(cluster, VersionCount()))
+            split.setdefault(subset, VersionCount()).add(grown)
     return split
 
 
@@ -508,18 +564,24 @@ def format_split(
     split: Mapping[str, VersionCount], seconds: float, bars: bool = False
 ) -> list[str]:
     total = sum(count.requests for count in split.values())
-    if total == 0:
+    if total == 0 and not any(c.fallbacks or c.ejected for c in split.values()):
         return [f"  no requests in the last {seconds:.1f}s"]
-    lines = [f"  {'VERSION':<12}{'REQUESTS':>9}{'SHARE':>8}{'5XX':>8}{'RPS':>8}"]
+    lines = [
+        f"  {'VERSION':<12}{'REQUESTS':>9}{'SHARE':>8}{'5XX':>8}{'RPS':>8}"
+        f"{'RETRIES':>9}{'(OK)':>7}{'EJECTED':>9}{'OVERFLOW':>10}{'FALLBACKS':>11}"
+    ]
     for subset in sorted(split):
         count = split[subset]
-        if count.requests == 0 and not bars:
+        if not (count.requests or count.fallbacks or count.ejected or count.retries or bars):
             continue
-        share = count.requests / total
+        share = count.requests / total if total else 0.0
         error_rate = count.errors / count.requests if count.requests else 0.0
+        name = subset or "any-version"
         line = (
-            f"  {subset or 'any-version':<12}{count.requests:>9}{share:>8.1%}"
+            f"  {name:<12}{count.requests:>9}{share:>8.1%}"
             f"{error_rate:>8.1%}{count.requests / seconds:>8.1f}"
+            f"{count.retries:>9}{count.retry_successes:>7}{count.ejected:>9}"
+            f"{count.overflows:>10}{count.fallbacks:>11}"
         )
         if bars:
             line += "  " + "█" * round(share * 40)
@@ -662,7 +724,10 @@ def route_show(
     """SERVICE's rules, its instances, and the live split by version.
 
     The rules are listed first match first. The live split is each
-    version's share of the requests the sidecars sent it during --window, and its 5xx rate."""
+    version's share of the requests the sidecars sent it during --window, its 5xx rate (per
+    request, as the callers saw it), its retries (and how many of them succeeded), its endpoints
+    ejected by outlier detection now, its requests refused by circuit breakers (overflow) and the
+    answers a Fallback gave instead ("(host)" when the Fallback counts them for the whole host)."""
     from meshctl.control.client import ClientError
 
     try:
@@ -710,9 +775,18 @@ def route_show(
                         "sidecarsRead": len(last.counters),
                         "unreachable": last.unreachable,
                         "versions": {
-                            s: {"requests": c.requests, "errors5xx": c.errors}
+                            s: {
+                                "requests": c.requests,
+                                "errors5xx": c.errors,
+                                "tries": c.tries,
+                                "retries": c.retries,
+                                "retrySuccesses": c.retry_successes,
+                                "ejectedEndpoints": c.ejected,
+                                "overflows": c.overflows,
+                                "fallbacks": c.fallbacks,
+                            }
                             for s, c in split.items()
-                            if c.requests
+                            if c.requests or c.retries or c.ejected or c.fallbacks
                         },
                     },
                 },
@@ -781,9 +855,10 @@ def run_shift(
     min_requests: int = 20,
 ) -> ShiftOutcome:
     """Move `step` points of the default route from `source` to `target` every `interval`, after
-    checking that `target`'s 5xx share of its requests in the last interval is within the limit;
-    past it, put every request back on `source`. A check waits for `min_requests` to reach
-    `target` (up to MAX_WATCH_INTERVALS intervals). Raises ClientError and RouteInputError."""
+    checking that `target`'s failure share of its requests in the last interval is within the
+    limit; past it, put every request back on `source`. Failures are what users saw: a request
+    retried to success is a success, a 5xx after retries or a Fallback's answer a failure. A
+    check waits for `min_requests` to reach `target` (up to MAX_WATCH_INTERVALS intervals). Raises ClientError and RouteInputError."""
     routing = read_routing(client, service, namespace)
     current = routing.default_weights()
     if current is None or routing.virtual_service is None:
@@ -805,7 +880,8 @@ def run_shift(
     limit = f"{max_error_rate:.2%}"
     say(
         f"shift {service}.{namespace}: {source} → {target} by {step}% every {interval:g}s; "
-        f"rollback above {limit} 5xx on {target} (now {source}={100 - weight} {target}={weight})"
+        f"rollback above {limit} failed requests on {target} (now {source}={100 - weight} "
+        f"{target}={weight})"
     )
     def roll_back(why: str) -> ShiftOutcome:
         """Put every request back on `source`, and say why."""
@@ -828,14 +904,14 @@ def run_shift(
                 sleep(interval)
                 after = scrape(sidecars)
                 count = split_between(before, after, host).get(target, VersionCount())
-                if count.requests >= min_requests or waited == MAX_WATCH_INTERVALS:
+                if count.answered >= min_requests or waited == MAX_WATCH_INTERVALS:
                     break
                 # Too few requests to judge: watch on (a few errors in 3 requests prove little).
-                say(f"  {target}: {count.requests} requests so far, watching for {min_requests}")
+                say(f"  {target}: {count.answered} requests so far, watching for {min_requests}")
             # A subset with no instance answers 503 in the caller's sidecar without counting a
             # request to its cluster, so the registry is asked too.
             gone = not ready_instances(client, routing, target)
-            if gone or count.requests == 0:
+            if gone or count.answered == 0:
                 if gone:
                     return roll_back(f"{target} has no ready instance left")
                 say(
@@ -843,14 +919,15 @@ def run_shift(
                     "going on"
                 )
             else:
-                rate = count.errors / count.requests
+                rate = count.failures / count.answered
                 verdict = (
-                    f"  {target}: {count.requests} requests, {count.errors} 5xx ({rate:.2%}) "
-                    f"in {after.at - before.at:.1f}s"
+                    f"  {target}: {count.answered} requests, {count.failures} failed ({rate:.2%}; "
+                    f"{count.errors} 5xx, {count.fallbacks} fallbacks, {count.retries} retries of "
+                    f"which {count.retry_successes} succeeded) in {after.at - before.at:.1f}s"
                 )
                 if rate > max_error_rate:
                     say(verdict + f" > {limit}")
-                    return roll_back(f"{target}'s 5xx rate {rate:.2%} crossed {limit}")
+                    return roll_back(f"{target}'s failure rate {rate:.2%} crossed {limit}")
                 say(verdict + " ok")
         if weight >= 100:
             message = f"done: {service} is {target}=100"
@@ -924,7 +1001,8 @@ def route_shift(
     max_error_rate: Annotated[
         str,
         typer.Option(
-            help="Roll back when --to's 5xx share of its requests in an interval is above this."
+            help="Roll back when the share of --to's requests that failed in an interval (5xx "
+            "after retries, or a Fallback's answer) is above this."
         ),
     ] = "1%",
     min_requests: Annotated[
@@ -945,8 +1023,10 @@ def route_shift(
     """A progressive canary that rolls itself back on errors.
 
     Moves SERVICE's default route from --from to --to, --step points
-    every --interval. Before each step, and for one interval at 100%, --to's 5xx rate (from the
-    sidecars' counters) is checked; above --max-error-rate, every request goes back to --from.
+    every --interval. Before each step, and for one interval at 100%, --to's failure rate as
+    its callers saw it (from the sidecars' counters: a request retried to success counts as a
+    success, a 5xx after retries or a Fallback's answer as a failure) is checked; above
+    --max-error-rate, every request goes back to --from.
 
     Exit codes: 0 all traffic on --to; 5 rolled back; 2 bad input; 3 someone else changed the
     route meanwhile (the shift stops there); 130 interrupted (weights left where they were);
