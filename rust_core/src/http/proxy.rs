@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::body::ResponseBody;
-use super::local_reply::local_reply;
+use super::local_reply::{fault_abort_reply, local_reply};
 use super::request_body::{BodyFault, BodyFaults};
 use super::routing::{header_matches, select_route, select_virtual_host, RequestView};
 use super::upstream_request::{self, no_healthy_upstream, strip_retry_headers, Upstream};
@@ -121,6 +121,15 @@ async fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming
         return no_route(context, grpc);
     };
     route.stats.requests_total.fetch_add(1, Relaxed);
+    // The fault filter, before the router: a route's own config replaces the filter's.
+    if let Some(filter_fault) = &context.settings.fault {
+        let policy = route.fault.as_deref().unwrap_or(filter_fault);
+        if !policy.is_empty() {
+            if let Some(abort) = crate::policy::fault::inject(policy, &context.stats).await {
+                return fault_abort_reply(abort, grpc);
+            }
+        }
+    }
     let started = Instant::now();
     let mut cluster_response_mutation = None;
     let mut response = match &route.action {
@@ -364,6 +373,10 @@ async fn forward_request<'a>(
         *request.version_mut() = Version::HTTP_11;
     }
     *request.uri_mut() = uri;
+    // An upgrade becomes a tunnel to one upstream; a copy of it has nothing to mirror into.
+    if !forward.mirrors.is_empty() && upgrade.is_none() {
+        super::mirror::mirror(context, &forward.mirrors, &request, &host, forward.timeout);
+    }
 
     let upstream = Upstream {
         context,
@@ -448,7 +461,7 @@ fn requested_upgrade(headers: &HeaderMap) -> Option<String> {
 }
 
 /// `tls`: the upstream connection is TLS, so an HTTP/2 request's :scheme is https.
-fn upstream_uri(host: &str, path_and_query: PathAndQuery, absolute: bool, tls: bool) -> Option<Uri> {
+pub(super) fn upstream_uri(host: &str, path_and_query: PathAndQuery, absolute: bool, tls: bool) -> Option<Uri> {
     if absolute {
         Uri::builder()
             .scheme(if tls { Scheme::HTTPS } else { Scheme::HTTP })

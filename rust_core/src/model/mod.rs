@@ -2,6 +2,7 @@
 
 pub mod circuit_breaker;
 pub mod cluster;
+pub mod fault;
 pub mod headers;
 pub mod listener;
 pub mod matcher;

@@ -8,6 +8,7 @@ mod bootstrap;
 mod circuit_breaker;
 mod cluster;
 mod common;
+mod fault;
 mod listener;
 mod outlier;
 mod rbac;
