@@ -210,8 +210,7 @@ def check_references(bodies: Iterable[Mapping[str, Any]]) -> list[Issue]:
         meta = body["metadata"]
         where = f"VirtualService {meta['namespace']}/{meta['name']}"
         for route_index, route in enumerate(body["spec"].get("http") or []):
-            for index, destination in enumerate(route.get("route") or []):
-                target = destination["destination"]
+            for path, target in _named_destinations(route, route_index):
                 subset = target.get("subset")
                 if subset is None:
                     continue
@@ -224,7 +223,6 @@ def check_references(bodies: Iterable[Mapping[str, Any]]) -> list[Issue]:
                 ]
                 if any(subset in names for _, names in rules):
                     continue
-                path = f"spec.http[{route_index}].route[{index}].destination.subset"
                 if not rules:
                     reason = (
                         f"subset {subset!r} is not defined: no DestinationRule has host "
@@ -238,3 +236,14 @@ def check_references(bodies: Iterable[Mapping[str, Any]]) -> list[Issue]:
                     reason = f"subset {subset!r} is not defined by any DestinationRule ({defined})"
                 issues.append(Issue(where, path, reason))
     return issues
+
+
+def _named_destinations(route: Mapping[str, Any], route_index: int) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(path of the subset field, destination) for every destination a route sends or mirrors to."""
+    here = f"spec.http[{route_index}]"
+    for index, destination in enumerate(route.get("route") or []):
+        yield f"{here}.route[{index}].destination.subset", destination["destination"]
+    if route.get("mirror") is not None:
+        yield f"{here}.mirror.subset", route["mirror"]
+    for index, mirror in enumerate(route.get("mirrors") or []):
+        yield f"{here}.mirrors[{index}].destination.subset", mirror["destination"]
