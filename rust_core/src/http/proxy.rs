@@ -374,9 +374,11 @@ async fn forward_request<'a>(
     }
     *request.uri_mut() = uri;
     // An upgrade becomes a tunnel to one upstream; a copy of it has nothing to mirror into.
-    if !forward.mirrors.is_empty() && upgrade.is_none() {
-        super::mirror::mirror(context, &forward.mirrors, &request, &host, forward.timeout);
-    }
+    let mirror_body = if !forward.mirrors.is_empty() && upgrade.is_none() {
+        super::mirror::mirror(context, &forward.mirrors, &request, &host, forward.timeout, forward.retry_buffer_limit)
+    } else {
+        None
+    };
 
     let upstream = Upstream {
         context,
@@ -387,6 +389,7 @@ async fn forward_request<'a>(
         grpc,
         downstream_http1,
         attempt_count_header: vhost.include_request_attempt_count,
+        mirror_body,
     };
     let answer = upstream_request::send(upstream, endpoint, request).await;
     let with_attempts = |mut response: Response<ResponseBody>| {

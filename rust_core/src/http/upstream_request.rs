@@ -36,6 +36,8 @@ pub struct Upstream<'a> {
     pub downstream_http1: bool,
     /// Send x-envoy-attempt-count with each try.
     pub attempt_count_header: bool,
+    /// Keeps the first try's body for a mirror's copy (None unless the route mirrors it).
+    pub mirror_body: Option<Box<super::request_body::BodyTee>>,
 }
 
 /// The upstream's response (with the lease on its connection), or the local reply that
@@ -60,6 +62,7 @@ const DRAIN_TIME: Duration = Duration::from_secs(1);
 
 pub async fn send(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, request: Request<Incoming>) -> Answer {
     let Upstream { context, cluster, grpc, .. } = upstream;
+    let mut mirror_body = upstream.mirror_body;
     let deadline = upstream.timeout.map(|timeout| Instant::now() + timeout);
     let (parts, incoming) = request.into_parts();
     let mut state = upstream.retry_policy.map(|policy| RetryState::new(policy, cluster));
@@ -77,6 +80,10 @@ pub async fn send(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, request
             (Some(replay), _) => RequestBody::replay(replay.body_for_try(tries), context.clone()),
             (None, Some(incoming)) => RequestBody::new(incoming, context.clone()),
             (None, None) => RequestBody::empty(context.clone()),
+        };
+        let body = match mirror_body.take() {
+            Some(tee) => body.with_tee(tee),
+            None => body,
         };
         // The head is copied only when another try may need it.
         let mut head = match &state {

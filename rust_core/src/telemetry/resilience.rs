@@ -114,8 +114,8 @@ pub struct ResilienceStats {
     pub retry_limit_exceeded: AtomicU64,
     /// meshctl's own: retries wanted for a request whose body was too long to keep for replay.
     pub retries_skipped_body_too_large: AtomicU64,
-    /// retry_or_shadow_abandoned (Envoy's name): mirror copies not sent, because the request had a
-    /// body (meshctl mirrors bodiless requests only) or too many copies were in flight.
+    /// retry_or_shadow_abandoned (Envoy's name): mirror copies not sent, because the request body
+    /// outgrew the route's buffer limit or failed, or too many copies were in flight.
     pub shadows_abandoned: AtomicU64,
     /// upstream_rq_per_try_timeout.
     pub per_try_timeouts: AtomicU64,
