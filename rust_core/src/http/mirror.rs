@@ -78,17 +78,16 @@ pub fn mirror(
     let (done, body) = oneshot::channel::<CopiedBody>();
     let context = context.clone();
     tokio::spawn(async move {
-        let waited = tokio::time::timeout(timeout, async {
-            let Ok(whole) = body.await else {
-                for copy in &copies {
-                    copy.cluster.stats.resilience.shadows_abandoned.fetch_add(1, Relaxed);
-                }
-                return;
-            };
-            let sends = copies.into_iter().map(|copy| send(&context, copy, whole.clone()));
-            futures_util::future::join_all(sends).await;
-        });
-        let _ = waited.await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        // No whole body in time (too long, failed, or too slow): the copies are abandoned.
+        let Ok(Ok(whole)) = tokio::time::timeout_at(deadline, body).await else {
+            for copy in &copies {
+                copy.cluster.stats.resilience.shadows_abandoned.fetch_add(1, Relaxed);
+            }
+            return;
+        };
+        let sends = copies.into_iter().map(|copy| send(&context, copy, whole.clone()));
+        let _ = tokio::time::timeout_at(deadline, futures_util::future::join_all(sends)).await;
     });
     Some(BodyTee::new(body_limit, http_body::Body::size_hint(request.body()).exact(), done))
 }
