@@ -145,8 +145,59 @@ INVALID = [
     ),
     (
         "unsupported-field",
-        lambda ns: rule(ns) + "---" + service(ns, extra="\n    fault: {abort: {httpStatus: 500}}"),
-        ["VirtualService {ns}/reviews", "spec.http[0].fault", "does not support it yet"],
+        lambda ns: rule(ns) + "---" + service(ns, extra="\n    corsPolicy: {allowOrigins: [{exact: x}]}"),
+        ["VirtualService {ns}/reviews", "spec.http[0].corsPolicy", "does not support it yet"],
+    ),
+    (
+        "fault-percentage-above-100",
+        lambda ns: rule(ns) + "---" + service(ns, extra="\n    fault: {abort: {httpStatus: 500, percentage: {value: 101}}}"),
+        ["VirtualService {ns}/reviews", "spec.http[0].fault.abort.percentage.value", "less than or equal to 100"],
+    ),
+    (
+        "fault-http-status-99",
+        lambda ns: rule(ns) + "---" + service(ns, extra="\n    fault: {abort: {httpStatus: 99}}"),
+        ["VirtualService {ns}/reviews", "spec.http[0].fault.abort.httpStatus", "greater than or equal to 200"],
+    ),
+    (
+        "fault-http-status-600",
+        lambda ns: rule(ns) + "---" + service(ns, extra="\n    fault: {abort: {httpStatus: 600}}"),
+        ["VirtualService {ns}/reviews", "spec.http[0].fault.abort.httpStatus", "less than or equal to 599"],
+    ),
+    (
+        "fault-unknown-grpc-status",
+        lambda ns: rule(ns) + "---" + service(ns, extra="\n    fault: {abort: {grpcStatus: NOT_A_STATUS}}"),
+        ["VirtualService {ns}/reviews", "spec.http[0].fault.abort.grpcStatus", "'NOT_A_STATUS' is not a gRPC status"],
+    ),
+    (
+        "fault-negative-delay",
+        lambda ns: rule(ns) + "---" + service(ns, extra="\n    fault: {delay: {fixedDelay: -1s, percentage: {value: 10}}}"),
+        ["VirtualService {ns}/reviews", "spec.http[0].fault.delay.fixedDelay", "'-1s' is not a duration"],
+    ),
+    (
+        "fault-without-delay-or-abort",
+        lambda ns: rule(ns) + "---" + service(ns, extra="\n    fault: {}"),
+        ["VirtualService {ns}/reviews", "spec.http[0].fault", "a fault needs a delay or an abort"],
+    ),
+    (
+        "mirror-and-mirrors",
+        lambda ns: rule(ns) + "---" + service(ns, extra="\n    mirror: {host: reviews, subset: v2}"
+                                              "\n    mirrors: [{destination: {host: reviews, subset: v1}}]"),
+        ["VirtualService {ns}/reviews", "spec.http[0].mirrors", "mirror and mirrors cannot both be set"],
+    ),
+    (
+        "mirror-percentage-above-100",
+        lambda ns: rule(ns) + "---" + service(ns, extra="\n    mirror: {host: reviews, subset: v2}\n    mirrorPercentage: {value: 150}"),
+        ["VirtualService {ns}/reviews", "spec.http[0].mirrorPercentage.value", "less than or equal to 100"],
+    ),
+    (
+        "mirror-to-an-unknown-subset",
+        lambda ns: rule(ns) + "---" + service(ns, extra="\n    mirror: {host: reviews, subset: v9}"),
+        ["VirtualService {ns}/reviews", "spec.http[0].mirror.subset", "subset 'v9' is not defined"],
+    ),
+    (
+        "mirrors-to-an-unknown-subset",
+        lambda ns: rule(ns) + "---" + service(ns, extra="\n    mirrors: [{destination: {host: reviews, subset: v9}, percentage: {value: 5}}]"),
+        ["VirtualService {ns}/reviews", "spec.http[0].mirrors[0].destination.subset", "subset 'v9' is not defined"],
     ),
     (
         "bad-regex",
@@ -298,6 +349,22 @@ def test_resilience_settings_are_applied_as_written_and_enforced(plane: ControlP
     assert shown["status"]["notEnforced"] == []
     [rule_shown] = resources(plane, "dr", ns)
     assert rule_shown["spec"]["trafficPolicy"]["outlierDetection"]["consecutive5xxErrors"] == 3
+
+
+def test_fault_and_mirror_are_applied_as_written_and_enforced(plane: ControlPlane, ns: str) -> None:
+    fault = "{delay: {percentage: {value: 100.0}, fixedDelay: 7s}, abort: {grpcStatus: UNAVAILABLE, percentage: {value: 0.5}}}"
+    text = rule(ns) + "---" + service(
+        ns, extra=f"\n    fault: {fault}\n    mirror: {{host: reviews, subset: v2}}\n    mirrorPercentage: {{value: 50}}"
+    )
+    applied = plane.meshctl("apply", "-f", "-", stdin=text)
+    assert applied.returncode == 0, applied.stderr
+    assert "not yet enforced" not in applied.stderr
+    [shown] = resources(plane, "vs", ns)
+    route = shown["spec"]["http"][0]
+    assert route["fault"] == {"delay": {"percentage": {"value": 100.0}, "fixedDelay": "7s"},
+                              "abort": {"grpcStatus": "UNAVAILABLE", "percentage": {"value": 0.5}}}  # fmt: skip
+    assert route["mirror"] == {"host": "reviews", "subset": "v2"} and route["mirrorPercentage"] == {"value": 50}
+    assert shown["status"]["notEnforced"] == []
 
 
 def test_wrong_or_missing_token_is_refused_and_changes_nothing(

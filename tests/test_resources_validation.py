@@ -106,8 +106,24 @@ CASES = {
         "spec.http[0].route[0].destination.subsett: unknown field; did you mean 'subset'?",
     ),
     "unsupported": (
-        "route: [{destination: {host: r}}]\n    mirror: {host: shadow}",
-        "spec.http[0].mirror: this mesh does not support it yet",
+        "route: [{destination: {host: r}}]\n    corsPolicy: {allowOrigins: [{exact: x}]}",
+        "spec.http[0].corsPolicy: this mesh does not support it yet",
+    ),
+    "unsupported-fault": (
+        "route: [{destination: {host: r}}]\n    fault: {delay: {exponentialDelay: 1s}}",
+        "spec.http[0].fault.delay.exponentialDelay: this mesh does not support it yet",
+    ),
+    "mirror-with-redirect": (
+        "redirect: {uri: /x}\n    mirror: {host: shadow}",
+        "spec.http[0].mirror: mirror and redirect cannot both be set",
+    ),
+    "mirror-percentage-without-mirror": (
+        "route: [{destination: {host: r}}]\n    mirrorPercentage: {value: 5}",
+        "spec.http[0].mirrorPercentage: applies to mirror only (it would be ignored)",
+    ),
+    "fault-delay-below-1ms": (
+        "route: [{destination: {host: r}}]\n    fault: {delay: {fixedDelay: 0s, percentage: {value: 1}}}",
+        "spec.http[0].fault.delay.fixedDelay: must be at least 1ms",
     ),
     "unsupported-match": (
         "match: [{queryParams: {a: {exact: b}}}]\n    route: [{destination: {host: r}}]",

@@ -13,7 +13,8 @@ Each request names a key and how its first tries fail, in its query string:
 
 An answer's body is JSON: the key, which try of it this was, and the request body's length and
 SHA-256. `GET /__stats?key=K` (asked directly, not through a proxy) returns what the key received:
-its count, each request's body length and SHA-256, and the most requests it had in flight at once.
+its count, each request's body length and SHA-256, its Host, and the most requests it had in
+flight at once.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class KeyStats:
     max_in_flight: int = 0
     attempt_headers: list[str | None] = field(default_factory=list)
     retry_headers: list[str | None] = field(default_factory=list)
+    # Host (HTTP/1.1) or :authority (h2) of each request: mirrored copies carry "-shadow".
+    hosts: list[str | None] = field(default_factory=list)
 
 
 KEYS: dict[str, KeyStats] = {}
@@ -69,6 +72,7 @@ def plan_for(target: str, headers: dict[str, str], body: bytes) -> Plan:
     stats.bodies.append((len(body), hashlib.sha256(body).hexdigest()))
     stats.attempt_headers.append(headers.get("x-envoy-attempt-count"))
     stats.retry_headers.append(headers.get("x-envoy-retry-on"))
+    stats.hosts.append(headers.get("host") or headers.get(":authority"))
     failing = stats.count <= int(query.get("fail", ["0"])[0])
     return Plan(
         key=key,
@@ -95,6 +99,7 @@ def stats_body(target: str) -> bytes:
             "max_in_flight": stats.max_in_flight,
             "attempt_headers": stats.attempt_headers,
             "retry_headers": stats.retry_headers,
+            "hosts": stats.hosts,
         }
     ).encode()
 

@@ -41,6 +41,7 @@ from google.protobuf.message import Message
 from meshctl.agent.bootstrap import resource_to_bytes
 from meshctl.control import compiler_fallback as fallback
 from meshctl.control import compiler_resilience as resilience
+from meshctl.control import compiler_fault as fault
 from meshctl.control import compiler_mtls as mtls
 from meshctl.control import compiler_rbac as rbac
 from meshctl.control import resource_types as types
@@ -52,7 +53,7 @@ from meshctl.resources.fallback import FallbackSpec
 from meshctl.resources.hosts import CLUSTER_DOMAIN, canonical_host
 from meshctl.resources.peer_authentication import PeerAuthenticationSpec
 from meshctl.resources.service_entry import ServiceEntrySpec, WorkloadEntrySpec
-from meshctl.resources.virtual_service import HttpRoute, MatchRequest, VirtualServiceSpec
+from meshctl.resources.virtual_service import Destination, HttpRoute, MatchRequest, VirtualServiceSpec
 
 OUTBOUND_LISTENER = "virtualOutbound"
 INBOUND_LISTENER = "virtualInbound"
@@ -331,6 +332,8 @@ def _referenced_clusters(table: Json) -> Iterable[str]:
                 yield action["cluster"]
             for weighted in action.get("weighted_clusters", {}).get("clusters", []):
                 yield weighted["name"]
+            for mirror in action.get("request_mirror_policies", []):
+                yield mirror["cluster"]
 
 
 def sidecar_resources(mesh: MeshConfig, sidecar: Sidecar) -> dict[str, list[Json]]:
@@ -540,7 +543,9 @@ def _address(host: str, port: int | None) -> Json:
 # --- listeners -----------------------------------------------------------------------------
 
 
-def _http_manager(stat_prefix: str, *, rds: str | None = None, routes: Json | None = None) -> Json:
+def _http_manager(
+    stat_prefix: str, *, rds: str | None = None, routes: Json | None = None, outbound: bool = False
+) -> Json:
     config: Json = {
         "@type": HCM_TYPE,
         "stat_prefix": stat_prefix,
@@ -549,6 +554,9 @@ def _http_manager(stat_prefix: str, *, rds: str | None = None, routes: Json | No
             {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}
         ],
     }
+    if outbound:
+        # As istiod: every sidecar outbound listener has the fault filter; routes configure it.
+        config["http_filters"].insert(0, fault.fault_filter())
     if rds is not None:
         config["rds"] = {
             "route_config_name": rds,
@@ -563,7 +571,7 @@ def _outbound_listener(port: int) -> Json:
     return {
         "name": OUTBOUND_LISTENER,
         "address": _address("127.0.0.1", port),
-        "filter_chains": [{"filters": [_http_manager("outbound", rds=OUTBOUND_ROUTES)]}],
+        "filter_chains": [{"filters": [_http_manager("outbound", rds=OUTBOUND_ROUTES, outbound=True)]}],
     }
 
 
@@ -624,7 +632,7 @@ def capture_listeners(mesh: MeshConfig, listeners: list[Json]) -> list[Json]:
             "name": f"0.0.0.0_{port}",
             "address": _address("0.0.0.0", port),
             "bind_to_port": False,
-            "filter_chains": [{"filters": [_http_manager(f"outbound_0.0.0.0_{port}", rds=OUTBOUND_ROUTES)]}],
+            "filter_chains": [{"filters": [_http_manager(f"outbound_0.0.0.0_{port}", rds=OUTBOUND_ROUTES, outbound=True)]}],
         })  # fmt: skip
     return captured
 
@@ -681,6 +689,7 @@ def _virtual_service_routes(virtual_service: _Stored, port: int) -> list[Json]:
             if http.name:
                 route["name"] = http.name
             _add_header_operations(route, http)
+            fault.add_fault(route, http)
             routes.append(route)
     return routes
 
@@ -725,17 +734,12 @@ def _action(http: HttpRoute, namespace: str, port: int) -> Json:
         if http.redirect.redirect_code is not None:
             redirect["response_code"] = _REDIRECT_CODES[http.redirect.redirect_code]
         return {"redirect": redirect}
-    destinations = http.route or []
-    targets = []
-    for destination in destinations:
-        host = canonical_host(destination.destination.host, namespace)
-        target_port = destination.destination.port.number if destination.destination.port else port
-        targets.append(
-            (
-                cluster_name("outbound", target_port, destination.destination.subset, host),
-                destination.weight,
-            )
-        )
+    def cluster_for(destination: Destination) -> str:
+        host = canonical_host(destination.host, namespace)
+        target_port = destination.port.number if destination.port else port
+        return cluster_name("outbound", target_port, destination.subset, host)
+
+    targets = [(cluster_for(d.destination), d.weight) for d in http.route or []]
     action: Json
     if len(targets) == 1:
         action = {"cluster": targets[0][0]}
@@ -756,6 +760,9 @@ def _action(http: HttpRoute, namespace: str, port: int) -> Json:
     retry_policy = resilience.retry_policy(http.retries)
     if retry_policy is not None:
         action["retry_policy"] = retry_policy
+    mirrors = fault.mirror_policies(http, cluster_for)
+    if mirrors:
+        action["request_mirror_policies"] = mirrors
     if http.rewrite is not None:
         if http.rewrite.uri is not None:
             action["prefix_rewrite"] = http.rewrite.uri

@@ -53,6 +53,7 @@ def _http_route(route: HttpRoute, at: tuple[str | int, ...]) -> Iterator[Problem
                 f"{route.retries.per_try_timeout} is longer than the route's timeout "
                 f"{route.timeout}, which bounds every try together: no retry would ever start",
             )
+    yield from _fault_and_mirror(route, here)
     destinations = route.route or []
     # One destination without a weight gets all traffic; anything else states every share.
     if len(destinations) > 1 or any(d.weight is not None for d in destinations):
@@ -64,6 +65,25 @@ def _http_route(route: HttpRoute, at: tuple[str | int, ...]) -> Iterator[Problem
                 for d in destinations
             )
             yield f"{here}.route", f"weights sum to {total}, they must sum to 100 ({shares})"
+
+
+def _fault_and_mirror(route: HttpRoute, here: str) -> Iterator[Problem]:
+    if route.redirect is not None:
+        # Faults and mirrors act on forwarded requests; a redirect forwards nothing.
+        for name, value in (("fault", route.fault), ("mirror", route.mirror), ("mirrors", route.mirrors)):
+            if value is not None:
+                yield f"{here}.{name}", f"{name} and redirect cannot both be set"
+    if route.mirror is not None and route.mirrors is not None:
+        yield f"{here}.mirrors", "mirror and mirrors cannot both be set (as istiod refuses them)"
+    if route.mirror_percent is not None and route.mirror_percentage is not None:
+        yield f"{here}.mirrorPercentage", "set mirrorPercentage or the deprecated mirrorPercent, not both"
+    if route.mirror is None and (route.mirror_percent is not None or route.mirror_percentage is not None):
+        name = "mirrorPercentage" if route.mirror_percentage is not None else "mirrorPercent"
+        reason = "applies to mirror only" + ("; give each of mirrors its own percentage" if route.mirrors else "")
+        yield f"{here}.{name}", f"{reason} (it would be ignored)"
+    if route.fault is not None and route.fault.delay is not None and route.fault.delay.fixed_delay is not None:
+        if duration_seconds(route.fault.delay.fixed_delay) < 0.001:
+            yield f"{here}.fault.delay.fixedDelay", "must be at least 1ms (as Istio requires)"
 
 
 def destination_rule(spec: DestinationRuleSpec) -> Iterator[Problem]:

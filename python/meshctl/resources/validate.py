@@ -236,12 +236,17 @@ def check_references(bodies: Iterable[Mapping[str, Any]]) -> list[Issue]:
 
 
 def _subset_references(body: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    """(path of the subset field, destination) for each destination a resource names."""
+    """(path of the subset field, destination) for each destination a resource sends or mirrors to."""
     if body["kind"] == "Fallback":
         destination = (body["spec"].get("to") or {}).get("destination")
         if destination:
             yield "spec.to.destination.subset", destination
         return
     for route_index, route in enumerate(body["spec"].get("http") or []):
+        here = f"spec.http[{route_index}]"
         for index, destination in enumerate(route.get("route") or []):
-            yield f"spec.http[{route_index}].route[{index}].destination.subset", destination["destination"]
+            yield f"{here}.route[{index}].destination.subset", destination["destination"]
+        if route.get("mirror") is not None:
+            yield f"{here}.mirror.subset", route["mirror"]
+        for index, mirror in enumerate(route.get("mirrors") or []):
+            yield f"{here}.mirrors[{index}].destination.subset", mirror["destination"]

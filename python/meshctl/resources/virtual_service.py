@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
 from meshctl.resources.common import Duration, Headers, MeshModel, Port, StringMatch
 from meshctl.resources.support import UNSUPPORTED
@@ -95,6 +95,76 @@ class Retries(MeshModel):
     retry_remote_localities: bool | None = None
 
 
+class Percent(MeshModel):
+    """Istio's Percent: a share of requests in [0, 100], decimals allowed (0.1 is one in a thousand)."""
+
+    # Istio writes whole numbers as integers too; strict mode would refuse 50 for a float.
+    value: Annotated[float | int, Field(ge=0, le=100)]
+
+
+# gRPC's status names as Istio accepts them for fault.abort.grpcStatus, with their codes.
+GRPC_STATUS_CODES = {
+    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
+    "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
+}  # fmt: skip
+
+
+def _grpc_status(name: str) -> str:
+    if name not in GRPC_STATUS_CODES:
+        raise ValueError(f"{name!r} is not a gRPC status; use one of {', '.join(GRPC_STATUS_CODES)}")
+    return name
+
+
+class FaultDelay(MeshModel):
+    fixed_delay: Duration | None = None
+    percentage: Percent | None = None
+    # Deprecated by Istio in favour of percentage; an integer share.
+    percent: Annotated[int, Field(ge=0, le=100)] | None = None
+    exponential_delay: Later = None
+
+    @model_validator(mode="after")
+    def _delay_given(self) -> FaultDelay:
+        if self.fixed_delay is None and self.exponential_delay is None:
+            raise ValueError("a delay needs fixedDelay")
+        if self.percentage is not None and self.percent is not None:
+            raise ValueError("set percentage or the deprecated percent, not both")
+        return self
+
+
+class FaultAbort(MeshModel):
+    # Istio's range; Envoy refuses anything outside [200, 600) as well.
+    http_status: Annotated[int, Field(ge=200, le=599)] | None = None
+    grpc_status: Annotated[str, AfterValidator(_grpc_status)] | None = None
+    percentage: Percent | None = None
+    http2_error: Later = None
+
+    @model_validator(mode="after")
+    def _one_error(self) -> FaultAbort:
+        chosen = [n for n in ("http_status", "grpc_status", "http2_error") if getattr(self, n) is not None]
+        if len(chosen) != 1:
+            raise ValueError(f"an abort needs exactly one of httpStatus or grpcStatus (got {len(chosen)})")
+        return self
+
+
+class FaultInjection(MeshModel):
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> FaultInjection:
+        if self.delay is None and self.abort is None:
+            raise ValueError("a fault needs a delay or an abort")
+        return self
+
+
+class MirrorPolicy(MeshModel):
+    destination: Destination
+    # Omitted: every request is mirrored (Istio's default).
+    percentage: Percent | None = None
+
+
 class HttpRoute(MeshModel):
     name: str | None = None
     match: list[MatchRequest] | None = None
@@ -106,11 +176,12 @@ class HttpRoute(MeshModel):
     headers: Headers | None = None
     direct_response: Later = None
     delegate: Later = None
-    fault: Later = None
-    mirror: Later = None
-    mirrors: Later = None
-    mirror_percent: Later = None
-    mirror_percentage: Later = None
+    fault: FaultInjection | None = None
+    mirror: Destination | None = None
+    mirrors: list[MirrorPolicy] | None = None
+    # Deprecated by Istio in favour of mirrorPercentage.
+    mirror_percent: Annotated[int, Field(ge=0, le=100)] | None = None
+    mirror_percentage: Percent | None = None
     cors_policy: Later = None
 
 

@@ -26,6 +26,25 @@ pub fn local_reply(status: StatusCode, message: &str, grpc: bool) -> Response<Re
     response
 }
 
+/// The answer to a request the fault filter aborts: its HTTP status (in gRPC form for a gRPC
+/// request, as any local reply), or a trailers-only gRPC response with its gRPC status.
+pub fn fault_abort_reply(abort: &crate::model::fault::FaultAbort, grpc: bool) -> Response<ResponseBody> {
+    use crate::model::fault::AbortStatus;
+    match abort.status {
+        AbortStatus::Http(status) => local_reply(status, &abort.body, grpc),
+        AbortStatus::Grpc(code) => {
+            let mut response = Response::new(ResponseBody::empty());
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert("grpc-status", HeaderValue::from(code));
+            if let Ok(value) = HeaderValue::from_str(&abort.body) {
+                headers.insert("grpc-message", value);
+            }
+            response
+        }
+    }
+}
+
 /// The gRPC status for an HTTP status, as gRPC's HTTP-to-gRPC mapping defines it, except that a
 /// proxy timeout is DEADLINE_EXCEEDED.
 fn grpc_status(status: StatusCode) -> u16 {

@@ -3,6 +3,7 @@
 pub mod body;
 pub mod fallback;
 pub mod local_reply;
+pub mod mirror;
 pub mod proxy;
 pub mod replay_body;
 pub mod request_body;

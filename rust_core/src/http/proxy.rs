@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 
 use super::body::ResponseBody;
 use super::fallback::{self, BreakerCall};
-use super::local_reply::local_reply;
+use super::local_reply::{fault_abort_reply, local_reply};
 use super::request_body::{BodyFault, BodyFaults};
 use super::routing::{header_matches, select_route, select_virtual_host, RequestView};
 use super::upstream_request::{self, no_healthy_upstream, strip_retry_headers, Upstream};
@@ -126,6 +126,15 @@ async fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming
         return no_route(context, grpc);
     };
     route.stats.requests_total.fetch_add(1, Relaxed);
+    // The fault filter, before the router: a route's own config replaces the filter's.
+    if let Some(filter_fault) = &context.settings.fault {
+        let policy = route.fault.as_deref().unwrap_or(filter_fault);
+        if !policy.is_empty() {
+            if let Some(abort) = crate::policy::fault::inject(policy, &context.stats).await {
+                return fault_abort_reply(abort, grpc);
+            }
+        }
+    }
     let started = Instant::now();
     let mut cluster_response_mutation = None;
     let mut response = match &route.action {
@@ -409,6 +418,12 @@ async fn forward_request<'a>(
         _ => None,
     };
     let request = Request::from_parts(upstream_head, body);
+    // An upgrade becomes a tunnel to one upstream; a copy of it has nothing to mirror into.
+    let mirror_body = if !forward.mirrors.is_empty() && upgrade.is_none() {
+        super::mirror::mirror(context, &forward.mirrors, &request, &host, forward.timeout, forward.retry_buffer_limit)
+    } else {
+        None
+    };
 
     let upstream = Upstream {
         context,
@@ -419,6 +434,7 @@ async fn forward_request<'a>(
         grpc,
         downstream_http1,
         attempt_count_header: vhost.include_request_attempt_count,
+        mirror_body,
     };
     let timeout = upstream.timeout;
     let mut answer = upstream_request::send(upstream, endpoint, request).await;
@@ -444,6 +460,7 @@ async fn forward_request<'a>(
                     grpc,
                     downstream_http1,
                     attempt_count_header: vhost.include_request_attempt_count,
+                    mirror_body: None, // the first send mirrored it
                 };
                 answer = fallback::send_again(upstream, copy, &host).await;
             }
@@ -554,7 +571,7 @@ fn requested_upgrade(headers: &HeaderMap) -> Option<String> {
 }
 
 /// `tls`: the upstream connection is TLS, so an HTTP/2 request's :scheme is https.
-fn upstream_uri(host: &str, path_and_query: PathAndQuery, absolute: bool, tls: bool) -> Option<Uri> {
+pub(super) fn upstream_uri(host: &str, path_and_query: PathAndQuery, absolute: bool, tls: bool) -> Option<Uri> {
     if absolute {
         Uri::builder()
             .scheme(if tls { Scheme::HTTPS } else { Scheme::HTTP })

@@ -73,6 +73,8 @@ impl BodyFaults {
 
 pub struct RequestBody {
     source: Source,
+    /// Set only on a mirrored request's first try: keeps what passes for the mirror's copy.
+    tee: Option<Box<BodyTee>>,
     /// The downstream connection's context (a reference count, no allocation): its body faults
     /// and its listener's protocol-error counter.
     connection: Arc<HttpContext>,
@@ -85,19 +87,31 @@ enum Source {
     Replay(ReplayBody),
     /// A retried request that had no body.
     Empty,
+    /// A mirror's copy of a whole body.
+    Copied(CopiedBody),
 }
 
 impl RequestBody {
     pub fn new(incoming: Incoming, connection: Arc<HttpContext>) -> Self {
-        RequestBody { source: Source::Streaming(incoming), connection }
+        RequestBody { source: Source::Streaming(incoming), tee: None, connection }
     }
 
     pub fn replay(body: ReplayBody, connection: Arc<HttpContext>) -> Self {
-        RequestBody { source: Source::Replay(body), connection }
+        RequestBody { source: Source::Replay(body), tee: None, connection }
     }
 
     pub fn empty(connection: Arc<HttpContext>) -> Self {
-        RequestBody { source: Source::Empty, connection }
+        RequestBody { source: Source::Empty, tee: None, connection }
+    }
+
+    pub fn copied(body: CopiedBody, connection: Arc<HttpContext>) -> Self {
+        RequestBody { source: Source::Copied(body), tee: None, connection }
+    }
+
+    /// What this body passes on is also kept for a mirror's copy.
+    pub fn with_tee(mut self, tee: Box<BodyTee>) -> Self {
+        self.tee = Some(tee);
+        self
     }
 
     fn record(&self, error: &hyper::Error) {
@@ -118,6 +132,52 @@ impl Body for RequestBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
+        let polled = this.poll_source(cx);
+        let ended = this.tee.is_some() && this.source_ended();
+        if let Some(tee) = &mut this.tee {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    tee.keep(frame);
+                    // hyper stops polling a body that says it has ended.
+                    if ended {
+                        tee.finish();
+                    }
+                }
+                Poll::Ready(None) => tee.finish(),
+                // A failed body leaves the copy incomplete: the tee drops unsent.
+                Poll::Ready(Some(Err(_))) => this.tee = None,
+                Poll::Pending => {}
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.source_ended()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.source {
+            Source::Streaming(incoming) => incoming.size_hint(),
+            Source::Replay(body) => body.size_hint(),
+            Source::Empty => SizeHint::with_exact(0),
+            Source::Copied(body) => SizeHint::with_exact(body.data.iter().map(|d| d.len() as u64).sum()),
+        }
+    }
+}
+
+impl RequestBody {
+    fn source_ended(&self) -> bool {
+        match &self.source {
+            Source::Streaming(incoming) => incoming.is_end_stream(),
+            Source::Replay(body) => body.is_end_stream(),
+            Source::Empty => true,
+            Source::Copied(body) => body.data.is_empty() && body.trailers.is_none(),
+        }
+    }
+
+    fn poll_source(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self;
         match &mut this.source {
             Source::Streaming(incoming) => match Pin::new(incoming).poll_frame(cx) {
                 Poll::Ready(Some(Err(error))) => {
@@ -139,22 +199,68 @@ impl Body for RequestBody {
                 Poll::Pending => Poll::Pending,
             },
             Source::Empty => Poll::Ready(None),
+            Source::Copied(body) => Poll::Ready(match body.data.pop_front() {
+                Some(data) => Some(Ok(Frame::data(data))),
+                None => body.trailers.take().map(|trailers| Ok(Frame::trailers(trailers))),
+            }),
+        }
+    }
+}
+
+/// A whole request body kept for a mirror's copy: its data, then its trailers if it had any.
+#[derive(Clone, Default)]
+pub struct CopiedBody {
+    data: std::collections::VecDeque<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+/// A mirrored request's body as it passes, kept up to a limit and handed over whole at its end.
+/// Dropped before that (a body that fails, or outgrows the limit), the copy is abandoned.
+pub struct BodyTee {
+    body: CopiedBody,
+    kept: usize,
+    limit: usize,
+    /// The body's declared length (content-length), when it has one.
+    expected: Option<u64>,
+    done: Option<tokio::sync::oneshot::Sender<CopiedBody>>,
+}
+
+impl BodyTee {
+    pub fn new(limit: usize, expected: Option<u64>, done: tokio::sync::oneshot::Sender<CopiedBody>) -> Box<Self> {
+        Box::new(BodyTee { body: CopiedBody::default(), kept: 0, limit, expected, done: Some(done) })
+    }
+
+    fn keep(&mut self, frame: &Frame<Bytes>) {
+        if self.done.is_none() {
+            return;
+        }
+        if let Some(data) = frame.data_ref() {
+            self.kept += data.len();
+            if self.kept > self.limit {
+                // Too long to keep: the copy is abandoned, and what was kept is let go now.
+                self.done = None;
+                self.body = CopiedBody::default();
+                return;
+            }
+            self.body.data.push_back(data.clone());
+        } else if let Some(trailers) = frame.trailers_ref() {
+            self.body.trailers = Some(trailers.clone());
         }
     }
 
-    fn is_end_stream(&self) -> bool {
-        match &self.source {
-            Source::Streaming(incoming) => incoming.is_end_stream(),
-            Source::Replay(body) => body.is_end_stream(),
-            Source::Empty => true,
+    fn finish(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(std::mem::take(&mut self.body));
         }
     }
+}
 
-    fn size_hint(&self) -> SizeHint {
-        match &self.source {
-            Source::Streaming(incoming) => incoming.size_hint(),
-            Source::Replay(body) => body.size_hint(),
-            Source::Empty => SizeHint::with_exact(0),
+impl Drop for BodyTee {
+    /// hyper stops polling a body of declared length once that much is written, without asking
+    /// whether it has ended: a body dropped complete is handed over all the same.
+    fn drop(&mut self) {
+        if self.expected == Some(self.kept as u64) {
+            self.finish();
         }
     }
 }

@@ -36,6 +36,8 @@ pub struct Upstream<'a> {
     pub downstream_http1: bool,
     /// Send x-envoy-attempt-count with each try.
     pub attempt_count_header: bool,
+    /// Keeps the first try's body for a mirror's copy (None unless the route mirrors it).
+    pub mirror_body: Option<Box<super::request_body::BodyTee>>,
 }
 
 /// The upstream's response (with the lease on its connection), or the local reply that
@@ -87,6 +89,7 @@ pub async fn send(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, request
 /// `send` for a request head with its body (None: no body, e.g. a fallback's copy of a GET).
 pub async fn send_parts(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, parts: http::request::Parts, incoming: Option<Incoming>) -> Answer {
     let Upstream { context, cluster, grpc, .. } = upstream;
+    let mut mirror_body = upstream.mirror_body;
     let deadline = upstream.timeout.map(|timeout| Instant::now() + timeout);
     let mut state = upstream.retry_policy.map(|policy| RetryState::new(policy, cluster));
     // Only a request that may be retried keeps its body; the others stream it through.
@@ -105,6 +108,10 @@ pub async fn send_parts(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, p
             (Some(replay), _) => RequestBody::replay(replay.body_for_try(tries), context.clone()),
             (None, Some(incoming)) => RequestBody::new(incoming, context.clone()),
             (None, None) => RequestBody::empty(context.clone()),
+        };
+        let body = match mirror_body.take() {
+            Some(tee) => body.with_tee(tee),
+            None => body,
         };
         // The head is copied only when another try may need it.
         let mut head = match &state {

@@ -77,6 +77,10 @@ pub struct HttpSettings {
     pub rbac: crate::policy::model::RbacFilters,
     /// What happens to x-forwarded-client-cert on this connection manager.
     pub forward_client_cert: super::tls::ForwardClientCert,
+    /// The fault filter's own config when the manager has one (often empty: routes configure
+    /// it); None: no fault filter, so routes' fault configs do nothing, as in Envoy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<std::sync::Arc<super::fault::FaultPolicy>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -3,6 +3,7 @@
 pub mod circuit_breaker;
 pub mod cluster;
 pub mod fallback;
+pub mod fault;
 pub mod headers;
 pub mod listener;
 pub mod matcher;

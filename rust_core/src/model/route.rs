@@ -61,6 +61,10 @@ pub struct Route {
     pub request_headers: HeaderMutation,
     #[serde(skip_serializing_if = "HeaderMutation::is_empty")]
     pub response_headers: HeaderMutation,
+    /// The route's own fault filter config (typed_per_filter_config): it replaces the
+    /// connection manager's whole, and applies only where that manager has the fault filter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Arc<super::fault::FaultPolicy>>,
     #[serde(skip)]
     pub stats: Arc<RouteStats>,
 }
@@ -135,6 +139,9 @@ pub struct ForwardAction {
     pub retry_policy: Option<Arc<super::retry::RetryPolicy>>,
     /// Request bodies longer than this are sent once and never retried (bytes).
     pub retry_buffer_limit: usize,
+    /// Clusters that get a copy of (a share of) the requests; empty for most routes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<super::fault::MirrorPolicy>,
 }
 
 #[derive(Debug, Serialize)]

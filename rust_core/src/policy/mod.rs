@@ -1,5 +1,7 @@
-//! Request policy: path normalization before routing, and RBAC authorization (Envoy's RBAC filter).
+//! Request policy: path normalization before routing, RBAC authorization (Envoy's RBAC filter),
+//! and fault injection (Envoy's fault filter).
 
 pub mod evaluate;
+pub mod fault;
 pub mod model;
 pub mod path;

@@ -29,10 +29,14 @@ pub enum ResponseFlag {
     NoRouteFound,
     /// NC: the route's cluster is not configured (counted per listener).
     NoClusterFound,
+    /// DI: the fault filter delayed the request (counted per listener).
+    DelayInjected,
+    /// FI: the fault filter aborted the request (counted per listener).
+    FaultInjected,
 }
 
 impl ResponseFlag {
-    pub const ALL: [ResponseFlag; 8] = [
+    pub const ALL: [ResponseFlag; 10] = [
         ResponseFlag::NoHealthyUpstream,
         ResponseFlag::UpstreamConnectionFailure,
         ResponseFlag::UpstreamOverflow,
@@ -41,6 +45,8 @@ impl ResponseFlag {
         ResponseFlag::UpstreamRemoteReset,
         ResponseFlag::NoRouteFound,
         ResponseFlag::NoClusterFound,
+        ResponseFlag::DelayInjected,
+        ResponseFlag::FaultInjected,
     ];
     /// The flags a cluster can see; the others are counted per listener.
     pub const UPSTREAM: [ResponseFlag; 6] = [
@@ -51,7 +57,12 @@ impl ResponseFlag {
         ResponseFlag::UpstreamRequestTimeout,
         ResponseFlag::UpstreamRemoteReset,
     ];
-    pub const DOWNSTREAM: [ResponseFlag; 2] = [ResponseFlag::NoRouteFound, ResponseFlag::NoClusterFound];
+    pub const DOWNSTREAM: [ResponseFlag; 4] = [
+        ResponseFlag::NoRouteFound,
+        ResponseFlag::NoClusterFound,
+        ResponseFlag::DelayInjected,
+        ResponseFlag::FaultInjected,
+    ];
 
     /// Envoy's short name, as its access logs print it.
     pub fn short_name(self) -> &'static str {
@@ -64,6 +75,8 @@ impl ResponseFlag {
             ResponseFlag::UpstreamRemoteReset => "UR",
             ResponseFlag::NoRouteFound => "NR",
             ResponseFlag::NoClusterFound => "NC",
+            ResponseFlag::DelayInjected => "DI",
+            ResponseFlag::FaultInjected => "FI",
         }
     }
 }
@@ -103,6 +116,9 @@ pub struct ResilienceStats {
     pub retry_limit_exceeded: AtomicU64,
     /// meshctl's own: retries wanted for a request whose body was too long to keep for replay.
     pub retries_skipped_body_too_large: AtomicU64,
+    /// retry_or_shadow_abandoned (Envoy's name): mirror copies not sent, because the request body
+    /// outgrew the route's buffer limit or failed, or too many copies were in flight.
+    pub shadows_abandoned: AtomicU64,
     /// upstream_rq_per_try_timeout.
     pub per_try_timeouts: AtomicU64,
     /// upstream_rq_pending_overflow: requests refused by max_pending_requests.
@@ -127,13 +143,14 @@ pub struct ResilienceStats {
 impl ResilienceStats {
     pub(crate) fn render(clusters: &BTreeMap<String, Arc<ClusterStats>>, out: &mut String, escape: fn(&str) -> String) {
         type Get = fn(&ResilienceStats) -> u64;
-        let series: [(&str, &str, Get); 14] = [
+        let series: [(&str, &str, Get); 15] = [
             ("meshctl_upstream_rq_retry_total", "counter", |s| s.retries.load(Relaxed)),
             ("meshctl_upstream_rq_retry_success_total", "counter", |s| s.retry_successes.load(Relaxed)),
             ("meshctl_upstream_rq_retry_overflow_total", "counter", |s| s.retry_overflows.load(Relaxed)),
             ("meshctl_upstream_rq_retry_limit_exceeded_total", "counter", |s| s.retry_limit_exceeded.load(Relaxed)),
             ("meshctl_upstream_rq_retry_skipped_body_too_large_total", "counter", |s| s.retries_skipped_body_too_large.load(Relaxed)),
             ("meshctl_upstream_rq_per_try_timeout_total", "counter", |s| s.per_try_timeouts.load(Relaxed)),
+            ("meshctl_retry_or_shadow_abandoned_total", "counter", |s| s.shadows_abandoned.load(Relaxed)),
             ("meshctl_upstream_rq_pending_overflow_total", "counter", |s| s.pending_overflows.load(Relaxed)),
             ("meshctl_upstream_rq_active_overflow_total", "counter", |s| s.active_overflows.load(Relaxed)),
             ("meshctl_upstream_cx_overflow_total", "counter", |s| s.connection_overflows.load(Relaxed)),

@@ -12,6 +12,7 @@ use prost::Message;
 
 use super::common::{duration, socket_address, unpack};
 use super::route::{refuse_connect_upgrade, route_configuration};
+use super::fault::{http_fault, FAULT_FILTER_TYPE};
 use super::rbac::{rbac_http_filter, RBAC_FILTER_TYPE};
 use super::tls::{downstream_tls_context, forward_client_cert};
 use super::{refuse_if, At, ConfigError, FieldError, FieldResult};
@@ -235,6 +236,7 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
     let path_normalization = path_normalization(m)?;
     let mut rbac = RbacFilters { filters: Vec::new(), allowed: metrics.rbac.allowed() };
     let mut router_seen = false;
+    let mut fault = None;
     for (i, filter) in m.http_filters.iter().enumerate() {
         let typed_config = match &filter.config_type {
             Some(hcm::http_filter::ConfigType::TypedConfig(any)) => Some(any),
@@ -255,6 +257,15 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
             if let Some(decoded) = rbac_http_filter(any, metrics).at(format!("http_filters[{i}].typed_config"))? {
                 rbac.filters.push(decoded);
             }
+            continue;
+        }
+        if let Some(any) = typed_config.filter(|any| any.type_url == FAULT_FILTER_TYPE) {
+            // A disabled filter runs only where a route enables it, which meshctl cannot do yet.
+            refuse_if(filter.disabled, "disabled").at(format!("http_filters[{i}]"))?;
+            if fault.is_some() {
+                return Err(FieldError::new(format!("http_filters[{i}]"), "meshctl supports one fault filter per connection manager"));
+            }
+            fault = Some(Arc::new(http_fault(any).at(format!("http_filters[{i}].typed_config"))?));
             continue;
         }
         if type_url != ROUTER_TYPE {
@@ -315,7 +326,7 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
             upgrades.push(u.upgrade_type.to_ascii_lowercase());
         }
     }
-    Ok(HttpSettings { stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac, forward_client_cert })
+    Ok(HttpSettings { stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac, forward_client_cert, fault })
 }
 
 /// normalize_path, merge_slashes and path_with_escaped_slashes_action; Envoy's defaults are off

@@ -9,6 +9,7 @@ mod circuit_breaker;
 mod cluster;
 mod common;
 mod fallback;
+mod fault;
 mod listener;
 mod outlier;
 mod rbac;

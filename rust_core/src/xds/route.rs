@@ -7,6 +7,7 @@ use envoy_types::pb::envoy::config::route::v3 as route;
 use http::StatusCode;
 use prost::Message;
 
+use super::fault::{http_fault, mirror_policy, FAULT_FILTER_TYPE};
 use super::common::{data_source, duration, header_mutation, regex_matcher, string_matcher};
 use super::retry::retry_policy;
 use super::{refuse_if, At, ConfigError, FieldError, FieldResult};
@@ -143,7 +144,7 @@ fn buffer_limit(
 }
 
 fn route_entry(r: &route::Route, stat_name: String, inherited: &VirtualHostDefaults, metrics: &Metrics) -> FieldResult<Route> {
-    refuse_if(!r.typed_per_filter_config.is_empty(), "typed_per_filter_config")?;
+    let fault = route_fault(r)?;
     let own_buffer_limit = buffer_limit(r.per_request_buffer_limit_bytes.as_ref(), r.request_body_buffer_limit.as_ref())?;
     let matcher = route_match(r.r#match.as_ref().ok_or_else(|| FieldError::new("match", "is required"))?).at("match")?;
     let action = match &r.action {
@@ -172,8 +173,29 @@ fn route_entry(r: &route::Route, stat_name: String, inherited: &VirtualHostDefau
             .at("request_headers_to_add")?,
         response_headers: header_mutation(&r.response_headers_to_add, &r.response_headers_to_remove)
             .at("response_headers_to_add")?,
+        fault,
         stats: metrics.route(&stat_name),
     })
+}
+
+/// The route's HTTPFault, the only per-filter config meshctl knows. It is taken whatever filter
+/// name it is keyed by (Envoy looks it up by the fault filter's name in the connection manager).
+fn route_fault(r: &route::Route) -> FieldResult<Option<Arc<crate::model::fault::FaultPolicy>>> {
+    let mut found = None;
+    for (name, any) in &r.typed_per_filter_config {
+        let at = format!("typed_per_filter_config[{name:?}]");
+        if any.type_url != FAULT_FILTER_TYPE {
+            return Err(FieldError::new(
+                at,
+                format!("per-route config {} is not supported by meshctl yet (only {FAULT_FILTER_TYPE})", any.type_url),
+            ));
+        }
+        if found.is_some() {
+            return Err(FieldError::new(at, "a route may configure the fault filter only once"));
+        }
+        found = Some(Arc::new(http_fault(any).at(at)?));
+    }
+    Ok(found)
 }
 
 fn route_match(m: &route::RouteMatch) -> FieldResult<RouteMatch> {
@@ -273,7 +295,6 @@ fn forward_action(a: &route::RouteAction) -> FieldResult<ForwardAction> {
     refuse_if(a.retry_policy_typed_config.is_some(), "retry_policy_typed_config")?;
     // HIGH would select the clusters' HIGH circuit breakers, which meshctl does not have.
     refuse_if(a.priority != 0, "priority")?;
-    refuse_if(!a.request_mirror_policies.is_empty(), "request_mirror_policies")?;
     refuse_if(!a.rate_limits.is_empty(), "rate_limits")?;
     refuse_if(a.cors.is_some(), "cors")?;
     refuse_if(a.internal_redirect_policy.is_some(), "internal_redirect_policy")?;
@@ -326,6 +347,12 @@ fn forward_action(a: &route::RouteAction) -> FieldResult<ForwardAction> {
         upgrades,
         retry_policy: a.retry_policy.as_ref().map(retry_policy).transpose().at("retry_policy")?.map(Arc::new),
         retry_buffer_limit: DEFAULT_RETRY_BUFFER_LIMIT,
+        mirrors: a
+            .request_mirror_policies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| mirror_policy(p).at(format!("request_mirror_policies[{i}]")))
+            .collect::<FieldResult<Vec<_>>>()?,
     })
 }
 
