@@ -216,14 +216,27 @@ def test_circuit_breaking(mesh: Mesh, dataplane_kind: str):
         assert (thresholds["max_connections"], thresholds["max_pending_requests"]) == (1, 1), thresholds
 
     one = fortio_load(client.outbound_port, "httpbin:8000", "/get", connections=1, requests=20)
+    two = fortio_load(client.outbound_port, "httpbin:8000", "/get", connections=2, requests=20)
     before = client.counter(HTTPBIN, "upstream_rq_pending_overflow")
     three = fortio_load(client.outbound_port, "httpbin:8000", "/get", connections=3, requests=30)
     overflow = client.counter(HTTPBIN, "upstream_rq_pending_overflow") - before
     print(f"{dataplane_kind}: 1 connection: {one}")
+    print(f"{dataplane_kind}: 2 connections: {two}")
     print(f"{dataplane_kind}: 3 connections: {three}; upstream_rq_pending_overflow +{overflow}")
 
     # One connection stays within one active and one pending request: nothing trips.
     assert one.codes == {200: 20}, one
+    # Two connections fit too (one active, one pending), but only if the pending request takes
+    # the connection slot before the first caller's next request arrives. Envoy retires the used
+    # connection and connects for the pending request in the same event-loop turn that ends the
+    # response, so it refuses none or one (Istio's page: "almost all requests made it through").
+    # meshctl moves the pending request in that request's own task after a cross-thread wake-up,
+    # and loses that race now and then: measured 4 to 8 of 20 refused here (5 runs), Envoy 0 or 1.
+    # Envoy is right: the limits admit two callers; meshctl is stricter than configured, never
+    # looser (still at most 1 connection and 1 pending request).
+    assert set(two.codes) <= {200, 503} and two.codes.get(200, 0) >= 10, two
+    if dataplane_kind == "envoy":
+        assert two.codes.get(503, 0) <= 3, two
     # Three at once: the third finds the pending slot taken and is refused at once with a 503.
     assert three.codes.get(503, 0) > 0 and three.codes.get(200, 0) > 0, three
     assert set(three.codes) == {200, 503}, three
