@@ -98,6 +98,20 @@ class EnvoySidecar:
 
         wait_until(holds, timeout, f"Envoy {self.node_id} receives {sorted(clusters)} and {sorted(routes)}", step=0.2)
 
+    def wait_accepted(self, kind: str, name: str, timeout: float = 15.0) -> dict:
+        """Until the plane records this Envoy's ACK of the config built from resource `kind`
+        `name` (`meshctl get KIND NAME`'s status.sidecars); that resource's status."""
+        status: dict = {}
+
+        def accepted() -> bool | dict:
+            nonlocal status
+            shown = self.plane.meshctl("get", kind, name, "-o", "json")
+            status = json.loads(shown.stdout)["status"] if shown.returncode == 0 else {"error": shown.stderr}
+            return status.get("sidecars", {}).get(self.node_id, {}).get("state") == "accepted" or status
+
+        wait_until(accepted, timeout, f"the plane records Envoy {self.node_id}'s ACK of {kind} {name}", step=0.3)
+        return status
+
     def rejected_updates(self) -> int:
         """How many ADS updates Envoy NACKed, over every xDS type."""
         return sum(
