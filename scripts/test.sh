@@ -37,7 +37,7 @@ fi
 
 command -v cargo >/dev/null || { log "cargo not found: install Rust (rustup) first"; exit 1; }
 
-# --- Go tools: h2spec (HTTP/2 conformance, tests/test_h2spec.py) ---------------------------------
+# --- Go tools: h2spec (HTTP/2 conformance, tests/test_h2spec.py) and fortio ----------------------
 # A non-login shell (as CI runs) may not have the Go toolchain on PATH.
 if [ -d /usr/local/go/bin ]; then
     export PATH="$PATH:/usr/local/go/bin"
@@ -49,6 +49,11 @@ export PATH="$PATH:$gobin"
 if ! command -v h2spec >/dev/null; then
     log "go install github.com/summerwind/h2spec/cmd/h2spec@latest"
     go install github.com/summerwind/h2spec/cmd/h2spec@latest
+fi
+# fortio: the load tool of Istio's circuit-breaking task (tests/test_istio_tasks.py)
+if ! command -v fortio >/dev/null; then
+    log "go install fortio.org/fortio@latest"
+    go install fortio.org/fortio@latest
 fi
 
 status=0

@@ -55,9 +55,13 @@ def make_response(name: str, method: str, target: str, headers: list[tuple[str, 
     return status, response_headers, data
 
 
+# --delay-ms: a slow app, whatever its callers ask (a request's own delay_ms still wins).
+DEFAULT_DELAY_MS = 0
+
+
 def delay_of(target: str) -> float:
     query = parse_qs(urlsplit(target).query)
-    return int(query.get("delay_ms", ["0"])[0]) / 1000.0
+    return int(query.get("delay_ms", [str(DEFAULT_DELAY_MS)])[0]) / 1000.0
 
 
 LOG_REQUESTS = False
@@ -235,8 +239,10 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log-requests", action="store_true", help="write each request head received to stderr")
+    parser.add_argument("--delay-ms", type=int, default=0, help="wait this long before every answer")
     args = parser.parse_args()
     LOG_REQUESTS = args.log_requests
+    DEFAULT_DELAY_MS = args.delay_ms
     try:
         trio.run(main, args.name, args.host, args.port)
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ import datetime
 import hmac
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,22 +110,32 @@ def authenticated_ads(handler: Handler, authority: IdentityAuthority, api_token:
         identity, certificate = found
         serial = certificate.serial_number
         revoked = False
-        async with trio.open_nursery() as nursery:
+        try:
+            async with trio.open_nursery() as nursery:
 
-            async def until_revoked() -> None:
-                nonlocal revoked
-                generation = authority.generation
-                while not authority.revoked_serial(serial):
-                    generation = await authority.wait_for_change(generation)
-                revoked = True
-                nursery.cancel_scope.cancel()
+                async def until_revoked() -> None:
+                    nonlocal revoked
+                    generation = authority.generation
+                    while not authority.revoked_serial(serial):
+                        generation = await authority.wait_for_change(generation)
+                    revoked = True
+                    nursery.cancel_scope.cancel()
 
-            async def serve() -> None:
-                await handler(stream)
-                nursery.cancel_scope.cancel()
+                async def serve() -> None:
+                    await handler(stream)
+                    nursery.cancel_scope.cancel()
 
-            nursery.start_soon(until_revoked)
-            nursery.start_soon(serve)
+                nursery.start_soon(until_revoked)
+                nursery.start_soon(serve)
+        except BaseExceptionGroup as group:
+            # The stream's GrpcError (a sidecar leaving resets its stream: CANCELLED) ends the
+            # call with its status, as it does for a caller with the API token, rather than
+            # being logged as a handler failure and answered INTERNAL. Beside it there may only
+            # be the revocation watch's Cancelled, when the connection is going away too.
+            error = _lone_grpc_error(group)
+            if error is None:
+                raise
+            raise error from error.__cause__
         if revoked:
             log.warning("ended the ADS stream of %s: certificate %x is revoked", identity, serial)
             raise GrpcError(
@@ -133,6 +144,22 @@ def authenticated_ads(handler: Handler, authority: IdentityAuthority, api_token:
             )
 
     return checked
+
+
+def _lone_grpc_error(group: BaseExceptionGroup) -> GrpcError | None:
+    """The group's one GrpcError if everything else in it is trio.Cancelled; else None."""
+    leaves = list(_leaves(group))
+    errors = [error for error in leaves if isinstance(error, GrpcError)]
+    others = [error for error in leaves if not isinstance(error, (GrpcError, trio.Cancelled))]
+    return errors[0] if len(errors) == 1 and not others else None
+
+
+def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            yield from _leaves(error)
+        else:
+            yield error
 
 
 class IdentityHandlers:
