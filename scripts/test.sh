@@ -52,8 +52,10 @@ if ! command -v h2spec >/dev/null; then
 fi
 # fortio: the load tool of Istio's circuit-breaking task (tests/test_istio_tasks.py)
 if ! command -v fortio >/dev/null; then
-    log "go install fortio.org/fortio@latest"
-    go install fortio.org/fortio@latest
+    # Pinned: releases from 1.69 on need grol.io/grol, which the Go module proxy reachable here
+    # does not serve (403); 1.68.2 is the newest without it.
+    log "go install fortio.org/fortio@v1.68.2"
+    go install fortio.org/fortio@v1.68.2
 fi
 
 status=0
