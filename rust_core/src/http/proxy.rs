@@ -130,7 +130,8 @@ async fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming
     if let Some(filter_fault) = &context.settings.fault {
         let policy = route.fault.as_deref().unwrap_or(filter_fault);
         if !policy.is_empty() {
-            if let Some(abort) = crate::policy::fault::inject(policy, &context.stats).await {
+            // Boxed: a delay's timer would otherwise sit in every request's future.
+            if let Some(abort) = Box::pin(crate::policy::fault::inject(policy, &context.stats)).await {
                 return fault_abort_reply(abort, grpc);
             }
         }
@@ -462,7 +463,8 @@ async fn forward_request<'a>(
                     attempt_count_header: vhost.include_request_attempt_count,
                     mirror_body: None, // the first send mirrored it
                 };
-                answer = fallback::send_again(upstream, copy, &host).await;
+                // Boxed: a second send inline would grow every request's future.
+                answer = Box::pin(fallback::send_again(upstream, copy, &host)).await;
             }
         }
     }

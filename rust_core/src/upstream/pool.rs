@@ -364,7 +364,9 @@ impl Pool {
         loop {
             let (mut sender, uses, slot, pooled) = match self.checkout_http1() {
                 Some(idle) => (idle.sender, idle.uses, idle.slot, true),
-                None => match self.wait_for_http1().await? {
+                // Boxed: the connect path (TCP, TLS, the pending queue) is a large future, and
+                // kept inline it would be part of, and copied with, every request's future.
+                None => match Box::pin(self.wait_for_http1()).await? {
                     Http1Connection::Idle(idle) => (idle.sender, idle.uses, idle.slot, true),
                     Http1Connection::New(sender, slot) => (sender, 0, slot, false),
                 },
@@ -556,7 +558,11 @@ impl Pool {
         on_connected: impl Fn(),
     ) -> Result<(Response<Incoming>, ConnectionLease), UpstreamError> {
         for _ in 0..2 {
-            let mut sender = self.http2_sender().await?;
+            let mut sender = match self.live_http2() {
+                Some(sender) => sender,
+                // Boxed, as wait_for_http1: the connect path stays out of every request's future.
+                None => Box::pin(self.http2_sender()).await?,
+            };
             if sender.ready().await.is_err() {
                 self.forget_http2();
                 continue;
@@ -576,7 +582,7 @@ impl Pool {
             }
         }
         // Two fresh connections in a row refused the request before sending it.
-        let mut sender = self.http2_sender().await?;
+        let mut sender = Box::pin(self.http2_sender()).await?;
         let lease = self.attach()?;
         on_connected();
         sender.send_request(request).await.map(|response| (response, lease)).map_err(UpstreamError::Reset)
