@@ -1,17 +1,20 @@
-"""Istio's traffic-management tasks (circuit breaking, request timeouts, retries) with Istio's own
-YAML through `meshctl serve`, each on two client data planes: `meshctl run` and a real Envoy 1.40
-fed by the same control plane over ADS (tests/helpers/envoy_sidecar.py). Both must show the user
-what Istio's task pages show; where they differ, each one's behaviour is asserted and printed.
+"""Istio's traffic-management tasks (circuit breaking, request timeouts, retries, fault injection,
+mirroring) with Istio's own YAML through `meshctl serve`, each on two client data planes: `meshctl
+run` and a real Envoy 1.40 fed by the same control plane over ADS (tests/helpers/envoy_sidecar.py).
+Both must show the user what Istio's task pages show; where they differ, each one's behaviour is
+asserted and printed.
 
-Shortened for test time, shape kept: the task's delays are shorter and the slowness lives in the
-upstream app itself (Istio's timeout task delays ratings with a fault; fault injection is built
-elsewhere). Upstream apps are registered as plain instances without a sidecar of their own: every
-behaviour under test is the calling sidecar's, and this keeps the 2-core budget for the clients.
+Shortened for test time, shape kept: the tasks' delays are shorter, and in the timeout task the
+slowness lives in the upstream app itself (Istio's page delays ratings with a fault; here the
+timeout is tested apart from the fault filter, which has its own task below). Upstream apps are
+registered as plain instances without a sidecar of their own: every behaviour under test is the
+calling sidecar's, and this keeps the 2-core budget for the clients.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from helpers.control_plane import ControlPlane, start_control_plane
-from helpers.envoy_sidecar import register
+from helpers.envoy_sidecar import admin_get, register
 from helpers.fortio import fortio_load
 from helpers.mesh import apply, wait_until
 from helpers.mesh_client import MeshClient
@@ -29,6 +32,8 @@ from helpers.procs import Process, start_upstream
 HTTPBIN = "outbound|8000||httpbin.default.svc.cluster.local"
 REVIEWS_V2 = "outbound|9080|v2|reviews.default.svc.cluster.local"
 RATINGS_V1 = "outbound|9080|v1|ratings.default.svc.cluster.local"
+HTTPBIN_V1 = "outbound|8000|v1|httpbin.default.svc.cluster.local"
+HTTPBIN_V2 = "outbound|8000|v2|httpbin.default.svc.cluster.local"
 
 # Istio's circuit-breaking task, as its page gives it.
 CIRCUIT_BREAKER = """
@@ -116,6 +121,101 @@ spec:
 """
 RATINGS_RETRIES = RATINGS_TO_V1 + "    retries:\n      attempts: 3\n      perTryTimeout: 2s\n      retryOn: 5xx\n"
 
+# Istio's fault-injection task (Bookinfo's virtual-service-ratings-test-delay.yaml), its 7s delay
+# shortened to 1s: user jason's calls to ratings wait, everyone else's go straight to v1.
+FAULT_DELAY_S = 1.0
+RATINGS_DELAY_FOR_JASON = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: ratings
+spec:
+  hosts:
+  - ratings
+  http:
+  - match:
+    - headers:
+        end-user:
+          exact: jason
+    fault:
+      delay:
+        percentage:
+          value: 100.0
+        fixedDelay: 1s
+    route:
+    - destination:
+        host: ratings
+        subset: v1
+  - route:
+    - destination:
+        host: ratings
+        subset: v1
+"""
+# The same task's second step (virtual-service-ratings-test-abort.yaml): jason's calls get a 500.
+RATINGS_ABORT_FOR_JASON = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: ratings
+spec:
+  hosts:
+  - ratings
+  http:
+  - match:
+    - headers:
+        end-user:
+          exact: jason
+    fault:
+      abort:
+        percentage:
+          value: 100.0
+        httpStatus: 500
+    route:
+    - destination:
+        host: ratings
+        subset: v1
+  - route:
+    - destination:
+        host: ratings
+        subset: v1
+"""
+JASON = {"end-user": "jason"}  # what Bookinfo's productpage sends for a logged-in jason
+
+# Istio's mirroring task: httpbin v1 and v2, all traffic to v1, then the same route mirrored to v2.
+HTTPBIN_SUBSETS = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: httpbin
+spec:
+  host: httpbin
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+"""
+HTTPBIN_TO_V1 = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: httpbin
+spec:
+  hosts:
+  - httpbin
+  http:
+  - route:
+    - destination:
+        host: httpbin
+        subset: v1
+      weight: 100
+"""
+HTTPBIN_MIRRORED = (
+    HTTPBIN_TO_V1 + "    mirror:\n      host: httpbin\n      subset: v2\n    mirrorPercentage:\n      value: 100.0\n"
+)
+
 
 @dataclass
 class Answer:
@@ -131,10 +231,12 @@ class Answer:
             return None
 
 
-def ask(port: int, host: str, path: str = "/", timeout: float = 10.0) -> Answer:
+def ask(port: int, host: str, path: str = "/", timeout: float = 10.0,
+        headers: dict[str, str] | None = None) -> Answer:  # fmt: skip
     """One GET to a sidecar's outbound port for `host` (the Host header names the service)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Host": host})
+    headers = {"Host": host, **(headers or {})}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
     started = time.monotonic()
     try:
         with opener.open(request, timeout=timeout) as response:
@@ -184,12 +286,13 @@ def mesh(tmp_path: Path):
     mesh.stop()
 
 
-def reached(client: MeshClient, host: str, path: str = "/", status: int = 200, timeout: float = 20.0) -> Answer:
+def reached(client: MeshClient, host: str, path: str = "/", status: int = 200, timeout: float = 20.0,
+            headers: dict[str, str] | None = None) -> Answer:  # fmt: skip
     """Wait until a request through `client` for `host` answers `status`; that answer."""
     answers: list[Answer] = []
 
     def answered() -> bool | Answer:
-        answers.append(ask(client.outbound_port, host, path))
+        answers.append(ask(client.outbound_port, host, path, headers=headers))
         return answers[-1].status == status or answers[-1]
 
     wait_until(answered, timeout, f"{client.kind} client: {host}{path} answers {status}", step=0.2)
@@ -311,3 +414,141 @@ def test_retries(mesh: Mesh, dataplane_kind: str):
     # failing instance: 20 retries for 20 requests, but only "some" is asserted.
     assert rose["upstream_rq_retry"] > 0, rose
     assert rose["upstream_rq_retry_success"] == rose["upstream_rq_retry"], rose
+
+
+def faults_injected(client: MeshClient) -> dict[str, int]:
+    """How many requests the client's outbound listeners delayed (DI) and aborted (FI)."""
+    if client.envoy is not None:
+        stats = client.envoy.stats()  # http.<stat prefix>.fault.delays_injected, aborts_injected
+        return {flag: sum(value for name, value in stats.items() if name.endswith(f".fault.{counter}"))
+                for flag, counter in (("DI", "delays_injected"), ("FI", "aborts_injected"))}  # fmt: skip
+    # meshctl counts them as Envoy's response flags, per listener.
+    text = admin_get(client.admin_port, "/stats/prometheus")
+    series = r'^meshctl_downstream_rq_response_flags_total\{listener="[^"]*",flag="%s"\} (\d+)$'
+    return {flag: sum(int(count) for count in re.findall(series % flag, text, re.MULTILINE))
+            for flag in ("DI", "FI")}  # fmt: skip
+
+
+def test_fault_injection(mesh: Mesh, dataplane_kind: str):
+    mesh.instance("ratings", "v1", 9080, "http_echo.py", "--name", "ratings-v1")
+    apply(mesh.plane, RATINGS_SUBSETS + "---\n" + RATINGS_DELAY_FOR_JASON)
+    client = mesh.client(dataplane_kind)
+    reached(client, "ratings:9080", "/ratings/0")
+    envoy_holds(client, ("vs", "ratings"), RATINGS_V1)
+
+    # Step 1, the delay: jason waits, everyone else does not.
+    before = faults_injected(client)
+    delayed = [ask(client.outbound_port, "ratings:9080", "/ratings/0", headers=JASON) for _ in range(3)]
+    others = [ask(client.outbound_port, "ratings:9080", "/ratings/0") for _ in range(3)]
+    after = faults_injected(client)
+    print(f"{dataplane_kind}: delay for jason: " + ", ".join(f"{a.status} in {a.seconds:.3f}s" for a in delayed)
+          + "; others: " + ", ".join(f"{a.status} in {a.seconds:.3f}s" for a in others)
+          + f"; faults counted {before} -> {after}")  # fmt: skip
+    for answer in delayed:
+        assert answer.status == 200 and answer.name == "ratings-v1", answer  # delayed, then forwarded
+        # 10 ms of slack below: Envoy's delay timer has fired up to ~1 ms early (0.999 s seen).
+        assert FAULT_DELAY_S - 0.01 <= answer.seconds < FAULT_DELAY_S + 1.0, answer
+    for answer in others:
+        assert answer.status == 200 and answer.name == "ratings-v1", answer
+        assert answer.seconds < 0.5, answer
+    assert (after["DI"] - before["DI"], after["FI"] - before["FI"]) == (3, 0), (before, after)
+
+    # Step 2, the abort: jason gets the fault filter's 500 at once, everyone else ratings v1.
+    apply(mesh.plane, RATINGS_SUBSETS + "---\n" + RATINGS_ABORT_FOR_JASON)
+    reached(client, "ratings:9080", "/ratings/0", status=500, headers=JASON)
+    assert client.envoy is None or client.envoy.rejected_updates() == 0, client.envoy.stats()
+    before = faults_injected(client)
+    aborted = [ask(client.outbound_port, "ratings:9080", "/ratings/0", headers=JASON) for _ in range(3)]
+    others = [ask(client.outbound_port, "ratings:9080", "/ratings/0") for _ in range(3)]
+    after = faults_injected(client)
+    print(f"{dataplane_kind}: abort for jason: "
+          + ", ".join(f"{a.status} {a.body!r} in {a.seconds:.3f}s" for a in aborted)
+          + "; others: " + ", ".join(f"{a.status} {a.name} in {a.seconds:.3f}s" for a in others)
+          + f"; faults counted {before} -> {after}")  # fmt: skip
+    for answer in aborted:
+        assert (answer.status, answer.body) == (500, "fault filter abort"), answer
+        assert answer.seconds < 0.5, answer  # the old delay is gone with the old route
+    for answer in others:
+        assert answer.status == 200 and answer.name == "ratings-v1", answer
+    assert (after["DI"] - before["DI"], after["FI"] - before["FI"]) == (0, 3), (before, after)
+
+
+def received_by(upstream: Process, key: str) -> dict:
+    """What tests/servers/retry_upstream.py received for `key`: its count and each request's Host."""
+    return json.loads(admin_get(upstream.port, f"/__stats?key={key}"))
+
+
+def echoed_host(answer: Answer) -> str | None:
+    """The Host an http_echo.py app received, from its answer."""
+    try:
+        return json.loads(answer.body)["headers"]["host"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def test_mirroring(mesh: Mesh, dataplane_kind: str):
+    # v1 answers with its name and echoes the headers it got; v2 keeps what reached it, per key,
+    # for the test to read from the app itself (its answers go nowhere: they are the copies').
+    mesh.instance("httpbin", "v1", 8000, "http_echo.py", "--name", "httpbin-v1")
+    v2 = mesh.instance("httpbin", "v2", 8000, "retry_upstream.py")
+    apply(mesh.plane, HTTPBIN_SUBSETS + "---\n" + HTTPBIN_TO_V1)
+    client = mesh.client(dataplane_kind)
+    reached(client, "httpbin:8000", "/headers")
+    envoy_holds(client, ("vs", "httpbin"), HTTPBIN_V1, HTTPBIN_V2)
+
+    # Step 1, the task's first VirtualService: every request to v1, none to v2.
+    unmirrored = [ask(client.outbound_port, "httpbin:8000", "/headers?key=unmirrored") for _ in range(10)]
+    assert {(a.status, a.name) for a in unmirrored} == {(200, "httpbin-v1")}, unmirrored
+    time.sleep(0.5)  # a copy, were one sent, would have arrived by now
+    assert received_by(v2, "unmirrored")["count"] == 0, received_by(v2, "unmirrored")
+
+    # Step 2: mirrored. The copies are fire-and-forget, so the test waits for them to arrive.
+    apply(mesh.plane, HTTPBIN_SUBSETS + "---\n" + HTTPBIN_MIRRORED)
+
+    def mirroring() -> bool | dict:
+        ask(client.outbound_port, "httpbin:8000", "/headers?key=probe")
+        return received_by(v2, "probe")["count"] > 0 or received_by(v2, "probe")
+
+    wait_until(mirroring, 20, f"{dataplane_kind} client mirrors httpbin to v2", step=0.2)
+    assert client.envoy is None or client.envoy.rejected_updates() == 0, client.envoy.stats()
+
+    def copies_counted() -> int:
+        """Requests the client sent on v2's cluster: here only copies, as no route leads there."""
+        if client.envoy is not None:
+            return client.envoy.counter(HTTPBIN_V2, "upstream_rq_total")
+        return client.meshctl_series("meshctl_upstream_rq_total", HTTPBIN_V2)
+
+    def copies_of(key: str, expected: int) -> dict:
+        """v2's record of `key` once `expected` copies arrived, and a moment later (any extra one)."""
+
+        def arrived() -> bool | dict:
+            seen = received_by(v2, key)
+            return seen["count"] >= expected or seen
+
+        wait_until(arrived, 10, f"{expected} copies of {key} reach v2", step=0.05)
+        time.sleep(0.3)
+        return received_by(v2, key)
+
+    time.sleep(0.3)  # the probe's copies still on their way are counted before the baseline
+    before = copies_counted()
+    # As in the task (curl http://httpbin:8000/headers), and once more with a Host without a port.
+    with_port = [ask(client.outbound_port, "httpbin:8000", "/headers?key=mirrored") for _ in range(20)]
+    bare = [ask(client.outbound_port, "httpbin", "/headers?key=bare") for _ in range(5)]
+    mirrored, bare_copies = copies_of("mirrored", 20), copies_of("bare", 5)
+    counted = copies_counted() - before
+    print(f"{dataplane_kind}: without mirror v2 got {received_by(v2, 'unmirrored')['count']} of 10; mirrored: "
+          f"client saw {sorted({(a.status, a.name) for a in with_port + bare})}, v1 got Hosts "
+          f"{sorted({echoed_host(a) for a in with_port + bare}, key=str)}; v2 got "
+          f"{mirrored['count']} copies of 20 with Hosts {sorted(set(mirrored['hosts']))} and "
+          f"{bare_copies['count']} of 5 with Hosts {sorted(set(bare_copies['hosts']))}; "
+          f"v2 cluster requests +{counted}")  # fmt: skip
+
+    # The client sees v1's answers only, and v1 the request as it was sent.
+    for answers, host in ((with_port, "httpbin:8000"), (bare, "httpbin")):
+        assert {(a.status, a.name) for a in answers} == {(200, "httpbin-v1")}, answers
+        assert {echoed_host(a) for a in answers} == {host}, answers
+    # v2 gets one copy of each, its Host with "-shadow" after the host name and before any port:
+    # Envoy's rule, which meshctl follows (README, fault injection and mirroring).
+    assert (mirrored["count"], set(mirrored["hosts"])) == (20, {"httpbin-shadow:8000"}), mirrored
+    assert (bare_copies["count"], set(bare_copies["hosts"])) == (5, {"httpbin-shadow"}), bare_copies
+    assert counted == 25, counted
