@@ -61,8 +61,9 @@ def _lua_filter(config: Json) -> None:
     )
 
 
-def _mirror(config: Json) -> None:
-    _route(config)["route"]["request_mirror_policies"] = [{"cluster": "upstream"}]
+def _mirror_by_header(config: Json) -> None:
+    # Mirroring itself is supported; choosing the mirror cluster by a request header is not.
+    _route(config)["route"]["request_mirror_policies"] = [{"cluster_header": "x-mirror-to"}]
 
 
 def _connect_route(config: Json) -> None:
@@ -133,10 +134,10 @@ CASES = [
     ),
     Invalid(
         "unsupported-behaviour-field",
-        _mirror,
-        names=("request_mirror_policies",),
+        _mirror_by_header,
+        names=("request_mirror_policies", "cluster_header"),
         envoy_refuses=False,
-        why="traffic mirroring changes behaviour; meshctl must refuse rather than silently drop it",
+        why="a mirror cluster named by a request header changes behaviour; meshctl must refuse rather than drop it",
     ),
     Invalid(
         "connect-upgrade",
