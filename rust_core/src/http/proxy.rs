@@ -1,6 +1,7 @@
 //! The per-request handler: route the request, then forward it, redirect, or answer directly.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -15,12 +16,13 @@ use hyper_util::rt::TokioIo;
 use super::body::ResponseBody;
 use super::fallback::{self, BreakerCall};
 use super::local_reply::{fault_abort_reply, local_reply};
-use super::request_body::{BodyFault, BodyFaults};
+use super::request_body::{BodyFault, BodyFaults, BodyTee};
 use super::routing::{header_matches, select_route, select_virtual_host, RequestView};
 use super::upstream_request::{self, no_healthy_upstream, strip_retry_headers, Upstream};
 use super::xfcc::forward_client_cert;
 use crate::model::fallback::FallbackReason;
 use crate::model::headers::HeaderMutation;
+use crate::model::retry::RetryPolicy;
 use crate::model::route::{Action, ClusterChoice, DirectResponseAction, ForwardAction, PathMatch, RedirectAction, Route, RouteConfig, VirtualHost};
 use crate::model::tls::PeerIdentity;
 use crate::model::{HttpSettings, RouteSource, UpstreamProtocol};
@@ -31,7 +33,7 @@ use crate::telemetry::metrics::ListenerStats;
 use crate::telemetry::resilience::ResponseFlag;
 use crate::upstream::destination_breaker::Admission;
 use crate::upstream::fallback::ClusterFallback;
-use crate::upstream::ClusterRuntime;
+use crate::upstream::{ClusterRuntime, Endpoint};
 
 /// What every request on one downstream connection shares.
 pub struct HttpContext {
@@ -65,101 +67,111 @@ const HOP_BY_HOP: [HeaderName; 5] = [
     header::UPGRADE,
 ];
 
-pub async fn handle(context: Arc<HttpContext>, request: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
-    context.stats.requests_total.fetch_add(1, Relaxed);
-    if let Some(peer_requests) = &context.peer_requests {
-        peer_requests.fetch_add(1, Relaxed);
+// `handle` and `route_request` return `async move` blocks rather than being `async fn`s, which
+// would keep a second copy of the request in every request's future (see upstream_request.rs).
+#[allow(clippy::manual_async_fn)] // on purpose: see the comment above `handle`
+pub fn handle(context: Arc<HttpContext>, request: Request<Incoming>) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> {
+    async move {
+        context.stats.requests_total.fetch_add(1, Relaxed);
+        if let Some(peer_requests) = &context.peer_requests {
+            peer_requests.fetch_add(1, Relaxed);
+        }
+        // After CONNECT the bytes that follow are tunnel payload, not HTTP. meshctl tunnels nothing,
+        // so the connection cannot carry another request: it closes after the answer, as Envoy's does.
+        let close_after = request.method() == Method::CONNECT && request.version() <= Version::HTTP_11;
+        let mut response = route_request(&context, request).await;
+        if close_after {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        context.stats.responses.record(response.status().as_u16());
+        Ok(response)
     }
-    // After CONNECT the bytes that follow are tunnel payload, not HTTP. meshctl tunnels nothing,
-    // so the connection cannot carry another request: it closes after the answer, as Envoy's does.
-    let close_after = request.method() == Method::CONNECT && request.version() <= Version::HTTP_11;
-    let mut response = route_request(&context, request).await;
-    if close_after {
-        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    context.stats.responses.record(response.status().as_u16());
-    Ok(response)
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-async fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> Response<ResponseBody> {
-    // First, as Envoy's connection manager does: policy and routing see the rewritten header.
-    forward_client_cert(&context.settings.forward_client_cert, context.peer_identity.as_deref(), context.local_principal.as_deref(), request.headers_mut());
-    let grpc = is_grpc(request.headers());
-    let route_config = match &context.settings.routes {
-        RouteSource::Inline { config } => config.clone(),
-        RouteSource::Rds { name } => match context.registry.route_config(name) {
-            Some(config) => config,
-            None => return no_route(context, grpc),
-        },
-    };
-    let authority = match request_authority(&request) {
-        Some(authority) => authority,
-        None => return local_reply(StatusCode::BAD_REQUEST, "missing host header", grpc),
-    };
-    // A cheap clone (shared bytes): the request itself is rebuilt for the upstream below.
-    let path_and_query = request.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    // Normalized once, here: RBAC, routing and the upstream all see this same path.
-    let path_and_query = match normalize_request_target(&context.settings.path_normalization, path_and_query) {
-        Ok(normalized) => normalized,
-        Err(rejection) => return local_reply(StatusCode::BAD_REQUEST, rejection.message(), grpc),
-    };
-    let view = RequestView {
-        method: request.method(),
-        path_and_query: path_and_query.as_str(),
-        authority: &authority,
-        scheme: context.scheme,
-        headers: request.headers(),
-    };
-    let principal = context.peer_identity.as_deref().map(|identity| identity.principal.as_str());
-    let facts = RequestFacts { request: &view, destination_port: context.destination_port, principal };
-    if context.settings.rbac.check(&facts).is_err() {
-        return local_reply(StatusCode::FORBIDDEN, "RBAC: access denied", grpc);
-    }
-    let Some(vhost) = select_virtual_host(&route_config, &authority) else {
-        return no_route(context, grpc);
-    };
-    let Some(route) = select_route(vhost, &view) else {
-        return no_route(context, grpc);
-    };
-    route.stats.requests_total.fetch_add(1, Relaxed);
-    // The fault filter, before the router: a route's own config replaces the filter's.
-    if let Some(filter_fault) = &context.settings.fault {
-        let policy = route.fault.as_deref().unwrap_or(filter_fault);
-        if !policy.is_empty() {
-            // Boxed: a delay's timer would otherwise sit in every request's future.
-            if let Some(abort) = Box::pin(crate::policy::fault::inject(policy, &context.stats)).await {
-                return fault_abort_reply(abort, grpc);
+#[allow(clippy::manual_async_fn)] // on purpose: see the comment above `handle`
+fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> impl Future<Output = Response<ResponseBody>> + '_ {
+    async move {
+        // First, as Envoy's connection manager does: policy and routing see the rewritten header.
+        forward_client_cert(&context.settings.forward_client_cert, context.peer_identity.as_deref(), context.local_principal.as_deref(), request.headers_mut());
+        let grpc = is_grpc(request.headers());
+        let route_config = match &context.settings.routes {
+            RouteSource::Inline { config } => config.clone(),
+            RouteSource::Rds { name } => match context.registry.route_config(name) {
+                Some(config) => config,
+                None => return no_route(context, grpc),
+            },
+        };
+        let authority = match request_authority(&request) {
+            Some(authority) => authority,
+            None => return local_reply(StatusCode::BAD_REQUEST, "missing host header", grpc),
+        };
+        // A cheap clone (shared bytes): the request itself is rebuilt for the upstream below.
+        let path_and_query = request.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        // Normalized once, here: RBAC, routing and the upstream all see this same path.
+        let path_and_query = match normalize_request_target(&context.settings.path_normalization, path_and_query) {
+            Ok(normalized) => normalized,
+            Err(rejection) => return local_reply(StatusCode::BAD_REQUEST, rejection.message(), grpc),
+        };
+        let view = RequestView {
+            method: request.method(),
+            path_and_query: path_and_query.as_str(),
+            authority: &authority,
+            scheme: context.scheme,
+            headers: request.headers(),
+        };
+        let principal = context.peer_identity.as_deref().map(|identity| identity.principal.as_str());
+        let facts = RequestFacts { request: &view, destination_port: context.destination_port, principal };
+        if context.settings.rbac.check(&facts).is_err() {
+            return local_reply(StatusCode::FORBIDDEN, "RBAC: access denied", grpc);
+        }
+        let Some(vhost) = select_virtual_host(&route_config, &authority) else {
+            return no_route(context, grpc);
+        };
+        let Some(route) = select_route(vhost, &view) else {
+            return no_route(context, grpc);
+        };
+        route.stats.requests_total.fetch_add(1, Relaxed);
+        // The fault filter, before the router: a route's own config replaces the filter's.
+        if let Some(filter_fault) = &context.settings.fault {
+            let policy = route.fault.as_deref().unwrap_or(filter_fault);
+            if !policy.is_empty() {
+                // Boxed: a delay's timer would otherwise sit in every request's future.
+                if let Some(abort) = Box::pin(crate::policy::fault::inject(policy, &context.stats)).await {
+                    return fault_abort_reply(abort, grpc);
+                }
             }
         }
-    }
-    let started = Instant::now();
-    let mut cluster_response_mutation = None;
-    let mut response = match &route.action {
-        Action::DirectResponse(direct) => direct_response(direct),
-        Action::Redirect(redirect) => redirect_response(redirect, route, context.scheme, &authority, path_and_query.as_str(), request.headers()),
-        Action::Forward(forward) => {
-            let targets = Targets { route_config: &route_config, vhost, route, grpc };
-            let (response, cluster_mutation) =
-                forward_request(context, forward, targets, request, authority, path_and_query).await;
-            cluster_response_mutation = cluster_mutation;
-            response
+        let started = Instant::now();
+        let mut cluster_response_mutation = None;
+        let mut response = match &route.action {
+            Action::DirectResponse(direct) => direct_response(direct),
+            Action::Redirect(redirect) => redirect_response(redirect, route, context.scheme, &authority, path_and_query.as_str(), request.headers()),
+            Action::Forward(forward) => {
+                let targets = Targets { route_config: &route_config, vhost, route, grpc };
+                let (prepared, cluster_mutation) = prepare_forward(context, forward, &targets, request, authority, path_and_query);
+                cluster_response_mutation = cluster_mutation;
+                match prepared {
+                    Ok(outbound) => forward_request(context, forward, vhost, grpc, outbound).await,
+                    Err(reply) => reply,
+                }
+            }
+        };
+        route.stats.latency.record(started.elapsed());
+        // Like Envoy, response mutations apply to local replies (timeouts, 503s) as well.
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let mutations = std::iter::once(&route.response_headers)
+                .chain(cluster_response_mutation)
+                .chain([&vhost.response_headers, &route_config.response_headers]);
+            for mutation in mutations {
+                mutation.apply(response.headers_mut());
+            }
         }
-    };
-    route.stats.latency.record(started.elapsed());
-    // Like Envoy, response mutations apply to local replies (timeouts, 503s) as well.
-    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        let mutations = std::iter::once(&route.response_headers)
-            .chain(cluster_response_mutation)
-            .chain([&vhost.response_headers, &route_config.response_headers]);
-        for mutation in mutations {
-            mutation.apply(response.headers_mut());
-        }
+        response
     }
-    response
 }
 
 /// 404, flag NR.
@@ -272,18 +284,40 @@ struct Targets<'a> {
     grpc: bool,
 }
 
-/// Forward to the route's cluster. Also returns the chosen weighted cluster's response mutation.
-async fn forward_request<'a>(
+/// A request made ready for its cluster (`prepare_forward`), with what handling its answer needs.
+struct Outbound<'a> {
+    request: Request<Incoming>,
+    endpoint: Arc<Endpoint>,
+    /// The route's cluster, whose Fallback (if any) judges the answer.
+    primary: Arc<ClusterRuntime>,
+    /// Where the request goes instead when a Fallback diverted it before sending, and why.
+    diverted: Option<(Arc<ClusterRuntime>, FallbackReason)>,
+    /// The Fallback breaker's admission of this call, when the route's cluster has a breaker.
+    admission: Option<Admission>,
+    /// A copy of the head for a `destination` Fallback's second send (boxed: rarely made).
+    resend: Option<Box<http::request::Parts>>,
+    mirror_body: Option<Box<BodyTee>>,
+    retry_policy: Option<&'a RetryPolicy>,
+    timeout: Option<Duration>,
+    host: String,
+    downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    head: bool,
+    downstream_http1: bool,
+}
+
+/// Choose the route's (or weighted) cluster and an endpoint, and rewrite the request for it; or
+/// the local reply that answers it instead. Also returns the chosen weighted cluster's response
+/// mutation. Synchronous, so that none of its working state is part of the request's future.
+#[allow(clippy::result_large_err)] // made once per request and consumed at once
+fn prepare_forward<'a>(
     context: &Arc<HttpContext>,
     forward: &'a ForwardAction,
-    targets: Targets<'a>,
+    targets: &Targets<'a>,
     mut request: Request<Incoming>,
     authority: String,
     path_and_query: PathAndQuery,
-) -> (Response<ResponseBody>, Option<&'a HeaderMutation>) {
-    let Targets { route_config, vhost, route, grpc } = targets;
-    let downstream_http1 = request.version() <= Version::HTTP_11;
-    let head = request.method() == Method::HEAD;
+) -> (Result<Outbound<'a>, Response<ResponseBody>>, Option<&'a HeaderMutation>) {
+    let Targets { route_config, vhost, route, grpc } = *targets;
     let (cluster_name, request_mutation, response_mutation) = match &forward.clusters {
         ClusterChoice::Single { name } => (name.as_str(), None, None),
         ClusterChoice::Weighted(weighted) => {
@@ -293,54 +327,13 @@ async fn forward_request<'a>(
     };
     let Some(primary) = context.registry.cluster(cluster_name) else {
         context.stats.response_flags.record(ResponseFlag::NoClusterFound);
-        return (local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("cluster {cluster_name:?} is not configured"), grpc), response_mutation);
+        return (Err(local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("cluster {cluster_name:?} is not configured"), grpc)), response_mutation);
     };
-    // meshctl's Fallback: an open breaker, or a cluster with no endpoint, is answered by the
-    // fallback at once; a `destination` fallback then takes the request as the route would.
-    let mut breaker_call = None;
-    let mut diverted: Option<(Arc<ClusterRuntime>, FallbackReason)> = None;
-    if let Some(guard) = &primary.fallback {
-        match guard.admit() {
-            Some(Admission::Rejected) => match divert(context, guard, FallbackReason::BreakerOpen, grpc) {
-                Ok(to) => diverted = Some((to, FallbackReason::BreakerOpen)),
-                Err(answer) => return (answer, response_mutation),
-            },
-            Some(admission) => breaker_call = Some(BreakerCall::new(guard, admission)),
-            None => {}
-        }
-    }
-    let picked = diverted.as_ref().map_or(&primary, |(to, _)| to).pick_endpoint(context.original_destination);
-    let endpoint = match (picked, &primary.fallback) {
-        (Some(endpoint), _) => endpoint,
-        (None, Some(guard)) if diverted.is_none() && guard.applies_on(FallbackReason::NoHealthyUpstream) => {
-            if let Some(call) = breaker_call.take() {
-                call.record(true);
-            }
-            let to = match divert(context, guard, FallbackReason::NoHealthyUpstream, grpc) {
-                Ok(to) => to,
-                Err(answer) => return (answer, response_mutation),
-            };
-            let Some(endpoint) = to.pick_endpoint(context.original_destination) else {
-                let mut answer = no_healthy_upstream(&to, grpc);
-                fallback::mark(&mut answer, FallbackReason::NoHealthyUpstream);
-                return (answer, response_mutation);
-            };
-            diverted = Some((to, FallbackReason::NoHealthyUpstream));
-            endpoint
-        }
-        (None, _) => {
-            if let Some(call) = breaker_call.take() {
-                call.record(true);
-            }
-            let cluster = diverted.as_ref().map_or(&primary, |(to, _)| to);
-            let mut answer = no_healthy_upstream(cluster, grpc);
-            if let Some((_, reason)) = &diverted {
-                fallback::mark(&mut answer, *reason);
-            }
-            return (answer, response_mutation);
-        }
+    let (target, endpoint, diverted, admission) = match choose_endpoint(context, &primary, grpc) {
+        Ok(chosen) => chosen,
+        Err(answer) => return (Err(answer), response_mutation),
     };
-    let cluster = diverted.as_ref().map_or(&primary, |(to, _)| to);
+    let reply = |status, message: &str| (Err(local_reply(status, message, grpc)), response_mutation);
     // A policy that retries nothing needs no retry state, as in Envoy; retriable_request_headers
     // are matched against the request as it arrived.
     let retry_policy = forward.retry_policy.as_deref().filter(|policy| !policy.retry_on.is_empty()).filter(|policy| {
@@ -360,7 +353,7 @@ async fn forward_request<'a>(
         .filter(|u| context.settings.upgrades.contains(u) || forward.upgrades.contains(u));
     if upgrade.is_none() && request.headers().contains_key(header::UPGRADE) && request.version() == Version::HTTP_11 {
         if let Some(kind) = requested_upgrade(request.headers()) {
-            return (local_reply(StatusCode::FORBIDDEN, &format!("upgrade to {kind:?} is not allowed on this route"), grpc), response_mutation);
+            return reply(StatusCode::FORBIDDEN, &format!("upgrade to {kind:?} is not allowed on this route"));
         }
     }
     let downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
@@ -375,7 +368,7 @@ async fn forward_request<'a>(
             }
             match PathAndQuery::try_from(rewritten) {
                 Ok(path) => path,
-                Err(_) => return (local_reply(StatusCode::BAD_REQUEST, "invalid rewritten path", grpc), response_mutation),
+                Err(_) => return reply(StatusCode::BAD_REQUEST, "invalid rewritten path"),
             }
         }
         None => path_and_query,
@@ -406,15 +399,17 @@ async fn forward_request<'a>(
     for mutation in mutations {
         mutation.apply(headers);
     }
+    let downstream_http1 = request.version() <= Version::HTTP_11;
+    let head = request.method() == Method::HEAD;
     let (mut upstream_head, body) = request.into_parts();
-    if let Err(problem) = address_head(&mut upstream_head, cluster, &host, path) {
-        return (local_reply(StatusCode::BAD_REQUEST, problem, grpc), response_mutation);
+    if let Err(problem) = address_head(&mut upstream_head, &target, &host, path) {
+        return reply(StatusCode::BAD_REQUEST, problem);
     }
     // A `destination` fallback after a failure sends the request again: only one without a body
     // (kept here), since the body has been streamed to the cluster that failed.
     let resend = match (&diverted, &primary.fallback) {
         (None, Some(guard)) if fallback::target_cluster(guard).is_some() && http_body::Body::is_end_stream(&body) => {
-            Some(upstream_head.clone())
+            Some(Box::new(upstream_head.clone()))
         }
         _ => None,
     };
@@ -425,80 +420,163 @@ async fn forward_request<'a>(
     } else {
         None
     };
-
-    let upstream = Upstream {
-        context,
-        cluster,
-        retry_policy,
-        retry_buffer_limit: forward.retry_buffer_limit,
-        timeout: effective_timeout(forward.timeout, request.headers()),
-        grpc,
-        downstream_http1,
-        attempt_count_header: vhost.include_request_attempt_count,
+    let timeout = effective_timeout(forward.timeout, request.headers());
+    let outbound = Outbound {
+        request,
+        endpoint,
+        primary,
+        diverted: diverted.map(|reason| (target, reason)),
+        admission,
+        resend,
         mirror_body,
+        retry_policy,
+        timeout,
+        host,
+        downstream_upgrade,
+        head,
+        downstream_http1,
     };
-    let timeout = upstream.timeout;
-    let mut answer = upstream_request::send(upstream, endpoint, request).await;
-    let mut fell_back = diverted.as_ref().map(|(_, reason)| *reason);
-    if let (None, Some(guard)) = (&diverted, &primary.fallback) {
-        let failure = fallback::failure_reason(&answer);
-        if let Some(call) = breaker_call.take() {
-            call.record(failure.is_some());
-        }
-        if let Some(reason) = failure.filter(|reason| guard.applies_on(*reason)) {
-            if let Some(answer) = fallback::fixed_response(guard, reason) {
-                return (answer, response_mutation);
-            }
-            if let (Some(copy), Some(to)) = (resend, fallback::target_cluster(guard).and_then(|name| context.registry.cluster(name))) {
-                guard.count(reason);
-                fell_back = Some(reason);
-                let upstream = Upstream {
-                    context,
-                    cluster: &to,
-                    retry_policy,
-                    retry_buffer_limit: forward.retry_buffer_limit,
-                    timeout,
-                    grpc,
-                    downstream_http1,
-                    attempt_count_header: vhost.include_request_attempt_count,
-                    mirror_body: None, // the first send mirrored it
-                };
-                // Boxed: a second send inline would grow every request's future.
-                answer = Box::pin(fallback::send_again(upstream, copy, &host)).await;
-            }
-        }
-    }
-    let with_attempts = |mut response: Response<ResponseBody>| {
-        if vhost.include_attempt_count_in_response {
-            response.headers_mut().insert(HeaderName::from_static("x-envoy-attempt-count"), HeaderValue::from(answer.tries));
-        }
-        if let Some(reason) = fell_back {
-            fallback::mark(&mut response, reason);
-        }
-        response
-    };
-    let (mut response, lease) = match answer.result {
-        Ok(exchange) => exchange,
-        Err(local) => return (with_attempts(local), response_mutation),
-    };
+    (Ok(outbound), response_mutation)
+}
 
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(downstream_upgrade) = downstream_upgrade {
-            // The upstream connection becomes the tunnel: it never returns to the pool, and the
-            // tunnel counts as the cluster's active request while it lasts.
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(downstream_upgrade, upstream_upgrade, lease));
-            let (parts, _) = response.into_parts();
-            return (with_attempts(Response::from_parts(parts, ResponseBody::empty())), response_mutation);
-        }
+/// The cluster and endpoint a request goes to: the route's cluster, or its Fallback's when the
+/// Fallback's breaker is open or the cluster has no endpoint (then with the reason it diverted);
+/// and the breaker's admission. Err: the answer instead (a fixed fallback response, or 503).
+#[allow(clippy::type_complexity, clippy::result_large_err)]
+fn choose_endpoint(
+    context: &HttpContext,
+    primary: &Arc<ClusterRuntime>,
+    grpc: bool,
+) -> Result<(Arc<ClusterRuntime>, Arc<Endpoint>, Option<FallbackReason>, Option<Admission>), Response<ResponseBody>> {
+    // meshctl's Fallback: an open breaker, or a cluster with no endpoint, is answered by the
+    // fallback at once; a `destination` fallback then takes the request as the route would.
+    let Some(guard) = &primary.fallback else {
+        return match primary.pick_endpoint(context.original_destination) {
+            Some(endpoint) => Ok((primary.clone(), endpoint, None, None)),
+            None => Err(no_healthy_upstream(primary, grpc)),
+        };
+    };
+    let (target, diverted, admission) = match guard.admit() {
+        Some(Admission::Rejected) => (divert(context, guard, FallbackReason::BreakerOpen, grpc)?, Some(FallbackReason::BreakerOpen), None),
+        admission => (primary.clone(), None, admission),
+    };
+    if let Some(endpoint) = target.pick_endpoint(context.original_destination) {
+        return Ok((target, endpoint, diverted, admission));
     }
-    strip_hop_by_hop(response.headers_mut());
-    let (parts, body) = response.into_parts();
-    // A HEAD response has no content (RFC 9110 §9.3.2). An HTTP/2 upstream that sends some anyway
-    // has its stream reset by h2; passing that body on would reset the client's stream too, often
-    // before the response head it is owed has gone out.
-    let body = if head && !http_body::Body::is_end_stream(&body) { ResponseBody::empty() } else { ResponseBody::Upstream(body, lease) };
-    (with_attempts(Response::from_parts(parts, body)), response_mutation)
+    // Nothing to send to: the breaker hears of a failure.
+    if let Some(admission) = admission {
+        BreakerCall::new(guard, admission).record(true);
+    }
+    if diverted.is_none() && guard.applies_on(FallbackReason::NoHealthyUpstream) {
+        let to = divert(context, guard, FallbackReason::NoHealthyUpstream, grpc)?;
+        return match to.pick_endpoint(context.original_destination) {
+            Some(endpoint) => Ok((to, endpoint, Some(FallbackReason::NoHealthyUpstream), None)),
+            None => {
+                let mut answer = no_healthy_upstream(&to, grpc);
+                fallback::mark(&mut answer, FallbackReason::NoHealthyUpstream);
+                Err(answer)
+            }
+        };
+    }
+    let mut answer = no_healthy_upstream(&target, grpc);
+    if let Some(reason) = diverted {
+        fallback::mark(&mut answer, reason);
+    }
+    Err(answer)
+}
+
+/// Send a prepared request and turn its answer into the response: a Fallback's when the route's
+/// cluster failed, an upgrade's tunnel, or the upstream's. A plain function returning an `async
+/// move` block, so that `outbound` is kept once in the request's future (an `async fn` would
+/// keep it twice).
+#[allow(clippy::manual_async_fn)] // on purpose: see the comment above `handle`
+fn forward_request<'a>(
+    context: &'a Arc<HttpContext>,
+    forward: &'a ForwardAction,
+    vhost: &'a VirtualHost,
+    grpc: bool,
+    mut outbound: Outbound<'a>,
+) -> impl Future<Output = Response<ResponseBody>> + 'a {
+    async move {
+        let cluster = outbound.diverted.as_ref().map_or(&outbound.primary, |(to, _)| to);
+        let upstream = Upstream {
+            context,
+            cluster,
+            retry_policy: outbound.retry_policy,
+            retry_buffer_limit: forward.retry_buffer_limit,
+            timeout: outbound.timeout,
+            grpc,
+            downstream_http1: outbound.downstream_http1,
+            attempt_count_header: vhost.include_request_attempt_count,
+            mirror_body: outbound.mirror_body.take(),
+        };
+        let breaker_call = match (&outbound.primary.fallback, outbound.admission) {
+            (Some(guard), Some(admission)) => Some(BreakerCall::new(guard, admission)),
+            _ => None,
+        };
+        let mut answer = upstream_request::send(upstream, outbound.endpoint, outbound.request).await;
+        let mut fell_back = outbound.diverted.as_ref().map(|(_, reason)| *reason);
+        if let (None, Some(guard)) = (&outbound.diverted, &outbound.primary.fallback) {
+            let failure = fallback::failure_reason(&answer);
+            if let Some(call) = breaker_call {
+                call.record(failure.is_some());
+            }
+            if let Some(reason) = failure.filter(|reason| guard.applies_on(*reason)) {
+                if let Some(answer) = fallback::fixed_response(guard, reason) {
+                    return answer;
+                }
+                let to = fallback::target_cluster(guard).and_then(|name| context.registry.cluster(name));
+                if let (Some(copy), Some(to)) = (outbound.resend.take(), to) {
+                    guard.count(reason);
+                    fell_back = Some(reason);
+                    let upstream = Upstream {
+                        context,
+                        cluster: &to,
+                        retry_policy: outbound.retry_policy,
+                        retry_buffer_limit: forward.retry_buffer_limit,
+                        timeout: outbound.timeout,
+                        grpc,
+                        downstream_http1: outbound.downstream_http1,
+                        attempt_count_header: vhost.include_request_attempt_count,
+                        mirror_body: None, // the first send mirrored it
+                    };
+                    // Boxed: a second send inline would grow every request's future.
+                    answer = Box::pin(fallback::send_again(upstream, *copy, &outbound.host)).await;
+                }
+            }
+        }
+        let with_attempts = |mut response: Response<ResponseBody>| {
+            if vhost.include_attempt_count_in_response {
+                response.headers_mut().insert(HeaderName::from_static("x-envoy-attempt-count"), HeaderValue::from(answer.tries));
+            }
+            if let Some(reason) = fell_back {
+                fallback::mark(&mut response, reason);
+            }
+            response
+        };
+        let (mut response, lease) = match answer.result {
+            Ok(exchange) => exchange,
+            Err(local) => return with_attempts(local),
+        };
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(downstream_upgrade) = outbound.downstream_upgrade {
+                // The upstream connection becomes the tunnel: it never returns to the pool, and the
+                // tunnel counts as the cluster's active request while it lasts.
+                let upstream_upgrade = hyper::upgrade::on(&mut response);
+                tokio::spawn(tunnel(downstream_upgrade, upstream_upgrade, lease));
+                let (parts, _) = response.into_parts();
+                return with_attempts(Response::from_parts(parts, ResponseBody::empty()));
+            }
+        }
+        strip_hop_by_hop(response.headers_mut());
+        let (parts, body) = response.into_parts();
+        // A HEAD response has no content (RFC 9110 §9.3.2). An HTTP/2 upstream that sends some anyway
+        // has its stream reset by h2; passing that body on would reset the client's stream too, often
+        // before the response head it is owed has gone out.
+        let body = if outbound.head && !http_body::Body::is_end_stream(&body) { ResponseBody::empty() } else { ResponseBody::Upstream(body, lease) };
+        with_attempts(Response::from_parts(parts, body))
+    }
 }
 
 /// Point a request head at `cluster`: the URI form, Host header and version its protocol takes.

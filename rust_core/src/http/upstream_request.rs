@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::future::Future;
 use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
@@ -81,15 +82,23 @@ enum Failure {
 const DRAIN_LIMIT: usize = 64 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(1);
 
-pub async fn send(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, request: Request<Incoming>) -> Answer {
+// The request futures below are written as `async move` blocks returned by plain functions, not
+// as `async fn`s: an `async fn` keeps a second copy of every argument in its future, and these
+// futures are nested in (and moved with) every request's, so their size is the hot path's cost.
+
+pub fn send<'a>(upstream: Upstream<'a>, first_endpoint: Arc<Endpoint>, request: Request<Incoming>) -> impl Future<Output = Answer> + 'a {
     let (parts, incoming) = request.into_parts();
-    send_parts(upstream, first_endpoint, parts, Some(incoming)).await
+    send_parts(upstream, first_endpoint, parts, Some(incoming))
 }
 
 /// `send` for a request head with its body (None: no body, e.g. a fallback's copy of a GET).
-pub async fn send_parts(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, parts: http::request::Parts, incoming: Option<Incoming>) -> Answer {
-    let Upstream { context, cluster, grpc, .. } = upstream;
-    let mut mirror_body = upstream.mirror_body;
+pub fn send_parts<'a>(
+    upstream: Upstream<'a>,
+    first_endpoint: Arc<Endpoint>,
+    parts: http::request::Parts,
+    incoming: Option<Incoming>,
+) -> impl Future<Output = Answer> + 'a {
+    let Upstream { context, cluster, grpc, mut mirror_body, .. } = upstream;
     let deadline = upstream.timeout.map(|timeout| Instant::now() + timeout);
     let mut state = upstream.retry_policy.map(|policy| RetryState::new(policy, cluster));
     // Only a request that may be retried keeps its body; the others stream it through.
@@ -100,126 +109,132 @@ pub async fn send_parts(upstream: Upstream<'_>, first_endpoint: Arc<Endpoint>, p
         (Some(_), _) => (None, None),
         (None, incoming) => (incoming, None),
     };
+    let (attempt_count_header, downstream_http1) = (upstream.attempt_count_header, upstream.downstream_http1);
     let mut parts = Some(parts);
-    let mut endpoint = first_endpoint;
-    let mut tries: u32 = 1;
-    loop {
-        let body = match (&replay, incoming.take()) {
-            (Some(replay), _) => RequestBody::replay(replay.body_for_try(tries), context.clone()),
-            (None, Some(incoming)) => RequestBody::new(incoming, context.clone()),
-            (None, None) => RequestBody::empty(context.clone()),
-        };
-        let body = match mirror_body.take() {
-            Some(tee) => body.with_tee(tee),
-            None => body,
-        };
-        // The head is copied only when another try may need it.
-        let mut head = match &state {
-            Some(_) => parts.clone().expect("kept for every try"),
-            None => parts.take().expect("one try"),
-        };
-        if upstream.attempt_count_header {
-            head.headers.insert(HeaderName::from_static("x-envoy-attempt-count"), HeaderValue::from(tries));
-        }
-        if let Some(state) = &mut state {
-            state.tried(endpoint.address);
-        }
-        cluster.stats.requests_total.fetch_add(1, Relaxed);
-        let active = endpoint.start_request();
-        let started = std::time::Instant::now();
-        let faults_mark = context.body_faults.mark();
-        let per_try_deadline = state.as_ref().and_then(|s| s.policy().per_try_timeout).map(|t| Instant::now() + t);
-        let sent = endpoint.send(Request::from_parts(head, body));
-        let outcome = match earliest(deadline, per_try_deadline) {
-            Some(at) => match tokio::time::timeout_at(at, sent).await {
-                Ok(result) => Some(result),
-                Err(_) if per_try_deadline.is_some_and(|p| deadline.is_none_or(|d| p < d)) => None,
-                Err(_) => {
-                    endpoint.record_timeout();
-                    abandon(&replay);
-                    return Answer::local(timeout_reply(cluster, grpc), tries, Some(Failed::Timeout));
-                }
-            },
-            None => Some(sent.await),
-        };
-        drop(active);
-        let failure = match outcome {
-            Some(Ok((response, lease))) => {
-                if !state.as_ref().is_some_and(|s| retries_response(s.policy(), &response)) {
-                    if let Some(state) = &mut state {
-                        state.done();
+    async move {
+        let mut endpoint = first_endpoint;
+        let mut tries: u32 = 1;
+        loop {
+            let body = match (&replay, incoming.take()) {
+                (Some(replay), _) => RequestBody::replay(replay.body_for_try(tries), context.clone()),
+                (None, Some(incoming)) => RequestBody::new(incoming, context.clone()),
+                (None, None) => RequestBody::empty(context.clone()),
+            };
+            let body = match mirror_body.take() {
+                Some(tee) => body.with_tee(tee),
+                None => body,
+            };
+            let head = head_for_try(&mut parts, state.is_some(), attempt_count_header.then_some(tries));
+            if let Some(state) = &mut state {
+                state.tried(endpoint.address);
+            }
+            cluster.stats.requests_total.fetch_add(1, Relaxed);
+            let active = endpoint.start_request();
+            let started = std::time::Instant::now();
+            let faults_mark = context.body_faults.mark();
+            let per_try_deadline = state.as_ref().and_then(|s| s.policy().per_try_timeout).map(|t| Instant::now() + t);
+            let sent = endpoint.send(Request::from_parts(head, body));
+            let outcome = match earliest(deadline, per_try_deadline) {
+                Some(at) => match tokio::time::timeout_at(at, sent).await {
+                    Ok(result) => Some(result),
+                    Err(_) if per_try_deadline.is_some_and(|p| deadline.is_none_or(|d| p < d)) => None,
+                    Err(_) => {
+                        endpoint.record_timeout();
+                        abandon(&replay);
+                        return Answer::local(timeout_reply(cluster, grpc), tries, Some(Failed::Timeout));
                     }
-                    commit(&replay);
-                    return Answer { result: Ok(passed_on(cluster, response, lease, started)), tries, failed: None };
+                },
+                None => Some(sent.await),
+            };
+            drop(active);
+            let failure = match outcome {
+                Some(Ok((response, lease))) => {
+                    if !state.as_ref().is_some_and(|s| retries_response(s.policy(), &response)) {
+                        if let Some(state) = &mut state {
+                            state.done();
+                        }
+                        commit(&replay);
+                        return Answer { result: Ok(passed_on(cluster, response, lease, started)), tries, failed: None };
+                    }
+                    Failure::Response(response, lease)
                 }
-                Failure::Response(response, lease)
-            }
-            Some(Err(error)) => {
-                if let Some(fault) = context.body_faults.since(faults_mark) {
-                    // The client broke its own request body and the exchange failed because of
-                    // it: the client's error, not the cluster's, and nothing to retry.
-                    return Answer::local(body_fault_reply(fault, grpc, upstream.downstream_http1), tries, None);
+                Some(Err(error)) => {
+                    if let Some(fault) = context.body_faults.since(faults_mark) {
+                        // The client broke its own request body and the exchange failed because of
+                        // it: the client's error, not the cluster's, and nothing to retry.
+                        return Answer::local(body_fault_reply(fault, grpc, downstream_http1), tries, None);
+                    }
+                    endpoint.record_failure(&error);
+                    Failure::Error(error)
                 }
-                endpoint.record_failure(&error);
-                Failure::Error(error)
-            }
-            None => {
-                cluster.stats.resilience.per_try_timeouts.fetch_add(1, Relaxed);
-                endpoint.record_timeout();
-                Failure::PerTryTimeout
-            }
-        };
-        let decision = match &mut state {
-            Some(state) if retried(state.policy(), &failure) => {
-                if replay.as_ref().is_some_and(|r| !r.replayable()) {
-                    state.give_up();
+                None => {
+                    cluster.stats.resilience.per_try_timeouts.fetch_add(1, Relaxed);
+                    endpoint.record_timeout();
+                    Failure::PerTryTimeout
+                }
+            };
+            let decision = match &mut state {
+                Some(state) if retried(state.policy(), &failure) => {
+                    if replay.as_ref().is_some_and(|r| !r.replayable()) {
+                        state.give_up();
+                        None
+                    } else {
+                        Some(state.decide())
+                    }
+                }
+                Some(state) => {
+                    state.done();
                     None
-                } else {
-                    Some(state.decide())
                 }
-            }
-            Some(state) => {
-                state.done();
-                None
-            }
-            None => None,
-        };
-        let backoff = match decision {
-            Some(Decision::Retry(backoff)) => backoff,
-            refused => {
-                let flag = match refused {
-                    Some(Decision::LimitExceeded) => Some(ResponseFlag::UpstreamRetryLimitExceeded),
-                    Some(Decision::Overflow) => Some(ResponseFlag::UpstreamOverflow),
-                    _ => None,
-                };
-                // A response passed on may still be receiving the request body (a stream): the
-                // try goes on; any other failure ends it.
-                if matches!(failure, Failure::Response(..)) {
-                    commit(&replay);
-                } else {
-                    abandon(&replay);
+                None => None,
+            };
+            let backoff = match decision {
+                Some(Decision::Retry(backoff)) => backoff,
+                refused => {
+                    let flag = match refused {
+                        Some(Decision::LimitExceeded) => Some(ResponseFlag::UpstreamRetryLimitExceeded),
+                        Some(Decision::Overflow) => Some(ResponseFlag::UpstreamOverflow),
+                        _ => None,
+                    };
+                    // A response passed on may still be receiving the request body (a stream): the
+                    // try goes on; any other failure ends it.
+                    if matches!(failure, Failure::Response(..)) {
+                        commit(&replay);
+                    } else {
+                        abandon(&replay);
+                    }
+                    let failed = failed_as(&failure);
+                    return Answer { result: final_failure(cluster, failure, flag, tries, grpc, started), tries, failed };
                 }
-                let failed = failed_as(&failure);
-                return Answer { result: final_failure(cluster, failure, flag, tries, grpc, started), tries, failed };
+            };
+            // Nothing reads the downstream body while the next try is not under way.
+            abandon(&replay);
+            if let Failure::Response(response, lease) = failure {
+                discard(response, lease);
             }
-        };
-        // Nothing reads the downstream body while the next try is not under way.
-        abandon(&replay);
-        if let Failure::Response(response, lease) = failure {
-            discard(response, lease);
+            let wake = Instant::now() + backoff;
+            if let Some(deadline) = deadline.filter(|d| *d <= wake) {
+                tokio::time::sleep_until(deadline).await;
+                return Answer::local(timeout_reply(cluster, grpc), tries, Some(Failed::Timeout));
+            }
+            tokio::time::sleep_until(wake).await;
+            endpoint = match pick_for_retry(cluster, context, state.as_ref().expect("retrying")) {
+                Some(next) => next,
+                None => return Answer::local(no_healthy_upstream(cluster, grpc), tries, Some(Failed::NoHealthyUpstream)),
+            };
+            tries += 1;
         }
-        let wake = Instant::now() + backoff;
-        if let Some(deadline) = deadline.filter(|d| *d <= wake) {
-            tokio::time::sleep_until(deadline).await;
-            return Answer::local(timeout_reply(cluster, grpc), tries, Some(Failed::Timeout));
-        }
-        tokio::time::sleep_until(wake).await;
-        endpoint = match pick_for_retry(cluster, context, state.as_ref().expect("retrying")) {
-            Some(next) => next,
-            None => return Answer::local(no_healthy_upstream(cluster, grpc), tries, Some(Failed::NoHealthyUpstream)),
-        };
-        tries += 1;
     }
+}
+
+/// The head of the next try: a copy when another try may need the original, else the original;
+/// with x-envoy-attempt-count when the virtual host asks for it.
+fn head_for_try(parts: &mut Option<http::request::Parts>, retried: bool, attempt_count: Option<u32>) -> http::request::Parts {
+    let mut head = if retried { parts.clone().expect("kept for every try") } else { parts.take().expect("one try") };
+    if let Some(tries) = attempt_count {
+        head.headers.insert(HeaderName::from_static("x-envoy-attempt-count"), HeaderValue::from(tries));
+    }
+    head
 }
 
 /// The try under way is given up: its request body fails, so its exchange (a connection

@@ -1,12 +1,14 @@
 //! A cluster at run time: its config, current endpoints (each with a pool) and statistics.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use futures_util::FutureExt;
 
 use hyper::body::Incoming;
 use hyper::{Request, Response};
@@ -54,28 +56,34 @@ impl Endpoint {
     /// Send one request to this endpoint; outlier detection records the response's status here.
     /// A failure is recorded by the caller (`record_failure`), once it knows the client's own
     /// broken request body was not the cause.
-    pub async fn send(
+    /// Not an `async fn`: the outlier bookkeeping wraps the pool's future instead of adding a
+    /// future of its own around it (and a copy of the request) to every request's.
+    pub fn send(
         &self,
         request: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Option<ConnectionLease>), UpstreamError> {
-        let Some(monitor) = &self.outlier else {
-            return self.pool.send(request, || {}).await;
-        };
+    ) -> impl Future<Output = Result<(Response<Incoming>, Option<ConnectionLease>), UpstreamError>> + '_ {
+        let monitor = self.outlier.as_ref();
         // Envoy reads a gRPC status from the response head of gRPC requests only.
-        let grpc = is_grpc(request.headers());
-        let mut result = self.pool.send(request, || monitor.record_local(LocalResult::ConnectSuccess)).await;
-        if let Ok((response, lease)) = &mut result {
-            // A reset while the body streams counts too (the lease sees it).
-            if let Some(lease) = lease {
-                lease.outlier = Some(monitor.clone());
+        let grpc = monitor.is_some() && is_grpc(request.headers());
+        let on_connected = move || {
+            if let Some(monitor) = monitor {
+                monitor.record_local(LocalResult::ConnectSuccess);
             }
-            let grpc_status = if grpc { response.headers().get("grpc-status") } else { None };
-            match grpc_status {
-                Some(status) => monitor.record_status(outlier::grpc_status_to_http(status.as_bytes())),
-                None => monitor.record_status(response.status().as_u16()),
+        };
+        self.pool.send(request, on_connected).map(move |mut result| {
+            if let (Some(monitor), Ok((response, lease))) = (monitor, &mut result) {
+                // A reset while the body streams counts too (the lease sees it).
+                if let Some(lease) = lease {
+                    lease.outlier = Some(monitor.clone());
+                }
+                let grpc_status = if grpc { response.headers().get("grpc-status") } else { None };
+                match grpc_status {
+                    Some(status) => monitor.record_status(outlier::grpc_status_to_http(status.as_bytes())),
+                    None => monitor.record_status(response.status().as_u16()),
+                }
             }
-        }
-        result
+            result
+        })
     }
 
     /// An exchange with this endpoint failed (not because of the client): outlier detection

@@ -4,12 +4,15 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::future::Either;
+use futures_util::TryFutureExt;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
@@ -343,51 +346,57 @@ impl Pool {
     /// connection, released to the pool then.
     /// `on_connected` runs once the request has a connection to go out on (Envoy's "pool ready",
     /// which outlier detection counts as a local-origin success), before it is written.
-    pub async fn send(
-        &self,
+    // `send` and its two protocols return `async move` blocks rather than being `async fn`s, which
+    // would keep a second copy of the request in every request's future (see upstream_request.rs).
+    pub fn send<'a>(
+        &'a self,
         request: Request<RequestBody>,
-        on_connected: impl Fn(),
-    ) -> Result<(Response<Incoming>, Option<ConnectionLease>), UpstreamError> {
+        on_connected: impl Fn() + 'a,
+    ) -> impl Future<Output = Result<(Response<Incoming>, Option<ConnectionLease>), UpstreamError>> + 'a {
+        let leased = |(response, lease)| (response, Some(lease));
         match self.0.protocol {
-            UpstreamProtocol::Http1 => self.send_http1(request, on_connected).await.map(|(r, lease)| (r, Some(lease))),
-            UpstreamProtocol::Http2 => self.send_http2(request, on_connected).await.map(|(r, lease)| (r, Some(lease))),
+            UpstreamProtocol::Http1 => Either::Left(self.send_http1(request, on_connected).map_ok(leased)),
+            UpstreamProtocol::Http2 => Either::Right(self.send_http2(request, on_connected).map_ok(leased)),
         }
     }
 
-    async fn send_http1(
-        &self,
+    #[allow(clippy::manual_async_fn)] // on purpose: see the comment above `send`
+    fn send_http1<'a>(
+        &'a self,
         mut request: Request<RequestBody>,
-        on_connected: impl Fn(),
-    ) -> Result<(Response<Incoming>, ConnectionLease), UpstreamError> {
-        // A pooled connection may have been closed by the server while idle; if the request was
-        // not written, hyper hands it back and it is sent again on a fresh connection.
-        loop {
-            let (mut sender, uses, slot, pooled) = match self.checkout_http1() {
-                Some(idle) => (idle.sender, idle.uses, idle.slot, true),
-                // Boxed: the connect path (TCP, TLS, the pending queue) is a large future, and
-                // kept inline it would be part of, and copied with, every request's future.
-                None => match Box::pin(self.wait_for_http1()).await? {
-                    Http1Connection::Idle(idle) => (idle.sender, idle.uses, idle.slot, true),
-                    Http1Connection::New(sender, slot) => (sender, 0, slot, false),
-                },
-            };
-            let mut lease = match self.attach() {
-                Ok(lease) => lease,
-                Err(overflow) => {
-                    self.put_idle(sender, uses, slot);
-                    return Err(overflow);
+        on_connected: impl Fn() + 'a,
+    ) -> impl Future<Output = Result<(Response<Incoming>, ConnectionLease), UpstreamError>> + 'a {
+        async move {
+            // A pooled connection may have been closed by the server while idle; if the request was
+            // not written, hyper hands it back and it is sent again on a fresh connection.
+            loop {
+                let (mut sender, uses, slot, pooled) = match self.checkout_http1() {
+                    Some(idle) => (idle.sender, idle.uses, idle.slot, true),
+                    // Boxed: the connect path (TCP, TLS, the pending queue) is a large future, and
+                    // kept inline it would be part of, and copied with, every request's future.
+                    None => match Box::pin(self.wait_for_http1()).await? {
+                        Http1Connection::Idle(idle) => (idle.sender, idle.uses, idle.slot, true),
+                        Http1Connection::New(sender, slot) => (sender, 0, slot, false),
+                    },
+                };
+                let mut lease = match self.attach() {
+                    Ok(lease) => lease,
+                    Err(overflow) => {
+                        self.put_idle(sender, uses, slot);
+                        return Err(overflow);
+                    }
+                };
+                on_connected();
+                match sender.try_send_request(request).await {
+                    Ok(response) => {
+                        lease.http1 = Some((sender, uses + 1, slot));
+                        return Ok((response, lease));
+                    }
+                    Err(mut error) => match error.take_message() {
+                        Some(unsent) if pooled => request = unsent,
+                        _ => return Err(UpstreamError::Reset(error.into_error())),
+                    },
                 }
-            };
-            on_connected();
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    lease.http1 = Some((sender, uses + 1, slot));
-                    return Ok((response, lease));
-                }
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if pooled => request = unsent,
-                    _ => return Err(UpstreamError::Reset(error.into_error())),
-                },
             }
         }
     }
@@ -552,40 +561,43 @@ impl Pool {
         Ok(sender)
     }
 
-    async fn send_http2(
-        &self,
+    #[allow(clippy::manual_async_fn)] // on purpose: see the comment above `send`
+    fn send_http2<'a>(
+        &'a self,
         mut request: Request<RequestBody>,
-        on_connected: impl Fn(),
-    ) -> Result<(Response<Incoming>, ConnectionLease), UpstreamError> {
-        for _ in 0..2 {
-            let mut sender = match self.live_http2() {
-                Some(sender) => sender,
-                // Boxed, as wait_for_http1: the connect path stays out of every request's future.
-                None => Box::pin(self.http2_sender()).await?,
-            };
-            if sender.ready().await.is_err() {
-                self.forget_http2();
-                continue;
+        on_connected: impl Fn() + 'a,
+    ) -> impl Future<Output = Result<(Response<Incoming>, ConnectionLease), UpstreamError>> + 'a {
+        async move {
+            for _ in 0..2 {
+                let mut sender = match self.live_http2() {
+                    Some(sender) => sender,
+                    // Boxed, as wait_for_http1: the connect path stays out of every request's future.
+                    None => Box::pin(self.http2_sender()).await?,
+                };
+                if sender.ready().await.is_err() {
+                    self.forget_http2();
+                    continue;
+                }
+                let lease = self.attach()?;
+                on_connected();
+                match sender.try_send_request(request).await {
+                    Ok(response) => return Ok((response, lease)),
+                    Err(mut error) => match error.take_message() {
+                        Some(unsent) => {
+                            // Refused before it was sent (e.g. GOAWAY): open a fresh connection.
+                            self.forget_http2();
+                            request = unsent;
+                        }
+                        None => return Err(UpstreamError::Reset(error.into_error())),
+                    },
+                }
             }
+            // Two fresh connections in a row refused the request before sending it.
+            let mut sender = Box::pin(self.http2_sender()).await?;
             let lease = self.attach()?;
             on_connected();
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, lease)),
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) => {
-                        // Refused before it was sent (e.g. GOAWAY): open a fresh connection.
-                        self.forget_http2();
-                        request = unsent;
-                    }
-                    None => return Err(UpstreamError::Reset(error.into_error())),
-                },
-            }
+            sender.send_request(request).await.map(|response| (response, lease)).map_err(UpstreamError::Reset)
         }
-        // Two fresh connections in a row refused the request before sending it.
-        let mut sender = Box::pin(self.http2_sender()).await?;
-        let lease = self.attach()?;
-        on_connected();
-        sender.send_request(request).await.map(|response| (response, lease)).map_err(UpstreamError::Reset)
     }
 
     async fn http2_sender(&self) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
