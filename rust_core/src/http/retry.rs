@@ -32,8 +32,10 @@ pub struct RetryState<'a> {
     next_interval: Duration,
     /// The retry whose try is under way holds a slot of the retry breaker until it is done.
     in_flight: Option<RetrySlot>,
-    /// Endpoints tried so far, for the previous_hosts predicate.
-    tried: Vec<SocketAddr>,
+    /// The endpoint of the try under way, and those tried before it, for the previous_hosts
+    /// predicate: apart, so that a request that is never retried allocates nothing.
+    current: Option<SocketAddr>,
+    earlier: Vec<SocketAddr>,
 }
 
 impl<'a> RetryState<'a> {
@@ -44,7 +46,8 @@ impl<'a> RetryState<'a> {
             retries_left: policy.num_retries,
             next_interval: policy.backoff.base_interval,
             in_flight: None,
-            tried: Vec::new(),
+            current: None,
+            earlier: Vec::new(),
         }
     }
 
@@ -55,13 +58,15 @@ impl<'a> RetryState<'a> {
     /// A try is starting on `endpoint`.
     pub fn tried(&mut self, endpoint: SocketAddr) {
         if self.policy.avoid_previous_hosts {
-            self.tried.push(endpoint);
+            if let Some(previous) = self.current.replace(endpoint) {
+                self.earlier.push(previous);
+            }
         }
     }
 
     /// Whether a retry should avoid `endpoint` (the previous_hosts predicate).
     pub fn avoids(&self, endpoint: SocketAddr) -> bool {
-        self.tried.contains(&endpoint)
+        self.current == Some(endpoint) || self.earlier.contains(&endpoint)
     }
 
     /// Picks a retry makes to find an endpoint it does not avoid (Envoy's
