@@ -95,7 +95,7 @@ def test_without_resources_every_service_gets_one_cluster_and_a_catch_all_route(
     hosts = outbound_routes(resources)
     assert set(hosts) == {f"{REVIEWS}:9080"}
     vhost = hosts[f"{REVIEWS}:9080"]
-    assert vhost["routes"] == [{"match": {"prefix": "/"}, "route": {"cluster": ALL, "retry_policy": ISTIO_RETRIES}}]
+    assert vhost["routes"] == [{"match": {"prefix": "/"}, "route": {"cluster": ALL, "timeout": "0s", "retry_policy": ISTIO_RETRIES}}]
     # Every way a caller in the same namespace may name it, with the port; bare names mean port 80,
     # which reviews lacks, so they go to its lowest port.
     for domain in ("reviews", "reviews:9080", "reviews.default", "reviews.default:9080",
@@ -141,6 +141,7 @@ def test_weighted_virtual_service_splits_by_subset():
             "match": {"prefix": "/"},
             "route": {
                 "weighted_clusters": {"clusters": [{"name": V1, "weight": 90}, {"name": V2, "weight": 10}]},
+                "timeout": "0s",
                 "retry_policy": ISTIO_RETRIES,
             },
         }
@@ -152,7 +153,7 @@ def test_a_single_destination_is_a_plain_cluster_and_zero_weights_stay():
         {"route": [{"destination": {"host": "reviews", "subset": "v2"}}]},
     ]
     mesh = compile_mesh([destination_rule(), virtual_service(http)], REGISTRY)
-    assert outbound_routes(sidecar_resources(mesh, CLIENT))[f"{REVIEWS}:9080"]["routes"][0]["route"] == {"cluster": V2, "retry_policy": ISTIO_RETRIES}
+    assert outbound_routes(sidecar_resources(mesh, CLIENT))[f"{REVIEWS}:9080"]["routes"][0]["route"] == {"cluster": V2, "timeout": "0s", "retry_policy": ISTIO_RETRIES}
     mesh = compile_mesh([destination_rule(), virtual_service([split(100, 0)])], REGISTRY)
     route = outbound_routes(sidecar_resources(mesh, CLIENT))[f"{REVIEWS}:9080"]["routes"][0]["route"]
     assert route["weighted_clusters"]["clusters"] == [{"name": V1, "weight": 100}, {"name": V2, "weight": 0}]
@@ -211,7 +212,7 @@ def test_virtual_service_for_a_host_with_no_instances_and_other_namespaces():
     mesh = compile_mesh([virtual_service(http, hosts=("ratings",), name="ratings", namespace="shop")], REGISTRY)
     resources = sidecar_resources(mesh, CLIENT)
     ratings = "ratings.shop.svc.cluster.local"
-    assert outbound_routes(resources)[f"{ratings}:80"]["routes"][0]["route"] == {"cluster": f"outbound|9090||{ratings}", "retry_policy": ISTIO_RETRIES}
+    assert outbound_routes(resources)[f"{ratings}:80"]["routes"][0]["route"] == {"cluster": f"outbound|9090||{ratings}", "timeout": "0s", "retry_policy": ISTIO_RETRIES}
     clusters = by_name(resources[types.CLUSTER])
     assert f"outbound|9090||{ratings}" in clusters and f"outbound|80||{ratings}" in clusters
     assert endpoint_ports(resources, f"outbound|9090||{ratings}") == []
@@ -248,7 +249,7 @@ def test_a_sidecar_with_an_app_gets_an_inbound_listener_to_its_app():
         "address": "127.0.0.1", "port_value": 8001,
     }  # fmt: skip
     routes = listeners[INBOUND_LISTENER]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
-    assert routes["virtual_hosts"][0]["routes"][0]["route"] == {"cluster": "inbound|8001||"}
+    assert routes["virtual_hosts"][0]["routes"][0]["route"] == {"cluster": "inbound|8001||", "timeout": "0s"}
 
 
 def test_compiling_is_deterministic():
@@ -309,7 +310,7 @@ def test_a_static_service_entry_reaches_its_endpoints_and_selected_workload_entr
     assert endpoint_ports(compiled, "outbound|8443|v2|payments.example.com") == [7000, 9443]
     vhost = outbound_routes(compiled)["payments.example.com:8443"]
     assert vhost["domains"] == ["payments.example.com", "payments.example.com:8443"]
-    assert vhost["routes"][0]["route"] == {"cluster": PAYMENTS, "retry_policy": ISTIO_RETRIES}
+    assert vhost["routes"][0]["route"] == {"cluster": PAYMENTS, "timeout": "0s", "retry_policy": ISTIO_RETRIES}
 
 
 def test_dns_service_entries_resolve_their_endpoints_or_the_host():

@@ -91,6 +91,7 @@ spec:
 """
 REVIEWS_TIMEOUT = REVIEWS_TO_V2 + "    timeout: 0.5s\n"
 SLOW_MS = 2000  # the task's 2 s delay, here in reviews v2 itself
+BEYOND_DEFAULT_MS = 16_000  # longer than Envoy's default route timeout (15 s)
 
 RATINGS_SUBSETS = """
 apiVersion: networking.istio.io/v1
@@ -358,9 +359,8 @@ def test_request_timeouts(mesh: Mesh, dataplane_kind: str):
     client = mesh.client(dataplane_kind)
     slow = reached(client, "reviews:9080")
     envoy_holds(client, ("vs", "reviews"), REVIEWS_V2)
-    # Without a timeout the caller waits for the slow version. (Istio's page says the request
-    # timeout is disabled by default; meshctl's compiler writes no route timeout, so both data
-    # planes apply Envoy's 15 s default instead: the same here, a difference past 15 s.)
+    # Without a timeout the caller waits for the slow version: the request timeout is disabled by
+    # default (past Envoy's own 15 s default too: the next test).
     assert slow.name == "reviews-v2" and slow.seconds >= SLOW_MS / 1000, slow
 
     apply(mesh.plane, REVIEWS_SUBSETS + "---\n" + REVIEWS_TIMEOUT)
@@ -379,6 +379,25 @@ def test_request_timeouts(mesh: Mesh, dataplane_kind: str):
         assert 0.45 <= answer.seconds < 1.5, answer  # after the timeout, not after the 2 s delay
     assert timeouts >= 4, timeouts  # the first 504 seen while waiting, and these three
 
+
+
+def test_without_a_timeout_a_request_outlasts_envoys_15s_default(mesh: Mesh, dataplane_kind: str):
+    """Istio's page: "By default, the request timeout is disabled". istiod writes `timeout: 0s` on
+    every route without one, as meshctl's compiler does; Envoy would otherwise end the request
+    with a 504 after its own default of 15 s."""
+    mesh.instance("reviews", "v1", 9080, "http_echo.py", "--name", "reviews-v1")
+    mesh.instance("reviews", "v2", 9080, "http_echo.py", "--name", "reviews-v2")
+    apply(mesh.plane, REVIEWS_SUBSETS + "---\n" + REVIEWS_TO_V2)
+    client = mesh.client(dataplane_kind)
+    reached(client, "reviews:9080")
+    envoy_holds(client, ("vs", "reviews"), REVIEWS_V2)
+    wait_until(lambda: ask(client.outbound_port, "reviews:9080").name == "reviews-v2", 20, "the route to v2 holds")
+    # The app sleeps as long as the request's delay_ms asks.
+    answer = ask(client.outbound_port, "reviews:9080", f"/?delay_ms={BEYOND_DEFAULT_MS}", timeout=30.0)
+    print(f"{dataplane_kind}: no route timeout, app answering after {BEYOND_DEFAULT_MS / 1000:.0f}s: "
+          f"{answer.status} in {answer.seconds:.2f}s")  # fmt: skip
+    assert answer.status == 200 and answer.name == "reviews-v2", answer
+    assert answer.seconds >= BEYOND_DEFAULT_MS / 1000, answer
 
 def test_retries(mesh: Mesh, dataplane_kind: str):
     mesh.instance("ratings", "v1", 9080, "http_echo.py", "--name", "ratings-good")

@@ -60,6 +60,9 @@ INBOUND_LISTENER = "virtualInbound"
 OUTBOUND_ROUTES = "outbound"
 DEFAULT_SERVICE_PORT = 80
 CONNECT_TIMEOUT = "5s"
+# Request timeouts are off unless a VirtualService sets one, as istiod compiles them (Envoy would
+# otherwise apply its own 15 s default to every route).
+NO_TIMEOUT = "0s"
 
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
@@ -582,7 +585,7 @@ def _inbound_listener(mesh: MeshConfig, sidecar: Sidecar, port: int, local_clust
             {
                 "name": "inbound",
                 "domains": ["*"],
-                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": local_cluster}}],
+                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": local_cluster, "timeout": NO_TIMEOUT}}],
             }
         ],
     }
@@ -672,7 +675,7 @@ def _route_table(
             if virtual_service is not None:
                 routes = _virtual_service_routes(virtual_service, port)
             else:
-                action: Json = {"cluster": cluster_name("outbound", port, None, host)}
+                action: Json = {"cluster": cluster_name("outbound", port, None, host), "timeout": NO_TIMEOUT}
                 action["retry_policy"] = resilience.retry_policy(None)  # Istio's default policy
                 routes = [{"match": {"prefix": "/"}, "route": action}]
             virtual_hosts.append({"name": f"{host}:{port}", "domains": domains, "routes": routes})
@@ -755,8 +758,7 @@ def _action(http: HttpRoute, namespace: str, port: int) -> Json:
         }
         if len(weights) == 1:
             action = {"cluster": next(iter(weights))}
-    if http.timeout is not None:
-        action["timeout"] = f"{duration_seconds(http.timeout):.3f}s"
+    action["timeout"] = f"{duration_seconds(http.timeout):.3f}s" if http.timeout is not None else NO_TIMEOUT
     retry_policy = resilience.retry_policy(http.retries)
     if retry_policy is not None:
         action["retry_policy"] = retry_policy
