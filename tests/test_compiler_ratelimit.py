@@ -102,7 +102,17 @@ def test_exact_and_regex_paths_allow_a_query_string_as_a_route_match_would():
     assert paths == [{"safe_regex": {"regex": r"/a\.b(?:\?.*)?"}}, {"safe_regex": {"regex": r"(?:/v[0-9]+/.*)(?:\?.*)?"}}]
 
 
-def test_shadow_rules_go_to_a_second_filter_that_is_never_enforced():
+def test_shadow_only_rules_use_the_one_filter_never_enforced():
+    resources = for_client(rate_limit(host="reviews", rules=[{"limit": {"requests": 5, "unit": "minute"}, "shadow": True}]))
+    assert http_filters(resources[types.LISTENER][0]) == [
+        "envoy.filters.http.fault", ratelimit.FILTER, "envoy.filters.http.router"]
+    (config,) = virtual_host(resources)["typed_per_filter_config"].values()
+    assert config["filter_enforced"]["default_value"] == {"numerator": 0, "denominator": "HUNDRED"}
+    assert config["stat_prefix"] == "local_rate_limit_shadow"
+    assert virtual_host(resources)["typed_per_filter_config"][ratelimit.FILTER] is config
+
+
+def test_shadow_rules_mixed_with_enforced_ones_go_to_a_second_filter_that_is_never_enforced():
     resources = for_client(rate_limit(host="reviews", rules=[
         {"limit": {"requests": 5, "unit": "minute"}},
         {"match": {"headers": {"x-user": {"exact": "jason"}}}, "limit": {"requests": 1, "unit": "minute"}, "shadow": True},

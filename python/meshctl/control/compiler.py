@@ -206,7 +206,7 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
     )
     config.rate_limits = sorted((s for s in stored if s.kind == "RateLimit"), key=lambda s: s.order)
     limited = ratelimit.rules_by_host(config.rate_limits)
-    config.outbound_filters = ratelimit.listener_filters(r for rules in limited.values() for r in rules)
+    config.outbound_filters = ratelimit.listener_filters(limited.values())
     namespaces = {"", *(s.namespace for s in sidecars)}
     for namespace in sorted(namespaces):
         config.routes[namespace] = _route_table(namespace, ports, service_for)
@@ -601,7 +601,7 @@ def _inbound_listener(mesh: MeshConfig, sidecar: Sidecar, port: int, local_clust
     }
     limits = ratelimit.rules_for_workload(mesh.rate_limits, sidecar.namespace, sidecar.all_labels)
     ratelimit.limit_virtual_host(routes["virtual_hosts"][0], limits)
-    manager = ratelimit.insert_filters(_http_manager("inbound", routes=routes), ratelimit.listener_filters(limits))
+    manager = ratelimit.insert_filters(_http_manager("inbound", routes=routes), ratelimit.listener_filters([limits]))
     policies = rbac.selecting(mesh.authorization_policies, sidecar.namespace, sidecar.all_labels)
     if sidecar.identity is not None or policies:
         # A policy names the workload by its app or service port; requests arrive on the inbound

@@ -4,8 +4,9 @@ bucket) per rule, and route `rate_limits` actions that give a request the descri
 it matches. A `host` limits callers' outbound routes to that service; a `selector` the selected
 workloads' inbound route.
 
-Shadow rules live in a second instance of the same filter whose config is never enforced: Envoy's
-filter_enforced is per filter config, not per descriptor, so one instance cannot hold both."""
+Shadow rules: Envoy's filter_enforced is per filter config, not per descriptor. A virtual host whose
+rules are all shadow (or all enforced) needs one filter; one that mixes both gets its shadow rules in
+a second instance of the filter, whose config is never enforced."""
 
 from __future__ import annotations
 
@@ -72,16 +73,21 @@ def _applied(stored: Any) -> list[AppliedRule]:
     ]
 
 
-def listener_filters(rules: Iterable[AppliedRule]) -> list[Json]:
-    """The connection manager's rate limit filters (before the router) that `rules` need. Without a
-    per-route config a filter is disabled, so unlimited routes pass it untouched."""
-    rules = list(rules)
+def listener_filters(targets: Iterable[Sequence[AppliedRule]]) -> list[Json]:
+    """The connection manager's rate limit filters (before the router) that its virtual hosts'
+    rules need, one list of rules per virtual host. Without a per-route config a filter is
+    disabled, so unlimited routes pass it untouched."""
+    targets = [rules for rules in targets if rules]
     filters = []
-    if any(not r.rule.shadow for r in rules):
+    if targets:
         filters.append({"name": FILTER, "typed_config": {"@type": TYPE, "stat_prefix": STAT_PREFIX}})
-    if any(r.rule.shadow for r in rules):
+    if any(_mixed(rules) for rules in targets):
         filters.append({"name": SHADOW_FILTER, "typed_config": {"@type": TYPE, "stat_prefix": SHADOW_STAT_PREFIX}})
     return filters
+
+
+def _mixed(rules: Sequence[AppliedRule]) -> bool:
+    return len({r.rule.shadow for r in rules}) == 2
 
 
 def insert_filters(manager: Json, filters: Sequence[Json]) -> Json:
@@ -111,7 +117,7 @@ def limit_virtual_host(virtual_host: Json, rules: Sequence[AppliedRule]) -> None
     if enforced:
         configs[FILTER] = _filter_config(enforced, STAT_PREFIX, _ALWAYS)
     if shadow:
-        configs[SHADOW_FILTER] = _filter_config(shadow, SHADOW_STAT_PREFIX, _NEVER)
+        configs[SHADOW_FILTER if enforced else FILTER] = _filter_config(shadow, SHADOW_STAT_PREFIX, _NEVER)
 
 
 def _filter_config(rules: Sequence[AppliedRule], stat_prefix: str, enforced: Json) -> Json:
