@@ -118,7 +118,7 @@ def test_shadow_rules_mixed_with_enforced_ones_go_to_a_second_filter_that_is_nev
         {"match": {"headers": {"x-user": {"exact": "jason"}}}, "limit": {"requests": 1, "unit": "minute"}, "shadow": True},
     ]))  # fmt: skip
     assert http_filters(resources[types.LISTENER][0]) == [
-        "envoy.filters.http.fault", ratelimit.FILTER, ratelimit.SHADOW_FILTER, "envoy.filters.http.router"]
+        "envoy.filters.http.fault", ratelimit.SHADOW_FILTER, ratelimit.FILTER, "envoy.filters.http.router"]
     configs = virtual_host(resources)["typed_per_filter_config"]
     assert configs[ratelimit.SHADOW_FILTER]["filter_enforced"]["default_value"]["numerator"] == 0
     assert [d["entries"][0]["value"] for d in configs[ratelimit.SHADOW_FILTER]["descriptors"]] == ["default/reviews-limit/1"]

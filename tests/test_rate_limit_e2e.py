@@ -44,6 +44,14 @@ TWO_A_MINUTE_FOR_JASON = rate_limit("""
   - match: {headers: {x-user: {exact: jason}}}
     limit: {requests: 2, unit: minute}
 """)
+JASON_AND_EVERYONE = rate_limit("""
+  - match: {headers: {x-user: {exact: jason}}}
+    limit: {requests: 2, unit: minute}
+  - limit: {requests: 4, unit: minute}
+  - match: {path: {exact: /audit}, method: GET}
+    limit: {requests: 1, unit: minute}
+    shadow: true
+""")
 
 
 @dataclass
@@ -122,3 +130,28 @@ def test_a_rule_matching_a_header_limits_only_those_requests(mesh, request, data
     print(f"{dataplane_kind}: others {others}, jason {jason}, others after {after}")
     assert jason == [200] * 2 + [429] * 4
     assert others == [200] * 6 and after == [200] * 3
+
+
+def test_a_request_matching_two_rules_needs_a_token_from_each_and_shadow_rules_beside_them_limit_nothing(
+        mesh, request, dataplane_kind):  # fmt: skip
+    client = limited(mesh, request, dataplane_kind, JASON_AND_EVERYONE)
+    jason = [get(client, {"x-user": "jason"}).status for _ in range(3)]
+    # Everyone's bucket (4) gave jason's two passing requests a token each; the refused third took none.
+    others = [get(client).status for _ in range(3)]
+    print(f"{dataplane_kind}: jason {jason}, others {others}")
+    assert jason == [200, 200, 429]
+    assert others == [200, 200, 429]
+    if client.envoy is not None:
+        # The shadow rule (in the second filter instance) counted its /audit requests over 1 a minute.
+        before = envoy_counter(client, "local_rate_limit_shadow.http_local_rate_limit.rate_limited")
+        audit = urllib.request.Request(f"http://127.0.0.1:{client.outbound_port}/audit", headers={"Host": HOST})
+        statuses = []
+        for _ in range(2):
+            try:
+                with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(audit, timeout=10) as answer:
+                    statuses.append(answer.status)
+            except urllib.error.HTTPError as error:
+                statuses.append(error.code)
+        # Everyone's bucket is empty: /audit is refused by the enforced rule, counted by the shadow one.
+        assert statuses == [429, 429]
+        assert envoy_counter(client, "local_rate_limit_shadow.http_local_rate_limit.rate_limited") - before == 1

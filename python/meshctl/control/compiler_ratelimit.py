@@ -82,7 +82,8 @@ def listener_filters(targets: Iterable[Sequence[AppliedRule]]) -> list[Json]:
     if targets:
         filters.append({"name": FILTER, "typed_config": {"@type": TYPE, "stat_prefix": STAT_PREFIX}})
     if any(_mixed(rules) for rules in targets):
-        filters.append({"name": SHADOW_FILTER, "typed_config": {"@type": TYPE, "stat_prefix": SHADOW_STAT_PREFIX}})
+        # First: it never stops a request, so it sees (counts) those the enforced one refuses.
+        filters.insert(0, {"name": SHADOW_FILTER, "typed_config": {"@type": TYPE, "stat_prefix": SHADOW_STAT_PREFIX}})
     return filters
 
 
