@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from meshctl.control import compiler_ratelimit as ratelimit
 from meshctl.control import resource_types as types
 from meshctl.control.compiler import compile_mesh, sidecar_resources

@@ -8,7 +8,6 @@ import pytest
 import yaml
 from helpers.control_plane import start_control_plane
 from helpers.mesh import apply
-
 from meshctl.resources import ValidationFailed, resolve_kind, validate_documents
 
 LIMIT = """

@@ -13,9 +13,10 @@ import urllib.request
 from dataclasses import dataclass, field
 
 import pytest
+from helpers.control_plane import start_control_plane
 from helpers.mesh import apply, wait_until
 from helpers.mesh_client import MeshClient
-from test_istio_tasks import Mesh, mesh, reached  # noqa: F401 (the fixture)
+from test_istio_tasks import Mesh, reached
 
 HOST = "reviews:9080"
 ENGINE_PENDING = pytest.mark.xfail(strict=False, reason="engine support in branch local-ratelimit")
@@ -52,6 +53,13 @@ JASON_AND_EVERYONE = rate_limit("""
     limit: {requests: 1, unit: minute}
     shadow: true
 """)
+
+
+@pytest.fixture
+def mesh(tmp_path):
+    mesh = Mesh(start_control_plane(tmp_path / "plane"), tmp_path)
+    yield mesh
+    mesh.stop()
 
 
 @dataclass

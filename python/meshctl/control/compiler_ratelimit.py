@@ -17,7 +17,14 @@ from typing import Any
 
 from meshctl.resources.common import StringMatch
 from meshctl.resources.hosts import canonical_host
-from meshctl.resources.rate_limit import MAX_TOKENS, UNIT_SECONDS, RateLimitResponse, RateLimitRule, RateLimitSpec, max_tokens
+from meshctl.resources.rate_limit import (
+    MAX_TOKENS,
+    UNIT_SECONDS,
+    RateLimitResponse,
+    RateLimitRule,
+    RateLimitSpec,
+    max_tokens,
+)
 
 Json = dict[str, Any]
 

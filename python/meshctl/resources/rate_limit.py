@@ -127,9 +127,10 @@ def _match_problems(match: RuleMatch, here: str) -> Iterator[tuple[str, str]]:
             yield f"{here}.path.prefix", f"{match.path.prefix!r} matches no request: a path starts with '/'"
         if match.path.regex is not None and not match.path.regex:
             yield f"{here}.path.regex", "is empty: it matches no request (a path is never empty)"
-    if match.method is not None:
-        if not match.method or not match.method.isalpha() or match.method.upper() != match.method:
-            yield f"{here}.method", f"{match.method!r} matches no request: write a method in capitals, e.g. GET"
+    if match.method is not None and (
+        not match.method or not match.method.isalpha() or match.method.upper() != match.method
+    ):
+        yield f"{here}.method", f"{match.method!r} matches no request: write a method in capitals, e.g. GET"
     for name, value in (match.headers or {}).items():
         if not _is_header_name(name):
             yield f"{here}.headers.{name}", "not a header name (lowercase letters, digits, '-')"
