@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 
 import pytest
 from helpers.control_plane import start_control_plane
-from helpers.mesh import apply, wait_until
+from helpers.envoy_sidecar import start_envoy_sidecar
+from helpers.mesh import MeshSidecar, apply, wait_until
 from helpers.mesh_client import MeshClient
+from helpers.ports import free_port
+from helpers.procs import start_upstream
 from test_istio_tasks import Mesh, reached
 
 HOST = "reviews:9080"
@@ -78,6 +81,8 @@ def get(client: MeshClient, headers: dict[str, str] | None = None) -> Reply:
     except urllib.error.HTTPError as error:
         error.read()
         return Reply(error.code, {k.lower(): v for k, v in error.headers.items()})
+    except OSError as error:  # not listening (yet), reset: no status
+        return Reply(0, {"error": f"{type(error).__name__}: {error}"})
 
 
 def limited(mesh: Mesh, request: pytest.FixtureRequest, kind: str, text: str) -> MeshClient:
@@ -89,6 +94,13 @@ def limited(mesh: Mesh, request: pytest.FixtureRequest, kind: str, text: str) ->
     client = mesh.client(kind)
     reached(client, HOST)
     apply(mesh.plane, text)
+    holds(mesh)
+    return client
+
+
+def holds(mesh: Mesh) -> None:
+    """Until every sidecar the plane reports on has answered the RateLimit's current version; none
+    may have refused it."""
     shown: dict = {}
 
     def acknowledged() -> bool | dict:
@@ -102,7 +114,6 @@ def limited(mesh: Mesh, request: pytest.FixtureRequest, kind: str, text: str) ->
     rejected = {node: s for node, s in shown["status"]["sidecars"].items() if s["state"] == "rejected"}
     assert not rejected, rejected
     time.sleep(1.0)  # an ACKed listener change still takes a moment to serve new connections
-    return client
 
 
 def envoy_counter(client: MeshClient, name: str) -> int | None:
@@ -163,3 +174,41 @@ def test_a_request_matching_two_rules_needs_a_token_from_each_and_shadow_rules_b
         # Everyone's bucket is empty: /audit is refused by the enforced rule, counted by the shadow one.
         assert statuses == [429, 429]
         assert envoy_counter(client, "local_rate_limit_shadow.http_local_rate_limit.rate_limited") - before == 1
+
+
+def test_a_selector_limits_the_inbound_traffic_of_the_workloads_it_picks(mesh, request, dataplane_kind, tmp_path):
+    """reviews v1 behind a sidecar of the data plane under test, limited on its inbound side by
+    `selector: {matchLabels: {app: reviews}}`: 3 a minute, answered 503 with x-why."""
+    inbound_port = free_port()
+    app = start_upstream("http_echo.py", tmp_path, "--name", "reviews-v1")
+    mesh.upstreams.append(app)
+    if dataplane_kind == "envoy":
+        server = start_envoy_sidecar(mesh.plane, tmp_path, "reviews", version="v1", servicePort=9080,
+                                     appPort=app.port, inboundPort=inbound_port, ready=True)  # fmt: skip
+        stop = server.stop
+    else:
+        request.applymarker(ENGINE_PENDING)
+        sidecar = MeshSidecar(mesh.plane.env, tmp_path, "reviews", "--version", "v1", "--app-port", str(app.port),
+                              "--service-port", "9080", "--inbound-port", str(inbound_port))  # fmt: skip
+        stop = sidecar.stop
+    try:
+        class Direct:  # callers reach the instance at its inbound port, as other sidecars do
+            outbound_port = inbound_port
+
+        wait_until(lambda: get(Direct).status == 200, 30, "reviews v1's inbound listener answers", step=0.3)
+        apply(mesh.plane, """
+apiVersion: policy.meshctl.io/v1alpha1
+kind: RateLimit
+metadata: {name: reviews-limit}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  rules:
+  - limit: {requests: 3, unit: minute}
+    response: {status: 503, headers: {x-why: busy}}
+""")
+        holds(mesh)
+        replies = [get(Direct) for _ in range(6)]
+        print(f"{dataplane_kind}: {[(r.status, r.headers.get('x-why')) for r in replies]}")
+        assert [(r.status, r.headers.get("x-why")) for r in replies] == [(200, None)] * 3 + [(503, "busy")] * 3
+    finally:
+        stop()
