@@ -205,3 +205,13 @@ def _static(cluster: dict) -> dict:
         cluster["type"] = "STATIC"
         cluster["load_assignment"] = {"cluster_name": cluster["name"]}
     return cluster
+
+
+def test_captured_traffic_passes_the_same_filter():
+    # Under `meshctl run --capture` the per-port listeners route by Host like the outbound one.
+    captured = Sidecar(node_id="client", service="productpage", outbound_port=16001, capture=True)
+    mesh = compile_mesh([rate_limit(host="reviews", rules=[{"limit": {"requests": 1, "unit": "second"}}])],
+                        [*REGISTRY[:2], captured])  # fmt: skip
+    listeners = sidecar_resources(mesh, captured)[types.LISTENER]
+    assert {listener["name"] for listener in listeners} >= {"virtualOutbound", "0.0.0.0_9080"}
+    assert all(ratelimit.FILTER in http_filters(listener) for listener in listeners)
