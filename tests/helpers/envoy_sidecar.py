@@ -130,13 +130,14 @@ class EnvoySidecar:
 
 
 def start_envoy_sidecar(
-    plane: ControlPlane, directory: Path, service: str, node_id: str | None = None
+    plane: ControlPlane, directory: Path, service: str, node_id: str | None = None, **registration: object
 ) -> EnvoySidecar:
     """Register `service`'s client sidecar under `node_id`, start Envoy on ADS, and wait for the
-    outbound listener it receives to accept connections."""
+    outbound listener it receives to accept connections. `registration` adds fields (say appPort
+    and inboundPort: an instance's sidecar, its inbound listener waited for too)."""
     node_id = node_id or f"{service}-envoy-{free_port()}"
     outbound_port, admin_port = free_port(), free_port()
-    register(plane, node_id, service=service, outboundPort=outbound_port, adminPort=admin_port)
+    register(plane, node_id, service=service, outboundPort=outbound_port, adminPort=admin_port, **registration)
     config = envoy_ads_bootstrap(
         node_id, int(plane.xds_address.rsplit(":", 1)[1]), root_bundle(plane),
         plane.token_path.read_text().strip(),
@@ -146,5 +147,6 @@ def start_envoy_sidecar(
     config["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}}
     own = directory / node_id  # start_dataplane names its files by kind: one directory each
     own.mkdir(parents=True, exist_ok=True)
-    process = start_dataplane("envoy", config, own, wait_ports=[outbound_port], timeout=30)
+    inbound = [registration["inboundPort"]] if "inboundPort" in registration else []
+    process = start_dataplane("envoy", config, own, wait_ports=[outbound_port, *inbound], timeout=30)
     return EnvoySidecar(plane, node_id, process, outbound_port, admin_port)

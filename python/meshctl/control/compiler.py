@@ -43,6 +43,7 @@ from meshctl.control import compiler_fallback as fallback
 from meshctl.control import compiler_resilience as resilience
 from meshctl.control import compiler_fault as fault
 from meshctl.control import compiler_mtls as mtls
+from meshctl.control import compiler_ratelimit as ratelimit
 from meshctl.control import compiler_rbac as rbac
 from meshctl.control import resource_types as types
 from meshctl.control.registry import Sidecar
@@ -52,6 +53,7 @@ from meshctl.resources.destination_rule import DestinationRuleSpec
 from meshctl.resources.fallback import FallbackSpec
 from meshctl.resources.hosts import CLUSTER_DOMAIN, canonical_host
 from meshctl.resources.peer_authentication import PeerAuthenticationSpec
+from meshctl.resources.rate_limit import RateLimitSpec
 from meshctl.resources.service_entry import ServiceEntrySpec, WorkloadEntrySpec
 from meshctl.resources.virtual_service import Destination, HttpRoute, MatchRequest, VirtualServiceSpec
 
@@ -101,6 +103,10 @@ class MeshConfig:
     # Security policies, oldest first: each sidecar's inbound side depends on which select it.
     peer_authentications: list[Any] = field(default_factory=list)
     authorization_policies: list[Any] = field(default_factory=list)
+    # RateLimits, oldest first: a selector's rules go on the inbound side of the workloads it picks.
+    rate_limits: list[Any] = field(default_factory=list)
+    # The rate limit filters the outbound listeners need for the host RateLimits (none without).
+    outbound_filters: list[Json] = field(default_factory=list)
 
     def clusters_for(self, sidecar: Sidecar) -> list[Json]:
         """The shared clusters as `sidecar` sees them (mTLS needs a certificate of its own)."""
@@ -201,9 +207,14 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
     config.authorization_policies = sorted(
         (s for s in stored if s.kind == "AuthorizationPolicy"), key=lambda s: s.order
     )
+    config.rate_limits = sorted((s for s in stored if s.kind == "RateLimit"), key=lambda s: s.order)
+    limited = ratelimit.rules_by_host(config.rate_limits)
+    config.outbound_filters = ratelimit.listener_filters(limited.values())
     namespaces = {"", *(s.namespace for s in sidecars)}
     for namespace in sorted(namespaces):
         config.routes[namespace] = _route_table(namespace, ports, service_for)
+        for virtual_host in config.routes[namespace]["virtual_hosts"]:
+            ratelimit.limit_virtual_host(virtual_host, limited.get(virtual_host["name"].rpartition(":")[0], []))
 
     # Clusters: every host and port's all-instances cluster and its subsets, plus anything a
     # route names (a route to a missing cluster is refused; an empty one answers 503 naming it).
@@ -342,7 +353,7 @@ def _referenced_clusters(table: Json) -> Iterable[str]:
 def sidecar_resources(mesh: MeshConfig, sidecar: Sidecar) -> dict[str, list[Json]]:
     """The xDS resources (as dicts, by type URL) for one sidecar."""
     clusters = list(mesh.clusters_for(sidecar))
-    listeners = [_outbound_listener(sidecar.outbound_port)]
+    listeners = [_outbound_listener(sidecar.outbound_port, mesh.outbound_filters)]
     if sidecar.app_port is not None and sidecar.inbound_port is not None:
         local = cluster_name("inbound", sidecar.app_port, None, "")
         local_cluster = _static_cluster(local, "127.0.0.1", sidecar.app_port)
@@ -458,6 +469,7 @@ _SPEC_TYPES = {
     "PeerAuthentication": PeerAuthenticationSpec,
     "AuthorizationPolicy": AuthorizationPolicySpec,
     "Fallback": FallbackSpec,
+    "RateLimit": RateLimitSpec,
 }
 # Validated specs by their JSON text: a compile re-reads every stored resource, but a change
 # touches few of them. The compiler only reads specs, so one parsed object serves every compile.
@@ -570,11 +582,12 @@ def _http_manager(
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": config}
 
 
-def _outbound_listener(port: int) -> Json:
+def _outbound_listener(port: int, filters: Sequence[Json] = ()) -> Json:
+    manager = ratelimit.insert_filters(_http_manager("outbound", rds=OUTBOUND_ROUTES, outbound=True), filters)
     return {
         "name": OUTBOUND_LISTENER,
         "address": _address("127.0.0.1", port),
-        "filter_chains": [{"filters": [_http_manager("outbound", rds=OUTBOUND_ROUTES, outbound=True)]}],
+        "filter_chains": [{"filters": [manager]}],
     }
 
 
@@ -589,7 +602,9 @@ def _inbound_listener(mesh: MeshConfig, sidecar: Sidecar, port: int, local_clust
             }
         ],
     }
-    manager = _http_manager("inbound", routes=routes)
+    limits = ratelimit.rules_for_workload(mesh.rate_limits, sidecar.namespace, sidecar.all_labels)
+    ratelimit.limit_virtual_host(routes["virtual_hosts"][0], limits)
+    manager = ratelimit.insert_filters(_http_manager("inbound", routes=routes), ratelimit.listener_filters([limits]))
     policies = rbac.selecting(mesh.authorization_policies, sidecar.namespace, sidecar.all_labels)
     if sidecar.identity is not None or policies:
         # A policy names the workload by its app or service port; requests arrive on the inbound
@@ -635,7 +650,8 @@ def capture_listeners(mesh: MeshConfig, listeners: list[Json]) -> list[Json]:
             "name": f"0.0.0.0_{port}",
             "address": _address("0.0.0.0", port),
             "bind_to_port": False,
-            "filter_chains": [{"filters": [_http_manager(f"outbound_0.0.0.0_{port}", rds=OUTBOUND_ROUTES, outbound=True)]}],
+            "filter_chains": [{"filters": [ratelimit.insert_filters(
+                _http_manager(f"outbound_0.0.0.0_{port}", rds=OUTBOUND_ROUTES, outbound=True), mesh.outbound_filters)]}],
         })  # fmt: skip
     return captured
 

@@ -9,6 +9,7 @@ from meshctl.resources.common import MeshModel
 from meshctl.resources.destination_rule import DestinationRuleSpec
 from meshctl.resources.fallback import FallbackSpec
 from meshctl.resources.peer_authentication import PeerAuthenticationSpec
+from meshctl.resources.rate_limit import RateLimitSpec
 from meshctl.resources.service_entry import ServiceEntrySpec, WorkloadEntrySpec
 from meshctl.resources.virtual_service import VirtualServiceSpec
 
@@ -50,6 +51,7 @@ KINDS: dict[str, KindInfo] = {
             "AuthorizationPolicy", "authorizationpolicies", "ap", AuthorizationPolicySpec, SECURITY_GROUP
         ),
         KindInfo("Fallback", "fallbacks", "fb", FallbackSpec, POLICY_GROUP),
+        KindInfo("RateLimit", "ratelimits", "rl", RateLimitSpec, POLICY_GROUP),
     )
 }
 

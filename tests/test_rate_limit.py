@@ -1,0 +1,116 @@
+"""The RateLimit resource (policy.meshctl.io/v1alpha1, local scope): what it accepts, what it refuses
+by field (in the validator, and through `meshctl apply`: exit 2, nothing stored changes), and `meshctl
+get ratelimit NAME -o yaml` showing it back as written."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from helpers.control_plane import start_control_plane
+from helpers.mesh import apply
+from meshctl.resources import ValidationFailed, resolve_kind, validate_documents
+
+LIMIT = """
+apiVersion: policy.meshctl.io/v1alpha1
+kind: RateLimit
+metadata: {name: reviews-limit, namespace: default}
+spec:
+  host: reviews
+  rules:
+  - match: {path: {prefix: /api}, method: GET, headers: {x-user: {exact: jason}}}
+    limit: {requests: 100, unit: second, burst: 20}
+    scope: local
+    shadow: false
+    response: {status: 429, headers: {x-why: slow down}}
+  - limit: {requests: 5, unit: minute}
+    response: {status: 429, headers: {x-why: slow down}}
+"""
+WHERE = "RateLimit default/reviews-limit"
+
+
+def refusal(text: str) -> list[str]:
+    with pytest.raises(ValidationFailed) as caught:
+        validate_documents(text)
+    return [str(issue) for issue in caught.value.issues]
+
+
+def test_the_issues_example_is_accepted_as_written():
+    (resource,) = validate_documents(LIMIT)
+    assert resource.body["spec"] == yaml.safe_load(LIMIT)["spec"]
+    assert resolve_kind("rl").kind == resolve_kind("ratelimits").kind == "RateLimit"
+    selected = LIMIT.replace("  host: reviews", "  selector: {matchLabels: {app: reviews}}")
+    assert validate_documents(selected)[0].body["spec"]["selector"] == {"matchLabels": {"app": "reviews"}}
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "reason"),
+    [
+        (("requests: 100", "requests: 0"), "spec.rules[0].limit.requests", "greater than or equal to 1"),
+        (("requests: 100", "requests: -3"), "spec.rules[0].limit.requests", "greater than or equal to 1"),
+        (("burst: 20", "burst: 0"), "spec.rules[0].limit.burst", "greater than or equal to 1"),
+        (("burst: 20", "burst: -1"), "spec.rules[0].limit.burst", "greater than or equal to 1"),
+        (("unit: second", "unit: day"), "spec.rules[0].limit.unit", "second"),
+        (("requests: 100", "requests: '100'"), "spec.rules[0].limit.requests", "integer"),
+        (("requests: 100", "requests: 4294967290"), "spec.rules[0].limit", "at most 4294967295"),
+        (("  host: reviews", "  host: reviews\n  selector: {matchLabels: {app: reviews}}"), "spec", "exactly one of selector"),
+        (("  host: reviews", ""), "spec", "exactly one of selector"),
+        (("  host: reviews", "  host: '*.example.com'"), "spec.host", "wildcard"),
+        ((LIMIT[LIMIT.index("  rules:"):], "  rules: []\n"), "spec.rules", "is empty"),
+        (("prefix: /api", "exact: ''"), "spec.rules[0].match.path.exact", "matches no request"),
+        (("prefix: /api", "prefix: api"), "spec.rules[0].match.path.prefix", "matches no request"),
+        (("prefix: /api", "prefix: ''"), "spec.rules[0].match.path.prefix", "is empty"),
+        (("method: GET", "method: ''"), "spec.rules[0].match.method", "matches no request"),
+        (("method: GET", "method: get"), "spec.rules[0].match.method", "capitals"),
+        (("x-user: {exact: jason}", "X-User: {exact: jason}"), "spec.rules[0].match.headers.X-User", "not a header name"),
+        (("x-user: {exact: jason}", "x-user: {prefix: ''}"), "spec.rules[0].match.headers.x-user", "empty prefix"),
+        (("x-user: {exact: jason}", "x-user: {}"), "spec.rules[0].match.headers.x-user", "exactly one of exact"),
+        (("scope: local", "scope: global"), "spec.rules[0].scope", "global rate limits are not supported yet"),
+        (("scope: local", "scope: cluster"), "spec.rules[0].scope", "'local' or 'global'"),
+        (("shadow: false", "shadow: maybe"), "spec.rules[0].shadow", "boolean"),
+        (("x-why: slow down}}\n  - limit", "x-why: slow down}, body: too many}\n  - limit"),
+         "spec.rules[0].response.body", "a custom body is not supported"),
+        (("status: 429, headers: {x-why: slow down}}\n  - limit", "status: 200}\n  - limit"),
+         "spec.rules[0].response.status", "not a 4xx or 5xx"),
+        (("status: 429, headers: {x-why: slow down}}\n  - limit", "status: 429}\n  - limit"),
+         "spec.rules[1].response", "differs from spec.rules[0].response"),
+        (("    shadow: false", "    shadow: false\n    period: 1s"), "spec.rules[0].period", "unknown field"),
+        (("method: GET,", "method: GET, sourcePrincipals: [cluster.local/ns/default/sa/productpage],"),
+         "spec.rules[0].match.sourcePrincipals", "not supported yet"),
+        (("method: GET,", "method: GET, sourceNamespaces: [default],"),
+         "spec.rules[0].match.sourceNamespaces", "not supported yet"),
+    ],
+)  # fmt: skip
+def test_bad_rate_limits_are_refused_naming_the_field(change, field, reason):
+    text = LIMIT.replace(*change)
+    assert text != LIMIT
+    issues = refusal(text)
+    assert any(issue.startswith(f"{WHERE}: {field}") and reason in issue for issue in issues), issues
+
+
+def test_a_limit_for_a_host_nothing_serves_yet_is_accepted_as_a_fallback_would_be():
+    # As a Fallback: a RateLimit may come before its service registers; it applies once it does.
+    (resource,) = validate_documents(LIMIT.replace("host: reviews", "host: not-yet-deployed"))
+    assert resource.body["spec"]["host"] == "not-yet-deployed"
+
+
+def test_apply_get_and_refusals_through_the_control_plane(tmp_path):
+    plane = start_control_plane(tmp_path / "plane", "--xds-port", "0")
+    try:
+        apply(plane, LIMIT)
+        shown = plane.meshctl("get", "ratelimit", "reviews-limit", "-o", "yaml")
+        assert shown.returncode == 0, shown.stderr
+        body = yaml.safe_load(shown.stdout)
+        assert (body["apiVersion"], body["kind"]) == ("policy.meshctl.io/v1alpha1", "RateLimit")
+        assert body["spec"] == yaml.safe_load(LIMIT)["spec"]
+        assert "reviews-limit" in plane.meshctl("get", "rl").stdout
+        for change, field, reason in (
+            (("requests: 100", "requests: 0"), "spec.rules[0].limit.requests", "greater than or equal to 1"),
+            (("scope: local", "scope: global"), "spec.rules[0].scope", "not supported yet"),
+            (("  host: reviews", ""), "spec", "exactly one of selector"),
+        ):
+            done = plane.meshctl("apply", "-f", "-", stdin=LIMIT.replace(*change))
+            assert done.returncode == 2, done.stderr
+            assert f"{WHERE}: {field}" in done.stderr and reason in done.stderr, done.stderr
+            assert plane.meshctl("get", "ratelimit", "reviews-limit", "-o", "yaml").stdout == shown.stdout
+    finally:
+        plane.stop()
