@@ -81,6 +81,12 @@ pub struct HttpSettings {
     /// it); None: no fault filter, so routes' fault configs do nothing, as in Envoy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fault: Option<std::sync::Arc<super::fault::FaultPolicy>>,
+    /// The local rate limit filter's own config when the manager has one; None: no such filter,
+    /// so route config / virtual host / route configs of it do nothing, as in Envoy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_rate_limit: Option<std::sync::Arc<super::local_ratelimit::LocalRateLimit>>,
+    /// The local rate limit filter comes before the fault filter in http_filters.
+    pub local_rate_limit_first: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
