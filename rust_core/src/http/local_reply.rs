@@ -48,7 +48,8 @@ pub fn fault_abort_reply(abort: &crate::model::fault::FaultAbort, grpc: bool) ->
 /// The answer to a request the local rate limit filter limits: its status (429 unless configured)
 /// and Envoy's body "local_rate_limited", or for gRPC a trailers-only response (RESOURCE_EXHAUSTED
 /// when rate_limited_as_resource_exhausted, else the status' gRPC mapping); then the config's
-/// response_headers_to_add. A 429 carries x-envoy-ratelimited, as Envoy's local replies do.
+/// response_headers_to_add. No x-envoy-ratelimited: Envoy's docs say the filter sets it, but only
+/// the global ratelimit filter does (Envoy 1.40's local replies of this filter do not carry it).
 pub fn rate_limited_reply(config: &crate::model::local_ratelimit::LocalRateLimit, grpc: bool) -> Response<ResponseBody> {
     const BODY: &str = "local_rate_limited";
     let mut response = if grpc && config.rate_limited_as_resource_exhausted {
@@ -61,9 +62,6 @@ pub fn rate_limited_reply(config: &crate::model::local_ratelimit::LocalRateLimit
     } else {
         local_reply(config.status, BODY, grpc)
     };
-    if config.status == StatusCode::TOO_MANY_REQUESTS {
-        response.headers_mut().insert("x-envoy-ratelimited", HeaderValue::from_static("true"));
-    }
     config.response_headers.apply(response.headers_mut());
     response
 }
