@@ -59,6 +59,8 @@ pub(crate) fn local_rate_limit(any: &Any, per_route: bool, metrics: &Metrics) ->
     let mut descriptors = Vec::with_capacity(c.descriptors.len());
     for (i, d) in c.descriptors.iter().enumerate() {
         let at = format!("descriptors[{i}]");
+        // A shadow descriptor counts but never limits; meshctl has no such per-descriptor mode.
+        refuse_if(d.shadow_mode, "shadow_mode").at(&at)?;
         if d.entries.is_empty() {
             return Err(FieldError::new(format!("{at}.entries"), "must have at least one entry"));
         }
