@@ -205,3 +205,30 @@ def test_filter_not_enabled_limits_nothing(dataplane, app):
     port, stats = serve(dataplane, app, one_route(), config)
     assert statuses(burst(port, 4)) == [200] * 4
     assert stats.read("off") == {"enabled": 0, "enforced": 0, "rate_limited": 0, "ok": 0}
+
+
+def test_generic_key_and_header_match_descriptors_with_virtual_host_policies(dataplane, app):
+    config = lrl("actions", 100, descriptors=[
+        {"entries": [{"key": "generic_key", "value": "a"}], "token_bucket": {"max_tokens": 1, "fill_interval": "60s"}},
+        {"entries": [{"key": "header_match", "value": "premium"}], "token_bucket": {"max_tokens": 2, "fill_interval": "60s"}},
+    ])  # fmt: skip
+    premium = {"actions": [{"header_value_match": {"descriptor_value": "premium", "headers": [{"name": "x-premium", "present_match": True}]}}]}
+    route_a = b.route("upstream", "/a", rate_limits=[{"actions": [{"generic_key": {"descriptor_value": "a"}}]}])
+    vhost = b.virtual_host("all", [route_a, b.route("upstream", "/b")], rate_limits=[premium])
+    port, _ = serve(dataplane, app, b.route_configuration("local", [vhost]), config)
+    flagged = [("x-premium", "1")]
+    # /a has its own policy, so the virtual host's is not used (vh_rate_limits OVERRIDE).
+    assert statuses(burst(port, 3, "/a", flagged)) == [200, 429, 429]
+    assert statuses(burst(port, 3, "/b", flagged)) == [200, 200, 429]
+    assert statuses(burst(port, 3, "/b")) == [200, 200, 200]
+
+
+@pytest.mark.parametrize("exhausted", [False, True], ids=["unavailable", "resource-exhausted"])
+def test_grpc_requests_get_a_grpc_status(dataplane, app, exhausted):
+    port, _ = serve(dataplane, app, one_route(), lrl("grpc", 1, rate_limited_as_resource_exhausted=exhausted))
+    grpc = [("content-type", "application/grpc"), ("te", "trailers")]
+    ok, limited = burst(port, 2, "/pkg.Service/Method", grpc)
+    assert ok.status == 200
+    assert limited.status == 200
+    assert limited.headers.get("grpc-status") == ("8" if exhausted else "14")
+    assert limited.headers.get("grpc-message") == "local_rate_limited"
