@@ -232,3 +232,15 @@ def test_grpc_requests_get_a_grpc_status(dataplane, app, exhausted):
     assert limited.status == 200
     assert limited.headers.get("grpc-status") == ("8" if exhausted else "14")
     assert limited.headers.get("grpc-message") == "local_rate_limited"
+
+
+def test_remote_address_descriptor_takes_the_client_from_x_forwarded_for(dataplane, app):
+    # Without use_remote_address Envoy takes the client's address from x-forwarded-for's last entry.
+    config = lrl("remote", 100, descriptors=[
+        {"entries": [{"key": "remote_address", "value": "10.1.2.3"}], "token_bucket": {"max_tokens": 1, "fill_interval": "60s"}},
+    ])  # fmt: skip
+    vhost = b.virtual_host("all", [b.route("upstream", rate_limits=[{"actions": [{"remote_address": {}}]}])])
+    port, _ = serve(dataplane, app, b.route_configuration("local", [vhost]), config)
+    assert statuses(burst(port, 2, "/", [("x-forwarded-for", "192.0.2.9, 10.1.2.3")])) == [200, 429]
+    assert statuses(burst(port, 2, "/", [("x-forwarded-for", "10.1.2.3, 192.0.2.9")])) == [200, 200]
+    assert statuses(burst(port, 2)) == [200, 200]

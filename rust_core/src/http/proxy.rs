@@ -146,7 +146,7 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
         if limit_first {
             match local_rate_limit(context, vhost, route, &request, &authority, path_and_query.as_str(), grpc) {
                 Ok(shadow) => shadow_limited = shadow,
-                Err(reply) => return reply,
+                Err(reply) => return *reply,
             }
         }
         if let Some(filter_fault) = &context.settings.fault {
@@ -161,7 +161,7 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
         if !limit_first {
             match local_rate_limit(context, vhost, route, &request, &authority, path_and_query.as_str(), grpc) {
                 Ok(shadow) => shadow_limited = shadow,
-                Err(reply) => return reply,
+                Err(reply) => return *reply,
             }
         }
         if let Some(config) = shadow_limited {
@@ -207,20 +207,34 @@ fn local_rate_limit<'a>(
     authority: &str,
     path_and_query: &str,
     grpc: bool,
-) -> Result<Option<&'a crate::model::local_ratelimit::LocalRateLimit>, Response<ResponseBody>> {
+) -> Result<Option<&'a crate::model::local_ratelimit::LocalRateLimit>, Box<Response<ResponseBody>>> {
     use crate::policy::local_ratelimit::{decide, RequestDescriptorSource, Verdict};
     let Some(filter_config) = &context.settings.local_rate_limit else { return Ok(None) };
     let config = route.local_rate_limit.as_deref().unwrap_or(filter_config);
     let view = RequestView { method: request.method(), path_and_query, authority, scheme: context.scheme, headers: request.headers() };
-    let source = RequestDescriptorSource { route, vhost, request: &view, client_ip: context.peer.ip() };
+    let client_ip = context
+        .settings
+        .client_address_from_xff
+        .and_then(|hops| address_from_xff(request.headers(), hops))
+        .unwrap_or_else(|| context.peer.ip());
+    let source = RequestDescriptorSource { route, vhost, request: &view, client_ip };
     match decide(config, &source, &context.rate_limiters) {
         Verdict::Pass => Ok(None),
         Verdict::Shadow => Ok(Some(config)),
         Verdict::Limit => {
             context.stats.response_flags.record(ResponseFlag::RateLimited);
-            Err(rate_limited_reply(config, grpc))
+            // Boxed: the cold path's reply stays out of the common result.
+            Err(Box::new(rate_limited_reply(config, grpc)))
         }
     }
+}
+
+/// Envoy's client address when it does not use the connection's: the x-forwarded-for entry
+/// `hops` from the end (the last one with no trusted hops); None when there are too few.
+fn address_from_xff(headers: &HeaderMap, hops: u32) -> Option<std::net::IpAddr> {
+    let joined: Vec<&str> = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+    let entry = joined.iter().flat_map(|v| v.split(',')).rev().nth(hops as usize)?;
+    entry.trim().parse().ok()
 }
 
 /// 404, flag NR.

@@ -338,7 +338,7 @@ mod tests {
         let key: Descriptor = vec![("k".into(), "v".into())];
         let limiter = Limiter::new(None, &[(key.clone(), spec(1, 1, 1000))], true);
         assert!((0..10).all(|_| limiter.allows(&[])));
-        assert!(limiter.allows(&[key.clone()]));
+        assert!(limiter.allows(std::slice::from_ref(&key)));
         assert!(!limiter.allows(&[key]));
     }
 }

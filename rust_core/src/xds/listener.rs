@@ -342,7 +342,9 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
             upgrades.push(u.upgrade_type.to_ascii_lowercase());
         }
     }
-    Ok(HttpSettings { stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac, forward_client_cert, fault, local_rate_limit: rate_limit, local_rate_limit_first })
+    Ok(HttpSettings { stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac, forward_client_cert, fault, local_rate_limit: rate_limit, local_rate_limit_first,
+        client_address_from_xff: (!m.use_remote_address.as_ref().is_some_and(|b| b.value)).then_some(m.xff_num_trusted_hops),
+    })
 }
 
 /// normalize_path, merge_slashes and path_with_escaped_slashes_action; Envoy's defaults are off
