@@ -9,6 +9,9 @@ from typing import Callable
 from .bootstrap import Json, cluster, simple_proxy
 
 LUA_TYPE = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+LRL_TYPE = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
+LRL_NAME = "envoy.filters.http.local_ratelimit"
+FAULT_TYPE = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 
 
 @dataclass
@@ -47,6 +50,32 @@ def _weights_zero(config: Json) -> None:
     _route(config)["route"] = {
         "weighted_clusters": {"clusters": [{"name": "upstream", "weight": 0}, {"name": "other", "weight": 0}]}
     }
+
+
+def _local_rate_limit(**fields) -> Callable[[Json], None]:
+    """The local rate limit filter before the router, with `fields` (a valid bucket unless given)."""
+
+    def mutate(config: Json) -> None:
+        typed = {"@type": LRL_TYPE, "stat_prefix": "lrl",
+                 "token_bucket": {"max_tokens": 5, "fill_interval": "1s"}, **fields}  # fmt: skip
+        _hcm(config)["http_filters"].insert(0, {"name": LRL_NAME, "typed_config": typed})
+
+    return mutate
+
+
+def _route_rate_limit_without_bucket(config: Json) -> None:
+    _local_rate_limit()(config)
+    _route(config)["typed_per_filter_config"] = {LRL_NAME: {"@type": LRL_TYPE, "stat_prefix": "route"}}
+
+
+def _unsupported_rate_limit_action(config: Json) -> None:
+    _local_rate_limit()(config)
+    _route(config)["route"]["rate_limits"] = [{"actions": [{"source_cluster": {}}]}]
+
+
+def _fault_config_on_virtual_host(config: Json) -> None:
+    vhost = _hcm(config)["route_config"]["virtual_hosts"][0]
+    vhost["typed_per_filter_config"] = {"envoy.filters.http.fault": {"@type": FAULT_TYPE}}
 
 
 def _duplicate_listener(config: Json) -> None:
@@ -194,6 +223,44 @@ CASES = [
             circuit_breakers={"thresholds": [{"retry_budget": {"budget_percent": {"value": 150}}}]}
         ),
         names=("budget_percent",),
+    ),
+    Invalid(
+        "local-ratelimit-fill-interval-below-50ms",
+        _local_rate_limit(token_bucket={"max_tokens": 5, "fill_interval": "0.01s"}),
+        names=("token_bucket.fill_interval", "50ms"),
+    ),
+    Invalid(
+        "local-ratelimit-per-route-without-bucket",
+        _route_rate_limit_without_bucket,
+        names=("typed_per_filter_config", "token_bucket"),
+    ),
+    Invalid(
+        "local-ratelimit-x-ratelimit-headers",
+        _local_rate_limit(enable_x_ratelimit_headers="DRAFT_VERSION_03"),
+        names=("enable_x_ratelimit_headers",),
+        envoy_refuses=False,
+        why="Envoy adds x-ratelimit-* headers; meshctl does not yet and must refuse rather than omit them",
+    ),
+    Invalid(
+        "local-ratelimit-dynamic-descriptor",
+        _local_rate_limit(descriptors=[{"entries": [{"key": "user"}], "token_bucket": {"max_tokens": 1, "fill_interval": "1s"}}]),
+        names=("descriptors[0].entries[0].value", "dynamic"),
+        envoy_refuses=False,
+        why="an empty value is Envoy's dynamic descriptor (a bucket per value); meshctl does not have it",
+    ),
+    Invalid(
+        "rate-limit-action-source-cluster",
+        _unsupported_rate_limit_action,
+        names=("rate_limits[0].actions[0].source_cluster",),
+        envoy_refuses=False,
+        why="a descriptor from the source cluster would limit differently; meshctl must refuse rather than skip it",
+    ),
+    Invalid(
+        "fault-config-on-virtual-host",
+        _fault_config_on_virtual_host,
+        names=("virtual_hosts[0].typed_per_filter_config",),
+        envoy_refuses=False,
+        why="meshctl takes only the local rate limit filter's config on a virtual host (the fault filter's only per route)",
     ),
     Invalid("empty-file", text="", names=("empty|static_resources|bootstrap",)),
     Invalid("malformed-yaml", text="static_resources: {listeners: [\n  - name: x\n    address: {\n", names=("yaml",)),

@@ -45,6 +45,27 @@ pub fn fault_abort_reply(abort: &crate::model::fault::FaultAbort, grpc: bool) ->
     }
 }
 
+/// The answer to a request the local rate limit filter limits: its status (429 unless configured)
+/// and Envoy's body "local_rate_limited", or for gRPC a trailers-only response (RESOURCE_EXHAUSTED
+/// when rate_limited_as_resource_exhausted, else the status' gRPC mapping); then the config's
+/// response_headers_to_add. No x-envoy-ratelimited: Envoy's docs say the filter sets it, but only
+/// the global ratelimit filter does (Envoy 1.40's local replies of this filter do not carry it).
+pub fn rate_limited_reply(config: &crate::model::local_ratelimit::LocalRateLimit, grpc: bool) -> Response<ResponseBody> {
+    const BODY: &str = "local_rate_limited";
+    let mut response = if grpc && config.rate_limited_as_resource_exhausted {
+        let mut response = Response::new(ResponseBody::empty());
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from_static("8"));
+        headers.insert("grpc-message", HeaderValue::from_static(BODY));
+        response
+    } else {
+        local_reply(config.status, BODY, grpc)
+    };
+    config.response_headers.apply(response.headers_mut());
+    response
+}
+
 /// The gRPC status for an HTTP status, as gRPC's HTTP-to-gRPC mapping defines it, except that a
 /// proxy timeout is DEADLINE_EXCEEDED.
 fn grpc_status(status: StatusCode) -> u16 {

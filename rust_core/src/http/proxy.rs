@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 
 use super::body::ResponseBody;
 use super::fallback::{self, BreakerCall};
-use super::local_reply::{fault_abort_reply, local_reply};
+use super::local_reply::{fault_abort_reply, local_reply, rate_limited_reply};
 use super::request_body::{BodyFault, BodyFaults, BodyTee};
 use super::routing::{header_matches, select_route, select_virtual_host, RequestView};
 use super::upstream_request::{self, no_healthy_upstream, strip_retry_headers, Upstream};
@@ -56,6 +56,9 @@ pub struct HttpContext {
     pub destination_port: u16,
     /// Request bodies this connection's client broke, as the upstream side saw them.
     pub body_faults: BodyFaults,
+    /// Local rate limit buckets of this connection (configs with
+    /// local_rate_limit_per_downstream_connection), made on first use; empty otherwise.
+    pub rate_limiters: crate::policy::local_ratelimit::ConnectionLimiters,
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded.
@@ -135,7 +138,17 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
             return no_route(context, grpc);
         };
         route.stats.requests_total.fetch_add(1, Relaxed);
-        // The fault filter, before the router: a route's own config replaces the filter's.
+        // The local rate limit and fault filters, before the router, in http_filters' order; for
+        // each, the most specific per-route config replaces the filter's. Both decide here,
+        // synchronously, and add nothing to this future but a reference.
+        let limit_first = context.settings.local_rate_limit_first;
+        let mut shadow_limited = None;
+        if limit_first {
+            match local_rate_limit(context, vhost, route, &request, &authority, path_and_query.as_str(), grpc) {
+                Ok(shadow) => shadow_limited = shadow,
+                Err(reply) => return *reply,
+            }
+        }
         if let Some(filter_fault) = &context.settings.fault {
             let policy = route.fault.as_deref().unwrap_or(filter_fault);
             if !policy.is_empty() {
@@ -144,6 +157,15 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
                     return fault_abort_reply(abort, grpc);
                 }
             }
+        }
+        if !limit_first {
+            match local_rate_limit(context, vhost, route, &request, &authority, path_and_query.as_str(), grpc) {
+                Ok(shadow) => shadow_limited = shadow,
+                Err(reply) => return *reply,
+            }
+        }
+        if let Some(config) = shadow_limited {
+            config.request_headers_when_not_enforced.apply(request.headers_mut());
         }
         let started = Instant::now();
         let mut cluster_response_mutation = None;
@@ -172,6 +194,47 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
         }
         response
     }
+}
+
+/// Envoy's local rate limit filter for one request: Err(the local reply) when it is limited and
+/// enforced; Ok(Some(config)) when limited in shadow mode (its not-enforced request headers are
+/// to be added); Ok(None) otherwise, and always when the manager has no such filter.
+fn local_rate_limit<'a>(
+    context: &'a HttpContext,
+    vhost: &'a VirtualHost,
+    route: &'a Route,
+    request: &Request<Incoming>,
+    authority: &str,
+    path_and_query: &str,
+    grpc: bool,
+) -> Result<Option<&'a crate::model::local_ratelimit::LocalRateLimit>, Box<Response<ResponseBody>>> {
+    use crate::policy::local_ratelimit::{decide, RequestDescriptorSource, Verdict};
+    let Some(filter_config) = &context.settings.local_rate_limit else { return Ok(None) };
+    let config = route.local_rate_limit.as_deref().unwrap_or(filter_config);
+    let view = RequestView { method: request.method(), path_and_query, authority, scheme: context.scheme, headers: request.headers() };
+    let client_ip = context
+        .settings
+        .client_address_from_xff
+        .and_then(|hops| address_from_xff(request.headers(), hops))
+        .unwrap_or_else(|| context.peer.ip());
+    let source = RequestDescriptorSource { route, vhost, request: &view, client_ip };
+    match decide(config, &source, &context.rate_limiters) {
+        Verdict::Pass => Ok(None),
+        Verdict::Shadow => Ok(Some(config)),
+        Verdict::Limit => {
+            context.stats.response_flags.record(ResponseFlag::RateLimited);
+            // Boxed: the cold path's reply stays out of the common result.
+            Err(Box::new(rate_limited_reply(config, grpc)))
+        }
+    }
+}
+
+/// Envoy's client address when it does not use the connection's: the x-forwarded-for entry
+/// `hops` from the end (the last one with no trusted hops); None when there are too few.
+fn address_from_xff(headers: &HeaderMap, hops: u32) -> Option<std::net::IpAddr> {
+    let joined: Vec<&str> = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+    let entry = joined.iter().flat_map(|v| v.split(',')).rev().nth(hops as usize)?;
+    entry.trim().parse().ok()
 }
 
 /// 404, flag NR.

@@ -81,6 +81,16 @@ pub struct HttpSettings {
     /// it); None: no fault filter, so routes' fault configs do nothing, as in Envoy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fault: Option<std::sync::Arc<super::fault::FaultPolicy>>,
+    /// The local rate limit filter's own config when the manager has one; None: no such filter,
+    /// so route config / virtual host / route configs of it do nothing, as in Envoy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_rate_limit: Option<std::sync::Arc<super::local_ratelimit::LocalRateLimit>>,
+    /// The local rate limit filter comes before the fault filter in http_filters.
+    pub local_rate_limit_first: bool,
+    /// Where Envoy takes the client's address from (for the remote_address rate-limit action):
+    /// None: the connection's peer (use_remote_address); Some(hops): the x-forwarded-for entry
+    /// that many hops from its end (xff_num_trusted_hops), else the peer.
+    pub client_address_from_xff: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -6,6 +6,7 @@ pub mod fallback;
 pub mod fault;
 pub mod headers;
 pub mod listener;
+pub mod local_ratelimit;
 pub mod matcher;
 pub mod outlier;
 pub mod retry;

@@ -49,6 +49,9 @@ pub struct VirtualHost {
     pub include_request_attempt_count: bool,
     /// Return x-envoy-attempt-count (the tries made) with the response.
     pub include_attempt_count_in_response: bool,
+    /// The virtual host's rate-limit policies (descriptors for the local rate limit filter).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<super::local_ratelimit::RateLimitPolicy>,
 }
 
 #[derive(Debug, Serialize)]
@@ -65,6 +68,16 @@ pub struct Route {
     /// connection manager's whole, and applies only where that manager has the fault filter.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fault: Option<Arc<super::fault::FaultPolicy>>,
+    /// The most specific local rate limit config: the route's own (typed_per_filter_config),
+    /// else its virtual host's, else its route config's; applies only where the connection
+    /// manager has the filter, and then replaces the manager's config whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_rate_limit: Option<Arc<super::local_ratelimit::LocalRateLimit>>,
+    /// The route action's rate-limit policies.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<super::local_ratelimit::RateLimitPolicy>,
+    /// The route action's include_vh_rate_limits: the virtual host's policies are added always.
+    pub include_vh_rate_limits: bool,
     #[serde(skip)]
     pub stats: Arc<RouteStats>,
 }

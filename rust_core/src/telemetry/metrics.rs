@@ -275,6 +275,17 @@ impl RbacStats {
     }
 }
 
+/// Envoy's <stat_prefix>.http_local_rate_limit.{enabled,enforced,rate_limited,ok}: the requests
+/// the filter was enabled for, limited ones answered (enforced), limited ones (enforced or
+/// shadow), and allowed ones. Configs with one stat_prefix share the counters, as in Envoy.
+#[derive(Debug, Default)]
+pub struct LocalRateLimitStats {
+    pub enabled: AtomicU64,
+    pub enforced: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub ok: AtomicU64,
+}
+
 #[derive(Debug, Default)]
 struct ConfigCounters {
     applied: AtomicU64,
@@ -292,6 +303,7 @@ pub struct Metrics {
     fallbacks: Mutex<BTreeMap<String, Arc<FallbackStats>>>,
     fallback_breakers: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
     config: Mutex<BTreeMap<String, Arc<ConfigCounters>>>,
+    local_rate_limits: Mutex<BTreeMap<String, Arc<LocalRateLimitStats>>>,
     pub rbac: RbacStats,
     pub tls: Arc<TlsStats>,
 }
@@ -334,6 +346,10 @@ impl Metrics {
 
     pub fn route(&self, name: &str) -> Arc<RouteStats> {
         get_or_create(&self.routes, name)
+    }
+
+    pub fn local_rate_limit(&self, stat_prefix: &str) -> Arc<LocalRateLimitStats> {
+        get_or_create(&self.local_rate_limits, stat_prefix)
     }
 
     pub fn config_applied(&self, kind: &str) {
@@ -416,6 +432,18 @@ impl Metrics {
         out.push_str("# TYPE meshctl_config_reject_total counter\n");
         for (kind, c) in &config {
             let _ = writeln!(out, "meshctl_config_reject_total{{type=\"{}\"}} {}", escape(kind), c.rejected.load(Relaxed));
+        }
+        let local_rate_limits = self.local_rate_limits.lock().unwrap().clone();
+        for (metric, get) in [
+            ("meshctl_http_local_rate_limit_enabled_total", (|s: &LocalRateLimitStats| s.enabled.load(Relaxed)) as fn(&LocalRateLimitStats) -> u64),
+            ("meshctl_http_local_rate_limit_enforced_total", |s| s.enforced.load(Relaxed)),
+            ("meshctl_http_local_rate_limit_rate_limited_total", |s| s.rate_limited.load(Relaxed)),
+            ("meshctl_http_local_rate_limit_ok_total", |s| s.ok.load(Relaxed)),
+        ] {
+            let _ = writeln!(out, "# TYPE {metric} counter");
+            for (prefix, s) in &local_rate_limits {
+                let _ = writeln!(out, "{metric}{{stat_prefix=\"{}\"}} {}", escape(prefix), get(s));
+            }
         }
         self.rbac.render(&mut out);
         self.tls.render(&mut out);

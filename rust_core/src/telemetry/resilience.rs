@@ -33,10 +33,12 @@ pub enum ResponseFlag {
     DelayInjected,
     /// FI: the fault filter aborted the request (counted per listener).
     FaultInjected,
+    /// RL: the local rate limit filter answered the request (counted per listener).
+    RateLimited,
 }
 
 impl ResponseFlag {
-    pub const ALL: [ResponseFlag; 10] = [
+    pub const ALL: [ResponseFlag; 11] = [
         ResponseFlag::NoHealthyUpstream,
         ResponseFlag::UpstreamConnectionFailure,
         ResponseFlag::UpstreamOverflow,
@@ -47,6 +49,7 @@ impl ResponseFlag {
         ResponseFlag::NoClusterFound,
         ResponseFlag::DelayInjected,
         ResponseFlag::FaultInjected,
+        ResponseFlag::RateLimited,
     ];
     /// The flags a cluster can see; the others are counted per listener.
     pub const UPSTREAM: [ResponseFlag; 6] = [
@@ -57,11 +60,12 @@ impl ResponseFlag {
         ResponseFlag::UpstreamRequestTimeout,
         ResponseFlag::UpstreamRemoteReset,
     ];
-    pub const DOWNSTREAM: [ResponseFlag; 4] = [
+    pub const DOWNSTREAM: [ResponseFlag; 5] = [
         ResponseFlag::NoRouteFound,
         ResponseFlag::NoClusterFound,
         ResponseFlag::DelayInjected,
         ResponseFlag::FaultInjected,
+        ResponseFlag::RateLimited,
     ];
 
     /// Envoy's short name, as its access logs print it.
@@ -77,6 +81,7 @@ impl ResponseFlag {
             ResponseFlag::NoClusterFound => "NC",
             ResponseFlag::DelayInjected => "DI",
             ResponseFlag::FaultInjected => "FI",
+            ResponseFlag::RateLimited => "RL",
         }
     }
 }

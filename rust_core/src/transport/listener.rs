@@ -364,6 +364,7 @@ async fn dispatch<S>(
                 peer_identity: identity.peer,
                 local_principal: identity.local_principal,
                 body_faults: Default::default(),
+                rate_limiters: Default::default(),
             });
             serve_http(stream, http2, context, drain).await;
         }

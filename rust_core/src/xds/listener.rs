@@ -13,6 +13,7 @@ use prost::Message;
 use super::common::{duration, socket_address, unpack};
 use super::route::{refuse_connect_upgrade, route_configuration};
 use super::fault::{http_fault, FAULT_FILTER_TYPE};
+use super::local_ratelimit::{local_rate_limit, LOCAL_RATELIMIT_TYPE};
 use super::rbac::{rbac_http_filter, RBAC_FILTER_TYPE};
 use super::tls::{downstream_tls_context, forward_client_cert};
 use super::{refuse_if, At, ConfigError, FieldError, FieldResult};
@@ -237,6 +238,8 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
     let mut rbac = RbacFilters { filters: Vec::new(), allowed: metrics.rbac.allowed() };
     let mut router_seen = false;
     let mut fault = None;
+    let mut rate_limit = None;
+    let mut local_rate_limit_first = false;
     for (i, filter) in m.http_filters.iter().enumerate() {
         let typed_config = match &filter.config_type {
             Some(hcm::http_filter::ConfigType::TypedConfig(any)) => Some(any),
@@ -266,6 +269,19 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
                 return Err(FieldError::new(format!("http_filters[{i}]"), "meshctl supports one fault filter per connection manager"));
             }
             fault = Some(Arc::new(http_fault(any).at(format!("http_filters[{i}].typed_config"))?));
+            continue;
+        }
+        if let Some(any) = typed_config.filter(|any| any.type_url == LOCAL_RATELIMIT_TYPE) {
+            // A disabled filter runs only where a route enables it, which meshctl cannot do yet.
+            refuse_if(filter.disabled, "disabled").at(format!("http_filters[{i}]"))?;
+            if rate_limit.is_some() {
+                return Err(FieldError::new(
+                    format!("http_filters[{i}]"),
+                    "meshctl supports one local rate limit filter per connection manager",
+                ));
+            }
+            rate_limit = Some(local_rate_limit(any, false, metrics).at(format!("http_filters[{i}].typed_config"))?);
+            local_rate_limit_first = fault.is_none();
             continue;
         }
         if type_url != ROUTER_TYPE {
@@ -326,7 +342,9 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
             upgrades.push(u.upgrade_type.to_ascii_lowercase());
         }
     }
-    Ok(HttpSettings { stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac, forward_client_cert, fault })
+    Ok(HttpSettings { stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac, forward_client_cert, fault, local_rate_limit: rate_limit, local_rate_limit_first,
+        client_address_from_xff: (!m.use_remote_address.as_ref().is_some_and(|b| b.value)).then_some(m.xff_num_trusted_hops),
+    })
 }
 
 /// normalize_path, merge_slashes and path_with_escaped_slashes_action; Envoy's defaults are off

@@ -8,6 +8,8 @@ use http::StatusCode;
 use prost::Message;
 
 use super::fault::{http_fault, mirror_policy, FAULT_FILTER_TYPE};
+use super::local_ratelimit::{local_rate_limit, rate_limits, LOCAL_RATELIMIT_TYPE};
+use crate::model::local_ratelimit::LocalRateLimit;
 use super::common::{data_source, duration, header_mutation, regex_matcher, string_matcher};
 use super::retry::retry_policy;
 use super::{refuse_if, At, ConfigError, FieldError, FieldResult};
@@ -32,11 +34,11 @@ pub(crate) fn route_configuration(rc: &route::RouteConfiguration, metrics: &Metr
     refuse_if(!rc.request_mirror_policies.is_empty(), "request_mirror_policies")?;
     refuse_if(!rc.vhost_header.is_empty(), "vhost_header")?;
     refuse_if(rc.most_specific_header_mutations_wins, "most_specific_header_mutations_wins")?;
-    refuse_if(!rc.typed_per_filter_config.is_empty(), "typed_per_filter_config")?;
+    let rc_rate_limit = rate_limit_only(&rc.typed_per_filter_config, metrics)?;
     let mut virtual_hosts = Vec::with_capacity(rc.virtual_hosts.len());
     let mut domains = DomainIndex::default();
     for (i, vh) in rc.virtual_hosts.iter().enumerate() {
-        let vhost = virtual_host(&rc.name, vh, metrics).at(format!("virtual_hosts[{i}]"))?;
+        let vhost = virtual_host(&rc.name, vh, rc_rate_limit.as_ref(), metrics).at(format!("virtual_hosts[{i}]"))?;
         for (j, domain) in vhost.domains.iter().enumerate() {
             index_domain(&mut domains, domain, i).at(format!("virtual_hosts[{i}].domains[{j}]"))?;
         }
@@ -80,7 +82,35 @@ fn index_domain(index: &mut DomainIndex, domain: &str, vhost: usize) -> FieldRes
     Ok(())
 }
 
-fn virtual_host(config_name: &str, vh: &route::VirtualHost, metrics: &Metrics) -> FieldResult<VirtualHost> {
+/// The typed_per_filter_config of a route config or virtual host: only the local rate limit
+/// filter's is supported there (the fault filter's only on routes).
+fn rate_limit_only(
+    configs: &std::collections::HashMap<String, envoy_types::pb::google::protobuf::Any>,
+    metrics: &Metrics,
+) -> FieldResult<Option<Arc<LocalRateLimit>>> {
+    let mut found = None;
+    for (name, any) in configs {
+        let at = format!("typed_per_filter_config[{name:?}]");
+        if any.type_url != LOCAL_RATELIMIT_TYPE {
+            return Err(FieldError::new(
+                at,
+                format!("per-filter config {} is not supported by meshctl here yet (only {LOCAL_RATELIMIT_TYPE})", any.type_url),
+            ));
+        }
+        if found.is_some() {
+            return Err(FieldError::new(at, "the local rate limit filter may be configured only once here"));
+        }
+        found = Some(local_rate_limit(any, true, metrics).at(at)?);
+    }
+    Ok(found)
+}
+
+fn virtual_host(
+    config_name: &str,
+    vh: &route::VirtualHost,
+    inherited_rate_limit: Option<&Arc<LocalRateLimit>>,
+    metrics: &Metrics,
+) -> FieldResult<VirtualHost> {
     if vh.name.is_empty() {
         return Err(FieldError::new("name", "is required"));
     }
@@ -90,9 +120,8 @@ fn virtual_host(config_name: &str, vh: &route::VirtualHost, metrics: &Metrics) -
     refuse_if(vh.matcher.is_some(), "matcher")?;
     refuse_if(vh.require_tls != 0, "require_tls")?;
     refuse_if(!vh.virtual_clusters.is_empty(), "virtual_clusters")?;
-    refuse_if(!vh.rate_limits.is_empty(), "rate_limits")?;
     refuse_if(vh.cors.is_some(), "cors")?;
-    refuse_if(!vh.typed_per_filter_config.is_empty(), "typed_per_filter_config")?;
+    let vh_rate_limit = rate_limit_only(&vh.typed_per_filter_config, metrics)?;
     refuse_if(vh.retry_policy_typed_config.is_some(), "retry_policy_typed_config")?;
     refuse_if(vh.hedge_policy.is_some(), "hedge_policy")?;
     refuse_if(vh.include_is_timeout_retry_header, "include_is_timeout_retry_header")?;
@@ -100,6 +129,7 @@ fn virtual_host(config_name: &str, vh: &route::VirtualHost, metrics: &Metrics) -
     let inherited = VirtualHostDefaults {
         retry_policy: vh.retry_policy.as_ref().map(retry_policy).transpose().at("retry_policy")?.map(Arc::new),
         buffer_limit: buffer_limit(vh.per_request_buffer_limit_bytes.as_ref(), vh.request_body_buffer_limit.as_ref())?,
+        local_rate_limit: vh_rate_limit.or_else(|| inherited_rate_limit.cloned()),
     };
     let mut routes = Vec::with_capacity(vh.routes.len());
     for (i, r) in vh.routes.iter().enumerate() {
@@ -116,6 +146,7 @@ fn virtual_host(config_name: &str, vh: &route::VirtualHost, metrics: &Metrics) -
             .at("response_headers_to_add")?,
         include_request_attempt_count: vh.include_request_attempt_count,
         include_attempt_count_in_response: vh.include_attempt_count_in_response,
+        rate_limits: rate_limits(&vh.rate_limits).at("rate_limits")?,
     })
 }
 
@@ -123,6 +154,8 @@ fn virtual_host(config_name: &str, vh: &route::VirtualHost, metrics: &Metrics) -
 struct VirtualHostDefaults {
     retry_policy: Option<Arc<RetryPolicy>>,
     buffer_limit: Option<usize>,
+    /// The virtual host's local rate limit config, else its route config's.
+    local_rate_limit: Option<Arc<LocalRateLimit>>,
 }
 
 /// The request body buffered for retries (Envoy's per_request_buffer_limit_bytes and its newer
@@ -144,7 +177,9 @@ fn buffer_limit(
 }
 
 fn route_entry(r: &route::Route, stat_name: String, inherited: &VirtualHostDefaults, metrics: &Metrics) -> FieldResult<Route> {
-    let fault = route_fault(r)?;
+    let (fault, own_rate_limit) = route_filter_configs(r, metrics)?;
+    let mut route_rate_limits = Vec::new();
+    let mut include_vh_rate_limits = false;
     let own_buffer_limit = buffer_limit(r.per_request_buffer_limit_bytes.as_ref(), r.request_body_buffer_limit.as_ref())?;
     let matcher = route_match(r.r#match.as_ref().ok_or_else(|| FieldError::new("match", "is required"))?).at("match")?;
     let action = match &r.action {
@@ -153,6 +188,8 @@ fn route_entry(r: &route::Route, stat_name: String, inherited: &VirtualHostDefau
             // The route's own policy wins whole; Envoy does not merge it with the virtual host's.
             forward.retry_policy = forward.retry_policy.or_else(|| inherited.retry_policy.clone());
             forward.retry_buffer_limit = own_buffer_limit.or(inherited.buffer_limit).unwrap_or(DEFAULT_RETRY_BUFFER_LIMIT);
+            route_rate_limits = rate_limits(&a.rate_limits).at("route.rate_limits")?;
+            include_vh_rate_limits = a.include_vh_rate_limits.as_ref().is_some_and(|b| b.value);
             Action::Forward(forward)
         }
         Some(route::route::Action::Redirect(a)) => Action::Redirect(redirect_action(a).at("redirect")?),
@@ -174,28 +211,43 @@ fn route_entry(r: &route::Route, stat_name: String, inherited: &VirtualHostDefau
         response_headers: header_mutation(&r.response_headers_to_add, &r.response_headers_to_remove)
             .at("response_headers_to_add")?,
         fault,
+        local_rate_limit: own_rate_limit.or_else(|| inherited.local_rate_limit.clone()),
+        rate_limits: route_rate_limits,
+        include_vh_rate_limits,
         stats: metrics.route(&stat_name),
     })
 }
 
-/// The route's HTTPFault, the only per-filter config meshctl knows. It is taken whatever filter
-/// name it is keyed by (Envoy looks it up by the fault filter's name in the connection manager).
-fn route_fault(r: &route::Route) -> FieldResult<Option<Arc<crate::model::fault::FaultPolicy>>> {
-    let mut found = None;
+/// The route's per-filter configs meshctl knows: HTTPFault and LocalRateLimit. Each is taken
+/// whatever filter name it is keyed by (Envoy looks it up by the filter's name in the connection
+/// manager; meshctl allows one filter of each type there, so the type decides).
+type RouteFilterConfigs = (Option<Arc<crate::model::fault::FaultPolicy>>, Option<Arc<LocalRateLimit>>);
+
+fn route_filter_configs(r: &route::Route, metrics: &Metrics) -> FieldResult<RouteFilterConfigs> {
+    let (mut fault, mut rate_limit) = (None, None);
     for (name, any) in &r.typed_per_filter_config {
         let at = format!("typed_per_filter_config[{name:?}]");
-        if any.type_url != FAULT_FILTER_TYPE {
+        if any.type_url == FAULT_FILTER_TYPE {
+            if fault.is_some() {
+                return Err(FieldError::new(at, "a route may configure the fault filter only once"));
+            }
+            fault = Some(Arc::new(http_fault(any).at(at)?));
+        } else if any.type_url == LOCAL_RATELIMIT_TYPE {
+            if rate_limit.is_some() {
+                return Err(FieldError::new(at, "a route may configure the local rate limit filter only once"));
+            }
+            rate_limit = Some(local_rate_limit(any, true, metrics).at(at)?);
+        } else {
             return Err(FieldError::new(
                 at,
-                format!("per-route config {} is not supported by meshctl yet (only {FAULT_FILTER_TYPE})", any.type_url),
+                format!(
+                    "per-route config {} is not supported by meshctl yet (only {FAULT_FILTER_TYPE} and {LOCAL_RATELIMIT_TYPE})",
+                    any.type_url
+                ),
             ));
         }
-        if found.is_some() {
-            return Err(FieldError::new(at, "a route may configure the fault filter only once"));
-        }
-        found = Some(Arc::new(http_fault(any).at(at)?));
     }
-    Ok(found)
+    Ok((fault, rate_limit))
 }
 
 fn route_match(m: &route::RouteMatch) -> FieldResult<RouteMatch> {
@@ -295,7 +347,6 @@ fn forward_action(a: &route::RouteAction) -> FieldResult<ForwardAction> {
     refuse_if(a.retry_policy_typed_config.is_some(), "retry_policy_typed_config")?;
     // HIGH would select the clusters' HIGH circuit breakers, which meshctl does not have.
     refuse_if(a.priority != 0, "priority")?;
-    refuse_if(!a.rate_limits.is_empty(), "rate_limits")?;
     refuse_if(a.cors.is_some(), "cors")?;
     refuse_if(a.internal_redirect_policy.is_some(), "internal_redirect_policy")?;
     refuse_if(a.hedge_policy.is_some(), "hedge_policy")?;
