@@ -45,10 +45,11 @@ from meshctl.control import compiler_fault as fault
 from meshctl.control import compiler_mtls as mtls
 from meshctl.control import compiler_ratelimit as ratelimit
 from meshctl.control import compiler_rbac as rbac
+from meshctl.control.compiler_matchers import string_match
 from meshctl.control import resource_types as types
 from meshctl.control.registry import Sidecar
 from meshctl.resources.authorization_policy import AuthorizationPolicySpec
-from meshctl.resources.common import StringMatch, duration_seconds
+from meshctl.resources.common import duration_seconds
 from meshctl.resources.destination_rule import DestinationRuleSpec
 from meshctl.resources.fallback import FallbackSpec
 from meshctl.resources.hosts import CLUSTER_DOMAIN, canonical_host
@@ -725,22 +726,16 @@ def _match(match: MatchRequest | None) -> Json:
         else:
             result = {"safe_regex": {"regex": match.uri.regex}}
     headers = [
-        {"name": name, "string_match": _string_match(value)}
+        {"name": name, "string_match": string_match(value)}
         for name, value in sorted((match.headers or {}).items())
     ]
     if match.method is not None:
-        headers.append({"name": ":method", "string_match": _string_match(match.method)})
+        headers.append({"name": ":method", "string_match": string_match(match.method)})
     if headers:
         result["headers"] = headers
     return result
 
 
-def _string_match(match: StringMatch) -> Json:
-    if match.exact is not None:
-        return {"exact": match.exact}
-    if match.prefix is not None:
-        return {"prefix": match.prefix}
-    return {"safe_regex": {"regex": match.regex}}
 
 
 def _action(http: HttpRoute, namespace: str, port: int) -> Json:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from meshctl.control.compiler_matchers import string_match
 from meshctl.resources.common import StringMatch
 from meshctl.resources.hosts import canonical_host
 from meshctl.resources.rate_limit import (
@@ -186,7 +187,7 @@ def _headers(rule: RateLimitRule) -> list[Json]:
     if match.method is not None:
         headers.append({"name": ":method", "string_match": {"exact": match.method}})
     for name, value in sorted((match.headers or {}).items()):
-        headers.append({"name": name, "string_match": _string_match(value)})
+        headers.append({"name": name, "string_match": string_match(value)})
     return headers
 
 
@@ -199,9 +200,3 @@ def _path_match(match: StringMatch) -> Json:
     return {"safe_regex": {"regex": pattern + r"(?:\?.*)?"}}
 
 
-def _string_match(match: StringMatch) -> Json:
-    if match.exact is not None:
-        return {"exact": match.exact}
-    if match.prefix is not None:
-        return {"prefix": match.prefix}
-    return {"safe_regex": {"regex": match.regex}}
