@@ -138,9 +138,10 @@ def tls_addresses(
 
     --xds-address lists them. Otherwise each --control-plane API is asked where its xDS server
     listens, which needs the API token; with a join token (no API access) it is the API's host
-    at the default port. While every plane is away (one restarting as this sidecar starts), it
-    asks again until one answers, rather than guess a port the plane may not use; a plane still
-    away then gets the default port, and the agent fails over to the next one meanwhile.
+    at the default port. While every plane is away (one restarting as this sidecar starts), or
+    answers before its xDS server is up (a restarted plane opens its API first), it asks again
+    until one names its xDS address, rather than guess a port the plane may not use; a plane
+    still away then gets the default port, and the agent fails over to the next one meanwhile.
     """
     from meshctl.control.client import resolve_address
     from meshctl.identity.tokens import is_join_token
@@ -158,14 +159,16 @@ def tls_addresses(
         found = [_ask_xds_address(api, token) for api in apis]
         if any(address is not None for address in found):
             return tuple(address or (api[0], DEFAULT_TLS_PORT) for api, address in zip(apis, found))
-        print(f"meshctl run: no control plane API answers ({', '.join(f'{h}:{p}' for h, p in apis)}); "
-              f"asking again in {delay:.1f}s", file=sys.stderr, flush=True)  # fmt: skip
+        print(f"meshctl run: no control plane names its xDS address yet ({', '.join(f'{h}:{p}' for h, p in apis)}: "
+              f"away, or starting); asking again in {delay:.1f}s", file=sys.stderr, flush=True)  # fmt: skip
         time.sleep(delay)
         delay = min(delay * 2, 5.0)
 
 
 def _ask_xds_address(api: tuple[str, int], token: str) -> tuple[str, int] | None:
-    """Where the plane whose API is `api` serves xDS; None while it does not answer."""
+    """Where the plane whose API is `api` serves xDS; None while it does not answer, or answers
+    without one: a plane that is starting opens its API before its xDS server, and a sidecar that
+    guessed the default port then would never find the plane's real one."""
     from meshctl.control.client import Client, ClientError
 
     host, port = api
@@ -174,6 +177,8 @@ def _ask_xds_address(api: tuple[str, int], token: str) -> tuple[str, int] | None
     except ClientError as error:
         if not error.message.startswith(("cannot reach", "cannot talk")):
             raise  # it answered: a refused token is not a plane that is away
+        return None
+    if not named:
         return None
     xds_host, _, xds_port = named.rpartition(":")
     xds_host = xds_host.strip("[]")
