@@ -452,8 +452,10 @@ fn prepare_forward<'a>(
     }
     strip_retry_headers(headers);
     headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(context.scheme));
-    if !headers.contains_key("x-request-id") {
-        headers.insert(HeaderName::from_static("x-request-id"), request_id());
+    // A HeaderName, not a &str: a lookup by &str parses the name on every request.
+    const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    if !headers.contains_key(REQUEST_ID) {
+        headers.insert(REQUEST_ID, request_id());
     }
     // Most specific first, as Envoy applies them: route, weighted cluster, virtual host, table.
     let mutations = std::iter::once(&route.request_headers)

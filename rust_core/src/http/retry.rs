@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, Response, StatusCode};
+use http::{HeaderMap, HeaderName, Response, StatusCode};
 
 use crate::model::retry::{RetryOn, RetryPolicy};
 use crate::upstream::circuit_breaker::RetrySlot;
@@ -123,35 +123,32 @@ impl<'a> RetryState<'a> {
     }
 }
 
+// Parsed once: a lookup by &str parses the name again on every response.
+const ENVOY_RATELIMITED: HeaderName = HeaderName::from_static("x-envoy-ratelimited");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 /// Whether the policy retries a response with this head (Envoy's wouldRetryFromHeaders).
 pub fn retries_response<B>(policy: &RetryPolicy, response: &Response<B>) -> bool {
     let on = policy.retry_on;
     let headers = response.headers();
-    // A response an upstream Envoy rate-limited is retried only for envoy-ratelimited.
-    if headers.contains_key("x-envoy-ratelimited") {
+    let status = response.status();
+    let by_status = (on.contains(RetryOn::SERVER_ERROR) && status.is_server_error())
+        || (on.contains(RetryOn::GATEWAY_ERROR)
+            && matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT))
+        || (on.contains(RetryOn::RETRIABLE_4XX) && status == StatusCode::CONFLICT)
+        || (on.contains(RetryOn::RETRIABLE_STATUS_CODES) && policy.retriable_status_codes.contains(&status.as_u16()));
+    let would = by_status || (on.intersects(RetryOn::GRPC) && grpc_status_retried(on, headers));
+    // A response an upstream Envoy rate-limited is retried only for envoy-ratelimited, whatever
+    // else would retry it; looked up only when it can change the answer (not on a plain success).
+    if (would || on.contains(RetryOn::ENVOY_RATE_LIMITED)) && headers.contains_key(ENVOY_RATELIMITED) {
         return on.contains(RetryOn::ENVOY_RATE_LIMITED);
     }
-    let status = response.status();
-    if on.contains(RetryOn::SERVER_ERROR) && status.is_server_error() {
-        return true;
-    }
-    if on.contains(RetryOn::GATEWAY_ERROR)
-        && matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT)
-    {
-        return true;
-    }
-    if on.contains(RetryOn::RETRIABLE_4XX) && status == StatusCode::CONFLICT {
-        return true;
-    }
-    if on.contains(RetryOn::RETRIABLE_STATUS_CODES) && policy.retriable_status_codes.contains(&status.as_u16()) {
-        return true;
-    }
-    on.intersects(RetryOn::GRPC) && grpc_status_retried(on, headers)
+    would
 }
 
 /// The gRPC status of a trailers-only response (Envoy reads it from the response head only).
 fn grpc_status_retried(on: RetryOn, headers: &HeaderMap) -> bool {
-    let Some(status) = headers.get("grpc-status").and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u32>().ok())
+    let Some(status) = headers.get(GRPC_STATUS).and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u32>().ok())
     else {
         return false;
     };
