@@ -137,6 +137,22 @@ def test_a_selector_limits_the_inbound_route_of_the_workloads_it_picks_only():
     assert ratelimit.FILTER not in http_filters(for_client(limit, sidecar=REVIEWS_V2)[types.LISTENER][1])
 
 
+def test_a_host_rule_naming_caller_namespaces_goes_only_on_their_route_tables():
+    """Outbound routes are per namespace, and on the caller's side nothing on the wire says who
+    it is (its app writes its headers): sourceNamespaces are decided when compiling."""
+    limit = rate_limit(host="reviews", rules=[
+        {"match": {"sourceNamespaces": ["team-*"], "method": "GET"}, "limit": {"requests": 5, "unit": "minute"}},
+    ])  # fmt: skip
+    team_client = Sidecar(node_id="team-client", service="auditor", namespace="team-a", outbound_port=16002)
+    mesh = compile_mesh([limit], [*REGISTRY, team_client])
+    default_side = virtual_host(sidecar_resources(mesh, CLIENT))
+    team_side = virtual_host(sidecar_resources(mesh, team_client))
+    assert "rate_limits" not in default_side["routes"][0]["route"]
+    (action,) = team_side["routes"][0]["route"]["rate_limits"][0]["actions"]
+    # Only the method is matched on the wire; no XFCC matcher on a caller's own side.
+    assert action["header_value_match"]["headers"] == [{"name": ":method", "string_match": {"exact": "GET"}}]
+
+
 def test_two_rate_limits_on_one_host_add_up_oldest_first():
     resources = for_client(
         rate_limit("first", host="reviews", rules=[{"limit": {"requests": 1, "unit": "second"}}]),

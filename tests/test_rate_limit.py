@@ -75,9 +75,12 @@ def test_the_issues_example_is_accepted_as_written():
          "spec.rules[1].response", "differs from spec.rules[0].response"),
         (("    shadow: false", "    shadow: false\n    period: 1s"), "spec.rules[0].period", "unknown field"),
         (("method: GET,", "method: GET, sourcePrincipals: [cluster.local/ns/default/sa/productpage],"),
-         "spec.rules[0].match.sourcePrincipals", "not supported yet"),
-        (("method: GET,", "method: GET, sourceNamespaces: [default],"),
-         "spec.rules[0].match.sourceNamespaces", "not supported yet"),
+         "spec.rules[0].match.sourcePrincipals", "name callers by sourceNamespaces here"),
+        (("method: GET,", "method: GET, sourceNamespaces: [],"), "spec.rules[0].match.sourceNamespaces", "is empty"),
+        (("method: GET,", "method: GET, sourceNamespaces: [de*f*],"),
+         "spec.rules[0].match.sourceNamespaces[0]", "* may stand only alone"),
+        (("method: GET,", "method: GET, sourceNamespaces: [prod, ns/x],"),
+         "spec.rules[0].match.sourceNamespaces[1]", "a namespace has no '/'"),
     ],
 )  # fmt: skip
 def test_bad_rate_limits_are_refused_naming_the_field(change, field, reason):
@@ -85,6 +88,33 @@ def test_bad_rate_limits_are_refused_naming_the_field(change, field, reason):
     assert text != LIMIT
     issues = refusal(text)
     assert any(issue.startswith(f"{WHERE}: {field}") and reason in issue for issue in issues), issues
+
+
+SELECTED = LIMIT.replace("  host: reviews", "  selector: {matchLabels: {app: reviews}}")
+
+
+def test_a_selector_rule_names_callers_by_principal_or_namespace_as_authorization_policy_does():
+    text = SELECTED.replace("method: GET,", "method: GET, sourcePrincipals: [cluster.local/ns/default/sa/productpage, '*/sa/ratings'], "
+                                            "sourceNamespaces: ['prod-*'],")  # fmt: skip
+    (resource,) = validate_documents(text)
+    match = resource.body["spec"]["rules"][0]["match"]
+    assert match["sourcePrincipals"] == ["cluster.local/ns/default/sa/productpage", "*/sa/ratings"]
+    assert match["sourceNamespaces"] == ["prod-*"]
+
+
+@pytest.mark.parametrize(
+    ("principals", "reason"),
+    [
+        ("[spiffe://cluster.local/ns/default/sa/productpage]", "without spiffe://"),
+        ("['']", "is empty; write * for any"),
+        ("['cluster.local/ns/*/sa/x']", "* may stand only alone"),
+        ("['a;b']", "a character no SPIFFE ID has"),
+    ],
+)  # fmt: skip
+def test_bad_source_principals_are_refused_naming_the_entry(principals, reason):
+    issues = refusal(SELECTED.replace("method: GET,", f"method: GET, sourcePrincipals: {principals},"))
+    assert any(issue.startswith(f"{WHERE}: spec.rules[0].match.sourcePrincipals[0]") and reason in issue
+               for issue in issues), issues  # fmt: skip
 
 
 def test_a_limit_for_a_host_nothing_serves_yet_is_accepted_as_a_fallback_would_be():

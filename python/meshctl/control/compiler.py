@@ -215,7 +215,8 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
     for namespace in sorted(namespaces):
         config.routes[namespace] = _route_table(namespace, ports, service_for)
         for virtual_host in config.routes[namespace]["virtual_hosts"]:
-            ratelimit.limit_virtual_host(virtual_host, limited.get(virtual_host["name"].rpartition(":")[0], []))
+            rules = limited.get(virtual_host["name"].rpartition(":")[0], [])
+            ratelimit.limit_virtual_host(virtual_host, ratelimit.for_caller_namespace(rules, namespace))
 
     # Clusters: every host and port's all-instances cluster and its subsets, plus anything a
     # route names (a route to a missing cluster is refused; an empty one answers 503 naming it).
@@ -607,7 +608,8 @@ def _inbound_listener(mesh: MeshConfig, sidecar: Sidecar, port: int, local_clust
     ratelimit.limit_virtual_host(routes["virtual_hosts"][0], limits)
     manager = ratelimit.insert_filters(_http_manager("inbound", routes=routes), ratelimit.listener_filters([limits]))
     policies = rbac.selecting(mesh.authorization_policies, sidecar.namespace, sidecar.all_labels)
-    if sidecar.identity is not None or policies:
+    # A rule on the caller's identity reads the XFCC header, which hardening makes the sidecar's own.
+    if sidecar.identity is not None or policies or ratelimit.uses_source(limits):
         # A policy names the workload by its app or service port; requests arrive on the inbound
         # `port`, or (redirected by --capture) with the app port as their original destination.
         arrive_on = (port,) if sidecar.app_port is None else (port, sidecar.app_port)

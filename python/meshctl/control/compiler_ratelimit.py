@@ -24,6 +24,7 @@ from meshctl.resources.rate_limit import (
     RateLimitResponse,
     RateLimitRule,
     RateLimitSpec,
+    RuleMatch,
     max_tokens,
 )
 
@@ -188,7 +189,62 @@ def _headers(rule: RateLimitRule) -> list[Json]:
         headers.append({"name": ":method", "string_match": {"exact": match.method}})
     for name, value in sorted((match.headers or {}).items()):
         headers.append({"name": name, "string_match": string_match(value)})
+    return headers + _source_headers(match)
+
+
+# The inbound connection manager replaces any x-forwarded-client-cert a caller sent with its own
+# account of the mTLS peer (SANITIZE_SET, URI=the peer's SPIFFE ID) before any filter runs, on Envoy
+# and on meshctl: a rule on the caller's identity is a match on that header. Elements are separated
+# by ',' and fields by ';', neither of which a SPIFFE ID holds. Envoy's safe_regex matches the whole value.
+XFCC = "x-forwarded-client-cert"
+
+
+def _source_headers(match: RuleMatch) -> list[Json]:
+    """The rule's sourcePrincipals and sourceNamespaces as matches on the sanitized XFCC header."""
+    headers = []
+    if match.source_principals is not None:
+        headers.append(_peer_uri([_wildcard(value, "[^;,]") for value in match.source_principals]))
+    if match.source_namespaces is not None:
+        headers.append(_peer_uri([f"[^/;,]+/ns/{_wildcard(value, '[^/;,]')}/sa/[^;,]+" for value in match.source_namespaces]))
     return headers
+
+
+def _wildcard(value: str, any_char: str) -> str:
+    """An Istio source value (`*` alone or at one end) as a regex over one ID's characters."""
+    if value == "*":
+        return f"{any_char}+"
+    escaped = re.escape(value.strip("*"))
+    if value.startswith("*"):
+        return f"{any_char}*{escaped}"
+    if value.endswith("*"):
+        return f"{escaped}{any_char}*"
+    return escaped
+
+
+def _peer_uri(alternatives: list[str]) -> Json:
+    pattern = "|".join(alternatives)
+    return {"name": XFCC, "string_match": {"safe_regex": {"regex": f"(?:.*[;,])?URI=spiffe://(?:{pattern})(?:[;,].*)?"}}}
+
+
+def uses_source(rules: Sequence[AppliedRule]) -> bool:
+    """Whether a rule names callers: the inbound connection manager must then sanitize XFCC."""
+    return any(r.rule.match is not None and (r.rule.match.source_principals is not None
+               or r.rule.match.source_namespaces is not None) for r in rules)  # fmt: skip
+
+
+def for_caller_namespace(rules: Sequence[AppliedRule], namespace: str) -> list[AppliedRule]:
+    """The host rules that count the callers of `namespace`, whose sidecars share one outbound route
+    table: those without sourceNamespaces, and those whose sourceNamespaces name it, decided here
+    (on the caller's own side XFCC is whatever its app sent: nothing to match on the wire)."""
+    chosen = []
+    for applied in rules:
+        match = applied.rule.match
+        if match is None or match.source_namespaces is None:
+            chosen.append(applied)
+        elif any(re.fullmatch(_wildcard(value, "[^/]"), namespace) for value in match.source_namespaces):
+            unsourced = applied.rule.model_copy(update={"match": match.model_copy(update={"source_namespaces": None})})
+            chosen.append(AppliedRule(applied.descriptor, unsourced))
+    return chosen
 
 
 def _path_match(match: StringMatch) -> Json:

@@ -9,7 +9,6 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from meshctl.resources.common import MeshModel, StringMatch
-from meshctl.resources.support import Unsupported
 
 UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600}
 Unit = Literal["second", "minute", "hour"]
@@ -23,24 +22,21 @@ REFUSAL_STATUSES = frozenset({
     421, 422, 423, 424, 426, 428, 429, 431,
     500, 501, 502, 503, 504, 505, 506, 507, 508, 510, 511,
 })  # fmt: skip
-_NOT_YET_SOURCE = Unsupported(
-    "matching on the caller's identity is not supported yet: the rate-limit actions the sidecars "
-    "support (request headers, remote address, generic keys, header matches, destination cluster) "
-    "cannot name a source principal or namespace"
-)
 Count = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
 
 
 class RuleMatch(MeshModel):
     """Which requests a rule counts; every field set must match (AND). `path` is the path
-    without its query string, as a VirtualService's `uri`."""
+    without its query string, as a VirtualService's `uri`. The source fields need the caller's
+    mTLS identity: a plaintext caller matches none."""
 
     path: StringMatch | None = None
     method: str | None = None
     headers: dict[str, StringMatch] | None = None
-    # In the issue, not expressible yet: refused by field.
-    source_principals: Annotated[list[str] | None, _NOT_YET_SOURCE] = None
-    source_namespaces: Annotated[list[str] | None, _NOT_YET_SOURCE] = None
+    # The caller, as AuthorizationPolicy's `source` names it: principals (trust-domain/ns/NS/sa/SA)
+    # and namespaces, each with Istio's `*` at one end. Any of the listed ones (OR).
+    source_principals: list[str] | None = None
+    source_namespaces: list[str] | None = None
 
 
 class Limit(MeshModel):
@@ -103,6 +99,12 @@ def problems(spec: RateLimitSpec) -> Iterator[tuple[str, str]]:
             yield f"{here}.limit", f"requests + burst is {max_tokens(rule.limit)}; at most {MAX_TOKENS}"
         if rule.match is not None:
             yield from _match_problems(rule.match, f"{here}.match")
+            if spec.host is not None and rule.match.source_principals is not None:
+                yield f"{here}.match.sourcePrincipals", (
+                    "a host rule is counted by each caller's own sidecar, whose outbound routes are "
+                    "shared by its namespace: name callers by sourceNamespaces here, or limit by "
+                    "principal at the callee (spec.selector)"
+                )  # fmt: skip
         if rule.response is not None:
             yield from _response_problems(rule.response, f"{here}.response")
         # One filter config answers every rule of a route: one status and header set.
@@ -131,6 +133,14 @@ def _match_problems(match: RuleMatch, here: str) -> Iterator[tuple[str, str]]:
         not match.method or not match.method.isalpha() or match.method.upper() != match.method
     ):
         yield f"{here}.method", f"{match.method!r} matches no request: write a method in capitals, e.g. GET"
+    for field, values in (("sourcePrincipals", match.source_principals), ("sourceNamespaces", match.source_namespaces)):
+        if values is None:
+            continue
+        if not values:
+            yield f"{here}.{field}", "is empty: it would match no caller; omit it to match every caller"
+        for index, value in enumerate(values):
+            if problem := _source_problem(value, namespace=field == "sourceNamespaces"):
+                yield f"{here}.{field}[{index}]", problem
     for name, value in (match.headers or {}).items():
         if not _is_header_name(name):
             yield f"{here}.headers.{name}", "not a header name (lowercase letters, digits, '-')"
@@ -138,6 +148,21 @@ def _match_problems(match: RuleMatch, here: str) -> Iterator[tuple[str, str]]:
             yield f"{here}.headers.{name}", "an empty prefix; to match any value of the header write regex: '.*'"
         elif value.regex == "":
             yield f"{here}.headers.{name}", "an empty regex matches only an empty value; use exact: '' for that"
+
+
+def _source_problem(value: str, namespace: bool) -> str | None:
+    """Istio's rule for source values: `*` alone, or at the start or the end, nowhere else."""
+    if not value:
+        return "is empty; write * for any authenticated caller"
+    if "*" in value.strip("*") or value.count("*") > 1 and value != "*":
+        return f"{value!r}: * may stand only alone, at the start or at the end (as in Istio)"
+    if any(c in value for c in ";,\"") or any(ord(c) < 0x21 or ord(c) == 0x7F for c in value):
+        return f"{value!r} has a character no SPIFFE ID has"
+    if namespace and "/" in value:
+        return f"{value!r}: a namespace has no '/'; name principals in sourcePrincipals"
+    if not namespace and value.startswith("spiffe://"):
+        return f"{value!r}: write principals without spiffe://, as AuthorizationPolicy does (e.g. cluster.local/ns/default/sa/productpage)"
+    return None
 
 
 def _response_problems(response: RateLimitResponse, here: str) -> Iterator[tuple[str, str]]:
