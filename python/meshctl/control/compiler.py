@@ -43,6 +43,7 @@ from meshctl.control import compiler_fallback as fallback
 from meshctl.control import compiler_resilience as resilience
 from meshctl.control import compiler_fault as fault
 from meshctl.control import compiler_mtls as mtls
+from meshctl.control import compiler_concurrency as concurrency
 from meshctl.control import compiler_ratelimit as ratelimit
 from meshctl.control import compiler_rbac as rbac
 from meshctl.control.compiler_matchers import string_match
@@ -360,7 +361,10 @@ def sidecar_resources(mesh: MeshConfig, sidecar: Sidecar) -> dict[str, list[Json
         local = cluster_name("inbound", sidecar.app_port, None, "")
         local_cluster = _static_cluster(local, "127.0.0.1", sidecar.app_port)
         clusters.append(_with_http2(local_cluster) if sidecar.http2 else local_cluster)
-        inbound = _inbound_listener(mesh, sidecar, sidecar.inbound_port, local)
+        inbound_routes = [{"match": {"prefix": "/"}, "route": {"cluster": local, "timeout": NO_TIMEOUT}}]
+        limits = concurrency.rules_for_workload(mesh.rate_limits, sidecar.namespace, sidecar.all_labels)
+        clusters += concurrency.limit_inbound(local_cluster, inbound_routes, limits)
+        inbound = _inbound_listener(mesh, sidecar, sidecar.inbound_port, inbound_routes)
         if inbound is not None:  # None: STRICT without an identity refuses every caller
             listeners.append(inbound)
     if sidecar.capture:
@@ -593,16 +597,10 @@ def _outbound_listener(port: int, filters: Sequence[Json] = ()) -> Json:
     }
 
 
-def _inbound_listener(mesh: MeshConfig, sidecar: Sidecar, port: int, local_cluster: str) -> Json | None:
+def _inbound_listener(mesh: MeshConfig, sidecar: Sidecar, port: int, inbound_routes: list[Json]) -> Json | None:
     routes = {
         "name": "inbound",
-        "virtual_hosts": [
-            {
-                "name": "inbound",
-                "domains": ["*"],
-                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": local_cluster, "timeout": NO_TIMEOUT}}],
-            }
-        ],
+        "virtual_hosts": [{"name": "inbound", "domains": ["*"], "routes": inbound_routes}],
     }
     limits = ratelimit.rules_for_workload(mesh.rate_limits, sidecar.namespace, sidecar.all_labels)
     ratelimit.limit_virtual_host(routes["virtual_hosts"][0], limits)

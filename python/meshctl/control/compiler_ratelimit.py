@@ -76,9 +76,11 @@ def rules_for_workload(rate_limits: Iterable[Any], namespace: str, labels: Mappi
 
 
 def _applied(stored: Any) -> list[AppliedRule]:
+    """The rate rules (those with a limit; concurrency rules are compiler_concurrency's)."""
     return [
         AppliedRule(f"{stored.namespace}/{stored.name}/{index}", rule)
         for index, rule in enumerate(stored.spec.rules)
+        if rule.limit is not None
     ]
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from meshctl.resources.common import MeshModel, StringMatch
+from meshctl.resources.common import Duration, MeshModel, StringMatch, duration_seconds
 
 UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600}
 Unit = Literal["second", "minute", "hour"]
@@ -47,6 +47,15 @@ class Limit(MeshModel):
     burst: Count | None = None
 
 
+class Concurrency(MeshModel):
+    """At most `maxConcurrent` requests in the app at once; `queue` more wait for a slot (Sentinel's
+    queueing), each at most `queueTimeout`; the rest are refused at once (503)."""
+
+    max_concurrent: Count
+    queue: Annotated[int, Field(ge=0, le=MAX_TOKENS)] = 0
+    queue_timeout: Duration | None = None
+
+
 class RateLimitResponse(MeshModel):
     status: int = 429
     headers: dict[str, str] = Field(default_factory=dict)
@@ -55,7 +64,9 @@ class RateLimitResponse(MeshModel):
 
 class RateLimitRule(MeshModel):
     match: RuleMatch | None = None
-    limit: Limit
+    # Exactly one: a rate (requests per unit) or a concurrency limit (requests at once).
+    limit: Limit | None = None
+    concurrency: Concurrency | None = None
     scope: Literal["local", "global"] = "local"
     shadow: bool = False
     response: RateLimitResponse | None = None
@@ -95,8 +106,12 @@ def problems(spec: RateLimitSpec) -> Iterator[tuple[str, str]]:
         here = f"spec.rules[{index}]"
         if rule.scope == "global":
             yield f"{here}.scope", "global rate limits are not supported yet; use local (each sidecar counts on its own)"
-        if max_tokens(rule.limit) > MAX_TOKENS:
+        if (rule.limit is None) == (rule.concurrency is None):
+            yield here, "set exactly one of limit (requests per unit) or concurrency (requests at once)"
+        if rule.limit is not None and max_tokens(rule.limit) > MAX_TOKENS:
             yield f"{here}.limit", f"requests + burst is {max_tokens(rule.limit)}; at most {MAX_TOKENS}"
+        if rule.concurrency is not None:
+            yield from _concurrency_problems(spec, rule, here)
         if rule.match is not None:
             yield from _match_problems(rule.match, f"{here}.match")
             if spec.host is not None and rule.match.source_principals is not None:
@@ -107,6 +122,8 @@ def problems(spec: RateLimitSpec) -> Iterator[tuple[str, str]]:
                 )  # fmt: skip
         if rule.response is not None:
             yield from _response_problems(rule.response, f"{here}.response")
+        if rule.concurrency is not None:
+            continue  # answered by the cluster's circuit breaker, not the rate limit filter
         # One filter config answers every rule of a route: one status and header set.
         response = rule.response or RateLimitResponse()
         shown = (response.status, sorted(response.headers.items()))
@@ -148,6 +165,27 @@ def _match_problems(match: RuleMatch, here: str) -> Iterator[tuple[str, str]]:
             yield f"{here}.headers.{name}", "an empty prefix; to match any value of the header write regex: '.*'"
         elif value.regex == "":
             yield f"{here}.headers.{name}", "an empty regex matches only an empty value; use exact: '' for that"
+
+
+def _concurrency_problems(spec: RateLimitSpec, rule: RateLimitRule, here: str) -> Iterator[tuple[str, str]]:
+    if spec.host is not None:
+        yield f"{here}.concurrency", ("a concurrency limit protects the workloads a selector picks (their "
+                                      "inbound traffic); callers limit their own with a DestinationRule's "
+                                      "connectionPool")  # fmt: skip
+    if rule.scope != "local":
+        yield f"{here}.scope", "a concurrency limit is each sidecar's own (scope: local)"
+    if rule.shadow:
+        yield f"{here}.shadow", "a concurrency limit cannot be shadow: nothing counts what it would have refused"
+    if rule.response is not None:
+        yield f"{here}.response", ("a refused request gets the sidecar's own 503 (Envoy's overflow reply); "
+                                   "a concurrency rule takes no response")  # fmt: skip
+    if rule.match is not None and (rule.match.source_principals is not None or rule.match.source_namespaces is not None):
+        yield f"{here}.match", "a concurrency limit is the workload's, whoever calls: match on path, method or headers"
+    timeout = rule.concurrency.queue_timeout if rule.concurrency else None
+    if timeout is not None and rule.concurrency.queue == 0:
+        yield f"{here}.concurrency.queueTimeout", "there is no queue (queue: 0) to time out of"
+    elif timeout is not None and duration_seconds(timeout) <= 0:
+        yield f"{here}.concurrency.queueTimeout", "must be more than 0s"
 
 
 def _source_problem(value: str, namespace: bool) -> str | None:

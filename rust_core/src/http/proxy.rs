@@ -759,7 +759,8 @@ fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
 fn request_id() -> HeaderValue {
     use std::io::Write;
     let id = fastrand::u128(..);
-    // A version-4 UUID, formatted on the stack: one allocation (the header value) per request.
+    // A version-4 UUID, formatted on the stack: one allocation (the header value) per request,
+    // shared by reference count, so the copy of the head a retry policy keeps allocates no other.
     let mut text = [0u8; 36];
     let _ = write!(
         &mut text[..],
@@ -770,7 +771,7 @@ fn request_id() -> HeaderValue {
         ((id >> 52) as u16 & 0x3fff) | 0x8000,
         id as u64 & 0xffff_ffff_ffff
     );
-    HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text)).expect("hex digits and dashes are a valid header value")
 }
 
 async fn tunnel(

@@ -40,6 +40,10 @@ pub struct ClusterConfig {
     /// meshctl's Fallback for this cluster: None, failures reach the caller as they are.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback: Option<Arc<super::fallback::FallbackConfig>>,
+    /// How long a request may wait for a connection (meshctl.concurrency's queue_timeout); None:
+    /// as Envoy, until the route's timeout.
+    #[serde(skip_serializing_if = "Option::is_none", with = "super::optional_millis")]
+    pub queue_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

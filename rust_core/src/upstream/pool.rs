@@ -92,6 +92,8 @@ struct PoolInner {
     /// Serializes HTTP/2 connection setup so a burst of requests opens one connection, not many.
     http2_connecting: tokio::sync::Mutex<()>,
     breakers: CircuitBreakers,
+    /// The longest a request waits for a connection (meshctl.concurrency); None: no bound here.
+    queue_timeout: Option<Duration>,
     /// This endpoint's connections, open or opening.
     open_connections: AtomicU64,
     /// Requests waiting for one of this endpoint's connections to come free or close (HTTP/1.1
@@ -334,6 +336,7 @@ impl Pool {
             http2: Mutex::new(None),
             http2_connecting: tokio::sync::Mutex::new(()),
             breakers: cluster.circuit_breakers.clone(),
+            queue_timeout: cluster.queue_timeout,
             open_connections: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
             connection_freed: Notify::new(),
@@ -374,7 +377,7 @@ impl Pool {
                     Some(idle) => (idle.sender, idle.uses, idle.slot, true),
                     // Boxed: the connect path (TCP, TLS, the pending queue) is a large future, and
                     // kept inline it would be part of, and copied with, every request's future.
-                    None => match Box::pin(self.wait_for_http1()).await? {
+                    None => match Box::pin(self.wait_for_http1_within_queue_timeout()).await? {
                         Http1Connection::Idle(idle) => (idle.sender, idle.uses, idle.slot, true),
                         Http1Connection::New(sender, slot) => (sender, 0, slot, false),
                     },
@@ -410,6 +413,19 @@ impl Pool {
         } else {
             counts.active_overflows.fetch_add(1, Relaxed);
             Err(UpstreamError::Overflow)
+        }
+    }
+
+    /// `wait_for_http1`, given up after the cluster's queue timeout, if it has one: the request is
+    /// refused as a circuit breaker's overflow (503, flag UO) and counted as one.
+    async fn wait_for_http1_within_queue_timeout(&self) -> Result<Http1Connection, UpstreamError> {
+        let Some(limit) = self.0.queue_timeout else { return self.wait_for_http1().await };
+        match tokio::time::timeout(limit, self.wait_for_http1()).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.0.stats.resilience.pending_overflows.fetch_add(1, Relaxed);
+                Err(UpstreamError::Overflow)
+            }
         }
     }
 

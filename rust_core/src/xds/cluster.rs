@@ -140,6 +140,7 @@ pub(crate) fn cluster_config(c: &cluster::Cluster, secrets: &SecretRegistry) -> 
         None => Default::default(),
     };
     let fallback = super::fallback::fallback(c.metadata.as_ref()).at("metadata")?.map(Arc::new);
+    let queue_timeout = super::concurrency::queue_timeout(c.metadata.as_ref()).at("metadata")?;
     let tls = match &c.transport_socket {
         Some(socket) => transport_socket(socket, secrets).at("transport_socket")?,
         None => None,
@@ -159,6 +160,7 @@ pub(crate) fn cluster_config(c: &cluster::Cluster, secrets: &SecretRegistry) -> 
         healthy_panic_threshold: common_lb.healthy_panic_threshold,
         update_merge_window: common_lb.update_merge_window,
         fallback,
+        queue_timeout,
     })
 }
 

@@ -124,7 +124,7 @@ fn response_target(wire: WireResponse) -> FieldResult<FallbackTarget> {
     Ok(FallbackTarget::Response { status: wire.status as u16, headers: wire.headers.into_iter().collect(), body: wire.body })
 }
 
-fn struct_to_json(value: &Struct) -> serde_json::Value {
+pub(crate) fn struct_to_json(value: &Struct) -> serde_json::Value {
     serde_json::Value::Object(value.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect())
 }
 

@@ -8,6 +8,7 @@ mod bootstrap;
 mod circuit_breaker;
 mod cluster;
 mod common;
+mod concurrency;
 mod fallback;
 mod fault;
 mod listener;
