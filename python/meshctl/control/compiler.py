@@ -44,6 +44,7 @@ from meshctl.control import compiler_resilience as resilience
 from meshctl.control import compiler_fault as fault
 from meshctl.control import compiler_mtls as mtls
 from meshctl.control import compiler_ratelimit as ratelimit
+from meshctl.control import compiler_ratelimit_global as global_ratelimit
 from meshctl.control import compiler_rbac as rbac
 from meshctl.control.compiler_matchers import string_match
 from meshctl.control import resource_types as types
@@ -151,9 +152,18 @@ class _Stored:
     ref: Any = None
 
 
-def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshConfig:
+# Where sidecars ask for global rate limits when the caller does not say: the plane's default xDS port.
+DEFAULT_RATE_LIMIT_SERVICE = ("localhost", 15012)
+
+
+def compile_mesh(
+    resources: Iterable[Any], sidecars: Sequence[Sidecar],
+    rate_limit_service: tuple[str, int] = DEFAULT_RATE_LIMIT_SERVICE, rate_limit_tls: bool = True,
+) -> MeshConfig:
     """Compile stored resources (StoredResource, or plain bodies with kind/metadata/spec) and
-    every registered sidecar into the shared part of the mesh config."""
+    every registered sidecar into the shared part of the mesh config. `rate_limit_service` is
+    the control plane's xDS address (host, port), which global RateLimit rules are asked of
+    (over TLS unless `rate_limit_tls` is false: a plane serving h2c)."""
     stored = [_parse(resource, position) for position, resource in enumerate(resources)]
     virtual_services = sorted(
         (s for s in stored if s.kind == "VirtualService"), key=lambda s: s.order
@@ -274,6 +284,10 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
             else:
                 config.clusters.append(plaintext)
     config.plaintext_clusters = plaintext_clusters if any_mtls else config.clusters
+    if any(rule.scope == "global" for stored in config.rate_limits for rule in stored.spec.rules):
+        config.clusters, config.plaintext_clusters = global_ratelimit.with_service_cluster(
+            config.clusters, config.plaintext_clusters, rate_limit_service, rate_limit_tls
+        )
     return config
 
 
