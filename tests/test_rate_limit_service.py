@@ -24,7 +24,7 @@ QUOTA = (("x-meshctl-quota", "1"),)
 
 
 def global_limit(requests: int, unit: str, name: str = "api-limit", **rule: object) -> str:
-    extra = "".join(f", {key}: {value}" for key, value in rule.items())
+    extra = "".join(f"\n    {key}: {value}" for key, value in rule.items())
     return f"""
 apiVersion: policy.meshctl.io/v1alpha1
 kind: RateLimit
@@ -108,16 +108,13 @@ def client(plane, certs):
     client.close()
 
 
-def wait_for_rule(client: Client, rule: str, requests: int, timeout: float = 10.0) -> None:
-    """Until the service serves `rule` with this limit (it follows the store): a hits_addend larger
-    than any limit asks without counting, and names the current limit."""
+def wait_for_rule(plane: ControlPlane, name: str, serving: str, timeout: float = 10.0) -> None:
+    """Until the service counts RateLimit `name`'s rule 0 against `serving` (e.g. "5 per hour"),
+    as `meshctl get` shows: it follows the store, a moment behind."""
     deadline = time.monotonic() + timeout
-    while True:
-        (status,) = client.ask(rule, hits=2**31).statuses
-        if status.current_limit.requests_per_unit == requests:
-            return
-        assert time.monotonic() < deadline, f"{rule} not served with limit {requests}: {status}"
-        time.sleep(0.05)
+    while (shown := last_minute(plane, name)[0]["serving"]) != serving:
+        assert time.monotonic() < deadline, f"{name} is served as {shown}, not {serving}"
+        time.sleep(0.1)
 
 
 def away_from_window_end(unit_seconds: int, need: float) -> None:
@@ -141,7 +138,7 @@ def codes(response: rls_pb2.RateLimitResponse) -> list[int]:
 
 def test_ok_up_to_the_limit_then_over_limit_with_the_rules_headers(plane, client):
     apply(plane, global_limit(5, "hour", name="five-an-hour"))
-    wait_for_rule(client, "default/five-an-hour/0", 5)
+    wait_for_rule(plane, "five-an-hour", "5 per hour")
     away_from_window_end(3600, 30)
     answers = [client.ask("default/five-an-hour/0") for _ in range(8)]
     assert [a.overall_code for a in answers] == [OK] * 5 + [OVER_LIMIT] * 3
@@ -153,12 +150,12 @@ def test_ok_up_to_the_limit_then_over_limit_with_the_rules_headers(plane, client
     # Never a quota without x-meshctl-quota: 1 (a real Envoy would ignore it).
     assert not any(a.statuses[0].HasField("quota") for a in answers)
     assert last_minute(plane, "five-an-hour") == [
-        {"rule": 0, "served": True, "allowedLastMinute": 5, "limitedLastMinute": 3}]
+        {"rule": 0, "serving": "5 per hour", "allowedLastMinute": 5, "limitedLastMinute": 3}]
 
 
 def test_a_new_window_resets_the_count(plane, client):
     apply(plane, global_limit(3, "second", name="three-a-second"))
-    wait_for_rule(client, "default/three-a-second/0", 3)
+    wait_for_rule(plane, "three-a-second", "3 per second")
     time.sleep(1 - time.time() % 1 + 0.02)  # the start of a second
     first = [client.ask("default/three-a-second/0").overall_code for _ in range(4)]
     time.sleep(1 - time.time() % 1 + 0.02)
@@ -168,7 +165,7 @@ def test_a_new_window_resets_the_count(plane, client):
 
 def test_a_shadow_rule_counts_but_answers_ok(plane, client):
     apply(plane, global_limit(2, "hour", name="shadow-two", shadow="true"))
-    wait_for_rule(client, "default/shadow-two/0", 2)
+    wait_for_rule(plane, "shadow-two", "2 per hour")
     away_from_window_end(3600, 30)
     answers = [client.ask("default/shadow-two/0", quota=True) for _ in range(4)]
     assert [a.overall_code for a in answers] == [OK] * 4
@@ -176,12 +173,12 @@ def test_a_shadow_rule_counts_but_answers_ok(plane, client):
     assert not any(a.statuses[0].HasField("quota") for a in answers)  # never a quota for shadow
     # What the rule would have done: two allowed, two limited.
     assert last_minute(plane, "shadow-two") == [
-        {"rule": 0, "served": True, "allowedLastMinute": 2, "limitedLastMinute": 2}]
+        {"rule": 0, "serving": "2 per hour", "allowedLastMinute": 2, "limitedLastMinute": 2}]
 
 
 def test_unknown_domains_and_descriptors_are_ok_and_hits_addend_counts(plane, client):
     apply(plane, global_limit(5, "hour", name="hits"))
-    wait_for_rule(client, "default/hits/0", 5)
+    wait_for_rule(plane, "hits", "5 per hour")
     away_from_window_end(3600, 30)
     assert client.ask("default/hits/0", domain="other").overall_code == OK
     unknown = client.ask(descriptors=[[("meshctl_rate_limit", "default/nothing/0")], [("remote_address", "10.0.0.1")]])
@@ -195,8 +192,8 @@ def test_unknown_domains_and_descriptors_are_ok_and_hits_addend_counts(plane, cl
 def test_a_request_is_counted_only_if_every_rule_it_names_admits_it(plane, client):
     apply(plane, global_limit(1, "hour", name="tight"))
     apply(plane, global_limit(3, "hour", name="loose"))
-    wait_for_rule(client, "default/tight/0", 1)
-    wait_for_rule(client, "default/loose/0", 3)
+    wait_for_rule(plane, "tight", "1 per hour")
+    wait_for_rule(plane, "loose", "3 per hour")
     away_from_window_end(3600, 30)
     both = [client.ask("default/tight/0", "default/loose/0") for _ in range(3)]
     assert [codes(a) for a in both] == [[OK, OK], [OVER_LIMIT, OK], [OVER_LIMIT, OK]]
@@ -207,7 +204,7 @@ def test_a_request_is_counted_only_if_every_rule_it_names_admits_it(plane, clien
 
 def test_quota_only_with_the_metadata_and_never_beyond_the_limit(plane, client):
     apply(plane, global_limit(10_000, "hour", name="big"))
-    wait_for_rule(client, "default/big/0", 10_000)
+    wait_for_rule(plane, "big", "10000 per hour")
     away_from_window_end(3600, 120)
     plain = client.ask("default/big/0")
     assert plain.overall_code == OK and not plain.statuses[0].HasField("quota")
@@ -234,11 +231,11 @@ def test_quota_only_with_the_metadata_and_never_beyond_the_limit(plane, client):
 
 def test_applying_a_changed_limit_changes_it_live(plane, client):
     apply(plane, global_limit(2, "hour", name="changing"))
-    wait_for_rule(client, "default/changing/0", 2)
+    wait_for_rule(plane, "changing", "2 per hour")
     away_from_window_end(3600, 30)
     assert [client.ask("default/changing/0").overall_code for _ in range(3)] == [OK, OK, OVER_LIMIT]
     apply(plane, global_limit(4, "hour", name="changing"))
-    wait_for_rule(client, "default/changing/0", 4)
+    wait_for_rule(plane, "changing", "4 per hour")
     # What was counted stays counted: two more.
     assert [client.ask("default/changing/0").overall_code for _ in range(3)] == [OK, OK, OVER_LIMIT]
     assert plane.meshctl("delete", "ratelimit", "changing").returncode == 0

@@ -53,7 +53,8 @@ class Grant:
 
 @dataclass(frozen=True)
 class Verdict:
-    """One descriptor's answer: `known` False for a descriptor no rule names (answered OK)."""
+    """One descriptor's answer: whether its own rule had room (the request as a whole is admitted
+    only if every descriptor's is ok); `known` False for a descriptor no rule names (answered OK)."""
 
     rule: GlobalRule | None
     ok: bool
@@ -185,7 +186,7 @@ class GlobalCounters:
                 if grant is not None:
                     history.add(now, grant.requests, 0)
             verdicts.append(Verdict(
-                rule, ok=admitted or rule.shadow, limit=window.limit,
+                rule, ok=room or rule.shadow, limit=window.limit,
                 remaining=max(0, window.limit - window.used), reset_in=max(0.0, end - now), quota=grant,
             ))  # fmt: skip
         return verdicts

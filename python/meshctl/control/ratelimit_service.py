@@ -43,6 +43,7 @@ MAX_DESCRIPTORS = 256
 _UNITS = {1: rls_pb2.RateLimitResponse.RateLimit.SECOND, 60: rls_pb2.RateLimitResponse.RateLimit.MINUTE,
           3600: rls_pb2.RateLimitResponse.RateLimit.HOUR}  # fmt: skip
 
+_UNIT_NAMES = {seconds: unit for unit, seconds in UNIT_SECONDS.items()}
 Response = rls_pb2.RateLimitResponse
 
 
@@ -208,6 +209,8 @@ class RateLimitStatus:
                 continue
             served = self.counters.rule(rule_name(namespace, name, index))
             allowed, limited = self.counters.last_minute(rule_name(namespace, name, index), self.clock())
-            rules.append({"rule": index, "served": served is not None,
+            # What the service counts against now (the store may be a moment ahead of it).
+            serving = None if served is None else f"{served.requests} per {_UNIT_NAMES[served.unit_seconds]}"
+            rules.append({"rule": index, "serving": serving,
                           "allowedLastMinute": allowed, "limitedLastMinute": limited})  # fmt: skip
         return {"globalRules": rules} if rules else None
