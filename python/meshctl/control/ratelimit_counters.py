@@ -27,8 +27,9 @@ MAX_COUNTERS = 100_000
 QUOTA_SHARE = 200
 # A grant expires this soon (and never after the window ends): an unused grant wastes little.
 QUOTA_SECONDS = 1.0
-# A caller's first grant; each time it comes back before its grant expired (it used it up) the
-# next one doubles, up to the share; a caller that let one expire gets half.
+# A caller's first grant. One that comes back before its grant expired used it up: its next grant
+# is what it admits in half the grant's life at the rate it just showed (so a steady caller uses
+# each grant up well before it expires); one that let a grant expire gets half the last.
 FIRST_GRANT = 4
 HISTORY_SECONDS = 60  # what `meshctl get ratelimit` reports: the last minute
 
@@ -73,8 +74,8 @@ class _Window:
     index: int  # floor(time / unit)
     limit: int  # requests admitted in this window, burst included
     used: int = 0  # requests counted (shadow: seen)
-    # caller → its last grant in this window (size, valid until): sizes the next one.
-    grants: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # caller → its last grant in this window (size, granted at, valid until): sizes the next one.
+    grants: dict[str, tuple[int, float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -111,6 +112,7 @@ class GlobalCounters:
         self._history: dict[str, _History] = {}
         self.counters_capped = 0  # requests answered OK because the counter cap was hit
         self.unknown_descriptors = 0
+        self._next_sweep = 0.0
 
     # --- rules ------------------------------------------------------------------------------
 
@@ -150,7 +152,9 @@ class GlobalCounters:
         """One verdict per descriptor (None: not a descriptor of ours). `hits` is hits_addend
         (0 means 1). A quota is offered only when `want_quota` and the request was admitted."""
         hits = hits or 1
-        self.sweep(now)
+        if now >= self._next_sweep:  # once a second: a sweep walks every counter
+            self.sweep(now)
+            self._next_sweep = now + 1.0
         windows: list[_Window | None] = []
         for name in names:
             rule = self._rules.get(name) if name is not None else None
@@ -214,14 +218,17 @@ class GlobalCounters:
         previous = window.grants.get(caller)
         if previous is None:
             size = FIRST_GRANT
-        elif now < previous[1]:
-            size = previous[0] * 2  # back before it expired: it used it up
         else:
-            size = max(1, previous[0] // 2)
+            last, granted_at, expiry = previous
+            if now < expiry:  # back before it expired: it used `last` up in now - granted_at
+                rate = (last + 1) / max(now - granted_at, 0.001)
+                size = max(1, int(rate * QUOTA_SECONDS / 2))
+            else:
+                size = max(1, last // 2)
         size = min(size, share, left)
         valid_until = min(end, now + QUOTA_SECONDS)
         window.used += size
-        window.grants[caller] = (size, valid_until)
+        window.grants[caller] = (size, now, valid_until)
         return Grant(size, valid_until)
 
     def sweep(self, now: float) -> None:
