@@ -205,7 +205,7 @@ def test_captured_traffic_passes_the_same_filter():
 
 # --- global rules ------------------------------------------------------------------------------
 
-PLANE = ("localhost", 15999)
+PLANE = global_limits.ServiceAddress("localhost", 15999, identity="spiffe://cluster.local/meshctl/control-plane")
 CLIENT_WITH_IDENTITY = Sidecar(node_id="client-id", service="productpage", outbound_port=16002,
                                identity="spiffe://cluster.local/ns/default/sa/productpage")  # fmt: skip
 
@@ -241,15 +241,16 @@ def test_a_global_rule_asks_the_planes_rate_limit_service_with_the_rules_descrip
     # The service's cluster: the plane's xDS port over h2 and TLS, with the sidecar's own certificate.
     (cluster,) = [c for c in resources[types.CLUSTER] if c["name"] == global_limits.CLUSTER]
     address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
-    assert (address["address"], address["port_value"]) == PLANE
+    assert (address["address"], address["port_value"]) == ("localhost", 15999)
     tls = cluster["transport_socket"]["typed_config"]
     assert tls["sni"] == "localhost"
     context = tls["common_tls_context"]
     assert context["alpn_protocols"] == ["h2"]
     assert [s["name"] for s in context["tls_certificate_sds_secret_configs"]] == ["default"]
     assert context["combined_validation_context"]["validation_context_sds_secret_config"]["name"] == "ROOTCA"
+    # The plane, told from any workload by the URI SAN only its certificate carries.
     assert context["combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"] == [
-        {"san_type": "DNS", "matcher": {"exact": "localhost"}}]
+        {"san_type": "URI", "matcher": {"exact": "spiffe://cluster.local/meshctl/control-plane"}}]
     # A sidecar without an identity has no certificate to present: the same cluster without one.
     (plain,) = [c for c in for_client(rate_limit(host="reviews", rules=[
         {"limit": {"requests": 1, "unit": "second"}, "scope": "global"}]))[types.CLUSTER] if c["name"] == global_limits.CLUSTER]  # fmt: skip
@@ -276,7 +277,7 @@ def test_envoy_accepts_the_compiled_global_rate_limits(tmp_path: Path):
         rate_limit("inbound", selector={"matchLabels": {"version": "v1"}},
                    rules=[{"limit": {"requests": 3, "unit": "second"}, "scope": "global"}]),
     ]  # fmt: skip
-    mesh = compile_mesh(resources, REGISTRY, ("127.0.0.1", 15999))
+    mesh = compile_mesh(resources, REGISTRY, global_limits.ServiceAddress("127.0.0.1", 15999))
     client = sidecar_resources(mesh, CLIENT_WITH_IDENTITY)
     callee = sidecar_resources(mesh, REVIEWS_V1)
     (table,) = client[types.ROUTE]

@@ -79,7 +79,7 @@ def start_client_envoy(plane: ControlPlane, service: str, app_port: int, directo
     reviews = Sidecar(node_id="reviews-1", service="reviews", service_port=9080, app_port=app_port,
                       inbound_port=free_port(), ready=True)  # fmt: skip
     host, port = plane.xds_address.rsplit(":", 1)
-    mesh = compile_mesh(stored(plane), [reviews, me], (host, int(port)))
+    mesh = compile_mesh(stored(plane), [reviews, me], global_limits.ServiceAddress(host, int(port)))
     resources = sidecar_resources(mesh, me)
     listener_port, admin_port = free_port(), free_port()
     config = compiled_bootstrap(resources, listener_port, admin_port,

@@ -152,18 +152,14 @@ class _Stored:
     ref: Any = None
 
 
-# Where sidecars ask for global rate limits when the caller does not say: the plane's default xDS port.
-DEFAULT_RATE_LIMIT_SERVICE = ("localhost", 15012)
-
-
 def compile_mesh(
     resources: Iterable[Any], sidecars: Sequence[Sidecar],
-    rate_limit_service: tuple[str, int] = DEFAULT_RATE_LIMIT_SERVICE, rate_limit_tls: bool = True,
+    rate_limit_service: global_ratelimit.ServiceAddress = global_ratelimit.ServiceAddress(),
 ) -> MeshConfig:
     """Compile stored resources (StoredResource, or plain bodies with kind/metadata/spec) and
     every registered sidecar into the shared part of the mesh config. `rate_limit_service` is
-    the control plane's xDS address (host, port), which global RateLimit rules are asked of
-    (over TLS unless `rate_limit_tls` is false: a plane serving h2c)."""
+    where global RateLimit rules are asked (the control plane's xDS port; the default one unless
+    the plane says)."""
     stored = [_parse(resource, position) for position, resource in enumerate(resources)]
     virtual_services = sorted(
         (s for s in stored if s.kind == "VirtualService"), key=lambda s: s.order
@@ -286,7 +282,7 @@ def compile_mesh(
     config.plaintext_clusters = plaintext_clusters if any_mtls else config.clusters
     if any(rule.scope == "global" for stored in config.rate_limits for rule in stored.spec.rules):
         config.clusters, config.plaintext_clusters = global_ratelimit.with_service_cluster(
-            config.clusters, config.plaintext_clusters, rate_limit_service, rate_limit_tls
+            config.clusters, config.plaintext_clusters, rate_limit_service
         )
     return config
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from meshctl.control import compiler_mtls as mtls
+from meshctl.identity.ca import control_plane_id
 from meshctl.resources.rate_limit import RateLimitResponse
 
 Json = dict[str, Any]
@@ -31,6 +33,18 @@ STAT_PREFIX = "global_rate_limit"
 TIMEOUT = "0.1s"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 HTTP_PROTOCOL_OPTIONS_TYPE = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+@dataclass(frozen=True)
+class ServiceAddress:
+    """Where sidecars ask: the control plane's xDS port, by a name its certificate carries, over
+    TLS (unless the plane serves h2c, for debugging only); the plane is told from a workload by
+    the URI SAN `identity` (identity.ca.control_plane_id)."""
+
+    host: str = "localhost"
+    port: int = 15012
+    tls: bool = True
+    identity: str = control_plane_id("cluster.local")
 
 
 def rule_name(namespace: str, name: str, index: int) -> str:
@@ -63,24 +77,22 @@ def listener_filter(rules: Iterable[Any]) -> Json | None:
     }
 
 
-def service_cluster(address: tuple[str, int], client_certificate: bool, tls_on: bool = True) -> Json:
+def service_cluster(address: ServiceAddress, client_certificate: bool) -> Json:
     """The rate limit service's cluster: the control plane's xDS port over HTTP/2 and TLS, the
-    plane verified against ROOTCA and by its name; with `client_certificate`, the sidecar's own
-    (`default`), as for mesh mTLS. Without one (a sidecar with no identity) the service refuses
-    its calls, and the filter's failure mode decides. Without `tls_on` (a plane serving h2c, for
-    debugging only) the cluster is plaintext too."""
-    host, port = address
+    plane verified against ROOTCA and by its URI SAN; with `client_certificate`, the sidecar's
+    own (`default`), as for mesh mTLS. Without one (a sidecar with no identity) the service
+    refuses its calls, and the filter's failure mode decides."""
+    host, port = address.host, address.port
     try:
         ipaddress.ip_address(host)
-        name_match: Json = {"san_type": "IP_ADDRESS", "matcher": {"exact": host}}
-        sni = None
+        sni = None  # SNI carries host names only
     except ValueError:
-        name_match = {"san_type": "DNS", "matcher": {"exact": host}}
         sni = host
     context: Json = {
         "alpn_protocols": ["h2"],
         "combined_validation_context": {
-            "default_validation_context": {"match_typed_subject_alt_names": [name_match]},
+            "default_validation_context": {"match_typed_subject_alt_names": [
+                {"san_type": "URI", "matcher": {"exact": address.identity}}]},
             "validation_context_sds_secret_config": mtls.sds(mtls.ROOT_SECRET),
         },
     }
@@ -102,14 +114,14 @@ def service_cluster(address: tuple[str, int], client_certificate: bool, tls_on: 
             HTTP_PROTOCOL_OPTIONS: {"@type": HTTP_PROTOCOL_OPTIONS_TYPE, "explicit_http_config": {"http2_protocol_options": {}}}
         },
     }
-    if tls_on:
+    if address.tls:
         cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls}
     return cluster
 
 
 def with_service_cluster(
-    clusters: Sequence[Json], plaintext: Sequence[Json], address: tuple[str, int], tls_on: bool = True
+    clusters: Sequence[Json], plaintext: Sequence[Json], address: ServiceAddress
 ) -> tuple[list[Json], list[Json]]:
     """(clusters, plaintext clusters) with the service's cluster added: with the sidecar's
     certificate for callers that have one, without for the others."""
-    return [*clusters, service_cluster(address, True, tls_on)], [*plaintext, service_cluster(address, False, tls_on)]
+    return [*clusters, service_cluster(address, True)], [*plaintext, service_cluster(address, False)]

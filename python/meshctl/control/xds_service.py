@@ -19,6 +19,7 @@ from google.protobuf.any_pb2 import Any as AnyMessage
 from meshctl.control import resource_types as types
 from meshctl.control.ads import ADS_METHOD, AdsServer, serve_ads
 from meshctl.control.compiler import MeshConfig, compile_mesh, sidecar_resources, to_packed
+from meshctl.control.compiler_ratelimit_global import ServiceAddress
 from meshctl.control.identity_authority import IdentityAuthority
 from meshctl.control.identity_grpc import IdentityHandlers, authenticated_ads
 from meshctl.control.ratelimit_counters import GlobalCounters
@@ -27,6 +28,7 @@ from meshctl.control.registry import Registry, Sidecar
 from meshctl.control.snapshot import Snapshot, SnapshotCache, TypeResources
 from meshctl.control.store import Store, StoreError
 from meshctl.control.xds_tls import ServerTls
+from meshctl.identity.ca import control_plane_id
 
 log = logging.getLogger("meshctl.control.xds")
 
@@ -53,8 +55,7 @@ class Publisher:
         # The last build's per-type resources by what they were made of (see _Packer).
         self._packed: dict[tuple[Any, ...], TypeResources] = {}
         # Where sidecars ask for global rate limits: the plane's own xDS port, once it is bound.
-        self.rate_limit_service: tuple[str, int] | None = None
-        self.rate_limit_tls = True
+        self.rate_limit_service: ServiceAddress | None = None
 
     def publish(
         self, revision: int, resources: Sequence[Any], generation: int, sidecars: Sequence[Sidecar],
@@ -72,7 +73,7 @@ class Publisher:
         started = time.perf_counter()
         version = f"{revision}.{generation}" + (f".{trust.generation}" if trust else "")
         if self.rate_limit_service is not None:
-            mesh = compile_mesh(resources, sidecars, self.rate_limit_service, self.rate_limit_tls)
+            mesh = compile_mesh(resources, sidecars, self.rate_limit_service)
         else:
             mesh = compile_mesh(resources, sidecars)
         packer = _Packer(mesh, version, self._packed, trust)
@@ -413,8 +414,10 @@ def xds_service(
                 registry.xds_address = f"{shown}:{port}"
                 # Sidecars reach the plane by the last name its certificate carries (an --xds-name,
                 # else the listen address unless a wildcard, else 127.0.0.1).
-                publisher.rate_limit_service = (tls.names[-1] if tls is not None else host, port)
-                publisher.rate_limit_tls = tls is not None
+                publisher.rate_limit_service = ServiceAddress(
+                    tls.names[-1] if tls is not None else host, port, tls is not None,
+                    control_plane_id(authority.ca.trust_domain) if authority is not None else ServiceAddress.identity,
+                )
                 # After the bind, so that the very first config names the service's address.
                 await nursery.start(
                     functools.partial(follow_and_publish, authority=authority), store, registry, publisher
