@@ -252,8 +252,8 @@ def test_a_global_rule_asks_the_planes_rate_limit_service_with_the_rules_descrip
     assert context["combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"] == [
         {"san_type": "URI", "matcher": {"exact": "spiffe://cluster.local/meshctl/control-plane"}}]
     # A sidecar without an identity has no certificate to present: the same cluster without one.
-    (plain,) = [c for c in for_client(rate_limit(host="reviews", rules=[
-        {"limit": {"requests": 1, "unit": "second"}, "scope": "global"}]))[types.CLUSTER] if c["name"] == global_limits.CLUSTER]  # fmt: skip
+    compiled = for_client(rate_limit(host="reviews", rules=[{"limit": {"requests": 1, "unit": "second"}, "scope": "global"}]))
+    (plain,) = [c for c in compiled[types.CLUSTER] if c["name"] == global_limits.CLUSTER]
     assert "tls_certificate_sds_secret_configs" not in plain["transport_socket"]["typed_config"]["common_tls_context"]
 
 

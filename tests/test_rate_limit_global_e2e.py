@@ -171,8 +171,10 @@ def test_an_envoy_fed_over_ads_without_a_certificate_is_refused_by_the_service_a
     its calls. Failing open, every request passes; with failureModeDeny, none does."""
     mesh = Mesh(start_control_plane(tmp_path / "plane"), tmp_path)
     try:
-        text = limit_text(1).replace("  host: reviews", "  host: reviews\n  failureModeDeny: true" if deny else "  host: reviews")
-        client = limited(mesh, "envoy", text.replace("name: reviews-global", "name: reviews-limit"))
+        text = limit_text(1).replace("name: reviews-global", "name: reviews-limit")
+        if deny:
+            text = text.replace("  host: reviews", "  host: reviews\n  failureModeDeny: true")
+        client = limited(mesh, "envoy", text)
         statuses = [get_status(client) for _ in range(4)]
         print(statuses)
         assert statuses == [status] * 4

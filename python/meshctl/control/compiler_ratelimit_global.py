@@ -124,4 +124,7 @@ def with_service_cluster(
 ) -> tuple[list[Json], list[Json]]:
     """(clusters, plaintext clusters) with the service's cluster added: with the sidecar's
     certificate for callers that have one, without for the others."""
-    return [*clusters, service_cluster(address, True)], [*plaintext, service_cluster(address, False)]
+    return (
+        [*clusters, service_cluster(address, True)],
+        [*plaintext, service_cluster(address, False)],
+    )

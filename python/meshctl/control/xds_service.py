@@ -426,7 +426,8 @@ def xds_service(
                 if tls is not None:
                     what = "TLS, ALPN h2" + (", CA and registration" if authority else "") + ", rate limits"
                 else:
-                    what = "plaintext h2c: debugging only" + (", CA and registration" if authority else "") + ", rate limits"
+                    what = "plaintext h2c: debugging only" + (", CA and registration" if authority else "")
+                    what += ", rate limits"
                 task_status.started(f"xDS (ADS, {what}) on {registry.xds_address}")
 
         return serve

@@ -96,7 +96,8 @@ def problems(spec: RateLimitSpec) -> Iterator[tuple[str, str]]:
         elif "*" in spec.host:
             yield "spec.host", f"{spec.host!r} is a wildcard; name one service"
     if spec.failure_mode_deny and not any(rule.scope == "global" for rule in spec.rules):
-        yield "spec.failureModeDeny", "applies to global rules only (when the rate limit service cannot be asked); this RateLimit has none"
+        yield "spec.failureModeDeny", ("applies to global rules only (when the rate limit service "
+                                       "cannot be asked); this RateLimit has none")  # fmt: skip
     if not spec.rules:
         yield "spec.rules", "is empty: the RateLimit would limit nothing"
     elif len(spec.rules) > MAX_RULES:
