@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 import yaml
 from envoy.service.ratelimit.v3 import rls_pb2
 from helpers.control_plane import ControlPlane, start_control_plane
@@ -255,6 +256,22 @@ def test_a_caller_without_a_client_certificate_is_refused_as_for_ads(plane, cert
         assert "client certificate" in refused.value.details()
     finally:
         anonymous.close()
+
+
+def test_a_revoked_certificate_is_refused(plane, tmp_path):
+    certs = workload_certificate(plane, "ratings", tmp_path / "certs")
+    revoked = Client(plane, certs)
+    try:
+        assert revoked.ask("default/nothing/0").overall_code == OK  # accepted while valid
+        serial = format(x509.load_pem_x509_certificate((certs / "cert.pem").read_bytes()).serial_number, "x")
+        done = plane.meshctl("identity", "revoke", serial)
+        assert done.returncode == 0, done.stderr
+        with pytest.raises(grpc.RpcError) as refused:
+            revoked.ask("default/nothing/0")
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "revoked" in refused.value.details()
+    finally:
+        revoked.close()
 
 
 @pytest.mark.parametrize(
