@@ -144,6 +144,14 @@ class GlobalCounters:
     def live_counters(self) -> int:
         return len(self._windows)
 
+    def statistics(self) -> dict[str, int]:
+        return {
+            "rules": len(self._rules),
+            "live_counters": len(self._windows),
+            "counters_capped": self.counters_capped,
+            "unknown_descriptors": self.unknown_descriptors,
+        }
+
     # --- deciding ---------------------------------------------------------------------------
 
     def decide(

@@ -138,7 +138,11 @@ class RateLimitService:
             names: list[str | None] = [None] * len(request.descriptors)
         else:
             names = [descriptor_rule(d) for d in request.descriptors]
+        capped = self.counters.counters_capped
         verdicts = self.counters.decide(names, request.hits_addend, self.clock(), caller, want_quota)
+        if self.counters.counters_capped > capped and capped == 0:
+            log.warning("global rate limits: %d live counters, the most kept; rules without one are "
+                        "not limited (counted in counters_capped)", self.counters.max_counters)  # fmt: skip
         response = Response(overall_code=Response.OK)
         for verdict in verdicts:
             response.statuses.append(_status(verdict))
