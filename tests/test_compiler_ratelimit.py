@@ -235,7 +235,9 @@ def test_a_global_rule_asks_the_planes_rate_limit_service_with_the_rules_descrip
     local = host["typed_per_filter_config"][ratelimit.FILTER]
     assert [d["entries"][0]["value"] for d in local["descriptors"]] == ["default/reviews-limit/1"]
     actions = host["routes"][0]["route"]["rate_limits"]
-    assert actions[0] == {"actions": [{"header_value_match": {
+    # Stage 1: only the global filter makes this descriptor (the local one runs stage 0).
+    assert config["stage"] == 1 and "stage" not in actions[1]
+    assert actions[0] == {"stage": 1, "actions": [{"header_value_match": {
         "descriptor_key": "meshctl_rate_limit", "descriptor_value": "default/reviews-limit/0",
         "headers": [{"name": "x-user", "string_match": {"exact": "jason"}}]}}]}  # fmt: skip
     # The service's cluster: the plane's xDS port over h2 and TLS, with the sidecar's own certificate.

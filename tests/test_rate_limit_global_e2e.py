@@ -180,7 +180,7 @@ def test_an_envoy_fed_over_ads_without_a_certificate_is_refused_by_the_service_a
         assert statuses == [status] * 4
         assert client.envoy is not None
         stats = client.envoy.stats()
-        prefix = f"cluster.{cluster_name('outbound', 9080, None, REVIEWS)}.ratelimit.{global_limits.STAT_PREFIX}"
+        prefix = f"cluster.{cluster_name('outbound', 9080, None, REVIEWS)}.ratelimit"
         assert stats.get(f"{prefix}.error") == 4, stats
         assert stats.get(f"{prefix}.failure_mode_allowed", 0) == (0 if deny else 4)
         assert "refused ShouldRateLimit" in mesh.plane.log()

@@ -132,7 +132,10 @@ def limit_virtual_host(virtual_host: Json, rules: Sequence[AppliedRule]) -> None
     (a redirect has no route action: nothing to count it against)."""
     if not rules:
         return
-    actions = [{"actions": [_action(applied)]} for applied in rules]
+    actions = [
+        {"stage": global_limits.STAGE, "actions": [_action(applied)]} if applied.is_global else {"actions": [_action(applied)]}
+        for applied in rules
+    ]
     for route in virtual_host["routes"]:
         if "route" in route:
             # A copy: routes of one VirtualService http entry share their action dict.

@@ -8,7 +8,8 @@ Choices where Envoy is silent:
   for it (its owner wants the limit kept even when the service is away); the response headers
   are per rule, sent by the service in `response_headers_to_add`;
 - shadow: Envoy's filter has no per-descriptor shadow; the service counts shadow rules and
-  answers OK for them.
+  answers OK for them;
+- stage 1 for the global rules (STAGE), so the two filters never see each other's descriptors.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ FILTER = "envoy.filters.http.ratelimit"
 TYPE = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit"
 DOMAIN = "meshctl"
 CLUSTER = "meshctl-ratelimit"
-STAT_PREFIX = "global_rate_limit"
+# The global rules' route actions and the filter are stage 1, the local ones stage 0 (Envoy's
+# default): each filter then makes only its own rules' descriptors, so a locally limited request
+# never calls the service, and a global one never looks for a local bucket.
+STAGE = 1
 # The plane answers in Python over TLS: Envoy's 20 ms default is too tight for it under load.
 TIMEOUT = "0.1s"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -65,7 +69,7 @@ def listener_filter(rules: Iterable[Any]) -> Json | None:
         "typed_config": {
             "@type": TYPE,
             "domain": DOMAIN,
-            "stat_prefix": STAT_PREFIX,
+            "stage": STAGE,
             "timeout": TIMEOUT,
             "failure_mode_deny": deny,
             "rate_limited_status": {"code": response.status},
