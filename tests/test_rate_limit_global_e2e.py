@@ -95,9 +95,9 @@ def start_client_envoy(plane: ControlPlane, service: str, app_port: int, directo
     return start_dataplane("envoy", config, directory, wait_ports=[listener_port], timeout=30), listener_port
 
 
-def get(port: int) -> tuple[int, dict[str, str]]:
+def get(port: int, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": HOST})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": HOST, **(headers or {})})
     try:
         with opener.open(request, timeout=10) as response:
             response.read()
@@ -160,6 +160,37 @@ def test_two_envoys_sharing_one_global_rule_let_k_through_together(plane, app, t
     finally:
         first.stop()
         second.stop()
+
+
+def test_local_and_global_rules_on_one_host_each_count_their_own(plane, app, tmp_path):
+    """jason's own local limit (2 a minute, each sidecar) and everyone's global one (K a minute, the
+    mesh): the local filter runs first, so what it refuses is not spent from the global count."""
+    apply(plane, limit_text(K).replace("  rules:\n", """  rules:
+  - match: {headers: {x-user: {exact: jason}}}
+    limit: {requests: 2, unit: minute}
+    response: {status: 429, headers: {x-why: mesh-wide limit}}
+"""))
+    time.sleep(0.5)
+    envoy, port = start_client_envoy(plane, "productpage", app.port, tmp_path / "productpage")
+    try:
+        away_from_the_minutes_end()
+        jason = [get(port, {"x-user": "jason"}) for _ in range(4)]
+        others = [get(port)[0] for _ in range(K)]
+        print([status for status, _ in jason], others)
+        assert [status for status, _ in jason] == [200, 200, 429, 429]
+        # Two of the K went to jason; his two refused locally took nothing from the mesh-wide count
+        # (the service saw K allowed and the others' 2 limited, nothing of jason's refusals).
+        assert others == [200] * (K - 2) + [429] * 2
+        assert last_minute(plane) == {"rule": 1, "serving": f"{K} per minute",
+                                      "allowedLastMinute": K, "limitedLastMinute": 2}
+    finally:
+        envoy.stop()
+
+
+def last_minute(plane: ControlPlane) -> dict:
+    shown = plane.meshctl("get", "ratelimit", "reviews-global", "-o", "json")
+    (rule,) = json.loads(shown.stdout)["status"]["globalRules"]
+    return rule
 
 
 @pytest.mark.parametrize(("deny", "status"), [(False, 200), (True, 500)], ids=["fail-open", "failure-mode-deny"])
