@@ -206,8 +206,8 @@ class GlobalCounters:
     def _window(self, rule: GlobalRule, now: float) -> _Window | None:
         index = math.floor(now / rule.unit_seconds)
         window = self._windows.get(rule.name)
-        if window is not None and window.index == index:
-            return window
+        if window is not None and window.index >= index:
+            return window  # (a clock stepped back stays in the window it had reached)
         if window is not None and window.index == index - 1:
             carried = min(rule.burst, max(0, window.limit - window.used))
         else:

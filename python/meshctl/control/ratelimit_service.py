@@ -128,6 +128,8 @@ class RateLimitService:
         if len(request.descriptors) > MAX_DESCRIPTORS:
             raise GrpcError(StatusCode.INVALID_ARGUMENT,
                             f"descriptors: {len(request.descriptors)}; at most {MAX_DESCRIPTORS}")  # fmt: skip
+        # Grants are sized per sidecar: replicas share an identity, each has its own connection.
+        caller = f"{caller} {stream.peer}"
         await stream.send_message(self.answer(request, caller, stream.metadata(QUOTA_METADATA) == "1")
                                   .SerializeToString())  # fmt: skip
 
