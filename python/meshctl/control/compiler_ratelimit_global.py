@@ -4,7 +4,8 @@ the same route `rate_limits` actions (descriptors) as local rules.
 
 Choices where Envoy is silent:
 - one filter per connection manager, so its status, failure mode and timeout are per listener:
-  the status is the oldest global rule's there; failure_mode_deny if any RateLimit there asks
+  the status is the first global rule's there (virtual hosts in name order, each host's
+  RateLimits oldest first; a RateLimit's rules all share one); failure_mode_deny if any RateLimit there asks
   for it (its owner wants the limit kept even when the service is away); the response headers
   are per rule, sent by the service in `response_headers_to_add`;
 - shadow: Envoy's filter has no per-descriptor shadow; the service counts shadow rules and
@@ -58,7 +59,7 @@ def rule_name(namespace: str, name: str, index: int) -> str:
 
 def listener_filter(rules: Iterable[Any]) -> Json | None:
     """The ratelimit filter for a connection manager whose virtual hosts carry these global rules
-    (AppliedRule, oldest first); None without any."""
+    (AppliedRule, in virtual host order); None without any."""
     rules = list(rules)
     if not rules:
         return None

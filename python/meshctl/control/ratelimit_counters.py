@@ -117,8 +117,8 @@ class GlobalCounters:
     # --- rules ------------------------------------------------------------------------------
 
     def set_rules(self, rules: Iterable[GlobalRule]) -> None:
-        """Replace the rules. A rule whose limit changed starts a fresh count in its current
-        window only if its unit changed (a new limit applies to what was already counted)."""
+        """Replace the rules. A rule whose unit changed counts afresh; one whose requests or burst
+        changed keeps what its window counted, against the new limit (applied at once)."""
         new = {rule.name: rule for rule in rules}
         for name in list(self._windows):
             old = self._rules.get(name)
@@ -127,7 +127,6 @@ class GlobalCounters:
                 del self._windows[name]
             elif rule != old:
                 window = self._windows[name]
-                # The changed limit applies at once: what was counted stays counted.
                 window.limit = rule.requests + min(rule.burst, max(0, window.limit - old.requests))
         for name in list(self._history):
             if name not in new:
