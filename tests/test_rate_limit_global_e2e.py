@@ -187,6 +187,21 @@ def test_local_and_global_rules_on_one_host_each_count_their_own(plane, app, tmp
         envoy.stop()
 
 
+def test_a_shadow_global_rule_lets_everything_through_and_the_service_counts_what_it_would_have_limited(
+        plane, app, tmp_path):  # fmt: skip
+    apply(plane, limit_text(K).replace("    scope: global", "    scope: global\n    shadow: true"))
+    time.sleep(0.5)
+    envoy, port = start_client_envoy(plane, "productpage", app.port, tmp_path / "productpage")
+    try:
+        away_from_the_minutes_end()
+        statuses = [get(port)[0] for _ in range(K + 3)]
+        assert statuses == [200] * (K + 3)
+        assert last_minute(plane) == {"rule": 0, "serving": f"{K} per minute",
+                                      "allowedLastMinute": K, "limitedLastMinute": 3}
+    finally:
+        envoy.stop()
+
+
 def last_minute(plane: ControlPlane) -> dict:
     shown = plane.meshctl("get", "ratelimit", "reviews-global", "-o", "json")
     (rule,) = json.loads(shown.stdout)["status"]["globalRules"]
