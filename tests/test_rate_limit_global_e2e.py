@@ -28,7 +28,7 @@ from helpers.control_plane import ControlPlane, start_control_plane
 from helpers.dataplane import start_dataplane
 from helpers.envoy_sds import cert_dir_secrets, with_file_secrets
 from helpers.envoy_validate import ENVOY
-from helpers.mesh import apply
+from helpers.mesh import apply, wait_until
 from helpers.ports import free_port
 from helpers.procs import Process, start_upstream
 from meshctl.control import compiler_ratelimit_global as global_limits
@@ -129,7 +129,7 @@ def app(tmp_path):
 
 def test_an_envoy_lets_exactly_k_a_minute_through_and_answers_429_with_x_envoy_ratelimited(plane, app, tmp_path):
     apply(plane, limit_text(K))
-    time.sleep(0.5)  # the service follows the store
+    served(plane)
     envoy, port = start_client_envoy(plane, "productpage", app.port, tmp_path / "productpage")
     try:
         away_from_the_minutes_end()
@@ -145,7 +145,7 @@ def test_an_envoy_lets_exactly_k_a_minute_through_and_answers_429_with_x_envoy_r
 
 def test_two_envoys_sharing_one_global_rule_let_k_through_together(plane, app, tmp_path):
     apply(plane, limit_text(K))
-    time.sleep(0.5)
+    served(plane)
     first, first_port = start_client_envoy(plane, "productpage", app.port, tmp_path / "productpage")
     second, second_port = start_client_envoy(plane, "ratings", app.port, tmp_path / "ratings")
     try:
@@ -170,7 +170,7 @@ def test_local_and_global_rules_on_one_host_each_count_their_own(plane, app, tmp
     limit: {requests: 2, unit: minute}
     response: {status: 429, headers: {x-why: mesh-wide limit}}
 """))
-    time.sleep(0.5)
+    served(plane)
     envoy, port = start_client_envoy(plane, "productpage", app.port, tmp_path / "productpage")
     try:
         away_from_the_minutes_end()
@@ -190,7 +190,7 @@ def test_local_and_global_rules_on_one_host_each_count_their_own(plane, app, tmp
 def test_a_shadow_global_rule_lets_everything_through_and_the_service_counts_what_it_would_have_limited(
         plane, app, tmp_path):  # fmt: skip
     apply(plane, limit_text(K).replace("    scope: global", "    scope: global\n    shadow: true"))
-    time.sleep(0.5)
+    served(plane)
     envoy, port = start_client_envoy(plane, "productpage", app.port, tmp_path / "productpage")
     try:
         away_from_the_minutes_end()
@@ -200,6 +200,15 @@ def test_a_shadow_global_rule_lets_everything_through_and_the_service_counts_wha
                                       "allowedLastMinute": K, "limitedLastMinute": 3}
     finally:
         envoy.stop()
+
+
+def served(plane: ControlPlane) -> None:
+    """Until the service counts every global rule of reviews-global (it follows the store)."""
+    def serving() -> bool:
+        shown = json.loads(plane.meshctl("get", "ratelimit", "reviews-global", "-o", "json").stdout)
+        return all(rule["serving"] for rule in shown["status"]["globalRules"])
+
+    wait_until(serving, 10, "the rate limit service serves reviews-global", step=0.1)
 
 
 def last_minute(plane: ControlPlane) -> dict:
