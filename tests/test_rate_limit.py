@@ -1,4 +1,4 @@
-"""The RateLimit resource (policy.meshctl.io/v1alpha1, local scope): what it accepts, what it refuses
+"""The RateLimit resource (policy.meshctl.io/v1alpha1): what it accepts, what it refuses
 by field (in the validator, and through `meshctl apply`: exit 2, nothing stored changes), and `meshctl
 get ratelimit NAME -o yaml` showing it back as written."""
 
@@ -64,7 +64,7 @@ def test_the_issues_example_is_accepted_as_written():
         (("x-user: {exact: jason}", "X-User: {exact: jason}"), "spec.rules[0].match.headers.X-User", "not a header name"),
         (("x-user: {exact: jason}", "x-user: {prefix: ''}"), "spec.rules[0].match.headers.x-user", "empty prefix"),
         (("x-user: {exact: jason}", "x-user: {}"), "spec.rules[0].match.headers.x-user", "exactly one of exact"),
-        (("scope: local", "scope: global"), "spec.rules[0].scope", "global rate limits are not supported yet"),
+        (("  rules:\n", "  failureModeDeny: true\n  rules:\n"), "spec.failureModeDeny", "global rules only"),
         (("scope: local", "scope: cluster"), "spec.rules[0].scope", "'local' or 'global'"),
         (("shadow: false", "shadow: maybe"), "spec.rules[0].shadow", "boolean"),
         (("x-why: slow down}}\n  - limit", "x-why: slow down}, body: too many}\n  - limit"),
@@ -135,7 +135,7 @@ def test_apply_get_and_refusals_through_the_control_plane(tmp_path):
         assert "reviews-limit" in plane.meshctl("get", "rl").stdout
         for change, field, reason in (
             (("requests: 100", "requests: 0"), "spec.rules[0].limit.requests", "greater than or equal to 1"),
-            (("scope: local", "scope: global"), "spec.rules[0].scope", "not supported yet"),
+            (("scope: local", "scope: cluster"), "spec.rules[0].scope", "'local' or 'global'"),
             (("  host: reviews", ""), "spec", "exactly one of selector"),
         ):
             done = plane.meshctl("apply", "-f", "-", stdin=LIMIT.replace(*change))

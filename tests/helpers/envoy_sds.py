@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from .bootstrap import Json
 
@@ -36,3 +37,16 @@ def cert_dir_secrets(certs: Path, directory: Path) -> tuple[Json, Json]:
         "validation_context": {"trusted_ca": {"filename": str(certs / "root.pem")}, "watched_directory": watched},
     })  # fmt: skip
     return default, rootca
+
+
+def with_file_secrets(value: Any, secrets: dict[str, Json]) -> Any:
+    """`value` (compiled xDS) with every SDS reference over ADS to one of `secrets` (`default`,
+    ROOTCA) replaced by that file SDS config: what the agent supplies to `meshctl run`, for an
+    Envoy that runs compiled config without ADS."""
+    if isinstance(value, dict):
+        if value.get("sds_config") == {"ads": {}, "resource_api_version": "V3"} and value.get("name") in secrets:
+            return secrets[value["name"]]
+        return {key: with_file_secrets(item, secrets) for key, item in value.items()}
+    if isinstance(value, list):
+        return [with_file_secrets(item, secrets) for item in value]
+    return value

@@ -187,6 +187,8 @@ async def _main(options: Any, xds: _XdsOptions, authority: Any) -> None:
     from meshctl.control.identity_api import IdentityApi
     from meshctl.control.identity_authority import identity_service
     from meshctl.control.plane import run_control_plane
+    from meshctl.control.ratelimit_counters import GlobalCounters
+    from meshctl.control.ratelimit_service import RateLimitStatus
     from meshctl.control.registry import Registry
     from meshctl.control.xds_service import xds_service
     from meshctl.control.xds_tls import ServerTls, server_names
@@ -203,13 +205,16 @@ async def _main(options: Any, xds: _XdsOptions, authority: Any) -> None:
             ServerTls(authority.ca, server_names(xds.api_host, xds_names), alpn=["http/1.1"], purpose="API"),
             authority,
         )
+        # The global rate limit counters: counted by the xDS port's service, shown by the API.
+        counters = GlobalCounters()
         services = (
             identity_service(authority),  # first: the CA is bound to the store before xDS serves
             xds_service(registry, xds.address, authority=authority,
-                        api_token=ensure_token(options.token_path), tls=tls),  # fmt: skip
+                        api_token=ensure_token(options.token_path), tls=tls, counters=counters),  # fmt: skip
         )
         nursery.start_soon(
-            functools.partial(run_control_plane, api_extensions=[IdentityApi(authority)], api_tls=api_tls),
+            functools.partial(run_control_plane, api_extensions=[IdentityApi(authority), RateLimitStatus(counters)],
+                              api_tls=api_tls),
             options, services, ready, registry,
         )  # fmt: skip
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

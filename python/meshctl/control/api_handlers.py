@@ -74,7 +74,9 @@ class Api:
     def __init__(self, store: Store, extensions: Sequence[Any] = ()) -> None:
         self.store = store
         # Further endpoint groups (the service registry): objects with handles(parts) and
-        # async handle(request, parts), asked in order after the resource endpoints.
+        # async handle(request, parts), asked in order after the resource endpoints. One may
+        # also have resource_status(item), whose fields join a resource's status as `meshctl
+        # get` shows it (the global rate limit service's counts).
         self.extensions = list(extensions)
         # Reference checks read the whole state and then write: two writers interleaving could
         # each pass a check the other invalidates (apply a VS while its DR is deleted).
@@ -178,15 +180,25 @@ class Api:
         if item is None:
             raise ApiError("not_found", f"{ref} not found")
         statuses = await self.store.statuses([ref])
-        return _item_json(item, statuses[ref])
+        return self._with_extension_status(item, _item_json(item, statuses[ref]))
 
     async def list(self, kind: str | None, namespace: str | None) -> dict[str, Any]:
         items = await self.store.list(kind, namespace)
         statuses = await self.store.statuses([item.ref for item in items]) if items else {}
         return {
             "revision": self.store.revision,
-            "items": [_item_json(item, statuses.get(item.ref, [])) for item in items],
+            "items": [
+                self._with_extension_status(item, _item_json(item, statuses.get(item.ref, []))) for item in items
+            ],
         }
+
+    def _with_extension_status(self, item: StoredResource, body: dict[str, Any]) -> dict[str, Any]:
+        for extension in self.extensions:
+            status = getattr(extension, "resource_status", None)
+            extra = status(item) if status is not None else None
+            if extra:
+                body["status"].update(extra)
+        return body
 
 
 def _item_json(item: StoredResource, sidecars: list[SidecarStatus]) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from meshctl.control import compiler_fault as fault
 from meshctl.control import compiler_mtls as mtls
 from meshctl.control import compiler_concurrency as concurrency
 from meshctl.control import compiler_ratelimit as ratelimit
+from meshctl.control import compiler_ratelimit_global as global_ratelimit
 from meshctl.control import compiler_rbac as rbac
 from meshctl.control.compiler_matchers import string_match
 from meshctl.control import resource_types as types
@@ -152,9 +153,14 @@ class _Stored:
     ref: Any = None
 
 
-def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshConfig:
+def compile_mesh(
+    resources: Iterable[Any], sidecars: Sequence[Sidecar],
+    rate_limit_service: global_ratelimit.ServiceAddress = global_ratelimit.ServiceAddress(),
+) -> MeshConfig:
     """Compile stored resources (StoredResource, or plain bodies with kind/metadata/spec) and
-    every registered sidecar into the shared part of the mesh config."""
+    every registered sidecar into the shared part of the mesh config. `rate_limit_service` is
+    where global RateLimit rules are asked (the control plane's xDS port; the default one unless
+    the plane says)."""
     stored = [_parse(resource, position) for position, resource in enumerate(resources)]
     virtual_services = sorted(
         (s for s in stored if s.kind == "VirtualService"), key=lambda s: s.order
@@ -276,6 +282,10 @@ def compile_mesh(resources: Iterable[Any], sidecars: Sequence[Sidecar]) -> MeshC
             else:
                 config.clusters.append(plaintext)
     config.plaintext_clusters = plaintext_clusters if any_mtls else config.clusters
+    if any(rule.scope == "global" for stored in config.rate_limits for rule in stored.spec.rules):
+        config.clusters, config.plaintext_clusters = global_ratelimit.with_service_cluster(
+            config.clusters, config.plaintext_clusters, rate_limit_service
+        )
     return config
 
 

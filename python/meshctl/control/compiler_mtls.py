@@ -64,7 +64,7 @@ def effective_mode(
     return mode
 
 
-def _sds(name: str) -> Json:
+def sds(name: str) -> Json:
     return {"name": name, "sds_config": {"ads": {}, "resource_api_version": "V3"}}
 
 
@@ -83,7 +83,7 @@ def upstream_tls(server_name: str, identities: Iterable[str]) -> Json:
             "sni": server_name,
             "common_tls_context": {
                 "alpn_protocols": [SIDECAR_ALPN],
-                "tls_certificate_sds_secret_configs": [_sds(WORKLOAD_SECRET)],
+                "tls_certificate_sds_secret_configs": [sds(WORKLOAD_SECRET)],
                 "combined_validation_context": {
                     "default_validation_context": {
                         "match_typed_subject_alt_names": [
@@ -91,7 +91,7 @@ def upstream_tls(server_name: str, identities: Iterable[str]) -> Json:
                             for identity in sorted(set(identities))
                         ]
                     },
-                    "validation_context_sds_secret_config": _sds(ROOT_SECRET),
+                    "validation_context_sds_secret_config": sds(ROOT_SECRET),
                 },
             },
         },
@@ -113,7 +113,7 @@ def downstream_tls(identity: str) -> Json:
             "require_client_certificate": True,
             "common_tls_context": {
                 "alpn_protocols": list(INBOUND_ALPN),
-                "tls_certificate_sds_secret_configs": [_sds(WORKLOAD_SECRET)],
+                "tls_certificate_sds_secret_configs": [sds(WORKLOAD_SECRET)],
                 "combined_validation_context": {
                     "default_validation_context": {
                         "match_typed_subject_alt_names": [
@@ -123,7 +123,7 @@ def downstream_tls(identity: str) -> Json:
                             }
                         ]
                     },
-                    "validation_context_sds_secret_config": _sds(ROOT_SECRET),
+                    "validation_context_sds_secret_config": sds(ROOT_SECRET),
                 },
             },
         },

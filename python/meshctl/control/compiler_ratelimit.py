@@ -6,15 +6,20 @@ workloads' inbound route.
 
 Shadow rules: Envoy's filter_enforced is per filter config, not per descriptor. A virtual host whose
 rules are all shadow (or all enforced) needs one filter; one that mixes both gets its shadow rules in
-a second instance of the filter, whose config is never enforced."""
+a second instance of the filter, whose config is never enforced.
+
+Global rules (`scope: global`) get the same actions (one descriptor naming the rule), asked of the
+control plane's rate limit service by the global filter (compiler_ratelimit_global) after the local
+ones; the local filter configs list only local rules."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from meshctl.control import compiler_ratelimit_global as global_limits
 from meshctl.control.compiler_matchers import string_match
 from meshctl.resources.common import StringMatch
 from meshctl.resources.hosts import canonical_host
@@ -51,6 +56,11 @@ class AppliedRule:
 
     descriptor: str
     rule: RateLimitRule
+    failure_mode_deny: bool = False  # the RateLimit's: for a global rule when the service is away
+
+    @property
+    def is_global(self) -> bool:
+        return self.rule.scope == "global"
 
 
 def rules_by_host(rate_limits: Iterable[Any]) -> dict[str, list[AppliedRule]]:
@@ -78,23 +88,30 @@ def rules_for_workload(rate_limits: Iterable[Any], namespace: str, labels: Mappi
 def _applied(stored: Any) -> list[AppliedRule]:
     """The rate rules (those with a limit; concurrency rules are compiler_concurrency's)."""
     return [
-        AppliedRule(f"{stored.namespace}/{stored.name}/{index}", rule)
+        AppliedRule(global_limits.rule_name(stored.namespace, stored.name, index), rule,
+                    bool(stored.spec.failure_mode_deny))
         for index, rule in enumerate(stored.spec.rules)
         if rule.limit is not None
-    ]
+    ]  # fmt: skip
 
 
 def listener_filters(targets: Iterable[Sequence[AppliedRule]]) -> list[Json]:
     """The connection manager's rate limit filters (before the router) that its virtual hosts'
     rules need, one list of rules per virtual host. Without a per-route config a filter is
     disabled, so unlimited routes pass it untouched."""
-    targets = [rules for rules in targets if rules]
+    targets = [list(rules) for rules in targets if rules]
+    local = [[r for r in rules if not r.is_global] for rules in targets]
+    local = [rules for rules in local if rules]
     filters = []
-    if targets:
+    if local:
         filters.append({"name": FILTER, "typed_config": {"@type": TYPE, "stat_prefix": STAT_PREFIX}})
-    if any(_mixed(rules) for rules in targets):
+    if any(_mixed(rules) for rules in local):
         # First: it never stops a request, so it sees (counts) those the enforced one refuses.
         filters.insert(0, {"name": SHADOW_FILTER, "typed_config": {"@type": TYPE, "stat_prefix": SHADOW_STAT_PREFIX}})
+    # Last: a request the sidecar refuses on its own does not spend the mesh-wide limit.
+    global_filter = global_limits.listener_filter(r for rules in targets for r in rules if r.is_global)
+    if global_filter is not None:
+        filters.append(global_filter)
     return filters
 
 
@@ -118,14 +135,20 @@ def limit_virtual_host(virtual_host: Json, rules: Sequence[AppliedRule]) -> None
     (a redirect has no route action: nothing to count it against)."""
     if not rules:
         return
-    actions = [{"actions": [_action(applied)]} for applied in rules]
+    actions = [
+        {"stage": global_limits.STAGE, "actions": [_action(applied)]} if applied.is_global else {"actions": [_action(applied)]}
+        for applied in rules
+    ]
     for route in virtual_host["routes"]:
         if "route" in route:
             # A copy: routes of one VirtualService http entry share their action dict.
             route["route"] = {**route["route"], "rate_limits": actions}
+    local = [r for r in rules if not r.is_global]
+    if not local:
+        return
     configs = virtual_host.setdefault("typed_per_filter_config", {})
-    enforced = [r for r in rules if not r.rule.shadow]
-    shadow = [r for r in rules if r.rule.shadow]
+    enforced = [r for r in local if not r.rule.shadow]
+    shadow = [r for r in local if r.rule.shadow]
     if enforced:
         configs[FILTER] = _filter_config(enforced, STAT_PREFIX, _ALWAYS)
     if shadow:
@@ -245,7 +268,7 @@ def for_caller_namespace(rules: Sequence[AppliedRule], namespace: str) -> list[A
             chosen.append(applied)
         elif any(re.fullmatch(_wildcard(value, "[^/]"), namespace) for value in match.source_namespaces):
             unsourced = applied.rule.model_copy(update={"match": match.model_copy(update={"source_namespaces": None})})
-            chosen.append(AppliedRule(applied.descriptor, unsourced))
+            chosen.append(replace(applied, rule=unsourced))
     return chosen
 
 

@@ -19,12 +19,16 @@ from google.protobuf.any_pb2 import Any as AnyMessage
 from meshctl.control import resource_types as types
 from meshctl.control.ads import ADS_METHOD, AdsServer, serve_ads
 from meshctl.control.compiler import MeshConfig, compile_mesh, sidecar_resources, to_packed
+from meshctl.control.compiler_ratelimit_global import ServiceAddress
 from meshctl.control.identity_authority import IdentityAuthority
 from meshctl.control.identity_grpc import IdentityHandlers, authenticated_ads
+from meshctl.control.ratelimit_counters import GlobalCounters
+from meshctl.control.ratelimit_service import RateLimitService, follow_rules
 from meshctl.control.registry import Registry, Sidecar
 from meshctl.control.snapshot import Snapshot, SnapshotCache, TypeResources
 from meshctl.control.store import Store, StoreError
 from meshctl.control.xds_tls import ServerTls
+from meshctl.identity.ca import control_plane_id
 
 log = logging.getLogger("meshctl.control.xds")
 
@@ -50,6 +54,8 @@ class Publisher:
         self.sources: dict[str, list[tuple[Any, int]]] = {}
         # The last build's per-type resources by what they were made of (see _Packer).
         self._packed: dict[tuple[Any, ...], TypeResources] = {}
+        # Where sidecars ask for global rate limits: the plane's own xDS port, once it is bound.
+        self.rate_limit_service: ServiceAddress | None = None
 
     def publish(
         self, revision: int, resources: Sequence[Any], generation: int, sidecars: Sequence[Sidecar],
@@ -66,7 +72,10 @@ class Publisher:
         also gets its ROOTCA secret (and the version names the trust generation too)."""
         started = time.perf_counter()
         version = f"{revision}.{generation}" + (f".{trust.generation}" if trust else "")
-        mesh = compile_mesh(resources, sidecars)
+        if self.rate_limit_service is not None:
+            mesh = compile_mesh(resources, sidecars, self.rate_limit_service)
+        else:
+            mesh = compile_mesh(resources, sidecars)
         packer = _Packer(mesh, version, self._packed, trust)
         # Sidecars made of the same per-type resources share one snapshot.
         by_parts: dict[tuple[int, ...], Snapshot] = {}
@@ -369,26 +378,28 @@ def xds_service(
     authority: IdentityAuthority | None = None,
     api_token: str | None = None,
     tls: ServerTls | None = None,
+    counters: GlobalCounters | None = None,
 ) -> Callable[[Store], Any]:
     """A run_control_plane service factory: ADS on `address`, fed from the store and `registry`.
 
     With `authority` (and the API token), the same port also serves the CA and registration
-    methods and every sidecar gets the ROOTCA secret; with `tls`, the port is TLS (else h2c)."""
+    methods and every sidecar gets the ROOTCA secret; with `tls`, the port is TLS (else h2c).
+    It always answers the global rate limit service (ratelimit_service) over `counters` (shared
+    with the API, which shows them), and sidecars are compiled to ask it there."""
 
     def factory(store: Store):
         async def serve(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
             cache = SnapshotCache()
             publisher = Publisher(cache)
             server = AdsServer(cache)
-            extra = {}
+            limits = counters if counters is not None else GlobalCounters()
+            extra = dict(RateLimitService(limits, authority, api_token).handlers())
             if authority is not None:
                 assert api_token is not None, "the CA methods need the API token (operators)"
-                extra = IdentityHandlers(authority, registry, api_token).handlers()
+                extra.update(IdentityHandlers(authority, registry, api_token).handlers())
                 extra[ADS_METHOD] = authenticated_ads(server.stream_aggregated_resources, authority, api_token)
             async with trio.open_nursery() as nursery:
-                await nursery.start(
-                    functools.partial(follow_and_publish, authority=authority), store, registry, publisher
-                )
+                await nursery.start(follow_rules, store, limits)
                 if tls is not None:
                     await nursery.start(tls.serve)
                     authority_callbacks = authority.on_roots_changed if authority else []
@@ -399,13 +410,24 @@ def xds_service(
                         ssl_context=tls.context if tls is not None else None,
                     )
                 )  # fmt: skip
-                nursery.start_soon(report_statuses, store, registry, cache, publisher)
                 shown = f"[{host}]" if ":" in host else host
                 registry.xds_address = f"{shown}:{port}"
+                # Sidecars reach the plane by the last name its certificate carries (an --xds-name,
+                # else the listen address unless a wildcard, else 127.0.0.1).
+                publisher.rate_limit_service = ServiceAddress(
+                    tls.names[-1] if tls is not None else host, port, tls is not None,
+                    control_plane_id(authority.ca.trust_domain) if authority is not None else ServiceAddress.identity,
+                )
+                # After the bind, so that the very first config names the service's address.
+                await nursery.start(
+                    functools.partial(follow_and_publish, authority=authority), store, registry, publisher
+                )
+                nursery.start_soon(report_statuses, store, registry, cache, publisher)
                 if tls is not None:
-                    what = "TLS, ALPN h2" + (", CA and registration" if extra else "")
+                    what = "TLS, ALPN h2" + (", CA and registration" if authority else "") + ", rate limits"
                 else:
-                    what = "plaintext h2c: debugging only" + (", CA and registration" if extra else "")
+                    what = "plaintext h2c: debugging only" + (", CA and registration" if authority else "")
+                    what += ", rate limits"
                 task_status.started(f"xDS (ADS, {what}) on {registry.xds_address}")
 
         return serve

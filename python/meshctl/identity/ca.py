@@ -46,6 +46,12 @@ DEFAULT_OVERLAP = 24 * 3600.0
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
+def control_plane_id(trust_domain: str) -> str:
+    """The URI SAN of the control plane's server certificate. Not of the workload form
+    (spiffe://TD/ns/NS/sa/SA), so no CSR, join token or operator can be issued it."""
+    return f"spiffe://{trust_domain}/meshctl/control-plane"
+
+
 class CaError(Exception):
     """A CA that cannot be loaded or an operation it refuses; str() says which file or why."""
 
@@ -221,7 +227,9 @@ class CertificateAuthority:
         self, names: Iterable[str], ttl: float = SERVER_CERT_TTL
     ) -> tuple[bytes, bytes, float]:
         """(chain PEM, private key PEM, not_after) for the control plane's own TLS port: DNS and IP
-        SANs for `names`. The key is made here and lives only in memory.
+        SANs for `names`, and the plane's URI SAN (control_plane_id), by which sidecars' engines
+        (which match peers by URI only) tell the plane from a workload. The key is made here and
+        lives only in memory.
 
         During a rotation it is signed by the previous root: every sidecar still trusts that one
         (those started before the rotation know no other), until the rotation is finished."""
@@ -231,7 +239,7 @@ class CertificateAuthority:
         not_after = min(
             now + datetime.timedelta(seconds=ttl), signer.certificate.not_valid_after_utc
         )
-        sans: list[x509.GeneralName] = []
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(control_plane_id(self.trust_domain))]
         for name in dict.fromkeys(names):
             try:
                 sans.append(x509.IPAddress(ipaddress.ip_address(name)))

@@ -1,5 +1,6 @@
-"""RateLimit (policy.meshctl.io/v1alpha1): token-bucket limits on a service's traffic, per rule,
-counted by each sidecar on its own (scope local); meshctl's own kind beside Istio's untouched ones."""
+"""RateLimit (policy.meshctl.io/v1alpha1): limits on a service's traffic, per rule, counted by each
+sidecar on its own (scope local, token buckets) or once for the whole mesh by the control plane's
+rate limit service (scope global, fixed windows); meshctl's own kind beside Istio's untouched ones."""
 
 from __future__ import annotations
 
@@ -80,6 +81,10 @@ class RateLimitSpec(MeshModel):
     selector: RateLimitSelector | None = None
     host: str | None = None
     rules: list[RateLimitRule]
+    # Global rules when the rate limit service cannot be asked (unreachable, slow, refusing):
+    # false lets requests through (fail open, Envoy's default), true refuses them. On the spec,
+    # not the rule: a sidecar asks the service once per request for all the rules it matches.
+    failure_mode_deny: bool = False
 
 
 def max_tokens(limit: Limit) -> int:
@@ -97,6 +102,9 @@ def problems(spec: RateLimitSpec) -> Iterator[tuple[str, str]]:
             yield "spec.host", "is empty; name a service, e.g. reviews or reviews.default.svc.cluster.local"
         elif "*" in spec.host:
             yield "spec.host", f"{spec.host!r} is a wildcard; name one service"
+    if spec.failure_mode_deny and not any(rule.scope == "global" for rule in spec.rules):
+        yield "spec.failureModeDeny", ("applies to global rules only (when the rate limit service "
+                                       "cannot be asked); this RateLimit has none")  # fmt: skip
     if not spec.rules:
         yield "spec.rules", "is empty: the RateLimit would limit nothing"
     elif len(spec.rules) > MAX_RULES:
@@ -104,8 +112,6 @@ def problems(spec: RateLimitSpec) -> Iterator[tuple[str, str]]:
     first_response: tuple[int, tuple[int, list[tuple[str, str]]]] | None = None
     for index, rule in enumerate(spec.rules):
         here = f"spec.rules[{index}]"
-        if rule.scope == "global":
-            yield f"{here}.scope", "global rate limits are not supported yet; use local (each sidecar counts on its own)"
         if (rule.limit is None) == (rule.concurrency is None):
             yield here, "set exactly one of limit (requests per unit) or concurrency (requests at once)"
         if rule.limit is not None and max_tokens(rule.limit) > MAX_TOKENS:

@@ -1,0 +1,254 @@
+"""The global rate limit service's arithmetic, sans IO: the rules (one per global RateLimit rule),
+fixed-window counters, burst carried over from a quiet window, shadow counting, and batched quota.
+
+Windows are fixed and aligned to the epoch per unit, as Envoy's reference ratelimit service
+counts (a minute window is [hh:mm:00, hh:mm+1:00)). `burst` is meshctl's: as the local token
+bucket saves up to `burst` tokens in a quiet spell, a window admits `requests` plus what the
+previous window left unused, at most `burst` (a window after a fully quiet one admits
+requests + burst; a counter that is gone counts as quiet).
+
+A request is admitted only if every enforced rule it names has room; only then is it counted
+against them (as the local filter takes no token from any bucket when one refuses). Shadow rules
+count every request they see and never refuse. Time is passed in, so tests need no clock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+# Live counters at most (one per rule with traffic in its current or previous window). A rule
+# beyond the cap is answered OK (fail open, as an unreachable service would be) and counted.
+MAX_COUNTERS = 100_000
+# Quota: a grant is at most this share of what is left in the window, so 10 sidecars each
+# holding an unused grant leave at most 10/200 = 5 % of the window's remainder unused.
+QUOTA_SHARE = 200
+# A grant expires this soon (and never after the window ends): an unused grant wastes little.
+QUOTA_SECONDS = 1.0
+# A caller's first grant. One that comes back before its grant expired used it up: its next grant
+# is what it admits in half the grant's life at the rate it just showed (so a steady caller uses
+# each grant up well before it expires); one that let a grant expire gets half the last.
+FIRST_GRANT = 4
+HISTORY_SECONDS = 60  # what `meshctl get ratelimit` reports: the last minute
+
+
+@dataclass(frozen=True)
+class GlobalRule:
+    """One global rule: `requests` per `unit_seconds`, plus up to `burst` saved from the last window."""
+
+    name: str  # the descriptor value: namespace/name/index
+    requests: int
+    unit_seconds: int
+    burst: int = 0
+    shadow: bool = False
+    headers: tuple[tuple[str, str], ...] = ()  # added to a refused request's response
+
+
+@dataclass(frozen=True)
+class Grant:
+    requests: int
+    valid_until: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One descriptor's answer: whether its own rule had room (the request as a whole is admitted
+    only if every descriptor's is ok); `known` False for a descriptor no rule names (answered OK)."""
+
+    rule: GlobalRule | None
+    ok: bool
+    limit: int = 0
+    remaining: int = 0
+    reset_in: float = 0.0
+    quota: Grant | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.rule is not None
+
+
+@dataclass
+class _Window:
+    index: int  # floor(time / unit)
+    limit: int  # requests admitted in this window, burst included
+    used: int = 0  # requests counted (shadow: seen)
+    # caller → its last grant in this window (size, granted at, valid until): sizes the next one.
+    grants: dict[str, tuple[int, float, float]] = field(default_factory=dict)
+
+
+@dataclass
+class _History:
+    """Allowed and limited per second over the last minute, for one rule."""
+
+    seconds: deque[tuple[int, int, int]] = field(default_factory=deque)  # (second, allowed, limited)
+
+    def add(self, now: float, allowed: int, limited: int) -> None:
+        second = int(now)
+        if self.seconds and self.seconds[-1][0] == second:
+            _, a, b = self.seconds[-1]
+            self.seconds[-1] = (second, a + allowed, b + limited)
+        else:
+            self.seconds.append((second, allowed, limited))
+        self.trim(now)
+
+    def trim(self, now: float) -> None:
+        while self.seconds and self.seconds[0][0] <= int(now) - HISTORY_SECONDS:
+            self.seconds.popleft()
+
+    def totals(self, now: float) -> tuple[int, int]:
+        self.trim(now)
+        return sum(s[1] for s in self.seconds), sum(s[2] for s in self.seconds)
+
+
+class GlobalCounters:
+    """Rules by descriptor value, and their counters."""
+
+    def __init__(self, max_counters: int = MAX_COUNTERS) -> None:
+        self.max_counters = max_counters
+        self._rules: dict[str, GlobalRule] = {}
+        self._windows: dict[str, _Window] = {}
+        self._history: dict[str, _History] = {}
+        self.counters_capped = 0  # requests answered OK because the counter cap was hit
+        self.unknown_descriptors = 0
+        self._next_sweep = 0.0
+
+    # --- rules ------------------------------------------------------------------------------
+
+    def set_rules(self, rules: Iterable[GlobalRule]) -> None:
+        """Replace the rules. A rule whose unit changed counts afresh; one whose requests or burst
+        changed keeps what its window counted, against the new limit (applied at once)."""
+        new = {rule.name: rule for rule in rules}
+        for name in list(self._windows):
+            old = self._rules.get(name)
+            rule = new.get(name)
+            if rule is None or old is None or rule.unit_seconds != old.unit_seconds:
+                del self._windows[name]
+            elif rule != old:
+                window = self._windows[name]
+                window.limit = rule.requests + min(rule.burst, max(0, window.limit - old.requests))
+        for name in list(self._history):
+            if name not in new:
+                del self._history[name]
+        self._rules = new
+
+    def rule(self, name: str) -> GlobalRule | None:
+        return self._rules.get(name)
+
+    @property
+    def rules(self) -> Mapping[str, GlobalRule]:
+        return self._rules
+
+    def live_counters(self) -> int:
+        return len(self._windows)
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "rules": len(self._rules),
+            "live_counters": len(self._windows),
+            "counters_capped": self.counters_capped,
+            "unknown_descriptors": self.unknown_descriptors,
+        }
+
+    # --- deciding ---------------------------------------------------------------------------
+
+    def decide(
+        self, names: Sequence[str | None], hits: int, now: float, caller: str = "", want_quota: bool = False
+    ) -> list[Verdict]:
+        """One verdict per descriptor (None: not a descriptor of ours). `hits` is hits_addend
+        (0 means 1). A quota is offered only when `want_quota` and the request was admitted."""
+        hits = hits or 1
+        if now >= self._next_sweep:  # once a second: a sweep walks every counter
+            self.sweep(now)
+            self._next_sweep = now + 1.0
+        windows: list[_Window | None] = []
+        for name in names:
+            rule = self._rules.get(name) if name is not None else None
+            if rule is None:
+                self.unknown_descriptors += 1
+            windows.append(self._window(rule, now) if rule is not None else None)
+        rules = [self._rules.get(name) if name is not None else None for name in names]
+        admitted = all(
+            window is None or rule is None or rule.shadow or window.used + hits <= window.limit
+            for rule, window in zip(rules, windows)
+        )
+        verdicts = []
+        for rule, window in zip(rules, windows):
+            if rule is None:
+                verdicts.append(Verdict(None, True))
+                continue
+            if window is None:  # the cap on counters: fail open
+                self.counters_capped += 1
+                verdicts.append(Verdict(rule, True))
+                continue
+            room = window.used + hits <= window.limit
+            counted = admitted or rule.shadow
+            if counted:
+                window.used += hits
+            # Shadow: what the rule would have done; enforced: what was done to the request.
+            passed = room if rule.shadow else admitted
+            history = self._history.setdefault(rule.name, _History())
+            history.add(now, hits if passed else 0, 0 if passed else hits)
+            end = (window.index + 1) * rule.unit_seconds
+            grant = None
+            if want_quota and admitted and not rule.shadow:
+                grant = self._grant(window, caller, now, end)
+                if grant is not None:
+                    history.add(now, grant.requests, 0)
+            verdicts.append(Verdict(
+                rule, ok=room or rule.shadow, limit=window.limit,
+                remaining=max(0, window.limit - window.used), reset_in=max(0.0, end - now), quota=grant,
+            ))  # fmt: skip
+        return verdicts
+
+    def _window(self, rule: GlobalRule, now: float) -> _Window | None:
+        index = math.floor(now / rule.unit_seconds)
+        window = self._windows.get(rule.name)
+        if window is not None and window.index >= index:
+            return window  # (a clock stepped back stays in the window it had reached)
+        if window is not None and window.index == index - 1:
+            carried = min(rule.burst, max(0, window.limit - window.used))
+        else:
+            carried = rule.burst  # quiet (or forgotten): as a full bucket
+        if window is None and len(self._windows) >= self.max_counters:
+            return None
+        window = self._windows[rule.name] = _Window(index, rule.requests + carried)
+        return window
+
+    def _grant(self, window: _Window, caller: str, now: float, end: float) -> Grant | None:
+        """N further requests, counted now, for the caller to admit on its own until valid_until."""
+        left = window.limit - window.used
+        share = left // QUOTA_SHARE
+        if share <= 0:
+            return None
+        previous = window.grants.get(caller)
+        if previous is None:
+            size = FIRST_GRANT
+        else:
+            last, granted_at, expiry = previous
+            if now < expiry:  # back before it expired: it used `last` up in now - granted_at
+                rate = (last + 1) / max(now - granted_at, 0.001)
+                size = max(1, int(rate * QUOTA_SECONDS / 2))
+            else:
+                size = max(1, last // 2)
+        size = min(size, share, left)
+        valid_until = min(end, now + QUOTA_SECONDS)
+        window.used += size
+        window.grants[caller] = (size, now, valid_until)
+        return Grant(size, valid_until)
+
+    def sweep(self, now: float) -> None:
+        """Drop counters whose windows ended before the previous one (nothing carries from them)."""
+        for name, window in list(self._windows.items()):
+            rule = self._rules.get(name)
+            if rule is None or window.index < math.floor(now / rule.unit_seconds) - 1:
+                del self._windows[name]
+
+    # --- reporting --------------------------------------------------------------------------
+
+    def last_minute(self, name: str, now: float) -> tuple[int, int]:
+        """(allowed, limited) requests for the rule over the last minute (quota grants count as
+        allowed when granted)."""
+        history = self._history.get(name)
+        return history.totals(now) if history is not None else (0, 0)
