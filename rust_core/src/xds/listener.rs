@@ -238,8 +238,7 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
     let mut rbac = RbacFilters { filters: Vec::new(), allowed: metrics.rbac.allowed() };
     let mut router_seen = false;
     let mut fault = None;
-    let mut rate_limit = None;
-    let mut local_rate_limit_first = false;
+    let mut filters = Vec::new();
     for (i, filter) in m.http_filters.iter().enumerate() {
         let typed_config = match &filter.config_type {
             Some(hcm::http_filter::ConfigType::TypedConfig(any)) => Some(any),
@@ -269,19 +268,16 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
                 return Err(FieldError::new(format!("http_filters[{i}]"), "meshctl supports one fault filter per connection manager"));
             }
             fault = Some(Arc::new(http_fault(any).at(format!("http_filters[{i}].typed_config"))?));
+            filters.push(HttpFilter::Fault);
             continue;
         }
         if let Some(any) = typed_config.filter(|any| any.type_url == LOCAL_RATELIMIT_TYPE) {
             // A disabled filter runs only where a route enables it, which meshctl cannot do yet.
             refuse_if(filter.disabled, "disabled").at(format!("http_filters[{i}]"))?;
-            if rate_limit.is_some() {
-                return Err(FieldError::new(
-                    format!("http_filters[{i}]"),
-                    "meshctl supports one local rate limit filter per connection manager",
-                ));
-            }
-            rate_limit = Some(local_rate_limit(any, false, metrics).at(format!("http_filters[{i}].typed_config"))?);
-            local_rate_limit_first = fault.is_none();
+            // Each instance has its own buckets; routes configure it by its name, as in Envoy.
+            unique_filter_name(&filters, &filter.name).at(format!("http_filters[{i}].name"))?;
+            let config = local_rate_limit(any, false, metrics).at(format!("http_filters[{i}].typed_config"))?;
+            filters.push(HttpFilter::LocalRateLimit { name: filter.name.clone(), config });
             continue;
         }
         if type_url != ROUTER_TYPE {
@@ -342,9 +338,26 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
             upgrades.push(u.upgrade_type.to_ascii_lowercase());
         }
     }
-    Ok(HttpSettings { stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac, forward_client_cert, fault, local_rate_limit: rate_limit, local_rate_limit_first,
+    Ok(HttpSettings { stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac, forward_client_cert, fault, filters,
         client_address_from_xff: (!m.use_remote_address.as_ref().is_some_and(|b| b.value)).then_some(m.xff_num_trusted_hops),
     })
+}
+
+/// Routes find a filter instance's per-route config by its name, so two instances of the
+/// filters meshctl runs by name may not share one (Envoy's typed_per_filter_config could not
+/// tell them apart either).
+fn unique_filter_name(filters: &[HttpFilter], name: &str) -> FieldResult<()> {
+    if name.is_empty() {
+        return Err(FieldError::new("", "is required"));
+    }
+    let taken = filters.iter().any(|f| match f {
+        HttpFilter::LocalRateLimit { name: other, .. } => other == name,
+        HttpFilter::Fault => false,
+    });
+    if taken {
+        return Err(FieldError::new("", format!("{name:?} names an earlier HTTP filter too")));
+    }
+    Ok(())
 }
 
 /// normalize_path, merge_slashes and path_with_escaped_slashes_action; Envoy's defaults are off
