@@ -11,6 +11,7 @@ mod common;
 mod fallback;
 mod fault;
 mod listener;
+mod global_ratelimit;
 mod local_ratelimit;
 mod outlier;
 mod rbac;
