@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 
 use super::body::ResponseBody;
 use super::fallback::{self, BreakerCall};
+use super::global_ratelimit::{self, Decision, ServiceHeaders};
 use super::local_reply::{fault_abort_reply, local_reply, rate_limited_reply};
 use super::request_body::{BodyFault, BodyFaults, BodyTee};
 use super::routing::{header_matches, select_route, select_virtual_host, RequestView};
@@ -142,8 +143,27 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
         // each, the most specific per-route config (found by the filter's name) replaces the
         // filter's. Local limits decide synchronously; each adds nothing to this future but a
         // reference.
+        // Headers a rate limit service asked to add to the response (rarely any).
+        let mut service_response_headers: Option<Box<ServiceHeaders>> = None;
         for filter in &context.settings.filters {
             match filter {
+                HttpFilter::GlobalRateLimit { config, .. } => {
+                    let Some((descriptors, stats)) = global_rate_limit_needed(context, config, vhost, route, &request, &authority, path_and_query.as_str()) else {
+                        continue;
+                    };
+                    // Boxed: the call's future exists only for requests that have descriptors.
+                    match Box::pin(global_ratelimit::decide(context, config, descriptors, &stats, grpc)).await {
+                        Decision::Allow(None) => {}
+                        Decision::Allow(Some(headers)) => {
+                            ServiceHeaders::append_to(&headers.request, request.headers_mut());
+                            match &mut service_response_headers {
+                                Some(earlier) => earlier.response.extend(headers.response),
+                                None => service_response_headers = Some(headers),
+                            }
+                        }
+                        Decision::Reply(reply) => return *reply,
+                    }
+                }
                 HttpFilter::LocalRateLimit { name, config } => {
                     let config = route.local_rate_limit(name).unwrap_or(config);
                     match local_rate_limit(context, config, vhost, route, &request, &authority, path_and_query.as_str(), grpc) {
@@ -189,6 +209,9 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
                 mutation.apply(response.headers_mut());
             }
         }
+        if let Some(headers) = service_response_headers {
+            ServiceHeaders::append_to(&headers.response, response.headers_mut());
+        }
         response
     }
 }
@@ -224,6 +247,45 @@ fn local_rate_limit(
             Err(Box::new(rate_limited_reply(config, grpc)))
         }
     }
+}
+
+/// Whether the global rate limit filter asks its service about this request: its descriptors
+/// (none: no call) and the counters of the route's target cluster. Like Envoy's filter, it skips
+/// routes without a cluster (direct responses, redirects) and clusters not configured. A weighted
+/// route counts under its first cluster (meshctl picks among them after the filters run).
+#[allow(clippy::too_many_arguments)]
+fn global_rate_limit_needed(
+    context: &HttpContext,
+    config: &crate::model::global_ratelimit::GlobalRateLimit,
+    vhost: &VirtualHost,
+    route: &Route,
+    request: &Request<Incoming>,
+    authority: &str,
+    path_and_query: &str,
+) -> Option<(Vec<crate::policy::local_ratelimit::Descriptor>, Arc<crate::telemetry::metrics::ClusterStats>)> {
+    use crate::policy::local_ratelimit::RequestDescriptorSource;
+    // The cheap test first: a route and virtual host without policies cost nothing more.
+    if route.rate_limits.is_empty() && vhost.rate_limits.is_empty() {
+        return None;
+    }
+    let Action::Forward(forward) = &route.action else { return None };
+    let target = match &forward.clusters {
+        ClusterChoice::Single { name } => name.as_str(),
+        ClusterChoice::Weighted(weighted) => weighted.clusters.first()?.name.as_str(),
+    };
+    let cluster = context.registry.cluster(target)?;
+    let view = RequestView { method: request.method(), path_and_query, authority, scheme: context.scheme, headers: request.headers() };
+    let client_ip = context
+        .settings
+        .client_address_from_xff
+        .and_then(|hops| address_from_xff(request.headers(), hops))
+        .unwrap_or_else(|| context.peer.ip());
+    let source = RequestDescriptorSource { route, vhost, request: &view, client_ip };
+    let descriptors = global_ratelimit::descriptors(config, &source);
+    if descriptors.is_empty() {
+        return None;
+    }
+    Some((descriptors, cluster.stats.clone()))
 }
 
 /// Envoy's client address when it does not use the connection's: the x-forwarded-for entry
@@ -711,7 +773,7 @@ fn requested_upgrade(headers: &HeaderMap) -> Option<String> {
 }
 
 /// `tls`: the upstream connection is TLS, so an HTTP/2 request's :scheme is https.
-pub(super) fn upstream_uri(host: &str, path_and_query: PathAndQuery, absolute: bool, tls: bool) -> Option<Uri> {
+pub(crate) fn upstream_uri(host: &str, path_and_query: PathAndQuery, absolute: bool, tls: bool) -> Option<Uri> {
     if absolute {
         Uri::builder()
             .scheme(if tls { Scheme::HTTPS } else { Scheme::HTTP })

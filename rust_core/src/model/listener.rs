@@ -98,6 +98,8 @@ pub enum HttpFilter {
     Fault,
     /// A local rate limit filter instance: routes' per-filter configs for it are found by `name`.
     LocalRateLimit { name: String, config: Arc<super::local_ratelimit::LocalRateLimit> },
+    /// A global rate limit filter instance; `index` is its place in http_filters (for errors).
+    GlobalRateLimit { name: String, index: usize, config: Arc<super::global_ratelimit::GlobalRateLimit> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -14,8 +14,6 @@ use super::{refuse_if, At, FieldError, FieldResult};
 use crate::model::global_ratelimit::{GlobalRateLimit, RequestType};
 
 pub(crate) const RATELIMIT_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit";
-pub(crate) const RATELIMIT_PER_ROUTE_TYPE: &str =
-    "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute";
 
 /// Envoy's default deadline for a ShouldRateLimit call.
 const DEFAULT_TIMEOUT: Duration = Duration::from_millis(20);

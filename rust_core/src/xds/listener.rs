@@ -13,6 +13,7 @@ use prost::Message;
 use super::common::{duration, socket_address, unpack};
 use super::route::{refuse_connect_upgrade, route_configuration};
 use super::fault::{http_fault, FAULT_FILTER_TYPE};
+use super::global_ratelimit::{global_rate_limit, RATELIMIT_TYPE};
 use super::local_ratelimit::{local_rate_limit, LOCAL_RATELIMIT_TYPE};
 use super::rbac::{rbac_http_filter, RBAC_FILTER_TYPE};
 use super::tls::{downstream_tls_context, forward_client_cert};
@@ -280,6 +281,14 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
             filters.push(HttpFilter::LocalRateLimit { name: filter.name.clone(), config });
             continue;
         }
+        if let Some(any) = typed_config.filter(|any| any.type_url == RATELIMIT_TYPE) {
+            // A disabled filter runs only where a route enables it, which meshctl cannot do yet.
+            refuse_if(filter.disabled, "disabled").at(format!("http_filters[{i}]"))?;
+            unique_filter_name(&filters, &filter.name).at(format!("http_filters[{i}].name"))?;
+            let config = global_rate_limit(any).at(format!("http_filters[{i}].typed_config"))?;
+            filters.push(HttpFilter::GlobalRateLimit { name: filter.name.clone(), index: i, config });
+            continue;
+        }
         if type_url != ROUTER_TYPE {
             if filter.is_optional || filter.disabled {
                 continue;
@@ -351,7 +360,7 @@ fn unique_filter_name(filters: &[HttpFilter], name: &str) -> FieldResult<()> {
         return Err(FieldError::new("", "is required"));
     }
     let taken = filters.iter().any(|f| match f {
-        HttpFilter::LocalRateLimit { name: other, .. } => other == name,
+        HttpFilter::LocalRateLimit { name: other, .. } | HttpFilter::GlobalRateLimit { name: other, .. } => other == name,
         HttpFilter::Fault => false,
     });
     if taken {
@@ -419,6 +428,14 @@ pub(crate) fn check_cluster_references(l: &ListenerConfig, exists: &dyn Fn(&str)
         match &chain.handler {
             NetworkHandler::TcpProxy(p) if !exists(&p.cluster) => return Err(missing("cluster".into(), &p.cluster)),
             NetworkHandler::Http(settings) => {
+                for filter in &settings.filters {
+                    if let HttpFilter::GlobalRateLimit { index, config, .. } = filter {
+                        if !exists(&config.cluster) {
+                            let field = format!("http_filters[{index}].typed_config.rate_limit_service.grpc_service.envoy_grpc.cluster_name");
+                            return Err(missing(field, &config.cluster));
+                        }
+                    }
+                }
                 let RouteSource::Inline { config } = &settings.routes else { continue };
                 for (v, vhost) in config.virtual_hosts.iter().enumerate() {
                     for (r, route) in vhost.routes.iter().enumerate() {
