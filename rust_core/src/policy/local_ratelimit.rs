@@ -250,7 +250,8 @@ pub fn route_descriptors(
 
 /// One policy's descriptor: every action adds its entry, or the policy makes none.
 fn push_descriptor(policy: &RateLimitPolicy, source: &RequestDescriptorSource<'_>, out: &mut Vec<Descriptor>) {
-    let mut entries = Vec::with_capacity(policy.actions.len());
+    // Allocated on the first entry only: a policy that makes nothing costs nothing.
+    let mut entries = Vec::new();
     for action in &policy.actions {
         match action {
             RateLimitAction::RequestHeaders { header_name, descriptor_key, skip_if_absent } => {
