@@ -276,7 +276,7 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
             // A disabled filter runs only where a route enables it, which meshctl cannot do yet.
             refuse_if(filter.disabled, "disabled").at(format!("http_filters[{i}]"))?;
             // Each instance has its own buckets; routes configure it by its name, as in Envoy.
-            unique_filter_name(&filters, &filter.name).at(format!("http_filters[{i}].name"))?;
+            filter_name(&filter.name).at(format!("http_filters[{i}].name"))?;
             let config = local_rate_limit(any, false, metrics).at(format!("http_filters[{i}].typed_config"))?;
             filters.push(HttpFilter::LocalRateLimit { name: filter.name.clone(), config });
             continue;
@@ -284,7 +284,7 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
         if let Some(any) = typed_config.filter(|any| any.type_url == RATELIMIT_TYPE) {
             // A disabled filter runs only where a route enables it, which meshctl cannot do yet.
             refuse_if(filter.disabled, "disabled").at(format!("http_filters[{i}]"))?;
-            unique_filter_name(&filters, &filter.name).at(format!("http_filters[{i}].name"))?;
+            filter_name(&filter.name).at(format!("http_filters[{i}].name"))?;
             let config = global_rate_limit(any).at(format!("http_filters[{i}].typed_config"))?;
             filters.push(HttpFilter::GlobalRateLimit { name: filter.name.clone(), index: i, config });
             continue;
@@ -352,19 +352,12 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
     })
 }
 
-/// Routes find a filter instance's per-route config by its name, so two instances of the
-/// filters meshctl runs by name may not share one (Envoy's typed_per_filter_config could not
-/// tell them apart either).
-fn unique_filter_name(filters: &[HttpFilter], name: &str) -> FieldResult<()> {
+/// Routes find a filter instance's per-route config by its name. Envoy 1.40 accepts two
+/// instances with one name; both then take a route's config for that name (and share its buckets,
+/// the per-route config being one object), as here.
+fn filter_name(name: &str) -> FieldResult<()> {
     if name.is_empty() {
         return Err(FieldError::new("", "is required"));
-    }
-    let taken = filters.iter().any(|f| match f {
-        HttpFilter::LocalRateLimit { name: other, .. } | HttpFilter::GlobalRateLimit { name: other, .. } => other == name,
-        HttpFilter::Fault => false,
-    });
-    if taken {
-        return Err(FieldError::new("", format!("{name:?} names an earlier HTTP filter too")));
     }
     Ok(())
 }
