@@ -9,6 +9,7 @@ meshctl's meshctl_cluster_ratelimit_{...}_total{cluster=...}."""
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 import urllib.request
@@ -18,11 +19,13 @@ import pytest
 from helpers import bootstrap as b
 from helpers.counting_app import CountingApp
 from helpers.http_client import Http1Client
+from helpers.pki import CertificateAuthority, Leaf, key_pem, pem
 from helpers.ports import free_port
 from helpers.rls_server import RlsServer
 
 RL_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit"
 RL_NAME = "envoy.filters.http.ratelimit"
+UPSTREAM_TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 COUNTERS = ("ok", "over_limit", "error", "failure_mode_allowed")
 
 
@@ -84,7 +87,8 @@ def rls(started_services, **kwargs) -> RlsServer:
 
 
 def serve(dataplane, app: CountingApp, rls_port: int, rate_limits: list[dict], *, filter_extra: dict | None = None,
-          vhost_rate_limits: list[dict] | None = None, hcm: dict | None = None) -> tuple[int, Counters]:  # fmt: skip
+          vhost_rate_limits: list[dict] | None = None, hcm: dict | None = None,
+          rls_transport_socket: dict | None = None) -> tuple[int, Counters]:  # fmt: skip
     port, admin = free_port(), free_port()
     vhost_extra = {"rate_limits": vhost_rate_limits} if vhost_rate_limits else {}
     routes = b.route_configuration("local", [b.virtual_host("all", [
@@ -94,7 +98,10 @@ def serve(dataplane, app: CountingApp, rls_port: int, rate_limits: list[dict], *
     listener = b.http_listener("http", port, routes, **(hcm or {}))
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     manager["http_filters"].insert(0, rl_filter(**(filter_extra or {})))
-    config = b.bootstrap([listener], [b.cluster("upstream", app.port), b.cluster("rls", rls_port, http2=True)])
+    rls_cluster = b.cluster("rls", rls_port, http2=True)
+    if rls_transport_socket is not None:
+        rls_cluster["transport_socket"] = rls_transport_socket
+    config = b.bootstrap([listener], [b.cluster("upstream", app.port), rls_cluster])
     config["admin"] = {"address": b.socket_address(admin)}
     process = dataplane(config)
     return port, Counters(process.name, admin)
@@ -260,3 +267,43 @@ def test_quota_expires(meshctl_dataplane, app, started_services):
     assert statuses(burst(port, 1)) == [200]
     assert len(service.seen()) == 2
     assert counters.read(("quota_admitted",)) == {"quota_admitted": 2}
+
+
+def test_grpc_requests_limited_get_a_grpc_status(dataplane, app, started_services):
+    service = rls(started_services, limit=0)
+    port, _ = serve(dataplane, app, service.port, [generic()])
+    limited = burst(port, 1, headers=[("content-type", "application/grpc"), ("te", "trailers")])[0]
+    assert limited.status == 200
+    assert limited.headers.get("grpc-status") == "14"
+    assert limited.headers.get("x-envoy-ratelimited") == "true"
+
+
+@pytest.mark.parametrize("request_type, limited", [("internal", False), ("external", True), ("both", True)])
+def test_request_type_with_no_internal_addresses_every_request_is_external(dataplane, app, started_services, request_type, limited):
+    """Envoy 1.40 without internal_address_config takes no client as internal, and does not
+    believe a client's own x-envoy-internal: "internal" applies to nothing."""
+    service = rls(started_services, limit=0)
+    port, _ = serve(dataplane, app, service.port, [generic()], filter_extra={"request_type": request_type})
+    claims_internal = burst(port, 1, headers=[("x-envoy-internal", "true")])[0]
+    plain = burst(port, 1, headers=[("x-forwarded-for", "10.0.0.1")])[0]
+    expected = 429 if limited else 200
+    assert (claims_internal.status, plain.status) == (expected, expected)
+    assert len(service.seen()) == (2 if limited else 0)
+
+
+def test_the_service_over_tls_by_the_clusters_transport_socket(dataplane, app, started_services):
+    ca = CertificateAuthority.root()
+    issued = ca.issue(Leaf(dns=["rls.test"]))
+    service = rls(started_services, limit=1, tls=(key_pem(issued.key), issued.chain_pem()))
+    socket = {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": UPSTREAM_TLS_TYPE,
+        "sni": "rls.test",
+        "common_tls_context": {
+            "alpn_protocols": ["h2"],
+            "validation_context": {"trusted_ca": {"inline_bytes": base64.b64encode(pem([ca.cert])).decode()}},
+        },
+    }}  # fmt: skip
+    port, counters = serve(dataplane, app, service.port, [generic()], rls_transport_socket=socket)
+    assert statuses(burst(port, 3)) == [200, 429, 429]
+    assert len(service.seen()) == 3
+    assert counters.read(("ok", "over_limit", "error")) == {"ok": 1, "over_limit": 2, "error": 0}

@@ -37,13 +37,18 @@ class RlsServer(rls_pb2_grpc.RateLimitServiceServicer):
     request_headers: list[tuple[str, str]] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
     counts: dict[tuple[str, Descriptor], int] = field(default_factory=dict)
+    # (private key PEM, certificate chain PEM): serve over TLS (h2 by ALPN) instead of h2c.
+    tls: tuple[bytes, bytes] | None = None
     port: int = 0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self, self._server)
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        if self.tls is None:
+            self.port = self._server.add_insecure_port("127.0.0.1:0")
+        else:
+            self.port = self._server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([self.tls]))
         self._server.start()
 
     def stop(self) -> None:

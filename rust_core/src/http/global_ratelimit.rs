@@ -56,10 +56,11 @@ pub fn descriptors(config: &GlobalRateLimit, source: &RequestDescriptorSource<'_
     if source.route.rate_limits.is_empty() && source.vhost.rate_limits.is_empty() {
         return Vec::new();
     }
-    let internal = source.request.headers.get("x-envoy-internal").is_some_and(|v| v.as_bytes() == b"true");
-    match (config.request_type, internal) {
-        (RequestType::Internal, false) | (RequestType::External, true) => return Vec::new(),
-        _ => {}
+    // Envoy 1.40 marks a request internal only for addresses in internal_address_config (which
+    // meshctl refuses); without it nothing is internal, and a client's own x-envoy-internal is
+    // removed, not believed. So every request is external here: "internal" limits none.
+    if config.request_type == RequestType::Internal {
+        return Vec::new();
     }
     // Envoy's global filter reads a disable_key from its runtime, where an unset key means
     // enabled: such policies apply. Without a per-route config, vh_rate_limits is OVERRIDE.
