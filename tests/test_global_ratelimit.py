@@ -171,6 +171,13 @@ def test_no_descriptor_no_call(dataplane, app, started_services):
     assert counters.read(COUNTERS) == dict.fromkeys(COUNTERS, 0)
 
 
+def test_policies_of_another_stage_make_no_descriptor(dataplane, app, started_services):
+    service = rls(started_services, limit=0)
+    port, _ = serve(dataplane, app, service.port, [{**generic(), "stage": 1}])
+    assert statuses(burst(port, 2)) == [200, 200]
+    assert service.seen() == []
+
+
 def test_virtual_host_policies_apply_to_routes_without_their_own(dataplane, app, started_services):
     service = rls(started_services, limit=1)
     port, _ = serve(dataplane, app, service.port, [generic("route")], vhost_rate_limits=[generic("vhost")])
