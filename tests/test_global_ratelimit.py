@@ -29,8 +29,8 @@ UPSTREAM_TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.
 COUNTERS = ("ok", "over_limit", "error", "failure_mode_allowed")
 
 
-def rl_filter(domain: str = "test", **extra) -> dict:
-    service = {"grpc_service": {"envoy_grpc": {"cluster_name": "rls"}}, "transport_api_version": "V3"}
+def rl_filter(domain: str = "test", cluster: str = "rls", **extra) -> dict:
+    service = {"grpc_service": {"envoy_grpc": {"cluster_name": cluster}}, "transport_api_version": "V3"}
     return {"name": RL_NAME, "typed_config": {"@type": RL_TYPE, "domain": domain, "rate_limit_service": service, **extra}}
 
 
@@ -88,7 +88,7 @@ def rls(started_services, **kwargs) -> RlsServer:
 
 def serve(dataplane, app: CountingApp, rls_port: int, rate_limits: list[dict], *, filter_extra: dict | None = None,
           vhost_rate_limits: list[dict] | None = None, hcm: dict | None = None,
-          rls_transport_socket: dict | None = None) -> tuple[int, Counters]:  # fmt: skip
+          rls_transport_socket: dict | None = None, rls_cluster: str = "rls") -> tuple[int, Counters]:  # fmt: skip
     port, admin = free_port(), free_port()
     vhost_extra = {"rate_limits": vhost_rate_limits} if vhost_rate_limits else {}
     routes = b.route_configuration("local", [b.virtual_host("all", [
@@ -97,11 +97,11 @@ def serve(dataplane, app: CountingApp, rls_port: int, rate_limits: list[dict], *
     ], **vhost_extra)])  # fmt: skip
     listener = b.http_listener("http", port, routes, **(hcm or {}))
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    manager["http_filters"].insert(0, rl_filter(**(filter_extra or {})))
-    rls_cluster = b.cluster("rls", rls_port, http2=True)
+    manager["http_filters"].insert(0, rl_filter(cluster=rls_cluster, **(filter_extra or {})))
+    service_cluster = b.cluster(rls_cluster, rls_port, http2=True)
     if rls_transport_socket is not None:
-        rls_cluster["transport_socket"] = rls_transport_socket
-    config = b.bootstrap([listener], [b.cluster("upstream", app.port), rls_cluster])
+        service_cluster["transport_socket"] = rls_transport_socket
+    config = b.bootstrap([listener], [b.cluster("upstream", app.port), service_cluster])
     config["admin"] = {"address": b.socket_address(admin)}
     process = dataplane(config)
     return port, Counters(process.name, admin)
@@ -314,3 +314,10 @@ def test_the_service_over_tls_by_the_clusters_transport_socket(dataplane, app, s
     assert statuses(burst(port, 3)) == [200, 429, 429]
     assert len(service.seen()) == 3
     assert counters.read(("ok", "over_limit", "error")) == {"ok": 1, "over_limit": 2, "error": 0}
+
+
+def test_a_service_cluster_named_as_istio_names_clusters(dataplane, app, started_services):
+    service = rls(started_services, limit=1)
+    port, _ = serve(dataplane, app, service.port, [generic()], rls_cluster="outbound|8081||ratelimit.mesh.svc.cluster.local")
+    assert statuses(burst(port, 2)) == [200, 429]
+    assert len(service.seen()) == 2

@@ -93,7 +93,8 @@ pub async fn decide(
         hits_addend: 0,
     };
     let metadata = [(HeaderName::from_static(QUOTA_METADATA), HeaderValue::from_static("1"))];
-    let answer = grpc_unary::call(context, &config.cluster, SHOULD_RATE_LIMIT, &metadata, frame(&request), config.timeout)
+    let target = grpc_unary::Target { cluster: &config.cluster, authority: &config.authority, path: SHOULD_RATE_LIMIT };
+    let answer = grpc_unary::call(context, target, &metadata, frame(&request), config.timeout)
         .await
         .and_then(|bytes| RateLimitResponse::decode(bytes).map_err(|_| grpc_unary::CallError::Malformed("not a RateLimitResponse")));
     let response = match answer {

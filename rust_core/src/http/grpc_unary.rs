@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, TE};
-use http::uri::PathAndQuery;
+use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, StatusCode, Version};
 use http_body_util::BodyExt;
 
@@ -84,18 +84,24 @@ fn grpc_timeout(d: Duration) -> HeaderValue {
     HeaderValue::from_str(&format!("{millis}m")).expect("digits")
 }
 
-/// Calls `path` on `cluster` with `message` (already framed) and `metadata`, within `timeout`
-/// (connecting included): the answer's message bytes, or why there is none. `connection`: the
-/// downstream connection the call is made for (its request bodies' bookkeeping).
+/// Where a call goes: the cluster, and the :authority to send.
+pub struct Target<'a> {
+    pub cluster: &'a str,
+    pub authority: &'a Authority,
+    pub path: &'static str,
+}
+
+/// Calls `target` with `message` (already framed) and `metadata`, within `timeout` (connecting
+/// included): the answer's message bytes, or why there is none. `connection`: the downstream
+/// connection the call is made for (its request bodies' bookkeeping).
 pub async fn call(
     connection: &Arc<HttpContext>,
-    cluster: &str,
-    path: &'static str,
+    target: Target<'_>,
     metadata: &[(HeaderName, HeaderValue)],
     message: Bytes,
     timeout: Duration,
 ) -> Result<Bytes, CallError> {
-    match tokio::time::timeout(timeout, exchange(connection, cluster, path, metadata, message, timeout)).await {
+    match tokio::time::timeout(timeout, exchange(connection, target, metadata, message, timeout)).await {
         Ok(result) => result,
         Err(_) => Err(CallError::Timeout),
     }
@@ -103,8 +109,7 @@ pub async fn call(
 
 async fn exchange(
     connection: &Arc<HttpContext>,
-    cluster_name: &str,
-    path: &'static str,
+    Target { cluster: cluster_name, authority, path }: Target<'_>,
     metadata: &[(HeaderName, HeaderValue)],
     message: Bytes,
     timeout: Duration,
@@ -112,8 +117,8 @@ async fn exchange(
     let cluster = connection.registry.cluster(cluster_name).ok_or_else(|| CallError::UnknownCluster(cluster_name.to_string()))?;
     let endpoint = cluster.pick_endpoint(None).ok_or(CallError::NoHealthyEndpoint)?;
     let http2 = cluster.config.protocol == UpstreamProtocol::Http2;
-    let uri = upstream_uri(cluster_name, PathAndQuery::from_static(path), http2, cluster.config.tls.is_some())
-        .ok_or(CallError::Malformed("the cluster name is not a valid authority"))?;
+    let uri = upstream_uri(authority.as_str(), PathAndQuery::from_static(path), http2, cluster.config.tls.is_some())
+        .ok_or(CallError::Malformed("not a valid authority"))?;
     let mut request = Request::new(RequestBody::copied(CopiedBody::whole(message), connection.clone()));
     *request.method_mut() = Method::POST;
     *request.uri_mut() = uri;
@@ -123,7 +128,7 @@ async fn exchange(
     headers.insert(TE, HeaderValue::from_static("trailers"));
     headers.insert("grpc-timeout", grpc_timeout(timeout));
     if !http2 {
-        if let Ok(host) = HeaderValue::from_str(cluster_name) {
+        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
             headers.insert(http::header::HOST, host);
         }
     }

@@ -22,6 +22,10 @@ pub struct GlobalRateLimit {
     pub failure_mode_deny: bool,
     /// The cluster (of the bootstrap or CDS) the rate limit service is reached through.
     pub cluster: String,
+    /// The calls' :authority (envoy_grpc.authority; by default the cluster's name, as in Envoy,
+    /// with characters an authority may not hold percent-encoded: Istio's names contain `|`).
+    #[serde(serialize_with = "serialize_authority")]
+    pub authority: http::uri::Authority,
     #[serde(serialize_with = "serialize_status")]
     pub rate_limited_status: StatusCode,
     #[serde(serialize_with = "serialize_status")]
@@ -47,4 +51,8 @@ pub enum RequestType {
 
 fn serialize_status<S: serde::Serializer>(status: &StatusCode, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u16(status.as_u16())
+}
+
+fn serialize_authority<S: serde::Serializer>(authority: &http::uri::Authority, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(authority.as_str())
 }

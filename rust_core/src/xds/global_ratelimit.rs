@@ -51,7 +51,7 @@ pub(crate) fn global_rate_limit(any: &Any) -> FieldResult<Arc<GlobalRateLimit>> 
     refuse_if(!c.metadata_namespace.is_empty(), "metadata_namespace")?;
     refuse_if(c.enable_retry_after_header, "enable_retry_after_header")?;
     let service = c.rate_limit_service.as_ref().ok_or_else(|| FieldError::new("rate_limit_service", "is required"))?;
-    let cluster = rate_limit_service(service).at("rate_limit_service")?;
+    let (cluster, authority) = rate_limit_service(service).at("rate_limit_service")?;
     Ok(Arc::new(GlobalRateLimit {
         domain: c.domain.clone(),
         stage: c.stage,
@@ -59,6 +59,7 @@ pub(crate) fn global_rate_limit(any: &Any) -> FieldResult<Arc<GlobalRateLimit>> 
         timeout,
         failure_mode_deny: c.failure_mode_deny,
         cluster,
+        authority,
         rate_limited_status: status(c.rate_limited_status.as_ref(), StatusCode::TOO_MANY_REQUESTS).at("rate_limited_status")?,
         status_on_error: status(c.status_on_error.as_ref(), StatusCode::INTERNAL_SERVER_ERROR).at("status_on_error")?,
         rate_limited_as_resource_exhausted: c.rate_limited_as_resource_exhausted,
@@ -68,7 +69,9 @@ pub(crate) fn global_rate_limit(any: &Any) -> FieldResult<Arc<GlobalRateLimit>> 
 }
 
 /// The cluster named by grpc_service.envoy_grpc; Envoy's other gRPC client is refused.
-fn rate_limit_service(s: &envoy_types::pb::envoy::config::ratelimit::v3::RateLimitServiceConfig) -> FieldResult<String> {
+fn rate_limit_service(
+    s: &envoy_types::pb::envoy::config::ratelimit::v3::RateLimitServiceConfig,
+) -> FieldResult<(String, http::uri::Authority)> {
     use core::grpc_service::TargetSpecifier;
     // Envoy accepts only the v3 transport API for this service.
     if s.transport_api_version != core::ApiVersion::V3 as i32 {
@@ -83,11 +86,16 @@ fn rate_limit_service(s: &envoy_types::pb::envoy::config::ratelimit::v3::RateLim
             if e.cluster_name.is_empty() {
                 return Err(FieldError::new("grpc_service.envoy_grpc.cluster_name", "is required"));
             }
-            refuse_if(!e.authority.is_empty(), "grpc_service.envoy_grpc.authority")?;
             refuse_if(e.retry_policy.is_some(), "grpc_service.envoy_grpc.retry_policy")?;
             refuse_if(e.max_receive_message_length.is_some(), "grpc_service.envoy_grpc.max_receive_message_length")?;
             refuse_if(e.skip_envoy_headers, "grpc_service.envoy_grpc.skip_envoy_headers")?;
-            Ok(e.cluster_name.clone())
+            let authority = if e.authority.is_empty() {
+                cluster_authority(&e.cluster_name)
+            } else {
+                http::uri::Authority::try_from(e.authority.as_str())
+                    .map_err(|_| FieldError::new("grpc_service.envoy_grpc.authority", format!("{:?} is not a valid authority", e.authority)))?
+            };
+            Ok((e.cluster_name.clone(), authority))
         }
         Some(TargetSpecifier::GoogleGrpc(_)) => Err(FieldError::new(
             "grpc_service.google_grpc",
@@ -95,6 +103,20 @@ fn rate_limit_service(s: &envoy_types::pb::envoy::config::ratelimit::v3::RateLim
         )),
         None => Err(FieldError::new("grpc_service", "needs envoy_grpc")),
     }
+}
+
+/// The cluster's name as an authority: bytes an authority's host may not hold are
+/// percent-encoded (Envoy sends the name as it is; HTTP/2 libraries here refuse such a header).
+fn cluster_authority(name: &str) -> http::uri::Authority {
+    let mut encoded = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&byte) {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    http::uri::Authority::try_from(encoded).unwrap_or_else(|_| http::uri::Authority::from_static("rate-limit-service"))
 }
 
 /// Envoy's toErrorCode: unset (or below 400) is the default.
@@ -105,5 +127,17 @@ fn status(s: Option<&envoy_types::pb::envoy::r#type::v3::HttpStatus>, default: S
             .ok()
             .and_then(|c| StatusCode::from_u16(c).ok())
             .ok_or_else(|| FieldError::new("code", format!("{code} is not an HTTP status"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn istio_cluster_names_become_valid_authorities() {
+        assert_eq!(super::cluster_authority("rls").as_str(), "rls");
+        assert_eq!(
+            super::cluster_authority("outbound|8081||ratelimit.mesh.svc").as_str(),
+            "outbound%7C8081%7C%7Cratelimit.mesh.svc"
+        );
     }
 }
