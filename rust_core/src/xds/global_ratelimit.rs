@@ -105,18 +105,15 @@ fn rate_limit_service(
     }
 }
 
-/// The cluster's name as an authority: bytes an authority's host may not hold are
-/// percent-encoded (Envoy sends the name as it is; HTTP/2 libraries here refuse such a header).
+/// The cluster's name as an authority: a byte an authority's host may not hold becomes `-`
+/// (Envoy sends the name as it is; the HTTP library here refuses such a header, and refuses
+/// percent-encoding in a host too). Only the :authority of the calls changes.
 fn cluster_authority(name: &str) -> http::uri::Authority {
-    let mut encoded = String::with_capacity(name.len());
-    for byte in name.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&byte) {
-            encoded.push(byte as char);
-        } else {
-            encoded.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    http::uri::Authority::try_from(encoded).unwrap_or_else(|_| http::uri::Authority::from_static("rate-limit-service"))
+    let cleaned: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=".contains(c) { c } else { '-' })
+        .collect();
+    http::uri::Authority::try_from(cleaned).unwrap_or_else(|_| http::uri::Authority::from_static("rate-limit-service"))
 }
 
 /// Envoy's toErrorCode: unset (or below 400) is the default.
@@ -137,7 +134,7 @@ mod tests {
         assert_eq!(super::cluster_authority("rls").as_str(), "rls");
         assert_eq!(
             super::cluster_authority("outbound|8081||ratelimit.mesh.svc").as_str(),
-            "outbound%7C8081%7C%7Cratelimit.mesh.svc"
+            "outbound-8081--ratelimit.mesh.svc"
         );
     }
 }
