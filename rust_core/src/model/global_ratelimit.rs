@@ -23,7 +23,7 @@ pub struct GlobalRateLimit {
     /// The cluster (of the bootstrap or CDS) the rate limit service is reached through.
     pub cluster: String,
     /// The calls' :authority (envoy_grpc.authority; by default the cluster's name, as in Envoy,
-    /// with characters an authority may not hold percent-encoded: Istio's names contain `|`).
+    /// with characters an authority may not hold as `-`: Istio's names contain `|`).
     #[serde(serialize_with = "serialize_authority")]
     pub authority: http::uri::Authority,
     #[serde(serialize_with = "serialize_status")]
