@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import re
+from concurrent.futures import ThreadPoolExecutor
 import time
 import urllib.request
 
@@ -321,3 +322,17 @@ def test_a_service_cluster_named_as_istio_names_clusters(dataplane, app, started
     port, _ = serve(dataplane, app, service.port, [generic()], rls_cluster="outbound|8081||ratelimit.mesh.svc.cluster.local")
     assert statuses(burst(port, 2)) == [200, 429]
     assert len(service.seen()) == 2
+
+
+def test_concurrent_clients_with_quota_pass_exactly_the_limit(dataplane, app, started_services, dataplane_kind):
+    """Calls made at once each get a grant; meshctl adds them up, so none of what the service
+    counted is lost and no more than the limit passes."""
+    service = rls(started_services, limit=20, quota=5)
+    port, _ = serve(dataplane, app, service.port, [generic()])
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda _: statuses(burst(port, 10)), range(4)))
+    passed = sum(r.count(200) for r in results)
+    assert passed == 20, results
+    assert sum(r.count(429) for r in results) == 20
+    if dataplane_kind == "meshctl":
+        assert len(service.seen()) < 40

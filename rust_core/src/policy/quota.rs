@@ -61,7 +61,9 @@ impl QuotaCache {
     }
 
     /// Records that `requests` more requests with exactly `descriptor` may pass until
-    /// `valid_until`, replacing any earlier grant for it. When the cache is full, expired grants
+    /// `valid_until`. A live earlier grant for it is added to, not replaced: the service counted
+    /// both (concurrent calls each get one), and the sooner expiry of the two then holds for all,
+    /// so nothing passes after a deadline the service set. When the cache is full, expired grants
     /// go first, then the one that expires soonest.
     pub fn grant(&self, descriptor: &Descriptor, requests: u32, valid_until: Instant, now: Instant) {
         if requests == 0 || valid_until <= now || self.capacity == 0 {
@@ -77,7 +79,15 @@ impl QuotaCache {
                 }
             }
         }
-        grants.insert(descriptor.clone(), Grant { remaining: requests, valid_until });
+        match grants.get_mut(descriptor) {
+            Some(earlier) if earlier.valid_until > now => {
+                earlier.remaining = earlier.remaining.saturating_add(requests);
+                earlier.valid_until = earlier.valid_until.min(valid_until);
+            }
+            _ => {
+                grants.insert(descriptor.clone(), Grant { remaining: requests, valid_until });
+            }
+        }
     }
 
     /// Descriptors held (for tests).
@@ -139,6 +149,20 @@ mod tests {
         assert!(!cache.try_admit(&[a.clone(), b], now));
         assert!(cache.try_admit(&[a], now));
         assert!(!cache.try_admit(&[], now));
+    }
+
+    #[test]
+    fn grants_for_one_descriptor_add_up_and_keep_the_sooner_deadline() {
+        let cache = QuotaCache::default();
+        let now = Instant::now();
+        let a = d("k", "a");
+        cache.grant(&a, 3, now + Duration::from_secs(10), now);
+        cache.grant(&a, 2, now + Duration::from_secs(5), now);
+        let at = |secs| now + Duration::from_secs(secs);
+        assert_eq!((0..10).filter(|_| cache.try_admit(std::slice::from_ref(&a), at(4))).count(), 5);
+        cache.grant(&a, 3, at(10), now);
+        cache.grant(&a, 2, at(5), now);
+        assert!(!cache.try_admit(std::slice::from_ref(&a), at(5)));
     }
 
     #[test]
