@@ -244,3 +244,58 @@ def test_remote_address_descriptor_takes_the_client_from_x_forwarded_for(datapla
     assert statuses(burst(port, 2, "/", [("x-forwarded-for", "192.0.2.9, 10.1.2.3")])) == [200, 429]
     assert statuses(burst(port, 2, "/", [("x-forwarded-for", "10.1.2.3, 192.0.2.9")])) == [200, 200]
     assert statuses(burst(port, 2)) == [200, 200]
+
+
+def test_two_instances_run_in_order_with_their_own_buckets_and_route_configs_by_name(dataplane, app):
+    """Two local rate limit filters in one connection manager: each has its own buckets, the
+    second sees only what the first let through, and a route's typed_per_filter_config reaches
+    the instance its key names (a key naming no filter changes nothing)."""
+    routes = b.route_configuration("local", [b.virtual_host("all", [
+        {**b.route("upstream", "/tight"), "typed_per_filter_config": {"second": lrl("second-route", 1)}},
+        {**b.route("upstream", "/ignored"), "typed_per_filter_config": {"nobody": lrl("nobody", 1)}},
+        b.route("upstream", "/"),
+    ])])  # fmt: skip
+    port, admin = free_port(), free_port()
+    listener = b.http_listener("http", port, routes)
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"][:0] = [
+        {"name": LRL_NAME, "typed_config": lrl("first", 5)},
+        {"name": "second", "typed_config": lrl("second", 3)},
+    ]
+    config = b.bootstrap([listener], [b.cluster("upstream", app.port)])
+    config["admin"] = {"address": b.socket_address(admin)}
+    stats = Stats(dataplane(config).name, admin)
+    # The first passes 5 of 8; the second 3 of those 5.
+    assert statuses(burst(port, 8)) == [200] * 3 + [429] * 5
+    assert stats.read("first") == {"enabled": 8, "enforced": 3, "rate_limited": 3, "ok": 5}
+    assert stats.read("second") == {"enabled": 5, "enforced": 2, "rate_limited": 2, "ok": 3}
+    # Both buckets are empty now: the first refuses everything, whatever the route says.
+    assert statuses(burst(port, 2, "/tight")) == [429, 429]
+    assert stats.read("second-route")["enabled"] == 0
+    assert stats.read("nobody")["enabled"] == 0
+    assert app.snapshot().requests == 3
+
+
+def test_a_route_config_keyed_by_the_second_instance_name_replaces_only_its_config(dataplane, app):
+    routes = b.route_configuration("local", [b.virtual_host("all", [
+        {**b.route("upstream", "/tight"), "typed_per_filter_config": {"second": lrl("second-route", 1)}},
+        {**b.route("upstream", "/ignored"), "typed_per_filter_config": {"nobody": lrl("nobody", 1)}},
+        b.route("upstream", "/"),
+    ])])  # fmt: skip
+    port, admin = free_port(), free_port()
+    listener = b.http_listener("http", port, routes)
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"][:0] = [
+        {"name": LRL_NAME, "typed_config": lrl("first", 100)},
+        {"name": "second", "typed_config": lrl("second", 3)},
+    ]
+    config = b.bootstrap([listener], [b.cluster("upstream", app.port)])
+    config["admin"] = {"address": b.socket_address(admin)}
+    stats = Stats(dataplane(config).name, admin)
+    assert statuses(burst(port, 3, "/tight")) == [200, 429, 429]
+    # A key naming no filter instance is ignored: the second filter's own bucket (3) decides.
+    assert statuses(burst(port, 4, "/ignored")) == [200, 200, 200, 429]
+    assert stats.read("second-route") == {"enabled": 3, "enforced": 2, "rate_limited": 2, "ok": 1}
+    assert stats.read("second") == {"enabled": 4, "enforced": 1, "rate_limited": 1, "ok": 3}
+    assert stats.read("nobody")["enabled"] == 0
+    assert stats.read("first")["ok"] == 7

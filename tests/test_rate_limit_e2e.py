@@ -23,9 +23,6 @@ from test_istio_tasks import Mesh, reached
 HOST = "reviews:9080"
 # meshctl's engine takes one local rate limit filter per connection manager; a virtual host mixing
 # shadow and enforced rules compiles to two (the shadow one first), which it refuses (NACK).
-TWO_FILTERS = pytest.mark.xfail(strict=True, reason="meshctl run: one local rate limit filter per connection manager")
-
-
 def rate_limit(rules: str) -> str:
     return f"""
 apiVersion: policy.meshctl.io/v1alpha1
@@ -152,9 +149,7 @@ def test_a_rule_matching_a_header_limits_only_those_requests(mesh, dataplane_kin
 
 
 def test_a_request_matching_two_rules_needs_a_token_from_each_and_shadow_rules_beside_them_limit_nothing(
-        mesh, request, dataplane_kind):  # fmt: skip
-    if dataplane_kind == "meshctl":
-        request.applymarker(TWO_FILTERS)
+        mesh, dataplane_kind):  # fmt: skip
     client = limited(mesh, dataplane_kind, JASON_AND_EVERYONE)
     jason = [get(client, {"x-user": "jason"}).status for _ in range(3)]
     # Everyone's bucket (4) gave jason's two passing requests a token each; the refused third took none.

@@ -62,7 +62,7 @@ fn defaults_follow_envoy() {
         rc.virtual_hosts[0].routes[0].typed_per_filter_config.insert(KEY.into(), config(|_| {}));
     })
     .unwrap();
-    let c = decoded.virtual_hosts[0].routes[0].local_rate_limit.as_ref().expect("decoded");
+    let c = decoded.virtual_hosts[0].routes[0].local_rate_limit(KEY).expect("decoded");
     let b = c.token_bucket.unwrap();
     assert_eq!((b.max_tokens, b.tokens_per_fill, b.fill_interval), (5, 1, Duration::from_secs(1)));
     // No filter_enabled: off; no filter_enforced: shadow; no status: 429.
@@ -93,13 +93,31 @@ fn the_most_specific_config_wins_and_route_configs_reach_every_route() {
         rc.virtual_hosts.push(own);
     })
     .unwrap();
-    let prefix = |vh: usize, r: usize| decoded.virtual_hosts[vh].routes[r].local_rate_limit.as_ref().unwrap().stat_prefix.clone();
+    let prefix = |vh: usize, r: usize| decoded.virtual_hosts[vh].routes[r].local_rate_limit(KEY).unwrap().stat_prefix.clone();
     assert_eq!(prefix(0, 0), "rc");
     assert_eq!(prefix(1, 0), "route");
     assert_eq!(prefix(1, 1), "vh");
-    let route_config = decoded.virtual_hosts[1].routes[0].local_rate_limit.as_ref().unwrap();
+    let route_config = decoded.virtual_hosts[1].routes[0].local_rate_limit(KEY).unwrap();
     assert_eq!(route_config.status.as_u16(), 503);
     assert_eq!(route_config.enabled, Share { per_million: 500_000 });
+}
+
+#[test]
+fn per_filter_configs_are_kept_by_filter_name_most_specific_per_name() {
+    let decoded = table(|rc| {
+        rc.typed_per_filter_config.insert(KEY.into(), config(|c| c.stat_prefix = "rc".into()));
+        rc.typed_per_filter_config.insert("shadow".into(), config(|c| c.stat_prefix = "rc-shadow".into()));
+        rc.virtual_hosts[0].typed_per_filter_config.insert("shadow".into(), config(|c| c.stat_prefix = "vh-shadow".into()));
+        rc.virtual_hosts[0].routes[0].typed_per_filter_config.insert("nobody".into(), config(|c| c.stat_prefix = "r-nobody".into()));
+    })
+    .unwrap();
+    let route = &decoded.virtual_hosts[0].routes[0];
+    let prefix = |name: &str| route.local_rate_limit(name).map(|c| c.stat_prefix.clone());
+    assert_eq!(prefix(KEY).as_deref(), Some("rc"));
+    assert_eq!(prefix("shadow").as_deref(), Some("vh-shadow"));
+    // Kept under a name no filter may have: never looked up.
+    assert_eq!(prefix("nobody").as_deref(), Some("r-nobody"));
+    assert_eq!(prefix("other"), None);
 }
 
 #[test]

@@ -63,6 +63,22 @@ def _local_rate_limit(**fields) -> Callable[[Json], None]:
     return mutate
 
 
+RL_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit"
+
+
+def _global_rate_limit(service_cluster: str = "rls", grpc_service: Json | None = None, **fields) -> Callable[[Json], None]:
+    """The global rate limit filter before the router, asking an h2c cluster `rls`, with `fields`."""
+
+    def mutate(config: Json) -> None:
+        config["static_resources"]["clusters"].append(cluster("rls", 1, http2=True))
+        grpc = grpc_service if grpc_service is not None else {"envoy_grpc": {"cluster_name": service_cluster}}
+        typed = {"@type": RL_TYPE, "domain": "test", **fields,
+                 "rate_limit_service": {"grpc_service": grpc, "transport_api_version": "V3"}}  # fmt: skip
+        _hcm(config)["http_filters"].insert(0, {"name": "envoy.filters.http.ratelimit", "typed_config": typed})
+
+    return mutate
+
+
 def _route_rate_limit_without_bucket(config: Json) -> None:
     _local_rate_limit()(config)
     _route(config)["typed_per_filter_config"] = {LRL_NAME: {"@type": LRL_TYPE, "stat_prefix": "route"}}
@@ -261,6 +277,33 @@ CASES = [
         names=("virtual_hosts[0].typed_per_filter_config",),
         envoy_refuses=False,
         why="meshctl takes only the local rate limit filter's config on a virtual host (the fault filter's only per route)",
+    ),
+    Invalid(
+        "global-ratelimit-google-grpc",
+        _global_rate_limit(grpc_service={"google_grpc": {"target_uri": "127.0.0.1:1", "stat_prefix": "rls"}}),
+        names=("google_grpc",),
+        envoy_refuses=False,
+        why="meshctl reaches the rate limit service only through a cluster (envoy_grpc)",
+    ),
+    Invalid(
+        "global-ratelimit-unknown-cluster",
+        _global_rate_limit("nowhere"),
+        names=("envoy_grpc.cluster_name", "nowhere"),
+        envoy_refuses=False,
+        why="Envoy 1.40 accepts it and fails every call (error, fail open); meshctl refuses a service it cannot reach",
+    ),
+    Invalid(
+        "global-ratelimit-stage",
+        _global_rate_limit(stage=11),
+        names=("stage",),
+        envoy_refuses=True,
+        why="Envoy's stages are 0 to 10",
+    ),
+    Invalid(
+        "global-ratelimit-empty-domain",
+        _global_rate_limit(domain=""),
+        names=("domain",),
+        why="Envoy requires a domain",
     ),
     Invalid("empty-file", text="", names=("empty|static_resources|bootstrap",)),
     Invalid("malformed-yaml", text="static_resources: {listeners: [\n  - name: x\n    address: {\n", names=("yaml",)),

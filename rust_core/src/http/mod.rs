@@ -2,6 +2,8 @@
 
 pub mod body;
 pub mod fallback;
+pub mod global_ratelimit;
+pub mod grpc_unary;
 pub mod local_reply;
 pub mod mirror;
 pub mod proxy;

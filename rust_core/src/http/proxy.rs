@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 
 use super::body::ResponseBody;
 use super::fallback::{self, BreakerCall};
+use super::global_ratelimit::{self, Decision, ServiceHeaders};
 use super::local_reply::{fault_abort_reply, local_reply, rate_limited_reply};
 use super::request_body::{BodyFault, BodyFaults, BodyTee};
 use super::routing::{header_matches, select_route, select_virtual_host, RequestView};
@@ -25,7 +26,7 @@ use crate::model::headers::HeaderMutation;
 use crate::model::retry::RetryPolicy;
 use crate::model::route::{Action, ClusterChoice, DirectResponseAction, ForwardAction, PathMatch, RedirectAction, Route, RouteConfig, VirtualHost};
 use crate::model::tls::PeerIdentity;
-use crate::model::{HttpSettings, RouteSource, UpstreamProtocol};
+use crate::model::{HttpFilter, HttpSettings, RouteSource, UpstreamProtocol};
 use crate::policy::evaluate::RequestFacts;
 use crate::policy::path::normalize_request_target;
 use crate::registry::Registry;
@@ -139,33 +140,49 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
         };
         route.stats.requests_total.fetch_add(1, Relaxed);
         // The local rate limit and fault filters, before the router, in http_filters' order; for
-        // each, the most specific per-route config replaces the filter's. Both decide here,
-        // synchronously, and add nothing to this future but a reference.
-        let limit_first = context.settings.local_rate_limit_first;
-        let mut shadow_limited = None;
-        if limit_first {
-            match local_rate_limit(context, vhost, route, &request, &authority, path_and_query.as_str(), grpc) {
-                Ok(shadow) => shadow_limited = shadow,
-                Err(reply) => return *reply,
-            }
-        }
-        if let Some(filter_fault) = &context.settings.fault {
-            let policy = route.fault.as_deref().unwrap_or(filter_fault);
-            if !policy.is_empty() {
-                // Boxed: a delay's timer would otherwise sit in every request's future.
-                if let Some(abort) = Box::pin(crate::policy::fault::inject(policy, &context.stats)).await {
-                    return fault_abort_reply(abort, grpc);
+        // each, the most specific per-route config (found by the filter's name) replaces the
+        // filter's. Local limits decide synchronously; each adds nothing to this future but a
+        // reference.
+        // Headers a rate limit service asked to add to the response (rarely any).
+        let mut service_response_headers: Option<Box<ServiceHeaders>> = None;
+        for filter in &context.settings.filters {
+            match filter {
+                HttpFilter::GlobalRateLimit { config, .. } => {
+                    let Some((descriptors, stats)) = global_rate_limit_needed(context, config, vhost, route, &request, &authority, path_and_query.as_str()) else {
+                        continue;
+                    };
+                    // Boxed: the call's future exists only for requests that have descriptors.
+                    match Box::pin(global_ratelimit::decide(context, config, descriptors, &stats, grpc)).await {
+                        Decision::Allow(None) => {}
+                        Decision::Allow(Some(headers)) => {
+                            ServiceHeaders::append_to(&headers.request, request.headers_mut());
+                            match &mut service_response_headers {
+                                Some(earlier) => earlier.response.extend(headers.response),
+                                None => service_response_headers = Some(headers),
+                            }
+                        }
+                        Decision::Reply(reply) => return *reply,
+                    }
+                }
+                HttpFilter::LocalRateLimit { name, config } => {
+                    let config = route.local_rate_limit(name).unwrap_or(config);
+                    match local_rate_limit(context, config, vhost, route, &request, &authority, path_and_query.as_str(), grpc) {
+                        Ok(true) => config.request_headers_when_not_enforced.apply(request.headers_mut()),
+                        Ok(false) => {}
+                        Err(reply) => return *reply,
+                    }
+                }
+                HttpFilter::Fault => {
+                    let Some(filter_fault) = &context.settings.fault else { continue };
+                    let policy = route.fault.as_deref().unwrap_or(filter_fault);
+                    if !policy.is_empty() {
+                        // Boxed: a delay's timer would otherwise sit in every request's future.
+                        if let Some(abort) = Box::pin(crate::policy::fault::inject(policy, &context.stats)).await {
+                            return fault_abort_reply(abort, grpc);
+                        }
+                    }
                 }
             }
-        }
-        if !limit_first {
-            match local_rate_limit(context, vhost, route, &request, &authority, path_and_query.as_str(), grpc) {
-                Ok(shadow) => shadow_limited = shadow,
-                Err(reply) => return *reply,
-            }
-        }
-        if let Some(config) = shadow_limited {
-            config.request_headers_when_not_enforced.apply(request.headers_mut());
         }
         let started = Instant::now();
         let mut cluster_response_mutation = None;
@@ -192,25 +209,28 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
                 mutation.apply(response.headers_mut());
             }
         }
+        if let Some(headers) = service_response_headers {
+            ServiceHeaders::append_to(&headers.response, response.headers_mut());
+        }
         response
     }
 }
 
-/// Envoy's local rate limit filter for one request: Err(the local reply) when it is limited and
-/// enforced; Ok(Some(config)) when limited in shadow mode (its not-enforced request headers are
-/// to be added); Ok(None) otherwise, and always when the manager has no such filter.
-fn local_rate_limit<'a>(
-    context: &'a HttpContext,
-    vhost: &'a VirtualHost,
-    route: &'a Route,
+/// One local rate limit filter instance for one request, with `config` (the filter's own or
+/// the route's for it): Err(the local reply) when it is limited and enforced; Ok(true) when
+/// limited in shadow mode (its not-enforced request headers are to be added); Ok(false) otherwise.
+#[allow(clippy::too_many_arguments)]
+fn local_rate_limit(
+    context: &HttpContext,
+    config: &crate::model::local_ratelimit::LocalRateLimit,
+    vhost: &VirtualHost,
+    route: &Route,
     request: &Request<Incoming>,
     authority: &str,
     path_and_query: &str,
     grpc: bool,
-) -> Result<Option<&'a crate::model::local_ratelimit::LocalRateLimit>, Box<Response<ResponseBody>>> {
+) -> Result<bool, Box<Response<ResponseBody>>> {
     use crate::policy::local_ratelimit::{decide, RequestDescriptorSource, Verdict};
-    let Some(filter_config) = &context.settings.local_rate_limit else { return Ok(None) };
-    let config = route.local_rate_limit.as_deref().unwrap_or(filter_config);
     let view = RequestView { method: request.method(), path_and_query, authority, scheme: context.scheme, headers: request.headers() };
     let client_ip = context
         .settings
@@ -219,14 +239,53 @@ fn local_rate_limit<'a>(
         .unwrap_or_else(|| context.peer.ip());
     let source = RequestDescriptorSource { route, vhost, request: &view, client_ip };
     match decide(config, &source, &context.rate_limiters) {
-        Verdict::Pass => Ok(None),
-        Verdict::Shadow => Ok(Some(config)),
+        Verdict::Pass => Ok(false),
+        Verdict::Shadow => Ok(true),
         Verdict::Limit => {
             context.stats.response_flags.record(ResponseFlag::RateLimited);
             // Boxed: the cold path's reply stays out of the common result.
             Err(Box::new(rate_limited_reply(config, grpc)))
         }
     }
+}
+
+/// Whether the global rate limit filter asks its service about this request: its descriptors
+/// (none: no call) and the counters of the route's target cluster. Like Envoy's filter, it skips
+/// routes without a cluster (direct responses, redirects) and clusters not configured. A weighted
+/// route counts under its first cluster (meshctl picks among them after the filters run).
+#[allow(clippy::too_many_arguments)]
+fn global_rate_limit_needed(
+    context: &HttpContext,
+    config: &crate::model::global_ratelimit::GlobalRateLimit,
+    vhost: &VirtualHost,
+    route: &Route,
+    request: &Request<Incoming>,
+    authority: &str,
+    path_and_query: &str,
+) -> Option<(Vec<crate::policy::local_ratelimit::Descriptor>, Arc<crate::telemetry::metrics::ClusterStats>)> {
+    use crate::policy::local_ratelimit::RequestDescriptorSource;
+    // The cheap test first: a route and virtual host without policies cost nothing more.
+    if route.rate_limits.is_empty() && vhost.rate_limits.is_empty() {
+        return None;
+    }
+    let Action::Forward(forward) = &route.action else { return None };
+    let target = match &forward.clusters {
+        ClusterChoice::Single { name } => name.as_str(),
+        ClusterChoice::Weighted(weighted) => weighted.clusters.first()?.name.as_str(),
+    };
+    let cluster = context.registry.cluster(target)?;
+    let view = RequestView { method: request.method(), path_and_query, authority, scheme: context.scheme, headers: request.headers() };
+    let client_ip = context
+        .settings
+        .client_address_from_xff
+        .and_then(|hops| address_from_xff(request.headers(), hops))
+        .unwrap_or_else(|| context.peer.ip());
+    let source = RequestDescriptorSource { route, vhost, request: &view, client_ip };
+    let descriptors = global_ratelimit::descriptors(config, &source);
+    if descriptors.is_empty() {
+        return None;
+    }
+    Some((descriptors, cluster.stats.clone()))
 }
 
 /// Envoy's client address when it does not use the connection's: the x-forwarded-for entry
@@ -716,7 +775,7 @@ fn requested_upgrade(headers: &HeaderMap) -> Option<String> {
 }
 
 /// `tls`: the upstream connection is TLS, so an HTTP/2 request's :scheme is https.
-pub(super) fn upstream_uri(host: &str, path_and_query: PathAndQuery, absolute: bool, tls: bool) -> Option<Uri> {
+pub(crate) fn upstream_uri(host: &str, path_and_query: PathAndQuery, absolute: bool, tls: bool) -> Option<Uri> {
     if absolute {
         Uri::builder()
             .scheme(if tls { Scheme::HTTPS } else { Scheme::HTTP })

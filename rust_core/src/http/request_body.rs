@@ -214,6 +214,13 @@ pub struct CopiedBody {
     trailers: Option<http::HeaderMap>,
 }
 
+impl CopiedBody {
+    /// A body that is one buffer (a gRPC message made here).
+    pub fn whole(data: Bytes) -> CopiedBody {
+        CopiedBody { data: std::collections::VecDeque::from([data]), trailers: None }
+    }
+}
+
 /// A mirrored request's body as it passes, kept up to a limit and handed over whole at its end.
 /// Dropped before that (a body that fails, or outgrows the limit), the copy is abandoned.
 pub struct BodyTee {

@@ -81,16 +81,25 @@ pub struct HttpSettings {
     /// it); None: no fault filter, so routes' fault configs do nothing, as in Envoy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fault: Option<std::sync::Arc<super::fault::FaultPolicy>>,
-    /// The local rate limit filter's own config when the manager has one; None: no such filter,
-    /// so route config / virtual host / route configs of it do nothing, as in Envoy.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub local_rate_limit: Option<std::sync::Arc<super::local_ratelimit::LocalRateLimit>>,
-    /// The local rate limit filter comes before the fault filter in http_filters.
-    pub local_rate_limit_first: bool,
+    /// The filters meshctl runs per request before the router, in http_filters' order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<HttpFilter>,
     /// Where Envoy takes the client's address from (for the remote_address rate-limit action):
     /// None: the connection's peer (use_remote_address); Some(hops): the x-forwarded-for entry
     /// that many hops from its end (xff_num_trusted_hops), else the peer.
     pub client_address_from_xff: Option<u32>,
+}
+
+/// One HTTP filter instance before the router (RBAC runs first, apart, in `rbac`).
+#[derive(Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum HttpFilter {
+    /// The fault filter, whose config is the manager's `fault`.
+    Fault,
+    /// A local rate limit filter instance: routes' per-filter configs for it are found by `name`.
+    LocalRateLimit { name: String, config: Arc<super::local_ratelimit::LocalRateLimit> },
+    /// A global rate limit filter instance; `index` is its place in http_filters (for errors).
+    GlobalRateLimit { name: String, index: usize, config: Arc<super::global_ratelimit::GlobalRateLimit> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -6,6 +6,7 @@ pub mod fallback;
 pub mod fault;
 pub mod headers;
 pub mod listener;
+pub mod global_ratelimit;
 pub mod local_ratelimit;
 pub mod matcher;
 pub mod outlier;
@@ -34,5 +35,5 @@ pub(crate) mod optional_millis {
 }
 
 pub use cluster::{ClusterConfig, EndpointConfig, EndpointSource, LbPolicy, UpstreamProtocol};
-pub use listener::{ChainMatch, FilterChainConfig, HttpLimits, HttpSettings, ListenerConfig, NetworkHandler, RouteSource, TcpProxyConfig};
+pub use listener::{ChainMatch, FilterChainConfig, HttpFilter, HttpLimits, HttpSettings, ListenerConfig, NetworkHandler, RouteSource, TcpProxyConfig};
 pub use route::{Action, ClusterChoice, RouteConfig};

@@ -68,11 +68,12 @@ pub struct Route {
     /// connection manager's whole, and applies only where that manager has the fault filter.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fault: Option<Arc<super::fault::FaultPolicy>>,
-    /// The most specific local rate limit config: the route's own (typed_per_filter_config),
-    /// else its virtual host's, else its route config's; applies only where the connection
-    /// manager has the filter, and then replaces the manager's config whole.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub local_rate_limit: Option<Arc<super::local_ratelimit::LocalRateLimit>>,
+    /// The most specific local rate limit config of each filter instance, keyed by the
+    /// instance's name (typed_per_filter_config's key): the route's own, else its virtual
+    /// host's, else its route config's. One applies only where the connection manager has a
+    /// filter of that name, and then replaces that filter's config whole.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub local_rate_limits: Vec<(String, Arc<super::local_ratelimit::LocalRateLimit>)>,
     /// The route action's rate-limit policies.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rate_limits: Vec<super::local_ratelimit::RateLimitPolicy>,
@@ -80,6 +81,13 @@ pub struct Route {
     pub include_vh_rate_limits: bool,
     #[serde(skip)]
     pub stats: Arc<RouteStats>,
+}
+
+impl Route {
+    /// The per-route local rate limit config for the filter instance named `filter`.
+    pub fn local_rate_limit(&self, filter: &str) -> Option<&super::local_ratelimit::LocalRateLimit> {
+        self.local_rate_limits.iter().find(|(name, _)| name == filter).map(|(_, config)| &**config)
+    }
 }
 
 #[derive(Debug, Serialize)]

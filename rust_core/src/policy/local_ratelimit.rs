@@ -207,18 +207,33 @@ pub fn decide(config: &LocalRateLimit, source: &RequestDescriptorSource<'_>, con
 /// The config's own rate_limits when it has them; else the route's policies of the config's
 /// stage, and the virtual host's as vh_rate_limits (or the route's include_vh_rate_limits) says.
 fn request_descriptors(config: &LocalRateLimit, source: &RequestDescriptorSource<'_>) -> Vec<Descriptor> {
-    let mut out = Vec::new();
     if !config.rate_limits.is_empty() {
+        let mut out = Vec::new();
         for policy in &config.rate_limits {
             push_descriptor(policy, source, &mut out);
         }
         return out;
     }
+    // A disable_key names a runtime key that turns the policy off; Envoy's local filter skips
+    // such policies outright.
+    route_descriptors(source, config.stage, config.vh_rate_limits, true)
+}
+
+/// The descriptors of the route's policies of `stage`, and of the virtual host's as `vh_rate_limits`
+/// (or the route's include_vh_rate_limits) says; `skip_disabled`: leave out policies with a
+/// disable_key.
+pub fn route_descriptors(
+    source: &RequestDescriptorSource<'_>,
+    stage: u32,
+    vh_rate_limits: VhRateLimits,
+    skip_disabled: bool,
+) -> Vec<Descriptor> {
+    let mut out = Vec::new();
     let route_policies = &source.route.rate_limits;
     let include_vhost = if source.route.include_vh_rate_limits {
         true
     } else {
-        match config.vh_rate_limits {
+        match vh_rate_limits {
             VhRateLimits::Include => true,
             VhRateLimits::Ignore => false,
             VhRateLimits::Override => route_policies.is_empty(),
@@ -226,9 +241,7 @@ fn request_descriptors(config: &LocalRateLimit, source: &RequestDescriptorSource
     };
     let vhost_policies = if include_vhost { &source.vhost.rate_limits[..] } else { &[] };
     for policy in route_policies.iter().chain(vhost_policies) {
-        // A disable_key names a runtime key that turns the policy off; Envoy's local filter
-        // skips such policies outright.
-        if policy.stage == config.stage && !policy.disabled {
+        if policy.stage == stage && !(skip_disabled && policy.disabled) {
             push_descriptor(policy, source, &mut out);
         }
     }
@@ -237,7 +250,8 @@ fn request_descriptors(config: &LocalRateLimit, source: &RequestDescriptorSource
 
 /// One policy's descriptor: every action adds its entry, or the policy makes none.
 fn push_descriptor(policy: &RateLimitPolicy, source: &RequestDescriptorSource<'_>, out: &mut Vec<Descriptor>) {
-    let mut entries = Vec::with_capacity(policy.actions.len());
+    // Allocated on the first entry only: a policy that makes nothing costs nothing.
+    let mut entries = Vec::new();
     for action in &policy.actions {
         match action {
             RateLimitAction::RequestHeaders { header_name, descriptor_key, skip_if_absent } => {

@@ -4,5 +4,6 @@
 pub mod evaluate;
 pub mod fault;
 pub mod local_ratelimit;
+pub mod quota;
 pub mod model;
 pub mod path;

@@ -33,12 +33,16 @@ pub enum ResponseFlag {
     DelayInjected,
     /// FI: the fault filter aborted the request (counted per listener).
     FaultInjected,
-    /// RL: the local rate limit filter answered the request (counted per listener).
+    /// RL: a rate limit filter (local, or global on the service's OVER_LIMIT) answered the
+    /// request (counted per listener).
     RateLimited,
+    /// RLSE: the global rate limit service failed and failure_mode_deny refused the request
+    /// (counted per listener).
+    RateLimitServiceError,
 }
 
 impl ResponseFlag {
-    pub const ALL: [ResponseFlag; 11] = [
+    pub const ALL: [ResponseFlag; 12] = [
         ResponseFlag::NoHealthyUpstream,
         ResponseFlag::UpstreamConnectionFailure,
         ResponseFlag::UpstreamOverflow,
@@ -50,6 +54,7 @@ impl ResponseFlag {
         ResponseFlag::DelayInjected,
         ResponseFlag::FaultInjected,
         ResponseFlag::RateLimited,
+        ResponseFlag::RateLimitServiceError,
     ];
     /// The flags a cluster can see; the others are counted per listener.
     pub const UPSTREAM: [ResponseFlag; 6] = [
@@ -60,12 +65,13 @@ impl ResponseFlag {
         ResponseFlag::UpstreamRequestTimeout,
         ResponseFlag::UpstreamRemoteReset,
     ];
-    pub const DOWNSTREAM: [ResponseFlag; 5] = [
+    pub const DOWNSTREAM: [ResponseFlag; 6] = [
         ResponseFlag::NoRouteFound,
         ResponseFlag::NoClusterFound,
         ResponseFlag::DelayInjected,
         ResponseFlag::FaultInjected,
         ResponseFlag::RateLimited,
+        ResponseFlag::RateLimitServiceError,
     ];
 
     /// Envoy's short name, as its access logs print it.
@@ -82,6 +88,7 @@ impl ResponseFlag {
             ResponseFlag::DelayInjected => "DI",
             ResponseFlag::FaultInjected => "FI",
             ResponseFlag::RateLimited => "RL",
+            ResponseFlag::RateLimitServiceError => "RLSE",
         }
     }
 }
@@ -143,12 +150,20 @@ pub struct ResilienceStats {
     pub requests_pending: AtomicU64,
     /// Retries in flight, backoff included (max_retries, retry_budget).
     pub retries_active: AtomicU64,
+    /// The global rate limit filter's decisions for requests routed to this cluster (Envoy's
+    /// cluster.<route target cluster>.ratelimit.{ok,over_limit,error,failure_mode_allowed}).
+    pub ratelimit_ok: AtomicU64,
+    pub ratelimit_over_limit: AtomicU64,
+    pub ratelimit_error: AtomicU64,
+    pub ratelimit_failure_mode_allowed: AtomicU64,
+    /// meshctl's own: requests the filter admitted from a quota the service granted, with no call.
+    pub ratelimit_quota_admitted: AtomicU64,
 }
 
 impl ResilienceStats {
     pub(crate) fn render(clusters: &BTreeMap<String, Arc<ClusterStats>>, out: &mut String, escape: fn(&str) -> String) {
         type Get = fn(&ResilienceStats) -> u64;
-        let series: [(&str, &str, Get); 15] = [
+        let series: [(&str, &str, Get); 20] = [
             ("meshctl_upstream_rq_retry_total", "counter", |s| s.retries.load(Relaxed)),
             ("meshctl_upstream_rq_retry_success_total", "counter", |s| s.retry_successes.load(Relaxed)),
             ("meshctl_upstream_rq_retry_overflow_total", "counter", |s| s.retry_overflows.load(Relaxed)),
@@ -164,6 +179,11 @@ impl ResilienceStats {
             ("meshctl_upstream_rq_active", "gauge", |s| s.requests_active.load(Relaxed)),
             ("meshctl_upstream_rq_pending_active", "gauge", |s| s.requests_pending.load(Relaxed)),
             ("meshctl_upstream_rq_retry_active", "gauge", |s| s.retries_active.load(Relaxed)),
+            ("meshctl_cluster_ratelimit_ok_total", "counter", |s| s.ratelimit_ok.load(Relaxed)),
+            ("meshctl_cluster_ratelimit_over_limit_total", "counter", |s| s.ratelimit_over_limit.load(Relaxed)),
+            ("meshctl_cluster_ratelimit_error_total", "counter", |s| s.ratelimit_error.load(Relaxed)),
+            ("meshctl_cluster_ratelimit_failure_mode_allowed_total", "counter", |s| s.ratelimit_failure_mode_allowed.load(Relaxed)),
+            ("meshctl_cluster_ratelimit_quota_admitted_total", "counter", |s| s.ratelimit_quota_admitted.load(Relaxed)),
         ];
         for (metric, kind, get) in series {
             let _ = writeln!(out, "# TYPE {metric} {kind}");

@@ -13,6 +13,7 @@ use prost::Message;
 use super::common::{duration, socket_address, unpack};
 use super::route::{refuse_connect_upgrade, route_configuration};
 use super::fault::{http_fault, FAULT_FILTER_TYPE};
+use super::global_ratelimit::{global_rate_limit, RATELIMIT_TYPE};
 use super::local_ratelimit::{local_rate_limit, LOCAL_RATELIMIT_TYPE};
 use super::rbac::{rbac_http_filter, RBAC_FILTER_TYPE};
 use super::tls::{downstream_tls_context, forward_client_cert};
@@ -238,8 +239,7 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
     let mut rbac = RbacFilters { filters: Vec::new(), allowed: metrics.rbac.allowed() };
     let mut router_seen = false;
     let mut fault = None;
-    let mut rate_limit = None;
-    let mut local_rate_limit_first = false;
+    let mut filters = Vec::new();
     for (i, filter) in m.http_filters.iter().enumerate() {
         let typed_config = match &filter.config_type {
             Some(hcm::http_filter::ConfigType::TypedConfig(any)) => Some(any),
@@ -269,19 +269,24 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
                 return Err(FieldError::new(format!("http_filters[{i}]"), "meshctl supports one fault filter per connection manager"));
             }
             fault = Some(Arc::new(http_fault(any).at(format!("http_filters[{i}].typed_config"))?));
+            filters.push(HttpFilter::Fault);
             continue;
         }
         if let Some(any) = typed_config.filter(|any| any.type_url == LOCAL_RATELIMIT_TYPE) {
             // A disabled filter runs only where a route enables it, which meshctl cannot do yet.
             refuse_if(filter.disabled, "disabled").at(format!("http_filters[{i}]"))?;
-            if rate_limit.is_some() {
-                return Err(FieldError::new(
-                    format!("http_filters[{i}]"),
-                    "meshctl supports one local rate limit filter per connection manager",
-                ));
-            }
-            rate_limit = Some(local_rate_limit(any, false, metrics).at(format!("http_filters[{i}].typed_config"))?);
-            local_rate_limit_first = fault.is_none();
+            // Each instance has its own buckets; routes configure it by its name, as in Envoy.
+            filter_name(&filter.name).at(format!("http_filters[{i}].name"))?;
+            let config = local_rate_limit(any, false, metrics).at(format!("http_filters[{i}].typed_config"))?;
+            filters.push(HttpFilter::LocalRateLimit { name: filter.name.clone(), config });
+            continue;
+        }
+        if let Some(any) = typed_config.filter(|any| any.type_url == RATELIMIT_TYPE) {
+            // A disabled filter runs only where a route enables it, which meshctl cannot do yet.
+            refuse_if(filter.disabled, "disabled").at(format!("http_filters[{i}]"))?;
+            filter_name(&filter.name).at(format!("http_filters[{i}].name"))?;
+            let config = global_rate_limit(any).at(format!("http_filters[{i}].typed_config"))?;
+            filters.push(HttpFilter::GlobalRateLimit { name: filter.name.clone(), index: i, config });
             continue;
         }
         if type_url != ROUTER_TYPE {
@@ -342,9 +347,19 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
             upgrades.push(u.upgrade_type.to_ascii_lowercase());
         }
     }
-    Ok(HttpSettings { stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac, forward_client_cert, fault, local_rate_limit: rate_limit, local_rate_limit_first,
+    Ok(HttpSettings { stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac, forward_client_cert, fault, filters,
         client_address_from_xff: (!m.use_remote_address.as_ref().is_some_and(|b| b.value)).then_some(m.xff_num_trusted_hops),
     })
+}
+
+/// Routes find a filter instance's per-route config by its name. Envoy 1.40 accepts two
+/// instances with one name; both then take a route's config for that name (and share its buckets,
+/// the per-route config being one object), as here.
+fn filter_name(name: &str) -> FieldResult<()> {
+    if name.is_empty() {
+        return Err(FieldError::new("", "is required"));
+    }
+    Ok(())
 }
 
 /// normalize_path, merge_slashes and path_with_escaped_slashes_action; Envoy's defaults are off
@@ -406,6 +421,14 @@ pub(crate) fn check_cluster_references(l: &ListenerConfig, exists: &dyn Fn(&str)
         match &chain.handler {
             NetworkHandler::TcpProxy(p) if !exists(&p.cluster) => return Err(missing("cluster".into(), &p.cluster)),
             NetworkHandler::Http(settings) => {
+                for filter in &settings.filters {
+                    if let HttpFilter::GlobalRateLimit { index, config, .. } = filter {
+                        if !exists(&config.cluster) {
+                            let field = format!("http_filters[{index}].typed_config.rate_limit_service.grpc_service.envoy_grpc.cluster_name");
+                            return Err(missing(field, &config.cluster));
+                        }
+                    }
+                }
                 let RouteSource::Inline { config } = &settings.routes else { continue };
                 for (v, vhost) in config.virtual_hosts.iter().enumerate() {
                     for (r, route) in vhost.routes.iter().enumerate() {

@@ -12,6 +12,7 @@ mod concurrency;
 mod fallback;
 mod fault;
 mod listener;
+mod global_ratelimit;
 mod local_ratelimit;
 mod outlier;
 mod rbac;

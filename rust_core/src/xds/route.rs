@@ -38,7 +38,7 @@ pub(crate) fn route_configuration(rc: &route::RouteConfiguration, metrics: &Metr
     let mut virtual_hosts = Vec::with_capacity(rc.virtual_hosts.len());
     let mut domains = DomainIndex::default();
     for (i, vh) in rc.virtual_hosts.iter().enumerate() {
-        let vhost = virtual_host(&rc.name, vh, rc_rate_limit.as_ref(), metrics).at(format!("virtual_hosts[{i}]"))?;
+        let vhost = virtual_host(&rc.name, vh, &rc_rate_limit, metrics).at(format!("virtual_hosts[{i}]"))?;
         for (j, domain) in vhost.domains.iter().enumerate() {
             index_domain(&mut domains, domain, i).at(format!("virtual_hosts[{i}].domains[{j}]"))?;
         }
@@ -82,14 +82,19 @@ fn index_domain(index: &mut DomainIndex, domain: &str, vhost: usize) -> FieldRes
     Ok(())
 }
 
+/// Per-filter local rate limit configs by filter instance name, as a route finds them.
+type NamedRateLimits = Vec<(String, Arc<LocalRateLimit>)>;
+
 /// The typed_per_filter_config of a route config or virtual host: only the local rate limit
-/// filter's is supported there (the fault filter's only on routes).
+/// filter's is supported there (the fault filter's only on routes). Each is kept under its key,
+/// the name of the filter instance it configures; a key naming no filter of the connection
+/// manager is never looked up, as in Envoy.
 fn rate_limit_only(
     configs: &std::collections::HashMap<String, envoy_types::pb::google::protobuf::Any>,
     metrics: &Metrics,
-) -> FieldResult<Option<Arc<LocalRateLimit>>> {
-    let mut found = None;
-    for (name, any) in configs {
+) -> FieldResult<NamedRateLimits> {
+    let mut found = Vec::new();
+    for (name, any) in sorted(configs) {
         let at = format!("typed_per_filter_config[{name:?}]");
         if any.type_url != LOCAL_RATELIMIT_TYPE {
             return Err(FieldError::new(
@@ -97,18 +102,32 @@ fn rate_limit_only(
                 format!("per-filter config {} is not supported by meshctl here yet (only {LOCAL_RATELIMIT_TYPE})", any.type_url),
             ));
         }
-        if found.is_some() {
-            return Err(FieldError::new(at, "the local rate limit filter may be configured only once here"));
-        }
-        found = Some(local_rate_limit(any, true, metrics).at(at)?);
+        found.push((name.clone(), local_rate_limit(any, true, metrics).at(at)?));
     }
     Ok(found)
+}
+
+/// A protobuf map's entries in key order, so that the first refusal is the same every time.
+fn sorted<V>(map: &std::collections::HashMap<String, V>) -> Vec<(&String, &V)> {
+    let mut entries: Vec<_> = map.iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    entries
+}
+
+/// `specific`'s configs, then `general`'s for the filter names `specific` does not configure.
+fn most_specific(mut specific: NamedRateLimits, general: &[(String, Arc<LocalRateLimit>)]) -> NamedRateLimits {
+    for (name, config) in general {
+        if !specific.iter().any(|(own, _)| own == name) {
+            specific.push((name.clone(), config.clone()));
+        }
+    }
+    specific
 }
 
 fn virtual_host(
     config_name: &str,
     vh: &route::VirtualHost,
-    inherited_rate_limit: Option<&Arc<LocalRateLimit>>,
+    inherited_rate_limits: &[(String, Arc<LocalRateLimit>)],
     metrics: &Metrics,
 ) -> FieldResult<VirtualHost> {
     if vh.name.is_empty() {
@@ -129,7 +148,7 @@ fn virtual_host(
     let inherited = VirtualHostDefaults {
         retry_policy: vh.retry_policy.as_ref().map(retry_policy).transpose().at("retry_policy")?.map(Arc::new),
         buffer_limit: buffer_limit(vh.per_request_buffer_limit_bytes.as_ref(), vh.request_body_buffer_limit.as_ref())?,
-        local_rate_limit: vh_rate_limit.or_else(|| inherited_rate_limit.cloned()),
+        local_rate_limits: most_specific(vh_rate_limit, inherited_rate_limits),
     };
     let mut routes = Vec::with_capacity(vh.routes.len());
     for (i, r) in vh.routes.iter().enumerate() {
@@ -154,8 +173,8 @@ fn virtual_host(
 struct VirtualHostDefaults {
     retry_policy: Option<Arc<RetryPolicy>>,
     buffer_limit: Option<usize>,
-    /// The virtual host's local rate limit config, else its route config's.
-    local_rate_limit: Option<Arc<LocalRateLimit>>,
+    /// The virtual host's local rate limit configs, and its route config's for other filters.
+    local_rate_limits: NamedRateLimits,
 }
 
 /// The request body buffered for retries (Envoy's per_request_buffer_limit_bytes and its newer
@@ -177,7 +196,7 @@ fn buffer_limit(
 }
 
 fn route_entry(r: &route::Route, stat_name: String, inherited: &VirtualHostDefaults, metrics: &Metrics) -> FieldResult<Route> {
-    let (fault, own_rate_limit) = route_filter_configs(r, metrics)?;
+    let (fault, own_rate_limits) = route_filter_configs(r, metrics)?;
     let mut route_rate_limits = Vec::new();
     let mut include_vh_rate_limits = false;
     let own_buffer_limit = buffer_limit(r.per_request_buffer_limit_bytes.as_ref(), r.request_body_buffer_limit.as_ref())?;
@@ -211,21 +230,21 @@ fn route_entry(r: &route::Route, stat_name: String, inherited: &VirtualHostDefau
         response_headers: header_mutation(&r.response_headers_to_add, &r.response_headers_to_remove)
             .at("response_headers_to_add")?,
         fault,
-        local_rate_limit: own_rate_limit.or_else(|| inherited.local_rate_limit.clone()),
+        local_rate_limits: most_specific(own_rate_limits, &inherited.local_rate_limits),
         rate_limits: route_rate_limits,
         include_vh_rate_limits,
         stats: metrics.route(&stat_name),
     })
 }
 
-/// The route's per-filter configs meshctl knows: HTTPFault and LocalRateLimit. Each is taken
-/// whatever filter name it is keyed by (Envoy looks it up by the filter's name in the connection
-/// manager; meshctl allows one filter of each type there, so the type decides).
-type RouteFilterConfigs = (Option<Arc<crate::model::fault::FaultPolicy>>, Option<Arc<LocalRateLimit>>);
+/// The route's per-filter configs meshctl knows: HTTPFault and LocalRateLimit. A LocalRateLimit
+/// is kept under its key, the filter instance's name (Envoy's lookup); the fault filter's is
+/// taken whatever its key (meshctl allows one fault filter per connection manager).
+type RouteFilterConfigs = (Option<Arc<crate::model::fault::FaultPolicy>>, NamedRateLimits);
 
 fn route_filter_configs(r: &route::Route, metrics: &Metrics) -> FieldResult<RouteFilterConfigs> {
-    let (mut fault, mut rate_limit) = (None, None);
-    for (name, any) in &r.typed_per_filter_config {
+    let (mut fault, mut rate_limits) = (None, Vec::new());
+    for (name, any) in sorted(&r.typed_per_filter_config) {
         let at = format!("typed_per_filter_config[{name:?}]");
         if any.type_url == FAULT_FILTER_TYPE {
             if fault.is_some() {
@@ -233,10 +252,7 @@ fn route_filter_configs(r: &route::Route, metrics: &Metrics) -> FieldResult<Rout
             }
             fault = Some(Arc::new(http_fault(any).at(at)?));
         } else if any.type_url == LOCAL_RATELIMIT_TYPE {
-            if rate_limit.is_some() {
-                return Err(FieldError::new(at, "a route may configure the local rate limit filter only once"));
-            }
-            rate_limit = Some(local_rate_limit(any, true, metrics).at(at)?);
+            rate_limits.push((name.clone(), local_rate_limit(any, true, metrics).at(at)?));
         } else {
             return Err(FieldError::new(
                 at,
@@ -247,7 +263,7 @@ fn route_filter_configs(r: &route::Route, metrics: &Metrics) -> FieldResult<Rout
             ));
         }
     }
-    Ok((fault, rate_limit))
+    Ok((fault, rate_limits))
 }
 
 fn route_match(m: &route::RouteMatch) -> FieldResult<RouteMatch> {

@@ -1,0 +1,96 @@
+"""One global RateLimit shared by 10 meshctl sidecars, as users run them: `meshctl run --token` clients
+of a real `meshctl serve` whose rate limit service they reach over mTLS with the certificates the
+plane issued them. Offered three times the limit within one window, the mesh admits the limit
+within 5 % (batched quota included: no sidecar can spend what the service did not count), and the
+sidecars decide most requests from their quota instead of calling the service each time."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from helpers.control_plane import start_control_plane
+from helpers.mesh import apply, ask_host, print_logs, stop_all, wait_until
+from test_istio_tasks import Mesh
+from test_mesh_security_e2e import sidecar
+from test_rate_limit_global_e2e import away_from_the_minutes_end, get
+
+pytestmark = pytest.mark.meshctl_only
+
+SIDECARS = 10
+LIMIT = 600  # a minute, mesh-wide
+RATE = 9  # requests a second offered by each sidecar: 10 × 9 × 20 s = 1,800 = 3 × LIMIT
+SECONDS = 20
+
+GLOBAL_LIMIT = f"""
+apiVersion: policy.meshctl.io/v1alpha1
+kind: RateLimit
+metadata: {{name: reviews-global}}
+spec:
+  host: reviews
+  rules:
+  - limit: {{requests: {LIMIT}, unit: minute}}
+    scope: global
+"""
+
+
+def counter(admin_port: int, name: str) -> float:
+    """The sum of one Prometheus series over its labels, from a sidecar's admin endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats/prometheus", timeout=3) as response:
+        text = response.read().decode()
+    return sum(float(value) for value in re.findall(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.M))
+
+
+def offer(port: int, results: Counter, lock: threading.Lock) -> None:
+    """RATE requests a second for SECONDS, paced; each answer's status counted."""
+    started = time.monotonic()
+    for number in range(RATE * SECONDS):
+        time.sleep(max(0.0, started + number / RATE - time.monotonic()))
+        status, _ = get(port)
+        with lock:
+            results[status] += 1
+
+
+def test_ten_sidecars_share_one_global_limit_within_five_percent(tmp_path: Path):
+    plane = start_control_plane(tmp_path / "plane")
+    mesh = Mesh(plane, tmp_path)
+    sidecars = []
+    try:
+        mesh.instance("reviews", "v1", 9080, "http_echo.py", "--name", "reviews-v1")
+        sidecars = [sidecar(plane, tmp_path, f"client{n}") for n in range(SIDECARS)]
+        for each in sidecars:
+            wait_until(lambda: ask_host(each.outbound_port) == "reviews-v1", 60, f"{each.service} reaches reviews")
+        apply(plane, GLOBAL_LIMIT)
+        # Every sidecar holds the global filter: one request each is counted by the service.
+        wait_until(lambda: all(counter(s.admin_port, "meshctl_cluster_ratelimit_ok_total") > 0
+                               or get(s.outbound_port)[0] == 0 for s in sidecars), 30,
+                   "every sidecar asks the rate limit service")  # fmt: skip
+        away_from_the_minutes_end(SECONDS + 5)  # the whole load inside one window
+        results: Counter = Counter()
+        lock = threading.Lock()
+        threads = [threading.Thread(target=offer, args=(s.outbound_port, results, lock)) for s in sidecars]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        calls = sum(counter(s.admin_port, "meshctl_cluster_ratelimit_ok_total")
+                    + counter(s.admin_port, "meshctl_cluster_ratelimit_over_limit_total") for s in sidecars)  # fmt: skip
+        from_quota = sum(counter(s.admin_port, "meshctl_cluster_ratelimit_quota_admitted_total") for s in sidecars)
+        offered = sum(results.values())
+        print(f"{SIDECARS} sidecars offered {offered} in {SECONDS}s against {LIMIT}/minute: {dict(results)}; "
+              f"service calls {calls:.0f}, admitted from quota {from_quota:.0f}")  # fmt: skip
+        assert offered == SIDECARS * RATE * SECONDS and set(results) <= {200, 429}, results
+        # The warm-up requests above were counted in an earlier window (or this one: at most 10).
+        assert LIMIT * 0.95 - SIDECARS <= results[200] <= LIMIT, results
+        assert from_quota > 0.5 * results[200], (calls, from_quota)
+    except BaseException:
+        print_logs(sidecars, {"": plane})
+        raise
+    finally:
+        stop_all(sidecars)
+        mesh.stop()
