@@ -157,7 +157,8 @@ class GlobalCounters:
         self, names: Sequence[str | None], hits: int, now: float, caller: str = "", want_quota: bool = False
     ) -> list[Verdict]:
         """One verdict per descriptor (None: not a descriptor of ours). `hits` is hits_addend
-        (0 means 1). A quota is offered only when `want_quota` and the request was admitted."""
+        (0 means 1). With `want_quota`, an admitted request's descriptors may get a grant, and a
+        descriptor whose rule had no room an empty one: a refusal until its valid_until."""
         hits = hits or 1
         if now >= self._next_sweep:  # once a second: a sweep walks every counter
             self.sweep(now)
@@ -196,6 +197,10 @@ class GlobalCounters:
                 grant = self._grant(window, caller, now, end)
                 if grant is not None:
                     history.add(now, grant.requests, 0)
+            elif want_quota and not room and not rule.shadow:
+                # A refusal the caller may repeat on its own until then (an empty grant): refused
+                # traffic stops calling too. Short, so a raised limit applies within QUOTA_SECONDS.
+                grant = Grant(0, min(end, now + QUOTA_SECONDS))
             verdicts.append(Verdict(
                 rule, ok=room or rule.shadow, limit=window.limit,
                 remaining=max(0, window.limit - window.used), reset_in=max(0.0, end - now), quota=grant,

@@ -7,7 +7,8 @@ Who may ask: as for ADS, a client certificate from the mesh's CA (a sidecar) or 
 
 meshctl's batched quota: a call with request metadata `x-meshctl-quota: 1` may get, per admitted
 descriptor, `quota {requests: N, valid_until: T}`: N further requests already counted, which the
-sidecar admits without calling until T. Without that metadata no quota is ever granted (a real
+sidecar admits without calling until T; a descriptor refused (OVER_LIMIT) gets `quota {requests: 0,
+valid_until: T}`, which the sidecar refuses on its own until T. Without that metadata no quota is ever granted (a real
 Envoy ignores it and calls per request: a grant would only waste the limit).
 """
 
@@ -184,7 +185,7 @@ def _status(verdict: Verdict) -> Any:
     status.limit_remaining = verdict.remaining
     status.duration_until_reset.FromNanoseconds(int(verdict.reset_in * 1e9))
     if verdict.quota is not None:
-        status.quota.requests = verdict.quota.requests
+        status.quota.requests = verdict.quota.requests  # 0 on OVER_LIMIT: refused until valid_until
         status.quota.valid_until.FromNanoseconds(int(verdict.quota.valid_until * 1e9))
     return status
 

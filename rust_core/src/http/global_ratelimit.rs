@@ -20,6 +20,7 @@ use super::proxy::HttpContext;
 use crate::model::global_ratelimit::{GlobalRateLimit, RequestType};
 use crate::model::local_ratelimit::VhRateLimits;
 use crate::policy::local_ratelimit::{route_descriptors, Descriptor, RequestDescriptorSource};
+use crate::policy::quota::Local;
 use crate::telemetry::metrics::ClusterStats;
 use crate::telemetry::resilience::ResponseFlag;
 
@@ -77,9 +78,17 @@ pub async fn decide(
     grpc: bool,
 ) -> Decision {
     let counters = &stats.resilience;
-    if config.quota.try_admit(&descriptors, Instant::now()) {
-        counters.ratelimit_quota_admitted.fetch_add(1, Relaxed);
-        return Decision::Allow(None);
+    match config.quota.decide(&descriptors, Instant::now()) {
+        Local::Admit => {
+            counters.ratelimit_quota_admitted.fetch_add(1, Relaxed);
+            return Decision::Allow(None);
+        }
+        Local::Refuse => {
+            counters.ratelimit_quota_refused.fetch_add(1, Relaxed);
+            context.stats.response_flags.record(ResponseFlag::RateLimited);
+            return Decision::Reply(Box::new(limited_reply(config, Vec::new(), None, grpc)));
+        }
+        Local::Ask => {}
     }
     let request = RateLimitRequest {
         domain: config.domain.clone(),
@@ -113,6 +122,7 @@ pub async fn decide(
     // Envoy takes anything but OVER_LIMIT (UNKNOWN included) as OK.
     if response.overall_code == rate_limit_response::Code::OverLimit as i32 {
         counters.ratelimit_over_limit.fetch_add(1, Relaxed);
+        remember_quota(config, &descriptors, &response.statuses);
         context.stats.response_flags.record(ResponseFlag::RateLimited);
         return Decision::Reply(Box::new(limited_reply(config, response.raw_body, headers.as_deref(), grpc)));
     }
@@ -121,21 +131,27 @@ pub async fn decide(
     Decision::Allow(headers)
 }
 
-/// A meshctl service's quota for each descriptor it answered OK with a grant (statuses match the
-/// request's descriptors by position).
+/// A meshctl service's quota for each descriptor it answered with one (statuses match the
+/// request's descriptors by position): an OK with N requests is a grant; an OVER_LIMIT with none
+/// a refusal until valid_until, so that refused traffic stops calling too.
 fn remember_quota(config: &GlobalRateLimit, descriptors: &[Descriptor], statuses: &[rate_limit_response::DescriptorStatus]) {
     use rate_limit_response::quota::ExpirationSpecifier;
     let (now, wall) = (Instant::now(), SystemTime::now());
     for (descriptor, status) in descriptors.iter().zip(statuses) {
         let Some(quota) = &status.quota else { continue };
-        if status.code == rate_limit_response::Code::OverLimit as i32 || quota.requests == 0 {
-            continue;
+        let refused = status.code == rate_limit_response::Code::OverLimit as i32;
+        if refused != (quota.requests == 0) {
+            continue; // a grant on a refusal, or an empty grant on an OK: not the contract
         }
         let Some(ExpirationSpecifier::ValidUntil(until)) = &quota.expiration_specifier else { continue };
         let Ok(seconds) = u64::try_from(until.seconds) else { continue };
         let until = SystemTime::UNIX_EPOCH + std::time::Duration::new(seconds, until.nanos.clamp(0, 999_999_999) as u32);
         let Ok(left) = until.duration_since(wall) else { continue };
-        config.quota.grant(descriptor, quota.requests, now + left, now);
+        if refused {
+            config.quota.refuse(descriptor, now + left, now);
+        } else {
+            config.quota.grant(descriptor, quota.requests, now + left, now);
+        }
     }
 }
 

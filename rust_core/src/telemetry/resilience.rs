@@ -158,12 +158,15 @@ pub struct ResilienceStats {
     pub ratelimit_failure_mode_allowed: AtomicU64,
     /// meshctl's own: requests the filter admitted from a quota the service granted, with no call.
     pub ratelimit_quota_admitted: AtomicU64,
+    /// Requests refused without a call: the service refused their descriptor until a moment
+    /// still to come (meshctl's quota extension).
+    pub ratelimit_quota_refused: AtomicU64,
 }
 
 impl ResilienceStats {
     pub(crate) fn render(clusters: &BTreeMap<String, Arc<ClusterStats>>, out: &mut String, escape: fn(&str) -> String) {
         type Get = fn(&ResilienceStats) -> u64;
-        let series: [(&str, &str, Get); 20] = [
+        let series: [(&str, &str, Get); 21] = [
             ("meshctl_upstream_rq_retry_total", "counter", |s| s.retries.load(Relaxed)),
             ("meshctl_upstream_rq_retry_success_total", "counter", |s| s.retry_successes.load(Relaxed)),
             ("meshctl_upstream_rq_retry_overflow_total", "counter", |s| s.retry_overflows.load(Relaxed)),
@@ -184,6 +187,7 @@ impl ResilienceStats {
             ("meshctl_cluster_ratelimit_error_total", "counter", |s| s.ratelimit_error.load(Relaxed)),
             ("meshctl_cluster_ratelimit_failure_mode_allowed_total", "counter", |s| s.ratelimit_failure_mode_allowed.load(Relaxed)),
             ("meshctl_cluster_ratelimit_quota_admitted_total", "counter", |s| s.ratelimit_quota_admitted.load(Relaxed)),
+            ("meshctl_cluster_ratelimit_quota_refused_total", "counter", |s| s.ratelimit_quota_refused.load(Relaxed)),
         ];
         for (metric, kind, get) in series {
             let _ = writeln!(out, "# TYPE {metric} {kind}");
