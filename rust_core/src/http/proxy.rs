@@ -232,12 +232,7 @@ fn local_rate_limit(
 ) -> Result<bool, Box<Response<ResponseBody>>> {
     use crate::policy::local_ratelimit::{decide, RequestDescriptorSource, Verdict};
     let view = RequestView { method: request.method(), path_and_query, authority, scheme: context.scheme, headers: request.headers() };
-    let client_ip = context
-        .settings
-        .client_address_from_xff
-        .and_then(|hops| address_from_xff(request.headers(), hops))
-        .unwrap_or_else(|| context.peer.ip());
-    let source = RequestDescriptorSource { route, vhost, request: &view, client_ip };
+    let source = RequestDescriptorSource { route, vhost, request: &view, client_ip: client_address(context, request.headers()) };
     match decide(config, &source, &context.rate_limiters) {
         Verdict::Pass => Ok(false),
         Verdict::Shadow => Ok(true),
@@ -275,17 +270,22 @@ fn global_rate_limit_needed(
     };
     let cluster = context.registry.cluster(target)?;
     let view = RequestView { method: request.method(), path_and_query, authority, scheme: context.scheme, headers: request.headers() };
-    let client_ip = context
-        .settings
-        .client_address_from_xff
-        .and_then(|hops| address_from_xff(request.headers(), hops))
-        .unwrap_or_else(|| context.peer.ip());
-    let source = RequestDescriptorSource { route, vhost, request: &view, client_ip };
+    let source = RequestDescriptorSource { route, vhost, request: &view, client_ip: client_address(context, request.headers()) };
     let descriptors = global_ratelimit::descriptors(config, &source);
     if descriptors.is_empty() {
         return None;
     }
     Some((descriptors, cluster.stats.clone()))
+}
+
+/// The client's address as the rate limit actions see it (remote_address): from x-forwarded-for
+/// when the connection manager is set to trust it, else the connection's peer.
+fn client_address(context: &HttpContext, headers: &HeaderMap) -> std::net::IpAddr {
+    context
+        .settings
+        .client_address_from_xff
+        .and_then(|hops| address_from_xff(headers, hops))
+        .unwrap_or_else(|| context.peer.ip())
 }
 
 /// Envoy's client address when it does not use the connection's: the x-forwarded-for entry
