@@ -73,22 +73,8 @@ def meshctl_peer(name: str, command: list[str], bootstrap: Path) -> peers.PeerSp
         peers.MESH_PORT,
         peers.MESH_PORT,
         lambda rundir: [*command, "run", "--bootstrap", str(bootstrap), "--workers", "1"],
-        lambda: why_unusable(command),
+        lambda: peers.run_bootstrap_unavailable(command),
     )
-
-
-def why_unusable(command: list[str]) -> str | None:
-    """None if `command run --bootstrap` exists, else why not (checked once, before any load)."""
-    try:
-        result = subprocess.run(
-            [*command, "run", "--help"], capture_output=True, text=True, check=False, timeout=60
-        )
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return f"{shlex.join(command)} run --help: {error}"
-    if result.returncode != 0 or "--bootstrap" not in result.stdout:
-        last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        return f"{shlex.join(command)} has no `run --bootstrap` ({last[0][:120]})"
-    return None
 
 
 def version_of(command: list[str]) -> str:

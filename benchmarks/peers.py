@@ -210,15 +210,20 @@ def _meshctl_unavailable() -> str | None:
     command = meshctl_command()
     if command is None:
         return "no `meshctl` on PATH (set MESHCTL to override)"
+    return run_bootstrap_unavailable(command)
+
+
+def run_bootstrap_unavailable(command: list[str]) -> str | None:
+    """None if `command run --bootstrap` exists, else why not (checked once, before any load)."""
     try:
         result = subprocess.run(
-            [*command, "run", "--help"], capture_output=True, text=True, check=False, timeout=30
+            [*command, "run", "--help"], capture_output=True, text=True, check=False, timeout=60
         )
     except (OSError, subprocess.TimeoutExpired) as error:
-        return f"`meshctl run --help` failed: {error}"
+        return f"{shlex.join(command)} run --help: {error}"
     if result.returncode != 0 or "--bootstrap" not in result.stdout:
         last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        return f"`meshctl run --bootstrap` not implemented yet ({last[0][:100]})"
+        return f"{shlex.join(command)} has no `run --bootstrap` ({last[0][:120]})"
     return None
 
 
