@@ -258,12 +258,12 @@ def test_a_sidecar_that_starts_while_the_plane_is_starting_finds_its_xds_port(tm
     threading.Thread(target=starting.serve_forever, daemon=True).start()
     sidecars = []
     try:
-        sidecars.append(echo_instance(mesh.planes["a"].env, tmp_path, "reviews", "v1", lease=LEASE))
-        wait_until(lambda: _StartingPlaneApi.asked > 0, 20, "the sidecar asks the starting plane")
-    finally:
-        starting.shutdown()
-        starting.server_close()
-    try:
+        try:
+            sidecars.append(echo_instance(mesh.planes["a"].env, tmp_path, "reviews", "v1", lease=LEASE))
+            wait_until(lambda: _StartingPlaneApi.asked > 0, 20, "the sidecar asks the starting plane")
+        finally:
+            starting.shutdown()
+            starting.server_close()
         mesh.start("a")  # the real plane, on the same ports
         wait_until(lambda: [s["service"] for s in registered(mesh.planes["a"]) if s.get("ready")] == ["reviews"], 30,
                    "the instance registers with the restarted plane and is ready")  # fmt: skip
