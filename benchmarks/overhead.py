@@ -136,19 +136,25 @@ def _failure(samples: list[dict], peer: str) -> str | None:
     return f"{mine[0]['status']}: {first_line}"[:200]
 
 
+def _label_and_baseline(peer: str, by_name: dict[str, Peer]) -> tuple[str, str | None]:
+    """A peer's label in the tables, and the peer its figures are compared with (none for direct)."""
+    if peer not in by_name:
+        return DIRECT_LABEL, None
+    return by_name[peer].label, by_name[peer].baseline
+
+
 def throughput_rows(samples: list[dict], names: list[str], by_name: dict[str, Peer]) -> list[str]:
     rps = lambda s: s["result"]["requests_per_second"]
     header = ["peer", "req/s median (min–max)", "vs its baseline, same round", "budget",
               "non-2xx", "socket errors", "proxy CPU-s / 1k req", "others on CPU 0 / 1 %"]  # fmt: skip
     rows = []
     for peer in names:
-        label = by_name[peer].label if peer in by_name else DIRECT_LABEL
+        label, baseline = _label_and_baseline(peer, by_name)
         failed = _failure(samples, peer)
         if failed:
             rows.append([label, failed, *[""] * (len(header) - 2)])
             continue
         ok = _ok(samples, peer)
-        baseline = by_name[peer].baseline if peer in by_name else None
         ratios = paired_ratios(samples, peer, baseline, rps) if baseline else []
         rows.append([
             label if not baseline else f"{label} (vs {by_name[baseline].label})",
@@ -169,8 +175,7 @@ def latency_rows(samples: list[dict], names: list[str], by_name: dict[str, Peer]
               "non-2xx", "socket errors"]  # fmt: skip
     rows = []
     for peer in names:
-        label = by_name[peer].label if peer in by_name else DIRECT_LABEL
-        baseline = by_name[peer].baseline if peer in by_name else None
+        label, baseline = _label_and_baseline(peer, by_name)
         failed = _failure(samples, peer)
         if failed:
             rows.append([label, failed, *[""] * (len(header) - 2)])

@@ -246,10 +246,10 @@ def test_remote_address_descriptor_takes_the_client_from_x_forwarded_for(datapla
     assert statuses(burst(port, 2)) == [200, 200]
 
 
-def test_two_instances_run_in_order_with_their_own_buckets_and_route_configs_by_name(dataplane, app):
-    """Two local rate limit filters in one connection manager: each has its own buckets, the
-    second sees only what the first let through, and a route's typed_per_filter_config reaches
-    the instance its key names (a key naming no filter changes nothing)."""
+def two_instances(dataplane, app, first_tokens: int) -> tuple[int, Stats]:
+    """Two local rate limit filters in one connection manager (the first with `first_tokens`, the
+    second, named `second`, with 3); /tight has a route config for `second` (1 token), /ignored one
+    keyed by a name no filter has."""
     routes = b.route_configuration("local", [b.virtual_host("all", [
         {**b.route("upstream", "/tight"), "typed_per_filter_config": {"second": lrl("second-route", 1)}},
         {**b.route("upstream", "/ignored"), "typed_per_filter_config": {"nobody": lrl("nobody", 1)}},
@@ -259,12 +259,20 @@ def test_two_instances_run_in_order_with_their_own_buckets_and_route_configs_by_
     listener = b.http_listener("http", port, routes)
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"][:0] = [
-        {"name": LRL_NAME, "typed_config": lrl("first", 5)},
+        {"name": LRL_NAME, "typed_config": lrl("first", first_tokens)},
         {"name": "second", "typed_config": lrl("second", 3)},
     ]
     config = b.bootstrap([listener], [b.cluster("upstream", app.port)])
     config["admin"] = {"address": b.socket_address(admin)}
     stats = Stats(dataplane(config).name, admin)
+    return port, stats
+
+
+def test_two_instances_run_in_order_with_their_own_buckets_and_route_configs_by_name(dataplane, app):
+    """Two local rate limit filters in one connection manager: each has its own buckets, the
+    second sees only what the first let through, and a route's typed_per_filter_config reaches
+    the instance its key names (a key naming no filter changes nothing)."""
+    port, stats = two_instances(dataplane, app, first_tokens=5)
     # The first passes 5 of 8; the second 3 of those 5.
     assert statuses(burst(port, 8)) == [200] * 3 + [429] * 5
     assert stats.read("first") == {"enabled": 8, "enforced": 3, "rate_limited": 3, "ok": 5}
@@ -277,21 +285,7 @@ def test_two_instances_run_in_order_with_their_own_buckets_and_route_configs_by_
 
 
 def test_a_route_config_keyed_by_the_second_instance_name_replaces_only_its_config(dataplane, app):
-    routes = b.route_configuration("local", [b.virtual_host("all", [
-        {**b.route("upstream", "/tight"), "typed_per_filter_config": {"second": lrl("second-route", 1)}},
-        {**b.route("upstream", "/ignored"), "typed_per_filter_config": {"nobody": lrl("nobody", 1)}},
-        b.route("upstream", "/"),
-    ])])  # fmt: skip
-    port, admin = free_port(), free_port()
-    listener = b.http_listener("http", port, routes)
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["http_filters"][:0] = [
-        {"name": LRL_NAME, "typed_config": lrl("first", 100)},
-        {"name": "second", "typed_config": lrl("second", 3)},
-    ]
-    config = b.bootstrap([listener], [b.cluster("upstream", app.port)])
-    config["admin"] = {"address": b.socket_address(admin)}
-    stats = Stats(dataplane(config).name, admin)
+    port, stats = two_instances(dataplane, app, first_tokens=100)
     assert statuses(burst(port, 3, "/tight")) == [200, 429, 429]
     # A key naming no filter instance is ignored: the second filter's own bucket (3) decides.
     assert statuses(burst(port, 4, "/ignored")) == [200, 200, 200, 429]

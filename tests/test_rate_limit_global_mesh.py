@@ -19,7 +19,7 @@ from helpers.control_plane import start_control_plane
 from helpers.mesh import apply, ask_host, print_logs, stop_all, wait_until
 from test_istio_tasks import Mesh
 from test_mesh_security_e2e import sidecar
-from test_rate_limit_global_e2e import away_from_the_minutes_end, get
+from test_rate_limit_global_e2e import get
 
 pytestmark = pytest.mark.meshctl_only
 
@@ -67,11 +67,16 @@ def test_ten_sidecars_share_one_global_limit_within_five_percent(tmp_path: Path)
         for each in sidecars:
             wait_until(lambda: ask_host(each.outbound_port) == "reviews-v1", 60, f"{each.service} reaches reviews")
         apply(plane, GLOBAL_LIMIT)
-        # Every sidecar holds the global filter: one request each is counted by the service.
-        wait_until(lambda: all(counter(s.admin_port, "meshctl_cluster_ratelimit_ok_total") > 0
-                               or get(s.outbound_port)[0] == 0 for s in sidecars), 30,
-                   "every sidecar asks the rate limit service")  # fmt: skip
-        away_from_the_minutes_end(SECONDS + 5)  # the whole load inside one window
+        # Every sidecar holds the global filter: a request through it is answered by the service.
+        def asks_the_service(port: int, admin_port: int) -> bool:
+            get(port)
+            return counter(admin_port, "meshctl_cluster_ratelimit_ok_total") > 0
+
+        for each in sidecars:
+            wait_until(lambda: asks_the_service(each.outbound_port, each.admin_port), 30,
+                       f"{each.service} asks the rate limit service", step=0.3)  # fmt: skip
+        # The whole load inside one window the warm-up did not touch (its calls may take grants).
+        time.sleep(60 - time.time() % 60 + 0.05)
         results: Counter = Counter()
         lock = threading.Lock()
         threads = [threading.Thread(target=offer, args=(s.outbound_port, results, lock)) for s in sidecars]
@@ -88,8 +93,8 @@ def test_ten_sidecars_share_one_global_limit_within_five_percent(tmp_path: Path)
               f"service calls {calls:.0f}, admitted from quota {from_quota:.0f}, refused on the service's "
               f"word without a call {refused_locally:.0f}")  # fmt: skip
         assert offered == SIDECARS * RATE * SECONDS and set(results) <= {200, 429}, results
-        # The warm-up requests above were counted in an earlier window (or this one: at most 10).
-        assert LIMIT * 0.95 - SIDECARS <= results[200] <= LIMIT, results
+        # Within 5 % of the limit: grants still unused when the load stops are counted but unspent.
+        assert LIMIT * 0.95 <= results[200] <= LIMIT, results
         # Most requests decided by the sidecars themselves, on what the service granted or refused.
         assert from_quota + refused_locally > offered / 2 and calls < offered / 2, (calls, from_quota, refused_locally)
     except BaseException:
