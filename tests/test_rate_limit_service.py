@@ -5,18 +5,16 @@ global RateLimit rules (domain `meshctl`, `meshctl_rate_limit: NAMESPACE/NAME/IN
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
 import yaml
+from cryptography import x509
 from envoy.service.ratelimit.v3 import rls_pb2
 from helpers.control_plane import ControlPlane, start_control_plane
+from helpers.envoy_client_sidecar import workload_certificate
 from helpers.mesh import apply
 
 METHOD = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
@@ -37,28 +35,6 @@ spec:
     scope: global{extra}
     response: {{status: 429, headers: {{x-why: mesh-wide limit}}}}
 """
-
-
-def workload_certificate(plane: ControlPlane, service_account: str, directory: Path) -> Path:
-    """A sidecar's certificate: `meshctl identity agent` with a join token writes cert.pem,
-    key.pem and root.pem into `directory`; the agent is stopped (by its PID) once they exist."""
-    env = {k: v for k, v in plane.env.items() if k != "MESHCTL_TOKEN"}
-    log_path = directory.parent / f"{directory.name}.log"
-    with open(log_path, "wb") as log:
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "meshctl", "identity", "agent", "--token", plane.join_token(service_account),
-             "--cert-dir", str(directory), "--xds-address", plane.xds_address],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while not (directory / "root.pem").exists():
-            assert agent.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
-    finally:
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(timeout=10)
-    return directory
 
 
 class Client:
