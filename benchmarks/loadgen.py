@@ -135,8 +135,10 @@ def h2load(url: str, *, clients: int = 16, streams: int = 10, seconds: float = 1
     )
 
 
-def fortio(url: str, *, qps: int = 2000, connections: int = 16, seconds: float = 10) -> LoadResult:
-    """Open-loop HTTP/1.1 latency at a fixed request rate (p50/p90/p99)."""
+def fortio(
+    url: str, *, qps: int = 2000, connections: int = 16, seconds: float = 10, host: str | None = None
+) -> LoadResult:
+    """Open-loop HTTP/1.1 latency at a fixed request rate (p50/p90/p99); `host` sets the Host header."""
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "fortio.json"
         command = [
@@ -158,6 +160,7 @@ def fortio(url: str, *, qps: int = 2000, connections: int = 16, seconds: float =
             "50,90,99",
             "-json",
             str(report),
+            *(["-H", f"Host: {host}"] if host else []),
             url,
         ]
         _run(command, timeout=seconds + 30)

@@ -77,10 +77,11 @@ def start_client_envoy(
     listener_port, admin_port = free_port(), free_port()
     config = compiled_bootstrap(resources, listener_port, admin_port,
                                 {cluster_name("outbound", service_port, None, host): app_port})  # fmt: skip
-    (service_cluster,) = [c for c in resources[types.CLUSTER] if c["name"] == global_limits.CLUSTER]
+    # The rate limit service's cluster, there when a global rule limits this sidecar.
     default, rootca = cert_dir_secrets(certs, directory)
-    config["static_resources"]["clusters"].append(
-        with_file_secrets(copy.deepcopy(service_cluster), {"default": default, "ROOTCA": rootca})
+    config["static_resources"]["clusters"].extend(
+        with_file_secrets(copy.deepcopy(cluster), {"default": default, "ROOTCA": rootca})
+        for cluster in resources[types.CLUSTER] if cluster["name"] == global_limits.CLUSTER
     )
     # The plane's cluster is mTLS only towards instances with identities: the destination has none.
     config["node"] = {"id": me.node_id, "cluster": service}
