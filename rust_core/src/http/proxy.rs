@@ -748,15 +748,34 @@ pub(super) fn body_fault_reply(fault: BodyFault, grpc: bool, http1: bool) -> Res
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    // Headers named in Connection are hop-by-hop too. Its values are taken out of the map first,
+    // so that the names they list are removed by &str, which allocates nothing (a HeaderName of
+    // a name outside the standard set, such as keep-alive, would: once per response). One value
+    // is the common case; several are copied out (HeaderValue clones share their bytes).
+    match headers.get_all(header::CONNECTION).iter().count() {
+        0 => {}
+        1 => {
+            if let Some(value) = headers.remove(header::CONNECTION) {
+                remove_listed(headers, &value);
+            }
+        }
+        _ => {
+            let values: Vec<HeaderValue> = headers.get_all(header::CONNECTION).iter().cloned().collect();
+            headers.remove(header::CONNECTION);
+            for value in &values {
+                remove_listed(headers, value);
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Removes the headers a Connection value lists (comma-separated names, any case).
+fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
+    let Ok(names) = connection.to_str() else { return };
+    for name in names.split(',').map(str::trim).filter(|name| !name.is_empty()) {
         headers.remove(name);
     }
 }
@@ -856,6 +875,25 @@ mod tests {
         assert_eq!(parse_grpc_timeout(b"123456789S"), None);
         assert_eq!(parse_grpc_timeout(b"m"), None);
         assert_eq!(parse_grpc_timeout(b"10x"), None);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Drop-Me ,"));
+        headers.append(header::CONNECTION, HeaderValue::from_static("x-also, bad name"));
+        for name in ["keep-alive", "x-drop-me", "x-also", "x-kept", "transfer-encoding", "upgrade"] {
+            headers.insert(HeaderName::from_static(name), HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-kept"]);
+
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["content-type"]);
     }
 
     #[test]
