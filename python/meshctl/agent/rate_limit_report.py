@@ -4,9 +4,12 @@ compiled descriptor names), so the plane can show each rule's last minute mesh-w
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from meshctl.resources.rate_limit import DESCRIPTOR_KEY
+from meshctl.resources.rate_limit import DESCRIPTOR_KEY, MAX_REPORTED_RULES
+
+log = logging.getLogger("meshctl.agent")
 
 
 def rule_counts(engine: Any) -> dict[str, dict[str, int]]:
@@ -21,4 +24,8 @@ def rule_counts(engine: Any) -> dict[str, dict[str, int]]:
         entry = counts.setdefault(descriptor[0][1], {"allowed": 0, "limited": 0})
         entry["allowed"] += allowed
         entry["limited"] += limited
+    if len(counts) > MAX_REPORTED_RULES:
+        # The plane would refuse the whole renewal: report the first rules by name, keep the lease.
+        log.warning("%d rate limit rules; reporting the counts of %d", len(counts), MAX_REPORTED_RULES)
+        counts = dict(sorted(counts.items())[:MAX_REPORTED_RULES])
     return counts

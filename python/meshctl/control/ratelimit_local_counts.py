@@ -16,11 +16,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshctl.resources.rate_limit import MAX_REPORTED_RULES
+
 WINDOW = 60.0
 SPACING = WINDOW / 16
-# A report names at most this many rules (a sidecar's config holds a few RateLimits of at most
-# 64 rules each); a bigger one is refused by field, so memory per sidecar stays bounded.
-MAX_RULES = 1024
+# A report naming more rules is refused by field, so memory per sidecar stays bounded.
+MAX_RULES = MAX_REPORTED_RULES
 MAX_COUNT = 2**53  # a JSON / protobuf Struct number is a double: exact below this
 
 Counts = dict[str, tuple[int, int]]
