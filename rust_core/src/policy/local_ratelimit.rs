@@ -129,10 +129,16 @@ impl Limiter {
     /// request the default bucket refuses counts for no descriptor (none of theirs refused it).
     pub fn allows(&self, request: &[Descriptor], counts: &[Arc<LocalRateLimitDescriptorStats>]) -> bool {
         let mut matched = false;
+        // The positions (in bucket order) of the first 64 that matched: counted allowed below
+        // without comparing descriptors again, and without allocating.
+        let mut matches: u64 = 0;
         if !request.is_empty() {
-            for (descriptor, bucket, index) in &self.descriptors {
+            for (position, (descriptor, bucket, index)) in self.descriptors.iter().enumerate() {
                 if request.iter().any(|r| r == descriptor) {
                     matched = true;
+                    if position < 64 {
+                        matches |= 1 << position;
+                    }
                     if !bucket.try_take() {
                         if let Some(count) = counts.get(*index) {
                             count.limited.fetch_add(1, Relaxed);
@@ -144,10 +150,10 @@ impl Limiter {
         }
         let allowed = (matched && !self.always_consume_default) || self.default.as_ref().is_none_or(TokenBucket::try_take);
         if allowed && matched && !counts.is_empty() {
-            // A second look rather than a list of the matches: nothing allocated per request.
-            for (descriptor, _, index) in &self.descriptors {
-                if let Some(count) = counts.get(*index) {
-                    if request.iter().any(|r| r == descriptor) {
+            for (position, (descriptor, _, index)) in self.descriptors.iter().enumerate() {
+                let this = if position < 64 { matches & (1 << position) != 0 } else { request.iter().any(|r| r == descriptor) };
+                if this {
+                    if let Some(count) = counts.get(*index) {
                         count.allowed.fetch_add(1, Relaxed);
                     }
                 }
@@ -420,5 +426,19 @@ mod tests {
         assert!(second.allows(&request, &counted));
         assert!(!second.allows(&request, &counted));
         assert_eq!(read(&counted), vec![(2, 2)]);
+    }
+
+    #[test]
+    fn counts_descriptors_past_the_sixty_fourth() {
+        let configured: Vec<(Descriptor, BucketSpec)> =
+            (0..70).map(|i| (vec![("rule".to_string(), i.to_string())], spec(1, 1, 1000))).collect();
+        let limiter = Limiter::new(None, &configured, true);
+        let counted = counts(70);
+        let request = [configured[1].0.clone(), configured[66].0.clone()];
+        assert!(limiter.allows(&request, &counted));
+        assert!(!limiter.allows(&request, &counted));
+        let read = read(&counted);
+        assert_eq!((read[1], read[66]), ((1, 1), (1, 0)));
+        assert_eq!(read.iter().map(|(a, l)| a + l).sum::<u64>(), 3);
     }
 }
