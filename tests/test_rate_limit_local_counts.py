@@ -72,3 +72,26 @@ def test_a_bad_report_is_refused_by_field(report, field):
 
 def test_a_struct_report_parses_to_counts():
     assert parse_counts({RULE: {"allowed": 3.0, "limited": 0}}) == {RULE: (3, 0)}
+
+
+async def test_a_registration_with_a_bad_report_is_refused_naming_the_field_and_registers_nothing():
+    import json
+
+    from meshctl.control.api_handlers import ApiError
+    from meshctl.control.registry_api import register
+
+    registry = Registry()
+    body = {"service": "reviews", "rateLimitCounts": {RULE: {"allowed": "many"}}}
+    with pytest.raises(ApiError, match=rf"sidecar a: rateLimitCounts\.{RULE}\.allowed: 'many' is not a count"):
+        await register(registry, "a", json.dumps(body).encode())
+    assert registry.get("a") is None and len(registry.rate_limit_counts) == 0
+    body["rateLimitCounts"] = {RULE: {"allowed": 4, "limited": 1}}
+    await register(registry, "a", json.dumps(body).encode())
+    assert registry.rate_limit_counts.figures({RULE}, registry.now())[RULE].limited_last_minute == 0  # its zero
+    # A renewal with new counts changes no registration: nobody's config is compiled again.
+    generation = registry.generation
+    body["rateLimitCounts"] = {RULE: {"allowed": 9, "limited": 3}}
+    answer = await register(registry, "a", json.dumps(body).encode())
+    assert answer["changed"] is False and registry.generation == generation
+    figures = registry.rate_limit_counts.figures({RULE}, registry.now())[RULE]
+    assert (figures.allowed_last_minute, figures.limited_last_minute) == (5, 2)
