@@ -33,6 +33,10 @@ def test_last_minute_is_latest_minus_the_sample_a_minute_before_summed_over_side
     assert rule.sidecars == 2
     # a's rate over its last two samples: 11 per 5 s; b's: 67 per 20 s.
     assert rule.requests_per_second == pytest.approx(11 / 5 + 67 / 20, abs=0.01)
+    # b goes quiet (it renews with another plane now): a minute on, it counts for nothing.
+    counts.record("a", {RULE: (300, 30)}, 206.0)
+    later = counts.figures({RULE}, 206.0)[RULE]
+    assert later.sidecars == 1 and later.allowed_last_minute == 300 - 10 * 29
 
 
 def test_a_counter_that_went_down_counts_from_zero_and_samples_stay_few():

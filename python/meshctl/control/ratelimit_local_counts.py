@@ -7,7 +7,8 @@ drops them with the lease), spaced at least SPACING apart: about WINDOW / SPACIN
 sidecar however often it renews. A rule's last minute is the sum over sidecars of its latest
 sample minus the newest sample at least WINDOW older (a sidecar seen for less than that: its
 first sample); a counter that went down (the engine restarted, or the rule left its config and
-came back) counts from zero, as Prometheus' increase() does.
+came back) counts from zero, as Prometheus' increase() does. A sidecar that has not reported for
+a minute (it renews with another plane now) counts for nothing.
 """
 
 from __future__ import annotations
@@ -113,6 +114,10 @@ class LocalRuleCounts:
         for sidecar in self._sidecars.values():
             samples = sidecar.samples
             latest = samples[-1]
+            if latest.at <= now - WINDOW:
+                # Nothing from it this last minute: a sidecar that now renews with another plane
+                # (its shared registration keeps it here) must not keep counting as a reporter.
+                continue
             base = next((s for s in reversed(samples) if s.at <= now - WINDOW), samples[0])
             previous = samples[-2] if len(samples) >= 2 else None
             for rule in rules & latest.counts.keys():
