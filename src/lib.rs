@@ -74,6 +74,19 @@ impl Engine {
         py.detach(|| self.with(|e| e.stats_prometheus()))
     }
 
+    /// (stat_prefix, descriptor entries, allowed, limited) per local rate limit descriptor.
+    #[allow(clippy::type_complexity)]
+    fn local_rate_limit_counts(&self, py: Python<'_>) -> PyResult<Vec<(String, Vec<(String, String)>, u64, u64)>> {
+        py.detach(|| {
+            self.with(|e| {
+                e.local_rate_limit_descriptor_counts()
+                    .into_iter()
+                    .map(|c| (c.stat_prefix, c.descriptor, c.allowed, c.limited))
+                    .collect()
+            })
+        })
+    }
+
     fn config_dump(&self, py: Python<'_>) -> PyResult<String> {
         py.detach(|| self.with(|e| e.config_dump()))
     }

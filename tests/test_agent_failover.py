@@ -21,6 +21,9 @@ class Engine:
     def admin_address(self):
         return None
 
+    def local_rate_limit_counts(self):
+        return []
+
 
 @pytest.fixture
 def ca_root(tmp_path: Path) -> Path:

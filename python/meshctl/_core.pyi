@@ -51,6 +51,10 @@ class Engine:
     def config_dump(self) -> str:
         """The active model as JSON (as served on /config_dump)."""
 
+    def local_rate_limit_counts(self) -> list[tuple[str, list[tuple[str, str]], int, int]]:
+        """(stat_prefix, descriptor entries, allowed, limited) for every descriptor of a live
+        local rate limit config: cumulative, kept across config reloads under one stat_prefix."""
+
     def admin_address(self) -> tuple[str, int] | None:
         """Where the admin endpoint listens, if the bootstrap configured one."""
 

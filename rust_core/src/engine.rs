@@ -169,6 +169,11 @@ impl Engine {
         self.state.config_dump()
     }
 
+    /// The cumulative counts of every local rate limit descriptor a live config names.
+    pub fn local_rate_limit_descriptor_counts(&self) -> Vec<crate::telemetry::metrics::DescriptorCount> {
+        self.state.metrics.local_rate_limit_descriptor_counts()
+    }
+
     pub fn admin_address(&self) -> Option<SocketAddr> {
         self.admin_address
     }

@@ -39,6 +39,7 @@ from meshctl.agent.cert_renewal import (
 )
 from meshctl.agent.control_calls import CertificateService, RegistryService
 from meshctl.agent.control_channels import ControlPlanes, TrustAnchorError
+from meshctl.agent.rate_limit_report import rule_counts
 from meshctl.agent.sds_secret import SECRET_TYPE, workload_secret
 from meshctl.agent.supervisor import COMMAND_NOT_EXECUTABLE, COMMAND_NOT_FOUND, exit_status
 from meshctl.agent.workload_identity import IdentityAsk, IdentityConflict
@@ -216,6 +217,9 @@ class Agent:
             body.update(appPort=o.app_port, inboundPort=o.inbound_port)
         if o.capture:
             body["capture"] = True
+        # Cumulative: a lost renewal loses no count, the plane takes differences. Sent empty too:
+        # the first registration (before any config) is the plane's zero for this sidecar.
+        body["rateLimitCounts"] = rule_counts(self.engine)
         return body
 
     async def _register_anywhere(self, ready: bool, backoff: Backoff) -> bool:

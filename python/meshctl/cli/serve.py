@@ -188,6 +188,7 @@ async def _main(options: Any, xds: _XdsOptions, authority: Any) -> None:
     from meshctl.control.identity_authority import identity_service
     from meshctl.control.plane import run_control_plane
     from meshctl.control.ratelimit_counters import GlobalCounters
+    from meshctl.control.ratelimit_local_status import LocalRateLimitStatus
     from meshctl.control.ratelimit_service import RateLimitStatus
     from meshctl.control.registry import Registry
     from meshctl.control.xds_service import xds_service
@@ -213,8 +214,11 @@ async def _main(options: Any, xds: _XdsOptions, authority: Any) -> None:
                         api_token=ensure_token(options.token_path), tls=tls, counters=counters),  # fmt: skip
         )
         nursery.start_soon(
-            functools.partial(run_control_plane, api_extensions=[IdentityApi(authority), RateLimitStatus(counters)],
-                              api_tls=api_tls),
+            functools.partial(run_control_plane, api_extensions=[
+                IdentityApi(authority), RateLimitStatus(counters),
+                # The local rules' counts, as the sidecars report them with their renewals.
+                LocalRateLimitStatus(registry.rate_limit_counts, registry.now),
+            ], api_tls=api_tls),
             options, services, ready, registry,
         )  # fmt: skip
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

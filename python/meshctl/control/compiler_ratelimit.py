@@ -24,6 +24,7 @@ from meshctl.control.compiler_matchers import string_match
 from meshctl.resources.common import StringMatch
 from meshctl.resources.hosts import canonical_host
 from meshctl.resources.rate_limit import (
+    DESCRIPTOR_KEY,
     MAX_TOKENS,
     UNIT_SECONDS,
     RateLimitResponse,
@@ -40,8 +41,6 @@ SHADOW_FILTER = "envoy.filters.http.local_ratelimit.shadow"
 TYPE = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 STAT_PREFIX = "local_rate_limit"
 SHADOW_STAT_PREFIX = "local_rate_limit_shadow"
-# The descriptor entry key every rule's action writes; the value names the rule.
-DESCRIPTOR_KEY = "meshctl_rate_limit"
 # A per-route LocalRateLimit must have a default bucket, and Envoy takes a token from it for every
 # request (always_consume_default_token_bucket defaults to true). Requests no rule matches must not
 # be limited, so the default bucket is as large as Envoy's uint32 allows, refilled every second.

@@ -32,6 +32,7 @@ from typing import Any
 
 import trio
 
+from meshctl.control.ratelimit_local_counts import LocalRuleCounts
 from meshctl.control.store import StoreError
 from meshctl.resources.hosts import canonical_host
 
@@ -143,6 +144,7 @@ def parse_registration(node_id: str, body: bytes) -> Sidecar:
     known = {
         "service", "namespace", "version", "address", "servicePort", "appPort", "inboundPort",
         "outboundPort", "labels", "ready", "leaseSeconds", "protocol", "adminPort", "capture",
+        "rateLimitCounts",  # not the sidecar's: registry_api records it (ratelimit_local_counts)
     }  # fmt: skip
     unknown = sorted(set(data) - known)
     if unknown:
@@ -246,6 +248,9 @@ class Registry:
         self.kept: Any = None
         # True while share() loads what etcd holds when this plane starts.
         self._starting = False
+        # The local rate limit counts each sidecar reported with its renewals here: memory only,
+        # dropped with its registration (another plane's sidecars report to that plane).
+        self.rate_limit_counts = LocalRuleCounts()
 
     # --- the API's entry points: local, and shared when a store shares registrations ----------
 
@@ -363,10 +368,15 @@ class Registry:
         return True
 
     def deregister(self, node_id: str) -> bool:
+        self.rate_limit_counts.forget(node_id)
         if self._sidecars.pop(node_id, None) is None:
             return False
         self._bump()
         return True
+
+    def now(self) -> float:
+        """The registry's clock (leases, and the rate limit counts' samples)."""
+        return self._clock()
 
     def get(self, node_id: str) -> Sidecar | None:
         entry = self._sidecars.get(node_id)
@@ -382,6 +392,7 @@ class Registry:
         gone = [node for node, (_, deadline) in self._sidecars.items() if deadline <= now]
         for node in gone:
             del self._sidecars[node]
+            self.rate_limit_counts.forget(node)
         if gone:
             self._bump()
         return gone

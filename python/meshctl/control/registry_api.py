@@ -10,11 +10,13 @@ API's address.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from meshctl.control.api_handlers import ApiError, Request
+from meshctl.control.ratelimit_local_counts import CountsError, parse_counts
 from meshctl.control.registry import RegistrationError, Registry, Sidecar, parse_registration
 
 
@@ -49,16 +51,23 @@ async def register(
 ) -> dict[str, Any]:
     """Register or renew (REST PUT, and the Register gRPC method on the xDS port). `identity` is
     the SPIFFE ID the caller proved (None: registered with the API token); `check` may refuse
-    the parsed registration (raise ApiError)."""
+    the parsed registration (raise ApiError). A body's `rateLimitCounts` (the sidecar's cumulative
+    local rate limit counts) join the registry's samples, not the registration: they change with
+    every renewal and must not recompile anyone's config."""
     try:
         sidecar = parse_registration(node_id, body)
-    except RegistrationError as error:
+        reported = json.loads(body).get("rateLimitCounts") if b'"rateLimitCounts"' in body else None
+        counts = parse_counts(reported) if reported is not None else None
+    except (RegistrationError, CountsError) as error:
         raise ApiError("invalid", f"sidecar {node_id}: {error}") from None
     if check is not None:
         check(sidecar)
     if identity is not None:
         sidecar = replace(sidecar, identity=identity)
     changed = await registry.put(sidecar)
+    if counts is not None:
+        # The registry's clock, so that the samples go when the lease does and age with it.
+        registry.rate_limit_counts.record(node_id, counts, registry.now())
     return {"sidecar": sidecar.as_json(), "changed": changed, "xds": registry.xds_address}
 
 

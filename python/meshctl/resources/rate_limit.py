@@ -12,6 +12,12 @@ from pydantic import Field
 from meshctl.resources.common import Duration, MeshModel, StringMatch, duration_seconds
 
 UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600}
+# The rate limit descriptor entry key every compiled rule's action writes, its value naming the
+# rule (namespace/name/index): the compiler writes it, sidecars and the plane read counts by it.
+DESCRIPTOR_KEY = "meshctl_rate_limit"
+# A sidecar reports at most this many rules' counts with a renewal (the plane refuses more): its
+# config would need 64 RateLimits of 64 rules; past it, the rest go unreported, never the lease.
+MAX_REPORTED_RULES = 4096
 Unit = Literal["second", "minute", "hour"]
 # Envoy's token buckets count in uint32: requests + burst must fit.
 MAX_TOKENS = 2**32 - 1

@@ -10,7 +10,7 @@ use super::fault::Share;
 use super::headers::HeaderMutation;
 use super::route::HeaderMatcher;
 use crate::policy::local_ratelimit::{BucketSpec, Descriptor, Limiter};
-use crate::telemetry::metrics::LocalRateLimitStats;
+use crate::telemetry::metrics::{LocalRateLimitDescriptorStats, LocalRateLimitStats};
 
 /// One LocalRateLimit config. Its buckets live with it: a per-route config's bucket is that
 /// route's, shared by every connection unless `per_connection`.
@@ -48,6 +48,10 @@ pub struct LocalRateLimit {
     pub limiter: Limiter,
     #[serde(skip)]
     pub stats: Arc<LocalRateLimitStats>,
+    /// Each of `descriptors`' counters, in its order: made with the config, shared by every
+    /// limiter made from it, so counting a request only indexes into it.
+    #[serde(skip)]
+    pub descriptor_stats: Vec<Arc<LocalRateLimitDescriptorStats>>,
 }
 
 impl LocalRateLimit {

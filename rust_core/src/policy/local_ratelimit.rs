@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::http::routing::{header_matches, RequestView};
 use crate::model::local_ratelimit::{LocalRateLimit, RateLimitAction, RateLimitPolicy, VhRateLimits};
 use crate::model::route::{Action, ClusterChoice, ForwardAction, Route, VirtualHost};
+use crate::telemetry::metrics::LocalRateLimitDescriptorStats;
 
 /// A token bucket's shape: Envoy's TokenBucket (max_tokens, tokens_per_fill, fill_interval).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -97,23 +98,24 @@ impl TokenBucket {
 pub type Descriptor = Vec<(String, String)>;
 
 /// The buckets of one local rate limit config (or of one connection, per connection): the
-/// default bucket and one bucket per configured descriptor, strictest first.
+/// default bucket and one bucket per configured descriptor, strictest first, each with its index
+/// in the config (where its counters are).
 #[derive(Debug)]
 pub struct Limiter {
     default: Option<TokenBucket>,
-    descriptors: Vec<(Descriptor, TokenBucket)>,
+    descriptors: Vec<(Descriptor, TokenBucket, usize)>,
     always_consume_default: bool,
 }
 
 impl Limiter {
     pub fn new(default: Option<BucketSpec>, descriptors: &[(Descriptor, BucketSpec)], always_consume_default: bool) -> Limiter {
-        let mut sorted: Vec<&(Descriptor, BucketSpec)> = descriptors.iter().collect();
+        let mut sorted: Vec<(usize, &(Descriptor, BucketSpec))> = descriptors.iter().enumerate().collect();
         // Strictest (fewest tokens per second) first: a request a strict bucket refuses then
         // takes nothing from the looser ones (Envoy's order).
-        sorted.sort_by(|a, b| a.1.fill_rate().total_cmp(&b.1.fill_rate()));
+        sorted.sort_by(|a, b| a.1 .1.fill_rate().total_cmp(&b.1 .1.fill_rate()));
         Limiter {
             default: default.map(TokenBucket::new),
-            descriptors: sorted.into_iter().map(|(d, spec)| (d.clone(), TokenBucket::new(*spec))).collect(),
+            descriptors: sorted.into_iter().map(|(index, (d, spec))| (d.clone(), TokenBucket::new(*spec), index)).collect(),
             always_consume_default,
         }
     }
@@ -121,22 +123,43 @@ impl Limiter {
     /// Envoy's order: each configured descriptor that equals one of the request's takes a token
     /// (the first refusal limits the request); then the default bucket, when no descriptor
     /// matched or always_consume_default_token_bucket. No default bucket: nothing to refuse.
-    pub fn allows(&self, request: &[Descriptor]) -> bool {
+    ///
+    /// `counts` (the config's, by descriptor index; may be empty): the refusing descriptor counts
+    /// the request limited; when it passes, every matching descriptor counts it allowed. A
+    /// request the default bucket refuses counts for no descriptor (none of theirs refused it).
+    pub fn allows(&self, request: &[Descriptor], counts: &[Arc<LocalRateLimitDescriptorStats>]) -> bool {
         let mut matched = false;
+        // The positions (in bucket order) of the first 64 that matched: counted allowed below
+        // without comparing descriptors again, and without allocating.
+        let mut matches: u64 = 0;
         if !request.is_empty() {
-            for (descriptor, bucket) in &self.descriptors {
+            for (position, (descriptor, bucket, index)) in self.descriptors.iter().enumerate() {
                 if request.iter().any(|r| r == descriptor) {
                     matched = true;
+                    if position < 64 {
+                        matches |= 1 << position;
+                    }
                     if !bucket.try_take() {
+                        if let Some(count) = counts.get(*index) {
+                            count.limited.fetch_add(1, Relaxed);
+                        }
                         return false;
                     }
                 }
             }
         }
-        if matched && !self.always_consume_default {
-            return true;
+        let allowed = (matched && !self.always_consume_default) || self.default.as_ref().is_none_or(TokenBucket::try_take);
+        if allowed && matched && !counts.is_empty() {
+            for (position, (descriptor, _, index)) in self.descriptors.iter().enumerate() {
+                let this = if position < 64 { matches & (1 << position) != 0 } else { request.iter().any(|r| r == descriptor) };
+                if this {
+                    if let Some(count) = counts.get(*index) {
+                        count.allowed.fetch_add(1, Relaxed);
+                    }
+                }
+            }
         }
-        self.default.as_ref().is_none_or(TokenBucket::try_take)
+        allowed
     }
 }
 
@@ -188,9 +211,11 @@ pub fn decide(config: &LocalRateLimit, source: &RequestDescriptorSource<'_>, con
     config.stats.enabled.fetch_add(1, Relaxed);
     let descriptors = if config.descriptors.is_empty() { Vec::new() } else { request_descriptors(config, source) };
     let allowed = if config.per_connection {
-        connection.get_or_make(config as *const LocalRateLimit as usize, || config.make_limiter()).allows(&descriptors)
+        connection
+            .get_or_make(config as *const LocalRateLimit as usize, || config.make_limiter())
+            .allows(&descriptors, &config.descriptor_stats)
     } else {
-        config.limiter.allows(&descriptors)
+        config.limiter.allows(&descriptors, &config.descriptor_stats)
     };
     if allowed {
         config.stats.ok.fetch_add(1, Relaxed);
@@ -338,21 +363,82 @@ mod tests {
         let key: Descriptor = vec![("tier".into(), "free".into())];
         let limiter = Limiter::new(Some(spec(10, 1, 1000)), &[(key.clone(), spec(2, 1, 1000))], true);
         let request = [key.clone()];
-        assert_eq!((0..5).filter(|_| limiter.allows(&request)).count(), 2);
+        assert_eq!((0..5).filter(|_| limiter.allows(&request, &[])).count(), 2);
         // The default bucket paid for the two that passed: 8 left for other requests.
-        assert_eq!((0..20).filter(|_| limiter.allows(&[])).count(), 8);
+        assert_eq!((0..20).filter(|_| limiter.allows(&[], &[])).count(), 8);
 
         let lenient = Limiter::new(Some(spec(1, 1, 1000)), &[(key.clone(), spec(3, 1, 1000))], false);
-        assert_eq!((0..5).filter(|_| lenient.allows(&request)).count(), 3);
-        assert!(lenient.allows(&[]));
+        assert_eq!((0..5).filter(|_| lenient.allows(&request, &[])).count(), 3);
+        assert!(lenient.allows(&[], &[]));
     }
 
     #[test]
     fn no_default_bucket_limits_only_descriptors() {
         let key: Descriptor = vec![("k".into(), "v".into())];
         let limiter = Limiter::new(None, &[(key.clone(), spec(1, 1, 1000))], true);
-        assert!((0..10).all(|_| limiter.allows(&[])));
-        assert!(limiter.allows(std::slice::from_ref(&key)));
-        assert!(!limiter.allows(&[key]));
+        assert!((0..10).all(|_| limiter.allows(&[], &[])));
+        assert!(limiter.allows(std::slice::from_ref(&key), &[]));
+        assert!(!limiter.allows(&[key], &[]));
+    }
+
+    fn counts(n: usize) -> Vec<Arc<LocalRateLimitDescriptorStats>> {
+        (0..n).map(|_| Arc::default()).collect()
+    }
+
+    fn read(counts: &[Arc<LocalRateLimitDescriptorStats>]) -> Vec<(u64, u64)> {
+        counts.iter().map(|c| (c.allowed.load(Relaxed), c.limited.load(Relaxed))).collect()
+    }
+
+    #[test]
+    fn counts_per_descriptor_allowed_and_limited() {
+        let strict: Descriptor = vec![("rule".into(), "strict".into())];
+        let loose: Descriptor = vec![("rule".into(), "loose".into())];
+        let idle: Descriptor = vec![("rule".into(), "idle".into())];
+        // Configured loose first: the counters follow the config's order, not the buckets'.
+        let configured = [(loose.clone(), spec(5, 1, 1000)), (strict.clone(), spec(2, 1, 2000)), (idle.clone(), spec(1, 1, 1000))];
+        let limiter = Limiter::new(Some(spec(100, 1, 1000)), &configured, true);
+        let counted = counts(3);
+        let both = [loose.clone(), strict.clone()];
+        let passed = (0..4).filter(|_| limiter.allows(&both, &counted)).count();
+        assert_eq!(passed, 2);
+        // Two passed through both buckets; two the strict one refused (the loose one then gave
+        // nothing: it counts neither).
+        assert_eq!(read(&counted), vec![(2, 0), (2, 2), (0, 0)]);
+        let only_loose = [loose.clone()];
+        let passed = (0..5).filter(|_| limiter.allows(&only_loose, &counted)).count();
+        assert_eq!(passed, 3); // 5 tokens, 2 spent above
+        assert_eq!(read(&counted), vec![(5, 2), (2, 2), (0, 0)]);
+        // No descriptor matched: nothing counted per descriptor.
+        assert!(limiter.allows(&[], &counted));
+        assert_eq!(read(&counted), vec![(5, 2), (2, 2), (0, 0)]);
+    }
+
+    #[test]
+    fn per_connection_limiters_share_the_config_counters() {
+        let key: Descriptor = vec![("k".into(), "v".into())];
+        let configured = [(key.clone(), spec(1, 1, 1000))];
+        let counted = counts(1);
+        let first = Limiter::new(None, &configured, true);
+        let second = Limiter::new(None, &configured, true);
+        let request = [key];
+        assert!(first.allows(&request, &counted));
+        assert!(!first.allows(&request, &counted));
+        assert!(second.allows(&request, &counted));
+        assert!(!second.allows(&request, &counted));
+        assert_eq!(read(&counted), vec![(2, 2)]);
+    }
+
+    #[test]
+    fn counts_descriptors_past_the_sixty_fourth() {
+        let configured: Vec<(Descriptor, BucketSpec)> =
+            (0..70).map(|i| (vec![("rule".to_string(), i.to_string())], spec(1, 1, 1000))).collect();
+        let limiter = Limiter::new(None, &configured, true);
+        let counted = counts(70);
+        let request = [configured[1].0.clone(), configured[66].0.clone()];
+        assert!(limiter.allows(&request, &counted));
+        assert!(!limiter.allows(&request, &counted));
+        let read = read(&counted);
+        assert_eq!((read[1], read[66]), ((1, 1), (1, 0)));
+        assert_eq!(read.iter().map(|(a, l)| a + l).sum::<u64>(), 3);
     }
 }

@@ -286,6 +286,28 @@ pub struct LocalRateLimitStats {
     pub ok: AtomicU64,
 }
 
+/// meshctl's own (Envoy has none): per configured descriptor of a local rate limit config, the
+/// requests its bucket gave a token to that then passed (`allowed`), and those its bucket refused
+/// (`limited`; for a config that does not enforce, those it would have limited). Keyed by
+/// (stat_prefix, descriptor), so every config naming that descriptor under that prefix (its
+/// per-connection limiters, a reloaded config) adds to the same cumulative counters.
+#[derive(Debug, Default)]
+pub struct LocalRateLimitDescriptorStats {
+    pub allowed: AtomicU64,
+    pub limited: AtomicU64,
+}
+
+/// One descriptor's counts as read (for the agent's report and the admin endpoint).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DescriptorCount {
+    pub stat_prefix: String,
+    pub descriptor: Vec<(String, String)>,
+    pub allowed: u64,
+    pub limited: u64,
+}
+
+type DescriptorKey = (String, Vec<(String, String)>);
+
 #[derive(Debug, Default)]
 struct ConfigCounters {
     applied: AtomicU64,
@@ -304,6 +326,7 @@ pub struct Metrics {
     fallback_breakers: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
     config: Mutex<BTreeMap<String, Arc<ConfigCounters>>>,
     local_rate_limits: Mutex<BTreeMap<String, Arc<LocalRateLimitStats>>>,
+    local_rate_limit_descriptors: Mutex<BTreeMap<DescriptorKey, Arc<LocalRateLimitDescriptorStats>>>,
     pub rbac: RbacStats,
     pub tls: Arc<TlsStats>,
 }
@@ -350,6 +373,28 @@ impl Metrics {
 
     pub fn local_rate_limit(&self, stat_prefix: &str) -> Arc<LocalRateLimitStats> {
         get_or_create(&self.local_rate_limits, stat_prefix)
+    }
+
+    /// The counters of one configured descriptor, made when a config naming it is decoded.
+    pub fn local_rate_limit_descriptor(&self, stat_prefix: &str, descriptor: &[(String, String)]) -> Arc<LocalRateLimitDescriptorStats> {
+        let mut map = self.local_rate_limit_descriptors.lock().unwrap();
+        map.entry((stat_prefix.to_string(), descriptor.to_vec())).or_default().clone()
+    }
+
+    /// Every descriptor some live config still names, with its counts. Counters no config holds
+    /// any more (the rule was removed) are dropped here, so their number stays that of the rules
+    /// configured; a descriptor configured again later counts from zero.
+    pub fn local_rate_limit_descriptor_counts(&self) -> Vec<DescriptorCount> {
+        let mut map = self.local_rate_limit_descriptors.lock().unwrap();
+        map.retain(|_, stats| Arc::strong_count(stats) > 1);
+        map.iter()
+            .map(|((stat_prefix, descriptor), s)| DescriptorCount {
+                stat_prefix: stat_prefix.clone(),
+                descriptor: descriptor.clone(),
+                allowed: s.allowed.load(Relaxed),
+                limited: s.limited.load(Relaxed),
+            })
+            .collect()
     }
 
     pub fn config_applied(&self, kind: &str) {
@@ -445,8 +490,46 @@ impl Metrics {
                 let _ = writeln!(out, "{metric}{{stat_prefix=\"{}\"}} {}", escape(prefix), get(s));
             }
         }
+        let descriptors = self.local_rate_limit_descriptor_counts();
+        out.push_str("# TYPE meshctl_http_local_rate_limit_descriptor_total counter\n");
+        for count in &descriptors {
+            let descriptor: Vec<String> = count.descriptor.iter().map(|(key, value)| format!("{key}={value}")).collect();
+            for (outcome, value) in [("allowed", count.allowed), ("limited", count.limited)] {
+                let _ = writeln!(
+                    out,
+                    "meshctl_http_local_rate_limit_descriptor_total{{stat_prefix=\"{}\",descriptor=\"{}\",outcome=\"{outcome}\"}} {value}",
+                    escape(&count.stat_prefix),
+                    escape(&descriptor.join(",")),
+                );
+            }
+        }
         self.rbac.render(&mut out);
         self.tls.render(&mut out);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptor_counters_outlive_a_reload_and_go_with_the_last_config() {
+        let metrics = Metrics::default();
+        let rule = vec![("meshctl_rate_limit".to_string(), "default/limits/0".to_string())];
+        let old = metrics.local_rate_limit_descriptor("local_rate_limit", &rule);
+        old.allowed.fetch_add(3, Relaxed);
+        // A reload decodes the new config while the old one still runs: the same counters.
+        let new = metrics.local_rate_limit_descriptor("local_rate_limit", &rule);
+        drop(old);
+        new.limited.fetch_add(2, Relaxed);
+        let counts = metrics.local_rate_limit_descriptor_counts();
+        assert_eq!(counts.len(), 1);
+        assert_eq!((counts[0].allowed, counts[0].limited), (3, 2));
+        assert!(metrics.render_prometheus().contains(
+            "meshctl_http_local_rate_limit_descriptor_total{stat_prefix=\"local_rate_limit\",descriptor=\"meshctl_rate_limit=default/limits/0\",outcome=\"limited\"} 2"
+        ));
+        drop(new);
+        assert!(metrics.local_rate_limit_descriptor_counts().is_empty());
     }
 }

@@ -94,6 +94,7 @@ pub(crate) fn local_rate_limit(any: &Any, per_route: bool, metrics: &Metrics) ->
     let rate_limits = rate_limits(&c.rate_limits).at("rate_limits")?;
     let config = LocalRateLimit {
         stats: metrics.local_rate_limit(&c.stat_prefix),
+        descriptor_stats: descriptors.iter().map(|(d, _)| metrics.local_rate_limit_descriptor(&c.stat_prefix, d)).collect(),
         stat_prefix: c.stat_prefix.clone(),
         token_bucket,
         // Runtime keys name values in Envoy's runtime; meshctl has none, so each reads as its
