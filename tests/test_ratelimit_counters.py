@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import heapq
+import queue
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -22,18 +24,21 @@ START = 1_000_020.0  # a minute window starts at 1_000_020 (a multiple of 60)
 
 
 class RedisStore:
-    """A RedisCounters with GlobalCounters' sync `decide`, for the cases both stores share."""
+    """A RedisCounters with GlobalCounters' sync `decide`, for the cases both stores share: each
+    call runs on `trio_token`'s loop (one trio.run for the session, not one per decision)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, trio_token: trio.lowlevel.TrioToken) -> None:
         from meshctl.control.ratelimit_redis import RedisCounters
 
         self.counters = RedisCounters(url)
+        self.trio_token = trio_token
 
     def set_rules(self, rules) -> None:
         self.counters.set_rules(rules)
 
     def decide(self, names, hits, now, caller="", want_quota=False) -> list[Verdict]:
-        return trio.run(functools.partial(self.counters.decide_async, names, hits, now, caller, want_quota))
+        call = functools.partial(self.counters.decide_async, names, hits, now, caller, want_quota)
+        return trio.from_thread.run(call, trio_token=self.trio_token)
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +48,23 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory):
     server = start_redis(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def trio_loop():
+    """A trio loop in a thread of its own, for the whole session: its token."""
+    tokens: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    async def run() -> None:
+        tokens.put(trio.lowlevel.current_trio_token())
+        await trio.to_thread.run_sync(stop.wait)
+
+    thread = threading.Thread(target=trio.run, args=(run,), daemon=True)
+    thread.start()
+    yield tokens.get(timeout=10)
+    stop.set()
+    thread.join(timeout=10)
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -57,7 +79,7 @@ def make_counters(request: pytest.FixtureRequest) -> Callable[..., object]:
 
             url = request.getfixturevalue("redis_server").url
             redis.Redis.from_url(url).flushdb()
-            store = RedisStore(url)
+            store = RedisStore(url, request.getfixturevalue("trio_loop"))
         store.set_rules(rules)
         return store
 

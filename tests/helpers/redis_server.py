@@ -41,11 +41,11 @@ class RedisServer:
                 self.popen.wait(timeout=5)
 
 
-def start_redis(base_dir: Path, timeout: float = 10.0) -> RedisServer:
-    """A redis-server answering PING on a free port; its files under `base_dir`."""
+def start_redis(base_dir: Path, port: int | None = None, timeout: float = 10.0) -> RedisServer:
+    """A redis-server answering PING on `port` (else a free one); its files under `base_dir`."""
     assert REDIS_SERVER is not None, "redis-server not installed (Debian redis-server)"
     base_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log_path = base_dir / "redis.log"
     command = [
         REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(base_dir),
