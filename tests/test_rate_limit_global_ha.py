@@ -2,7 +2,8 @@
 (`meshctl serve --ratelimit-store redis://...`): four `meshctl run` client sidecars, two following
 each plane (each lists both planes, its own first), offer three times the limit within one minute
 window; plane a is SIGKILLed midway, its sidecars fail over to plane b, and the mesh still admits
-the limit within 5 %: plane b goes on from what Redis counted for both.
+the limit within 5 %: plane b goes on from what Redis counted for both. Then Redis stops: plane b
+answers UNAVAILABLE and the sidecar applies its own failure mode.
 
 The contrast (the `memory` case): with each plane's counters in its own memory, each plane counts
 alone: before the kill each admits up to the limit for its own sidecars, and plane b, counting only
@@ -25,7 +26,15 @@ from pathlib import Path
 import pytest
 from helpers.control_plane import start_control_plane
 from helpers.etcd_cluster import start_cluster
-from helpers.mesh import MeshSidecar, apply, ask_host, echo_instance, print_logs, stop_all, wait_until
+from helpers.mesh import (
+    MeshSidecar,
+    apply,
+    ask_host,
+    echo_instance,
+    print_logs,
+    stop_all,
+    wait_until,
+)
 from helpers.ports import free_port
 from helpers.redis_server import REDIS_SERVER, start_redis
 from test_rate_limit_global_e2e import get
@@ -94,7 +103,7 @@ def test_with_two_planes_on_etcd_and_redis_killing_one_keeps_the_global_limit(co
         sidecars += clients["a"] + clients["b"]
         everyone = clients["a"] + clients["b"]
         for each in everyone:
-            wait_until(lambda: ask_host(each.outbound_port) == "v1", 60, f"{each.service} reaches reviews")
+            wait_until(lambda each=each: ask_host(each.outbound_port) == "v1", 60, f"{each.service} reaches reviews")
         apply(planes["a"], GLOBAL_LIMIT)
 
         # Every client holds the global filter: a request through it is answered by the service.
@@ -103,7 +112,7 @@ def test_with_two_planes_on_etcd_and_redis_killing_one_keeps_the_global_limit(co
             return counter(admin_port, "meshctl_cluster_ratelimit_ok_total") > 0
 
         for each in everyone:
-            wait_until(lambda: asks_the_service(each.outbound_port, each.admin_port), 30,
+            wait_until(lambda each=each: asks_the_service(each.outbound_port, each.admin_port), 30,
                        f"{each.service} asks the rate limit service", step=0.3)  # fmt: skip
         # The whole load inside one window the warm-up did not touch.
         time.sleep(60 - time.time() % 60 + 0.05)
@@ -135,6 +144,13 @@ def test_with_two_planes_on_etcd_and_redis_killing_one_keeps_the_global_limit(co
             # Within 5 % of the limit: grants still unused when the load stops are counted but unspent.
             assert LIMIT * 0.95 <= results[200] <= LIMIT, results
             assert "allowedLastMinute" in shown, shown
+            # Redis away: plane b answers UNAVAILABLE, and the sidecar applies its failure mode
+            # (this RateLimit's failureModeDeny: 500), once any refusal it holds has expired.
+            redis_server.stop()
+            client = clients["b"][0]
+            errors = counter(client.admin_port, "meshctl_cluster_ratelimit_error_total")
+            wait_until(lambda: get(client.outbound_port)[0] == 500, 5, "a 500 with Redis away", step=0.2)
+            assert counter(client.admin_port, "meshctl_cluster_ratelimit_error_total") > errors
         else:
             # Each plane counted alone: plane a up to the limit for its clients until the kill,
             # then plane b for its own and, after the failover, for a's clients again.

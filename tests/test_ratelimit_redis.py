@@ -25,7 +25,13 @@ from helpers.mesh import apply
 from helpers.redis_server import REDIS_SERVER, start_redis
 from meshctl.control.ratelimit_counters import CountersUnavailable, GlobalRule
 from meshctl.control.ratelimit_redis import CALL_TIMEOUT, RedisCounters, check_url
-from test_rate_limit_service import Client, away_from_window_end, global_limit, last_minute, wait_for_rule
+from test_rate_limit_service import (
+    Client,
+    away_from_window_end,
+    global_limit,
+    last_minute,
+    wait_for_rule,
+)
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed (Debian redis-server)")
 
@@ -42,7 +48,7 @@ def test_bad_urls_are_refused_naming_the_flag(url: str, why: str, tmp_path: Path
     with pytest.raises(ValueError, match=why):
         check_url(url)
     shown = subprocess.run([sys.executable, "-m", "meshctl", "serve", "--ratelimit-store", url, "--api-port", "0",
-                            "--xds-port", "0"], capture_output=True, text=True, timeout=30,
+                            "--xds-port", "0"], check=False, capture_output=True, text=True, timeout=30,
                            env={"XDG_DATA_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "COLUMNS": "300"})  # fmt: skip
     assert shown.returncode == 2 and "--ratelimit-store" in shown.stderr and why in shown.stderr, shown.stderr
     assert not (tmp_path / "meshctl").exists()  # refused before anything was made

@@ -306,6 +306,3 @@ class RedisCounters:
                                 "failure mode applies) until it is back", error)  # fmt: skip
                 away = True
             await trio.sleep(HISTORY_REFRESH)
-
-    def close(self) -> None:
-        self._pool.disconnect()
