@@ -96,27 +96,27 @@ class CallerGrants:
     are per sidecar connection, so each plane keeps its own callers' (a sidecar asks one plane)."""
 
     def __init__(self) -> None:
-        # (caller, rule) → (window index, size, granted at, valid until)
-        self._last: dict[tuple[str, str], tuple[int, int, float, float]] = {}
+        # (caller, rule) → (window index, size, granted at, valid until, window end)
+        self._last: dict[tuple[str, str], tuple[int, int, float, float, float]] = {}
 
     def wanted(self, caller: str, rule: str, index: int, now: float) -> int:
         """The grant `caller` is due before the window's cap (grant_cap) applies."""
         previous = self._last.get((caller, rule))
         if previous is None or previous[0] != index:
             return FIRST_GRANT
-        _, last, granted_at, expiry = previous
+        _, last, granted_at, expiry, _ = previous
         if now < expiry:  # back before it expired: it used `last` up in now - granted_at
             rate = (last + 1) / max(now - granted_at, 0.001)
             return max(1, int(rate * QUOTA_SECONDS / 2))
         return max(1, last // 2)
 
-    def record(self, caller: str, rule: str, index: int, grant: Grant, now: float) -> None:
-        self._last[(caller, rule)] = (index, grant.requests, now, grant.valid_until)
+    def record(self, caller: str, rule: str, index: int, grant: Grant, now: float, end: float) -> None:
+        self._last[(caller, rule)] = (index, grant.requests, now, grant.valid_until, end)
 
     def sweep(self, now: float) -> None:
-        """Forget grants that expired (a grant never outlives its window, so neither does its size)."""
-        for key, (_, _, _, expiry) in list(self._last.items()):
-            if expiry <= now - QUOTA_SECONDS:
+        """Forget the grants of ended windows (a new window starts from FIRST_GRANT)."""
+        for key, entry in list(self._last.items()):
+            if entry[4] <= now:
                 del self._last[key]
 
     def forget(self, rules: Iterable[str]) -> None:
@@ -268,10 +268,11 @@ class GlobalCounters:
                 granted = min(wanted, grant_cap(window.limit - window.used))
                 window.used += granted  # counted now: the caller admits them on its own
                 history.add(now, granted, 0)
+            end = window_end(rule, window.index)
             found = verdict(rule, room=room, admitted=admitted, limit=window.limit, used=window.used,
-                            end=window_end(rule, window.index), now=now, want_quota=want_quota, granted=granted)  # fmt: skip
+                            end=end, now=now, want_quota=want_quota, granted=granted)  # fmt: skip
             if found.quota is not None and found.quota.requests > 0:
-                self._grants.record(caller, rule.name, window.index, found.quota, now)
+                self._grants.record(caller, rule.name, window.index, found.quota, now, end)
             verdicts.append(found)
         return verdicts
 

@@ -130,7 +130,7 @@ def check_url(url: str) -> str:
     """`url` if it is redis://HOST[:PORT][/DB] or rediss://...; else ValueError saying why."""
     try:
         parts = urllib.parse.urlsplit(url)
-        port = parts.port
+        parts.port  # noqa: B018 - reading it checks it: ValueError for a port that is no number
     except ValueError as error:
         raise ValueError(f"{url!r}: {error}") from None
     if parts.scheme not in SCHEMES:
@@ -142,7 +142,6 @@ def check_url(url: str) -> str:
         raise ValueError(f"{url!r}: the database is a number (redis://HOST:PORT/0), not {database!r}")
     if parts.query or parts.fragment:
         raise ValueError(f"{url!r}: no query or fragment is understood")
-    del port  # read only to check it
     return url
 
 
@@ -237,10 +236,11 @@ class RedisCounters:
             self.unavailable += 1
             raise
         for (position, rule, index), (limit, used, room, granted) in zip(known, answers):
+            end = window_end(rule, index)
             found = verdict(rule, room=bool(room), admitted=bool(admitted), limit=int(limit), used=int(used),
-                            end=window_end(rule, index), now=now, want_quota=want_quota, granted=int(granted))  # fmt: skip
+                            end=end, now=now, want_quota=want_quota, granted=int(granted))  # fmt: skip
             if found.quota is not None and found.quota.requests > 0:
-                self._grants.record(caller, rule.name, index, found.quota, now)
+                self._grants.record(caller, rule.name, index, found.quota, now, end)
             verdicts[position] = found
         return verdicts
 
