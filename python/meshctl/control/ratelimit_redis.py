@@ -155,6 +155,24 @@ def shown_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, shown, parts.path, "", ""))
 
 
+# KEYS: per rule, its history seconds (ARGV[1] of them). Returns per rule {allowed, limited}: summed
+# in Redis, so the reply stays two numbers a rule however many rules there are.
+HISTORY_SCRIPT = """
+local seconds = tonumber(ARGV[1])
+local totals = {}
+for rule = 0, #KEYS / seconds - 1 do
+  local allowed, limited = 0, 0
+  for second = 1, seconds do
+    local found = redis.call('HMGET', KEYS[rule * seconds + second], 'allowed', 'limited')
+    allowed = allowed + (tonumber(found[1]) or 0)
+    limited = limited + (tonumber(found[2]) or 0)
+  end
+  totals[rule + 1] = {allowed, limited}
+end
+return totals
+"""
+
+
 class RedisCounters:
     """The global counters in Redis; rules and callers' grant sizes in this plane's memory.
     `decide_async` is the service's call; `follow_history` keeps the last-minute view that
@@ -170,6 +188,7 @@ class RedisCounters:
         )  # fmt: skip
         self._client = redis.Redis(connection_pool=self._pool)
         self._decide = self._client.register_script(DECIDE_SCRIPT)
+        self._read_history = self._client.register_script(HISTORY_SCRIPT)
         self._limiter = trio.CapacityLimiter(connections)
         self._rules: dict[str, GlobalRule] = {}
         self._grants = CallerGrants()
@@ -270,23 +289,15 @@ class RedisCounters:
         return self._history.get(name, (0, 0))
 
     async def read_history(self, now: float) -> None:
-        """Read every rule's last minute from Redis (one pipelined round trip)."""
+        """Read every rule's last minute from Redis (one script, one round trip)."""
         names = list(self._rules)
+        if not names:
+            self._history = {}
+            return
         seconds = range(int(now) - HISTORY_SECONDS + 1, int(now) + 1)
-
-        def read() -> list[Any]:
-            pipeline = self._client.pipeline(transaction=False)
-            for name in names:
-                for second in seconds:
-                    pipeline.hmget(self._history_key(name, second), "allowed", "limited")
-            return pipeline.execute()
-
-        replies = await self._call(read) if names else []
-        view = {}
-        for number, name in enumerate(names):
-            rows = replies[number * len(seconds):(number + 1) * len(seconds)]
-            view[name] = (sum(int(a or 0) for a, _ in rows), sum(int(b or 0) for _, b in rows))
-        self._history = view
+        keys = [self._history_key(name, second) for name in names for second in seconds]
+        totals = await self._call(functools.partial(self._read_history, keys, [len(seconds)]))
+        self._history = {name: (int(allowed), int(limited)) for name, (allowed, limited) in zip(names, totals)}
 
     async def follow_history(
         self, clock: Callable[[], float] = time.time, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
