@@ -26,6 +26,7 @@ need nghttp nghttp2-client
 need ip iproute2
 need iptables iptables
 need etcd etcd-server
+need redis-server redis-server
 need tcpdump tcpdump
 if [ "${#missing[@]}" -gt 0 ]; then
     # Another session on this machine may hold the dpkg lock for a while: wait, don't fail.

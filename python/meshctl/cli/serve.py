@@ -100,6 +100,15 @@ def serve(
             help="API token file, created (0600) at first start. Default: api-token in the data dir."
         ),
     ] = None,
+    ratelimit_store: Annotated[
+        str,
+        typer.Option(
+            envvar="MESHCTL_RATELIMIT_STORE",
+            show_envvar=True,
+            help="Where global rate limit counters live: memory (this plane alone), or "
+            "redis://HOST:PORT\\[/DB] (rediss:// for TLS), shared by every plane of an HA setup.",
+        ),
+    ] = "memory",
 ) -> None:
     """Run the control plane until SIGTERM or Ctrl-C.
 
@@ -128,6 +137,13 @@ def serve(
         check_trust_domain(trust_domain)
     except SpiffeIdError as error:
         raise typer.BadParameter(str(error), param_hint="--trust-domain") from None
+    if ratelimit_store != "memory":
+        from meshctl.control.ratelimit_redis import check_url
+
+        try:
+            check_url(ratelimit_store)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--ratelimit-store") from None
 
     logging.basicConfig(level=logging.INFO, format="meshctl serve: %(message)s")
     options = PlaneOptions(
@@ -146,7 +162,7 @@ def serve(
     authority = IdentityAuthority(ca, CertificateSettings(default_ttl=default_ttl, max_ttl=max_ttl))
     xds = _XdsOptions((xds_host, xds_port), xds_plaintext, list(xds_name or []), api_host)
     try:
-        trio.run(_main, options, xds, authority)
+        trio.run(_main, options, xds, authority, ratelimit_store)
     except (StoreError, TokenError, ValueError, OSError, BaseExceptionGroup) as error:
         # trio's nurseries wrap startup failures in exception groups; show the failure itself.
         leaves = _leaves(error)
@@ -177,7 +193,7 @@ class _XdsOptions:
     api_host: str  # the API port's certificate names it too
 
 
-async def _main(options: Any, xds: _XdsOptions, authority: Any) -> None:
+async def _main(options: Any, xds: _XdsOptions, authority: Any, ratelimit_store: str) -> None:
     import signal
 
     import trio
@@ -207,7 +223,15 @@ async def _main(options: Any, xds: _XdsOptions, authority: Any) -> None:
             authority,
         )
         # The global rate limit counters: counted by the xDS port's service, shown by the API.
-        counters = GlobalCounters()
+        counters: Any
+        if ratelimit_store == "memory":
+            counters = GlobalCounters()
+        else:
+            from meshctl.control.ratelimit_redis import RedisCounters, shown_url
+
+            counters = RedisCounters(ratelimit_store)
+            await nursery.start(counters.follow_history)
+            typer.echo(f"meshctl serve: global rate limits counted in Redis at {shown_url(ratelimit_store)}", err=True)
         services = (
             identity_service(authority),  # first: the CA is bound to the store before xDS serves
             xds_service(registry, xds.address, authority=authority,

@@ -10,6 +10,10 @@ requests + burst; a counter that is gone counts as quiet).
 A request is admitted only if every enforced rule it names has room; only then is it counted
 against them (as the local filter takes no token from any bucket when one refuses). Shadow rules
 count every request they see and never refuse. Time is passed in, so tests need no clock.
+
+The arithmetic a store shares (window index, the grant a caller is due, the cap on it, the verdict
+from what a window counted) is module-level here; GlobalCounters keeps the windows in memory (one
+plane), ratelimit_redis in Redis (several planes), with the same tests run on both.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ QUOTA_SECONDS = 1.0
 # each grant up well before it expires); one that let a grant expire gets half the last.
 FIRST_GRANT = 4
 HISTORY_SECONDS = 60  # what `meshctl get ratelimit` reports: the last minute
+
+
+class CountersUnavailable(Exception):
+    """A shared counter store (ratelimit_redis) did not answer in time, or refused: the message says which."""
 
 
 @dataclass(frozen=True)
@@ -69,13 +77,78 @@ class Verdict:
         return self.rule is not None
 
 
+def window_index(rule: GlobalRule, now: float) -> int:
+    return math.floor(now / rule.unit_seconds)
+
+
+def window_end(rule: GlobalRule, index: int) -> float:
+    return (index + 1) * rule.unit_seconds
+
+
+def grant_cap(left: int) -> int:
+    """The most a grant may be when `left` requests remain in the window (0: no grant)."""
+    share = left // QUOTA_SHARE
+    return min(share, left) if share > 0 else 0
+
+
+class CallerGrants:
+    """Each caller's last grant per rule in the current window, which sizes its next one. Grants
+    are per sidecar connection, so each plane keeps its own callers' (a sidecar asks one plane)."""
+
+    def __init__(self) -> None:
+        # (caller, rule) → (window index, size, granted at, valid until, window end)
+        self._last: dict[tuple[str, str], tuple[int, int, float, float, float]] = {}
+
+    def wanted(self, caller: str, rule: str, index: int, now: float) -> int:
+        """The grant `caller` is due before the window's cap (grant_cap) applies."""
+        previous = self._last.get((caller, rule))
+        if previous is None or previous[0] != index:
+            return FIRST_GRANT
+        _, last, granted_at, expiry, _ = previous
+        if now < expiry:  # back before it expired: it used `last` up in now - granted_at
+            rate = (last + 1) / max(now - granted_at, 0.001)
+            return max(1, int(rate * QUOTA_SECONDS / 2))
+        return max(1, last // 2)
+
+    def record(self, caller: str, rule: str, index: int, grant: Grant, now: float, end: float) -> None:
+        self._last[(caller, rule)] = (index, grant.requests, now, grant.valid_until, end)
+
+    def sweep(self, now: float) -> None:
+        """Forget the grants of ended windows (a new window starts from FIRST_GRANT)."""
+        for key, entry in list(self._last.items()):
+            if entry[4] <= now:
+                del self._last[key]
+
+    def forget(self, rules: Iterable[str]) -> None:
+        gone = set(rules)
+        for key in [key for key in self._last if key[1] in gone]:
+            del self._last[key]
+
+
+def verdict(
+    rule: GlobalRule, *, room: bool, admitted: bool, limit: int, used: int, end: float, now: float,
+    want_quota: bool, granted: int,
+) -> Verdict:  # fmt: skip
+    """One known descriptor's verdict from what its window counted (`used`, grants included):
+    `room` for this request alone, `admitted` for the request as a whole, `granted` the grant
+    counted for it (0: none)."""
+    grant = None
+    if want_quota and not rule.shadow:
+        if admitted and granted > 0:
+            grant = Grant(granted, min(end, now + QUOTA_SECONDS))
+        elif not room:
+            # A refusal the caller may repeat on its own until then (an empty grant): refused
+            # traffic stops calling too. Short, so a raised limit applies within QUOTA_SECONDS.
+            grant = Grant(0, min(end, now + QUOTA_SECONDS))
+    return Verdict(rule, ok=room or rule.shadow, limit=limit, remaining=max(0, limit - used),
+                   reset_in=max(0.0, end - now), quota=grant)  # fmt: skip
+
+
 @dataclass
 class _Window:
     index: int  # floor(time / unit)
     limit: int  # requests admitted in this window, burst included
     used: int = 0  # requests counted (shadow: seen)
-    # caller → its last grant in this window (size, granted at, valid until): sizes the next one.
-    grants: dict[str, tuple[int, float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,6 +185,7 @@ class GlobalCounters:
         self._history: dict[str, _History] = {}
         self.counters_capped = 0  # requests answered OK because the counter cap was hit
         self.unknown_descriptors = 0
+        self._grants = CallerGrants()
         self._next_sweep = 0.0
 
     # --- rules ------------------------------------------------------------------------------
@@ -131,6 +205,8 @@ class GlobalCounters:
         for name in list(self._history):
             if name not in new:
                 del self._history[name]
+        self._grants.forget(name for name, old in self._rules.items()
+                            if name not in new or new[name].unit_seconds != old.unit_seconds)  # fmt: skip
         self._rules = new
 
     def rule(self, name: str) -> GlobalRule | None:
@@ -163,13 +239,9 @@ class GlobalCounters:
         if now >= self._next_sweep:  # once a second: a sweep walks every counter
             self.sweep(now)
             self._next_sweep = now + 1.0
-        windows: list[_Window | None] = []
-        for name in names:
-            rule = self._rules.get(name) if name is not None else None
-            if rule is None:
-                self.unknown_descriptors += 1
-            windows.append(self._window(rule, now) if rule is not None else None)
         rules = [self._rules.get(name) if name is not None else None for name in names]
+        self.unknown_descriptors += sum(rule is None for rule in rules)
+        windows = [self._window(rule, now) if rule is not None else None for rule in rules]
         admitted = all(
             window is None or rule is None or rule.shadow or window.used + hits <= window.limit
             for rule, window in zip(rules, windows)
@@ -184,31 +256,34 @@ class GlobalCounters:
                 verdicts.append(Verdict(rule, True))
                 continue
             room = window.used + hits <= window.limit
-            counted = admitted or rule.shadow
-            if counted:
+            if admitted or rule.shadow:
                 window.used += hits
             # Shadow: what the rule would have done; enforced: what was done to the request.
             passed = room if rule.shadow else admitted
             history = self._history.setdefault(rule.name, _History())
             history.add(now, hits if passed else 0, 0 if passed else hits)
-            end = (window.index + 1) * rule.unit_seconds
-            grant = None
+            granted = 0
             if want_quota and admitted and not rule.shadow:
-                grant = self._grant(window, caller, now, end)
-                if grant is not None:
-                    history.add(now, grant.requests, 0)
-            elif want_quota and not room and not rule.shadow:
-                # A refusal the caller may repeat on its own until then (an empty grant): refused
-                # traffic stops calling too. Short, so a raised limit applies within QUOTA_SECONDS.
-                grant = Grant(0, min(end, now + QUOTA_SECONDS))
-            verdicts.append(Verdict(
-                rule, ok=room or rule.shadow, limit=window.limit,
-                remaining=max(0, window.limit - window.used), reset_in=max(0.0, end - now), quota=grant,
-            ))  # fmt: skip
+                wanted = self._grants.wanted(caller, rule.name, window.index, now)
+                granted = min(wanted, grant_cap(window.limit - window.used))
+                window.used += granted  # counted now: the caller admits them on its own
+                history.add(now, granted, 0)
+            end = window_end(rule, window.index)
+            found = verdict(rule, room=room, admitted=admitted, limit=window.limit, used=window.used,
+                            end=end, now=now, want_quota=want_quota, granted=granted)  # fmt: skip
+            if found.quota is not None and found.quota.requests > 0:
+                self._grants.record(caller, rule.name, window.index, found.quota, now, end)
+            verdicts.append(found)
         return verdicts
 
+    async def decide_async(
+        self, names: Sequence[str | None], hits: int, now: float, caller: str = "", want_quota: bool = False
+    ) -> list[Verdict]:
+        """decide(), as the service calls every store (the Redis one waits on the network)."""
+        return self.decide(names, hits, now, caller, want_quota)
+
     def _window(self, rule: GlobalRule, now: float) -> _Window | None:
-        index = math.floor(now / rule.unit_seconds)
+        index = window_index(rule, now)
         window = self._windows.get(rule.name)
         if window is not None and window.index >= index:
             return window  # (a clock stepped back stays in the window it had reached)
@@ -221,34 +296,13 @@ class GlobalCounters:
         window = self._windows[rule.name] = _Window(index, rule.requests + carried)
         return window
 
-    def _grant(self, window: _Window, caller: str, now: float, end: float) -> Grant | None:
-        """N further requests, counted now, for the caller to admit on its own until valid_until."""
-        left = window.limit - window.used
-        share = left // QUOTA_SHARE
-        if share <= 0:
-            return None
-        previous = window.grants.get(caller)
-        if previous is None:
-            size = FIRST_GRANT
-        else:
-            last, granted_at, expiry = previous
-            if now < expiry:  # back before it expired: it used `last` up in now - granted_at
-                rate = (last + 1) / max(now - granted_at, 0.001)
-                size = max(1, int(rate * QUOTA_SECONDS / 2))
-            else:
-                size = max(1, last // 2)
-        size = min(size, share, left)
-        valid_until = min(end, now + QUOTA_SECONDS)
-        window.used += size
-        window.grants[caller] = (size, now, valid_until)
-        return Grant(size, valid_until)
-
     def sweep(self, now: float) -> None:
         """Drop counters whose windows ended before the previous one (nothing carries from them)."""
         for name, window in list(self._windows.items()):
             rule = self._rules.get(name)
-            if rule is None or window.index < math.floor(now / rule.unit_seconds) - 1:
+            if rule is None or window.index < window_index(rule, now) - 1:
                 del self._windows[name]
+        self._grants.sweep(now)
 
     # --- reporting --------------------------------------------------------------------------
 

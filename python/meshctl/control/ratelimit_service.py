@@ -10,6 +10,12 @@ descriptor, `quota {requests: N, valid_until: T}`: N further requests already co
 sidecar admits without calling until T; a descriptor refused (OVER_LIMIT) gets `quota {requests: 0,
 valid_until: T}`, which the sidecar refuses on its own until T. Without that metadata no quota is ever granted (a real
 Envoy ignores it and calls per request: a grant would only waste the limit).
+
+The counters are this plane's memory (GlobalCounters) or Redis shared by several planes
+(ratelimit_redis.RedisCounters). When Redis does not answer, the call fails with UNAVAILABLE (not
+OK): the sidecar then applies its own failure mode, failing open (counted as
+ratelimit.failure_mode_allowed) unless its RateLimit asked for failureModeDeny, exactly as if the
+service itself were unreachable.
 """
 
 from __future__ import annotations
@@ -17,8 +23,8 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 import trio
 from envoy.service.ratelimit.v3 import rls_pb2
@@ -29,7 +35,7 @@ from meshctl.control.compiler_ratelimit import DESCRIPTOR_KEY
 from meshctl.control.compiler_ratelimit_global import DOMAIN, rule_name
 from meshctl.control.identity_authority import IdentityAuthority
 from meshctl.control.identity_grpc import peer_identity
-from meshctl.control.ratelimit_counters import GlobalCounters, GlobalRule, Verdict
+from meshctl.control.ratelimit_counters import CountersUnavailable, GlobalRule, Verdict
 from meshctl.control.store import Store, StoreError
 from meshctl.grpc import GrpcError, StatusCode
 from meshctl.grpc.server import Handler, ServerStream
@@ -74,8 +80,21 @@ def global_rules(resources: Iterable[Any]) -> list[GlobalRule]:
     return rules
 
 
+class Counters(Protocol):
+    """What the service and the API need of a counter store (GlobalCounters, RedisCounters)."""
+
+    counters_capped: int
+
+    def set_rules(self, rules: Iterable[GlobalRule]) -> None: ...
+    def rule(self, name: str) -> GlobalRule | None: ...
+    def last_minute(self, name: str, now: float) -> tuple[int, int]: ...
+    async def decide_async(
+        self, names: Sequence[str | None], hits: int, now: float, caller: str = "", want_quota: bool = False
+    ) -> list[Verdict]: ...
+
+
 async def follow_rules(
-    store: Store, counters: GlobalCounters, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    store: Store, counters: Counters, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Keep `counters`' rules those of the store, from now on (one reload per store change)."""
     started = False
@@ -105,7 +124,7 @@ class RateLimitService:
     """The ShouldRateLimit handler over `counters`; `clock` is wall time (windows align to it)."""
 
     def __init__(
-        self, counters: GlobalCounters, authority: IdentityAuthority | None, api_token: str | None,
+        self, counters: Counters, authority: IdentityAuthority | None, api_token: str | None,
         clock: Callable[[], float] = time.time,
     ) -> None:  # fmt: skip
         self.counters = counters
@@ -131,10 +150,10 @@ class RateLimitService:
                             f"descriptors: {len(request.descriptors)}; at most {MAX_DESCRIPTORS}")  # fmt: skip
         # Grants are sized per sidecar: replicas share an identity, each has its own connection.
         caller = f"{caller} {stream.peer}"
-        await stream.send_message(self.answer(request, caller, stream.metadata(QUOTA_METADATA) == "1")
-                                  .SerializeToString())  # fmt: skip
+        answer = await self.answer(request, caller, stream.metadata(QUOTA_METADATA) == "1")
+        await stream.send_message(answer.SerializeToString())
 
-    def answer(self, request: Any, caller: str, want_quota: bool) -> Any:
+    async def answer(self, request: Any, caller: str, want_quota: bool) -> Any:
         """The RateLimitResponse: OK for another domain or an unknown descriptor (Envoy's reference
         service answers OK where no limit matches)."""
         if request.domain != DOMAIN:
@@ -142,7 +161,10 @@ class RateLimitService:
         else:
             names = [descriptor_rule(d) for d in request.descriptors]
         capped = self.counters.counters_capped
-        verdicts = self.counters.decide(names, request.hits_addend, self.clock(), caller, want_quota)
+        try:
+            verdicts = await self.counters.decide_async(names, request.hits_addend, self.clock(), caller, want_quota)
+        except CountersUnavailable as error:
+            raise GrpcError(StatusCode.UNAVAILABLE, f"the rate limit counters are unreachable: {error}") from None
         if self.counters.counters_capped > capped and capped == 0:
             log.warning("global rate limits: %d live counters, the most kept; rules without one are "
                         "not limited (counted in counters_capped)", self.counters.max_counters)  # fmt: skip
@@ -194,7 +216,7 @@ class RateLimitStatus:
     """An API extension: a RateLimit's status shows, per global rule, the requests the service
     allowed and limited in the last minute (shadow rules: what they would have done)."""
 
-    def __init__(self, counters: GlobalCounters, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, counters: Counters, clock: Callable[[], float] = time.time) -> None:
         self.counters = counters
         self.clock = clock
 

@@ -23,7 +23,7 @@ from meshctl.control.compiler_ratelimit_global import ServiceAddress
 from meshctl.control.identity_authority import IdentityAuthority
 from meshctl.control.identity_grpc import IdentityHandlers, authenticated_ads
 from meshctl.control.ratelimit_counters import GlobalCounters
-from meshctl.control.ratelimit_service import RateLimitService, follow_rules
+from meshctl.control.ratelimit_service import Counters, RateLimitService, follow_rules
 from meshctl.control.registry import Registry, Sidecar
 from meshctl.control.snapshot import Snapshot, SnapshotCache, TypeResources
 from meshctl.control.store import Store, StoreError
@@ -378,7 +378,7 @@ def xds_service(
     authority: IdentityAuthority | None = None,
     api_token: str | None = None,
     tls: ServerTls | None = None,
-    counters: GlobalCounters | None = None,
+    counters: Counters | None = None,
 ) -> Callable[[Store], Any]:
     """A run_control_plane service factory: ADS on `address`, fed from the store and `registry`.
 
