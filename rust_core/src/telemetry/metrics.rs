@@ -286,6 +286,20 @@ pub struct LocalRateLimitStats {
     pub ok: AtomicU64,
 }
 
+/// Envoy's adaptive concurrency gradient controller stats, per connection manager stat_prefix
+/// (Envoy's http.<stat_prefix>.adaptive_concurrency.gradient_controller.*).
+#[derive(Debug, Default)]
+pub struct AdaptiveConcurrencyStats {
+    /// Requests shed (answered concurrency_limit_exceeded_status) because the limit was reached.
+    pub rq_blocked: AtomicU64,
+    pub concurrency_limit: AtomicU64,
+    pub min_rtt_msecs: AtomicU64,
+    pub sample_rtt_msecs: AtomicU64,
+    /// 1 while the minimum RTT is being measured (the limit is min_concurrency then).
+    pub min_rtt_calculation_active: AtomicU64,
+    pub burst_queue_size: AtomicU64,
+}
+
 #[derive(Debug, Default)]
 struct ConfigCounters {
     applied: AtomicU64,
@@ -304,6 +318,7 @@ pub struct Metrics {
     fallback_breakers: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
     config: Mutex<BTreeMap<String, Arc<ConfigCounters>>>,
     local_rate_limits: Mutex<BTreeMap<String, Arc<LocalRateLimitStats>>>,
+    adaptive_concurrency: Mutex<BTreeMap<String, Arc<AdaptiveConcurrencyStats>>>,
     pub rbac: RbacStats,
     pub tls: Arc<TlsStats>,
 }
@@ -350,6 +365,10 @@ impl Metrics {
 
     pub fn local_rate_limit(&self, stat_prefix: &str) -> Arc<LocalRateLimitStats> {
         get_or_create(&self.local_rate_limits, stat_prefix)
+    }
+
+    pub fn adaptive_concurrency(&self, stat_prefix: &str) -> Arc<AdaptiveConcurrencyStats> {
+        get_or_create(&self.adaptive_concurrency, stat_prefix)
     }
 
     pub fn config_applied(&self, kind: &str) {
@@ -442,6 +461,20 @@ impl Metrics {
         ] {
             let _ = writeln!(out, "# TYPE {metric} counter");
             for (prefix, s) in &local_rate_limits {
+                let _ = writeln!(out, "{metric}{{stat_prefix=\"{}\"}} {}", escape(prefix), get(s));
+            }
+        }
+        let adaptive = self.adaptive_concurrency.lock().unwrap().clone();
+        for (metric, kind, get) in [
+            ("meshctl_http_adaptive_concurrency_rq_blocked_total", "counter", (|s: &AdaptiveConcurrencyStats| s.rq_blocked.load(Relaxed)) as fn(&AdaptiveConcurrencyStats) -> u64),
+            ("meshctl_http_adaptive_concurrency_limit", "gauge", |s| s.concurrency_limit.load(Relaxed)),
+            ("meshctl_http_adaptive_concurrency_min_rtt_msecs", "gauge", |s| s.min_rtt_msecs.load(Relaxed)),
+            ("meshctl_http_adaptive_concurrency_sample_rtt_msecs", "gauge", |s| s.sample_rtt_msecs.load(Relaxed)),
+            ("meshctl_http_adaptive_concurrency_min_rtt_calculation_active", "gauge", |s| s.min_rtt_calculation_active.load(Relaxed)),
+            ("meshctl_http_adaptive_concurrency_burst_queue_size", "gauge", |s| s.burst_queue_size.load(Relaxed)),
+        ] {
+            let _ = writeln!(out, "# TYPE {metric} {kind}");
+            for (prefix, s) in &adaptive {
                 let _ = writeln!(out, "{metric}{{stat_prefix=\"{}\"}} {}", escape(prefix), get(s));
             }
         }
