@@ -127,10 +127,11 @@ def problems(spec: RateLimitSpec) -> Iterator[tuple[str, str]]:
     for index, rule in enumerate(spec.rules):
         here = f"spec.rules[{index}]"
         if rule.concurrency is not None and rule.concurrency.adaptive:
-            if first_adaptive is not None:
+            if first_adaptive is None:
+                first_adaptive = index
+            else:
                 yield f"{here}.concurrency.adaptive", (f"spec.rules[{first_adaptive}] is already adaptive: a workload "
                                                        "has one adaptive limit, for all its requests")  # fmt: skip
-            first_adaptive = index if first_adaptive is None else first_adaptive
         if (rule.limit is None) == (rule.concurrency is None):
             yield here, "set exactly one of limit (requests per unit) or concurrency (requests at once)"
         if rule.limit is not None and max_tokens(rule.limit) > MAX_TOKENS:

@@ -125,7 +125,8 @@ impl GradientController {
         self.limit.load(Relaxed)
     }
 
-    pub fn outstanding(&self) -> u32 {
+    #[cfg(test)]
+    fn outstanding(&self) -> u32 {
         self.outstanding.load(Relaxed)
     }
 
@@ -232,7 +233,8 @@ impl GradientController {
         let limit = f64::from(self.limit()) * gradient;
         let headroom = limit.sqrt();
         self.stats.burst_queue_size.store(headroom as u64, Relaxed);
-        ((limit + headroom) as u32).clamp(self.settings.min_limit, self.settings.max_limit.max(self.settings.min_limit))
+        // As Envoy: the upper bound first, then the lower one, which wins if they cross.
+        ((limit + headroom) as u32).min(self.settings.max_limit).max(self.settings.min_limit)
     }
 
     fn set_limit(&self, state: &mut State, limit: u32, now: u64) {

@@ -57,13 +57,8 @@ fn gradient_settings(g: &ac::GradientControllerConfig) -> FieldResult<GradientSe
     }
     let rtt = g.min_rtt_calc_params.as_ref().ok_or_else(|| FieldError::new("min_rtt_calc_params", "is required"))?;
     let min_concurrency = positive(rtt.min_concurrency.as_ref(), 3).at("min_rtt_calc_params.min_concurrency")?;
+    // Envoy accepts a lower bound above max_concurrency_limit; the lower bound then wins.
     let min_limit = positive(limits.min_concurrency_limit.as_ref(), min_concurrency).at("concurrency_limit_params.min_concurrency_limit")?;
-    if min_limit > max_limit {
-        return Err(FieldError::new(
-            "concurrency_limit_params.min_concurrency_limit",
-            format!("{min_limit} is above max_concurrency_limit ({max_limit})"),
-        ));
-    }
     let interval = match &rtt.interval {
         Some(d) => duration(d).at("min_rtt_calc_params.interval")?,
         None => Duration::from_secs(60),
