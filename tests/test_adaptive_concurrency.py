@@ -29,9 +29,11 @@ CLIENTS = 8 * SLOTS
 # judges requests admitted under the previous limit, which overshoots by a few. Half the offered
 # concurrency bounds all of it; unprotected, the app would hold all CLIENTS (32).
 PEAK_BOUND = CLIENTS // 2
-# The settled limit (≤ 10) is at most 2.5 service times in the app, + 0.2 s for a busy machine (a
-# Python app and clients on two cores); unprotected, CLIENTS / SLOTS = 8 service times (0.8 s).
-ADMITTED_P99_BOUND = 3 * SERVICE_SECONDS + 0.2
+# At most PEAK_BOUND in the app is PEAK_BOUND / SLOTS = 4 service times, + 0.2 s for a busy machine
+# (a Python app and clients on two cores): 0.6 s. Seen: meshctl ~0.3 s, Envoy 0.35-0.5 s (its
+# higher minRTT lets more in). Unprotected, CLIENTS / SLOTS = 8 service times (0.8 s), and growing
+# with every client more.
+ADMITTED_P99_BOUND = PEAK_BOUND / SLOTS * SERVICE_SECONDS + 0.2
 SECONDS = 5.0
 
 

@@ -141,7 +141,7 @@ def test_meshctl_serve_and_run_shed_an_overload_of_a_slow_app(tmp_path):
         assert len(served) + len(shed) == len(replies.all)
         # As in test_adaptive_concurrency.py (the bounds and why).
         assert SLOTS <= app.peak <= 4 * SLOTS
-        assert p99(served) < 3 * SERVICE_SECONDS + 0.2
+        assert p99(served) < 4 * SERVICE_SECONDS + 0.2
         assert shed and p99(shed) < SERVICE_SECONDS / 2
         assert stats["rq_blocked_total"] == len(shed)
     except BaseException:
