@@ -13,7 +13,6 @@ import re
 import urllib.request
 
 import pytest
-
 from helpers import bootstrap as b
 from helpers.overload import SlotApp, overload, p99
 from helpers.ports import free_port

@@ -14,7 +14,6 @@ from helpers.control_plane import start_control_plane
 from helpers.mesh import MeshSidecar, apply, print_logs, stop_all, wait_until
 from helpers.overload import SlotApp, overload, p99
 from helpers.ports import free_port
-
 from meshctl.control import resource_types as types
 from meshctl.control.compiler import INBOUND_LISTENER, compile_mesh, sidecar_resources
 from meshctl.control.registry import Sidecar

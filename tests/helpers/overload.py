@@ -26,7 +26,7 @@ class SlotApp:
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 with app.lock:
                     app.inside += 1
                     app.peak = max(app.peak, app.inside)
