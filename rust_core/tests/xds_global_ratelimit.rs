@@ -161,6 +161,7 @@ fn local_rate_limit_instances_keep_their_order_and_may_share_a_name_as_in_envoy(
         .map(|f| match f {
             HttpFilter::LocalRateLimit { name, .. } | HttpFilter::GlobalRateLimit { name, .. } => name.as_str(),
             HttpFilter::Fault => "fault",
+            HttpFilter::AdaptiveConcurrency { .. } => "adaptive_concurrency",
         })
         .collect();
     assert_eq!(names, ["a", "envoy.filters.http.ratelimit", "b"]);

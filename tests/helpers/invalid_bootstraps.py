@@ -89,6 +89,22 @@ def _unsupported_rate_limit_action(config: Json) -> None:
     _route(config)["route"]["rate_limits"] = [{"actions": [{"source_cluster": {}}]}]
 
 
+AC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.adaptive_concurrency.v3.AdaptiveConcurrency"
+
+
+def _adaptive_concurrency(**gradient) -> Callable[[Json], None]:
+    """The adaptive concurrency filter before the router with `gradient` (its controller config)."""
+
+    def mutate(config: Json) -> None:
+        typed = {"@type": AC_TYPE, "gradient_controller_config": gradient}
+        _hcm(config)["http_filters"].insert(0, {"name": "envoy.filters.http.adaptive_concurrency", "typed_config": typed})
+
+    return mutate
+
+
+EVERY_SECOND = {"concurrency_update_interval": "1s"}
+
+
 def _fault_config_on_virtual_host(config: Json) -> None:
     vhost = _hcm(config)["route_config"]["virtual_hosts"][0]
     vhost["typed_per_filter_config"] = {"envoy.filters.http.fault": {"@type": FAULT_TYPE}}
@@ -304,6 +320,27 @@ CASES = [
         _global_rate_limit(domain=""),
         names=("domain",),
         why="Envoy requires a domain",
+    ),
+    Invalid(
+        "adaptive-concurrency-without-min-rtt-params",
+        _adaptive_concurrency(concurrency_limit_params=EVERY_SECOND),
+        names=("min_rtt_calc_params",),
+    ),
+    Invalid(
+        "adaptive-concurrency-without-update-interval",
+        _adaptive_concurrency(concurrency_limit_params={}, min_rtt_calc_params={}),
+        names=("concurrency_update_interval",),
+    ),
+    Invalid(
+        "adaptive-concurrency-percentile-over-100",
+        _adaptive_concurrency(sample_aggregate_percentile={"value": 120}, concurrency_limit_params=EVERY_SECOND, min_rtt_calc_params={}),
+        names=("sample_aggregate_percentile",),
+    ),
+    Invalid(
+        "adaptive-concurrency-no-min-rtt",
+        _adaptive_concurrency(concurrency_limit_params=EVERY_SECOND, min_rtt_calc_params={"interval": "0s"}),
+        names=("fixed_value",),
+        why="with interval 0s the minimum RTT is not measured: it must be given",
     ),
     Invalid("empty-file", text="", names=("empty|static_resources|bootstrap",)),
     Invalid("malformed-yaml", text="static_resources: {listeners: [\n  - name: x\n    address: {\n", names=("yaml",)),

@@ -615,6 +615,9 @@ def _inbound_listener(mesh: MeshConfig, sidecar: Sidecar, port: int, inbound_rou
     limits = ratelimit.rules_for_workload(mesh.rate_limits, sidecar.namespace, sidecar.all_labels)
     ratelimit.limit_virtual_host(routes["virtual_hosts"][0], limits)
     manager = ratelimit.insert_filters(_http_manager("inbound", routes=routes), ratelimit.listener_filters([limits]))
+    # After the rate limits: a request they refuse never counts against the adaptive limit.
+    adaptive = concurrency.adaptive_filters(concurrency.rules_for_workload(mesh.rate_limits, sidecar.namespace, sidecar.all_labels))
+    manager = ratelimit.insert_filters(manager, adaptive)
     policies = rbac.selecting(mesh.authorization_policies, sidecar.namespace, sidecar.all_labels)
     # A rule on the caller's identity reads the XFCC header, which hardening makes the sidecar's own.
     if sidecar.identity is not None or policies or ratelimit.uses_source(limits):

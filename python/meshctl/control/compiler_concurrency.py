@@ -2,7 +2,10 @@
 with a match, a copy of it behind a route of its own) gets circuit breaker thresholds that hold at
 most `maxConcurrent` requests in the app and `queue` more waiting; Envoy and meshctl refuse the rest
 with a 503 (flag UO), as any circuit breaker. `queueTimeout` travels as cluster metadata
-`meshctl.concurrency` (meshctl's engine bounds the wait; Envoy keeps the metadata and ignores it)."""
+`meshctl.concurrency` (meshctl's engine bounds the wait; Envoy keeps the metadata and ignores it).
+
+An adaptive rule (`adaptive: true`) is Envoy's adaptive concurrency filter on the inbound connection
+manager instead: a limit that follows the app's latency, over which requests are refused (503)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,12 @@ from meshctl.resources.rate_limit import Concurrency, RuleMatch
 Json = dict[str, Any]
 
 METADATA_KEY = "meshctl.concurrency"
+ADAPTIVE_FILTER = "envoy.filters.http.adaptive_concurrency"
+ADAPTIVE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.adaptive_concurrency.v3.AdaptiveConcurrency"
+# Envoy requires concurrency_update_interval. Its examples' 0.1 s outruns an app slower than that: a
+# window's latencies are then those of requests admitted under earlier limits, and the limit
+# overshoots (seen in tests/test_adaptive_concurrency.py). Half a second suits apps up to ~100 ms.
+DEFAULT_UPDATE_INTERVAL = "0.5s"
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,8 @@ def limit_inbound(local: Json, routes: list[Json], rules: list[ConcurrencyRule])
     matched_routes = []
     limited_local = False
     for rule in rules:
+        if rule.concurrency.adaptive:
+            continue  # the connection manager's filter (adaptive_filters), not a cluster's breaker
         if rule.match is None:
             if not limited_local:  # a second unmatched rule is shadowed by the first
                 _limit(local, rule.concurrency)
@@ -71,6 +82,30 @@ def limit_inbound(local: Json, routes: list[Json], rules: list[ConcurrencyRule])
                                "route": {**catch_all["route"], "cluster": cluster["name"]}})  # fmt: skip
     routes[-1:-1] = matched_routes
     return extra
+
+
+def adaptive_filters(rules: list[ConcurrencyRule]) -> list[Json]:
+    """The adaptive concurrency filter for the first adaptive rule (a workload's requests have one
+    limit; later RateLimits' adaptive rules are shadowed by the oldest), or none."""
+    adaptive = next((rule.concurrency for rule in rules if rule.concurrency.adaptive), None)
+    if adaptive is None:
+        return []
+    limit_params: Json = {"concurrency_update_interval": _seconds(adaptive.update_interval) or DEFAULT_UPDATE_INTERVAL}
+    if adaptive.max_concurrent is not None:
+        limit_params["max_concurrency_limit"] = adaptive.max_concurrent
+    min_rtt: Json = {}
+    if adaptive.min_rtt_interval is not None:
+        min_rtt["interval"] = _seconds(adaptive.min_rtt_interval)
+    if adaptive.min_rtt_requests is not None:
+        min_rtt["request_count"] = adaptive.min_rtt_requests
+    gradient: Json = {"concurrency_limit_params": limit_params, "min_rtt_calc_params": min_rtt}
+    if adaptive.latency_percentile is not None:
+        gradient["sample_aggregate_percentile"] = {"value": adaptive.latency_percentile}
+    return [{"name": ADAPTIVE_FILTER, "typed_config": {"@type": ADAPTIVE_TYPE, "gradient_controller_config": gradient}}]
+
+
+def _seconds(duration: object) -> str | None:
+    return None if duration is None else f"{duration_seconds(duration):g}s"
 
 
 def _cluster_name(local: str, rule: str) -> str:

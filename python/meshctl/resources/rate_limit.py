@@ -22,6 +22,8 @@ Unit = Literal["second", "minute", "hour"]
 # Envoy's token buckets count in uint32: requests + burst must fit.
 MAX_TOKENS = 2**32 - 1
 MAX_RULES = 64
+# Envoy's min_concurrency default: the adaptive limit while it measures the app's minimum latency.
+ADAPTIVE_MIN_CONCURRENCY = 3
 # The status codes Envoy's HttpStatus can carry (envoy.type.v3.StatusCode), 4xx and 5xx only:
 # a rate-limited request is refused, never answered as a success or a redirect.
 REFUSAL_STATUSES = frozenset({
@@ -56,11 +58,22 @@ class Limit(MeshModel):
 
 class Concurrency(MeshModel):
     """At most `maxConcurrent` requests in the app at once; `queue` more wait for a slot (Sentinel's
-    queueing), each at most `queueTimeout`; the rest are refused at once (503)."""
+    queueing), each at most `queueTimeout`; the rest are refused at once (503).
 
-    max_concurrent: Count
+    `adaptive: true` instead lets the limit follow the app's latency (Envoy's adaptive concurrency
+    filter, a gradient controller as Netflix's Gradient2): it grows while the `latencyPercentile`
+    of each `updateInterval`'s requests stays near the app's minimum latency (measured every
+    `minRttInterval` from `minRttRequests` requests let in 3 at a time) and shrinks as it rises, up
+    to `maxConcurrent` (default 1000). Requests over the limit are refused at once (503), none wait."""
+
+    max_concurrent: Count | None = None
     queue: Annotated[int, Field(ge=0, le=MAX_TOKENS)] = 0
     queue_timeout: Duration | None = None
+    adaptive: bool = False
+    latency_percentile: Annotated[float, Field(gt=0, le=100)] | None = None
+    update_interval: Duration | None = None
+    min_rtt_interval: Duration | None = None
+    min_rtt_requests: Count | None = None
 
 
 class RateLimitResponse(MeshModel):
@@ -116,8 +129,15 @@ def problems(spec: RateLimitSpec) -> Iterator[tuple[str, str]]:
     elif len(spec.rules) > MAX_RULES:
         yield "spec.rules", f"has {len(spec.rules)} rules; at most {MAX_RULES}"
     first_response: tuple[int, tuple[int, list[tuple[str, str]]]] | None = None
+    first_adaptive: int | None = None
     for index, rule in enumerate(spec.rules):
         here = f"spec.rules[{index}]"
+        if rule.concurrency is not None and rule.concurrency.adaptive:
+            if first_adaptive is None:
+                first_adaptive = index
+            else:
+                yield f"{here}.concurrency.adaptive", (f"spec.rules[{first_adaptive}] is already adaptive: a workload "
+                                                       "has one adaptive limit, for all its requests")  # fmt: skip
         if (rule.limit is None) == (rule.concurrency is None):
             yield here, "set exactly one of limit (requests per unit) or concurrency (requests at once)"
         if rule.limit is not None and max_tokens(rule.limit) > MAX_TOKENS:
@@ -193,11 +213,46 @@ def _concurrency_problems(spec: RateLimitSpec, rule: RateLimitRule, here: str) -
                                    "a concurrency rule takes no response")  # fmt: skip
     if rule.match is not None and (rule.match.source_principals is not None or rule.match.source_namespaces is not None):
         yield f"{here}.match", "a concurrency limit is the workload's, whoever calls: match on path, method or headers"
+    concurrency = rule.concurrency
+    if concurrency is not None and concurrency.adaptive:
+        yield from _adaptive_problems(rule, concurrency, here)
+        return
+    if concurrency is not None and concurrency.max_concurrent is None:
+        yield f"{here}.concurrency.maxConcurrent", "is required (or set adaptive: true to let latency set the limit)"
+    for field in ADAPTIVE_ONLY:
+        if concurrency is not None and getattr(concurrency, _snake(field)) is not None:
+            yield f"{here}.concurrency.{field}", "applies to adaptive: true only"
     timeout = rule.concurrency.queue_timeout if rule.concurrency else None
     if timeout is not None and rule.concurrency.queue == 0:
         yield f"{here}.concurrency.queueTimeout", "there is no queue (queue: 0) to time out of"
     elif timeout is not None and duration_seconds(timeout) <= 0:
         yield f"{here}.concurrency.queueTimeout", "must be more than 0s"
+
+
+ADAPTIVE_ONLY = ("latencyPercentile", "updateInterval", "minRttInterval", "minRttRequests")
+
+
+def _snake(field: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in field)
+
+
+def _adaptive_problems(rule: RateLimitRule, concurrency: Concurrency, here: str) -> Iterator[tuple[str, str]]:
+    if rule.match is not None:
+        yield f"{here}.match", ("an adaptive limit covers all of the workload's inbound requests (Envoy's "
+                                "adaptive concurrency filter has no per-route config): remove match")  # fmt: skip
+    if concurrency.queue:
+        yield f"{here}.concurrency.queue", "an adaptive limit queues nothing: over the limit a request is refused at once"
+    if concurrency.queue_timeout is not None:
+        yield f"{here}.concurrency.queueTimeout", "an adaptive limit queues nothing: there is no queue to time out of"
+    for field in ("updateInterval", "minRttInterval"):
+        value = getattr(concurrency, _snake(field))
+        if value is not None and duration_seconds(value) <= 0:
+            yield f"{here}.concurrency.{field}", "must be more than 0s"
+    if concurrency.max_concurrent is not None and concurrency.max_concurrent < ADAPTIVE_MIN_CONCURRENCY:
+        yield f"{here}.concurrency.maxConcurrent", (
+            f"is the adaptive limit's upper bound; at least {ADAPTIVE_MIN_CONCURRENCY} (the limit while the "
+            "app's minimum latency is measured)"
+        )  # fmt: skip
 
 
 def _source_problem(value: str, namespace: bool) -> str | None:

@@ -139,14 +139,28 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
             return no_route(context, grpc);
         };
         route.stats.requests_total.fetch_add(1, Relaxed);
-        // The local rate limit and fault filters, before the router, in http_filters' order; for
-        // each, the most specific per-route config (found by the filter's name) replaces the
-        // filter's. Local limits decide synchronously; each adds nothing to this future but a
+        // The rate limit, adaptive concurrency and fault filters, before the router, in
+        // http_filters' order; for each, the most specific per-route config (found by the filter's
+        // name) replaces the filter's (adaptive concurrency has none). Local limits decide synchronously; each adds nothing to this future but a
         // reference.
         // Headers a rate limit service asked to add to the response (rarely any).
         let mut service_response_headers: Option<Box<ServiceHeaders>> = None;
+        // The adaptive concurrency filter's admission: completed with the response head (the
+        // request's latency is a sample); dropped with this future when the client goes away.
+        let mut admitted = None;
         for filter in &context.settings.filters {
             match filter {
+                HttpFilter::AdaptiveConcurrency { config } => {
+                    if !config.enabled {
+                        continue;
+                    }
+                    match config.controller.admit(Instant::now()) {
+                        Some(admission) => admitted = Some(admission),
+                        // Envoy answers a shed request with no response flag, only the details
+                        // "reached_concurrency_limit"; its count is rq_blocked.
+                        None => return local_reply(config.limit_exceeded_status, "reached concurrency limit", grpc),
+                    }
+                }
                 HttpFilter::GlobalRateLimit { config, .. } => {
                     let Some((descriptors, stats)) = global_rate_limit_needed(context, config, vhost, route, &request, &authority, path_and_query.as_str()) else {
                         continue;
@@ -200,6 +214,9 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
             }
         };
         route.stats.latency.record(started.elapsed());
+        if let Some(admission) = admitted {
+            admission.complete(Instant::now());
+        }
         // Like Envoy, response mutations apply to local replies (timeouts, 503s) as well.
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             let mutations = std::iter::once(&route.response_headers)

@@ -100,6 +100,8 @@ pub enum HttpFilter {
     LocalRateLimit { name: String, config: Arc<super::local_ratelimit::LocalRateLimit> },
     /// A global rate limit filter instance; `index` is its place in http_filters (for errors).
     GlobalRateLimit { name: String, index: usize, config: Arc<super::global_ratelimit::GlobalRateLimit> },
+    /// The adaptive concurrency filter: its controller admits or sheds every request.
+    AdaptiveConcurrency { config: Arc<super::adaptive_concurrency::AdaptiveConcurrency> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -1,5 +1,6 @@
 //! The engine's own typed, immutable configuration model, built by the xDS decoder.
 
+pub mod adaptive_concurrency;
 pub mod circuit_breaker;
 pub mod cluster;
 pub mod fallback;

@@ -308,6 +308,20 @@ pub struct DescriptorCount {
 
 type DescriptorKey = (String, Vec<(String, String)>);
 
+/// Envoy's adaptive concurrency gradient controller stats, per connection manager stat_prefix
+/// (Envoy's http.<stat_prefix>.adaptive_concurrency.gradient_controller.*).
+#[derive(Debug, Default)]
+pub struct AdaptiveConcurrencyStats {
+    /// Requests shed (answered concurrency_limit_exceeded_status) because the limit was reached.
+    pub rq_blocked: AtomicU64,
+    pub concurrency_limit: AtomicU64,
+    pub min_rtt_msecs: AtomicU64,
+    pub sample_rtt_msecs: AtomicU64,
+    /// 1 while the minimum RTT is being measured (the limit is min_concurrency then).
+    pub min_rtt_calculation_active: AtomicU64,
+    pub burst_queue_size: AtomicU64,
+}
+
 #[derive(Debug, Default)]
 struct ConfigCounters {
     applied: AtomicU64,
@@ -327,6 +341,7 @@ pub struct Metrics {
     config: Mutex<BTreeMap<String, Arc<ConfigCounters>>>,
     local_rate_limits: Mutex<BTreeMap<String, Arc<LocalRateLimitStats>>>,
     local_rate_limit_descriptors: Mutex<BTreeMap<DescriptorKey, Arc<LocalRateLimitDescriptorStats>>>,
+    adaptive_concurrency: Mutex<BTreeMap<String, Arc<AdaptiveConcurrencyStats>>>,
     pub rbac: RbacStats,
     pub tls: Arc<TlsStats>,
 }
@@ -395,6 +410,10 @@ impl Metrics {
                 limited: s.limited.load(Relaxed),
             })
             .collect()
+    }
+
+    pub fn adaptive_concurrency(&self, stat_prefix: &str) -> Arc<AdaptiveConcurrencyStats> {
+        get_or_create(&self.adaptive_concurrency, stat_prefix)
     }
 
     pub fn config_applied(&self, kind: &str) {
@@ -501,6 +520,20 @@ impl Metrics {
                     escape(&count.stat_prefix),
                     escape(&descriptor.join(",")),
                 );
+            }
+        }
+        let adaptive = self.adaptive_concurrency.lock().unwrap().clone();
+        for (metric, kind, get) in [
+            ("meshctl_http_adaptive_concurrency_rq_blocked_total", "counter", (|s: &AdaptiveConcurrencyStats| s.rq_blocked.load(Relaxed)) as fn(&AdaptiveConcurrencyStats) -> u64),
+            ("meshctl_http_adaptive_concurrency_limit", "gauge", |s| s.concurrency_limit.load(Relaxed)),
+            ("meshctl_http_adaptive_concurrency_min_rtt_msecs", "gauge", |s| s.min_rtt_msecs.load(Relaxed)),
+            ("meshctl_http_adaptive_concurrency_sample_rtt_msecs", "gauge", |s| s.sample_rtt_msecs.load(Relaxed)),
+            ("meshctl_http_adaptive_concurrency_min_rtt_calculation_active", "gauge", |s| s.min_rtt_calculation_active.load(Relaxed)),
+            ("meshctl_http_adaptive_concurrency_burst_queue_size", "gauge", |s| s.burst_queue_size.load(Relaxed)),
+        ] {
+            let _ = writeln!(out, "# TYPE {metric} {kind}");
+            for (prefix, s) in &adaptive {
+                let _ = writeln!(out, "{metric}{{stat_prefix=\"{}\"}} {}", escape(prefix), get(s));
             }
         }
         self.rbac.render(&mut out);

@@ -10,6 +10,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::google::protobuf;
 use prost::Message;
 
+use super::adaptive_concurrency::{adaptive_concurrency, ADAPTIVE_CONCURRENCY_TYPE};
 use super::common::{duration, socket_address, unpack};
 use super::route::{refuse_connect_upgrade, route_configuration};
 use super::fault::{http_fault, FAULT_FILTER_TYPE};
@@ -279,6 +280,17 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
             filter_name(&filter.name).at(format!("http_filters[{i}].name"))?;
             let config = local_rate_limit(any, false, metrics).at(format!("http_filters[{i}].typed_config"))?;
             filters.push(HttpFilter::LocalRateLimit { name: filter.name.clone(), config });
+            continue;
+        }
+        if let Some(any) = typed_config.filter(|any| any.type_url == ADAPTIVE_CONCURRENCY_TYPE) {
+            // A disabled filter runs only where a route enables it, which meshctl cannot do yet.
+            refuse_if(filter.disabled, "disabled").at(format!("http_filters[{i}]"))?;
+            // Both would share the connection manager's stats and measure the same requests.
+            if filters.iter().any(|f| matches!(f, HttpFilter::AdaptiveConcurrency { .. })) {
+                return Err(FieldError::new(format!("http_filters[{i}]"), "meshctl supports one adaptive concurrency filter per connection manager"));
+            }
+            let config = adaptive_concurrency(any, &m.stat_prefix, metrics).at(format!("http_filters[{i}].typed_config"))?;
+            filters.push(HttpFilter::AdaptiveConcurrency { config });
             continue;
         }
         if let Some(any) = typed_config.filter(|any| any.type_url == RATELIMIT_TYPE) {
