@@ -141,8 +141,8 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
         route.stats.requests_total.fetch_add(1, Relaxed);
         // The rate limit, adaptive concurrency and fault filters, before the router, in
         // http_filters' order; for each, the most specific per-route config (found by the filter's
-        // name) replaces the filter's (adaptive concurrency has none). Local limits decide synchronously; each adds nothing to this future but a
-        // reference.
+        // name) replaces the filter's (adaptive concurrency has none). Local limits decide
+        // synchronously; each adds nothing to this future but a reference.
         // Headers a rate limit service asked to add to the response (rarely any).
         let mut service_response_headers: Option<Box<ServiceHeaders>> = None;
         // The adaptive concurrency filter's admission: completed with the response head (the
