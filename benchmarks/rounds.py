@@ -1,4 +1,4 @@
-"""Measures every peer once per round in alternating order (A B C A B C), each proxy freshly started on CPU 1."""
+"""Measures every peer once per round in alternating order (A B C, B C A, ...), each proxy freshly started on CPU 1."""
 
 from __future__ import annotations
 
@@ -106,8 +106,12 @@ def run_round(
     available: dict,
     upstream: peers.RunningPeer,
 ) -> None:
-    """One A B C pass; a failing proxy is recorded and the pass goes on."""
-    for spec in scenario.peers:
+    """One pass over the peers; a failing proxy is recorded and the pass goes on. Each round
+    starts one peer later (A B C, B C A, C A B): a peer measured always last in its round would
+    carry whatever a round's earlier runs leave behind (sockets in TIME_WAIT, a warmer or busier
+    machine), and a budget compares peers run side by side."""
+    shift = (round_number - 1) % max(len(scenario.peers), 1)
+    for spec in scenario.peers[shift:] + scenario.peers[:shift]:
         if available.get(spec.name) is not None:
             continue
         try:
