@@ -152,6 +152,19 @@ def test_ten_sidecars_sharing_a_limit_with_quota_stay_within_five_percent_of_it(
     assert calls < passed / 2
 
 
+def test_a_sidecar_asking_many_times_at_once_gets_grants_that_do_not_grow_with_each_ask(make_counters):
+    """A sidecar under load has many requests waiting for quota at once, and each asks: those asks
+    come microseconds apart. Sized as a rate, each grant was larger than the one before (a window of
+    10^9 was spent by unused grants within a second, and the sidecars answered 429); each gets the
+    last size again instead, and the window keeps nearly all of its room."""
+    limits = make_counters(GlobalRule("r", requests=1_000_000_000, unit_seconds=60))
+    sizes = [limits.decide(["r"], 0, START + n * 1e-5, "sidecar", want_quota=True)[0].quota.requests
+             for n in range(200)]  # fmt: skip
+    assert sizes == [sizes[0]] * 200, sizes[:10]
+    (after,) = limits.decide(["r"], 0, START + 0.01, "other", want_quota=True)
+    assert after.ok and after.remaining > 999_000_000
+
+
 def test_no_quota_without_asking_for_it_nor_for_shadow_rules_nor_beyond_what_is_left(make_counters):
     limits = make_counters(GlobalRule("r", 1000, 60), GlobalRule("s", 1000, 60, shadow=True))
     assert limits.decide(["r"], 0, START, "a")[0].quota is None

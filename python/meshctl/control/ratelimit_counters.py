@@ -35,6 +35,11 @@ QUOTA_SECONDS = 1.0
 # is what it admits in half the grant's life at the rate it just showed (so a steady caller uses
 # each grant up well before it expires); one that let a grant expire gets half the last.
 FIRST_GRANT = 4
+# A caller back sooner than this after its last grant asked while that call was under way (its
+# sidecar had several requests waiting for quota at once): it gets the last size again. A rate
+# measured over so short a time is the sidecar's concurrency, not its rate, and sizing on it made
+# each concurrent ask larger than the one before, until unused grants had spent the window.
+CONCURRENT_ASK_SECONDS = 0.05
 HISTORY_SECONDS = 60  # what `meshctl get ratelimit` reports: the last minute
 
 
@@ -105,8 +110,10 @@ class CallerGrants:
         if previous is None or previous[0] != index:
             return FIRST_GRANT
         _, last, granted_at, expiry, _ = previous
+        if now - granted_at < CONCURRENT_ASK_SECONDS:
+            return last
         if now < expiry:  # back before it expired: it used `last` up in now - granted_at
-            rate = (last + 1) / max(now - granted_at, 0.001)
+            rate = (last + 1) / (now - granted_at)
             return max(1, int(rate * QUOTA_SECONDS / 2))
         return max(1, last // 2)
 
