@@ -163,6 +163,9 @@ def test_a_sidecar_asking_many_times_at_once_gets_grants_that_do_not_grow_with_e
     assert sizes == [sizes[0]] * 200, sizes[:10]
     (after,) = limits.decide(["r"], 0, START + 0.01, "other", want_quota=True)
     assert after.ok and after.remaining > 999_000_000
+    # Back later, it has used its grants up: its next grant grows with the rate it showed.
+    (later,) = limits.decide(["r"], 0, START + 0.1, "sidecar", want_quota=True)
+    assert later.quota.requests > sizes[0]
 
 
 def test_no_quota_without_asking_for_it_nor_for_shadow_rules_nor_beyond_what_is_left(make_counters):

@@ -35,11 +35,12 @@ QUOTA_SECONDS = 1.0
 # is what it admits in half the grant's life at the rate it just showed (so a steady caller uses
 # each grant up well before it expires); one that let a grant expire gets half the last.
 FIRST_GRANT = 4
-# A caller back sooner than this after its last grant asked while that call was under way (its
-# sidecar had several requests waiting for quota at once): it gets the last size again. A rate
-# measured over so short a time is the sidecar's concurrency, not its rate, and sizing on it made
-# each concurrent ask larger than the one before, until unused grants had spent the window.
-CONCURRENT_ASK_SECONDS = 0.05
+# A caller back sooner than this after its last sized grant asked while that call was under way
+# (its sidecar had several requests waiting for quota at once): it gets that size again, and the
+# grant that sizes its next one stays the earlier. A rate measured over so short a time is the
+# sidecar's concurrency, not its rate; sizing on it made each concurrent ask larger than the one
+# before, until unused grants had spent the window.
+CONCURRENT_ASK_SECONDS = 0.005
 HISTORY_SECONDS = 60  # what `meshctl get ratelimit` reports: the last minute
 
 
@@ -118,6 +119,9 @@ class CallerGrants:
         return max(1, last // 2)
 
     def record(self, caller: str, rule: str, index: int, grant: Grant, now: float, end: float) -> None:
+        previous = self._last.get((caller, rule))
+        if previous is not None and previous[0] == index and now - previous[2] < CONCURRENT_ASK_SECONDS:
+            return  # a concurrent ask: the grant it was sized on still sizes the next
         self._last[(caller, rule)] = (index, grant.requests, now, grant.valid_until, end)
 
     def sweep(self, now: float) -> None:
