@@ -21,8 +21,8 @@ from helpers.procs import start_upstream
 from test_istio_tasks import Mesh, reached
 
 HOST = "reviews:9080"
-# meshctl's engine takes one local rate limit filter per connection manager; a virtual host mixing
-# shadow and enforced rules compiles to two (the shadow one first), which it refuses (NACK).
+
+
 def rate_limit(rules: str) -> str:
     return f"""
 apiVersion: policy.meshctl.io/v1alpha1

@@ -10,6 +10,7 @@ from typing import Any
 
 from meshctl.control.compiler_ratelimit_global import rule_name
 from meshctl.control.ratelimit_local_counts import LocalRuleCounts, RuleFigures
+from meshctl.control.ratelimit_status import RateLimitStatusExtension
 
 
 def limit_text(limit: Any) -> str:
@@ -20,7 +21,7 @@ def limit_text(limit: Any) -> str:
     return f"{text} + {limit['burst']} burst" if limit.get("burst") else text
 
 
-class LocalRateLimitStatus:
+class LocalRateLimitStatus(RateLimitStatusExtension):
     """`status.localRules` of a RateLimit: one entry per rule with `scope: local` and a limit;
     `clock` is the registry's (the samples' timestamps)."""
 
@@ -28,20 +29,9 @@ class LocalRateLimitStatus:
         self.counts = counts
         self.clock = clock
 
-    def handles(self, parts: Any) -> bool:
-        return False  # no endpoints of its own
-
-    async def handle(self, request: Any, parts: Any) -> Any:  # pragma: no cover - never asked
-        raise NotImplementedError
-
-    def resource_status(self, item: Any) -> dict[str, Any] | None:
-        body = item.body
-        if body.get("kind") != "RateLimit":
-            return None
-        metadata = body.get("metadata", {})
-        namespace, name = metadata.get("namespace", "default"), metadata.get("name", "")
+    def rules_status(self, namespace: str, name: str, rules: list[Any]) -> dict[str, Any] | None:
         local = [
-            (index, rule) for index, rule in enumerate(body.get("spec", {}).get("rules", []))
+            (index, rule) for index, rule in enumerate(rules)
             if isinstance(rule, dict) and rule.get("scope", "local") == "local" and rule.get("limit") is not None
         ]  # fmt: skip
         if not local:

@@ -36,6 +36,7 @@ from meshctl.control.compiler_ratelimit_global import DOMAIN, rule_name
 from meshctl.control.identity_authority import IdentityAuthority
 from meshctl.control.identity_grpc import peer_identity
 from meshctl.control.ratelimit_counters import CountersUnavailable, GlobalRule, Verdict
+from meshctl.control.ratelimit_status import RateLimitStatusExtension
 from meshctl.control.store import Store, StoreError
 from meshctl.grpc import GrpcError, StatusCode
 from meshctl.grpc.server import Handler, ServerStream
@@ -212,7 +213,7 @@ def _status(verdict: Verdict) -> Any:
     return status
 
 
-class RateLimitStatus:
+class RateLimitStatus(RateLimitStatusExtension):
     """An API extension: a RateLimit's status shows, per global rule, the requests the service
     allowed and limited in the last minute (shadow rules: what they would have done)."""
 
@@ -220,26 +221,15 @@ class RateLimitStatus:
         self.counters = counters
         self.clock = clock
 
-    def handles(self, parts: Any) -> bool:
-        return False  # no endpoints of its own
-
-    async def handle(self, request: Any, parts: Any) -> Any:  # pragma: no cover - never asked
-        raise NotImplementedError
-
-    def resource_status(self, item: Any) -> dict[str, Any] | None:
-        body = item.body
-        if body.get("kind") != "RateLimit":
-            return None
-        metadata = body.get("metadata", {})
-        namespace, name = metadata.get("namespace", "default"), metadata.get("name", "")
-        rules = []
-        for index, rule in enumerate(body.get("spec", {}).get("rules", [])):
+    def rules_status(self, namespace: str, name: str, rules: list[Any]) -> dict[str, Any] | None:
+        shown = []
+        for index, rule in enumerate(rules):
             if not isinstance(rule, dict) or rule.get("scope") != "global":
                 continue
             served = self.counters.rule(rule_name(namespace, name, index))
             allowed, limited = self.counters.last_minute(rule_name(namespace, name, index), self.clock())
             # What the service counts against now (the store may be a moment ahead of it).
             serving = None if served is None else f"{served.requests} per {_UNIT_NAMES[served.unit_seconds]}"
-            rules.append({"rule": index, "serving": serving,
+            shown.append({"rule": index, "serving": serving,
                           "allowedLastMinute": allowed, "limitedLastMinute": limited})  # fmt: skip
-        return {"globalRules": rules} if rules else None
+        return {"globalRules": shown} if shown else None
