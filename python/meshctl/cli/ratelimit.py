@@ -118,6 +118,9 @@ def limit_text(rule: dict[str, Any]) -> str:
     if limit:
         burst = f" +{limit['burst']} burst" if limit.get("burst") else ""
         return f"{limit['requests']}/{limit['unit']}{burst}"
+    if concurrency and concurrency.get("adaptive"):  # its upper bound is optional
+        bound = concurrency.get("maxConcurrent")
+        return f"adaptive, at most {bound} at once" if bound else "adaptive"
     if concurrency:
         return f"{concurrency['maxConcurrent']} at once"
     return "-"
