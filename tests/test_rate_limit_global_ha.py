@@ -40,7 +40,7 @@ from helpers.mesh import (
 from helpers.ports import free_port
 from helpers.redis_server import REDIS_SERVER, start_redis
 from test_rate_limit_global_e2e import get
-from test_rate_limit_global_mesh import counter
+from test_rate_limit_global_mesh import counter, offer
 
 pytestmark = [
     pytest.mark.meshctl_only,
@@ -64,16 +64,6 @@ spec:
   - limit: {{requests: {LIMIT}, unit: minute}}
     scope: global
 """
-
-
-def offer(port: int, results: Counter, lock: threading.Lock) -> None:
-    """RATE requests a second for SECONDS, paced; each answer's status counted."""
-    started = time.monotonic()
-    for number in range(RATE * SECONDS):
-        time.sleep(max(0.0, started + number / RATE - time.monotonic()))
-        status, _ = get(port)
-        with lock:
-            results[status] += 1
 
 
 @pytest.mark.parametrize("counters", ["redis", "memory"])
@@ -120,7 +110,8 @@ def test_with_two_planes_on_etcd_and_redis_killing_one_keeps_the_global_limit(co
         time.sleep(60 - time.time() % 60 + 0.05)
         results: Counter = Counter()
         lock = threading.Lock()
-        threads = [threading.Thread(target=offer, args=(each.outbound_port, results, lock)) for each in everyone]
+        threads = [threading.Thread(target=offer, args=(each.outbound_port, RATE, SECONDS, results, lock))
+                   for each in everyone]
         for thread in threads:
             thread.start()
         time.sleep(KILL_AT)

@@ -51,11 +51,11 @@ def counter(admin_port: int, name: str) -> float:
     return sum(float(value) for value in re.findall(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE))
 
 
-def offer(port: int, results: Counter, lock: threading.Lock) -> None:
-    """RATE requests a second for SECONDS, paced; each answer's status counted."""
+def offer(port: int, rate: int, seconds: int, results: Counter, lock: threading.Lock) -> None:
+    """`rate` requests a second for `seconds`, paced; each answer's status counted."""
     started = time.monotonic()
-    for number in range(RATE * SECONDS):
-        time.sleep(max(0.0, started + number / RATE - time.monotonic()))
+    for number in range(rate * seconds):
+        time.sleep(max(0.0, started + number / rate - time.monotonic()))
         status, _ = get(port)
         with lock:
             results[status] += 1
@@ -97,7 +97,7 @@ def test_ten_sidecars_share_one_global_limit_within_five_percent(tmp_path: Path)
         results: Counter = Counter()
         lock = threading.Lock()
         ports = [s.outbound_port for s in sidecars] + [envoy_port]
-        threads = [threading.Thread(target=offer, args=(port, results, lock)) for port in ports]
+        threads = [threading.Thread(target=offer, args=(port, RATE, SECONDS, results, lock)) for port in ports]
         for thread in threads:
             thread.start()
         for thread in threads:
