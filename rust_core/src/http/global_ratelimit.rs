@@ -72,15 +72,18 @@ pub fn descriptors(config: &GlobalRateLimit, source: &RequestDescriptorSource<'_
 /// target cluster's counters (Envoy's cluster.<target>.ratelimit.*).
 pub async fn decide(
     context: &Arc<HttpContext>,
-    config: &GlobalRateLimit,
+    config: &Arc<GlobalRateLimit>,
     descriptors: Vec<Descriptor>,
-    stats: &ClusterStats,
+    stats: &Arc<ClusterStats>,
     grpc: bool,
 ) -> Decision {
     let counters = &stats.resilience;
-    match config.quota.decide(&descriptors, Instant::now()) {
-        Local::Admit => {
+    match config.quota.decide(&descriptors, Instant::now(), config.timeout) {
+        Local::Admit { refill } => {
             counters.ratelimit_quota_admitted.fetch_add(1, Relaxed);
+            if refill {
+                tokio::spawn(refill_quota(context.clone(), config.clone(), descriptors, stats.clone()));
+            }
             return Decision::Allow(None);
         }
         Local::Refuse => {
@@ -90,23 +93,7 @@ pub async fn decide(
         }
         Local::Ask => {}
     }
-    let request = RateLimitRequest {
-        domain: config.domain.clone(),
-        descriptors: descriptors
-            .iter()
-            .map(|d| RateLimitDescriptor {
-                entries: d.iter().map(|(key, value)| Entry { key: key.clone(), value: value.clone() }).collect(),
-                ..Default::default()
-            })
-            .collect(),
-        hits_addend: 0,
-    };
-    let metadata = [(HeaderName::from_static(QUOTA_METADATA), HeaderValue::from_static("1"))];
-    let target = grpc_unary::Target { cluster: &config.cluster, authority: &config.authority, path: SHOULD_RATE_LIMIT };
-    let answer = grpc_unary::call(context, target, &metadata, frame(&request), config.timeout)
-        .await
-        .and_then(|bytes| RateLimitResponse::decode(bytes).map_err(|_| grpc_unary::CallError::Malformed("not a RateLimitResponse")));
-    let response = match answer {
+    let response = match ask(context, config, &descriptors).await {
         Ok(response) => response,
         Err(_) => {
             counters.ratelimit_error.fetch_add(1, Relaxed);
@@ -122,19 +109,59 @@ pub async fn decide(
     // Envoy takes anything but OVER_LIMIT (UNKNOWN included) as OK.
     if response.overall_code == rate_limit_response::Code::OverLimit as i32 {
         counters.ratelimit_over_limit.fetch_add(1, Relaxed);
-        remember_quota(config, &descriptors, &response.statuses);
+        remember_quota(config, &descriptors, &response.statuses, 0);
         context.stats.response_flags.record(ResponseFlag::RateLimited);
         return Decision::Reply(Box::new(limited_reply(config, response.raw_body, headers.as_deref(), grpc)));
     }
     counters.ratelimit_ok.fetch_add(1, Relaxed);
-    remember_quota(config, &descriptors, &response.statuses);
+    remember_quota(config, &descriptors, &response.statuses, 0);
     Decision::Allow(headers)
 }
 
+/// One ShouldRateLimit call for `descriptors`, offering to take quota.
+async fn ask(context: &Arc<HttpContext>, config: &GlobalRateLimit, descriptors: &[Descriptor]) -> Result<RateLimitResponse, grpc_unary::CallError> {
+    let request = RateLimitRequest {
+        domain: config.domain.clone(),
+        descriptors: descriptors
+            .iter()
+            .map(|d| RateLimitDescriptor {
+                entries: d.iter().map(|(key, value)| Entry { key: key.clone(), value: value.clone() }).collect(),
+                ..Default::default()
+            })
+            .collect(),
+        hits_addend: 0,
+    };
+    let metadata = [(HeaderName::from_static(QUOTA_METADATA), HeaderValue::from_static("1"))];
+    let target = grpc_unary::Target { cluster: &config.cluster, authority: &config.authority, path: SHOULD_RATE_LIMIT };
+    grpc_unary::call(context, target, &metadata, frame(&request), config.timeout)
+        .await
+        .and_then(|bytes| RateLimitResponse::decode(bytes).map_err(|_| grpc_unary::CallError::Malformed("not a RateLimitResponse")))
+}
+
+/// Asks, off the request path, for more quota for descriptors running low, so that the requests
+/// after it find quota instead of waiting for a call. The service counts the call as one request
+/// (hits_addend 0 is 1) that nobody sends: on OK that one is added to the grants. Its headers and
+/// raw body answer no request and are dropped; a failure leaves the quota as it was.
+async fn refill_quota(context: Arc<HttpContext>, config: Arc<GlobalRateLimit>, descriptors: Vec<Descriptor>, stats: Arc<ClusterStats>) {
+    let counters = &stats.resilience;
+    counters.ratelimit_quota_refills.fetch_add(1, Relaxed);
+    match ask(&context, &config, &descriptors).await {
+        Ok(response) => {
+            let admitted = response.overall_code != rate_limit_response::Code::OverLimit as i32;
+            remember_quota(&config, &descriptors, &response.statuses, u32::from(admitted));
+            config.quota.refilled(&descriptors, Instant::now());
+        }
+        Err(_) => {
+            counters.ratelimit_quota_refill_errors.fetch_add(1, Relaxed);
+        }
+    }
+}
+
 /// A meshctl service's quota for each descriptor it answered with one (statuses match the
-/// request's descriptors by position): an OK with N requests is a grant; an OVER_LIMIT with none
-/// a refusal until valid_until, so that refused traffic stops calling too.
-fn remember_quota(config: &GlobalRateLimit, descriptors: &[Descriptor], statuses: &[rate_limit_response::DescriptorStatus]) {
+/// request's descriptors by position): an OK with N requests is a grant (plus `unsent`: requests
+/// the call was counted for that were not sent); an OVER_LIMIT with none a refusal until
+/// valid_until, so that refused traffic stops calling too.
+fn remember_quota(config: &GlobalRateLimit, descriptors: &[Descriptor], statuses: &[rate_limit_response::DescriptorStatus], unsent: u32) {
     use rate_limit_response::quota::ExpirationSpecifier;
     let (now, wall) = (Instant::now(), SystemTime::now());
     for (descriptor, status) in descriptors.iter().zip(statuses) {
@@ -150,7 +177,7 @@ fn remember_quota(config: &GlobalRateLimit, descriptors: &[Descriptor], statuses
         if refused {
             config.quota.refuse(descriptor, now + left, now);
         } else {
-            config.quota.grant(descriptor, quota.requests, now + left, now);
+            config.quota.grant(descriptor, quota.requests.saturating_add(unsent), now + left, now);
         }
     }
 }

@@ -161,12 +161,15 @@ pub struct ResilienceStats {
     /// Requests refused without a call: the service refused their descriptor until a moment
     /// still to come (meshctl's quota extension).
     pub ratelimit_quota_refused: AtomicU64,
+    /// Calls made ahead of need for quota running low (meshctl's), and those that failed.
+    pub ratelimit_quota_refills: AtomicU64,
+    pub ratelimit_quota_refill_errors: AtomicU64,
 }
 
 impl ResilienceStats {
     pub(crate) fn render(clusters: &BTreeMap<String, Arc<ClusterStats>>, out: &mut String, escape: fn(&str) -> String) {
         type Get = fn(&ResilienceStats) -> u64;
-        let series: [(&str, &str, Get); 21] = [
+        let series: [(&str, &str, Get); 23] = [
             ("meshctl_upstream_rq_retry_total", "counter", |s| s.retries.load(Relaxed)),
             ("meshctl_upstream_rq_retry_success_total", "counter", |s| s.retry_successes.load(Relaxed)),
             ("meshctl_upstream_rq_retry_overflow_total", "counter", |s| s.retry_overflows.load(Relaxed)),
@@ -188,6 +191,8 @@ impl ResilienceStats {
             ("meshctl_cluster_ratelimit_failure_mode_allowed_total", "counter", |s| s.ratelimit_failure_mode_allowed.load(Relaxed)),
             ("meshctl_cluster_ratelimit_quota_admitted_total", "counter", |s| s.ratelimit_quota_admitted.load(Relaxed)),
             ("meshctl_cluster_ratelimit_quota_refused_total", "counter", |s| s.ratelimit_quota_refused.load(Relaxed)),
+            ("meshctl_cluster_ratelimit_quota_refill_total", "counter", |s| s.ratelimit_quota_refills.load(Relaxed)),
+            ("meshctl_cluster_ratelimit_quota_refill_error_total", "counter", |s| s.ratelimit_quota_refill_errors.load(Relaxed)),
         ];
         for (metric, kind, get) in series {
             let _ = writeln!(out, "# TYPE {metric} {kind}");
