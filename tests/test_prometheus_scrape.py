@@ -14,7 +14,6 @@ import time
 from collections import Counter
 
 import yaml
-
 from helpers.control_plane import start_control_plane
 from helpers.mesh import MeshSidecar, ask_host, echo_instance, stop_all, wait_until
 from helpers.prometheus_server import start_prometheus
@@ -120,10 +119,10 @@ def test_prometheus_scrapes_every_registered_sidecar_and_sees_the_traffic_per_ta
             pod = by_workload[("reviews", version)]
             stopped = time.monotonic()
             sidecar.stop(signal_)
-            wait_until(lambda: pod not in file_sd_pods(targets), bound, f"reviews {version} leaves the file", 0.1)
+            wait_until(lambda pod=pod: pod not in file_sd_pods(targets), bound, f"reviews {version} leaves the file", 0.1)
             left = time.monotonic() - stopped
             # Prometheus's discovery manager passes target changes on at most every 5 s.
-            wait_until(lambda: pod not in {t["labels"]["pod"] for t in prometheus.active_targets()}, 5 + 3,
+            wait_until(lambda pod=pod: pod not in {t["labels"]["pod"] for t in prometheus.active_targets()}, 5 + 3,
                        f"Prometheus drops reviews {version}", 0.1)  # fmt: skip
             print(f"reviews {version} ({signal_.name}): out of the file after {left:.1f}s, "
                   f"out of Prometheus's targets after {time.monotonic() - stopped:.1f}s")

@@ -1,24 +1,26 @@
 """Prometheus targets from the registry: labels as Istio's Prometheus setup gives them, the generated
 config as Prometheus parses it (`promtool check config` when installed), and the file_sd file
-`meshctl serve --prometheus-file-sd` keeps: rewritten on registry changes only, whole (renamed)."""
+`meshctl serve --prometheus-file-sd` keeps: rewritten on registry changes only, whole (renamed);
+`meshctl prometheus-config`'s bad options refused by name."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import trio
 import yaml
-
 from meshctl.control.prometheus_file_sd import check_writable, keep_file_sd
 from meshctl.control.prometheus_targets import file_sd_groups, label_name, scrape_config
 from meshctl.control.registry import Registry, Sidecar
 
 REVIEWS_V2 = Sidecar(
     node_id="reviews.shop-1a2b", service="reviews", namespace="shop", version="v2",
-    labels={"app.kubernetes.io/part-of": "bookinfo", "pod": "forged", "__address__": "evil:1"},
+    labels={"app.kubernetes.io/part-of": "bookinfo", "pod": "forged", "__address__": "evil:1", "": "x", "..": "y"},
     metrics_address="127.0.0.1:15020", admin_port=15000,
 )  # fmt: skip
 
@@ -94,3 +96,27 @@ async def test_the_file_follows_registrations_and_is_rewritten_only_when_targets
         nursery.cancel_scope.cancel()
     assert oct(path.stat().st_mode & 0o777) == "0o644"  # readable by a Prometheus of another user
     assert [p.name for p in tmp_path.iterdir()] == ["targets.json"]  # no temporary file left
+
+
+def test_prometheus_config_refuses_bad_options_by_name(tmp_path):
+    # Wide: typer boxes its errors at the terminal width.
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path), "COLUMNS": "300"}
+
+    def meshctl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "meshctl", "prometheus-config", *args],
+                              capture_output=True, text=True, env=env, timeout=30, check=False)  # fmt: skip
+
+    for args, option, reason in (
+        (["--scrape-interval", "5q", "--use-file-sd", "t.json"], "--scrape-interval", "'5q' is not a duration"),
+        (["--file-sd", str(tmp_path / "t.json"), "--use-file-sd", "t.json"], "--file-sd", "give one"),
+        (["--use-file-sd", " "], "--use-file-sd", "an empty path"),
+    ):
+        done = meshctl(*args)
+        assert done.returncode == 2 and f"Invalid value for {option}" in done.stderr and reason in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []
+    unreachable = meshctl("--control-plane", "127.0.0.1:1", "--token", "t", "--file-sd", str(tmp_path / "t.json"))
+    assert unreachable.returncode == 1 and "cannot reach the control plane at 127.0.0.1:1" in unreachable.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    fine = meshctl("--use-file-sd", "/var/lib/meshctl/targets.json", "--scrape-interval", "1.5s")
+    assert fine.returncode == 0, fine.stderr
+    assert yaml.safe_load(fine.stdout)["global"]["scrape_interval"] == "1500ms"

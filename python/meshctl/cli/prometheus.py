@@ -62,7 +62,10 @@ def prometheus_config(
     from meshctl.control.prometheus_targets import file_sd_groups, scrape_config
 
     if file_sd is not None and use_file_sd is not None:
-        raise typer.BadParameter("--file-sd writes targets, --use-file-sd prints a config: give one", param_hint="--file-sd")
+        raise typer.BadParameter(
+            "--file-sd writes targets, --use-file-sd prints a config: give one",
+            param_hint="--file-sd",
+        )
     interval = _prometheus_duration(parse_duration(scrape_interval, "--scrape-interval"))
     if use_file_sd is not None:
         if not use_file_sd.strip():
@@ -86,7 +89,9 @@ def prometheus_config(
     try:
         write_atomically(file_sd, file_sd_text(groups))
     except OSError as error:
-        typer.echo(f"meshctl prometheus-config: --file-sd {file_sd}: {error.strerror or error}", err=True)
+        typer.echo(
+            f"meshctl prometheus-config: --file-sd {file_sd}: {error.strerror or error}", err=True
+        )
         raise typer.Exit(1) from None
     typer.echo(f"meshctl prometheus-config: {len(groups)} targets written to {file_sd}", err=True)
 
@@ -97,5 +102,7 @@ def _prometheus_duration(seconds: float) -> str:
         return f"{int(seconds)}s"
     milliseconds = round(seconds * 1000)
     if milliseconds < 1:
-        raise typer.BadParameter(f"{seconds:g}s is shorter than a millisecond", param_hint="--scrape-interval")
+        raise typer.BadParameter(
+            f"{seconds:g}s is shorter than a millisecond", param_hint="--scrape-interval"
+        )
     return f"{milliseconds}ms"

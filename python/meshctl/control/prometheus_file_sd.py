@@ -58,20 +58,24 @@ async def keep_file_sd(
     """Write the registry's targets to `path` now and after every change, until cancelled. A failed
     write is logged and retried at the next change or in a few seconds, whichever comes first."""
     written: str | None = None
-    generation = -1
     started = False
     while True:
+        # Read before the targets: a change during the write below is then not missed.
+        generation = registry.generation
         text = file_sd_text(file_sd_groups(sidecar.as_json() for sidecar in registry.sidecars()))
         if text != written:
             try:
                 await trio.to_thread.run_sync(write_atomically, path, text)
                 written = text
             except OSError as error:
-                log.warning("cannot write --prometheus-file-sd %s: %s; retrying", path, error.strerror or error)
+                log.warning(
+                    "cannot write --prometheus-file-sd %s: %s; retrying",
+                    path,
+                    error.strerror or error,
+                )
         if not started:
             task_status.started(f"Prometheus file_sd targets in {path}")
             started = True
-        generation = registry.generation
         with trio.move_on_after(5.0 if written != text else float("inf")):
             await registry.wait_for_change(generation)
 

@@ -21,7 +21,7 @@ METRICS_PATH = "/stats/prometheus"
 SIDECAR_JOB = "meshctl-sidecars"
 DEFAULT_SCRAPE_INTERVAL = "15s"  # Prometheus's and Istio's default
 
-# Prometheus label names; names starting with __ are Prometheus's own (dropped after relabelling).
+# What a Prometheus label name may not hold.
 _INVALID_LABEL_CHARACTERS = re.compile(r"[^a-zA-Z0-9_]")
 
 
@@ -49,7 +49,9 @@ def target_labels(sidecar: Mapping[str, Any]) -> dict[str, str]:
     if sidecar.get("version"):
         labels["version"] = sidecar["version"]
     labels.update(sidecar.get("labels") or {})
-    named = {label_name(name): value for name, value in labels.items() if not name.startswith("__")}
+    named = {label_name(name): value for name, value in labels.items()}
+    # An empty name would make Prometheus refuse the whole file; __* are Prometheus's own.
+    named = {name: value for name, value in named.items() if name and not name.startswith("__")}
     named.update(namespace=sidecar.get("namespace") or "default", pod=sidecar["nodeId"])
     return dict(sorted(named.items()))
 
