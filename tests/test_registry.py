@@ -11,7 +11,13 @@ import pytest
 import trio
 
 from meshctl.control.api_handlers import Api, ApiError, Request
-from meshctl.control.registry import RegistrationError, Registry, Sidecar, parse_registration
+from meshctl.control.registry import (
+    RegistrationError,
+    Registry,
+    Sidecar,
+    parse_registration,
+    sidecar_from_json,
+)
 from meshctl.control.registry_api import RegistryApi
 
 
@@ -53,11 +59,24 @@ def test_a_registration_parses_with_defaults_and_istio_labels():
         ("n", body(ready="yes"), "ready"),
         ("n", body(labels={"a": 1}), "labels"),
         ("n", body(colour="red"), "colour: unknown field"),
+        ("n", body(metricsAddress="127.0.0.1"), "metricsAddress: '127.0.0.1' is not HOST:PORT"),
+        ("n", body(metricsAddress="127.0.0.1:0"), "metricsAddress: '127.0.0.1:0' is not HOST:PORT"),
+        ("n", body(metricsAddress="::1:15020"), "metricsAddress: '::1:15020' is not HOST:PORT"),
+        ("n", body(metricsAddress=15020), "metricsAddress: 15020 is not HOST:PORT"),
     ],
 )
 def test_bad_registrations_name_the_field(node, payload, reason):
     with pytest.raises(RegistrationError, match=reason.replace("(", r"\(")):
         parse_registration(node, payload)
+
+
+def test_the_metrics_address_is_optional_and_kept_through_the_store_form():
+    assert parse_registration("old-agent", body(adminPort=15000)).metrics_address is None
+    for address in ("127.0.0.1:15020", "[::1]:15020", "reviews-v1.shop.svc:15020"):
+        sidecar = parse_registration("n", body(metricsAddress=address))
+        assert sidecar.metrics_address == address
+        assert sidecar.as_json()["metricsAddress"] == address
+        assert sidecar_from_json("n", sidecar.as_json()) == sidecar
 
 
 def test_leases_expire_renewals_extend_them_and_only_real_changes_bump_the_generation():

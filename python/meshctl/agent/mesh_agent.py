@@ -213,6 +213,9 @@ class Agent:
         }
         if o.admin_port:
             body["adminPort"] = o.admin_port
+            # The engine serves /stats/prometheus on its admin endpoint, which listens on
+            # loopback only (see main()): a Prometheus on this host scrapes it.
+            body["metricsAddress"] = f"127.0.0.1:{o.admin_port}"
         if o.app_port is not None:
             body.update(appPort=o.app_port, inboundPort=o.inbound_port)
         if o.capture:

@@ -109,6 +109,16 @@ def serve(
             "redis://HOST:PORT\\[/DB] (rediss:// for TLS), shared by every plane of an HA setup.",
         ),
     ] = "memory",
+    prometheus_file_sd: Annotated[
+        Path | None,
+        typer.Option(
+            dir_okay=False,
+            help="Keep this Prometheus file_sd file (JSON) listing every registered sidecar's metrics "
+            "endpoint, with Istio's labels (app, version, namespace, pod), current as instances "
+            "register, expire and leave. Point a file_sd_configs job at it: `meshctl prometheus-config "
+            "--use-file-sd PATH` prints one.",
+        ),
+    ] = None,
 ) -> None:
     """Run the control plane until SIGTERM or Ctrl-C.
 
@@ -145,6 +155,18 @@ def serve(
         except ValueError as error:
             raise typer.BadParameter(str(error), param_hint="--ratelimit-store") from None
 
+    if prometheus_file_sd is not None:
+        from meshctl.control.prometheus_file_sd import check_writable
+
+        try:
+            check_writable(prometheus_file_sd)
+        except OSError as error:
+            raise typer.BadParameter(
+                f"{prometheus_file_sd}: cannot write it (in {prometheus_file_sd.parent}): "
+                f"{error.strerror or error}",
+                param_hint="--prometheus-file-sd",
+            ) from None
+
     logging.basicConfig(level=logging.INFO, format="meshctl serve: %(message)s")
     options = PlaneOptions(
         store_url=store or default_store_url(),
@@ -162,7 +184,7 @@ def serve(
     authority = IdentityAuthority(ca, CertificateSettings(default_ttl=default_ttl, max_ttl=max_ttl))
     xds = _XdsOptions((xds_host, xds_port), xds_plaintext, list(xds_name or []), api_host)
     try:
-        trio.run(_main, options, xds, authority, ratelimit_store)
+        trio.run(_main, options, xds, authority, ratelimit_store, prometheus_file_sd)
     except (StoreError, TokenError, ValueError, OSError, BaseExceptionGroup) as error:
         # trio's nurseries wrap startup failures in exception groups; show the failure itself.
         leaves = _leaves(error)
@@ -193,7 +215,9 @@ class _XdsOptions:
     api_host: str  # the API port's certificate names it too
 
 
-async def _main(options: Any, xds: _XdsOptions, authority: Any, ratelimit_store: str) -> None:
+async def _main(
+    options: Any, xds: _XdsOptions, authority: Any, ratelimit_store: str, prometheus_file_sd: Path | None
+) -> None:
     import signal
 
     import trio
@@ -232,11 +256,16 @@ async def _main(options: Any, xds: _XdsOptions, authority: Any, ratelimit_store:
             counters = RedisCounters(ratelimit_store)
             await nursery.start(counters.follow_history)
             typer.echo(f"meshctl serve: global rate limits counted in Redis at {shown_url(ratelimit_store)}", err=True)
-        services = (
+        services: tuple[Any, ...] = (
             identity_service(authority),  # first: the CA is bound to the store before xDS serves
             xds_service(registry, xds.address, authority=authority,
                         api_token=ensure_token(options.token_path), tls=tls, counters=counters),  # fmt: skip
         )
+        if prometheus_file_sd is not None:
+            from meshctl.control.prometheus_file_sd import file_sd_service
+
+            # Last: the registry is restored (or shared) by then, so the first write lists every instance.
+            services += (file_sd_service(registry, prometheus_file_sd),)
         nursery.start_soon(
             functools.partial(run_control_plane, api_extensions=[
                 IdentityApi(authority), RateLimitStatus(counters),

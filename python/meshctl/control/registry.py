@@ -45,6 +45,7 @@ MIN_LEASE_SECONDS = 0.5
 MAX_LEASE_SECONDS = 3600.0
 
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}$")
 
 
@@ -77,6 +78,9 @@ class Sidecar:
     protocol: str = "HTTP"
     # Its engine's admin port (loopback on its host): where `meshctl route show` reads counters.
     admin_port: int | None = None
+    # HOST:PORT serving its Prometheus metrics (/stats/prometheus), as Prometheus reaches it; None
+    # from agents older than the field (prometheus_targets falls back to the admin port).
+    metrics_address: str | None = None
     # `meshctl run --capture`: iptables sends the app's traffic here, so it also gets the
     # original-destination listeners (compiler.capture_listeners).
     capture: bool = False
@@ -126,6 +130,7 @@ class Sidecar:
             "leaseSeconds": self.lease_seconds,
             "protocol": self.protocol,
             "adminPort": self.admin_port,
+            "metricsAddress": self.metrics_address,
             "capture": self.capture,
             "identity": self.identity,
         }
@@ -143,7 +148,8 @@ def parse_registration(node_id: str, body: bytes) -> Sidecar:
         raise RegistrationError("the body must be a JSON object")
     known = {
         "service", "namespace", "version", "address", "servicePort", "appPort", "inboundPort",
-        "outboundPort", "labels", "ready", "leaseSeconds", "protocol", "adminPort", "capture",
+        "outboundPort", "labels", "ready", "leaseSeconds", "protocol", "adminPort", "metricsAddress",
+        "capture",
         "rateLimitCounts",  # not the sidecar's: registry_api records it (ratelimit_local_counts)
     }  # fmt: skip
     unknown = sorted(set(data) - known)
@@ -196,6 +202,7 @@ def parse_registration(node_id: str, body: bytes) -> Sidecar:
         lease_seconds=float(lease),
         protocol=protocol,
         admin_port=_port(data, "adminPort", None),
+        metrics_address=_host_port(data, "metricsAddress"),
         capture=capture,
     )
 
@@ -216,6 +223,17 @@ def _label(data: dict[str, Any], name: str, *, required: bool = False, default: 
         raise RegistrationError(f"{name}: required")
     if not isinstance(value, str) or len(value) > 63 or not _LABEL.match(value):
         raise RegistrationError(f"{name}: {value!r} is not a DNS label (lowercase, digits, '-')")
+    return value
+
+
+def _host_port(data: dict[str, Any], name: str) -> str | None:
+    """An optional HOST:PORT ([IPv6]:PORT), as Prometheus takes a target."""
+    value = data.get(name)
+    if value is None:
+        return None
+    found = _HOST_PORT.match(value) if isinstance(value, str) else None
+    if found is None or not 1 <= int(found.group(2)) <= 65535:
+        raise RegistrationError(f"{name}: {value!r} is not HOST:PORT (an IPv6 host in brackets)")
     return value
 
 
