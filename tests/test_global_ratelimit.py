@@ -20,6 +20,7 @@ import pytest
 from helpers import bootstrap as b
 from helpers.counting_app import CountingApp
 from helpers.http_client import Http1Client
+from helpers.mesh import wait_until
 from helpers.pki import CertificateAuthority, Leaf, key_pem, pem
 from helpers.ports import free_port
 from helpers.rls_server import RlsServer
@@ -267,10 +268,47 @@ def test_quota_lets_meshctl_admit_the_limit_with_far_fewer_calls(dataplane, app,
         assert len(calls) == 30
         assert all("x-meshctl-quota" not in c.metadata for c in calls)
     else:
-        # Two calls admitted 2 and were granted 10 + 8; the ten refused ones each needed a call.
-        assert len(calls) == 12
+        # The first call admitted 1 and was granted 10; refills asked ahead in the background (each
+        # counted by the service as one request nobody sent, which the sidecar adds to its grant)
+        # and calls of requests that found no quota brought the rest; every call after the limit
+        # was spent answered OVER_LIMIT (this service grants no refusal quota).
         assert all(c.metadata.get("x-meshctl-quota") == "1" for c in calls)
-        assert counters.read() == {"ok": 2, "over_limit": 10, "error": 0, "failure_mode_allowed": 0, "quota_admitted": 18}
+        found = counters.read(COUNTERS + ("quota_admitted", "quota_refill", "quota_refill_error"))
+        assert found["ok"] + found["quota_admitted"] == 20 and found["over_limit"] == 10
+        assert found["error"] == found["quota_refill_error"] == 0
+        assert found["quota_refill"] >= 1
+        assert len(calls) == found["ok"] + found["over_limit"] + found["quota_refill"] <= 14
+
+
+@pytest.mark.meshctl_only
+def test_quota_is_refilled_before_it_runs_out_so_requests_do_not_wait(meshctl_dataplane, app, started_services):
+    service = rls(started_services, limit=1000, quota=10)
+    port, counters = serve(meshctl_dataplane, app, service.port, [generic()])
+    names = COUNTERS + ("quota_admitted", "quota_refill", "quota_refill_error")
+    # The first request calls (granted 10); the 6th leaves 5 of them, half: a refill goes out.
+    assert statuses(burst(port, 6)) == [200] * 6
+    wait_until(lambda: len(service.seen()) == 2 and counters.read(names)["quota_refill"] == 1, 5, "the refill")
+    # 5 + 10 + 1 (the refill's own request, counted by the service) are held now: the next 16
+    # requests find quota. None of them waits for a call: only refills go out, in the background.
+    assert statuses(burst(port, 16)) == [200] * 16
+    found = counters.read(names)
+    assert found["ok"] == 1 and found["quota_admitted"] == 21 and found["quota_refill_error"] == 0
+    assert len(service.seen()) == 1 + found["quota_refill"]
+
+
+@pytest.mark.meshctl_only
+def test_a_failed_refill_loses_no_quota(meshctl_dataplane, app, started_services):
+    service = rls(started_services, limit=1000, quota=10)
+    port, counters = serve(meshctl_dataplane, app, service.port, [generic()])
+    assert statuses(burst(port, 1)) == [200]
+    service.stop()
+    # The refill asked at the 6th request fails; the grant's other requests still pass.
+    assert statuses(burst(port, 10)) == [200] * 10
+    wait_until(lambda: counters.read(("quota_refill_error",))["quota_refill_error"] == 1, 5, "the failed refill")
+    assert counters.read(("ok", "quota_admitted", "error")) == {"ok": 1, "quota_admitted": 10, "error": 0}
+    # Spent: the next request's own call fails, and fails open as Envoy's filter does.
+    assert statuses(burst(port, 1)) == [200]
+    assert counters.read(("error", "failure_mode_allowed")) == {"error": 1, "failure_mode_allowed": 1}
 
 
 @pytest.mark.meshctl_only

@@ -149,7 +149,11 @@ async fn refill_quota(context: Arc<HttpContext>, config: Arc<GlobalRateLimit>, d
         Ok(response) => {
             let admitted = response.overall_code != rate_limit_response::Code::OverLimit as i32;
             remember_quota(&config, &descriptors, &response.statuses, u32::from(admitted));
-            config.quota.refilled(&descriptors, Instant::now());
+            let now = Instant::now();
+            for (index, descriptor) in descriptors.iter().enumerate() {
+                let granted = admitted && response.statuses.get(index).and_then(|s| s.quota.as_ref()).is_some_and(|q| q.requests > 0);
+                config.quota.refill_over(descriptor, granted, now);
+            }
         }
         Err(_) => {
             counters.ratelimit_quota_refill_errors.fetch_add(1, Relaxed);

@@ -35,11 +35,13 @@ struct Quota {
     refill_from: Instant,
     /// A refill is under way (or failed) until then: one at a time per descriptor.
     refill_blocked_until: Option<Instant>,
+    /// The last refill got no grant: none is asked until a request's own call brings one.
+    refill_declined: bool,
 }
 
 impl Quota {
     fn new(now: Instant) -> Quota {
-        Quota { grants: [None, None], refused_until: None, refill_below: 0, refill_from: now, refill_blocked_until: None }
+        Quota { grants: [None, None], refused_until: None, refill_below: 0, refill_from: now, refill_blocked_until: None, refill_declined: false }
     }
 
     fn drop_expired(&mut self, now: Instant) {
@@ -89,6 +91,7 @@ impl Quota {
             }
         };
         self.refill_below = grant.remaining / 2;
+        self.refill_declined = false;
         self.refill_from = now + grant.valid_until.saturating_duration_since(now) * 3 / 4;
     }
 }
@@ -126,7 +129,7 @@ impl QuotaCache {
     /// Admits the request when every descriptor has live quota (taking one from each), refuses it
     /// when one has none and is refused; otherwise takes nothing and the service decides. An
     /// admission that leaves a descriptor low asks for a refill, unless one is under way: the
-    /// refill blocks another for `refill_timeout` (the call's own bound) or until `refilled`.
+    /// refill blocks another for `refill_timeout` (the call's own bound) or until `refill_over`.
     pub fn decide(&self, descriptors: &[Descriptor], now: Instant, refill_timeout: Duration) -> Local {
         if descriptors.is_empty() {
             return Local::Ask;
@@ -157,7 +160,8 @@ impl QuotaCache {
             }
             quota.drop_expired(now);
             let low = quota.remaining() <= quota.refill_below || now >= quota.refill_from;
-            if low && !quota.refill_blocked_until.is_some_and(|until| until > now) && !quota.refused(now) {
+            let asking = quota.refill_declined || quota.refill_blocked_until.is_some_and(|until| until > now);
+            if low && !asking && !quota.refused(now) {
                 quota.refill_blocked_until = Some(now + refill_timeout);
                 refill = true;
             }
@@ -168,16 +172,18 @@ impl QuotaCache {
         Local::Admit { refill }
     }
 
-    /// The refill for `descriptors` is over (its grants, if any, already recorded): another may
-    /// be asked. A failed refill does not call this, so the next waits for its timeout.
-    pub fn refilled(&self, descriptors: &[Descriptor], now: Instant) {
+    /// The refill asked for `descriptor` is over, its grant (if any) already recorded. Granted:
+    /// another may be asked when this one runs low. Not (the service was over the limit, or
+    /// grants no quota): none is asked again, as it would be declined too, until a request's own
+    /// call (once the grants held are spent) brings a grant. A failed refill does not call this:
+    /// the next waits for its timeout.
+    pub fn refill_over(&self, descriptor: &Descriptor, granted: bool, now: Instant) {
         let mut quotas = self.quotas.lock().unwrap();
-        for d in descriptors {
-            if let Some(quota) = quotas.get_mut(d) {
-                quota.refill_blocked_until = None;
-                if quota.is_spent(now) {
-                    quotas.remove(d);
-                }
+        if let Some(quota) = quotas.get_mut(descriptor) {
+            quota.refill_blocked_until = None;
+            quota.refill_declined = !granted;
+            if quota.is_spent(now) {
+                quotas.remove(descriptor);
             }
         }
     }
@@ -341,9 +347,17 @@ mod tests {
         // The refill fails (never `refilled`): the next may ask once its timeout has passed.
         assert_eq!(cache.decide(one, now + REFILL_TIMEOUT, REFILL_TIMEOUT), Local::Admit { refill: true });
         cache.grant(&a, 20, now + Duration::from_secs(1), now);
-        cache.refilled(one, now);
+        cache.refill_over(&a, true, now);
         // 1 + 20 left; the next refill at 10.
         assert_eq!(admitted(&cache, &a, 10, now), 10);
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT), Local::Admit { refill: true });
+        // Declined (no grant): none is asked again while these grants last...
+        cache.refill_over(&a, false, now);
+        assert_eq!(admitted(&cache, &a, 10, now + REFILL_TIMEOUT * 2), 10);
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT), Local::Ask);
+        // ...and a grant to a request's own call starts a new round.
+        cache.grant(&a, 4, now + Duration::from_secs(1), now);
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT), Local::Admit { refill: false });
         assert_eq!(cache.decide(one, now, REFILL_TIMEOUT), Local::Admit { refill: true });
     }
 
@@ -357,7 +371,7 @@ mod tests {
         cache.grant(&a, 100, at(1000), now);
         assert_eq!(cache.decide(one, at(700), REFILL_TIMEOUT), Local::Admit { refill: false });
         assert_eq!(cache.decide(one, at(750), REFILL_TIMEOUT), Local::Admit { refill: true });
-        cache.refilled(one, at(760));
+        cache.refill_over(&a, true, at(760));
         cache.refuse(&a, at(900), at(760));
         assert_eq!(cache.decide(one, at(770), REFILL_TIMEOUT), Local::Admit { refill: false });
     }
