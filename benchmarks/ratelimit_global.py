@@ -46,6 +46,7 @@ SERVICE_PORT = 9080
 BUDGET_US = 50.0
 MESHCTL_CALLS = ("meshctl_cluster_ratelimit_ok_total", "meshctl_cluster_ratelimit_over_limit_total",
                  "meshctl_cluster_ratelimit_error_total")  # fmt: skip
+MESHCTL_REFILLS = "meshctl_cluster_ratelimit_quota_refill_total"
 NEVER_TRIGGERED = """
 apiVersion: policy.meshctl.io/v1alpha1
 kind: RateLimit
@@ -88,6 +89,15 @@ def meshctl_calls(admin_port: int) -> float:
     return sum(_sum(text, prefix) for prefix in MESHCTL_CALLS)
 
 
+def meshctl_refills(admin_port: int) -> float:
+    """Calls a meshctl sidecar made ahead of need, off the request path (no request waits on them)."""
+    return _sum(_admin(admin_port, "/stats/prometheus"), MESHCTL_REFILLS)
+
+
+def no_refills(admin_port: int) -> float:
+    return 0.0  # Envoy reads no quota
+
+
 def envoy_calls(admin_port: int) -> float:
     """`cluster.<route's cluster>.ratelimit.*` from /stats (Envoy's Prometheus names mangle
     cluster names that contain dots)."""
@@ -102,10 +112,14 @@ class Sidecar:
     port: int
     admin_port: int
     stop: Callable[[], None]
-    calls: Callable[[int], float]  # the rate limit service calls it made, from its admin port
+    calls: Callable[[int], float]  # the rate limit service calls requests waited for (admin port)
+    refills: Callable[[int], float]  # calls made ahead of need, which no request waits for
 
     def service_calls(self) -> float:
         return self.calls(self.admin_port)
+
+    def refill_calls(self) -> float:
+        return self.refills(self.admin_port)
 
 
 
@@ -120,7 +134,7 @@ def start_meshctl_sidecars(plane: ControlPlane, count: int, directory: Path) -> 
         started.append(MeshSidecar(env, directory, service, *identity))
     for each in started:
         wait_until(lambda: status_through(each.outbound_port) == 200, 60, f"{each.service} reaches reviews")  # noqa: B023
-    return [Sidecar(s.outbound_port, s.admin_port, s.stop, meshctl_calls) for s in started]
+    return [Sidecar(s.outbound_port, s.admin_port, s.stop, meshctl_calls, meshctl_refills) for s in started]
 
 
 def start_envoy_sidecars(plane: ControlPlane, count: int, app_port: int, directory: Path) -> list[Sidecar]:
@@ -128,7 +142,7 @@ def start_envoy_sidecars(plane: ControlPlane, count: int, app_port: int, directo
     for number in range(count):
         envoy, port = start_client_envoy(plane, f"envoy{number}", HOST, SERVICE_PORT, app_port,
                                          directory / f"envoy{number}")  # fmt: skip
-        sidecars.append(Sidecar(port, envoy.extra["admin_port"], envoy.stop, envoy_calls))
+        sidecars.append(Sidecar(port, envoy.extra["admin_port"], envoy.stop, envoy_calls, no_refills))
     return sidecars
 
 
@@ -156,9 +170,11 @@ def load(sidecars: list[Sidecar], qps: int, seconds: float) -> list[loadgen.Load
 
 def measure(kind: str, phase: str, sidecars: list[Sidecar], plane: ControlPlane, args: argparse.Namespace) -> dict:
     calls_before = sum(s.service_calls() for s in sidecars)
+    refills_before = sum(s.refill_calls() for s in sidecars)
     plane_cpu_before = procfs.tree_cpu_seconds(plane.popen.pid)
     results = load(sidecars, args.qps, args.seconds)
     calls = sum(s.service_calls() for s in sidecars) - calls_before
+    refills = sum(s.refill_calls() for s in sidecars) - refills_before
     requests = sum(r.requests for r in results)
     sample = {
         "kind": kind, "phase": phase,
@@ -167,12 +183,12 @@ def measure(kind: str, phase: str, sidecars: list[Sidecar], plane: ControlPlane,
         "worst_p99_us": max(r.latency_us["p99"] for r in results),
         "requests": requests, "req_per_s": sum(r.requests_per_second for r in results),
         "non_2xx": sum(r.non_2xx for r in results), "socket_errors": sum(r.socket_errors for r in results),
-        "service_calls": calls, "plane_cpu_s": procfs.tree_cpu_seconds(plane.popen.pid) - plane_cpu_before,
+        "service_calls": calls, "refill_calls": refills, "plane_cpu_s": procfs.tree_cpu_seconds(plane.popen.pid) - plane_cpu_before,
     }  # fmt: skip
     print(f"  [{kind} {phase}] {sample['req_per_s']:,.0f} req/s, p50 {sample['p50_us']:.0f} µs, "
           f"p99 {sample['p99_us']:.0f} µs (worst sidecar {sample['worst_p99_us']:.0f}), non-2xx "
-          f"{sample['non_2xx']}, errors {sample['socket_errors']}, service calls {calls:,.0f} "
-          f"({calls / max(requests, 1):.2%} of requests), plane CPU {sample['plane_cpu_s']:.1f}s", flush=True)  # fmt: skip
+          f"{sample['non_2xx']}, errors {sample['socket_errors']}, requests that waited for a call {calls:,.0f} "
+          f"({calls / max(requests, 1):.2%}), refills {refills:,.0f}, plane CPU {sample['plane_cpu_s']:.1f}s", flush=True)  # fmt: skip
     return sample
 
 
@@ -236,8 +252,8 @@ def render(samples: list[dict], args: argparse.Namespace) -> str:
          f"{args.seconds:g} s, {args.rounds} rounds"),
         "",
         ("| data plane | p50 plain | p50 limited | p99 plain | p99 limited | added p99 (per round) | "
-         "service calls per request | plane CPU s (limited) | errors |"),
-        "|---|---|---|---|---|---|---|---|---|",
+         "requests that waited for a call | refill calls per request | plane CPU s (limited) | errors |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     verdicts = []
     for kind in ("meshctl", "envoy"):
@@ -245,11 +261,12 @@ def render(samples: list[dict], args: argparse.Namespace) -> str:
         limited = [s for s in samples if s["kind"] == kind and s["phase"] == "limited"]
         added = [lim["p99_us"] - pl["p99_us"] for pl, lim in zip(plain, limited)]
         calls = _median([s["service_calls"] / max(s["requests"], 1) for s in limited])
+        refills = _median([s.get("refill_calls", 0) / max(s["requests"], 1) for s in limited])
         errors = sum(s["non_2xx"] + s["socket_errors"] for s in plain + limited)
         lines.append(
             f"| {kind} | {_median([s['p50_us'] for s in plain]):.0f} µs | {_median([s['p50_us'] for s in limited]):.0f} µs "
             f"| {_median([s['p99_us'] for s in plain]):.0f} µs | {_median([s['p99_us'] for s in limited]):.0f} µs "
-            f"| {_median(added):+.0f} µs ({', '.join(f'{a:+.0f}' for a in added)}) | {calls:.4f} "
+            f"| {_median(added):+.0f} µs ({', '.join(f'{a:+.0f}' for a in added)}) | {calls:.4%} | {refills:.4%} "
             f"| {_median([s['plane_cpu_s'] for s in limited]):.1f} | {errors} |"
         )  # fmt: skip
         if kind == "meshctl":

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import base64
 import re
-from concurrent.futures import ThreadPoolExecutor
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from helpers import bootstrap as b
 from helpers.counting_app import CountingApp
 from helpers.http_client import Http1Client
