@@ -6,6 +6,7 @@ Telemetry is refused by field and leaves the stored one as it was."""
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -74,6 +75,13 @@ def test_a_mesh_wide_telemetry_logs_both_sides_and_bad_ones_are_refused(tmp_path
         assert status_of(client.outbound_port, "nowhere:9080", "rid-nr") == 404
         wait_until(lambda: bool(json_lines(client, "rid-nr")), 5, "the no-route line")
         assert json_lines(client, "rid-nr")[0]["response_flags"] == "NR"
+
+        # The writer's counters: every line written, none dropped (the channel never filled).
+        with urllib.request.urlopen(f"http://127.0.0.1:{client.admin_port}/stats/prometheus", timeout=5) as response:
+            stats = response.read().decode()
+        written = re.search(r'^meshctl_access_log_written_total\{path="/dev/stderr"\} (\d+)$', stats, re.MULTILINE)
+        assert written and int(written.group(1)) >= 3, stats
+        assert 'meshctl_access_log_dropped_total{path="/dev/stderr"} 0' in stats
 
         stored = plane.meshctl("get", "telemetry", "mesh-default", "-n", "istio-system", "-o", "json")
         assert stored.returncode == 0, stored.stderr

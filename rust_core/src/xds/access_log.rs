@@ -132,3 +132,77 @@ fn status_filter(filter: &accesslog::AccessLogFilter) -> FieldResult<StatusFilte
         .map_err(|_| FieldError::new("status_code_filter.comparison.value.default_value", "is not a status code"))?;
     Ok(StatusFilter { op, value })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn logger(type_url: &str, config: impl Message) -> accesslog::AccessLog {
+        accesslog::AccessLog {
+            name: "test".into(),
+            config_type: Some(accesslog::access_log::ConfigType::TypedConfig(protobuf::Any { type_url: type_url.into(), value: config.encode_to_vec() })),
+            ..Default::default()
+        }
+    }
+
+    fn text_source(text: &str) -> core::SubstitutionFormatString {
+        core::SubstitutionFormatString {
+            format: Some(core::substitution_format_string::Format::TextFormatSource(core::DataSource {
+                specifier: Some(core::data_source::Specifier::InlineString(text.into())),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn refused(logs: &[accesslog::AccessLog]) -> crate::xds::ConfigError {
+        access_logs(logs).map(|_| ()).unwrap_err().into_config_error("Listener \"l\"")
+    }
+
+    #[test]
+    fn an_unsupported_operator_is_a_nack_naming_it_and_its_field() {
+        let file = file::FileAccessLog {
+            path: "/dev/null".into(),
+            access_log_format: Some(file::file_access_log::AccessLogFormat::LogFormat(text_source("%REQ(:METHOD)% %UPSTREAM_TRANSPORT_FAILURE_REASON%\n"))),
+        };
+        let error = refused(&[logger(STDERR_TYPE, stream::StderrAccessLog::default()), logger(FILE_TYPE, file)]);
+        assert_eq!(error.field, "access_log[1].typed_config.log_format.text_format_source.inline_string");
+        assert!(error.reason.contains("%UPSTREAM_TRANSPORT_FAILURE_REASON%"), "{error}");
+    }
+
+    #[test]
+    fn filters_other_than_status_code_and_unknown_loggers_are_refused() {
+        let mut log = logger(STDERR_TYPE, stream::StderrAccessLog::default());
+        log.filter = Some(accesslog::AccessLogFilter {
+            filter_specifier: Some(accesslog::access_log_filter::FilterSpecifier::DurationFilter(Default::default())),
+        });
+        assert_eq!(refused(&[log]).field, "access_log[0].filter");
+        let grpc = logger("type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig", file::FileAccessLog::default());
+        assert!(refused(&[grpc]).reason.contains("is not supported"));
+        let nameless = logger(FILE_TYPE, file::FileAccessLog::default());
+        assert_eq!(refused(&[nameless]).field, "access_log[0].typed_config.path");
+    }
+
+    #[test]
+    fn stderr_without_a_format_writes_envoys_default_and_json_keys_are_sorted() {
+        let logs = access_logs(&[logger(STDERR_TYPE, stream::StderrAccessLog::default())]).unwrap();
+        assert_eq!(logs[0].sink.path, "/dev/stderr");
+        assert!(matches!(&logs[0].format, LogFormat::Text { pieces } if *pieces == access_log::parse_format(ENVOY_DEFAULT_FORMAT).unwrap()));
+        let fields = protobuf::Struct {
+            fields: [("b", "%RESPONSE_CODE%"), ("a", "%PROTOCOL%")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), protobuf::Value { kind: Some(protobuf::value::Kind::StringValue(v.into())) }))
+                .collect(),
+        };
+        let json = stream::StdoutAccessLog {
+            access_log_format: Some(stream::stdout_access_log::AccessLogFormat::LogFormat(core::SubstitutionFormatString {
+                format: Some(core::substitution_format_string::Format::JsonFormat(fields)),
+                ..Default::default()
+            })),
+        };
+        let logs = access_logs(&[logger(STDOUT_TYPE, json)]).unwrap();
+        let LogFormat::Json { fields } = &logs[0].format else { panic!("not JSON") };
+        assert_eq!(fields.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    }
+}
