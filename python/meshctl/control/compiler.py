@@ -39,6 +39,7 @@ from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.message import Message
 
 from meshctl.agent.bootstrap import resource_to_bytes
+from meshctl.control import compiler_access_log as access_log
 from meshctl.control import compiler_fallback as fallback
 from meshctl.control import compiler_resilience as resilience
 from meshctl.control import compiler_fault as fault
@@ -56,6 +57,7 @@ from meshctl.resources.destination_rule import DestinationRuleSpec
 from meshctl.resources.fallback import FallbackSpec
 from meshctl.resources.hosts import CLUSTER_DOMAIN, canonical_host
 from meshctl.resources.peer_authentication import PeerAuthenticationSpec
+from meshctl.resources.telemetry import TelemetrySpec
 from meshctl.resources.rate_limit import RateLimitSpec
 from meshctl.resources.service_entry import ServiceEntrySpec, WorkloadEntrySpec
 from meshctl.resources.virtual_service import Destination, HttpRoute, MatchRequest, VirtualServiceSpec
@@ -110,6 +112,8 @@ class MeshConfig:
     rate_limits: list[Any] = field(default_factory=list)
     # The rate limit filters the outbound listeners need for the host RateLimits (none without).
     outbound_filters: list[Json] = field(default_factory=list)
+    # Telemetry resources, oldest first: their accessLogging goes on the workloads they select.
+    telemetries: list[Any] = field(default_factory=list)
 
     def clusters_for(self, sidecar: Sidecar) -> list[Json]:
         """The shared clusters as `sidecar` sees them (mTLS needs a certificate of its own)."""
@@ -216,6 +220,7 @@ def compile_mesh(
         (s for s in stored if s.kind == "AuthorizationPolicy"), key=lambda s: s.order
     )
     config.rate_limits = sorted((s for s in stored if s.kind == "RateLimit"), key=lambda s: s.order)
+    config.telemetries = sorted((s for s in stored if s.kind == "Telemetry"), key=lambda s: s.order)
     limited = ratelimit.rules_by_host(config.rate_limits)
     config.outbound_filters = ratelimit.listener_filters(limited.values())
     namespaces = {"", *(s.namespace for s in sidecars)}
@@ -379,6 +384,13 @@ def sidecar_resources(mesh: MeshConfig, sidecar: Sidecar) -> dict[str, list[Json
             listeners.append(inbound)
     if sidecar.capture:
         listeners = capture_listeners(mesh, listeners)
+    if mesh.telemetries:
+        logs_for = {
+            direction: access_log.access_logs(mesh.telemetries, sidecar.namespace, sidecar.all_labels, direction)
+            for direction in (access_log.CLIENT, access_log.SERVER)
+        }
+        logs_for[INBOUND_LISTENER] = logs_for[access_log.SERVER]
+        listeners = access_log.with_access_logs(listeners, logs_for)
     return {
         types.CLUSTER: clusters,
         types.ENDPOINT: list(mesh.endpoints),
@@ -486,6 +498,7 @@ _SPEC_TYPES = {
     "AuthorizationPolicy": AuthorizationPolicySpec,
     "Fallback": FallbackSpec,
     "RateLimit": RateLimitSpec,
+    "Telemetry": TelemetrySpec,
 }
 # Validated specs by their JSON text: a compile re-reads every stored resource, but a change
 # touches few of them. The compiler only reads specs, so one parsed object serves every compile.

@@ -37,7 +37,7 @@ ROOTCA = "ROOTCA"  # Istio's name for the trust bundle secret
 # The kinds the compiler turns into config; the others are stored but not yet sent to sidecars.
 COMPILED_KINDS = frozenset({
     "VirtualService", "DestinationRule", "ServiceEntry", "WorkloadEntry",
-    "PeerAuthentication", "AuthorizationPolicy", "Fallback", "RateLimit",
+    "PeerAuthentication", "AuthorizationPolicy", "Fallback", "RateLimit", "Telemetry",
 })  # fmt: skip
 
 

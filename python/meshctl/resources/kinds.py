@@ -11,16 +11,19 @@ from meshctl.resources.fallback import FallbackSpec
 from meshctl.resources.peer_authentication import PeerAuthenticationSpec
 from meshctl.resources.rate_limit import RateLimitSpec
 from meshctl.resources.service_entry import ServiceEntrySpec, WorkloadEntrySpec
+from meshctl.resources.telemetry import TelemetrySpec
 from meshctl.resources.virtual_service import VirtualServiceSpec
 
 GROUP = "networking.istio.io"
 SECURITY_GROUP = "security.istio.io"
+TELEMETRY_GROUP = "telemetry.istio.io"
 # meshctl's own kinds: what no mesh has, kept out of Istio's groups so Istio's YAML stays Istio's.
 POLICY_GROUP = "policy.meshctl.io"
 # Istio serves the same schema under each of a group's versions; files written for any apply unchanged.
 _VERSIONS = {
     GROUP: ("v1", "v1beta1", "v1alpha3"),
     SECURITY_GROUP: ("v1", "v1beta1"),
+    TELEMETRY_GROUP: ("v1", "v1alpha1"),
     POLICY_GROUP: ("v1alpha1",),
 }
 API_VERSIONS = tuple(f"{GROUP}/{version}" for version in _VERSIONS[GROUP])
@@ -50,6 +53,7 @@ KINDS: dict[str, KindInfo] = {
         KindInfo(
             "AuthorizationPolicy", "authorizationpolicies", "ap", AuthorizationPolicySpec, SECURITY_GROUP
         ),
+        KindInfo("Telemetry", "telemetries", "telemetry", TelemetrySpec, TELEMETRY_GROUP),
         KindInfo("Fallback", "fallbacks", "fb", FallbackSpec, POLICY_GROUP),
         KindInfo("RateLimit", "ratelimits", "rl", RateLimitSpec, POLICY_GROUP),
     )
@@ -63,7 +67,6 @@ LATER_KINDS = {
     "EnvoyFilter": "EnvoyFilter is not supported; use the plugin API instead",
     "WorkloadGroup": "WorkloadGroup is not supported yet",
     "ProxyConfig": "ProxyConfig is not supported yet",
-    "Telemetry": "the Telemetry resource is not supported yet",
 }
 
 _BY_NAME: dict[str, KindInfo] = {}

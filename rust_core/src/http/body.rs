@@ -13,6 +13,9 @@ pub enum ResponseBody {
     /// An upstream response; its HTTP/1.1 connection goes back to the pool at the body's end.
     Upstream(Incoming, Option<ConnectionLease>),
     Local(Option<Bytes>),
+    /// Either of the above, on a connection manager with access logs (boxed: rare, and kept out
+    /// of the size of every other body).
+    Logged(Box<super::access_log::LoggedBody>),
 }
 
 impl ResponseBody {
@@ -48,6 +51,7 @@ impl Body for ResponseBody {
                 polled
             }
             ResponseBody::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ResponseBody::Logged(logged) => logged.poll_frame(cx),
         }
     }
 
@@ -55,6 +59,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Upstream(body, _) => body.is_end_stream(),
             ResponseBody::Local(bytes) => bytes.is_none(),
+            ResponseBody::Logged(logged) => logged.inner().is_end_stream(),
         }
     }
 
@@ -62,6 +67,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Upstream(body, _) => body.size_hint(),
             ResponseBody::Local(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            ResponseBody::Logged(logged) => logged.inner().size_hint(),
         }
     }
 }

@@ -15,7 +15,7 @@ use prost::Message;
 
 use super::body::ResponseBody;
 use super::grpc_unary::{self, frame};
-use super::local_reply::local_reply;
+use super::local_reply::{caused, local_reply};
 use super::proxy::HttpContext;
 use crate::model::global_ratelimit::{GlobalRateLimit, RequestType};
 use crate::model::local_ratelimit::VhRateLimits;
@@ -89,7 +89,7 @@ pub async fn decide(
         Local::Refuse => {
             counters.ratelimit_quota_refused.fetch_add(1, Relaxed);
             context.stats.response_flags.record(ResponseFlag::RateLimited);
-            return Decision::Reply(Box::new(limited_reply(config, Vec::new(), None, grpc)));
+            return Decision::Reply(Box::new(caused(limited_reply(config, Vec::new(), None, grpc), Some(ResponseFlag::RateLimited), "request_rate_limited")));
         }
         Local::Ask => {}
     }
@@ -99,7 +99,8 @@ pub async fn decide(
             counters.ratelimit_error.fetch_add(1, Relaxed);
             if config.failure_mode_deny {
                 context.stats.response_flags.record(ResponseFlag::RateLimitServiceError);
-                return Decision::Reply(Box::new(local_reply(config.status_on_error, "", grpc)));
+                let reply = local_reply(config.status_on_error, "", grpc);
+                return Decision::Reply(Box::new(caused(reply, Some(ResponseFlag::RateLimitServiceError), "rate_limiter_error")));
             }
             counters.ratelimit_failure_mode_allowed.fetch_add(1, Relaxed);
             return Decision::Allow(None);
@@ -111,7 +112,8 @@ pub async fn decide(
         counters.ratelimit_over_limit.fetch_add(1, Relaxed);
         remember_quota(config, &descriptors, &response.statuses, 0);
         context.stats.response_flags.record(ResponseFlag::RateLimited);
-        return Decision::Reply(Box::new(limited_reply(config, response.raw_body, headers.as_deref(), grpc)));
+        let reply = limited_reply(config, response.raw_body, headers.as_deref(), grpc);
+        return Decision::Reply(Box::new(caused(reply, Some(ResponseFlag::RateLimited), "request_rate_limited")));
     }
     counters.ratelimit_ok.fetch_add(1, Relaxed);
     remember_quota(config, &descriptors, &response.statuses, 0);

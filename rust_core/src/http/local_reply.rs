@@ -4,6 +4,8 @@ use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Response, StatusCode};
 
 use super::body::ResponseBody;
+use crate::telemetry::access_log::{LocalReplyCause, ResponseFlags};
+use crate::telemetry::resilience::ResponseFlag;
 
 /// A plain-text local reply; for gRPC requests, a trailers-only response carrying the status
 /// (gRPC clients read grpc-status, not the HTTP status).
@@ -23,6 +25,17 @@ pub fn local_reply(status: StatusCode, message: &str, grpc: bool) -> Response<Re
     if !message.is_empty() {
         response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     }
+    response
+}
+
+/// A local reply marked with its response flag and Envoy's response code details, which the
+/// access log reads (only replies the proxy makes itself carry this: the slow path).
+pub fn caused<B>(mut response: Response<B>, flag: Option<ResponseFlag>, details: &'static str) -> Response<B> {
+    let mut flags = ResponseFlags::default();
+    if let Some(flag) = flag {
+        flags.insert(flag);
+    }
+    response.extensions_mut().insert(LocalReplyCause { flags, details });
     response
 }
 

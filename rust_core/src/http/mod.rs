@@ -1,5 +1,6 @@
 //! HTTP: the downstream server (HTTP/1.1 and HTTP/2 via hyper), routing, and the proxying handler.
 
+pub mod access_log;
 pub mod body;
 pub mod fallback;
 pub mod global_ratelimit;

@@ -16,7 +16,8 @@ use hyper_util::rt::TokioIo;
 use super::body::ResponseBody;
 use super::fallback::{self, BreakerCall};
 use super::global_ratelimit::{self, Decision, ServiceHeaders};
-use super::local_reply::{fault_abort_reply, local_reply, rate_limited_reply};
+use super::access_log::RouteName;
+use super::local_reply::{caused, fault_abort_reply, local_reply, rate_limited_reply};
 use super::request_body::{BodyFault, BodyFaults, BodyTee};
 use super::routing::{header_matches, select_route, select_virtual_host, RequestView};
 use super::upstream_request::{self, no_healthy_upstream, strip_retry_headers, Upstream};
@@ -30,6 +31,7 @@ use crate::model::{HttpFilter, HttpSettings, RouteSource, UpstreamProtocol};
 use crate::policy::evaluate::RequestFacts;
 use crate::policy::path::normalize_request_target;
 use crate::registry::Registry;
+use crate::telemetry::access_log::UpstreamInfo;
 use crate::telemetry::metrics::ListenerStats;
 use crate::telemetry::resilience::ResponseFlag;
 use crate::upstream::destination_breaker::Admission;
@@ -51,6 +53,8 @@ pub struct HttpContext {
     pub peer_identity: Option<Arc<PeerIdentity>>,
     /// This server's own SPIFFE ID on a TLS connection (XFCC's `By=`).
     pub local_principal: Option<String>,
+    /// The SNI of a TLS connection, for access logs.
+    pub requested_server_name: Option<String>,
     /// The request counter of `peer_identity` (meshctl_downstream_requests_by_peer_total).
     pub peer_requests: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// The port the client addressed (the original one for redirected connections), for RBAC.
@@ -74,8 +78,10 @@ const HOP_BY_HOP: [HeaderName; 5] = [
 // `handle` and `route_request` return `async move` blocks rather than being `async fn`s, which
 // would keep a second copy of the request in every request's future (see upstream_request.rs).
 #[allow(clippy::manual_async_fn)] // on purpose: see the comment above `handle`
-pub fn handle(context: Arc<HttpContext>, request: Request<Incoming>) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> {
+pub fn handle(context: Arc<HttpContext>, mut request: Request<Incoming>) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> {
     async move {
+        // Only a connection manager with access loggers gathers anything for them.
+        let log_record = (!context.settings.access_log.is_empty()).then(|| super::access_log::begin(&context, &mut request));
         context.stats.requests_total.fetch_add(1, Relaxed);
         if let Some(peer_requests) = &context.peer_requests {
             peer_requests.fetch_add(1, Relaxed);
@@ -88,6 +94,9 @@ pub fn handle(context: Arc<HttpContext>, request: Request<Incoming>) -> impl Fut
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         context.stats.responses.record(response.status().as_u16());
+        if let Some(record) = log_record {
+            response = super::access_log::finish_at_body_end(&context, record, response);
+        }
         Ok(response)
     }
 }
@@ -130,7 +139,7 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
         let principal = context.peer_identity.as_deref().map(|identity| identity.principal.as_str());
         let facts = RequestFacts { request: &view, destination_port: context.destination_port, principal };
         if context.settings.rbac.check(&facts).is_err() {
-            return local_reply(StatusCode::FORBIDDEN, "RBAC: access denied", grpc);
+            return caused(local_reply(StatusCode::FORBIDDEN, "RBAC: access denied", grpc), None, "rbac_access_denied_matched_policy[none]");
         }
         let Some(vhost) = select_virtual_host(&route_config, &authority) else {
             return no_route(context, grpc);
@@ -192,7 +201,7 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
                     if !policy.is_empty() {
                         // Boxed: a delay's timer would otherwise sit in every request's future.
                         if let Some(abort) = Box::pin(crate::policy::fault::inject(policy, &context.stats)).await {
-                            return fault_abort_reply(abort, grpc);
+                            return caused(fault_abort_reply(abort, grpc), Some(ResponseFlag::FaultInjected), "fault_filter_abort");
                         }
                     }
                 }
@@ -229,6 +238,9 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
         if let Some(headers) = service_response_headers {
             ServiceHeaders::append_to(&headers.response, response.headers_mut());
         }
+        if !context.settings.access_log.is_empty() {
+            response.extensions_mut().insert(RouteName(route.name.clone()));
+        }
         response
     }
 }
@@ -256,7 +268,7 @@ fn local_rate_limit(
         Verdict::Limit => {
             context.stats.response_flags.record(ResponseFlag::RateLimited);
             // Boxed: the cold path's reply stays out of the common result.
-            Err(Box::new(rate_limited_reply(config, grpc)))
+            Err(Box::new(caused(rate_limited_reply(config, grpc), Some(ResponseFlag::RateLimited), "local_rate_limited")))
         }
     }
 }
@@ -316,7 +328,7 @@ fn address_from_xff(headers: &HeaderMap, hops: u32) -> Option<std::net::IpAddr> 
 /// 404, flag NR.
 fn no_route(context: &HttpContext, grpc: bool) -> Response<ResponseBody> {
     context.stats.response_flags.record(ResponseFlag::NoRouteFound);
-    local_reply(StatusCode::NOT_FOUND, "", grpc)
+    caused(local_reply(StatusCode::NOT_FOUND, "", grpc), Some(ResponseFlag::NoRouteFound), "route_not_found")
 }
 
 fn request_authority(request: &Request<Incoming>) -> Option<String> {
@@ -466,7 +478,8 @@ fn prepare_forward<'a>(
     };
     let Some(primary) = context.registry.cluster(cluster_name) else {
         context.stats.response_flags.record(ResponseFlag::NoClusterFound);
-        return (Err(local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("cluster {cluster_name:?} is not configured"), grpc)), response_mutation);
+        let reply = local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("cluster {cluster_name:?} is not configured"), grpc);
+        return (Err(caused(reply, Some(ResponseFlag::NoClusterFound), "cluster_not_found")), response_mutation);
     };
     let (target, endpoint, diverted, admission) = match choose_endpoint(context, &primary, grpc) {
         Ok(chosen) => chosen,
@@ -651,6 +664,10 @@ fn forward_request<'a>(
             attempt_count_header: vhost.include_request_attempt_count,
             mirror_body: outbound.mirror_body.take(),
         };
+        // The first try's endpoint (a retry may go elsewhere), for access logs only; boxed, so
+        // that it adds a pointer, not the record, to every request's future.
+        let logged_upstream = (!context.settings.access_log.is_empty())
+            .then(|| Box::new(UpstreamInfo { cluster: cluster.config.name.clone(), host: outbound.endpoint.address }));
         let breaker_call = match (&outbound.primary.fallback, outbound.admission) {
             (Some(guard), Some(admission)) => Some(BreakerCall::new(guard, admission)),
             _ => None,
@@ -692,6 +709,9 @@ fn forward_request<'a>(
             }
             if let Some(reason) = fell_back {
                 fallback::mark(&mut response, reason);
+            }
+            if let Some(upstream) = logged_upstream {
+                response.extensions_mut().insert(*upstream);
             }
             response
         };
@@ -744,7 +764,8 @@ fn divert(context: &HttpContext, guard: &ClusterFallback, reason: FallbackReason
     guard.count(reason);
     context.registry.cluster(name).ok_or_else(|| {
         context.stats.response_flags.record(ResponseFlag::NoClusterFound);
-        let mut answer = local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("fallback cluster {name:?} is not configured"), grpc);
+        let reply = local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("fallback cluster {name:?} is not configured"), grpc);
+        let mut answer = caused(reply, Some(ResponseFlag::NoClusterFound), "cluster_not_found");
         fallback::mark(&mut answer, reason);
         answer
     })
@@ -851,7 +872,7 @@ fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
     })
 }
 
-fn request_id() -> HeaderValue {
+pub(super) fn request_id() -> HeaderValue {
     use std::io::Write;
     let id = fastrand::u128(..);
     // A version-4 UUID, formatted on the stack: one allocation (the header value) per request,

@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::body::ResponseBody;
-use super::local_reply::local_reply;
+use super::local_reply::{caused, local_reply};
 use super::proxy::{body_fault_reply, HttpContext};
 use super::replay_body::Replay;
 use super::request_body::RequestBody;
@@ -318,19 +318,30 @@ fn final_failure(
         flags.record(flag);
     }
     match failure {
-        Failure::Response(response, lease) => Ok(passed_on(cluster, response, lease, started)),
+        Failure::Response(response, lease) => {
+            let response = match retry_flag {
+                Some(flag) => caused(response, Some(flag), "via_upstream"),
+                None => response,
+            };
+            Ok(passed_on(cluster, response, lease, started))
+        }
         Failure::PerTryTimeout => Err(timeout_reply(cluster, grpc)),
         Failure::Error(error) => {
-            flags.record(match &error {
-                UpstreamError::Overflow => ResponseFlag::UpstreamOverflow,
-                e if is_connect_failure(e) => ResponseFlag::UpstreamConnectionFailure,
-                _ => ResponseFlag::UpstreamRemoteReset,
-            });
+            let (flag, details) = match &error {
+                UpstreamError::Overflow => (ResponseFlag::UpstreamOverflow, "upstream_reset_before_response_started{overflow}"),
+                e if is_connect_failure(e) => (ResponseFlag::UpstreamConnectionFailure, "upstream_reset_before_response_started{connection_failure}"),
+                _ => (ResponseFlag::UpstreamRemoteReset, "upstream_reset_before_response_started{remote_reset}"),
+            };
+            flags.record(flag);
             cluster.stats.responses.record(503);
             // Envoy's wording, which says when the request was retried.
             let retried = if tries > 1 { "retried and the latest reset reason" } else { "reset reason" };
             let message = format!("upstream connect error or disconnect/reset before headers. {retried}: {error}");
-            Err(local_reply(StatusCode::SERVICE_UNAVAILABLE, &message, grpc))
+            let mut reply = caused(local_reply(StatusCode::SERVICE_UNAVAILABLE, &message, grpc), Some(flag), details);
+            if let Some(retry_flag) = retry_flag {
+                reply.extensions_mut().get_mut::<crate::telemetry::access_log::LocalReplyCause>().expect("just set").flags.insert(retry_flag);
+            }
+            Err(reply)
         }
     }
 }
@@ -339,7 +350,7 @@ fn final_failure(
 fn timeout_reply(cluster: &ClusterRuntime, grpc: bool) -> Response<ResponseBody> {
     cluster.stats.responses.record(504);
     cluster.stats.resilience.response_flags.record(ResponseFlag::UpstreamRequestTimeout);
-    local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", grpc)
+    caused(local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", grpc), Some(ResponseFlag::UpstreamRequestTimeout), "upstream_response_timeout")
 }
 
 /// 503, flag UH: no endpoint can take the request.
@@ -349,7 +360,8 @@ pub fn no_healthy_upstream(cluster: &ClusterRuntime, grpc: bool) -> Response<Res
     cluster.stats.responses.record(503);
     cluster.stats.resilience.response_flags.record(ResponseFlag::NoHealthyUpstream);
     // Envoy says "no healthy upstream"; meshctl also names the cluster.
-    local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("no healthy upstream in cluster {:?}", cluster.config.name), grpc)
+    let reply = local_reply(StatusCode::SERVICE_UNAVAILABLE, &format!("no healthy upstream in cluster {:?}", cluster.config.name), grpc);
+    caused(reply, Some(ResponseFlag::NoHealthyUpstream), "no_healthy_upstream")
 }
 
 /// Let go of a response that is being retried. Envoy resets its stream; an HTTP/2 stream is

@@ -88,6 +88,9 @@ pub struct HttpSettings {
     /// None: the connection's peer (use_remote_address); Some(hops): the x-forwarded-for entry
     /// that many hops from its end (xff_num_trusted_hops), else the peer.
     pub client_address_from_xff: Option<u32>,
+    /// The access loggers; empty (the common case): the request path gathers nothing for them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub access_log: Vec<crate::telemetry::access_log::AccessLog>,
 }
 
 /// One HTTP filter instance before the router (RBAC runs first, apart, in `rbac`).

@@ -538,6 +538,7 @@ impl Metrics {
         }
         self.rbac.render(&mut out);
         self.tls.render(&mut out);
+        super::access_log::render_prometheus(&mut out);
         out
     }
 }

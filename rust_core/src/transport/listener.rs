@@ -320,6 +320,7 @@ async fn serve_tls(
         peer: peer_identity(session).map(Arc::new),
         // The server's own SPIFFE ID (XFCC's By=), from the certificate current at this handshake.
         local_principal: tls.certificate.certificate().and_then(|c| c.spiffe_id.clone()),
+        server_name,
     };
     dispatch(chain, tls_stream, http2, "https", connection, identity, deps, stats, drain).await;
 }
@@ -329,6 +330,8 @@ async fn serve_tls(
 struct ConnectionIdentity {
     peer: Option<Arc<PeerIdentity>>,
     local_principal: Option<String>,
+    /// The SNI the client sent (access logs' %REQUESTED_SERVER_NAME%).
+    server_name: Option<String>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -363,6 +366,7 @@ async fn dispatch<S>(
                 peer_requests: identity.peer.as_ref().map(|p| deps.metrics.tls.peer_requests(&p.principal)),
                 peer_identity: identity.peer,
                 local_principal: identity.local_principal,
+                requested_server_name: identity.server_name,
                 body_faults: Default::default(),
                 rate_limiters: Default::default(),
             });

@@ -209,7 +209,6 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
     use hcm::http_connection_manager::RouteSpecifier;
     refuse_if(m.tracing.is_some(), "tracing")?;
     refuse_if(m.http3_protocol_options.is_some(), "http3_protocol_options")?;
-    refuse_if(!m.access_log.is_empty(), "access_log")?;
     refuse_if(m.local_reply_config.is_some(), "local_reply_config")?;
     let forward_client_cert = forward_client_cert(m)?;
     refuse_if(m.request_id_extension.is_some(), "request_id_extension")?;
@@ -359,7 +358,9 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
             upgrades.push(u.upgrade_type.to_ascii_lowercase());
         }
     }
-    Ok(HttpSettings { stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac, forward_client_cert, fault, filters,
+    // Last: a logger's file is opened (and its writer started) only for a config that is valid.
+    let access_log = super::access_log::access_logs(&m.access_log)?;
+    Ok(HttpSettings { stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac, forward_client_cert, fault, filters, access_log,
         client_address_from_xff: (!m.use_remote_address.as_ref().is_some_and(|b| b.value)).then_some(m.xff_num_trusted_hops),
     })
 }

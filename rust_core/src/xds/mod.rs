@@ -4,6 +4,7 @@
 // Deprecated xDS fields are still honoured by Envoy, so they are decoded (or refused) here too.
 #![allow(deprecated)]
 
+mod access_log;
 mod adaptive_concurrency;
 mod bootstrap;
 mod circuit_breaker;
