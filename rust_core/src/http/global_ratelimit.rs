@@ -20,9 +20,9 @@ use super::proxy::HttpContext;
 use crate::model::global_ratelimit::{GlobalRateLimit, RequestType};
 use crate::model::local_ratelimit::VhRateLimits;
 use crate::policy::local_ratelimit::{route_descriptors, Descriptor, RequestDescriptorSource};
-use crate::policy::quota::Local;
+use crate::policy::quota::{AskOutcome, Local};
 use crate::telemetry::metrics::ClusterStats;
-use crate::telemetry::resilience::ResponseFlag;
+use crate::telemetry::resilience::{ResilienceStats, ResponseFlag};
 
 const SHOULD_RATE_LIMIT: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
 /// The request metadata that tells a meshctl rate limit service it may grant quota.
@@ -78,46 +78,92 @@ pub async fn decide(
     grpc: bool,
 ) -> Decision {
     let counters = &stats.resilience;
-    match config.quota.decide(&descriptors, Instant::now(), config.timeout) {
-        Local::Admit { refill } => {
-            counters.ratelimit_quota_admitted.fetch_add(1, Relaxed);
-            if refill {
-                tokio::spawn(refill_quota(context.clone(), config.clone(), descriptors, stats.clone()));
+    let mut waiting_since = None;
+    loop {
+        // Made before deciding: a call that ends in between still wakes this request.
+        let changed = config.quota.changed.notified();
+        let now = Instant::now();
+        match config.quota.decide(&descriptors, now, config.timeout, waiting_since) {
+            Local::Admit { refill } => {
+                counters.ratelimit_quota_admitted.fetch_add(1, Relaxed);
+                if refill {
+                    tokio::spawn(refill_quota(context.clone(), config.clone(), descriptors, stats.clone()));
+                }
+                return Decision::Allow(None);
             }
-            return Decision::Allow(None);
+            Local::Refuse => {
+                counters.ratelimit_quota_refused.fetch_add(1, Relaxed);
+                context.stats.response_flags.record(ResponseFlag::RateLimited);
+                return Decision::Reply(Box::new(caused(limited_reply(config, Vec::new(), None, grpc), Some(ResponseFlag::RateLimited), "request_rate_limited")));
+            }
+            Local::Failed => return service_failed(context, config, counters, grpc),
+            Local::Wait => {
+                // Bounded as the call itself is: a request waits no longer than one call may take.
+                let since = *waiting_since.get_or_insert(now);
+                if tokio::time::timeout_at((since + config.timeout).into(), changed).await.is_err() {
+                    return service_failed(context, config, counters, grpc);
+                }
+            }
+            Local::Ask => break,
         }
-        Local::Refuse => {
-            counters.ratelimit_quota_refused.fetch_add(1, Relaxed);
-            context.stats.response_flags.record(ResponseFlag::RateLimited);
-            return Decision::Reply(Box::new(caused(limited_reply(config, Vec::new(), None, grpc), Some(ResponseFlag::RateLimited), "request_rate_limited")));
-        }
-        Local::Ask => {}
     }
+    let mut call = CallUnderWay { config, descriptors: &descriptors, outcome: AskOutcome::Failed };
     let response = match ask(context, config, &descriptors).await {
         Ok(response) => response,
-        Err(_) => {
-            counters.ratelimit_error.fetch_add(1, Relaxed);
-            if config.failure_mode_deny {
-                context.stats.response_flags.record(ResponseFlag::RateLimitServiceError);
-                let reply = local_reply(config.status_on_error, "", grpc);
-                return Decision::Reply(Box::new(caused(reply, Some(ResponseFlag::RateLimitServiceError), "rate_limiter_error")));
-            }
-            counters.ratelimit_failure_mode_allowed.fetch_add(1, Relaxed);
-            return Decision::Allow(None);
-        }
+        Err(_) => return service_failed(context, config, counters, grpc), // `call` tells the waiters
     };
     let headers = service_headers(&response);
+    call.outcome = if granted_all(&response, descriptors.len()) { AskOutcome::Granted } else { AskOutcome::NoGrant };
     // Envoy takes anything but OVER_LIMIT (UNKNOWN included) as OK.
     if response.overall_code == rate_limit_response::Code::OverLimit as i32 {
         counters.ratelimit_over_limit.fetch_add(1, Relaxed);
         remember_quota(config, &descriptors, &response.statuses, 0);
+        drop(call);
         context.stats.response_flags.record(ResponseFlag::RateLimited);
         let reply = limited_reply(config, response.raw_body, headers.as_deref(), grpc);
         return Decision::Reply(Box::new(caused(reply, Some(ResponseFlag::RateLimited), "request_rate_limited")));
     }
     counters.ratelimit_ok.fetch_add(1, Relaxed);
     remember_quota(config, &descriptors, &response.statuses, 0);
+    drop(call);
     Decision::Allow(headers)
+}
+
+/// A request's own call, from the moment the cache marked it under way: however the request
+/// ends (answered, failed, or dropped with its client), the requests waiting for it are told.
+struct CallUnderWay<'a> {
+    config: &'a GlobalRateLimit,
+    descriptors: &'a [Descriptor],
+    outcome: AskOutcome,
+}
+
+impl Drop for CallUnderWay<'_> {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        for descriptor in self.descriptors {
+            self.config.quota.ask_over(descriptor, self.outcome, now);
+        }
+        self.config.quota.changed.notify_waiters();
+    }
+}
+
+/// Whether the service granted quota for every descriptor (statuses match them by position).
+fn granted_all(response: &RateLimitResponse, descriptors: usize) -> bool {
+    response.overall_code != rate_limit_response::Code::OverLimit as i32
+        && response.statuses.len() >= descriptors
+        && response.statuses[..descriptors].iter().all(|s| s.quota.as_ref().is_some_and(|q| q.requests > 0))
+}
+
+/// The service could not be asked (error or timeout): Envoy's failure mode, counted as Envoy does.
+fn service_failed(context: &HttpContext, config: &GlobalRateLimit, counters: &ResilienceStats, grpc: bool) -> Decision {
+    counters.ratelimit_error.fetch_add(1, Relaxed);
+    if config.failure_mode_deny {
+        context.stats.response_flags.record(ResponseFlag::RateLimitServiceError);
+        let reply = local_reply(config.status_on_error, "", grpc);
+        return Decision::Reply(Box::new(caused(reply, Some(ResponseFlag::RateLimitServiceError), "rate_limiter_error")));
+    }
+    counters.ratelimit_failure_mode_allowed.fetch_add(1, Relaxed);
+    Decision::Allow(None)
 }
 
 /// One ShouldRateLimit call for `descriptors`, offering to take quota.
@@ -159,6 +205,10 @@ async fn refill_quota(context: Arc<HttpContext>, config: Arc<GlobalRateLimit>, d
         }
         Err(_) => {
             counters.ratelimit_quota_refill_errors.fetch_add(1, Relaxed);
+            let now = Instant::now();
+            for descriptor in &descriptors {
+                config.quota.refill_over(descriptor, false, now);
+            }
         }
     }
 }

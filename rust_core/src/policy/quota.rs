@@ -1,6 +1,9 @@
 //! Requests a global rate limit service granted in advance (meshctl's quota extension to
 //! ShouldRateLimit), per descriptor: a bounded cache the filter takes from before calling, and
 //! which asks for more before it runs out, so that a steady caller never waits for the service.
+//! When a request must call, the requests behind it wait for that one call (its grant admits
+//! them) rather than each calling: a burst, or many sidecars starting at once, cannot flood the
+//! service, which would answer late, grant nothing and be called ever more.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -11,6 +14,10 @@ use super::local_ratelimit::Descriptor;
 /// Envoy's filter never reads quota; meshctl's cache holds at most this many descriptors per
 /// filter config, so a service granting for unbounded descriptor values cannot grow memory.
 pub const MAX_QUOTA_DESCRIPTORS: usize = 10_000;
+/// After a call that brought no grant (the service grants no quota, or has none left), requests
+/// call on their own, all at once as Envoy's filter does, for this long: waiting for one another's
+/// calls would only queue them.
+const ALONE_AFTER_NO_GRANT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
 struct Grant {
@@ -37,11 +44,27 @@ struct Quota {
     refill_blocked_until: Option<Instant>,
     /// The last refill got no grant: none is asked until a request's own call brings one.
     refill_declined: bool,
+    /// A request's own call is under way until then: the requests behind it wait for its answer.
+    asking_until: Option<Instant>,
+    /// Until then requests call on their own (ALONE_AFTER_NO_GRANT).
+    alone_until: Option<Instant>,
+    /// The last call failed at this moment: requests that waited for it fail with it (as theirs).
+    failed_at: Option<Instant>,
 }
 
 impl Quota {
     fn new(now: Instant) -> Quota {
-        Quota { grants: [None, None], refused_until: None, refill_below: 0, refill_from: now, refill_blocked_until: None, refill_declined: false }
+        Quota {
+            grants: [None, None],
+            refused_until: None,
+            refill_below: 0,
+            refill_from: now,
+            refill_blocked_until: None,
+            refill_declined: false,
+            asking_until: None,
+            alone_until: None,
+            failed_at: None,
+        }
     }
 
     fn drop_expired(&mut self, now: Instant) {
@@ -63,15 +86,24 @@ impl Quota {
         self.refused_until.is_some_and(|until| until > now)
     }
 
-    /// Nothing left to know: no live grant, refusal or refill under way.
+    /// A call for this descriptor (a request's own, or a refill) is under way, and the requests
+    /// that find no quota wait for it.
+    fn call_to_wait_for(&self, now: Instant) -> bool {
+        let under_way = |until: Option<Instant>| until.is_some_and(|until| until > now);
+        (under_way(self.asking_until) || under_way(self.refill_blocked_until)) && !under_way(self.alone_until)
+    }
+
+    /// Nothing left to know: no live grant, refusal, call under way or outcome to remember.
     fn is_spent(&self, now: Instant) -> bool {
-        self.grants[0].is_none() && !self.refused(now) && !self.refill_blocked_until.is_some_and(|until| until > now)
+        self.grants[0].is_none() && self.expires() <= now
     }
 
     /// The latest moment this entry still says something (for eviction when the cache is full).
     fn expires(&self) -> Instant {
         let grants = self.grants.iter().flatten().map(|g| g.valid_until);
-        grants.chain(self.refused_until).chain(self.refill_blocked_until).max().unwrap_or(self.refill_from)
+        let failure_kept = self.failed_at.map(|at| at + ALONE_AFTER_NO_GRANT);
+        let moments = [self.refused_until, self.refill_blocked_until, self.asking_until, self.alone_until, failure_kept];
+        grants.chain(moments.into_iter().flatten()).max().unwrap_or(self.refill_from)
     }
 
     fn add(&mut self, grant: Grant, now: Instant) {
@@ -92,6 +124,7 @@ impl Quota {
         };
         self.refill_below = grant.remaining / 2;
         self.refill_declined = false;
+        self.alone_until = None;
         self.refill_from = now + grant.valid_until.saturating_duration_since(now) * 3 / 4;
     }
 }
@@ -104,8 +137,22 @@ pub enum Local {
     Admit { refill: bool },
     /// A descriptor is refused until its refusal expires (the service said OVER_LIMIT for it).
     Refuse,
-    /// Neither: the service decides.
+    /// Neither: the service decides; this request calls (the requests behind it wait for it).
     Ask,
+    /// Another request's call for a descriptor without quota is under way: wait for it (until
+    /// `QuotaCache::changed` or the call's timeout), then decide again.
+    Wait,
+    /// The call this request waited for failed: the filter's failure mode applies to it too.
+    Failed,
+}
+
+/// How a request's own call ended, for the requests that waited for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AskOutcome {
+    Granted,
+    /// Answered without a grant (OVER_LIMIT, or a service that grants no quota).
+    NoGrant,
+    Failed,
 }
 
 /// One filter config's quotas. Locked only for requests that have descriptors.
@@ -113,6 +160,8 @@ pub enum Local {
 pub struct QuotaCache {
     quotas: Mutex<HashMap<Descriptor, Quota>>,
     capacity: usize,
+    /// Notified when a call other requests may wait for ends.
+    pub changed: tokio::sync::Notify,
 }
 
 impl Default for QuotaCache {
@@ -123,22 +172,24 @@ impl Default for QuotaCache {
 
 impl QuotaCache {
     pub fn with_capacity(capacity: usize) -> QuotaCache {
-        QuotaCache { quotas: Mutex::new(HashMap::new()), capacity }
+        QuotaCache { quotas: Mutex::new(HashMap::new()), capacity, changed: tokio::sync::Notify::new() }
     }
 
     /// Admits the request when every descriptor has live quota (taking one from each), refuses it
-    /// when one has none and is refused; otherwise takes nothing and the service decides. An
-    /// admission that leaves a descriptor low asks for a refill, unless one is under way: the
-    /// refill blocks another for `refill_timeout` (the call's own bound) or until `refill_over`.
-    pub fn decide(&self, descriptors: &[Descriptor], now: Instant, refill_timeout: Duration) -> Local {
+    /// when one has none and is refused. Otherwise the service decides: the request waits for a
+    /// call under way for a descriptor it lacks, or calls itself (Ask: the call is marked under
+    /// way for `timeout`, its bound, or until `ask_over`). `waiting_since`: when the request began
+    /// waiting, if it did; a call that failed since then fails it too. An admission that leaves a
+    /// descriptor low asks for a refill, unless a call is under way for it.
+    pub fn decide(&self, descriptors: &[Descriptor], now: Instant, timeout: Duration, waiting_since: Option<Instant>) -> Local {
         if descriptors.is_empty() {
             return Local::Ask;
         }
         let mut quotas = self.quotas.lock().unwrap();
-        let mut covered = true;
+        let (mut covered, mut wait, mut failed) = (true, true, false);
         for d in descriptors {
             let Some(quota) = quotas.get_mut(d) else {
-                covered = false;
+                (covered, wait) = (false, false);
                 continue;
             };
             quota.drop_expired(now);
@@ -147,9 +198,24 @@ impl QuotaCache {
                     return Local::Refuse;
                 }
                 covered = false;
+                failed |= waiting_since.is_some_and(|since| quota.failed_at.is_some_and(|at| at >= since));
+                wait &= quota.call_to_wait_for(now);
             }
         }
         if !covered {
+            if failed {
+                return Local::Failed;
+            }
+            if wait {
+                return Local::Wait;
+            }
+            for d in descriptors {
+                // Marked only where there is room: a marker never evicts another descriptor's grant.
+                let missing = quotas.get(d).is_none_or(|q| q.grants[0].is_none());
+                if missing && (quotas.contains_key(d) || quotas.len() < self.capacity) {
+                    quotas.entry(d.clone()).or_insert_with(|| Quota::new(now)).asking_until = Some(now + timeout);
+                }
+            }
             return Local::Ask;
         }
         let mut refill = false;
@@ -162,7 +228,7 @@ impl QuotaCache {
             let low = quota.remaining() <= quota.refill_below || now >= quota.refill_from;
             let asking = quota.refill_declined || quota.refill_blocked_until.is_some_and(|until| until > now);
             if low && !asking && !quota.refused(now) {
-                quota.refill_blocked_until = Some(now + refill_timeout);
+                quota.refill_blocked_until = Some(now + timeout);
                 refill = true;
             }
             if quota.is_spent(now) {
@@ -173,15 +239,34 @@ impl QuotaCache {
     }
 
     /// The refill asked for `descriptor` is over, its grant (if any) already recorded. Granted:
-    /// another may be asked when this one runs low. Not (the service was over the limit, or
+    /// another may be asked when this one runs low. Not (failed, over the limit, or a service that
     /// grants no quota): none is asked again, as it would be declined too, until a request's own
-    /// call (once the grants held are spent) brings a grant. A failed refill does not call this:
-    /// the next waits for its timeout.
+    /// call (once the grants held are spent) brings a grant. Requests waiting for it decide again.
     pub fn refill_over(&self, descriptor: &Descriptor, granted: bool, now: Instant) {
+        {
+            let mut quotas = self.quotas.lock().unwrap();
+            if let Some(quota) = quotas.get_mut(descriptor) {
+                quota.refill_blocked_until = None;
+                quota.refill_declined = !granted;
+                if quota.is_spent(now) {
+                    quotas.remove(descriptor);
+                }
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// A request's own call for `descriptor` is over, its grant or refusal already recorded;
+    /// the requests that waited for it decide again (and fail with it if it failed).
+    pub fn ask_over(&self, descriptor: &Descriptor, outcome: AskOutcome, now: Instant) {
         let mut quotas = self.quotas.lock().unwrap();
         if let Some(quota) = quotas.get_mut(descriptor) {
-            quota.refill_blocked_until = None;
-            quota.refill_declined = !granted;
+            quota.asking_until = None;
+            match outcome {
+                AskOutcome::Granted => {}
+                AskOutcome::NoGrant => quota.alone_until = Some(now + ALONE_AFTER_NO_GRANT),
+                AskOutcome::Failed => quota.failed_at = Some(now),
+            }
             if quota.is_spent(now) {
                 quotas.remove(descriptor);
             }
@@ -247,7 +332,7 @@ mod tests {
     }
 
     fn admits(cache: &QuotaCache, descriptors: &[Descriptor], now: Instant) -> bool {
-        matches!(cache.decide(descriptors, now, REFILL_TIMEOUT), Local::Admit { .. })
+        matches!(cache.decide(descriptors, now, REFILL_TIMEOUT, None), Local::Admit { .. })
     }
 
     fn admitted(cache: &QuotaCache, descriptor: &Descriptor, tries: usize, now: Instant) -> usize {
@@ -259,10 +344,13 @@ mod tests {
         let cache = QuotaCache::default();
         let now = Instant::now();
         let a = d("k", "a");
-        assert_eq!(cache.decide(std::slice::from_ref(&a), now, REFILL_TIMEOUT), Local::Ask);
+        assert_eq!(cache.decide(std::slice::from_ref(&a), now, REFILL_TIMEOUT, None), Local::Ask);
         cache.grant(&a, 3, now + Duration::from_secs(1), now);
+        cache.ask_over(&a, AskOutcome::Granted, now);
         assert_eq!(admitted(&cache, &a, 10, now), 3);
-        assert_eq!(cache.decide(std::slice::from_ref(&a), now, REFILL_TIMEOUT), Local::Ask);
+        // The 2nd left 1 of 3 and asked for a refill: the next request waits for it, no longer.
+        assert_eq!(cache.decide(std::slice::from_ref(&a), now, REFILL_TIMEOUT, None), Local::Wait);
+        assert_eq!(cache.decide(std::slice::from_ref(&a), now + REFILL_TIMEOUT, REFILL_TIMEOUT, None), Local::Ask);
     }
 
     #[test]
@@ -302,13 +390,13 @@ mod tests {
         let (a, b) = (d("k", "a"), d("k", "b"));
         cache.grant(&a, 5, now + Duration::from_secs(1), now);
         cache.refuse(&b, now + Duration::from_millis(100), now);
-        assert_eq!(cache.decide(&[a.clone(), b.clone()], now, REFILL_TIMEOUT), Local::Refuse);
-        assert_eq!(cache.decide(std::slice::from_ref(&b), now + Duration::from_millis(100), REFILL_TIMEOUT), Local::Ask);
+        assert_eq!(cache.decide(&[a.clone(), b.clone()], now, REFILL_TIMEOUT, None), Local::Refuse);
+        assert_eq!(cache.decide(std::slice::from_ref(&b), now + Duration::from_millis(100), REFILL_TIMEOUT, None), Local::Ask);
         // The refused request took none of a's quota; a refusal does not take back what the
         // service granted and counted: a's 5 pass, then a is refused.
         cache.refuse(&a, now + Duration::from_millis(50), now);
         assert_eq!(admitted(&cache, &a, 10, now), 5);
-        assert_eq!(cache.decide(std::slice::from_ref(&a), now, REFILL_TIMEOUT), Local::Refuse);
+        assert_eq!(cache.decide(std::slice::from_ref(&a), now, REFILL_TIMEOUT, None), Local::Refuse);
         // A grant lifts the refusal: the service had room again.
         cache.grant(&a, 2, now + Duration::from_secs(1), now);
         assert_eq!(admitted(&cache, &a, 10, now), 2);
@@ -340,25 +428,25 @@ mod tests {
         let a = d("k", "a");
         let one = std::slice::from_ref(&a);
         cache.grant(&a, 10, now + Duration::from_secs(1), now);
-        let decisions: Vec<Local> = (0..8).map(|_| cache.decide(one, now, REFILL_TIMEOUT)).collect();
+        let decisions: Vec<Local> = (0..8).map(|_| cache.decide(one, now, REFILL_TIMEOUT, None)).collect();
         // 10 granted: the 5th request leaves 5, the half: it alone asks.
         let refills: Vec<usize> = (0..8).filter(|&i| decisions[i] == Local::Admit { refill: true }).collect();
         assert_eq!(refills, vec![4]);
         // The refill fails (never `refilled`): the next may ask once its timeout has passed.
-        assert_eq!(cache.decide(one, now + REFILL_TIMEOUT, REFILL_TIMEOUT), Local::Admit { refill: true });
+        assert_eq!(cache.decide(one, now + REFILL_TIMEOUT, REFILL_TIMEOUT, None), Local::Admit { refill: true });
         cache.grant(&a, 20, now + Duration::from_secs(1), now);
         cache.refill_over(&a, true, now);
         // 1 + 20 left; the next refill at 10.
         assert_eq!(admitted(&cache, &a, 10, now), 10);
-        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT), Local::Admit { refill: true });
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT, None), Local::Admit { refill: true });
         // Declined (no grant): none is asked again while these grants last...
         cache.refill_over(&a, false, now);
         assert_eq!(admitted(&cache, &a, 10, now + REFILL_TIMEOUT * 2), 10);
-        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT), Local::Ask);
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT, None), Local::Ask);
         // ...and a grant to a request's own call starts a new round.
         cache.grant(&a, 4, now + Duration::from_secs(1), now);
-        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT), Local::Admit { refill: false });
-        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT), Local::Admit { refill: true });
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT, None), Local::Admit { refill: false });
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT, None), Local::Admit { refill: true });
     }
 
     #[test]
@@ -369,11 +457,11 @@ mod tests {
         let a = d("k", "a");
         let one = std::slice::from_ref(&a);
         cache.grant(&a, 100, at(1000), now);
-        assert_eq!(cache.decide(one, at(700), REFILL_TIMEOUT), Local::Admit { refill: false });
-        assert_eq!(cache.decide(one, at(750), REFILL_TIMEOUT), Local::Admit { refill: true });
+        assert_eq!(cache.decide(one, at(700), REFILL_TIMEOUT, None), Local::Admit { refill: false });
+        assert_eq!(cache.decide(one, at(750), REFILL_TIMEOUT, None), Local::Admit { refill: true });
         cache.refill_over(&a, true, at(760));
         cache.refuse(&a, at(900), at(760));
-        assert_eq!(cache.decide(one, at(770), REFILL_TIMEOUT), Local::Admit { refill: false });
+        assert_eq!(cache.decide(one, at(770), REFILL_TIMEOUT, None), Local::Admit { refill: false });
     }
 
     #[test]
@@ -391,5 +479,68 @@ mod tests {
         assert_eq!(cache.len(), 2);
         assert!(!admits(&cache, &[d("k", "new")], later));
         assert!(admits(&cache, &[d("k", "third")], later));
+    }
+
+    #[test]
+    fn the_requests_behind_a_call_wait_for_it_and_take_from_its_grant() {
+        let cache = QuotaCache::default();
+        let now = Instant::now();
+        let a = d("k", "a");
+        let one = std::slice::from_ref(&a);
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT, None), Local::Ask);
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT, None), Local::Wait);
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT, Some(now)), Local::Wait);
+        cache.grant(&a, 5, now + Duration::from_secs(1), now);
+        cache.ask_over(&a, AskOutcome::Granted, now);
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT, Some(now)), Local::Admit { refill: false });
+        // A call that never ends (its task gone) is waited for only until its timeout.
+        assert_eq!(admitted(&cache, &a, 10, now), 4);
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT, None), Local::Wait); // the refill asked at the 3rd
+        let later = now + REFILL_TIMEOUT;
+        assert_eq!(cache.decide(one, later, REFILL_TIMEOUT, None), Local::Ask);
+    }
+
+    #[test]
+    fn a_failed_call_fails_the_requests_that_waited_for_it_not_later_ones() {
+        let cache = QuotaCache::default();
+        let now = Instant::now();
+        let at = |millis| now + Duration::from_millis(millis);
+        let a = d("k", "a");
+        let one = std::slice::from_ref(&a);
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT, None), Local::Ask);
+        assert_eq!(cache.decide(one, at(1), REFILL_TIMEOUT, Some(at(1))), Local::Wait);
+        cache.ask_over(&a, AskOutcome::Failed, at(5));
+        assert_eq!(cache.decide(one, at(5), REFILL_TIMEOUT, Some(at(1))), Local::Failed);
+        assert_eq!(cache.decide(one, at(6), REFILL_TIMEOUT, None), Local::Ask);
+    }
+
+    #[test]
+    fn after_a_call_without_a_grant_requests_call_on_their_own_for_a_while() {
+        let cache = QuotaCache::default();
+        let now = Instant::now();
+        let a = d("k", "a");
+        let one = std::slice::from_ref(&a);
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT, None), Local::Ask);
+        cache.ask_over(&a, AskOutcome::NoGrant, now);
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT, None), Local::Ask);
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT, None), Local::Ask);
+        let later = now + ALONE_AFTER_NO_GRANT;
+        assert_eq!(cache.decide(one, later, REFILL_TIMEOUT, None), Local::Ask);
+        assert_eq!(cache.decide(one, later, REFILL_TIMEOUT, None), Local::Wait);
+    }
+
+    #[test]
+    fn requests_that_find_the_quota_spent_while_a_refill_is_under_way_wait_for_it() {
+        let cache = QuotaCache::default();
+        let now = Instant::now();
+        let a = d("k", "a");
+        let one = std::slice::from_ref(&a);
+        cache.grant(&a, 2, now + Duration::from_secs(1), now);
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT, None), Local::Admit { refill: true });
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT, None), Local::Admit { refill: false });
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT, None), Local::Wait);
+        cache.grant(&a, 3, now + Duration::from_secs(1), now);
+        cache.refill_over(&a, true, now);
+        assert_eq!(cache.decide(one, now, REFILL_TIMEOUT, Some(now)), Local::Admit { refill: false });
     }
 }
