@@ -40,16 +40,16 @@ from google.protobuf.message import Message
 
 from meshctl.agent.bootstrap import resource_to_bytes
 from meshctl.control import compiler_access_log as access_log
+from meshctl.control import compiler_concurrency as concurrency
 from meshctl.control import compiler_fallback as fallback
-from meshctl.control import compiler_resilience as resilience
 from meshctl.control import compiler_fault as fault
 from meshctl.control import compiler_mtls as mtls
-from meshctl.control import compiler_concurrency as concurrency
 from meshctl.control import compiler_ratelimit as ratelimit
 from meshctl.control import compiler_ratelimit_global as global_ratelimit
 from meshctl.control import compiler_rbac as rbac
-from meshctl.control.compiler_matchers import string_match
+from meshctl.control import compiler_resilience as resilience
 from meshctl.control import resource_types as types
+from meshctl.control.compiler_matchers import string_match
 from meshctl.control.registry import Sidecar
 from meshctl.resources.authorization_policy import AuthorizationPolicySpec
 from meshctl.resources.common import duration_seconds
@@ -57,10 +57,15 @@ from meshctl.resources.destination_rule import DestinationRuleSpec
 from meshctl.resources.fallback import FallbackSpec
 from meshctl.resources.hosts import CLUSTER_DOMAIN, canonical_host
 from meshctl.resources.peer_authentication import PeerAuthenticationSpec
-from meshctl.resources.telemetry import TelemetrySpec
 from meshctl.resources.rate_limit import RateLimitSpec
 from meshctl.resources.service_entry import ServiceEntrySpec, WorkloadEntrySpec
-from meshctl.resources.virtual_service import Destination, HttpRoute, MatchRequest, VirtualServiceSpec
+from meshctl.resources.telemetry import TelemetrySpec
+from meshctl.resources.virtual_service import (
+    Destination,
+    HttpRoute,
+    MatchRequest,
+    VirtualServiceSpec,
+)
 
 OUTBOUND_LISTENER = "virtualOutbound"
 INBOUND_LISTENER = "virtualInbound"

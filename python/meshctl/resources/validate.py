@@ -8,7 +8,14 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from meshctl.resources import authorization_policy, checks, fallback, peer_authentication, rate_limit, telemetry
+from meshctl.resources import (
+    authorization_policy,
+    checks,
+    fallback,
+    peer_authentication,
+    rate_limit,
+    telemetry,
+)
 from meshctl.resources.common import Metadata
 from meshctl.resources.documents import Document, parse_documents
 from meshctl.resources.errors import Issue, ResourceRef, ValidationFailed, field_path
