@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from meshctl.resources.security_common import ROOT_NAMESPACE, has_selector, selects
+from meshctl.resources.security_common import scope_levels
 from meshctl.resources.telemetry import AccessLogging, status_filter
 
 Json = dict[str, Any]
@@ -64,22 +64,9 @@ def access_logs(telemetries: Sequence[Any], namespace: str, labels: Mapping[str,
     Telemetry (selector, in its namespace) over its namespace's (no selector) over the mesh's
     (root namespace, no selector); the most specific level that configures the direction wins
     whole, and `disabled: true` there turns logging off. `telemetries` are oldest first."""
-    mesh = namespace_wide = workload = None
-    for telemetry in telemetries:
-        entries = _level_logs(telemetry.spec, direction)
-        if entries is None:
-            continue
-        if not has_selector(telemetry.spec.selector):
-            if telemetry.namespace == ROOT_NAMESPACE:
-                mesh = mesh or entries
-            elif telemetry.namespace == namespace:
-                namespace_wide = namespace_wide or entries
-        elif (
-            telemetry.namespace == namespace
-            and namespace != ROOT_NAMESPACE
-            and selects(telemetry.spec.selector, labels)
-        ):
-            workload = workload or entries
+    mesh, namespace_wide, workload = scope_levels(
+        telemetries, namespace, labels, lambda telemetry: _level_logs(telemetry.spec, direction)
+    )
     chosen = workload or namespace_wide or mesh or []
     logs: list[Json] = []
     for entry in chosen:

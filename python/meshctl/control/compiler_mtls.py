@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from meshctl.resources.peer_authentication import PeerAuthenticationSpec
-from meshctl.resources.security_common import ROOT_NAMESPACE, has_selector, selects
+from meshctl.resources.security_common import scope_levels
 
 Json = dict[str, Any]
 
@@ -38,21 +37,7 @@ def effective_mode(
     the namespace's, else the mesh's (the root namespace's, no selector); UNSET defers to the
     wider one; nothing set means PERMISSIVE. `policies` are stored PeerAuthentications, oldest
     first (anything with .namespace and .spec)."""
-    mesh = namespace_wide = workload = None
-    for policy in policies:
-        spec: PeerAuthenticationSpec = policy.spec
-        if not has_selector(spec.selector):
-            if policy.namespace == ROOT_NAMESPACE:
-                mesh = mesh or spec
-            elif policy.namespace == namespace:
-                namespace_wide = namespace_wide or spec
-        elif (
-            # As in Istio, a selector in the root namespace is not a mesh-wide workload policy.
-            policy.namespace == namespace
-            and namespace != ROOT_NAMESPACE
-            and selects(spec.selector, dict(labels))
-        ):
-            workload = workload or spec
+    mesh, namespace_wide, workload = scope_levels(policies, namespace, labels, lambda policy: policy.spec)
     mode = PERMISSIVE
     for level in (mesh, namespace_wide, workload):
         if level is not None and level.mtls is not None and level.mtls.mode != "UNSET":

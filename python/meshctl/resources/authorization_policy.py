@@ -9,7 +9,11 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, Field
 
 from meshctl.resources.common import MeshModel
-from meshctl.resources.security_common import WorkloadSelector
+from meshctl.resources.security_common import (
+    TargetRefsUnsupported,
+    TargetRefUnsupported,
+    WorkloadSelector,
+)
 from meshctl.resources.support import Unsupported
 
 NEEDS_JWT = Annotated[
@@ -221,12 +225,8 @@ class AuthorizationPolicySpec(MeshModel):
     provider: Annotated[
         Any, Unsupported("action CUSTOM (an external authorizer) is not supported yet")
     ] = None
-    target_ref: Annotated[
-        Any, Unsupported("targetRef is not supported yet; select workloads with selector")
-    ] = None
-    target_refs: Annotated[
-        Any, Unsupported("targetRefs is not supported yet; select workloads with selector")
-    ] = None
+    target_ref: TargetRefUnsupported = None
+    target_refs: TargetRefsUnsupported = None
 
 
 _SOURCE_FIELDS = ("principals", "notPrincipals", "namespaces", "notNamespaces")

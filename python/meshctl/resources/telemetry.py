@@ -9,8 +9,12 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from meshctl.resources.common import MeshModel
-from meshctl.resources.security_common import WorkloadSelector
-from meshctl.resources.support import NotEnforced, Unsupported
+from meshctl.resources.security_common import (
+    TargetRefsUnsupported,
+    TargetRefUnsupported,
+    WorkloadSelector,
+)
+from meshctl.resources.support import NotEnforced
 
 # Providers every mesh has without configuration. Istio's `envoy` writes Envoy's default text
 # format; meshctl sends it to the sidecar's stderr (the issue's choice: stdout is the app's to share).
@@ -63,12 +67,8 @@ class Metrics(MeshModel):
 
 class TelemetrySpec(MeshModel):
     selector: WorkloadSelector | None = None
-    target_ref: Annotated[
-        Any, Unsupported("targetRef is not supported yet; select workloads with selector")
-    ] = None
-    target_refs: Annotated[
-        Any, Unsupported("targetRefs is not supported yet; select workloads with selector")
-    ] = None
+    target_ref: TargetRefUnsupported = None
+    target_refs: TargetRefsUnsupported = None
     access_logging: list[AccessLogging] | None = None
     tracing: Annotated[list[Tracing] | None, NotEnforced("stored; tracing is compiled by a later issue")] = None
     metrics: Annotated[list[Metrics] | None, NotEnforced("stored; metrics overrides are compiled by a later issue")] = None
