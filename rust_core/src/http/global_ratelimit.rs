@@ -147,11 +147,16 @@ impl Drop for CallUnderWay<'_> {
     }
 }
 
-/// Whether the service granted quota for every descriptor (statuses match them by position).
+/// Whether the service granted quota for every descriptor.
 fn granted_all(response: &RateLimitResponse, descriptors: usize) -> bool {
+    (0..descriptors).all(|index| granted(response, index))
+}
+
+/// Whether an admitting answer granted quota for the descriptor at `index` (statuses match the
+/// request's descriptors by position).
+fn granted(response: &RateLimitResponse, index: usize) -> bool {
     response.overall_code != rate_limit_response::Code::OverLimit as i32
-        && response.statuses.len() >= descriptors
-        && response.statuses[..descriptors].iter().all(|s| s.quota.as_ref().is_some_and(|q| q.requests > 0))
+        && response.statuses.get(index).and_then(|s| s.quota.as_ref()).is_some_and(|q| q.requests > 0)
 }
 
 /// The service could not be asked (error or timeout): Envoy's failure mode, counted as Envoy does.
@@ -189,7 +194,8 @@ async fn ask(context: &Arc<HttpContext>, config: &GlobalRateLimit, descriptors: 
 /// Asks, off the request path, for more quota for descriptors running low, so that the requests
 /// after it find quota instead of waiting for a call. The service counts the call as one request
 /// (hits_addend 0 is 1) that nobody sends: on OK that one is added to the grants. Its headers and
-/// raw body answer no request and are dropped; a failure leaves the quota as it was.
+/// raw body answer no request and are dropped. A failure leaves the grants held as they were,
+/// and no refill is asked again until a request's own call brings a grant.
 async fn refill_quota(context: Arc<HttpContext>, config: Arc<GlobalRateLimit>, descriptors: Vec<Descriptor>, stats: Arc<ClusterStats>) {
     let counters = &stats.resilience;
     counters.ratelimit_quota_refills.fetch_add(1, Relaxed);
@@ -199,8 +205,7 @@ async fn refill_quota(context: Arc<HttpContext>, config: Arc<GlobalRateLimit>, d
             remember_quota(&config, &descriptors, &response.statuses, u32::from(admitted));
             let now = Instant::now();
             for (index, descriptor) in descriptors.iter().enumerate() {
-                let granted = admitted && response.statuses.get(index).and_then(|s| s.quota.as_ref()).is_some_and(|q| q.requests > 0);
-                config.quota.refill_over(descriptor, granted, now);
+                config.quota.refill_over(descriptor, granted(&response, index), now);
             }
         }
         Err(_) => {
