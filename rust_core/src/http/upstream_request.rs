@@ -227,10 +227,15 @@ pub fn send_parts<'a>(
     }
 }
 
-/// The head of the next try: a copy when another try may need the original, else the original;
-/// with x-envoy-attempt-count when the virtual host asks for it.
+/// The head of the next try, with x-envoy-attempt-count when the virtual host asks for it. A
+/// request that may be retried keeps a copy for the next try; the first try sends the original,
+/// whose header map hyper then reuses (cleared, its capacity kept) to read the response into: a
+/// copy's map is allocated to its exact length and would be grown again for the response.
 fn head_for_try(parts: &mut Option<http::request::Parts>, retried: bool, attempt_count: Option<u32>) -> http::request::Parts {
-    let mut head = if retried { parts.clone().expect("kept for every try") } else { parts.take().expect("one try") };
+    let mut head = parts.take().expect("kept for every try");
+    if retried {
+        *parts = Some(head.clone());
+    }
     if let Some(tries) = attempt_count {
         head.headers.insert(HeaderName::from_static("x-envoy-attempt-count"), HeaderValue::from(tries));
     }
