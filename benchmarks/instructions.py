@@ -72,7 +72,7 @@ def dumped_instructions(outdir: Path, name: str, trigger: str) -> int:
     """Ir of the dump `trigger` (callgrind writes one file per dump, named after the PID)."""
     for path in outdir.glob(f"{name}.*.out*"):
         text = path.read_text(errors="replace")
-        if f"Trigger: Client Request: {trigger}" in text or f"Trigger: dump {trigger}" in text:
+        if f"Trigger: dump {trigger}" in text:
             totals = re.search(r"^(?:totals|summary): (\d+)", text, re.MULTILINE)
             if totals:
                 return int(totals.group(1))
