@@ -231,9 +231,9 @@ pub fn send_parts<'a>(
 /// request that may be retried keeps a copy for the next try; the first try sends the original,
 /// whose header map hyper then reuses (cleared, its capacity kept) to read the response into: a
 /// copy's map is allocated to its exact length and would be grown again for the response.
-fn head_for_try(parts: &mut Option<http::request::Parts>, retried: bool, attempt_count: Option<u32>) -> http::request::Parts {
+fn head_for_try(parts: &mut Option<http::request::Parts>, may_retry: bool, attempt_count: Option<u32>) -> http::request::Parts {
     let mut head = parts.take().expect("kept for every try");
-    if retried {
+    if may_retry {
         *parts = Some(head.clone());
     }
     if let Some(tries) = attempt_count {
