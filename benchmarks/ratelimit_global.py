@@ -1,23 +1,31 @@
 """Issue 10's global limit budget: what one global RateLimit that never triggers adds to the p99 of
-10 client sidecars at 2,000 req/s each, meshctl (batched quota) against Envoy (one call to the rate
-limit service per request), both served by the same `meshctl serve`.
+client sidecars, meshctl (batched quota) against Envoy (one call to the rate limit service per
+request), both served by the same `meshctl serve`.
 
-    python -m benchmarks.ratelimit_global [--sidecars 10] [--qps 2000] [--seconds 10] [--rounds 3]
+    python -m benchmarks.ratelimit_global [--sidecars 1] [--qps 1000] [--seconds 10] [--rounds 6]
 
-The mesh is the one the tests build (tests/helpers): a real `meshctl serve`; `reviews` registered
-as an instance whose app is the benchmark's nginx upstream; client sidecars that reach it directly
-(no server sidecar): `meshctl run --token` over ADS, or Envoy 1.40 running the plane's compiled
-config from a file with the workload certificate `meshctl identity agent` wrote. Per round, each
-data plane is measured without a RateLimit (`plain`) and with a global rule of 10^9 requests a
-minute (`limited`): every sidecar under fortio at QPS for SECONDS at once. Figures: the median over
-sidecars of each one's p50/p99, then the median over rounds; `added` is limited minus plain in the
-same round. The budget (issue 10): meshctl's added p99 ≤ 50 µs. Raw samples and the table go to
+The mesh is the one the tests build (tests/helpers): a real `meshctl serve`; two services,
+`reviews` and `ratings`, registered as instances whose app is the benchmark's one nginx upstream;
+two groups of `--sidecars` client sidecars, one calling each service directly (no server
+sidecar): `meshctl run --token` over ADS, or Envoy 1.40 running the plane's compiled config from a
+file with the workload certificate `meshctl identity agent` wrote.
+
+Paired in time: in each round both groups run fortio at QPS for SECONDS at the same moment, one
+group's service under a global rule of 10^9 requests a minute (`limited`), the other's under none
+(`plain`), so a hiccup of this shared VM lands on both. The rule moves to the other service every
+round, so each group is limited in half the rounds and a difference between the groups cancels.
+`added` is the limited group's p99 minus the plain group's in the same round (each group's figure:
+the median over its sidecars); the verdict is the median over rounds. Also counted per group: the
+requests that waited for a call to the service, the calls made ahead of need (refills, on the
+sidecar's own threads) and the sidecar's CPU per request, which is where refills would cost.
+The budget (issue 10): meshctl's added p99 ≤ 50 µs. Raw samples and the table go to
 results/ratelimit_global.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import statistics
@@ -41,20 +49,28 @@ from helpers.envoy_sidecar import register
 from helpers.mesh import MeshSidecar, apply, wait_until
 
 RESULTS = Path(__file__).resolve().parent / "results"
-HOST = "reviews.default.svc.cluster.local"
+SERVICES = ("reviews", "ratings")
 SERVICE_PORT = 9080
 BUDGET_US = 50.0
 MESHCTL_CALLS = ("meshctl_cluster_ratelimit_ok_total", "meshctl_cluster_ratelimit_over_limit_total",
                  "meshctl_cluster_ratelimit_error_total")  # fmt: skip
 MESHCTL_REFILLS = "meshctl_cluster_ratelimit_quota_refill_total"
-NEVER_TRIGGERED = """
+
+
+def host_of(service: str) -> str:
+    return f"{service}.default.svc.cluster.local"
+
+
+def never_triggered(service: str) -> str:
+    """A global rule on callers of `service` that no load here reaches."""
+    return f"""
 apiVersion: policy.meshctl.io/v1alpha1
 kind: RateLimit
-metadata: {name: reviews-global}
+metadata: {{name: {service}-global}}
 spec:
-  host: reviews
+  host: {service}
   rules:
-  - limit: {requests: 1000000000, unit: minute}
+  - limit: {{requests: 1000000000, unit: minute}}
     scope: global
 """
 
@@ -65,12 +81,12 @@ def _admin(admin_port: int, path: str) -> str:
         return response.read().decode()
 
 
-def status_through(port: int) -> int | None:
+def status_through(port: int, service: str) -> int | None:
     """One request to the upstream through a sidecar: its status, None if there was no answer."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": f"{HOST}:{SERVICE_PORT}"})
+    headers = {"Host": f"{host_of(service)}:{SERVICE_PORT}"}
     try:
-        with opener.open(request, timeout=3) as response:
+        with opener.open(urllib.request.Request(f"http://127.0.0.1:{port}/", headers=headers), timeout=3) as response:
             response.read()
             return response.status
     except urllib.error.HTTPError as error:
@@ -84,76 +100,83 @@ def _sum(text: str, prefix: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
 
 
-def meshctl_calls(admin_port: int) -> float:
+def meshctl_calls(admin_port: int, service: str) -> float:
+    """The calls requests to `service` waited for (the route's cluster names the service)."""
     text = _admin(admin_port, "/stats/prometheus")
-    return sum(_sum(text, prefix) for prefix in MESHCTL_CALLS)
+    return sum(_sum(text, f'{prefix}{{cluster="outbound|{SERVICE_PORT}||{host_of(service)}"}}') for prefix in MESHCTL_CALLS)
 
 
-def meshctl_refills(admin_port: int) -> float:
+def meshctl_refills(admin_port: int, service: str) -> float:
     """Calls a meshctl sidecar made ahead of need, off the request path (no request waits on them)."""
-    return _sum(_admin(admin_port, "/stats/prometheus"), MESHCTL_REFILLS)
+    text = _admin(admin_port, "/stats/prometheus")
+    return _sum(text, f'{MESHCTL_REFILLS}{{cluster="outbound|{SERVICE_PORT}||{host_of(service)}"}}')
 
 
-def no_refills(admin_port: int) -> float:
+def no_refills(admin_port: int, service: str) -> float:
     return 0.0  # Envoy reads no quota
 
 
-def envoy_calls(admin_port: int) -> float:
+def envoy_calls(admin_port: int, service: str) -> float:
     """`cluster.<route's cluster>.ratelimit.*` from /stats (Envoy's Prometheus names mangle
     cluster names that contain dots)."""
     text = _admin(admin_port, "/stats")
-    return sum(int(n) for n in re.findall(r"^cluster\.[^ ]*\.ratelimit\.(?:ok|over_limit|error): (\d+)$", text, re.MULTILINE))
+    cluster = re.escape(f"outbound|{SERVICE_PORT}||{host_of(service)}")
+    return sum(int(n) for n in re.findall(rf"^cluster\.{cluster}\.ratelimit\.(?:ok|over_limit|error): (\d+)$", text, re.MULTILINE))
 
 
 @dataclass
 class Sidecar:
     """One client sidecar as the benchmark drives it: where to send, how to read its service calls."""
 
+    service: str  # the service it calls (with --same-sidecar, one process serves two of these)
     port: int
     admin_port: int
+    pid: int
     stop: Callable[[], None]
-    calls: Callable[[int], float]  # the rate limit service calls requests waited for (admin port)
-    refills: Callable[[int], float]  # calls made ahead of need, which no request waits for
+    calls: Callable[[int, str], float]  # the rate limit service calls requests waited for (admin port, service)
+    refills: Callable[[int, str], float]  # calls made ahead of need, which no request waits for
 
     def service_calls(self) -> float:
-        return self.calls(self.admin_port)
+        return self.calls(self.admin_port, self.service)
 
     def refill_calls(self) -> float:
-        return self.refills(self.admin_port)
+        return self.refills(self.admin_port, self.service)
+
+    def cpu_seconds(self) -> float:
+        return procfs.tree_cpu_seconds(self.pid)
 
 
-
-
-def start_meshctl_sidecars(plane: ControlPlane, count: int, directory: Path) -> list[Sidecar]:
+def start_meshctl_sidecars(plane: ControlPlane, service: str, count: int, directory: Path) -> list[Sidecar]:
     env = {k: v for k, v in plane.env.items() if k != "MESHCTL_TOKEN"}
     directory.mkdir(parents=True, exist_ok=True)
     started = []
     for number in range(count):
-        service = f"client{number}"
-        identity = ("--token", plane.join_token(service), "--xds-address", plane.xds_address)
-        started.append(MeshSidecar(env, directory, service, *identity))
+        client = f"{service}-client{number}"
+        identity = ("--token", plane.join_token(client), "--xds-address", plane.xds_address)
+        started.append(MeshSidecar(env, directory, client, *identity))
     for each in started:
-        wait_until(lambda: status_through(each.outbound_port) == 200, 60, f"{each.service} reaches reviews")  # noqa: B023
-    return [Sidecar(s.outbound_port, s.admin_port, s.stop, meshctl_calls, meshctl_refills) for s in started]
+        wait_until(lambda: status_through(each.outbound_port, service) == 200, 60, f"{each.service} reaches {service}")  # noqa: B023
+    return [Sidecar(service, s.outbound_port, s.admin_port, s.popen.pid, s.stop, meshctl_calls, meshctl_refills) for s in started]
 
 
-def start_envoy_sidecars(plane: ControlPlane, count: int, app_port: int, directory: Path) -> list[Sidecar]:
+def start_envoy_sidecars(plane: ControlPlane, service: str, count: int, app_port: int, directory: Path) -> list[Sidecar]:
     sidecars = []
     for number in range(count):
-        envoy, port = start_client_envoy(plane, f"envoy{number}", HOST, SERVICE_PORT, app_port,
-                                         directory / f"envoy{number}")  # fmt: skip
-        sidecars.append(Sidecar(port, envoy.extra["admin_port"], envoy.stop, envoy_calls, no_refills))
+        envoy, port = start_client_envoy(plane, f"{service}-envoy{number}", host_of(service), SERVICE_PORT, app_port,
+                                         directory / f"{service}-envoy{number}")  # fmt: skip
+        sidecars.append(Sidecar(service, port, envoy.extra["admin_port"], envoy.pid, envoy.stop, envoy_calls, no_refills))
     return sidecars
 
 
 def load(sidecars: list[Sidecar], qps: int, seconds: float) -> list[loadgen.LoadResult]:
-    """fortio at `qps` on every sidecar at once."""
+    """fortio at `qps` on every sidecar at once, each to the service it calls."""
     results: list[loadgen.LoadResult | Exception] = [RuntimeError("not run")] * len(sidecars)
 
     def one(index: int) -> None:
+        sidecar = sidecars[index]
         try:
-            results[index] = loadgen.fortio(f"http://127.0.0.1:{sidecars[index].port}/", qps=qps, connections=16,
-                                            seconds=seconds, host=f"{HOST}:{SERVICE_PORT}")  # fmt: skip
+            results[index] = loadgen.fortio(f"http://127.0.0.1:{sidecar.port}/", qps=qps, connections=16, seconds=seconds,
+                                            host=f"{host_of(sidecar.service)}:{SERVICE_PORT}")  # fmt: skip
         except (loadgen.LoadFailed, OSError, ValueError, KeyError) as error:  # reported below, with the others
             results[index] = error
 
@@ -168,35 +191,50 @@ def load(sidecars: list[Sidecar], qps: int, seconds: float) -> list[loadgen.Load
     return results  # type: ignore[return-value]
 
 
-def measure(kind: str, phase: str, sidecars: list[Sidecar], plane: ControlPlane, args: argparse.Namespace) -> dict:
-    calls_before = sum(s.service_calls() for s in sidecars)
-    refills_before = sum(s.refill_calls() for s in sidecars)
+def measure_pair(kind: str, groups: dict[str, list[Sidecar]], limited: str, plane: ControlPlane,
+                 args: argparse.Namespace) -> list[dict]:  # fmt: skip
+    """Both groups under load at once; one sample per group, `phase` saying which was limited."""
+    everyone = [s for group in groups.values() for s in group]
+    processes = {s.pid: s for s in everyone}  # with --same-sidecar, one process per two Sidecars
+    before = {id(s): (s.service_calls(), s.refill_calls()) for s in everyone}
+    cpu_before = {pid: s.cpu_seconds() for pid, s in processes.items()}
     plane_cpu_before = procfs.tree_cpu_seconds(plane.popen.pid)
-    results = load(sidecars, args.qps, args.seconds)
-    calls = sum(s.service_calls() for s in sidecars) - calls_before
-    refills = sum(s.refill_calls() for s in sidecars) - refills_before
-    requests = sum(r.requests for r in results)
-    sample = {
-        "kind": kind, "phase": phase,
-        "p50_us": statistics.median(r.latency_us["p50"] for r in results),
-        "p99_us": statistics.median(r.latency_us["p99"] for r in results),
-        "worst_p99_us": max(r.latency_us["p99"] for r in results),
-        "requests": requests, "req_per_s": sum(r.requests_per_second for r in results),
-        "non_2xx": sum(r.non_2xx for r in results), "socket_errors": sum(r.socket_errors for r in results),
-        "service_calls": calls, "refill_calls": refills, "plane_cpu_s": procfs.tree_cpu_seconds(plane.popen.pid) - plane_cpu_before,
-    }  # fmt: skip
-    print(f"  [{kind} {phase}] {sample['req_per_s']:,.0f} req/s, p50 {sample['p50_us']:.0f} µs, "
-          f"p99 {sample['p99_us']:.0f} µs (worst sidecar {sample['worst_p99_us']:.0f}), non-2xx "
-          f"{sample['non_2xx']}, errors {sample['socket_errors']}, requests that waited for a call {calls:,.0f} "
-          f"({calls / max(requests, 1):.2%}), refills {refills:,.0f}, plane CPU {sample['plane_cpu_s']:.1f}s", flush=True)  # fmt: skip
-    return sample
+    results = dict(zip(map(id, everyone), load(everyone, args.qps, args.seconds)))
+    plane_cpu = procfs.tree_cpu_seconds(plane.popen.pid) - plane_cpu_before
+    # A process's CPU per request over all it served: a shared sidecar's CPU cannot be split by service.
+    served = {pid: sum(results[id(s)].requests for s in everyone if s.pid == pid) for pid in processes}
+    cpu_per_request = {pid: (s.cpu_seconds() - cpu_before[pid]) / max(served[pid], 1) for pid, s in processes.items()}
+    samples = []
+    for service, group in groups.items():
+        ran = [results[id(s)] for s in group]
+        calls = sum(s.service_calls() - before[id(s)][0] for s in group)
+        refills = sum(s.refill_calls() - before[id(s)][1] for s in group)
+        requests = sum(r.requests for r in ran)
+        sample = {
+            "kind": kind, "phase": "limited" if service == limited else "plain", "service": service,
+            "p50_us": statistics.median(r.latency_us["p50"] for r in ran),
+            "p99_us": statistics.median(r.latency_us["p99"] for r in ran),
+            "worst_p99_us": max(r.latency_us["p99"] for r in ran),
+            "requests": requests, "req_per_s": sum(r.requests_per_second for r in ran),
+            "non_2xx": sum(r.non_2xx for r in ran), "socket_errors": sum(r.socket_errors for r in ran),
+            "service_calls": calls, "refill_calls": refills,
+            "sidecar_cpu_us_per_request": statistics.median(cpu_per_request[s.pid] for s in group) * 1e6,
+            "plane_cpu_s": plane_cpu,
+        }  # fmt: skip
+        print(f"  [{kind} {sample['phase']:7} {service}] {sample['req_per_s']:,.0f} req/s, p50 {sample['p50_us']:.0f} µs, "
+              f"p99 {sample['p99_us']:.0f} µs (worst sidecar {sample['worst_p99_us']:.0f}), non-2xx {sample['non_2xx']}, "
+              f"errors {sample['socket_errors']}, requests that waited for a call {calls:,.0f} ({calls / max(requests, 1):.2%}), "
+              f"refills {refills:,.0f}, sidecar CPU {sample['sidecar_cpu_us_per_request']:.1f} µs/request", flush=True)  # fmt: skip
+        samples.append(sample)
+    return samples
 
 
-def set_limited(plane: ControlPlane, limited: bool) -> None:
-    if limited:
-        apply(plane, NEVER_TRIGGERED)
-    else:
-        plane.meshctl("delete", "ratelimit", "reviews-global")
+def limit_only(plane: ControlPlane, limited: str) -> None:
+    """The never-triggered rule on callers of `limited`, and on no other service."""
+    apply(plane, never_triggered(limited))
+    for service in SERVICES:
+        if service != limited:
+            plane.meshctl("delete", "ratelimit", f"{service}-global")  # absent: refused, harmless
 
 
 def wait_for_filter(sidecars: list[Sidecar], present: bool) -> None:
@@ -204,7 +242,7 @@ def wait_for_filter(sidecars: list[Sidecar], present: bool) -> None:
     for sidecar in sidecars:
         def settled() -> bool:
             before = sidecar.service_calls()  # noqa: B023
-            status_through(sidecar.port)  # noqa: B023
+            status_through(sidecar.port, sidecar.service)  # noqa: B023
             return (sidecar.service_calls() > before) == present  # noqa: B023
 
         wait_until(settled, 30, f"the global filter {'in' if present else 'out of'} a sidecar", step=0.3)
@@ -215,26 +253,37 @@ def run(args: argparse.Namespace, rundir: Path) -> list[dict]:
     plane = start_control_plane(rundir / "plane")
     samples = []
     try:
-        register(plane, "reviews-v1", service="reviews", version="v1", servicePort=SERVICE_PORT,
-                 appPort=peers.UPSTREAM_HTTP1_PORT, ready=True)  # fmt: skip
-        meshctl = start_meshctl_sidecars(plane, args.sidecars, rundir / "meshctl")
+        for service in SERVICES:
+            register(plane, f"{service}-v1", service=service, version="v1", servicePort=SERVICE_PORT,
+                     appPort=peers.UPSTREAM_HTTP1_PORT, ready=True)  # fmt: skip
+        if args.same_sidecar:
+            # One group of processes, each calling both services: the limited and plain requests
+            # share a process, its threads and their hiccups; only the filter tells them apart.
+            shared = start_meshctl_sidecars(plane, SERVICES[0], args.sidecars, rundir / "meshctl")
+            for service in SERVICES[1:]:
+                for sidecar in shared:
+                    wait_until(lambda: status_through(sidecar.port, service) == 200, 60, f"a sidecar reaches {service}")  # noqa: B023
+            meshctl = {service: [dataclasses.replace(s, service=service) for s in shared] for service in SERVICES}
+        else:
+            meshctl = {service: start_meshctl_sidecars(plane, service, args.sidecars, rundir / "meshctl") for service in SERVICES}
         try:
             for number in range(1, args.rounds + 1):
-                print(f"round {number}/{args.rounds}", flush=True)
-                for phase in ("plain", "limited"):
-                    set_limited(plane, phase == "limited")
-                    wait_for_filter(meshctl, phase == "limited")
-                    samples.append({"round": number, **measure("meshctl", phase, meshctl, plane, args)})
-                    # Envoy compiles the plane's config when it starts: fresh Envoys per phase.
-                    envoys = start_envoy_sidecars(plane, args.sidecars, peers.UPSTREAM_HTTP1_PORT,
-                                                  rundir / f"envoy-{number}-{phase}")  # fmt: skip
-                    try:
-                        samples.append({"round": number, **measure("envoy", phase, envoys, plane, args)})
-                    finally:
-                        for envoy in envoys:
-                            envoy.stop()
+                limited = SERVICES[(number - 1) % len(SERVICES)]
+                print(f"round {number}/{args.rounds}: the rule on callers of {limited}", flush=True)
+                limit_only(plane, limited)
+                for service, group in meshctl.items():
+                    wait_for_filter(group, service == limited)
+                samples += [{"round": number, **s} for s in measure_pair("meshctl", meshctl, limited, plane, args)]
+                # Envoy compiles the plane's config when it starts: fresh Envoys per round.
+                envoys = {service: start_envoy_sidecars(plane, service, args.sidecars, peers.UPSTREAM_HTTP1_PORT,
+                                                        rundir / f"envoy-{number}") for service in SERVICES}  # fmt: skip
+                try:
+                    samples += [{"round": number, **s} for s in measure_pair("envoy", envoys, limited, plane, args)]
+                finally:
+                    for envoy in (e for group in envoys.values() for e in group):
+                        envoy.stop()
         finally:
-            for sidecar in meshctl:
+            for sidecar in {s.pid: s for group in meshctl.values() for s in group}.values():
                 sidecar.stop()
     finally:
         plane.stop()
@@ -248,25 +297,36 @@ def _median(values: list[float]) -> float:
 
 def render(samples: list[dict], args: argparse.Namespace) -> str:
     lines = [
-        (f"# Global rate limit, never triggered: {args.sidecars} client sidecars × {args.qps:,} req/s, "
-         f"{args.seconds:g} s, {args.rounds} rounds"),
+        (f"# Global rate limit, never triggered: 2 groups of {args.sidecars} client sidecar(s) × {args.qps:,} req/s "
+         f"at once, {args.seconds:g} s, {args.rounds} rounds"
+         f"{'; meshctl: one sidecar group serving both (--same-sidecar)' if args.same_sidecar else ''}"),
         "",
-        ("| data plane | p50 plain | p50 limited | p99 plain | p99 limited | added p99 (per round) | "
-         "requests that waited for a call | refill calls per request | plane CPU s (limited) | errors |"),
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        ("| data plane | p50 plain | p50 limited | p99 plain | p99 limited | added p50 | added p99 (per round) | "
+         "requests that waited for a call | refill calls per request | sidecar CPU µs/request plain → limited | "
+         "plane CPU s per round | errors |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
     verdicts = []
     for kind in ("meshctl", "envoy"):
-        plain = [s for s in samples if s["kind"] == kind and s["phase"] == "plain"]
-        limited = [s for s in samples if s["kind"] == kind and s["phase"] == "limited"]
-        added = [lim["p99_us"] - pl["p99_us"] for pl, lim in zip(plain, limited)]
+        rounds = sorted({s["round"] for s in samples if s["kind"] == kind})
+        pairs = [
+            ({s["phase"]: s for s in samples if s["kind"] == kind and s["round"] == r}) for r in rounds
+        ]
+        pairs = [p for p in pairs if {"plain", "limited"} <= p.keys()]
+        plain = [p["plain"] for p in pairs]
+        limited = [p["limited"] for p in pairs]
+        added = [p["limited"]["p99_us"] - p["plain"]["p99_us"] for p in pairs]
+        added_p50 = [p["limited"]["p50_us"] - p["plain"]["p50_us"] for p in pairs]
         calls = _median([s["service_calls"] / max(s["requests"], 1) for s in limited])
-        refills = _median([s.get("refill_calls", 0) / max(s["requests"], 1) for s in limited])
+        refills = _median([s["refill_calls"] / max(s["requests"], 1) for s in limited])
         errors = sum(s["non_2xx"] + s["socket_errors"] for s in plain + limited)
         lines.append(
             f"| {kind} | {_median([s['p50_us'] for s in plain]):.0f} µs | {_median([s['p50_us'] for s in limited]):.0f} µs "
             f"| {_median([s['p99_us'] for s in plain]):.0f} µs | {_median([s['p99_us'] for s in limited]):.0f} µs "
-            f"| {_median(added):+.0f} µs ({', '.join(f'{a:+.0f}' for a in added)}) | {calls:.4%} | {refills:.4%} "
+            f"| {_median(added_p50):+.0f} µs | {_median(added):+.0f} µs ({', '.join(f'{a:+.0f}' for a in added)}) "
+            f"| {calls:.4%} | {refills:.4%} "
+            f"| {_median([s['sidecar_cpu_us_per_request'] for s in plain]):.1f} → "
+            f"{_median([s['sidecar_cpu_us_per_request'] for s in limited]):.1f} "
             f"| {_median([s['plane_cpu_s'] for s in limited]):.1f} | {errors} |"
         )  # fmt: skip
         if kind == "meshctl":
@@ -277,10 +337,12 @@ def render(samples: list[dict], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sidecars", type=int, default=10)
-    parser.add_argument("--qps", type=int, default=2000, help="requests a second per sidecar")
+    parser.add_argument("--sidecars", type=int, default=1, help="client sidecars per group (two groups)")
+    parser.add_argument("--qps", type=int, default=1000, help="requests a second per sidecar")
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--same-sidecar", action="store_true",
+                        help="meshctl: each sidecar calls both services (limited and plain share its process)")
+    parser.add_argument("--rounds", type=int, default=6, help="an even count pairs each group limited and plain alike")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ratelimit-global-") as scratch:
         samples = run(args, Path(scratch))
