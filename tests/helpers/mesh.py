@@ -27,14 +27,15 @@ class MeshSidecar:
     """One `meshctl run --service` process (and the app it guards), signalled by its own PID only."""
 
     def __init__(self, env: dict[str, str], directory: Path, service: str, *args: str,
-                 command: list[str] = (), lease: float = 3.0) -> None:  # fmt: skip
+                 command: list[str] = (), lease: float = 3.0, under: list[str] = ()) -> None:  # fmt: skip
+        """`under`: a command the sidecar runs under (a benchmark's valgrind), the PID still its own."""
         self.service = service
         self.outbound_port = free_port()
         self.admin_port = free_port()
         self.log_path = directory / f"{service}-{self.outbound_port}.log"
         with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "meshctl", "run", "--service", service,
+                [*under, sys.executable, "-m", "meshctl", "run", "--service", service,
                  "--outbound-port", str(self.outbound_port), "--admin-port", str(self.admin_port),
                  "--lease", str(lease), *args, *(["--", *command] if command else [])],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
