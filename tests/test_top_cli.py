@@ -25,6 +25,7 @@ import pytest
 from helpers.control_plane import ControlPlane, start_control_plane
 from helpers.mesh import MeshSidecar, echo_instance, registered, wait_until
 from helpers.ports import free_port
+from meshctl.cli._sidecar_scrape import read_admin
 from meshctl.cli.top import REDRAW
 
 pytestmark = pytest.mark.meshctl_only
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.meshctl_only
 THREADS = 4
 RATE_PER_THREAD = 5.0  # requests per second each: 20 in all, well within what one app serves
 DELAY_MS = 20
+GHOST_LEASE = 10.0
 
 
 class Mesh:
@@ -164,6 +166,31 @@ def test_the_text_table_has_a_row_per_service_and_route(mesh: Mesh):
     assert "not read" not in shown.stdout and REDRAW not in shown.stdout
 
 
+def test_a_route_named_by_its_virtual_service_has_its_own_row(mesh: Mesh):
+    named = (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\n"
+        "spec:\n  hosts: [reviews]\n  http:\n  - name: reviews-all\n"
+        "    route:\n    - destination: {host: reviews}\n"
+    )
+    applied = mesh.plane.meshctl("apply", "-f", "-", stdin=named)
+    assert applied.returncode == 0, applied.stderr
+    try:
+        wait_until(lambda: 'route="reviews-all"' in read_admin(mesh.client.admin_port), 10,
+                   "the named route in the client sidecar")  # fmt: skip
+        with PacedLoad(mesh):
+            shown = mesh.top("--once", "--interval", "2", "--routes", "-o", "json")
+    finally:
+        deleted = mesh.plane.meshctl("delete", "VirtualService", "reviews")
+        assert deleted.returncode == 0, deleted.stderr
+    assert shown.returncode == 0, shown.stderr
+    routes = {entry["route"]: entry for entry in json.loads(shown.stdout)["routes"]}
+    assert routes["reviews-all"]["rps"] > 5 and routes["reviews-all"]["sidecars"] == 1, routes
+    # A service filter keeps only the routes whose name says their host.
+    filtered = mesh.top("reviews", "--once", "--interval", "0.5", "--routes", "-o", "json")
+    assert filtered.returncode == 0, filtered.stderr
+    assert "reviews-all" not in {e["route"] for e in json.loads(filtered.stdout)["routes"]}
+
+
 def test_a_service_filter_keeps_its_row_only(mesh: Mesh):
     shown = mesh.top("reviews", "--once", "--interval", "0.5", "-o", "json")
     assert shown.returncode == 0, shown.stderr
@@ -217,8 +244,9 @@ def test_the_live_mode_redraws_in_place_and_ctrl_c_ends_it_cleanly(mesh: Mesh):
 
 
 def test_a_dead_sidecar_is_named_below_the_table_not_a_crash(mesh: Mesh):
-    # A long lease: its registration outlives it for the length of this test.
-    ghost = MeshSidecar(mesh.plane.env, mesh.directory, "ghost", lease=60.0)
+    # Its registration outlives it by up to twice the lease: long enough for two runs of top,
+    # short enough to be gone again before the next test, whatever the order.
+    ghost = MeshSidecar(mesh.plane.env, mesh.directory, "ghost", lease=GHOST_LEASE)
     try:
         wait_until(lambda: any(s["service"] == "ghost" for s in registered(mesh.plane)), 30,
                    "ghost registered")  # fmt: skip
@@ -229,6 +257,8 @@ def test_a_dead_sidecar_is_named_below_the_table_not_a_crash(mesh: Mesh):
         text_run = mesh.top("--once", "--interval", "0.5")
     finally:
         ghost.stop()
+        wait_until(lambda: all(s["service"] != "ghost" for s in registered(mesh.plane)),
+                   3 * GHOST_LEASE, "the dead sidecar's lease expired")  # fmt: skip
     assert report_run.returncode == 0, report_run.stderr
     report = json.loads(report_run.stdout)
     assert list(report["unreachable"]) == [node] and report["sidecarsRead"] == 2, report

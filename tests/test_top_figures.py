@@ -81,6 +81,7 @@ def exposition(clusters: dict[str, tuple[int, int, list[int]]], route_requests: 
             )
         lines.append(f'meshctl_upstream_rq_time_ms_sum{{cluster="{cluster}"}} 12.5')
     lines.append(f'meshctl_route_rq_total{{route="{ROUTE}"}} {route_requests}')
+    lines.append('meshctl_route_rq_total{route="reviews-canary"} 4')  # named by its VirtualService
     # The server side's route and cluster: not read.
     lines.append('meshctl_route_rq_total{route="inbound/inbound/0"} 99')
     lines.append(f'meshctl_route_rq_time_ms_bucket{{route="{ROUTE}",le="+Inf"}} {route_requests}')
@@ -90,7 +91,8 @@ def exposition(clusters: dict[str, tuple[int, int, list[int]]], route_requests: 
 
 def test_counters_are_read_per_outbound_cluster_and_route_and_inbound_ones_are_left_out():
     counters = parse_counters(exposition({REVIEWS: (7, 3, [1, 9, 10])}, route_requests=10))
-    assert set(counters.clusters) == {REVIEWS} and set(counters.routes) == {ROUTE}
+    assert set(counters.clusters) == {REVIEWS}
+    assert set(counters.routes) == {ROUTE, "reviews-canary"}
     reviews = counters.clusters[REVIEWS]
     assert (reviews.requests, reviews.errors) == (10, 3)
     assert reviews.buckets == {10.0: 1, 25.0: 9, 50.0: 10, INF: 10}

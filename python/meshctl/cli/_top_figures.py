@@ -19,7 +19,11 @@ from meshctl.cli._quantile import histogram_quantile
 from meshctl.cli._sidecar_scrape import samples
 
 CLUSTER_DOMAIN_SUFFIX = ".svc.cluster.local"
-OUTBOUND_ROUTE_PREFIX = "outbound/"  # the RDS name of every sidecar's outbound route table
+# Unnamed routes are counted as ROUTE_TABLE/VIRTUAL_HOST/INDEX: the outbound table's as
+# outbound/HOST:PORT/INDEX, the inbound one's (the server side) as inbound/inbound/INDEX. A route
+# a VirtualService names is counted by that name, and only outbound tables hold those.
+OUTBOUND_ROUTE_PREFIX = "outbound/"
+INBOUND_ROUTE_PREFIX = "inbound/"
 
 
 @dataclass
@@ -75,11 +79,11 @@ def parse_counters(text: str) -> SidecarCounters:
         elif metric == "meshctl_upstream_rq_time_ms_bucket" and cluster.startswith("outbound|"):
             traffic = counters.clusters.setdefault(cluster, Traffic())
             traffic.buckets[float(labels["le"])] = value
-        elif metric == "meshctl_route_rq_total" and route.startswith(OUTBOUND_ROUTE_PREFIX):
+        elif not route or route.startswith(INBOUND_ROUTE_PREFIX):
+            continue
+        elif metric == "meshctl_route_rq_total":
             counters.routes.setdefault(route, Traffic()).requests = value
-        elif metric == "meshctl_route_rq_time_ms_bucket" and route.startswith(
-            OUTBOUND_ROUTE_PREFIX
-        ):
+        elif metric == "meshctl_route_rq_time_ms_bucket":
             counters.routes.setdefault(route, Traffic()).buckets[float(labels["le"])] = value
     return counters
 
