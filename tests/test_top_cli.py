@@ -278,6 +278,9 @@ def test_bad_input_is_refused_naming_what_is_wrong(mesh: Mesh):
     assert unknown.returncode == 2, unknown.stderr
     assert "no service 'nosuch' in namespace 'default'" in unknown.stderr, unknown.stderr
     assert "default/reviews" in unknown.stderr, unknown.stderr
+    elsewhere = mesh.top("-n", "nowhere", "--once")
+    assert elsewhere.returncode == 2, elsewhere.stderr
+    assert "no service in namespace 'nowhere' (namespaces: default)" in elsewhere.stderr
     wrong_format = mesh.top("-o", "yaml", "--once")
     assert wrong_format.returncode == 2 and "--output 'yaml'" in wrong_format.stderr
     nowhere = f"127.0.0.1:{free_port()}"

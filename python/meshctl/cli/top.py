@@ -115,15 +115,8 @@ def top(
 
     sidecars = registered()
     previous = read_sidecars(sidecars, parse_counters)
-    if service is not None:
-        known = {(s["namespace"], s["service"]) for s in sidecars}
-        known |= known_services(previous.by_node.values())
-        if (namespace, service) not in known:
-            names = ", ".join(f"{ns}/{name}" if ns else name for ns, name in sorted(known))
-            _refuse(
-                f"no service {service!r} in namespace {namespace!r}: it is neither registered "
-                f"nor a destination the sidecars know (known: {names or 'none'})"
-            )
+    known = {(s["namespace"], s["service"]) for s in sidecars}
+    _check_filter(known | known_services(previous.by_node.values()), service, namespace)
     redraw = output == "text" and not once and sys.stdout.isatty()
     try:
         while True:
@@ -146,6 +139,20 @@ def top(
     except KeyboardInterrupt:
         # Ctrl-C is how `top` ends: a clean exit, the last frame left on the screen.
         raise typer.Exit(0) from None
+
+
+def _check_filter(known: set[tuple[str, str]], service: str | None, namespace: str | None) -> None:
+    """Refuse a service or namespace neither registered nor a destination the sidecars know:
+    a typo should not look like a service without traffic."""
+    if service is not None and (namespace, service) not in known:
+        names = ", ".join(f"{ns}/{name}" if ns else name for ns, name in sorted(known))
+        _refuse(
+            f"no service {service!r} in namespace {namespace!r}: it is neither registered "
+            f"nor a destination the sidecars know (known: {names or 'none'})"
+        )
+    if namespace is not None and namespace not in {ns for ns, _ in known}:
+        spaces = ", ".join(sorted({ns for ns, _ in known if ns}))
+        _refuse(f"no service in namespace {namespace!r} (namespaces: {spaces or 'none'})")
 
 
 def _selected(host: str, service: str | None, namespace: str | None) -> bool:
