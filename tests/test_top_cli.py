@@ -243,6 +243,27 @@ def test_the_live_mode_redraws_in_place_and_ctrl_c_ends_it_cleanly(mesh: Mesh):
     assert returncode == 0 and "Traceback" not in stderr, stderr
 
 
+def test_json_without_once_streams_one_document_per_interval(mesh: Mesh):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "meshctl", "top", "--interval", "0.5", "-o", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=mesh.plane.env, text=True,
+    )  # fmt: skip
+    watchdog = threading.Timer(30, process.kill)  # a hung top fails the test, never blocks it
+    watchdog.start()
+    try:
+        lines = [process.stdout.readline() for _ in range(2)]
+        process.send_signal(signal.SIGINT)  # its own PID
+        returncode = process.wait(10)
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    documents = [json.loads(line) for line in lines]
+    assert all(reviews_row(document) for document in documents), documents
+    assert returncode == 0, process.stderr.read()
+
+
 def test_a_dead_sidecar_is_named_below_the_table_not_a_crash(mesh: Mesh):
     # Its registration outlives it by up to twice the lease: long enough for two runs of top,
     # short enough to be gone again before the next test, whatever the order.
