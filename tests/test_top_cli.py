@@ -264,6 +264,33 @@ def test_json_without_once_streams_one_document_per_interval(mesh: Mesh):
     assert returncode == 0, process.stderr.read()
 
 
+def test_the_control_plane_going_away_keeps_top_reading_the_last_sidecars(tmp_path: Path):
+    plane = start_control_plane(tmp_path / "plane", "--xds-port", "0")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "meshctl", "top", "--interval", "0.5", "-o", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=plane.env, text=True,
+    )  # fmt: skip
+    watchdog = threading.Timer(40, process.kill)  # a hung top fails the test, never blocks it
+    watchdog.start()
+    try:
+        first = json.loads(process.stdout.readline())
+        plane.stop()
+        later = json.loads(process.stdout.readline())
+        while "registryError" not in later:  # a frame may have begun before the plane stopped
+            later = json.loads(process.stdout.readline())
+        process.send_signal(signal.SIGINT)  # its own PID
+        returncode = process.wait(10)
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        plane.stop()
+    assert "registryError" not in first and first["services"] == [], first
+    assert "cannot reach the control plane" in later["registryError"], later
+    assert returncode == 0, process.stderr.read()
+
+
 def test_a_dead_sidecar_is_named_below_the_table_not_a_crash(mesh: Mesh):
     # Its registration outlives it by up to twice the lease: long enough for two runs of top,
     # short enough to be gone again before the next test, whatever the order.

@@ -24,6 +24,7 @@ from meshctl.cli._control_plane import (
 if TYPE_CHECKING:
     from meshctl.cli._sidecar_scrape import SidecarReads
     from meshctl.cli._top_figures import Row, SidecarCounters, Window
+    from meshctl.control.client import Client
 
     Reads = SidecarReads[SidecarCounters]
 
@@ -50,8 +51,9 @@ HELP = (
     "names it): rps and latency of the whole request, retries and the sidecar's own replies "
     "included; the engine counts no response classes per route, so it shows no success rate.\n\n"
     "Refreshes in place until Ctrl-C; --once prints one table after one interval and exits. "
-    "Sidecars that could not be read are named below the table. Exit codes: 2 bad input, 1 "
-    "control plane errors."
+    "Sidecars that could not be read are named below the table; so is a control plane that "
+    "went away, while top reads the sidecars it last listed. Exit codes: 2 bad input, 1 the "
+    "control plane unreachable or refusing at the start."
 )
 
 
@@ -102,43 +104,49 @@ def top(
     if service is not None and namespace is None:
         namespace = "default"
     client = connect(control_plane, token, "top", client_cert, client_key, ca_root)
+    try:
+        _watch(client, seconds, once, output, service, namespace, routes)
+    except KeyboardInterrupt:
+        # Ctrl-C is how `top` ends: a clean exit, the last frame left on the screen.
+        raise typer.Exit(0) from None
 
+
+def _watch(client: Client, seconds: float, once: bool, output: str, service: str | None,
+           namespace: str | None, with_routes: bool) -> None:  # fmt: skip
+    """Read the sidecars every `seconds` and print each window's frame, until interrupted."""
     from meshctl.cli._sidecar_scrape import read_sidecars
     from meshctl.cli._top_figures import known_services, parse_counters, window_between
     from meshctl.control.client import ClientError
 
-    def registered() -> list[dict[str, Any]]:
-        try:
-            return client.sidecars()["items"]
-        except ClientError as error:
-            fail("top", error)
-
-    sidecars = registered()
+    try:
+        sidecars = client.sidecars()["items"]
+    except ClientError as error:
+        fail("top", error)
     previous = read_sidecars(sidecars, parse_counters)
     known = {(s["namespace"], s["service"]) for s in sidecars}
     _check_filter(known | known_services(previous.by_node.values()), service, namespace)
     redraw = output == "text" and not once and sys.stdout.isatty()
-    try:
-        while True:
-            time.sleep(seconds)
-            sidecars = registered()  # instances come and go between frames
-            current = read_sidecars(sidecars, parse_counters)
-            window = window_between(previous.by_node, current.by_node, current.at - previous.at)
-            frame = (
-                json.dumps(_document(window, current, service, namespace, routes))
-                if output == "json"
-                else "\n".join(_table(window, current, service, namespace, routes))
-            )
-            typer.echo((REDRAW if redraw else "") + frame)
-            sys.stdout.flush()
-            if once:
-                return
-            if output == "text" and not redraw:
-                typer.echo("")  # frames one after another: a blank line between them
-            previous = current
-    except KeyboardInterrupt:
-        # Ctrl-C is how `top` ends: a clean exit, the last frame left on the screen.
-        raise typer.Exit(0) from None
+    while True:
+        time.sleep(seconds)
+        registry_error = ""
+        try:
+            sidecars = client.sidecars()["items"]  # instances come and go between frames
+        except ClientError as error:
+            # The sidecars keep serving without the control plane: so does top, on the last list.
+            registry_error = error.message
+        current = read_sidecars(sidecars, parse_counters)
+        window = window_between(previous.by_node, current.by_node, current.at - previous.at)
+        document = _document(window, current, service, namespace, with_routes)
+        if registry_error:
+            document["registryError"] = registry_error
+        frame = json.dumps(document) if output == "json" else "\n".join(_table(document))
+        typer.echo((REDRAW if redraw else "") + frame)
+        sys.stdout.flush()
+        if once:
+            return
+        if output == "text" and not redraw:
+            typer.echo("")  # frames one after another: a blank line between them
+        previous = current
 
 
 def _check_filter(known: set[tuple[str, str]], service: str | None, namespace: str | None) -> None:
@@ -233,15 +241,13 @@ def _latency(value: float | None) -> str:
     return f"{value / 1000:.2f}s" if value >= 1000 else f"{value:.1f}ms"
 
 
-def _table(
-    window: Window, reads: Reads, service: str | None, namespace: str | None, with_routes: bool
-) -> list[str]:
-    document = _document(window, reads, service, namespace, with_routes)
+def _table(document: dict[str, Any]) -> list[str]:
+    """The text frame of a document _document made."""
     read = document["sidecarsRead"]
-    total = read + len(reads.unreachable)
+    total = read + len(document["unreachable"])
     stamp = datetime.now(UTC).strftime("%H:%M:%S")
     heading = (
-        f"meshctl top — {stamp} UTC — callers' view (outbound) over {window.seconds:.1f}s, "
+        f"meshctl top — {stamp} UTC — callers' view (outbound) over {document['seconds']:.1f}s, "
         f"{read} of {total} sidecar{'s' if total != 1 else ''} read"
     )
     columns = (
@@ -258,7 +264,7 @@ def _table(
         )
     if not document["services"]:
         lines.append("(no destination services known to the sidecars read)")
-    if with_routes:
+    if "routes" in document:
         lines += ["", f"{'ROUTE':<42}{'RPS':>9}{'P50':>10}{'P99':>10}{'SIDECARS':>10}"]
         for entry in document["routes"]:
             lines.append(
@@ -266,8 +272,14 @@ def _table(
                 f"{_latency(entry['p50Ms']):>10}{_latency(entry['p99Ms']):>10}"
                 f"{entry['sidecars']:>10}"
             )
-    if reads.unreachable:
-        named = "; ".join(f"{node} ({why})" for node, why in sorted(reads.unreachable.items()))
-        count = len(reads.unreachable)
-        lines += ["", f"not read: {count} sidecar{'s' if count != 1 else ''}: {named}"]
-    return lines
+    footer = []
+    if document.get("registryError"):
+        footer.append(
+            f"control plane: {document['registryError']}; the last list of sidecars is read"
+        )
+    if document["unreachable"]:
+        unreachable = document["unreachable"]
+        named = "; ".join(f"{node} ({why})" for node, why in sorted(unreachable.items()))
+        count = len(unreachable)
+        footer.append(f"not read: {count} sidecar{'s' if count != 1 else ''}: {named}")
+    return lines + ([""] + footer if footer else [])
