@@ -7,6 +7,7 @@ import typer
 import meshctl
 from meshctl.cli import (
     apply,
+    dashboard,
     delete,
     demo,
     get,
@@ -28,7 +29,7 @@ app = typer.Typer(
 )
 run.register(app)
 # Control-plane commands: their modules import only typer; the work is imported when they run.
-for _group in (serve, apply, get, delete, route, ratelimit, top, demo, identity, prometheus):
+for _group in (serve, apply, get, delete, route, ratelimit, top, dashboard, demo, identity, prometheus):
     _group.register(app)
 
 
