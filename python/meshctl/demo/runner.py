@@ -400,8 +400,8 @@ class Demo:
             phase_seconds = max(1.0, remaining / len(phases))
         else:
             phase_seconds = DEFAULT_PHASE_SECONDS
-        self.start_traffic(client.outbound_port or 0)
         self.start_dashboard()
+        self.start_traffic(client.outbound_port or 0)
         self.say(
             "traffic: GET http://productpage:9080/ through the traffic client's sidecar; "
             "the split is what productpage's sidecar reports for reviews"
