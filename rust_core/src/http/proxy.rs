@@ -261,7 +261,8 @@ fn local_rate_limit(
 ) -> Result<bool, Box<Response<ResponseBody>>> {
     use crate::policy::local_ratelimit::{decide, RequestDescriptorSource, Verdict};
     let view = RequestView { method: request.method(), path_and_query, authority, scheme: context.scheme, headers: request.headers() };
-    let source = RequestDescriptorSource { route, vhost, request: &view, client_ip: client_address(context, request.headers()) };
+    let client_ip = || client_address(context, request.headers());
+    let source = RequestDescriptorSource { route, vhost, request: &view, client_ip: &client_ip };
     match decide(config, &source, &context.rate_limiters) {
         Verdict::Pass => Ok(false),
         Verdict::Shadow => Ok(true),
@@ -299,7 +300,8 @@ fn global_rate_limit_needed(
     };
     let cluster = context.registry.cluster(target)?;
     let view = RequestView { method: request.method(), path_and_query, authority, scheme: context.scheme, headers: request.headers() };
-    let source = RequestDescriptorSource { route, vhost, request: &view, client_ip: client_address(context, request.headers()) };
+    let client_ip = || client_address(context, request.headers());
+    let source = RequestDescriptorSource { route, vhost, request: &view, client_ip: &client_ip };
     let descriptors = global_ratelimit::descriptors(config, &source);
     if descriptors.is_empty() {
         return None;
