@@ -369,6 +369,7 @@ async fn dispatch<S>(
                 requested_server_name: identity.server_name,
                 body_faults: Default::default(),
                 rate_limiters: Default::default(),
+                istio_peer: Default::default(),
             });
             serve_http(stream, http2, context, drain).await;
         }
