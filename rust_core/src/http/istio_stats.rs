@@ -3,6 +3,7 @@
 //! body ends, with the bytes, gRPC messages and status that went out.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -36,9 +37,15 @@ pub struct PeerCache {
     by_principal: OnceLock<Arc<WorkloadMetadata>>,
 }
 
+/// The count of a gRPC request's messages as its body streams upstream (in the request's
+/// extensions; only gRPC requests on listeners that report Istio metrics carry one).
+#[derive(Debug, Clone, Default)]
+pub struct GrpcRequestMessages(pub Arc<AtomicU64>);
+
 /// What the request brings to its series.
 pub struct IstioRequest {
     started: Instant,
+    request_messages: Option<GrpcRequestMessages>,
     /// The caller, on a destination reporter.
     source: Option<Arc<WorkloadMetadata>>,
     protocol: Protocol,
@@ -47,13 +54,23 @@ pub struct IstioRequest {
 
 /// Called for every request of a listener that reports Istio metrics, with the mesh header the
 /// request arrived with (already taken out of it: the app never sees it).
-pub fn begin(context: &HttpContext, istio: &IstioStatsConfig, request: &Request<Incoming>, peer_header: Option<HeaderValue>) -> Box<IstioRequest> {
+pub fn begin(context: &HttpContext, istio: &IstioStatsConfig, request: &mut Request<Incoming>, peer_header: Option<HeaderValue>) -> Box<IstioRequest> {
     let headers = request.headers();
     let grpc = headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     // The body streams to the upstream out of sight; its declared length is what is known.
     let request_bytes = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
     let source = (istio.reporter == Reporter::Destination).then(|| inbound_peer(context, peer_header));
-    Box::new(IstioRequest { started: Instant::now(), source, protocol: if grpc { Protocol::Grpc } else { Protocol::Http }, request_bytes })
+    let request_messages = grpc.then(GrpcRequestMessages::default);
+    if let Some(counter) = &request_messages {
+        request.extensions_mut().insert(counter.clone());
+    }
+    Box::new(IstioRequest {
+        started: Instant::now(),
+        request_messages,
+        source,
+        protocol: if grpc { Protocol::Grpc } else { Protocol::Http },
+        request_bytes,
+    })
 }
 
 /// The caller of an inbound request: its header's metadata when the header's principal is the
@@ -120,6 +137,7 @@ pub fn finish_at_body_end(context: &HttpContext, istio: &Arc<IstioStatsConfig>, 
         key,
         started: begun.started,
         request_bytes: begun.request_bytes,
+        request_messages: begun.request_messages.clone(),
         response_bytes: 0,
         messages: GrpcMessages::default(),
     }));
@@ -133,6 +151,7 @@ pub struct IstioBody {
     key: SeriesKey,
     started: Instant,
     request_bytes: u64,
+    request_messages: Option<GrpcRequestMessages>,
     response_bytes: u64,
     messages: GrpcMessages,
 }
@@ -166,7 +185,7 @@ impl Drop for IstioBody {
             duration: self.started.elapsed(),
             request_bytes: self.request_bytes,
             response_bytes: self.response_bytes,
-            request_messages: 0,
+            request_messages: self.request_messages.as_ref().map_or(0, |counter| counter.0.load(Relaxed)),
             response_messages: self.messages.count,
         };
         self.metrics.record_http(&self.key, sample);

@@ -87,7 +87,7 @@ pub fn handle(context: Arc<HttpContext>, mut request: Request<Incoming>) -> impl
     async move {
         // The mesh header is the sidecars' own: no app reads it, whatever listener this is.
         let peer_header = request.headers_mut().remove(PEER_HEADER);
-        let istio = context.settings.istio.as_ref().map(|istio| super::istio_stats::begin(&context, istio, &request, peer_header));
+        let istio = context.settings.istio.as_ref().map(|istio| super::istio_stats::begin(&context, istio, &mut request, peer_header));
         // Only a connection manager with access loggers gathers anything for them.
         let log_record = (!context.settings.access_log.is_empty()).then(|| super::access_log::begin(&context, &mut request));
         context.stats.requests_total.fetch_add(1, Relaxed);

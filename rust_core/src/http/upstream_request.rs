@@ -110,6 +110,7 @@ pub fn send_parts<'a>(
         (None, incoming) => (incoming, None),
     };
     let (attempt_count_header, downstream_http1) = (upstream.attempt_count_header, upstream.downstream_http1);
+    let request_messages = parts.extensions.get::<super::istio_stats::GrpcRequestMessages>().cloned();
     let mut parts = Some(parts);
     async move {
         let mut endpoint = first_endpoint;
@@ -117,7 +118,7 @@ pub fn send_parts<'a>(
         loop {
             let body = match (&replay, incoming.take()) {
                 (Some(replay), _) => RequestBody::replay(replay.body_for_try(tries), context.clone()),
-                (None, Some(incoming)) => RequestBody::new(incoming, context.clone()),
+                (None, Some(incoming)) => RequestBody::new(incoming, context.clone()).counting(request_messages.clone()),
                 (None, None) => RequestBody::empty(context.clone()),
             };
             let body = match mirror_body.take() {

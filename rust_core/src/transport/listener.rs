@@ -374,7 +374,7 @@ async fn dispatch<S>(
             serve_http(stream, http2, context, drain).await;
         }
         NetworkHandler::TcpProxy(proxy) => {
-            proxy_tcp(proxy, &deps.registry, connection.original_destination, stream).await
+            proxy_tcp(proxy, &deps.registry, connection.original_destination, identity.peer.as_deref(), stream).await
         }
     }
 }
