@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from helpers.control_plane import start_control_plane
 from helpers.mesh import (
+    SERVERS,
     MeshSidecar,
     apply,
     echo_instance,
@@ -176,6 +178,67 @@ def test_series_expire_and_their_number_is_capped(tmp_path: Path):
 
         refused = plane.meshctl("run", "--service", "x", "--istio-metrics-expiry", "soon")
         assert refused.returncode == 2 and "--istio-metrics-expiry" in refused.stderr, refused.stderr
+    except BaseException:
+        print_logs(sidecars, {"": plane}, sidecar_tail=3000, plane_tail=4000)
+        raise
+    finally:
+        stop_all(sidecars, plane)
+
+
+def test_grpc_messages_and_status_are_counted_on_both_sides(tmp_path: Path):
+    import grpc
+
+    plane = start_control_plane(tmp_path / "plane", "--xds-port", str(free_port()))
+    sidecars: list[MeshSidecar] = []
+    try:
+        app_port = free_port()
+        greeter = MeshSidecar(
+            plane.env, tmp_path, "greeter", "--version", "v1", "--app-port", str(app_port), "--service-port", "50051",
+            "--app-protocol", "grpc", "--inbound-port", str(free_port()),
+            command=[sys.executable, str(SERVERS / "grpc_echo.py"), "--name", "g1", "--port", str(app_port)], lease=1.5,
+        )  # fmt: skip
+        client = MeshSidecar(plane.env, tmp_path, "frontend", lease=1.5)
+        sidecars += [greeter, client]
+        wait_until(lambda: any(s["service"] == "greeter" and s["ready"] for s in registered(plane)), 30, "greeter ready")
+        options = [("grpc.default_authority", "greeter:50051")]
+        with grpc.insecure_channel(f"127.0.0.1:{client.outbound_port}", options=options) as channel:
+            unary = channel.unary_unary("/meshtest.Echo/Unary")
+
+            def answered() -> object:
+                try:
+                    return unary(b"hi", timeout=3) == b"g1|hi"
+                except grpc.RpcError as error:
+                    return f"{error.code()}: {error.details()}"
+
+            wait_until(answered, 20, "a unary call through both sidecars")
+
+            def messages(sidecar: MeshSidecar, reporter: str) -> tuple[float, float]:
+                text = scrape(sidecar)
+                count = {
+                    metric: sum(value for _, value in series(text, metric, reporter=reporter, request_protocol="grpc", grpc_response_status="0"))
+                    for metric in ("istio_request_messages_total", "istio_response_messages_total")
+                }  # fmt: skip
+                return count["istio_request_messages_total"], count["istio_response_messages_total"]
+
+            before = {side: messages(sidecar, side) for side, sidecar in (("source", client), ("destination", greeter))}
+            assert list(channel.unary_stream("/meshtest.Echo/ServerStream")(b"4", timeout=5)) == [b"0", b"1", b"2", b"3"]
+            assert len(list(channel.stream_stream("/meshtest.Echo/Bidi")(iter([b"a", b"b", b"c"]), timeout=5))) == 3
+            with pytest.raises(grpc.RpcError) as failed:
+                unary(b"x", timeout=3, metadata=[("x-want-code", "NOT_FOUND")])
+            assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+
+        def counted() -> object:
+            got = {side: messages(sidecar, side) for side, sidecar in (("source", client), ("destination", greeter))}
+            # ServerStream: 1 request, 4 responses; Bidi: 3 and 3.
+            wanted = {side: (before[side][0] + 4, before[side][1] + 7) for side in before}
+            return got == wanted or f"{got} != {wanted}"
+
+        wait_until(counted, 5, "the messages of both streams on both sidecars")
+        for sidecar, reporter in ((client, "source"), (greeter, "destination")):
+            text = scrape(sidecar)
+            assert series(text, "istio_requests_total", reporter=reporter, request_protocol="grpc", grpc_response_status="5", response_code="200")
+        ((labels, _),) = series(scrape(greeter), "istio_requests_total", reporter="destination", grpc_response_status="0")
+        assert (labels["source_workload"], labels["destination_workload"], labels["connection_security_policy"]) == ("frontend", "greeter-v1", "mutual_tls")
     except BaseException:
         print_logs(sidecars, {"": plane}, sidecar_tail=3000, plane_tail=4000)
         raise
