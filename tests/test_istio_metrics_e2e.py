@@ -57,6 +57,8 @@ def call(port: int, host: str, path: str = "/books/1", headers: dict[str, str] |
             return response.status, json.loads(body) if body.startswith(b"{") else {}
     except urllib.error.HTTPError as error:
         return error.code, {}
+    except OSError:  # the sidecar's listener is not bound yet
+        return 0, {}
 
 
 def scrape(sidecar: MeshSidecar) -> str:

@@ -98,8 +98,8 @@ impl RequestBody {
         RequestBody { source: Source::Streaming(incoming), tee: None, connection, grpc_messages: None }
     }
 
-    /// Counts the gRPC messages this body passes into `counter` (the downstream body's only:
-    /// a retried body is not counted again).
+    /// Counts the gRPC messages this body passes into `counter` (a first try's only: a retried
+    /// body is not counted again).
     pub fn counting(mut self, counter: Option<super::istio_stats::GrpcRequestMessages>) -> Self {
         self.grpc_messages = counter.map(|counter| Box::new((Default::default(), counter)));
         self

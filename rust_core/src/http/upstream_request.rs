@@ -117,7 +117,10 @@ pub fn send_parts<'a>(
         let mut tries: u32 = 1;
         loop {
             let body = match (&replay, incoming.take()) {
-                (Some(replay), _) => RequestBody::replay(replay.body_for_try(tries), context.clone()),
+                // The first try's gRPC messages are the request's; a retry's are not counted again.
+                (Some(replay), _) => {
+                    RequestBody::replay(replay.body_for_try(tries), context.clone()).counting(request_messages.clone().filter(|_| tries == 1))
+                }
                 (None, Some(incoming)) => RequestBody::new(incoming, context.clone()).counting(request_messages.clone()),
                 (None, None) => RequestBody::empty(context.clone()),
             };
