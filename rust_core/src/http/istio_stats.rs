@@ -94,7 +94,7 @@ fn inbound_peer(context: &HttpContext, header: Option<HeaderValue>) -> Arc<Workl
 }
 
 /// Wraps the body so that the series is updated once it has gone out (or was dropped).
-pub fn finish_at_body_end(context: &HttpContext, istio: &Arc<IstioStatsConfig>, begun: Box<IstioRequest>, response: Response<ResponseBody>) -> Response<ResponseBody> {
+pub fn finish_at_body_end(context: &HttpContext, istio: &Arc<IstioStatsConfig>, begun: &IstioRequest, response: Response<ResponseBody>) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
     let flags = parts.extensions.get::<LocalReplyCause>().map(|cause| cause.flags).unwrap_or_default();
     let (source, destination, service, security) = match istio.reporter {

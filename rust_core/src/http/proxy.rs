@@ -104,7 +104,7 @@ pub fn handle(context: Arc<HttpContext>, mut request: Request<Incoming>) -> impl
         context.stats.responses.record(response.status().as_u16());
         // Before the access log, which takes the local reply's cause out of the extensions.
         if let (Some(begun), Some(istio)) = (istio, &context.settings.istio) {
-            response = super::istio_stats::finish_at_body_end(&context, istio, begun, response);
+            response = super::istio_stats::finish_at_body_end(&context, istio, &begun, response);
         }
         if let Some(record) = log_record {
             response = super::access_log::finish_at_body_end(&context, record, response);
