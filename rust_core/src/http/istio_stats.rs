@@ -21,7 +21,7 @@ use crate::telemetry::access_log::LocalReplyCause;
 use crate::telemetry::istio_metrics::{HttpSample, IstioMetrics, Protocol, SecurityPolicy, SeriesKey};
 use crate::telemetry::peer_header;
 
-/// Where an outbound request went (in the response's extensions, only on a source reporter).
+/// Where a forwarded request went (its endpoint's workload, its cluster's service).
 #[derive(Debug, Clone)]
 pub struct IstioDestination {
     pub workload: Option<Arc<WorkloadMetadata>>,
@@ -46,6 +46,8 @@ pub struct GrpcRequestMessages(pub Arc<AtomicU64>);
 pub struct IstioRequest {
     started: Instant,
     request_messages: Option<GrpcRequestMessages>,
+    /// Set by the router once it has chosen an endpoint (None: answered before that).
+    pub destination: Option<IstioDestination>,
     /// The caller, on a destination reporter.
     source: Option<Arc<WorkloadMetadata>>,
     protocol: Protocol,
@@ -67,6 +69,7 @@ pub fn begin(context: &HttpContext, istio: &IstioStatsConfig, request: &mut Requ
     Box::new(IstioRequest {
         started: Instant::now(),
         request_messages,
+        destination: None,
         source,
         protocol: if grpc { Protocol::Grpc } else { Protocol::Http },
         request_bytes,
@@ -95,12 +98,11 @@ fn inbound_peer(context: &HttpContext, header: Option<HeaderValue>) -> Arc<Workl
 
 /// Wraps the body so that the series is updated once it has gone out (or was dropped).
 pub fn finish_at_body_end(context: &HttpContext, istio: &Arc<IstioStatsConfig>, begun: &IstioRequest, response: Response<ResponseBody>) -> Response<ResponseBody> {
-    let (mut parts, body) = response.into_parts();
+    let (parts, body) = response.into_parts();
     let flags = parts.extensions.get::<LocalReplyCause>().map(|cause| cause.flags).unwrap_or_default();
     let (source, destination, service, security) = match istio.reporter {
         Reporter::Source => {
-            let target = parts.extensions.remove::<IstioDestination>();
-            let (workload, service) = target.map_or((None, None), |t| (t.workload, t.service));
+            let (workload, service) = begun.destination.clone().map_or((None, None), |t| (t.workload, t.service));
             (
                 istio.workload.clone(),
                 workload.unwrap_or_else(WorkloadMetadata::unknown),
@@ -181,14 +183,15 @@ impl IstioBody {
 
 impl Drop for IstioBody {
     fn drop(&mut self) {
+        let ended = Instant::now();
         let sample = HttpSample {
-            duration: self.started.elapsed(),
+            duration: ended.saturating_duration_since(self.started),
             request_bytes: self.request_bytes,
             response_bytes: self.response_bytes,
             request_messages: self.request_messages.as_ref().map_or(0, |counter| counter.0.load(Relaxed)),
             response_messages: self.messages.count,
         };
-        self.metrics.record_http(&self.key, sample);
+        self.metrics.record_http(&self.key, sample, ended);
     }
 }
 

@@ -87,7 +87,7 @@ pub fn handle(context: Arc<HttpContext>, mut request: Request<Incoming>) -> impl
     async move {
         // The mesh header is the sidecars' own: no app reads it, whatever listener this is.
         let peer_header = request.headers_mut().remove(PEER_HEADER);
-        let istio = context.settings.istio.as_ref().map(|istio| super::istio_stats::begin(&context, istio, &mut request, peer_header));
+        let mut istio = context.settings.istio.as_ref().map(|istio| super::istio_stats::begin(&context, istio, &mut request, peer_header));
         // Only a connection manager with access loggers gathers anything for them.
         let log_record = (!context.settings.access_log.is_empty()).then(|| super::access_log::begin(&context, &mut request));
         context.stats.requests_total.fetch_add(1, Relaxed);
@@ -97,7 +97,7 @@ pub fn handle(context: Arc<HttpContext>, mut request: Request<Incoming>) -> impl
         // After CONNECT the bytes that follow are tunnel payload, not HTTP. meshctl tunnels nothing,
         // so the connection cannot carry another request: it closes after the answer, as Envoy's does.
         let close_after = request.method() == Method::CONNECT && request.version() <= Version::HTTP_11;
-        let mut response = route_request(&context, request).await;
+        let mut response = route_request(&context, request, istio.as_deref_mut()).await;
         if close_after {
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -118,7 +118,12 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 #[allow(clippy::manual_async_fn)] // on purpose: see the comment above `handle`
-fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> impl Future<Output = Response<ResponseBody>> + '_ {
+/// `istio`: the request's Istio metrics record, told where the request went.
+fn route_request<'a>(
+    context: &'a Arc<HttpContext>,
+    mut request: Request<Incoming>,
+    istio: Option<&'a mut super::istio_stats::IstioRequest>,
+) -> impl Future<Output = Response<ResponseBody>> + 'a {
     async move {
         // First, as Envoy's connection manager does: policy and routing see the rewritten header.
         forward_client_cert(&context.settings.forward_client_cert, context.peer_identity.as_deref(), context.local_principal.as_deref(), request.headers_mut());
@@ -231,15 +236,14 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
                 match prepared {
                     Ok(outbound) => {
                         // Where it went, for a source reporter's destination_* labels.
-                        let destination = context.settings.istio.is_some().then(|| {
+                        if let Some(record) = istio {
                             let cluster = outbound.diverted.as_ref().map_or(&outbound.primary, |(to, _)| to);
-                            IstioDestination { workload: outbound.endpoint.workload.clone(), service: cluster.config.service.clone() }
-                        });
-                        let mut response = forward_request(context, forward, vhost, grpc, outbound).await;
-                        if let Some(destination) = destination {
-                            response.extensions_mut().insert(destination);
+                            record.destination = Some(IstioDestination {
+                                workload: outbound.endpoint.workload.clone(),
+                                service: cluster.config.service.clone(),
+                            });
                         }
-                        response
+                        forward_request(context, forward, vhost, grpc, outbound).await
                     }
                     Err(reply) => reply,
                 }

@@ -262,8 +262,13 @@ impl IstioMetrics {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    pub fn record_http(&self, key: &SeriesKey, sample: HttpSample) {
-        let Some(series) = self.series(&self.http, key) else { return };
+    fn millis_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// `at`: when the request ended (read once by the caller, who also timed the request).
+    pub fn record_http(&self, key: &SeriesKey, sample: HttpSample, at: Instant) {
+        let Some(series) = self.series(&self.http, key, self.millis_at(at)) else { return };
         series.requests.fetch_add(1, Relaxed);
         series.duration.record_milli(sample.duration.as_micros() as u64);
         series.request_bytes.record_milli(sample.request_bytes.saturating_mul(1000));
@@ -275,7 +280,7 @@ impl IstioMetrics {
     }
 
     pub fn record_tcp(&self, key: &SeriesKey, sample: TcpSample) {
-        let Some(series) = self.series(&self.tcp, key) else { return };
+        let Some(series) = self.series(&self.tcp, key, self.now()) else { return };
         series.sent_bytes.fetch_add(sample.sent_bytes, Relaxed);
         series.received_bytes.fetch_add(sample.received_bytes, Relaxed);
         series.opened.fetch_add(sample.opened, Relaxed);
@@ -283,8 +288,7 @@ impl IstioMetrics {
     }
 
     /// The series of `key`, made if new; None when the cap refuses a new one (counted).
-    fn series<T: Series>(&self, map: &RwLock<SeriesMap<T>>, key: &SeriesKey) -> Option<Arc<T>> {
-        let now = self.now();
+    fn series<T: Series>(&self, map: &RwLock<SeriesMap<T>>, key: &SeriesKey, now: u64) -> Option<Arc<T>> {
         if let Some(found) = map.read().unwrap().get(key) {
             found.last_update().store(now, Relaxed);
             return Some(found.clone());
@@ -438,11 +442,11 @@ mod tests {
     #[test]
     fn equal_label_sets_from_different_objects_share_one_series() {
         let metrics = IstioMetrics::default();
-        metrics.record_http(&key(200), sample(3, 100));
-        metrics.record_http(&key(200), sample(7, 2000));
+        metrics.record_http(&key(200), sample(3, 100), Instant::now());
+        metrics.record_http(&key(200), sample(7, 2000), Instant::now());
         let mut flagged = key(503);
         flagged.flags.insert(ResponseFlag::UpstreamConnectionFailure);
-        metrics.record_http(&flagged, sample(1, 0));
+        metrics.record_http(&flagged, sample(1, 0), Instant::now());
         let mut out = String::new();
         metrics.render(&mut out);
         let expected = "istio_requests_total{reporter=\"destination\",source_workload=\"web-v1\",source_canonical_service=\"web\",\
@@ -468,16 +472,16 @@ grpc_response_status=\"\",response_flags=\"-\",connection_security_policy=\"mutu
     fn the_cap_drops_and_counts_and_expired_series_make_room() {
         let metrics = IstioMetrics::default();
         metrics.configure(Duration::from_millis(50), 2);
-        metrics.record_http(&key(200), sample(1, 1));
-        metrics.record_http(&key(201), sample(1, 1));
-        metrics.record_http(&key(202), sample(1, 1));
-        metrics.record_http(&key(200), sample(1, 1)); // an existing series still counts
+        metrics.record_http(&key(200), sample(1, 1), Instant::now());
+        metrics.record_http(&key(201), sample(1, 1), Instant::now());
+        metrics.record_http(&key(202), sample(1, 1), Instant::now());
+        metrics.record_http(&key(200), sample(1, 1), Instant::now()); // an existing series still counts
         let mut out = String::new();
         metrics.render(&mut out);
         assert!(out.contains("meshctl_istio_series_overflow_total 1"), "{out}");
         assert!(!out.contains("response_code=\"202\""));
         std::thread::sleep(Duration::from_millis(80));
-        metrics.record_http(&key(202), sample(1, 1));
+        metrics.record_http(&key(202), sample(1, 1), Instant::now());
         let mut out = String::new();
         metrics.render(&mut out);
         assert!(out.contains("response_code=\"202\""));
