@@ -55,7 +55,8 @@ def test_prometheus_answers_istios_dashboard_queries(tmp_path):
         print(f"answers {dict(answers)}, rps by workload {rates}")
         wait_until(lambda: isinstance(per_workload(P90_BY_WORKLOAD), dict), 10, "P90 by destination workload", 0.5)
         p90 = per_workload(P90_BY_WORKLOAD)
-        assert all(0 < latency <= 1000 for latency in p90.values()), p90
+        # Requests made before reviews' endpoints arrived have an unknown destination (no rate now).
+        assert all(0 < p90[workload] <= 1000 for workload in ("reviews-v1", "reviews-v2")), p90
     finally:
         if prometheus is not None:
             print(f"--- prometheus ---\n{prometheus.log()[-2000:]}")
