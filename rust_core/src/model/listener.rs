@@ -91,6 +91,9 @@ pub struct HttpSettings {
     /// The access loggers; empty (the common case): the request path gathers nothing for them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub access_log: Vec<crate::telemetry::access_log::AccessLog>,
+    /// Istio's standard metrics for this listener (from its metadata); None: none reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub istio: Option<Arc<super::workload::IstioStatsConfig>>,
 }
 
 /// One HTTP filter instance before the router (RBAC runs first, apart, in `rbac`).
@@ -159,4 +162,6 @@ pub struct TcpProxyConfig {
     pub cluster: String,
     #[serde(with = "super::optional_millis")]
     pub idle_timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub istio: Option<Arc<super::workload::IstioStatsConfig>>,
 }
