@@ -50,9 +50,9 @@ def edges(dom: list[dict[str, str]]) -> dict[str, dict[str, str]]:
     return {e["data-edge"]: e for e in dom if "data-edge" in e}
 
 
-def shares(dom: list[dict[str, str]]) -> dict[str, float]:
-    """reviews' split as the page shows it: version → share."""
-    return {e["data-version"]: float(e["data-share"]) for e in dom if "data-version" in e}
+def shares(dom: list[dict[str, str]], service: str = "default/reviews") -> dict[str, float]:
+    """A service's split as the page shows it: version → share."""
+    return {e["data-version"]: float(e["data-share"]) for e in dom if "data-version" in e and e.get("data-service") == service}
 
 
 def wait_for(log: Path, pattern: str, timeout: float, process: subprocess.Popen) -> re.Match:
