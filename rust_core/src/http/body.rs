@@ -16,6 +16,8 @@ pub enum ResponseBody {
     /// Either of the above, on a connection manager with access logs (boxed: rare, and kept out
     /// of the size of every other body).
     Logged(Box<super::access_log::LoggedBody>),
+    /// Any of the above, on a sampled request of a tracing connection manager (boxed likewise).
+    Traced(Box<super::trace_span::TracedBody>),
 }
 
 impl ResponseBody {
@@ -52,6 +54,7 @@ impl Body for ResponseBody {
             }
             ResponseBody::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ResponseBody::Logged(logged) => logged.poll_frame(cx),
+            ResponseBody::Traced(traced) => traced.poll_frame(cx),
         }
     }
 
@@ -60,6 +63,7 @@ impl Body for ResponseBody {
             ResponseBody::Upstream(body, _) => body.is_end_stream(),
             ResponseBody::Local(bytes) => bytes.is_none(),
             ResponseBody::Logged(logged) => logged.inner().is_end_stream(),
+            ResponseBody::Traced(traced) => traced.inner().is_end_stream(),
         }
     }
 
@@ -68,6 +72,7 @@ impl Body for ResponseBody {
             ResponseBody::Upstream(body, _) => body.size_hint(),
             ResponseBody::Local(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             ResponseBody::Logged(logged) => logged.inner().size_hint(),
+            ResponseBody::Traced(traced) => traced.inner().size_hint(),
         }
     }
 }

@@ -82,6 +82,7 @@ pub fn handle(context: Arc<HttpContext>, mut request: Request<Incoming>) -> impl
     async move {
         // Only a connection manager with access loggers gathers anything for them.
         let log_record = (!context.settings.access_log.is_empty()).then(|| super::access_log::begin(&context, &mut request));
+        let span = context.settings.tracing.as_ref().and_then(|tracing| super::trace_span::begin(&context, tracing, &mut request));
         context.stats.requests_total.fetch_add(1, Relaxed);
         if let Some(peer_requests) = &context.peer_requests {
             peer_requests.fetch_add(1, Relaxed);
@@ -96,6 +97,9 @@ pub fn handle(context: Arc<HttpContext>, mut request: Request<Incoming>) -> impl
         context.stats.responses.record(response.status().as_u16());
         if let Some(record) = log_record {
             response = super::access_log::finish_at_body_end(&context, record, response);
+        }
+        if let Some(span) = span {
+            response = super::trace_span::finish_at_body_end(&context, span, response);
         }
         Ok(response)
     }
@@ -240,6 +244,9 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
         }
         if !context.settings.access_log.is_empty() {
             response.extensions_mut().insert(RouteName(route.name.clone()));
+        }
+        if let (Some(_), Some(operation)) = (&context.settings.tracing, &route.decorator) {
+            response.extensions_mut().insert(super::trace_span::SpanOperation(operation.clone()));
         }
         response
     }
@@ -666,7 +673,7 @@ fn forward_request<'a>(
         };
         // The first try's endpoint (a retry may go elsewhere), for access logs only; boxed, so
         // that it adds a pointer, not the record, to every request's future.
-        let logged_upstream = (!context.settings.access_log.is_empty())
+        let logged_upstream = (!context.settings.access_log.is_empty() || context.settings.tracing.is_some())
             .then(|| Box::new(UpstreamInfo { cluster: cluster.config.name.clone(), host: outbound.endpoint.address }));
         let breaker_call = match (&outbound.primary.fallback, outbound.admission) {
             (Some(guard), Some(admission)) => Some(BreakerCall::new(guard, admission)),

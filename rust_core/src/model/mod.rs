@@ -15,6 +15,7 @@ pub mod retry;
 pub mod route;
 pub mod secret;
 pub mod tls;
+pub mod tracing;
 
 /// Durations appear in /config_dump as whole milliseconds.
 pub(crate) mod millis {

@@ -539,6 +539,7 @@ impl Metrics {
         self.rbac.render(&mut out);
         self.tls.render(&mut out);
         super::access_log::render_prometheus(&mut out);
+        super::span_export::render_prometheus(&mut out);
         out
     }
 }

@@ -22,6 +22,7 @@ mod retry;
 mod route;
 mod secret;
 mod tls;
+mod tracing;
 
 use std::fmt;
 
