@@ -40,6 +40,7 @@ from google.protobuf.message import Message
 
 from meshctl.agent.bootstrap import resource_to_bytes
 from meshctl.control import compiler_access_log as access_log
+from meshctl.control import compiler_tracing as tracing
 from meshctl.control import compiler_concurrency as concurrency
 from meshctl.control import compiler_fallback as fallback
 from meshctl.control import compiler_fault as fault
@@ -231,6 +232,8 @@ def compile_mesh(
     namespaces = {"", *(s.namespace for s in sidecars)}
     for namespace in sorted(namespaces):
         config.routes[namespace] = _route_table(namespace, ports, service_for)
+        if any(telemetry.spec.tracing for telemetry in config.telemetries):
+            tracing.decorate_routes(config.routes[namespace])
         for virtual_host in config.routes[namespace]["virtual_hosts"]:
             rules = limited.get(virtual_host["name"].rpartition(":")[0], [])
             ratelimit.limit_virtual_host(virtual_host, ratelimit.for_caller_namespace(rules, namespace))
@@ -396,6 +399,11 @@ def sidecar_resources(mesh: MeshConfig, sidecar: Sidecar) -> dict[str, list[Json
         }
         logs_for[INBOUND_LISTENER] = logs_for[access_log.SERVER]
         listeners = access_log.with_access_logs(listeners, logs_for)
+        traced, collectors = tracing.sidecar_tracing(mesh.telemetries, sidecar)
+        if traced:
+            listeners = tracing.with_tracing(listeners, traced, INBOUND_LISTENER, f"{sidecar.host}:{sidecar.service_port}/*")
+            known = {cluster["name"] for cluster in clusters}
+            clusters += [cluster for cluster in collectors if cluster["name"] not in known]
     return {
         types.CLUSTER: clusters,
         types.ENDPOINT: list(mesh.endpoints),
