@@ -11,11 +11,15 @@ from pathlib import Path
 import pytest
 from helpers import bootstrap as b
 from helpers.envoy_validate import ENVOY, assert_envoy_accepts, static_cluster
-
 from meshctl import _core
 from meshctl.agent.bootstrap import bootstrap_from_dict
 from meshctl.control import resource_types as types
-from meshctl.control.compiler import INBOUND_LISTENER, OUTBOUND_LISTENER, compile_mesh, sidecar_resources
+from meshctl.control.compiler import (
+    INBOUND_LISTENER,
+    OUTBOUND_LISTENER,
+    compile_mesh,
+    sidecar_resources,
+)
 from meshctl.control.registry import Sidecar
 from meshctl.resources import ValidationFailed, extension_providers, validate_documents
 

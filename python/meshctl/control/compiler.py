@@ -40,7 +40,6 @@ from google.protobuf.message import Message
 
 from meshctl.agent.bootstrap import resource_to_bytes
 from meshctl.control import compiler_access_log as access_log
-from meshctl.control import compiler_tracing as tracing
 from meshctl.control import compiler_concurrency as concurrency
 from meshctl.control import compiler_fallback as fallback
 from meshctl.control import compiler_fault as fault
@@ -49,6 +48,7 @@ from meshctl.control import compiler_ratelimit as ratelimit
 from meshctl.control import compiler_ratelimit_global as global_ratelimit
 from meshctl.control import compiler_rbac as rbac
 from meshctl.control import compiler_resilience as resilience
+from meshctl.control import compiler_tracing as tracing
 from meshctl.control import resource_types as types
 from meshctl.control.compiler_matchers import string_match
 from meshctl.control.registry import Sidecar
