@@ -94,23 +94,26 @@ def test_one_request_is_one_trace_in_jaeger_with_a_client_and_server_span_per_ho
         instances += [ratings, reviews, productpage]
         wait_until(lambda: sum(s["ready"] for s in registered(plane)) == 3, 30, "three instances ready")
 
-        def configured(percent: str) -> bool:
+        def configured(percent: float) -> bool:
             # Both connection managers of every sidecar carry the new tracing config.
-            return all(i.admin("/config_dump").count(f'"random_sampling_percent":{percent}') >= 2 for i in instances)
+            for instance in instances:
+                found = re.findall(r'"random_sampling_percent":\s*([\d.]+)', instance.admin("/config_dump"))
+                if len(found) < 2 or any(float(value) != percent for value in found):
+                    return False
+            return True
 
         apply(plane, TELEMETRY.replace("PERCENT", "100"))
-        wait_until(lambda: configured("100.0"), 30, "tracing configured on every sidecar", step=0.2)
+        wait_until(lambda: configured(100.0), 30, "tracing configured on every sidecar", step=0.2)
         # The chain works (each hop's route and endpoints are in place) before the traced request.
         wait_until(lambda: get(productpage.inbound_port, {})[0] == 200, 30, "productpage → reviews → ratings", step=0.2)
 
         status, _ = get(productpage.inbound_port, {"x-request-id": "rid-one"})
         assert status == 200
 
-        def one_trace() -> list[dict] | None:
-            found = jaeger.traces("productpage.default", {"guid:x-request-id": "rid-one"})
-            return found if found and len(found[0]["spans"]) >= 5 else None
+        def one_trace() -> list[dict]:
+            return jaeger.traces("productpage.default", {"guid:x-request-id": "rid-one"})
 
-        wait_until(one_trace, 30, "the trace of rid-one in Jaeger", step=0.5)
+        wait_until(lambda: bool(one_trace()) and len(one_trace()[0]["spans"]) >= 5, 30, "the trace of rid-one in Jaeger", step=0.5)
         (trace,) = one_trace()
         services = {key: process["serviceName"] for key, process in trace["processes"].items()}
         spans = {(services[span["processID"]], tags_of(span)["span.kind"]): span for span in trace["spans"]}
@@ -152,7 +155,7 @@ def test_one_request_is_one_trace_in_jaeger_with_a_client_and_server_span_per_ho
 
         # 0 %: nothing is recorded... unless the caller decided to sample (W3C flag 01).
         apply(plane, TELEMETRY.replace("PERCENT", "0"))
-        wait_until(lambda: configured("0.0"), 30, "0 % on every sidecar", step=0.2)
+        wait_until(lambda: configured(0.0), 30, "0 % on every sidecar", step=0.2)
         assert get(productpage.inbound_port, {"x-request-id": "rid-unsampled"})[0] == 200
         trace_id, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
         forced = {"x-request-id": "rid-forced", "traceparent": f"00-{trace_id}-{caller_span}-01"}
