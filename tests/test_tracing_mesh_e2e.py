@@ -153,6 +153,15 @@ def test_one_request_is_one_trace_in_jaeger_with_a_client_and_server_span_per_ho
         assert outer["startTime"] <= inner["startTime"] and inner["duration"] <= outer["duration"]
         assert productpage.counter("meshctl_tracing_spans_exported_total") >= 2
 
+        # Malformed trace headers fail nothing: the request starts a trace of its own.
+        malformed = {"x-request-id": "rid-malformed", "traceparent": "00-not-a-trace-01", "b3": "garbage"}
+        assert get(productpage.inbound_port, malformed)[0] == 200
+        wait_until(lambda: len(jaeger.traces("productpage.default", {"guid:x-request-id": "rid-malformed"})) == 1, 30,
+                   "the malformed request's own trace", step=0.5)  # fmt: skip
+        (fresh,) = jaeger.traces("productpage.default", {"guid:x-request-id": "rid-malformed"})
+        roots = [span for span in fresh["spans"] if parent_of(span) is None]
+        assert len(roots) == 1 and tags_of(roots[0])["istio.canonical_service"] == "productpage"
+
         # 0 %: nothing is recorded... unless the caller decided to sample (W3C flag 01).
         apply(plane, TELEMETRY.replace("PERCENT", "0"))
         wait_until(lambda: configured(0.0), 30, "0 % on every sidecar", step=0.2)

@@ -34,6 +34,7 @@ use crate::registry::Registry;
 use crate::telemetry::access_log::UpstreamInfo;
 use crate::telemetry::metrics::ListenerStats;
 use crate::telemetry::resilience::ResponseFlag;
+use crate::telemetry::trace_context::sampled_in;
 use crate::upstream::destination_breaker::Admission;
 use crate::upstream::fallback::ClusterFallback;
 use crate::upstream::{ClusterRuntime, Endpoint};
@@ -115,6 +116,8 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
         // First, as Envoy's connection manager does: policy and routing see the rewritten header.
         forward_client_cert(&context.settings.forward_client_cert, context.peer_identity.as_deref(), context.local_principal.as_deref(), request.headers_mut());
         let grpc = is_grpc(request.headers());
+        // A sampled span names itself after the route (its decorator); the unsampled skip that.
+        let traced = context.settings.tracing.is_some() && sampled_in(request.headers());
         let route_config = match &context.settings.routes {
             RouteSource::Inline { config } => config.clone(),
             RouteSource::Rds { name } => match context.registry.route_config(name) {
@@ -245,7 +248,7 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
         if !context.settings.access_log.is_empty() {
             response.extensions_mut().insert(RouteName(route.name.clone()));
         }
-        if let (Some(_), Some(operation)) = (&context.settings.tracing, &route.decorator) {
+        if let (true, Some(operation)) = (traced, &route.decorator) {
             response.extensions_mut().insert(super::trace_span::SpanOperation(operation.clone()));
         }
         response
@@ -673,7 +676,8 @@ fn forward_request<'a>(
         };
         // The first try's endpoint (a retry may go elsewhere), for access logs only; boxed, so
         // that it adds a pointer, not the record, to every request's future.
-        let logged_upstream = (!context.settings.access_log.is_empty() || context.settings.tracing.is_some())
+        let traced = context.settings.tracing.is_some() && sampled_in(outbound.request.headers());
+        let logged_upstream = (!context.settings.access_log.is_empty() || traced)
             .then(|| Box::new(UpstreamInfo { cluster: cluster.config.name.clone(), host: outbound.endpoint.address }));
         let breaker_call = match (&outbound.primary.fallback, outbound.admission) {
             (Some(guard), Some(admission)) => Some(BreakerCall::new(guard, admission)),

@@ -178,9 +178,12 @@ fn is_lower_hex(text: &str) -> bool {
 }
 
 /// Writes `span`'s context into the request going upstream: W3C traceparent (and the caller's
-/// tracestate), and the B3 multi-headers (Istio's apps may read and copy either). A single `b3`
-/// header from the caller would name the caller's span, so it is removed rather than left stale.
+/// tracestate), as Envoy's OpenTelemetry tracer does; and, when the request came with B3 headers
+/// (an app that reads and copies those), the B3 multi-headers too, so that they name this span
+/// rather than the caller's. A single `b3` header would be stale: it is replaced by those.
+/// A request without B3 gets none: one header per request, not five, on the unsampled path.
 pub fn inject(span: &SpanContext, headers: &mut HeaderMap) {
+    let b3_in_use = headers.contains_key(B3) || headers.contains_key(B3_TRACE_ID) || headers.contains_key(B3_SAMPLED);
     headers.insert(TRACEPARENT, traceparent(span));
     match &span.tracestate {
         Some(state) => {
@@ -190,12 +193,18 @@ pub fn inject(span: &SpanContext, headers: &mut HeaderMap) {
             headers.remove(TRACESTATE);
         }
     }
+    if !b3_in_use {
+        return;
+    }
     headers.remove(B3);
-    headers.insert(B3_TRACE_ID, hex_value(&format!("{:032x}", span.trace_id)));
-    headers.insert(B3_SPAN_ID, hex_value(&format!("{:016x}", span.span_id)));
+    let mut trace_id = [0u8; 32];
+    headers.insert(B3_TRACE_ID, hex_value(hex_into(&mut trace_id, span.trace_id)));
+    let mut span_id = [0u8; 16];
+    headers.insert(B3_SPAN_ID, hex_value(hex_into(&mut span_id, span.span_id.into())));
     match span.parent_span_id {
         Some(parent) => {
-            headers.insert(B3_PARENT_SPAN_ID, hex_value(&format!("{parent:016x}")));
+            let mut parent_id = [0u8; 16];
+            headers.insert(B3_PARENT_SPAN_ID, hex_value(hex_into(&mut parent_id, parent.into())));
         }
         None => {
             headers.remove(B3_PARENT_SPAN_ID);
@@ -206,13 +215,35 @@ pub fn inject(span: &SpanContext, headers: &mut HeaderMap) {
     headers.remove(B3_FLAGS);
 }
 
-pub fn traceparent(span: &SpanContext) -> HeaderValue {
-    let flags = if span.sampled { "01" } else { "00" };
-    hex_value(&format!("00-{:032x}-{:016x}-{flags}", span.trace_id, span.span_id))
+/// Whether a request this proxy has traced carries a sampled context (its injected traceparent
+/// ends in flags 01): how later stages skip span bookkeeping for the unsampled many.
+pub fn sampled_in(headers: &HeaderMap) -> bool {
+    headers.get(TRACEPARENT).is_some_and(|v| v.as_bytes().ends_with(b"-01"))
 }
 
-fn hex_value(text: &str) -> HeaderValue {
-    HeaderValue::from_str(text).expect("hex digits and dashes are a valid header value")
+pub fn traceparent(span: &SpanContext) -> HeaderValue {
+    // 00-<32 hex>-<16 hex>-<2 hex>, written on the stack (this runs for every request traced).
+    let mut text = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    hex_into(&mut text[3..35], span.trace_id);
+    hex_into(&mut text[36..52], span.span_id.into());
+    if span.sampled {
+        text[54] = b'1';
+    }
+    hex_value(&text)
+}
+
+/// `value`'s low `out.len() / 2` bytes as lower-case hex, most significant first.
+fn hex_into(out: &mut [u8], mut value: u128) -> &[u8] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for slot in out.iter_mut().rev() {
+        *slot = DIGITS[(value & 0xf) as usize];
+        value >>= 4;
+    }
+    out
+}
+
+fn hex_value(text: &[u8]) -> HeaderValue {
+    HeaderValue::from_bytes(text).expect("hex digits and dashes are a valid header value")
 }
 
 /// A new, random, non-zero span id.
@@ -323,6 +354,15 @@ mod tests {
     }
 
     #[test]
+    fn without_b3_from_the_caller_only_w3c_is_sent() {
+        let span = SpanContext { trace_id: 1, span_id: 0xab, parent_span_id: None, sampled: true, tracestate: None };
+        let mut map = HeaderMap::new();
+        inject(&span, &mut map);
+        assert_eq!(map[TRACEPARENT], "00-00000000000000000000000000000001-00000000000000ab-01");
+        assert_eq!(map.len(), 1);
+    }
+
+    #[test]
     fn injected_headers_name_this_span_and_read_back() {
         let span = SpanContext {
             trace_id: TRACE,
@@ -342,8 +382,10 @@ mod tests {
         assert!(!map.contains_key(B3) && !map.contains_key(B3_FLAGS));
         let Extracted::Parent(read) = extract(&map) else { panic!() };
         assert_eq!((read.trace_id, read.span_id, read.sampled), (TRACE, 0x1111222233334444, Some(true)));
+        assert!(sampled_in(&map));
         let unsampled = SpanContext { sampled: false, parent_span_id: None, tracestate: None, ..span };
         inject(&unsampled, &mut map);
+        assert!(!sampled_in(&map));
         assert!(map[TRACEPARENT].to_str().unwrap().ends_with("-00"));
         assert_eq!(map[B3_SAMPLED], "0");
         assert!(!map.contains_key(TRACESTATE) && !map.contains_key(B3_PARENT_SPAN_ID));
