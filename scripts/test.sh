@@ -60,6 +60,10 @@ if ! command -v fortio >/dev/null; then
     log "go install fortio.org/fortio@v1.68.2"
     go install fortio.org/fortio@v1.68.2
 fi
+# Jaeger: the OTLP collector and query API of tests/test_tracing_mesh_e2e.py, pinned in the Go
+# module tests/jaeger (go get -tool ...@v1.75.0) and built once into a cache keyed by its version.
+log "scripts/build-jaeger.sh"
+bash scripts/build-jaeger.sh >/dev/null
 
 status=0
 # --- the README's first command, as a newcomer runs it (fresh virtualenv, `pip install .`) ------

@@ -10,11 +10,19 @@ from meshctl.control import compiler_access_log as access_log
 from meshctl.control.compiler import INBOUND_LISTENER, OUTBOUND_LISTENER, compile_mesh, sidecar_resources
 from meshctl.control import resource_types as types
 from meshctl.control.registry import Sidecar
-from meshctl.resources import ValidationFailed, resolve_kind, validate_documents
+from meshctl.resources import ValidationFailed, extension_providers, resolve_kind, validate_documents
 
 
 def telemetry(spec: str, *, namespace: str = "shop", name: str = "logs") -> str:
     return f"apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {spec}\n"
+
+
+@pytest.fixture(autouse=True)
+def tracing_provider():
+    """The control plane's providers, as `meshctl serve --tracing-provider` sets them."""
+    extension_providers.configure([extension_providers.parse_provider("opentelemetry=otel-collector.observability:4317")])
+    yield
+    extension_providers.configure([])
 
 
 def test_istio_telemetry_files_are_accepted_as_written() -> None:
@@ -29,8 +37,8 @@ def test_istio_telemetry_files_are_accepted_as_written() -> None:
     resources = validate_documents(documents)
     assert [r.ref.kind for r in resources] == ["Telemetry"] * 4
     assert resources[1].body["spec"]["accessLogging"][0]["filter"] == {"expression": "response.code >= 400"}
-    # Tracing and metrics are stored and shown as not enforced yet.
-    assert resources[2].not_enforced == ("spec.metrics", "spec.tracing")
+    # Metrics are stored and shown as not enforced yet; tracing is compiled.
+    assert resources[2].not_enforced == ("spec.metrics",)
     assert resolve_kind("telemetry").kind == "Telemetry"
 
 

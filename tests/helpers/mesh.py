@@ -27,10 +27,12 @@ class MeshSidecar:
     """One `meshctl run --service` process (and the app it guards), signalled by its own PID only."""
 
     def __init__(self, env: dict[str, str], directory: Path, service: str, *args: str,
-                 command: list[str] = (), lease: float = 3.0, under: list[str] = ()) -> None:  # fmt: skip
+                 command: list[str] = (), lease: float = 3.0, outbound_port: int | None = None,
+                 under: list[str] = ()) -> None:  # fmt: skip
         """`under`: a command the sidecar runs under (a benchmark's valgrind), the PID still its own."""
         self.service = service
-        self.outbound_port = free_port()
+        # Given when the app must know it before the sidecar starts (to call other services).
+        self.outbound_port = outbound_port or free_port()
         self.admin_port = free_port()
         self.log_path = directory / f"{service}-{self.outbound_port}.log"
         with open(self.log_path, "wb") as log:
@@ -89,7 +91,7 @@ def stop_all(sidecars: list[MeshSidecar], *planes: ControlPlane) -> None:
 def kill_echo(pid: int) -> None:
     """SIGKILL `pid` if it is still one of the echo apps tests start (not a reused PID)."""
     try:
-        if b"http_echo.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        if any(app in Path(f"/proc/{pid}/cmdline").read_bytes() for app in (b"http_echo.py", b"trace_app.py")):
             os.kill(pid, signal.SIGKILL)
     except (OSError, ProcessLookupError):
         pass

@@ -119,6 +119,15 @@ def serve(
             "--use-file-sd PATH` prints one.",
         ),
     ] = None,
+    tracing_provider: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A tracing provider Telemetry resources may name, as NAME=SERVICE:PORT: an OTLP/gRPC "
+            "collector (Istio's MeshConfig extensionProviders[].opentelemetry), e.g. "
+            "jaeger=jaeger-collector.observability:4317. Repeatable; the first is the default for "
+            "Telemetry tracing that names no provider.",
+        ),
+    ] = None,
 ) -> None:
     """Run the control plane until SIGTERM or Ctrl-C.
 
@@ -166,6 +175,13 @@ def serve(
                 f"{error.strerror or error}",
                 param_hint="--prometheus-file-sd",
             ) from None
+
+    from meshctl.resources import extension_providers
+
+    try:
+        extension_providers.configure(extension_providers.parse_provider(text) for text in tracing_provider or [])
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--tracing-provider") from None
 
     logging.basicConfig(level=logging.INFO, format="meshctl serve: %(message)s")
     options = PlaneOptions(

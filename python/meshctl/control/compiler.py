@@ -49,6 +49,7 @@ from meshctl.control import compiler_ratelimit_global as global_ratelimit
 from meshctl.control import compiler_rbac as rbac
 from meshctl.control import compiler_resilience as resilience
 from meshctl.control import compiler_workload as workload
+from meshctl.control import compiler_tracing as tracing
 from meshctl.control import resource_types as types
 from meshctl.control.compiler_matchers import string_match
 from meshctl.control.registry import Sidecar
@@ -235,6 +236,8 @@ def compile_mesh(
     namespaces = {"", *(s.namespace for s in sidecars)}
     for namespace in sorted(namespaces):
         config.routes[namespace] = _route_table(namespace, ports, service_for)
+        if any(telemetry.spec.tracing for telemetry in config.telemetries):
+            tracing.decorate_routes(config.routes[namespace])
         for virtual_host in config.routes[namespace]["virtual_hosts"]:
             rules = limited.get(virtual_host["name"].rpartition(":")[0], [])
             ratelimit.limit_virtual_host(virtual_host, ratelimit.for_caller_namespace(rules, namespace))
@@ -406,6 +409,11 @@ def sidecar_resources(mesh: MeshConfig, sidecar: Sidecar) -> dict[str, list[Json
         }
         logs_for[INBOUND_LISTENER] = logs_for[access_log.SERVER]
         listeners = access_log.with_access_logs(listeners, logs_for)
+        traced, collectors = tracing.sidecar_tracing(mesh.telemetries, sidecar)
+        if traced:
+            listeners = tracing.with_tracing(listeners, traced, INBOUND_LISTENER, f"{sidecar.host}:{sidecar.service_port}/*")
+            known = {cluster["name"] for cluster in clusters}
+            clusters += [cluster for cluster in collectors if cluster["name"] not in known]
     return {
         types.CLUSTER: clusters,
         types.ENDPOINT: list(mesh.endpoints),

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from meshctl.resources.common import MeshModel
+from meshctl.resources.extension_providers import tracing_providers
 from meshctl.resources.security_common import (
     TargetRefsUnsupported,
     TargetRefUnsupported,
@@ -20,8 +21,9 @@ from meshctl.resources.support import NotEnforced
 # format; meshctl sends it to the sidecar's stderr (the issue's choice: stdout is the app's to share).
 # `envoy-json` writes Istio's JSON access log fields there, one object per line.
 ACCESS_LOG_PROVIDERS = ("envoy", "envoy-json")
-# Tracing and metrics providers are stored for a later issue; these names are accepted now.
-TRACING_PROVIDERS = ("opentelemetry", "zipkin")
+# Tracing providers are the control plane's (`meshctl serve --tracing-provider NAME=SERVICE:PORT`,
+# Istio's MeshConfig extensionProviders): see extension_providers. Metrics providers are stored
+# for a later issue; this name is accepted now.
 METRICS_PROVIDERS = ("prometheus",)
 
 WorkloadMode = Literal["CLIENT", "SERVER", "CLIENT_AND_SERVER"]
@@ -50,13 +52,37 @@ class AccessLogging(MeshModel):
     filter: AccessLogFilter | None = None
 
 
+class LiteralTag(MeshModel):
+    value: str
+
+
+class EnvironmentTag(MeshModel):
+    name: str
+    default_value: str | None = None
+
+
+class HeaderTag(MeshModel):
+    name: str
+    default_value: str | None = None
+
+
+class CustomTag(MeshModel):
+    """One of: a literal value, an environment variable of the sidecar, a request header."""
+
+    literal: LiteralTag | None = None
+    environment: EnvironmentTag | None = None
+    header: HeaderTag | None = None
+
+
 class Tracing(MeshModel):
     match: WorkloadModeSelector | None = None
     providers: list[ProviderRef] | None = None
     random_sampling_percentage: Annotated[float, Field(ge=0, le=100, strict=False)] | None = None
     disable_span_reporting: bool | None = None
-    custom_tags: dict[str, dict[str, Any]] | None = None
-    use_request_id_for_trace_sampling: bool | None = None
+    custom_tags: dict[str, CustomTag] | None = None
+    use_request_id_for_trace_sampling: Annotated[
+        bool | None, NotEnforced("meshctl samples by a random draw, not by the x-request-id")
+    ] = None
 
 
 class Metrics(MeshModel):
@@ -70,7 +96,7 @@ class TelemetrySpec(MeshModel):
     target_ref: TargetRefUnsupported = None
     target_refs: TargetRefsUnsupported = None
     access_logging: list[AccessLogging] | None = None
-    tracing: Annotated[list[Tracing] | None, NotEnforced("stored; tracing is compiled by a later issue")] = None
+    tracing: list[Tracing] | None = None
     metrics: Annotated[list[Metrics] | None, NotEnforced("stored; metrics overrides are compiled by a later issue")] = None
 
 
@@ -99,10 +125,17 @@ def problems(spec: TelemetrySpec) -> Iterator[tuple[str, str]]:
                 "comparisons of the response code, e.g. 'response.code >= 400'"
             )
             yield f"{here}.filter.expression", reason
+    configured = tuple(tracing_providers())
     for index, tracing in enumerate(spec.tracing or []):
+        here = f"spec.tracing[{index}]"
         for position, provider in enumerate(tracing.providers or []):
-            if provider.name not in TRACING_PROVIDERS:
-                yield f"spec.tracing[{index}].providers[{position}].name", _unknown(provider.name, TRACING_PROVIDERS)
+            if provider.name not in configured:
+                known = configured or ("none: meshctl serve --tracing-provider NAME=SERVICE:PORT configures them",)
+                yield f"{here}.providers[{position}].name", _unknown(provider.name, known)
+        for tag, custom in (tracing.custom_tags or {}).items():
+            kinds = [kind for kind in ("literal", "environment", "header") if getattr(custom, kind) is not None]
+            if len(kinds) != 1:
+                yield f"{here}.customTags.{tag}", "needs exactly one of literal, environment, header"
     for index, metrics in enumerate(spec.metrics or []):
         for position, provider in enumerate(metrics.providers or []):
             if provider.name not in METRICS_PROVIDERS:

@@ -14,5 +14,6 @@ pub mod request_body;
 pub mod retry;
 pub mod routing;
 pub mod server;
+pub mod trace_span;
 pub mod upstream_request;
 pub mod xfcc;

@@ -37,6 +37,7 @@ use crate::model::workload::Reporter;
 use crate::telemetry::metrics::ListenerStats;
 use crate::telemetry::peer_header::PEER_HEADER;
 use crate::telemetry::resilience::ResponseFlag;
+use crate::telemetry::trace_context::sampled_in;
 use crate::upstream::destination_breaker::Admission;
 use crate::upstream::fallback::ClusterFallback;
 use crate::upstream::{ClusterRuntime, Endpoint};
@@ -90,6 +91,7 @@ pub fn handle(context: Arc<HttpContext>, mut request: Request<Incoming>) -> impl
         let mut istio = context.settings.istio.as_ref().map(|istio| super::istio_stats::begin(&context, istio, &mut request, peer_header));
         // Only a connection manager with access loggers gathers anything for them.
         let log_record = (!context.settings.access_log.is_empty()).then(|| super::access_log::begin(&context, &mut request));
+        let span = context.settings.tracing.as_ref().and_then(|tracing| super::trace_span::begin(&context, tracing, &mut request));
         context.stats.requests_total.fetch_add(1, Relaxed);
         if let Some(peer_requests) = &context.peer_requests {
             peer_requests.fetch_add(1, Relaxed);
@@ -108,6 +110,9 @@ pub fn handle(context: Arc<HttpContext>, mut request: Request<Incoming>) -> impl
         }
         if let Some(record) = log_record {
             response = super::access_log::finish_at_body_end(&context, record, response);
+        }
+        if let Some(span) = span {
+            response = super::trace_span::finish_at_body_end(&context, span, response);
         }
         Ok(response)
     }
@@ -128,6 +133,8 @@ fn route_request<'a>(
         // First, as Envoy's connection manager does: policy and routing see the rewritten header.
         forward_client_cert(&context.settings.forward_client_cert, context.peer_identity.as_deref(), context.local_principal.as_deref(), request.headers_mut());
         let grpc = is_grpc(request.headers());
+        // A sampled span names itself after the route (its decorator); the unsampled skip that.
+        let traced = context.settings.tracing.is_some() && sampled_in(request.headers());
         let route_config = match &context.settings.routes {
             RouteSource::Inline { config } => config.clone(),
             RouteSource::Rds { name } => match context.registry.route_config(name) {
@@ -267,6 +274,9 @@ fn route_request<'a>(
         }
         if !context.settings.access_log.is_empty() {
             response.extensions_mut().insert(RouteName(route.name.clone()));
+        }
+        if let (true, Some(operation)) = (traced, &route.decorator) {
+            response.extensions_mut().insert(super::trace_span::SpanOperation(operation.clone()));
         }
         response
     }
@@ -702,7 +712,8 @@ fn forward_request<'a>(
         };
         // The first try's endpoint (a retry may go elsewhere), for access logs only; boxed, so
         // that it adds a pointer, not the record, to every request's future.
-        let logged_upstream = (!context.settings.access_log.is_empty())
+        let traced = context.settings.tracing.is_some() && sampled_in(outbound.request.headers());
+        let logged_upstream = (!context.settings.access_log.is_empty() || traced)
             .then(|| Box::new(UpstreamInfo { cluster: cluster.config.name.clone(), host: outbound.endpoint.address }));
         let breaker_call = match (&outbound.primary.fallback, outbound.admission) {
             (Some(guard), Some(admission)) => Some(BreakerCall::new(guard, admission)),

@@ -94,6 +94,10 @@ pub struct HttpSettings {
     /// Istio's standard metrics for this listener (from its metadata); None: none reported.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub istio: Option<Arc<super::workload::IstioStatsConfig>>,
+    /// The connection manager's tracing; None (the common case): the request path reads no
+    /// trace headers and makes no spans.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<Arc<super::tracing::TracingConfig>>,
 }
 
 /// One HTTP filter instance before the router (RBAC runs first, apart, in `rbac`).

@@ -79,6 +79,9 @@ pub struct Route {
     pub rate_limits: Vec<super::local_ratelimit::RateLimitPolicy>,
     /// The route action's include_vh_rate_limits: the virtual host's policies are added always.
     pub include_vh_rate_limits: bool,
+    /// The decorator's operation: the name of the spans of requests on this route.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decorator: Option<Arc<str>>,
     #[serde(skip)]
     pub stats: Arc<RouteStats>,
 }

@@ -542,6 +542,7 @@ impl Metrics {
         self.tls.render(&mut out);
         super::access_log::render_prometheus(&mut out);
         self.istio.render(&mut out);
+        super::span_export::render_prometheus(&mut out);
         out
     }
 }

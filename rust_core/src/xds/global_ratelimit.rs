@@ -109,7 +109,7 @@ fn rate_limit_service(
 /// The cluster's name as an authority: a byte an authority's host may not hold becomes `-`
 /// (Envoy sends the name as it is; the HTTP library here refuses such a header, and refuses
 /// percent-encoding in a host too). Only the :authority of the calls changes.
-fn cluster_authority(name: &str) -> http::uri::Authority {
+pub(super) fn cluster_authority(name: &str) -> http::uri::Authority {
     let cleaned: String = name
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=".contains(c) { c } else { '-' })

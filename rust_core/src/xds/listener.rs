@@ -22,6 +22,7 @@ use super::{refuse_if, At, ConfigError, FieldError, FieldResult};
 use crate::model::workload::IstioStatsConfig;
 use crate::model::listener::*;
 use crate::model::secret::SecretRegistry;
+use crate::model::tracing::SpanKind;
 use crate::policy::model::RbacFilters;
 use crate::policy::path::{EscapedSlashes, PathNormalization};
 use crate::telemetry::metrics::Metrics;
@@ -78,10 +79,12 @@ pub(crate) fn listener_config(l: &listener::Listener, metrics: &Metrics, secrets
     for (i, chain) in l.filter_chains.iter().enumerate() {
         filter_chains.push(filter_chain(chain, metrics, secrets, istio).at(format!("filter_chains[{i}]"))?);
     }
-    let default_filter_chain = match &l.default_filter_chain {
+    let mut default_filter_chain = match &l.default_filter_chain {
         Some(chain) => Some(filter_chain(chain, metrics, secrets, istio).at("default_filter_chain")?),
         None => None,
     };
+    super::tracing::apply_direction(&mut filter_chains, l.traffic_direction);
+    super::tracing::apply_direction(default_filter_chain.as_mut_slice(), l.traffic_direction);
     if filter_chains.is_empty() && default_filter_chain.is_none() {
         return Err(FieldError::new("filter_chains", "a listener needs at least one filter chain"));
     }
@@ -215,7 +218,6 @@ fn network_filter(f: &listener::Filter, metrics: &Metrics, istio: Option<&Arc<Is
 
 fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResult<HttpSettings> {
     use hcm::http_connection_manager::RouteSpecifier;
-    refuse_if(m.tracing.is_some(), "tracing")?;
     refuse_if(m.http3_protocol_options.is_some(), "http3_protocol_options")?;
     refuse_if(m.local_reply_config.is_some(), "local_reply_config")?;
     let forward_client_cert = forward_client_cert(m)?;
@@ -368,7 +370,12 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
     }
     // Last: a logger's file is opened (and its writer started) only for a config that is valid.
     let access_log = super::access_log::access_logs(&m.access_log)?;
-    Ok(HttpSettings { stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac, forward_client_cert, fault, filters, access_log, istio: None,
+    // The span kind is the listener's to say (its traffic_direction): see tracing::apply_direction.
+    let tracing = match &m.tracing {
+        Some(t) => Some(Arc::new(super::tracing::tracing_config(t, SpanKind::Server).at("tracing")?)),
+        None => None,
+    };
+    Ok(HttpSettings { tracing, stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac, forward_client_cert, fault, filters, access_log, istio: None,
         client_address_from_xff: (!m.use_remote_address.as_ref().is_some_and(|b| b.value)).then_some(m.xff_num_trusted_hops),
     })
 }

@@ -23,6 +23,7 @@ mod route;
 mod secret;
 mod tls;
 mod workload;
+mod tracing;
 
 use std::fmt;
 

@@ -233,8 +233,19 @@ fn route_entry(r: &route::Route, stat_name: String, inherited: &VirtualHostDefau
         local_rate_limits: most_specific(own_rate_limits, &inherited.local_rate_limits),
         rate_limits: route_rate_limits,
         include_vh_rate_limits,
+        decorator: decorator(r.decorator.as_ref()).at("decorator")?,
         stats: metrics.route(&stat_name),
     })
+}
+
+/// The span name for the route's requests. Envoy's `propagate` (an x-envoy-decorator-operation
+/// header to the upstream) is not sent by meshctl; the name is used only for its own spans.
+fn decorator(d: Option<&route::Decorator>) -> FieldResult<Option<Arc<str>>> {
+    match d {
+        None => Ok(None),
+        Some(d) if d.operation.is_empty() => Err(FieldError::new("operation", "is required")),
+        Some(d) => Ok(Some(Arc::from(d.operation.as_str()))),
+    }
 }
 
 /// The route's per-filter configs meshctl knows: HTTPFault and LocalRateLimit. A LocalRateLimit
