@@ -29,6 +29,7 @@ need etcd etcd-server
 need redis-server redis-server
 need tcpdump tcpdump
 need prometheus prometheus  # tests/test_prometheus_scrape.py (and its promtool)
+need chromium chromium  # tests/test_dashboard_e2e.py: the dashboard in a real headless browser
 if [ "${#missing[@]}" -gt 0 ]; then
     # Another session on this machine may hold the dpkg lock for a while: wait, don't fail.
     apt=(apt-get -o DPkg::Lock::Timeout=600 -q -y)

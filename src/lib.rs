@@ -51,10 +51,21 @@ impl Engine {
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (bootstrap, *, worker_threads = 1))]
-    fn new(py: Python<'_>, bootstrap: Vec<u8>, worker_threads: usize) -> PyResult<Self> {
+    #[pyo3(signature = (bootstrap, *, worker_threads = 1, istio_metrics_expiry = 600.0, istio_metrics_max_series = 10_000))]
+    fn new(py: Python<'_>, bootstrap: Vec<u8>, worker_threads: usize, istio_metrics_expiry: f64, istio_metrics_max_series: usize) -> PyResult<Self> {
+        if !(istio_metrics_expiry.is_finite() && istio_metrics_expiry > 0.0) {
+            return Err(PyValueError::new_err(format!("istio_metrics_expiry: {istio_metrics_expiry} is not a positive number of seconds")));
+        }
+        if istio_metrics_max_series == 0 {
+            return Err(PyValueError::new_err("istio_metrics_max_series: must be at least 1"));
+        }
+        let options = EngineOptions {
+            worker_threads,
+            istio_metrics_expiry: std::time::Duration::from_secs_f64(istio_metrics_expiry),
+            istio_metrics_max_series,
+        };
         let engine = py
-            .detach(|| RustEngine::start(&bootstrap, EngineOptions { worker_threads }))
+            .detach(|| RustEngine::start(&bootstrap, options))
             .map_err(|e| match e {
                 StartError::Config(c) => config_error(c),
                 io @ StartError::Io { .. } => PyOSError::new_err(io.to_string()),

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-COMMANDS = [[], ["run"], ["serve"], ["apply"], ["get"], ["delete"], ["route"], ["route", "set"], ["route", "show"], ["route", "shift"], ["demo"], ["prometheus-config"]]
+COMMANDS = [[], ["run"], ["serve"], ["apply"], ["get"], ["delete"], ["route"], ["route", "set"], ["route", "show"], ["route", "shift"], ["top"], ["dashboard"], ["demo"], ["prometheus-config"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "meshctl")

@@ -26,8 +26,18 @@ def weighted_pick(weights: Sequence[int], draw: int) -> int:
 class Engine:
     """A running engine: its own tokio runtime, listeners, upstream pools and admin endpoint."""
 
-    def __init__(self, bootstrap: bytes, *, worker_threads: int = 1) -> None:
+    def __init__(
+        self,
+        bootstrap: bytes,
+        *,
+        worker_threads: int = 1,
+        istio_metrics_expiry: float = 600.0,
+        istio_metrics_max_series: int = 10_000,
+    ) -> None:
         """Validate the serialized Bootstrap, bind its listeners and admin address, start serving.
+
+        Istio's standard metrics drop a series not updated for `istio_metrics_expiry` seconds, and
+        keep at most `istio_metrics_max_series` of each kind (ValueError names a bad one).
 
         Raises ConfigError (nothing was started) or OSError (an address could not be bound;
         nothing is left running).

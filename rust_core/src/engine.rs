@@ -24,11 +24,19 @@ use crate::xds::{self, ConfigError};
 pub struct EngineOptions {
     /// Tokio worker threads; a sidecar wants 1.
     pub worker_threads: usize,
+    /// Istio series not updated for this long are dropped.
+    pub istio_metrics_expiry: Duration,
+    /// At most this many Istio series of each kind (HTTP, TCP); samples beyond are counted.
+    pub istio_metrics_max_series: usize,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { worker_threads: 1 }
+        EngineOptions {
+            worker_threads: 1,
+            istio_metrics_expiry: crate::telemetry::istio_metrics::DEFAULT_EXPIRY,
+            istio_metrics_max_series: crate::telemetry::istio_metrics::DEFAULT_MAX_SERIES,
+        }
     }
 }
 
@@ -73,6 +81,7 @@ impl Engine {
     /// Decode the Bootstrap, bind every address, and start serving. Nothing is left running on error.
     pub fn start(bootstrap: &[u8], options: EngineOptions) -> Result<Engine, StartError> {
         let metrics = Arc::new(Metrics::default());
+        metrics.istio.configure(options.istio_metrics_expiry, options.istio_metrics_max_series);
         let secrets = Arc::new(SecretRegistry::default());
         let config = xds::decode_bootstrap(bootstrap, &metrics, &secrets)?;
         let io_error = |context: String| move |source| StartError::Io { context, source };

@@ -21,6 +21,7 @@ fn least_request_prefers_the_endpoint_with_fewer_requests_in_flight() {
             weight: 1,
             labels: Default::default(),
             health_status: Default::default(),
+            workload: None,
         })
         .collect();
     let runtime = ClusterRuntime::new(config, &endpoints, &Metrics::default());

@@ -27,7 +27,9 @@ class MeshSidecar:
     """One `meshctl run --service` process (and the app it guards), signalled by its own PID only."""
 
     def __init__(self, env: dict[str, str], directory: Path, service: str, *args: str,
-                 command: list[str] = (), lease: float = 3.0, outbound_port: int | None = None) -> None:  # fmt: skip
+                 command: list[str] = (), lease: float = 3.0, under: list[str] = (),
+                 outbound_port: int | None = None) -> None:  # fmt: skip
+        """`under`: a command the sidecar runs under (a benchmark's valgrind), the PID still its own."""
         self.service = service
         # Given when the app must know it before the sidecar starts (to call other services).
         self.outbound_port = outbound_port or free_port()
@@ -35,7 +37,7 @@ class MeshSidecar:
         self.log_path = directory / f"{service}-{self.outbound_port}.log"
         with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "meshctl", "run", "--service", service,
+                [*under, sys.executable, "-m", "meshctl", "run", "--service", service,
                  "--outbound-port", str(self.outbound_port), "--admin-port", str(self.admin_port),
                  "--lease", str(lease), *args, *(["--", *command] if command else [])],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,

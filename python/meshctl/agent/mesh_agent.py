@@ -89,6 +89,9 @@ class AgentOptions:
     ca_root: Path = field(default_factory=default_ca_root_path)  # the planes' trust anchor (--ca-root)
     cert_ttl: int = 0  # seconds asked of the CA; 0: its default
     cert_dir: Path | None = None  # also keep cert.pem, key.pem, root.pem there
+    # Istio's standard metrics: series not updated for this long expire; at most this many.
+    istio_metrics_expiry: float = 600.0
+    istio_metrics_max_series: int = 10_000
 
     @property
     def planes(self) -> tuple[tuple[str, int], ...]:
@@ -435,7 +438,12 @@ def main(options: AgentOptions, command: Sequence[str] | None) -> int:
         }
     )
     try:
-        engine = _core.Engine(bootstrap, worker_threads=options.workers)
+        engine = _core.Engine(
+            bootstrap,
+            worker_threads=options.workers,
+            istio_metrics_expiry=options.istio_metrics_expiry,
+            istio_metrics_max_series=options.istio_metrics_max_series,
+        )
     except OSError as error:
         _report(f"cannot bind the admin port 127.0.0.1:{options.admin_port}: {error}")
         return 2

@@ -5,7 +5,20 @@ from typing import Annotated
 import typer
 
 import meshctl
-from meshctl.cli import apply, delete, demo, get, identity, prometheus, ratelimit, route, run, serve
+from meshctl.cli import (
+    apply,
+    dashboard,
+    delete,
+    demo,
+    get,
+    identity,
+    prometheus,
+    ratelimit,
+    route,
+    run,
+    serve,
+    top,
+)
 
 app = typer.Typer(
     help="meshctl: a service mesh. A fast sidecar proxy and the control plane that steers it.",
@@ -16,7 +29,7 @@ app = typer.Typer(
 )
 run.register(app)
 # Control-plane commands: their modules import only typer; the work is imported when they run.
-for _group in (serve, apply, get, delete, route, ratelimit, demo, identity, prometheus):
+for _group in (serve, apply, get, delete, route, ratelimit, top, dashboard, demo, identity, prometheus):
     _group.register(app)
 
 

@@ -43,6 +43,8 @@ def run_in_mesh(
     cert_ttl: str | None = None,
     cert_dir: Path | None = None,
     trust_domain: str = "cluster.local",
+    istio_metrics_expiry: float = 600.0,
+    istio_metrics_max_series: int = 10_000,
 ) -> NoReturn:
     for flag, value in (("--service", service), ("--namespace", namespace), ("--version", version)):
         if value is None:
@@ -88,6 +90,7 @@ def run_in_mesh(
         control_planes=planes, workers=workers, drain_timeout=drain_timeout, capture=capture,
         service_account=service_account, trust_domain=trust_domain,
         cert_ttl=ttl_seconds, cert_dir=cert_dir, **({"ca_root": ca_root} if ca_root else {}),
+        istio_metrics_expiry=istio_metrics_expiry, istio_metrics_max_series=istio_metrics_max_series,
     )  # fmt: skip
     if capture:
         from meshctl.agent.capture import run_captured

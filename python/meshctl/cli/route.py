@@ -36,6 +36,7 @@ from meshctl.cli._control_plane import (
     connect,
     fail,
 )
+from meshctl.cli._sidecar_scrape import read_sidecars, samples
 
 if TYPE_CHECKING:
     from meshctl.control.client import Client
@@ -46,12 +47,9 @@ MAX_WATCH_INTERVALS = 5  # a shift check waits at most this many intervals for e
 INTERRUPTED = 130
 API_VERSION = "networking.istio.io/v1"
 CLUSTER_DOMAIN = "svc.cluster.local"
-SCRAPE_TIMEOUT = 2.0
 
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
-_METRIC_LINE = re.compile(r"^(\w+)\{(.*)\}\s+(\d+)\s*$")
-_METRIC_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 route_app = typer.Typer(
     help="Split a service's traffic by version: set weights and header rules, show the live "
@@ -439,18 +437,10 @@ class Scrape:
 def parse_prometheus(text: str) -> dict[str, VersionCount]:
     """Outbound figures by cluster from /stats/prometheus."""
     counts: dict[str, VersionCount] = {}
-    for line in text.splitlines():
-        found = _METRIC_LINE.match(line)
-        if not found:
-            continue
-        metric = found.group(1)
+    for metric, labels, number in samples(text):
         if metric not in _CLUSTER_COUNTERS and metric != "meshctl_upstream_rs_total":
             continue
-        labels = {
-            k: v.replace('\\"', '"').replace("\\\\", "\\")
-            for k, v in _METRIC_LABEL.findall(found.group(2))
-        }
-        value = int(found.group(3))
+        value = int(number)
         cluster = labels.get("cluster", "")
         if not cluster.startswith("outbound|"):
             continue
@@ -467,80 +457,10 @@ def parse_prometheus(text: str) -> dict[str, VersionCount]:
     return counts
 
 
-def _local_addresses() -> set[str]:
-    import socket
-
-    addresses = {"localhost"}
-    try:
-        for info in socket.getaddrinfo(socket.gethostname(), None):
-            addresses.add(str(info[4][0]))
-    except OSError:
-        pass
-    return addresses
-
-
-def _is_local(address: str, local: set[str]) -> bool:
-    import ipaddress
-
-    try:
-        if ipaddress.ip_address(address).is_loopback:
-            return True
-    except ValueError:
-        pass
-    return address in local
-
-
-def _read_admin(port: int) -> str:
-    import http.client
-
-    # http.client, not urllib: an HTTP_PROXY in the environment must not catch loopback reads.
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=SCRAPE_TIMEOUT)
-    try:
-        connection.request("GET", "/stats/prometheus")
-        response = connection.getresponse()
-        body = response.read()
-        if response.status != 200:
-            raise OSError(f"admin answered {response.status}")
-        return body.decode("utf-8", "replace")
-    finally:
-        connection.close()
-
-
 def scrape(sidecars: Iterable[Mapping[str, Any]]) -> Scrape:
     """Read every registered sidecar's counters that this machine can reach, concurrently."""
-    import http.client
-    from concurrent.futures import ThreadPoolExecutor
-
-    result = Scrape(at=time.monotonic())
-    local = _local_addresses()
-    targets = []
-    for sidecar in sidecars:
-        node, port = sidecar["nodeId"], sidecar.get("adminPort")
-        if not port:
-            result.unreachable[node] = "registered no admin port"
-        elif not _is_local(sidecar.get("address", ""), local):
-            result.unreachable[node] = (
-                f"on another host ({sidecar['address']}); admin is loopback-only"
-            )
-        else:
-            targets.append((node, port))
-
-    def read(target: tuple[str, int]) -> tuple[str, dict[str, VersionCount] | str]:
-        node, port = target
-        try:
-            return node, parse_prometheus(_read_admin(port))
-        except (OSError, http.client.HTTPException) as error:
-            return node, f"admin 127.0.0.1:{port}: {error}"
-
-    if targets:
-        with ThreadPoolExecutor(max_workers=min(16, len(targets))) as pool:
-            for node, answer in pool.map(read, targets):
-                if isinstance(answer, str):
-                    result.unreachable[node] = answer
-                else:
-                    result.counters[node] = answer
-    result.at = (result.at + time.monotonic()) / 2
-    return result
+    reads = read_sidecars(sidecars, parse_prometheus)
+    return Scrape(reads.at, reads.by_node, reads.unreachable)
 
 
 def split_between(before: Scrape, after: Scrape, host: str) -> dict[str, VersionCount]:

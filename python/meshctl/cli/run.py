@@ -164,6 +164,23 @@ def run(
         ),
     ] = False,
     workers: Annotated[int, typer.Option(min=1, help="Engine worker threads.")] = 1,
+    istio_metrics_expiry: Annotated[
+        str,
+        typer.Option(
+            help="Istio metric series (istio_requests_total, ...) not updated for this long are "
+            "dropped (90s, 10m, 1h, or seconds).",
+            rich_help_panel=_MESH,
+        ),
+    ] = "10m",
+    istio_metrics_max_series: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="At most this many Istio metric series of each kind (HTTP, TCP); samples of new "
+            "ones beyond it are counted in meshctl_istio_series_overflow_total.",
+            rich_help_panel=_MESH,
+        ),
+    ] = 10_000,
     drain_timeout: Annotated[
         float,
         typer.Option(min=0.0, help="Seconds requests in flight get to finish at shutdown."),
@@ -201,7 +218,10 @@ def run(
         if given:
             _refuse(f"{given[0]} needs --service: a standalone sidecar's certificates are in its bootstrap")
     if service is not None:
+        from meshctl.cli._durations import parse_duration
         from meshctl.cli._mesh_run import run_in_mesh  # trio and the ADS client: this path only
+
+        expiry = parse_duration(istio_metrics_expiry, "--istio-metrics-expiry")
 
         run_in_mesh(
             service=service, version=version, namespace=namespace, app_port=app_port,
@@ -210,7 +230,8 @@ def run(
             inbound_port=inbound_port, admin_port=admin_port, lease=lease, workers=workers,
             drain_timeout=drain_timeout, command=command, capture=capture,
             service_account=service_account, ca_root=ca_root, cert_ttl=cert_ttl, cert_dir=cert_dir,
-            trust_domain=trust_domain,
+            trust_domain=trust_domain, istio_metrics_expiry=expiry,
+            istio_metrics_max_series=istio_metrics_max_series,
         )  # fmt: skip
         return
     assert bootstrap is not None

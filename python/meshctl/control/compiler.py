@@ -49,6 +49,7 @@ from meshctl.control import compiler_ratelimit_global as global_ratelimit
 from meshctl.control import compiler_rbac as rbac
 from meshctl.control import compiler_resilience as resilience
 from meshctl.control import compiler_tracing as tracing
+from meshctl.control import compiler_workload as workload
 from meshctl.control import resource_types as types
 from meshctl.control.compiler_matchers import string_match
 from meshctl.control.registry import Sidecar
@@ -142,6 +143,8 @@ class _Endpoint:
     # and none has PeerAuthentication DISABLE.
     identity: str | None = None
     mtls_disabled: bool = False
+    # A registry instance's workload (compiler_workload.workload_fields), for Istio's metrics.
+    workload: Mapping[str, str] | None = None
 
 
 @dataclass
@@ -195,7 +198,8 @@ def compile_mesh(
                 )
                 backend.endpoints.append(
                     _Endpoint(sidecar.address, sidecar.endpoint_port, sidecar.all_labels,
-                              identity=sidecar.identity, mtls_disabled=disabled)
+                              identity=sidecar.identity, mtls_disabled=disabled,
+                              workload=workload.workload_fields(sidecar))
                 )  # fmt: skip
     workload_entries = [s for s in stored if s.kind == "WorkloadEntry"]
     for entry in sorted((s for s in stored if s.kind == "ServiceEntry"), key=lambda s: s.order):
@@ -284,6 +288,7 @@ def compile_mesh(
             resilience.apply_cluster_policy(cluster, applied)
             if host in guarded and not fallback.is_target(guarded[host], name, cluster_name):
                 cluster["metadata"] = fallback.metadata(guarded[host], port, cluster_name)
+            workload.with_cluster_services(cluster, host)
             plaintext = _with_http2(cluster) if backend.http2 else cluster
             plaintext_clusters.append(plaintext)
             if identities:
@@ -392,6 +397,11 @@ def sidecar_resources(mesh: MeshConfig, sidecar: Sidecar) -> dict[str, list[Json
             listeners.append(inbound)
     if sidecar.capture:
         listeners = capture_listeners(mesh, listeners)
+    # Istio's standard metrics: the inbound side reports as destination, every other as source.
+    listeners = [
+        workload.with_istio_stats(listener, sidecar, "destination" if listener["name"] == INBOUND_LISTENER else "source")
+        for listener in listeners
+    ]
     if mesh.telemetries:
         logs_for = {
             direction: access_log.access_logs(mesh.telemetries, sidecar.namespace, sidecar.all_labels, direction)
@@ -586,6 +596,8 @@ def _assignment(name: str, members: Sequence[_Endpoint]) -> Json:
         endpoint: Json = {"endpoint": {"address": _address(member.address, member.port)}}
         if member.weight:
             endpoint["load_balancing_weight"] = member.weight
+        if member.workload is not None:
+            endpoint["metadata"] = workload.endpoint_metadata(dict(member.workload))
         endpoints.append(endpoint)
     assignment: Json = {"cluster_name": name}
     if endpoints:

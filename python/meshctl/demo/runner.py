@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from meshctl.cli.route import (
     Scrape,
@@ -34,6 +34,9 @@ from meshctl.cli.route import (
     split_between,
 )
 from meshctl.control.client import Client, ClientError
+
+if TYPE_CHECKING:
+    from meshctl.dashboard.server import Dashboard
 
 SERVICE_PORT = 9080
 LEASE_SECONDS = 2.0
@@ -130,6 +133,7 @@ class Demo:
         self.threads: list[threading.Thread] = []
         self.totals: dict[str, VersionCount] = {}
         self._last_status: object = None
+        self.dashboard: Dashboard | None = None
 
     # -- output ---------------------------------------------------------------------------
 
@@ -329,6 +333,19 @@ class Demo:
             thread.start()
             self.threads.append(thread)
 
+    def start_dashboard(self) -> None:
+        """The web dashboard of this mesh, on Kiali's port if it is free, else on any."""
+        from meshctl.cli.dashboard import DEFAULT_PORT
+        from meshctl.dashboard.server import Dashboard
+
+        client = self.client
+        assert client is not None
+        try:
+            self.dashboard = Dashboard(lambda: client.sidecars()["items"], "127.0.0.1", DEFAULT_PORT).start()
+        except OSError:  # taken (another demo, a Kiali port-forward): any free port does
+            self.dashboard = Dashboard(lambda: client.sidecars()["items"], "127.0.0.1", 0).start()
+        self.say(f"dashboard: {self.dashboard.url} (the services, the calls between them, splits, errors)")
+
     # -- routing and the live view ----------------------------------------------------------
 
     def set_weights(self, weights: dict[str, int]) -> None:
@@ -383,6 +400,7 @@ class Demo:
             phase_seconds = max(1.0, remaining / len(phases))
         else:
             phase_seconds = DEFAULT_PHASE_SECONDS
+        self.start_dashboard()
         self.start_traffic(client.outbound_port or 0)
         self.say(
             "traffic: GET http://productpage:9080/ through the traffic client's sidecar; "
@@ -431,6 +449,8 @@ class Demo:
         self.stop_traffic.set()
         for thread in self.threads:
             thread.join(timeout=6)
+        if self.dashboard is not None:
+            self.dashboard.close()
         sidecars = [child for child in self.children if child is not self.plane]
         for child in sidecars:
             child.note_grandchildren()

@@ -18,6 +18,8 @@ pub enum ResponseBody {
     Logged(Box<super::access_log::LoggedBody>),
     /// Any of the above, on a sampled request of a tracing connection manager (boxed likewise).
     Traced(Box<super::trace_span::TracedBody>),
+    /// Either of the above, on a listener that reports Istio's metrics (boxed, as Logged).
+    Istio(Box<super::istio_stats::IstioBody>),
 }
 
 impl ResponseBody {
@@ -55,6 +57,7 @@ impl Body for ResponseBody {
             ResponseBody::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ResponseBody::Logged(logged) => logged.poll_frame(cx),
             ResponseBody::Traced(traced) => traced.poll_frame(cx),
+            ResponseBody::Istio(counted) => counted.poll_frame(cx),
         }
     }
 
@@ -64,6 +67,7 @@ impl Body for ResponseBody {
             ResponseBody::Local(bytes) => bytes.is_none(),
             ResponseBody::Logged(logged) => logged.inner().is_end_stream(),
             ResponseBody::Traced(traced) => traced.inner().is_end_stream(),
+            ResponseBody::Istio(counted) => counted.inner().is_end_stream(),
         }
     }
 
@@ -73,6 +77,7 @@ impl Body for ResponseBody {
             ResponseBody::Local(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             ResponseBody::Logged(logged) => logged.inner().size_hint(),
             ResponseBody::Traced(traced) => traced.inner().size_hint(),
+            ResponseBody::Istio(counted) => counted.inner().size_hint(),
         }
     }
 }

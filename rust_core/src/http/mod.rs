@@ -5,6 +5,7 @@ pub mod body;
 pub mod fallback;
 pub mod global_ratelimit;
 pub mod grpc_unary;
+pub mod istio_stats;
 pub mod local_reply;
 pub mod mirror;
 pub mod proxy;

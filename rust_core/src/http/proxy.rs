@@ -17,6 +17,7 @@ use super::body::ResponseBody;
 use super::fallback::{self, BreakerCall};
 use super::global_ratelimit::{self, Decision, ServiceHeaders};
 use super::access_log::RouteName;
+use super::istio_stats::IstioDestination;
 use super::local_reply::{caused, fault_abort_reply, local_reply, rate_limited_reply};
 use super::request_body::{BodyFault, BodyFaults, BodyTee};
 use super::routing::{header_matches, select_route, select_virtual_host, RequestView};
@@ -32,7 +33,9 @@ use crate::policy::evaluate::RequestFacts;
 use crate::policy::path::normalize_request_target;
 use crate::registry::Registry;
 use crate::telemetry::access_log::UpstreamInfo;
+use crate::model::workload::Reporter;
 use crate::telemetry::metrics::ListenerStats;
+use crate::telemetry::peer_header::PEER_HEADER;
 use crate::telemetry::resilience::ResponseFlag;
 use crate::telemetry::trace_context::sampled_in;
 use crate::upstream::destination_breaker::Admission;
@@ -65,6 +68,8 @@ pub struct HttpContext {
     /// Local rate limit buckets of this connection (configs with
     /// local_rate_limit_per_downstream_connection), made on first use; empty otherwise.
     pub rate_limiters: crate::policy::local_ratelimit::ConnectionLimiters,
+    /// The caller as Istio's inbound metrics name it, resolved once per connection.
+    pub istio_peer: super::istio_stats::PeerCache,
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded.
@@ -81,6 +86,9 @@ const HOP_BY_HOP: [HeaderName; 5] = [
 #[allow(clippy::manual_async_fn)] // on purpose: see the comment above `handle`
 pub fn handle(context: Arc<HttpContext>, mut request: Request<Incoming>) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> {
     async move {
+        // The mesh header is the sidecars' own: no app reads it, whatever listener this is.
+        let peer_header = request.headers_mut().remove(PEER_HEADER);
+        let mut istio = context.settings.istio.as_ref().map(|istio| super::istio_stats::begin(&context, istio, &mut request, peer_header));
         // Only a connection manager with access loggers gathers anything for them.
         let log_record = (!context.settings.access_log.is_empty()).then(|| super::access_log::begin(&context, &mut request));
         let span = context.settings.tracing.as_ref().and_then(|tracing| super::trace_span::begin(&context, tracing, &mut request));
@@ -91,16 +99,21 @@ pub fn handle(context: Arc<HttpContext>, mut request: Request<Incoming>) -> impl
         // After CONNECT the bytes that follow are tunnel payload, not HTTP. meshctl tunnels nothing,
         // so the connection cannot carry another request: it closes after the answer, as Envoy's does.
         let close_after = request.method() == Method::CONNECT && request.version() <= Version::HTTP_11;
-        let mut response = route_request(&context, request).await;
+        let mut response = route_request(&context, request, istio.as_deref_mut()).await;
         if close_after {
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         context.stats.responses.record(response.status().as_u16());
-        if let Some(record) = log_record {
-            response = super::access_log::finish_at_body_end(&context, record, response);
+        // Before the access log, which takes the local reply's cause out of the extensions.
+        if let (Some(begun), Some(istio)) = (istio, &context.settings.istio) {
+            response = super::istio_stats::finish_at_body_end(&context, istio, &begun, response);
         }
+        // Before the access log too: the span only reads the cause and upstream it takes.
         if let Some(span) = span {
             response = super::trace_span::finish_at_body_end(&context, span, response);
+        }
+        if let Some(record) = log_record {
+            response = super::access_log::finish_at_body_end(&context, record, response);
         }
         Ok(response)
     }
@@ -111,7 +124,12 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 #[allow(clippy::manual_async_fn)] // on purpose: see the comment above `handle`
-fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> impl Future<Output = Response<ResponseBody>> + '_ {
+/// `istio`: the request's Istio metrics record, told where the request went.
+fn route_request<'a>(
+    context: &'a Arc<HttpContext>,
+    mut request: Request<Incoming>,
+    istio: Option<&'a mut super::istio_stats::IstioRequest>,
+) -> impl Future<Output = Response<ResponseBody>> + 'a {
     async move {
         // First, as Envoy's connection manager does: policy and routing see the rewritten header.
         forward_client_cert(&context.settings.forward_client_cert, context.peer_identity.as_deref(), context.local_principal.as_deref(), request.headers_mut());
@@ -224,7 +242,17 @@ fn route_request(context: &Arc<HttpContext>, mut request: Request<Incoming>) -> 
                 let (prepared, cluster_mutation) = prepare_forward(context, forward, &targets, request, authority, path_and_query);
                 cluster_response_mutation = cluster_mutation;
                 match prepared {
-                    Ok(outbound) => forward_request(context, forward, vhost, grpc, outbound).await,
+                    Ok(outbound) => {
+                        // Where it went, for a source reporter's destination_* labels.
+                        if let Some(record) = istio {
+                            let cluster = outbound.diverted.as_ref().map_or(&outbound.primary, |(to, _)| to);
+                            record.destination = Some(IstioDestination {
+                                workload: outbound.endpoint.workload.clone(),
+                                service: cluster.config.service.clone(),
+                            });
+                        }
+                        forward_request(context, forward, vhost, grpc, outbound).await
+                    }
                     Err(reply) => reply,
                 }
             }
@@ -271,7 +299,8 @@ fn local_rate_limit(
 ) -> Result<bool, Box<Response<ResponseBody>>> {
     use crate::policy::local_ratelimit::{decide, RequestDescriptorSource, Verdict};
     let view = RequestView { method: request.method(), path_and_query, authority, scheme: context.scheme, headers: request.headers() };
-    let source = RequestDescriptorSource { route, vhost, request: &view, client_ip: client_address(context, request.headers()) };
+    let client_ip = || client_address(context, request.headers());
+    let source = RequestDescriptorSource { route, vhost, request: &view, client_ip: &client_ip };
     match decide(config, &source, &context.rate_limiters) {
         Verdict::Pass => Ok(false),
         Verdict::Shadow => Ok(true),
@@ -309,7 +338,8 @@ fn global_rate_limit_needed(
     };
     let cluster = context.registry.cluster(target)?;
     let view = RequestView { method: request.method(), path_and_query, authority, scheme: context.scheme, headers: request.headers() };
-    let source = RequestDescriptorSource { route, vhost, request: &view, client_ip: client_address(context, request.headers()) };
+    let client_ip = || client_address(context, request.headers());
+    let source = RequestDescriptorSource { route, vhost, request: &view, client_ip: &client_ip };
     let descriptors = global_ratelimit::descriptors(config, &source);
     if descriptors.is_empty() {
         return None;
@@ -550,6 +580,13 @@ fn prepare_forward<'a>(
         }
     }
     strip_retry_headers(headers);
+    // Who this sidecar is, for the callee's inbound metrics: only to another sidecar over mTLS,
+    // whose certificate the callee checks the header's principal against (telemetry/peer_header).
+    if let Some(istio) = context.settings.istio.as_deref().filter(|istio| istio.reporter == Reporter::Source) {
+        if target.config.tls.is_some() {
+            headers.insert(PEER_HEADER, istio.peer_header.clone());
+        }
+    }
     headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(context.scheme));
     // A HeaderName, not a &str: a lookup by &str parses the name on every request.
     const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

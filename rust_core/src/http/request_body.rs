@@ -78,6 +78,8 @@ pub struct RequestBody {
     /// The downstream connection's context (a reference count, no allocation): its body faults
     /// and its listener's protocol-error counter.
     connection: Arc<HttpContext>,
+    /// A gRPC request's messages, counted for Istio's metrics as they pass (boxed: rare).
+    grpc_messages: Option<Box<(super::istio_stats::GrpcMessages, super::istio_stats::GrpcRequestMessages)>>,
 }
 
 enum Source {
@@ -93,19 +95,26 @@ enum Source {
 
 impl RequestBody {
     pub fn new(incoming: Incoming, connection: Arc<HttpContext>) -> Self {
-        RequestBody { source: Source::Streaming(incoming), tee: None, connection }
+        RequestBody { source: Source::Streaming(incoming), tee: None, connection, grpc_messages: None }
+    }
+
+    /// Counts the gRPC messages this body passes into `counter` (a first try's only: a retried
+    /// body is not counted again).
+    pub fn counting(mut self, counter: Option<super::istio_stats::GrpcRequestMessages>) -> Self {
+        self.grpc_messages = counter.map(|counter| Box::new((Default::default(), counter)));
+        self
     }
 
     pub fn replay(body: ReplayBody, connection: Arc<HttpContext>) -> Self {
-        RequestBody { source: Source::Replay(body), tee: None, connection }
+        RequestBody { source: Source::Replay(body), tee: None, connection, grpc_messages: None }
     }
 
     pub fn empty(connection: Arc<HttpContext>) -> Self {
-        RequestBody { source: Source::Empty, tee: None, connection }
+        RequestBody { source: Source::Empty, tee: None, connection, grpc_messages: None }
     }
 
     pub fn copied(body: CopiedBody, connection: Arc<HttpContext>) -> Self {
-        RequestBody { source: Source::Copied(body), tee: None, connection }
+        RequestBody { source: Source::Copied(body), tee: None, connection, grpc_messages: None }
     }
 
     /// What this body passes on is also kept for a mirror's copy.
@@ -133,6 +142,14 @@ impl Body for RequestBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = this.poll_source(cx);
+        if let (Some(counting), Poll::Ready(Some(Ok(frame)))) = (&mut this.grpc_messages, &polled) {
+            if let Some(data) = frame.data_ref() {
+                let (messages, counter) = &mut **counting;
+                let before = messages.count;
+                messages.feed(data);
+                counter.0.fetch_add(messages.count - before, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         let ended = this.tee.is_some() && this.source_ended();
         if let Some(tee) = &mut this.tee {
             match &polled {

@@ -110,14 +110,18 @@ pub fn send_parts<'a>(
         (None, incoming) => (incoming, None),
     };
     let (attempt_count_header, downstream_http1) = (upstream.attempt_count_header, upstream.downstream_http1);
+    let request_messages = parts.extensions.get::<super::istio_stats::GrpcRequestMessages>().cloned();
     let mut parts = Some(parts);
     async move {
         let mut endpoint = first_endpoint;
         let mut tries: u32 = 1;
         loop {
             let body = match (&replay, incoming.take()) {
-                (Some(replay), _) => RequestBody::replay(replay.body_for_try(tries), context.clone()),
-                (None, Some(incoming)) => RequestBody::new(incoming, context.clone()),
+                // The first try's gRPC messages are the request's; a retry's are not counted again.
+                (Some(replay), _) => {
+                    RequestBody::replay(replay.body_for_try(tries), context.clone()).counting(request_messages.clone().filter(|_| tries == 1))
+                }
+                (None, Some(incoming)) => RequestBody::new(incoming, context.clone()).counting(request_messages.clone()),
                 (None, None) => RequestBody::empty(context.clone()),
             };
             let body = match mirror_body.take() {

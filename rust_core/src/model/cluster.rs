@@ -44,6 +44,9 @@ pub struct ClusterConfig {
     /// as Envoy, until the route's timeout.
     #[serde(skip_serializing_if = "Option::is_none", with = "super::optional_millis")]
     pub queue_timeout: Option<Duration>,
+    /// The service it serves (cluster metadata `istio.services`), for Istio's destination_service*.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<Arc<super::workload::ServiceMetadata>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -81,6 +84,9 @@ pub struct EndpointConfig {
     /// The health the control plane assigned (EDS `health_status`).
     #[serde(skip_serializing_if = "HealthStatus::is_healthy")]
     pub health_status: HealthStatus,
+    /// The workload behind it (endpoint metadata), for Istio's destination_* labels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Arc<super::workload::WorkloadMetadata>>,
 }
 
 /// An endpoint's health as EDS assigns it. Envoy keeps an UNHEALTHY (or TIMEOUT) host in the

@@ -95,6 +95,9 @@ pub struct HttpSettings {
     /// trace headers and makes no spans.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tracing: Option<Arc<super::tracing::TracingConfig>>,
+    /// Istio's standard metrics for this listener (from its metadata); None: none reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub istio: Option<Arc<super::workload::IstioStatsConfig>>,
 }
 
 /// One HTTP filter instance before the router (RBAC runs first, apart, in `rbac`).
@@ -163,4 +166,6 @@ pub struct TcpProxyConfig {
     pub cluster: String,
     #[serde(with = "super::optional_millis")]
     pub idle_timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub istio: Option<Arc<super::workload::IstioStatsConfig>>,
 }

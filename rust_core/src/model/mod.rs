@@ -16,6 +16,7 @@ pub mod route;
 pub mod secret;
 pub mod tls;
 pub mod tracing;
+pub mod workload;
 
 /// Durations appear in /config_dump as whole milliseconds.
 pub(crate) mod millis {

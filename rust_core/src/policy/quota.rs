@@ -106,6 +106,23 @@ impl Quota {
         grants.chain(moments.into_iter().flatten()).max().unwrap_or(self.refill_from)
     }
 
+    /// Takes one request from the live grant (there is one), and says whether to ask for a
+    /// refill now: the grant runs low and no refill is under way or declined (the refill is then
+    /// marked under way for `timeout`).
+    fn take(&mut self, now: Instant, timeout: Duration) -> bool {
+        if let Some(first) = &mut self.grants[0] {
+            first.remaining -= 1;
+        }
+        self.drop_expired(now);
+        let low = self.remaining() <= self.refill_below || now >= self.refill_from;
+        let asking = self.refill_declined || self.refill_blocked_until.is_some_and(|until| until > now);
+        if low && !asking && !self.refused(now) {
+            self.refill_blocked_until = Some(now + timeout);
+            return true;
+        }
+        false
+    }
+
     fn add(&mut self, grant: Grant, now: Instant) {
         self.drop_expired(now);
         self.grants = match self.grants {
@@ -186,6 +203,20 @@ impl QuotaCache {
             return Local::Ask;
         }
         let mut quotas = self.quotas.lock().unwrap();
+        // The common case, one descriptor with quota: one lookup (hashing the descriptor is most
+        // of the cost), not the general path's two.
+        if let [only] = descriptors {
+            if let Some(quota) = quotas.get_mut(only) {
+                quota.drop_expired(now);
+                if quota.grants[0].is_some() {
+                    let refill = quota.take(now, timeout);
+                    if quota.is_spent(now) {
+                        quotas.remove(only);
+                    }
+                    return Local::Admit { refill };
+                }
+            }
+        }
         let (mut covered, mut wait, mut failed) = (true, true, false);
         for d in descriptors {
             let Some(quota) = quotas.get_mut(d) else {
@@ -221,16 +252,7 @@ impl QuotaCache {
         let mut refill = false;
         for d in descriptors {
             let Some(quota) = quotas.get_mut(d) else { continue };
-            if let Some(first) = &mut quota.grants[0] {
-                first.remaining -= 1;
-            }
-            quota.drop_expired(now);
-            let low = quota.remaining() <= quota.refill_below || now >= quota.refill_from;
-            let asking = quota.refill_declined || quota.refill_blocked_until.is_some_and(|until| until > now);
-            if low && !asking && !quota.refused(now) {
-                quota.refill_blocked_until = Some(now + timeout);
-                refill = true;
-            }
+            refill |= quota.take(now, timeout);
             if quota.is_spent(now) {
                 quotas.remove(d);
             }

@@ -228,7 +228,7 @@ pub struct ResponseRecord {
 }
 
 /// The response flags a request collected, in Envoy's order when printed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ResponseFlags(u16);
 
 impl ResponseFlags {
@@ -238,6 +238,11 @@ impl ResponseFlags {
 
     pub fn contains(&self, flag: ResponseFlag) -> bool {
         self.0 & (1 << flag as u16) != 0
+    }
+
+    /// One bit per flag (a compact hash key for Istio's series).
+    pub fn bits(&self) -> u16 {
+        self.0
     }
 
     fn write(&self, out: &mut String) {
@@ -253,6 +258,15 @@ impl ResponseFlags {
             first = false;
             out.push_str(flag.short_name());
         }
+    }
+}
+
+/// Envoy's short flags joined by commas, `-` for none (as %RESPONSE_FLAGS% prints them).
+impl std::fmt::Display for ResponseFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut out = String::new();
+        self.write(&mut out);
+        f.write_str(&out)
     }
 }
 

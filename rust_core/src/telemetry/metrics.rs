@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::resilience::{FallbackStats, ResilienceStats, ResponseFlag};
 
 /// Upper bounds of the latency buckets in milliseconds (Envoy's default histogram buckets).
-const BUCKETS_MS: [f64; 19] = [
+pub(crate) const BUCKETS_MS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0,
     300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
@@ -344,6 +344,8 @@ pub struct Metrics {
     adaptive_concurrency: Mutex<BTreeMap<String, Arc<AdaptiveConcurrencyStats>>>,
     pub rbac: RbacStats,
     pub tls: Arc<TlsStats>,
+    /// Istio's standard metrics (istio_*), shared by every listener.
+    pub istio: Arc<super::istio_metrics::IstioMetrics>,
 }
 
 fn get_or_create<T: Default>(map: &Mutex<BTreeMap<String, Arc<T>>>, name: &str) -> Arc<T> {
@@ -540,6 +542,7 @@ impl Metrics {
         self.tls.render(&mut out);
         super::access_log::render_prometheus(&mut out);
         super::span_export::render_prometheus(&mut out);
+        self.istio.render(&mut out);
         out
     }
 }

@@ -369,11 +369,12 @@ async fn dispatch<S>(
                 requested_server_name: identity.server_name,
                 body_faults: Default::default(),
                 rate_limiters: Default::default(),
+                istio_peer: Default::default(),
             });
             serve_http(stream, http2, context, drain).await;
         }
         NetworkHandler::TcpProxy(proxy) => {
-            proxy_tcp(proxy, &deps.registry, connection.original_destination, stream).await
+            proxy_tcp(proxy, &deps.registry, connection.original_destination, identity.peer.as_deref(), stream).await
         }
     }
 }

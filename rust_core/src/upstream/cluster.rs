@@ -27,6 +27,8 @@ pub struct Endpoint {
     pub address: SocketAddr,
     pub weight: u32,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The workload behind it, as the control plane described it; None: unknown.
+    pub workload: Option<Arc<crate::model::workload::WorkloadMetadata>>,
     /// As EDS assigned it; ejection by outlier detection is apart, in `outlier`.
     pub health_status: HealthStatus,
     active_requests: AtomicUsize,
@@ -218,7 +220,10 @@ impl ClusterRuntime {
             .iter()
             .map(|c| match by_address.get(&c.address) {
                 Some(existing)
-                    if existing.weight == c.weight && existing.labels == c.labels && existing.health_status == c.health_status =>
+                    if existing.weight == c.weight
+                        && existing.labels == c.labels
+                        && existing.health_status == c.health_status
+                        && existing.workload == c.workload =>
                 {
                     (*existing).clone()
                 }
@@ -226,6 +231,7 @@ impl ClusterRuntime {
                     address: c.address,
                     weight: c.weight,
                     labels: c.labels.clone(),
+                    workload: c.workload.clone(),
                     health_status: c.health_status,
                     active_requests: AtomicUsize::new(0),
                     pool: existing.pool.clone(),
@@ -235,6 +241,7 @@ impl ClusterRuntime {
                     address: c.address,
                     weight: c.weight,
                     labels: c.labels.clone(),
+                    workload: c.workload.clone(),
                     health_status: c.health_status,
                     active_requests: AtomicUsize::new(0),
                     pool: Pool::new(c.address, &self.config, self.stats.clone(), self.tls_stats.clone()),
@@ -259,6 +266,7 @@ impl ClusterRuntime {
                 weight: e.weight,
                 labels: e.labels.clone(),
                 health_status: e.health_status,
+                workload: e.workload.clone(),
             })
             .collect()
     }
@@ -307,6 +315,7 @@ impl ClusterRuntime {
             address,
             weight: 1,
             labels: Default::default(),
+            workload: None,
             health_status: HealthStatus::Healthy,
             active_requests: AtomicUsize::new(0),
             pool: Pool::new(address, &self.config, self.stats.clone(), self.tls_stats.clone()),

@@ -53,6 +53,7 @@ fn cluster_with_merge_window(
             weight: 1,
             labels: Default::default(),
             health_status: HealthStatus::Healthy,
+            workload: None,
         })
         .collect();
     let metrics = Arc::new(Metrics::default());

@@ -141,6 +141,7 @@ pub(crate) fn cluster_config(c: &cluster::Cluster, secrets: &SecretRegistry) -> 
     };
     let fallback = super::fallback::fallback(c.metadata.as_ref()).at("metadata")?.map(Arc::new);
     let queue_timeout = super::concurrency::queue_timeout(c.metadata.as_ref()).at("metadata")?;
+    let service = super::workload::cluster_service(c.metadata.as_ref()).at("metadata")?;
     let tls = match &c.transport_socket {
         Some(socket) => transport_socket(socket, secrets).at("transport_socket")?,
         None => None,
@@ -161,6 +162,7 @@ pub(crate) fn cluster_config(c: &cluster::Cluster, secrets: &SecretRegistry) -> 
         update_merge_window: common_lb.update_merge_window,
         fallback,
         queue_timeout,
+        service,
     })
 }
 
@@ -274,7 +276,8 @@ fn lb_endpoint_config(e: &endpoint::LbEndpoint, resolve: bool) -> FieldResult<Op
         2 | 4 => HealthStatus::Unhealthy,
         _ => HealthStatus::Healthy,
     };
-    Ok(Some(EndpointConfig { address, weight, labels: labels(e.metadata.as_ref()), health_status }))
+    let workload = super::workload::endpoint_workload(e.metadata.as_ref()).at("metadata")?;
+    Ok(Some(EndpointConfig { address, weight, labels: labels(e.metadata.as_ref()), health_status, workload }))
 }
 
 /// String values under the `envoy.lb` and `istio` metadata namespaces, as endpoint labels.

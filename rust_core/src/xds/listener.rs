@@ -19,6 +19,7 @@ use super::local_ratelimit::{local_rate_limit, LOCAL_RATELIMIT_TYPE};
 use super::rbac::{rbac_http_filter, RBAC_FILTER_TYPE};
 use super::tls::{downstream_tls_context, forward_client_cert};
 use super::{refuse_if, At, ConfigError, FieldError, FieldResult};
+use crate::model::workload::IstioStatsConfig;
 use crate::model::listener::*;
 use crate::model::secret::SecretRegistry;
 use crate::model::tracing::SpanKind;
@@ -71,12 +72,15 @@ pub(crate) fn listener_config(l: &listener::Listener, metrics: &Metrics, secrets
     // Without explicit listener filters the engine still classifies connections itself, and
     // falls back to opaque TCP on timeout, as the engine's protocol detection promises.
     let continue_on_detection_timeout = l.listener_filters.is_empty() || l.continue_on_listener_filters_timeout;
+    // Istio's standard metrics: the listener's metadata says which side it reports as.
+    let istio = super::workload::istio_stats(l.metadata.as_ref(), metrics).at("metadata")?;
+    let istio = istio.as_ref();
     let mut filter_chains = Vec::with_capacity(l.filter_chains.len());
     for (i, chain) in l.filter_chains.iter().enumerate() {
-        filter_chains.push(filter_chain(chain, metrics, secrets).at(format!("filter_chains[{i}]"))?);
+        filter_chains.push(filter_chain(chain, metrics, secrets, istio).at(format!("filter_chains[{i}]"))?);
     }
     let mut default_filter_chain = match &l.default_filter_chain {
-        Some(chain) => Some(filter_chain(chain, metrics, secrets).at("default_filter_chain")?),
+        Some(chain) => Some(filter_chain(chain, metrics, secrets, istio).at("default_filter_chain")?),
         None => None,
     };
     super::tracing::apply_direction(&mut filter_chains, l.traffic_direction);
@@ -125,7 +129,7 @@ fn listener_filter(f: &listener::ListenerFilter) -> FieldResult<()> {
     }
 }
 
-fn filter_chain(c: &listener::FilterChain, metrics: &Metrics, secrets: &SecretRegistry) -> FieldResult<FilterChainConfig> {
+fn filter_chain(c: &listener::FilterChain, metrics: &Metrics, secrets: &SecretRegistry, istio: Option<&Arc<IstioStatsConfig>>) -> FieldResult<FilterChainConfig> {
     refuse_if(c.use_proxy_proto.as_ref().is_some_and(|b| b.value), "use_proxy_proto")?;
     let chain_match = match &c.filter_chain_match {
         Some(m) => chain_match(m).at("filter_chain_match")?,
@@ -144,7 +148,7 @@ fn filter_chain(c: &listener::FilterChain, metrics: &Metrics, secrets: &SecretRe
             ),
         ));
     }
-    let handler = network_filter(&c.filters[0], metrics).at("filters[0]")?;
+    let handler = network_filter(&c.filters[0], metrics, istio).at("filters[0]")?;
     Ok(FilterChainConfig { name: c.name.clone(), chain_match, tls, handler })
 }
 
@@ -189,7 +193,7 @@ fn transport_socket(s: &envoy_types::pb::envoy::config::core::v3::TransportSocke
     }
 }
 
-fn network_filter(f: &listener::Filter, metrics: &Metrics) -> FieldResult<NetworkHandler> {
+fn network_filter(f: &listener::Filter, metrics: &Metrics, istio: Option<&Arc<IstioStatsConfig>>) -> FieldResult<NetworkHandler> {
     let any = match &f.config_type {
         Some(listener::filter::ConfigType::TypedConfig(any)) => any,
         Some(listener::filter::ConfigType::ConfigDiscovery(_)) => return Err(FieldError::unsupported("config_discovery")),
@@ -198,11 +202,15 @@ fn network_filter(f: &listener::Filter, metrics: &Metrics) -> FieldResult<Networ
     match any.type_url.as_str() {
         HCM_TYPE => {
             let manager: hcm::HttpConnectionManager = unpack(any, HCM_TYPE).at("typed_config")?;
-            Ok(NetworkHandler::Http(Arc::new(http_settings(&manager, metrics).at("typed_config")?)))
+            let mut settings = http_settings(&manager, metrics).at("typed_config")?;
+            settings.istio = istio.cloned();
+            Ok(NetworkHandler::Http(Arc::new(settings)))
         }
         TCP_PROXY_TYPE => {
             let proxy: tcp_proxy::TcpProxy = unpack(any, TCP_PROXY_TYPE).at("typed_config")?;
-            Ok(NetworkHandler::TcpProxy(tcp_proxy_config(&proxy).at("typed_config")?))
+            let mut config = tcp_proxy_config(&proxy).at("typed_config")?;
+            config.istio = istio.cloned();
+            Ok(NetworkHandler::TcpProxy(config))
         }
         other => Err(FieldError::new("typed_config", format!("network filter {other} is not supported by meshctl yet"))),
     }
@@ -367,7 +375,7 @@ fn http_settings(m: &hcm::HttpConnectionManager, metrics: &Metrics) -> FieldResu
         Some(t) => Some(Arc::new(super::tracing::tracing_config(t, SpanKind::Server).at("tracing")?)),
         None => None,
     };
-    Ok(HttpSettings { tracing, stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac, forward_client_cert, fault, filters, access_log,
+    Ok(HttpSettings { tracing, stat_prefix: m.stat_prefix.clone(), routes, codec, limits, upgrades, path_normalization, rbac, forward_client_cert, fault, filters, access_log, istio: None,
         client_address_from_xff: (!m.use_remote_address.as_ref().is_some_and(|b| b.value)).then_some(m.xff_num_trusted_hops),
     })
 }
@@ -426,7 +434,7 @@ fn tcp_proxy_config(p: &tcp_proxy::TcpProxy) -> FieldResult<TcpProxyConfig> {
         // Envoy's default for tcp_proxy.
         None => Some(Duration::from_secs(3600)),
     };
-    Ok(TcpProxyConfig { stat_prefix: p.stat_prefix.clone(), cluster, idle_timeout })
+    Ok(TcpProxyConfig { stat_prefix: p.stat_prefix.clone(), cluster, idle_timeout, istio: None })
 }
 
 /// Every cluster an inline route table or TCP proxy names must exist (Envoy's validate_clusters

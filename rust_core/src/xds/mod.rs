@@ -23,6 +23,7 @@ mod route;
 mod secret;
 mod tls;
 mod tracing;
+mod workload;
 
 use std::fmt;
 
