@@ -27,8 +27,8 @@ class MeshSidecar:
     """One `meshctl run --service` process (and the app it guards), signalled by its own PID only."""
 
     def __init__(self, env: dict[str, str], directory: Path, service: str, *args: str,
-                 command: list[str] = (), lease: float = 3.0, outbound_port: int | None = None,
-                 under: list[str] = ()) -> None:  # fmt: skip
+                 command: list[str] = (), lease: float = 3.0, under: list[str] = (),
+                 outbound_port: int | None = None) -> None:  # fmt: skip
         """`under`: a command the sidecar runs under (a benchmark's valgrind), the PID still its own."""
         self.service = service
         # Given when the app must know it before the sidecar starts (to call other services).

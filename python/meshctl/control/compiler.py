@@ -48,8 +48,8 @@ from meshctl.control import compiler_ratelimit as ratelimit
 from meshctl.control import compiler_ratelimit_global as global_ratelimit
 from meshctl.control import compiler_rbac as rbac
 from meshctl.control import compiler_resilience as resilience
-from meshctl.control import compiler_workload as workload
 from meshctl.control import compiler_tracing as tracing
+from meshctl.control import compiler_workload as workload
 from meshctl.control import resource_types as types
 from meshctl.control.compiler_matchers import string_match
 from meshctl.control.registry import Sidecar

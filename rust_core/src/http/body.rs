@@ -16,10 +16,10 @@ pub enum ResponseBody {
     /// Either of the above, on a connection manager with access logs (boxed: rare, and kept out
     /// of the size of every other body).
     Logged(Box<super::access_log::LoggedBody>),
-    /// Either of the above, on a listener that reports Istio's metrics (boxed, as Logged).
-    Istio(Box<super::istio_stats::IstioBody>),
     /// Any of the above, on a sampled request of a tracing connection manager (boxed likewise).
     Traced(Box<super::trace_span::TracedBody>),
+    /// Either of the above, on a listener that reports Istio's metrics (boxed, as Logged).
+    Istio(Box<super::istio_stats::IstioBody>),
 }
 
 impl ResponseBody {
@@ -56,8 +56,8 @@ impl Body for ResponseBody {
             }
             ResponseBody::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ResponseBody::Logged(logged) => logged.poll_frame(cx),
-            ResponseBody::Istio(counted) => counted.poll_frame(cx),
             ResponseBody::Traced(traced) => traced.poll_frame(cx),
+            ResponseBody::Istio(counted) => counted.poll_frame(cx),
         }
     }
 
@@ -66,8 +66,8 @@ impl Body for ResponseBody {
             ResponseBody::Upstream(body, _) => body.is_end_stream(),
             ResponseBody::Local(bytes) => bytes.is_none(),
             ResponseBody::Logged(logged) => logged.inner().is_end_stream(),
-            ResponseBody::Istio(counted) => counted.inner().is_end_stream(),
             ResponseBody::Traced(traced) => traced.inner().is_end_stream(),
+            ResponseBody::Istio(counted) => counted.inner().is_end_stream(),
         }
     }
 
@@ -76,8 +76,8 @@ impl Body for ResponseBody {
             ResponseBody::Upstream(body, _) => body.size_hint(),
             ResponseBody::Local(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             ResponseBody::Logged(logged) => logged.inner().size_hint(),
-            ResponseBody::Istio(counted) => counted.inner().size_hint(),
             ResponseBody::Traced(traced) => traced.inner().size_hint(),
+            ResponseBody::Istio(counted) => counted.inner().size_hint(),
         }
     }
 }

@@ -108,11 +108,12 @@ pub fn handle(context: Arc<HttpContext>, mut request: Request<Incoming>) -> impl
         if let (Some(begun), Some(istio)) = (istio, &context.settings.istio) {
             response = super::istio_stats::finish_at_body_end(&context, istio, &begun, response);
         }
-        if let Some(record) = log_record {
-            response = super::access_log::finish_at_body_end(&context, record, response);
-        }
+        // Before the access log too: the span only reads the cause and upstream it takes.
         if let Some(span) = span {
             response = super::trace_span::finish_at_body_end(&context, span, response);
+        }
+        if let Some(record) = log_record {
+            response = super::access_log::finish_at_body_end(&context, record, response);
         }
         Ok(response)
     }

@@ -91,13 +91,13 @@ pub struct HttpSettings {
     /// The access loggers; empty (the common case): the request path gathers nothing for them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub access_log: Vec<crate::telemetry::access_log::AccessLog>,
-    /// Istio's standard metrics for this listener (from its metadata); None: none reported.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub istio: Option<Arc<super::workload::IstioStatsConfig>>,
     /// The connection manager's tracing; None (the common case): the request path reads no
     /// trace headers and makes no spans.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tracing: Option<Arc<super::tracing::TracingConfig>>,
+    /// Istio's standard metrics for this listener (from its metadata); None: none reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub istio: Option<Arc<super::workload::IstioStatsConfig>>,
 }
 
 /// One HTTP filter instance before the router (RBAC runs first, apart, in `rbac`).

@@ -15,8 +15,8 @@ pub mod retry;
 pub mod route;
 pub mod secret;
 pub mod tls;
-pub mod workload;
 pub mod tracing;
+pub mod workload;
 
 /// Durations appear in /config_dump as whole milliseconds.
 pub(crate) mod millis {

@@ -541,8 +541,8 @@ impl Metrics {
         self.rbac.render(&mut out);
         self.tls.render(&mut out);
         super::access_log::render_prometheus(&mut out);
-        self.istio.render(&mut out);
         super::span_export::render_prometheus(&mut out);
+        self.istio.render(&mut out);
         out
     }
 }

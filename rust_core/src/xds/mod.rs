@@ -22,8 +22,8 @@ mod retry;
 mod route;
 mod secret;
 mod tls;
-mod workload;
 mod tracing;
+mod workload;
 
 use std::fmt;
 
