@@ -10,6 +10,7 @@ use envoy_types::pb::google::protobuf::Any;
 use http::StatusCode;
 
 use super::common::{duration, unpack};
+use super::grpc_service::envoy_grpc_target;
 use super::{refuse_if, At, FieldError, FieldResult};
 use crate::model::global_ratelimit::{GlobalRateLimit, RequestType};
 
@@ -69,52 +70,18 @@ pub(crate) fn global_rate_limit(any: &Any) -> FieldResult<Arc<GlobalRateLimit>> 
     }))
 }
 
-/// The cluster named by grpc_service.envoy_grpc; Envoy's other gRPC client is refused.
+/// The service's cluster and :authority (xds::grpc_service); Envoy's per-call timeout is the
+/// filter's own `timeout` here, so grpc_service.timeout is refused.
 fn rate_limit_service(
     s: &envoy_types::pb::envoy::config::ratelimit::v3::RateLimitServiceConfig,
 ) -> FieldResult<(String, http::uri::Authority)> {
-    use core::grpc_service::TargetSpecifier;
     // Envoy accepts only the v3 transport API for this service.
     if s.transport_api_version != core::ApiVersion::V3 as i32 {
         return Err(FieldError::new("transport_api_version", "must be V3"));
     }
     let grpc = s.grpc_service.as_ref().ok_or_else(|| FieldError::new("grpc_service", "is required"))?;
     refuse_if(grpc.timeout.is_some(), "grpc_service.timeout")?;
-    refuse_if(!grpc.initial_metadata.is_empty(), "grpc_service.initial_metadata")?;
-    refuse_if(grpc.retry_policy.is_some(), "grpc_service.retry_policy")?;
-    match &grpc.target_specifier {
-        Some(TargetSpecifier::EnvoyGrpc(e)) => {
-            if e.cluster_name.is_empty() {
-                return Err(FieldError::new("grpc_service.envoy_grpc.cluster_name", "is required"));
-            }
-            refuse_if(e.retry_policy.is_some(), "grpc_service.envoy_grpc.retry_policy")?;
-            refuse_if(e.max_receive_message_length.is_some(), "grpc_service.envoy_grpc.max_receive_message_length")?;
-            refuse_if(e.skip_envoy_headers, "grpc_service.envoy_grpc.skip_envoy_headers")?;
-            let authority = if e.authority.is_empty() {
-                cluster_authority(&e.cluster_name)
-            } else {
-                http::uri::Authority::try_from(e.authority.as_str())
-                    .map_err(|_| FieldError::new("grpc_service.envoy_grpc.authority", format!("{:?} is not a valid authority", e.authority)))?
-            };
-            Ok((e.cluster_name.clone(), authority))
-        }
-        Some(TargetSpecifier::GoogleGrpc(_)) => Err(FieldError::new(
-            "grpc_service.google_grpc",
-            "is not supported by meshctl (use envoy_grpc with a cluster)",
-        )),
-        None => Err(FieldError::new("grpc_service", "needs envoy_grpc")),
-    }
-}
-
-/// The cluster's name as an authority: a byte an authority's host may not hold becomes `-`
-/// (Envoy sends the name as it is; the HTTP library here refuses such a header, and refuses
-/// percent-encoding in a host too). Only the :authority of the calls changes.
-pub(super) fn cluster_authority(name: &str) -> http::uri::Authority {
-    let cleaned: String = name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=".contains(c) { c } else { '-' })
-        .collect();
-    http::uri::Authority::try_from(cleaned).unwrap_or_else(|_| http::uri::Authority::from_static("rate-limit-service"))
+    envoy_grpc_target(grpc)
 }
 
 /// Envoy's toErrorCode: unset (or below 400) is the default.
@@ -125,17 +92,5 @@ fn status(s: Option<&envoy_types::pb::envoy::r#type::v3::HttpStatus>, default: S
             .ok()
             .and_then(|c| StatusCode::from_u16(c).ok())
             .ok_or_else(|| FieldError::new("code", format!("{code} is not an HTTP status"))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn istio_cluster_names_become_valid_authorities() {
-        assert_eq!(super::cluster_authority("rls").as_str(), "rls");
-        assert_eq!(
-            super::cluster_authority("outbound|8081||ratelimit.mesh.svc").as_str(),
-            "outbound-8081--ratelimit.mesh.svc"
-        );
     }
 }

@@ -15,6 +15,7 @@ mod fallback;
 mod fault;
 mod listener;
 mod global_ratelimit;
+mod grpc_service;
 mod local_ratelimit;
 mod outlier;
 mod rbac;

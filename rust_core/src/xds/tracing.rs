@@ -11,7 +11,7 @@ use envoy_types::pb::envoy::r#type::tracing::v3 as tags;
 use http::header::HeaderName;
 
 use super::common::{duration, unpack};
-use super::global_ratelimit::cluster_authority;
+use super::grpc_service::envoy_grpc_target;
 use super::{refuse_if, At, FieldError, FieldResult};
 use crate::model::tracing::{CollectorTarget, CustomTag, CustomTagValue, SpanKind, TracingConfig, DEFAULT_MAX_PATH_TAG_LENGTH};
 use crate::telemetry::span_export;
@@ -86,40 +86,18 @@ fn provider_target(p: &trace::tracing::Http) -> FieldResult<CollectorTarget> {
 }
 
 fn opentelemetry(c: &trace::OpenTelemetryConfig) -> FieldResult<CollectorTarget> {
-    use core::grpc_service::TargetSpecifier;
     refuse_if(c.http_service.is_some(), "http_service")?;
     refuse_if(c.exporter.is_some(), "exporter")?;
     refuse_if(!c.resource_detectors.is_empty(), "resource_detectors")?;
     refuse_if(c.sampler.is_some(), "sampler")?;
     refuse_if(c.max_cache_size.is_some(), "max_cache_size")?;
     let grpc = c.grpc_service.as_ref().ok_or_else(|| FieldError::new("grpc_service", "is required (meshctl exports OTLP over gRPC)"))?;
-    refuse_if(!grpc.initial_metadata.is_empty(), "grpc_service.initial_metadata")?;
-    refuse_if(grpc.retry_policy.is_some(), "grpc_service.retry_policy")?;
     let timeout = match &grpc.timeout {
         Some(d) => duration(d).at("grpc_service.timeout")?,
         None => DEFAULT_EXPORT_TIMEOUT,
     };
-    let (cluster, authority) = match &grpc.target_specifier {
-        Some(TargetSpecifier::EnvoyGrpc(e)) => {
-            if e.cluster_name.is_empty() {
-                return Err(FieldError::new("grpc_service.envoy_grpc.cluster_name", "is required"));
-            }
-            refuse_if(e.retry_policy.is_some(), "grpc_service.envoy_grpc.retry_policy")?;
-            refuse_if(e.max_receive_message_length.is_some(), "grpc_service.envoy_grpc.max_receive_message_length")?;
-            refuse_if(e.skip_envoy_headers, "grpc_service.envoy_grpc.skip_envoy_headers")?;
-            let authority = if e.authority.is_empty() {
-                cluster_authority(&e.cluster_name)
-            } else {
-                http::uri::Authority::try_from(e.authority.as_str())
-                    .map_err(|_| FieldError::new("grpc_service.envoy_grpc.authority", format!("{:?} is not a valid authority", e.authority)))?
-            };
-            (e.cluster_name.clone(), authority.as_str().to_string())
-        }
-        Some(TargetSpecifier::GoogleGrpc(_)) => {
-            return Err(FieldError::new("grpc_service.google_grpc", "is not supported by meshctl (use envoy_grpc with a cluster)"))
-        }
-        None => return Err(FieldError::new("grpc_service", "needs envoy_grpc")),
-    };
+    let (cluster, authority) = envoy_grpc_target(grpc)?;
+    let authority = authority.as_str().to_string();
     let service_name = if c.service_name.is_empty() { DEFAULT_SERVICE_NAME.to_string() } else { c.service_name.clone() };
     Ok(CollectorTarget { cluster, authority, timeout, service_name })
 }
