@@ -580,10 +580,11 @@ fn prepare_forward<'a>(
         }
     }
     strip_retry_headers(headers);
-    // Who this sidecar is, for the callee's inbound metrics: only to another sidecar over mTLS,
-    // whose certificate the callee checks the header's principal against (telemetry/peer_header).
+    // Who this sidecar is, for the callee's inbound metrics: only to another sidecar over mesh
+    // mTLS, whose certificate the callee checks the header's principal against
+    // (telemetry/peer_header); never to a service outside the mesh over plain TLS origination.
     if let Some(istio) = context.settings.istio.as_deref().filter(|istio| istio.reporter == Reporter::Source) {
-        if target.config.tls.is_some() {
+        if target.config.tls.as_ref().is_some_and(|tls| tls.is_mesh_mtls()) {
             headers.insert(PEER_HEADER, istio.peer_header.clone());
         }
     }

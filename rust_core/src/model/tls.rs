@@ -154,6 +154,14 @@ pub struct UpstreamTls {
     pub fingerprint: Vec<u8>,
 }
 
+impl UpstreamTls {
+    /// Mesh mTLS (Istio's ISTIO_MUTUAL): this side presents a certificate and requires the
+    /// peer's SPIFFE ID. Plain TLS origination to a service outside the mesh is not.
+    pub fn is_mesh_mtls(&self) -> bool {
+        self.certificate_source.is_some() && self.server_validation.as_ref().is_some_and(|v| !v.expected_uri_sans.is_empty())
+    }
+}
+
 impl PartialEq for UpstreamTls {
     fn eq(&self, other: &Self) -> bool {
         self.fingerprint == other.fingerprint
