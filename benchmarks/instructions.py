@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import peers, resilience_overhead
+from benchmarks import overhead, peers, resilience_overhead
 
 WARMUP_REQUESTS = 500
 # Under callgrind the proxy runs some 50x slower: its start (Python, then the engine) takes a while.
@@ -95,6 +95,36 @@ def measure(spec: peers.PeerSpec, requests: int, http2: bool, rundir: Path) -> f
         peer.stop()
 
 
+def require_tools() -> None:
+    for tool in ("valgrind", "callgrind_control", "h2load"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} not found: apt-get install valgrind nghttp2-client")
+
+
+def compare_bootstraps(command: list[str], bootstraps: dict[str, Path], requests: int, rounds: int, http2: bool) -> None:
+    """One meshctl build on each bootstrap (the first is the baseline), `rounds` runs each in
+    turn; prints every run and a table of medians and ratios to the baseline."""
+    require_tools()
+    compared = {label: overhead.meshctl_peer(label.replace(" ", "-").replace("%", "pct"), command, bootstrap)
+                for label, bootstrap in bootstraps.items()}  # fmt: skip
+    rundir = Path(tempfile.mkdtemp(prefix="instructions-"))
+    upstream = peers.start(peers.UPSTREAM, rundir / "upstream", cpu=peers.LOADGEN_CPU)
+    counts: dict[str, list[float]] = {label: [] for label in compared}
+    try:
+        for number in range(1, rounds + 1):
+            for label, spec in compared.items():
+                counts[label].append(measure(spec, requests, http2, rundir))
+                print(f"[round {number}] {label}: {counts[label][-1]:,.0f} instructions/request", flush=True)
+    finally:
+        upstream.stop()
+    baseline = next(iter(counts))
+    base = statistics.median(counts[baseline])
+    print(f"\n| peer | instructions / request, median (runs) | vs {baseline} |\n|---|---|---|")
+    for label, runs in counts.items():
+        median = statistics.median(runs)
+        print(f"| {label} | {median:,.0f} ({', '.join(f'{r:,.0f}' for r in runs)}) | {median / base:.3f}× |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", default=os.environ.get("MESHCTL_BEFORE"),
@@ -108,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     if not arguments.before:
         raise SystemExit("give --before COMMAND (or MESHCTL_BEFORE): a meshctl built at 188dc2b")
-    for tool in ("valgrind", "callgrind_control", "h2load"):
-        if not shutil.which(tool):
-            raise SystemExit(f"{tool} not found: apt-get install valgrind nghttp2-client")
+    require_tools()
     namespace = argparse.Namespace(
         before=arguments.before, after_command=shlex.split(arguments.after)
     )

@@ -14,12 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
-import statistics
-import tempfile
-from pathlib import Path
 
-from benchmarks import instructions, overhead, peers
+from benchmarks import instructions, peers
 
 ISTIO_BOOTSTRAP = peers.CONFIGS / "meshctl-istio-metrics.yaml"
 
@@ -31,31 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--http2", action="store_true", help="h2c downstream instead of HTTP/1.1")
     arguments = parser.parse_args(argv)
-    for tool in ("valgrind", "callgrind_control", "h2load"):
-        if not shutil.which(tool):
-            raise SystemExit(f"{tool} not found: apt-get install valgrind nghttp2-client")
-    command = shlex.split(arguments.after)
-    compared = [
-        overhead.meshctl_peer("istio-off", command, peers.BOOTSTRAP),
-        overhead.meshctl_peer("istio-on", command, ISTIO_BOOTSTRAP),
-    ]
-    rundir = Path(tempfile.mkdtemp(prefix="istio-instructions-"))
-    upstream = peers.start(peers.UPSTREAM, rundir / "upstream", cpu=peers.LOADGEN_CPU)
-    counts: dict[str, list[float]] = {spec.name: [] for spec in compared}
-    try:
-        for number in range(1, arguments.rounds + 1):
-            for spec in compared:
-                per_request = instructions.measure(spec, arguments.requests, arguments.http2, rundir)
-                counts[spec.name].append(per_request)
-                print(f"[round {number}] {spec.name}: {per_request:,.0f} instructions/request", flush=True)
-    finally:
-        upstream.stop()
-    off = statistics.median(counts["istio-off"])
-    print("\n| peer | instructions / request, median (runs) | vs off |\n|---|---|---|")
-    for spec in compared:
-        runs = counts[spec.name]
-        median = statistics.median(runs)
-        print(f"| {spec.name} | {median:,.0f} ({', '.join(f'{run:,.0f}' for run in runs)}) | {median / off:.3f}× |")
+    instructions.compare_bootstraps(shlex.split(arguments.after), {"istio-off": peers.BOOTSTRAP, "istio-on": ISTIO_BOOTSTRAP},
+                                    arguments.requests, arguments.rounds, arguments.http2)  # fmt: skip
     return 0
 
 

@@ -12,13 +12,8 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import shutil
-import statistics
-import tempfile
-from pathlib import Path
 
-from benchmarks import overhead, peers
-from benchmarks.instructions import measure
+from benchmarks import instructions, peers
 
 TRACED_BOOTSTRAP = peers.CONFIGS / "meshctl-traced.yaml"
 
@@ -30,29 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--http2", action="store_true", help="h2c downstream instead of HTTP/1.1")
     arguments = parser.parse_args(argv)
-    for tool in ("valgrind", "callgrind_control", "h2load"):
-        if not shutil.which(tool):
-            raise SystemExit(f"{tool} not found: apt-get install valgrind nghttp2-client")
-    command = shlex.split(arguments.meshctl)
-    compared = {
-        "not configured": overhead.meshctl_peer("untraced", command, peers.BOOTSTRAP),
-        "tracing at 1 %": overhead.meshctl_peer("traced", command, TRACED_BOOTSTRAP),
-    }
-    rundir = Path(tempfile.mkdtemp(prefix="tracing-instructions-"))
-    upstream = peers.start(peers.UPSTREAM, rundir / "upstream", cpu=peers.LOADGEN_CPU)
-    counts: dict[str, list[float]] = {label: [] for label in compared}
-    try:
-        for number in range(1, arguments.rounds + 1):
-            for label, spec in compared.items():
-                counts[label].append(measure(spec, arguments.requests, arguments.http2, rundir))
-                print(f"[round {number}] {label}: {counts[label][-1]:,.0f} instructions/request", flush=True)
-    finally:
-        upstream.stop()
-    base = statistics.median(counts["not configured"])
-    print("\n| peer | instructions / request, median (runs) | vs not configured |\n|---|---|---|")
-    for label, runs in counts.items():
-        median = statistics.median(runs)
-        print(f"| {label} | {median:,.0f} ({', '.join(f'{r:,.0f}' for r in runs)}) | {median / base:.3f}× |")
+    bootstraps = {"not configured": peers.BOOTSTRAP, "tracing at 1 %": TRACED_BOOTSTRAP}
+    instructions.compare_bootstraps(shlex.split(arguments.meshctl), bootstraps, arguments.requests, arguments.rounds, arguments.http2)
     return 0
 
 
